@@ -1,0 +1,1 @@
+"""Gradient-inversion and label-recovery attacks, run on exactly what the server observes."""

@@ -1,0 +1,1 @@
+"""Privacy audits: accounting reports, empirical epsilon lower bounds, config linting."""

@@ -1,0 +1,73 @@
+"""The privfl error hierarchy: every error the toolkit raises on purpose derives from PrivflError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "PrivflError",
+    "ConfigError",
+    "BudgetExceededError",
+    "ProtocolError",
+    "MessageError",
+    "ProtocolAbort",
+    "DecryptionError",
+    "AttackError",
+]
+
+
+class PrivflError(Exception):
+    """Root of all errors raised by privfl."""
+
+
+class ConfigError(PrivflError, ValueError):
+    """A configuration value is invalid.
+
+    The message always names the field and the bad value, e.g.
+    ``ConfigError("num_clients", 1, "must be at least 2")``.
+    """
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}={value!r}: {reason}")
+
+
+class BudgetExceededError(PrivflError):
+    """An operation would take a client past its privacy budget."""
+
+
+class ProtocolError(PrivflError):
+    """A protection protocol was used out of order or with inconsistent state."""
+
+
+class MessageError(ProtocolError):
+    """A message from a peer is malformed, truncated, oversized, for the wrong round or unauthenticated.
+
+    The sender is treated as dropped for the round; the protocol goes on without it.
+    """
+
+    def __init__(self, reason: str, *, sender: str | None = None) -> None:
+        self.reason = reason
+        self.sender = sender
+        prefix = f"message from {sender!r}: " if sender is not None else ""
+        super().__init__(prefix + reason)
+
+
+class ProtocolAbort(ProtocolError):
+    """A protocol cannot complete safely (e.g. too few survivors); nothing is revealed."""
+
+    def __init__(self, message: str, *, survivors: int | None = None, threshold: int | None = None) -> None:
+        self.survivors = survivors
+        self.threshold = threshold
+        super().__init__(message)
+
+
+class DecryptionError(PrivflError):
+    """Decryption or authentication failed. Deliberately opaque: it never says why."""
+
+    def __init__(self) -> None:
+        super().__init__("decryption failed")
+
+
+class AttackError(PrivflError):
+    """An attack cannot run on the observation it was given (e.g. a ciphertext)."""
