@@ -1,0 +1,456 @@
+"""One-training-run privacy audits (Steinke, Nasr, Jagielski 2023) with eps-DP and Gaussian-DP analyses."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import special, stats
+
+from privfl.audit.empirical import _as_scores, _check_probability, gaussian_mechanism_epsilon
+from privfl.errors import ConfigError
+
+__all__ = [
+    "OneRunAnalysis",
+    "OneRunLowerBound",
+    "CanaryTrial",
+    "default_guess_grid",
+    "one_run_p_value",
+    "gdp_guessing_rejects",
+    "one_run_epsilon_lower_bound",
+    "one_run_gdp_lower_bound",
+    "simulate_dirac_canaries",
+]
+
+_EPS_SEARCH_MAX = 60.0
+_MU_SEARCH_MAX = 30.0
+
+
+class OneRunAnalysis(enum.Enum):
+    """Which privacy definition the one-run hypothesis test is run against."""
+
+    EPSILON_DP = "epsilon-dp"
+    GAUSSIAN_DP = "gaussian-dp"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OneRunLowerBound:
+    """A one-run lower bound on epsilon.
+
+    Attributes:
+        epsilon: Certified lower bound on epsilon at ``delta`` (0 if nothing is certified).
+        mu: For the Gaussian-DP analysis, the certified lower bound on mu (the mechanism is not
+            mu'-GDP for any mu' < mu); None for the eps-DP analysis.
+        correct: Number of correct guesses at the chosen guess counts.
+        guesses: Number of guesses (``k_plus + k_minus``) at the chosen guess counts.
+        k_plus: Canaries guessed IN (highest scores).
+        k_minus: Canaries guessed OUT (lowest scores).
+        num_canaries: Number of canaries m.
+        alpha: One minus the confidence level (for the whole search, not one grid point).
+        delta: The delta of the bound.
+        ceiling: Largest epsilon this many canaries could certify with the same grid (a
+            perfect attack guessing every grid point right).
+        analysis: eps-DP (binomial tail) or Gaussian-DP (f-DP recursion).
+        grid_size: Number of (k_plus, k_minus) pairs tried; alpha was split evenly over them.
+    """
+
+    epsilon: float
+    mu: float | None
+    correct: int
+    guesses: int
+    k_plus: int
+    k_minus: int
+    num_canaries: int
+    alpha: float
+    delta: float
+    ceiling: float
+    analysis: OneRunAnalysis
+    grid_size: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CanaryTrial:
+    """Scores and true membership of m canaries from one run.
+
+    Attributes:
+        scores: One score per canary; larger means "more likely included".
+        included: Whether each canary was included (drawn independently with probability 1/2).
+    """
+
+    scores: NDArray[np.float64]
+    included: NDArray[np.bool_]
+
+
+def default_guess_grid(num_canaries: int) -> tuple[tuple[int, int], ...]:
+    """Pre-declared (k_plus, k_minus) pairs searched when the caller fixes neither.
+
+    Counts are the fractions 1/2, 1/4, 1/10, 1/20, 1/50, 1/100, 1/200 and 1/500 of m (rounded,
+    at least 1, duplicates dropped), used symmetrically (k, k) and one-sided (k, 0). The grid
+    depends only on m, so it is fixed before any score is seen and a Bonferroni split of alpha
+    over its size keeps the confidence level honest.
+
+    Args:
+        num_canaries: m.
+
+    Returns:
+        The grid of (k_plus, k_minus) pairs.
+    """
+    fractions = (1 / 2, 1 / 4, 1 / 10, 1 / 20, 1 / 50, 1 / 100, 1 / 200, 1 / 500)
+    counts = sorted({max(1, round(num_canaries * f)) for f in fractions})
+    grid: list[tuple[int, int]] = []
+    for k in counts:
+        if 2 * k <= num_canaries:
+            grid.append((k, k))
+        grid.append((k, 0))
+    return tuple(dict.fromkeys(grid))
+
+
+def one_run_p_value(num_canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """Upper bound on ``P[#correct >= correct]`` for an (epsilon, delta)-DP mechanism.
+
+    Steinke, Nasr and Jagielski (2023), Theorem 3.1: with m canaries each included w.p. 1/2 and
+    r guesses, ``P[W >= v] <= P[Bin(r, p) >= v] + 2 m delta max_{1<=i<=v} P[v-i <= Bin(r, p) < v] / i``
+    where ``p = e^eps / (1 + e^eps)`` is the accuracy of eps-DP randomized response.
+
+    Args:
+        num_canaries: m.
+        guesses: r, the number of non-abstaining guesses.
+        correct: v, the number of correct guesses.
+        epsilon: Epsilon of the null hypothesis.
+        delta: Delta of the null hypothesis.
+
+    Returns:
+        The p-value, clipped to at most 1.
+    """
+    if correct <= 0:
+        return 1.0
+    p = special.expit(epsilon)
+    tail = float(stats.binom.sf(correct - 1, guesses, p))
+    if delta == 0.0:
+        return min(1.0, tail)
+    # pmf at v-1, v-2, ..., 0; cumulative sums give P[v-i <= Bin < v] for i = 1..v.
+    below = stats.binom.pmf(np.arange(correct - 1, -1, -1), guesses, p)
+    ratio = np.cumsum(below) / np.arange(1, correct + 1)
+    return min(1.0, tail + 2.0 * num_canaries * delta * float(np.max(ratio)))
+
+
+def _largest_epsilon_rejected(num_canaries: int, guesses: int, correct: int, delta: float, level: float) -> float:
+    """Largest eps found with p-value <= level (0 if even eps = 0 is not rejected).
+
+    Any eps with p-value <= level is a valid bound, because (eps, delta)-DP implies
+    (eps', delta)-DP for every eps' >= eps; bisection keeps ``p(lo) <= level`` throughout.
+    """
+    if one_run_p_value(num_canaries, guesses, correct, 0.0, delta) > level:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while one_run_p_value(num_canaries, guesses, correct, hi, delta) <= level:
+        lo, hi = hi, 2.0 * hi
+        if hi > _EPS_SEARCH_MAX:
+            return lo
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if one_run_p_value(num_canaries, guesses, correct, mid, delta) <= level:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-6:
+            break
+    return lo
+
+
+def gdp_guessing_rejects(
+    mus: NDArray[np.float64], num_canaries: int, guesses: int, correct: int, level: float
+) -> NDArray[np.bool_]:
+    """Whether ``>= correct`` right guesses out of ``guesses`` rejects mu-GDP at ``level``, per mu.
+
+    The f-DP guessing-game bound of Mahloujifar, Melis and Chaudhuri (2024, "Auditing f-Differential
+    Privacy in One Run"), specialised to membership (two choices per canary) and the Gaussian
+    trade-off function. Masses are averaged per canary: if the event had probability ``level``,
+    the correct guesses carry mass ``r_v = level * v / m`` and the wrong ones ``h_v = level *
+    (r - v) / m``. Walking the count of correct guesses down from v to 0, f-DP forces
+    ``h_i = max(h_{i+1}, psi(r_{i+1}))`` with ``psi(x) = Phi(Phi^-1(x) - mu)`` (the least probability
+    of the swapped event) and ``r_i = r_{i+1} + i / (r - i) (h_i - h_{i+1})``. The total guessed
+    mass cannot exceed ``r / m``, so ``r_0 + h_0 > r / m`` is a contradiction: the event is rarer
+    than ``level`` under mu-GDP, which is rejected.
+
+    Args:
+        mus: Candidate mu values (vectorised).
+        num_canaries: m.
+        guesses: r.
+        correct: v.
+        level: Significance level for this single test.
+
+    Returns:
+        A boolean array, True where mu-GDP is rejected.
+    """
+    mus = np.asarray(mus, dtype=np.float64)
+    r_mass = np.full(mus.shape, level * correct / num_canaries)
+    h_mass = np.full(mus.shape, level * (guesses - correct) / num_canaries)
+    budget = guesses / num_canaries
+    for i in range(correct - 1, -1, -1):
+        # Both masses only grow, so once they exceed the budget the rejection is final; clipping
+        # keeps Phi^-1 defined after that point.
+        with np.errstate(divide="ignore"):
+            psi = special.ndtr(special.ndtri(np.minimum(r_mass, 1.0)) - mus)
+        h_new = np.maximum(h_mass, psi)
+        r_mass = r_mass + (i / (guesses - i)) * (h_new - h_mass)
+        h_mass = h_new
+        if np.all(r_mass + h_mass > budget):
+            break
+    return r_mass + h_mass > budget
+
+
+def _largest_mu_rejected(num_canaries: int, guesses: int, correct: int, level: float) -> float:
+    """Largest mu the guessing game rejects (0 if none), by repeated 32-way sectioning.
+
+    Rejection is monotone in mu (a larger mu makes psi smaller and every mass smaller), so the
+    rejected set is an interval starting at 0 and sectioning brackets its end.
+    """
+    lo, hi = 0.0, _MU_SEARCH_MAX
+    for _ in range(4):
+        points = np.linspace(lo, hi, 33)[1:]
+        rejected = gdp_guessing_rejects(points, num_canaries, guesses, correct, level)
+        if not rejected.any():
+            hi = float(points[0])
+            continue
+        top = int(np.flatnonzero(rejected)[-1])
+        lo = float(points[top])
+        if top + 1 < points.size:
+            hi = float(points[top + 1])
+    return lo
+
+
+def _check_membership(scores: ArrayLike, included: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Validate paired canary scores and membership flags."""
+    s = _as_scores("scores", scores)
+    inc = np.asarray(included)
+    if inc.shape != s.shape:
+        raise ConfigError("included", f"array of shape {inc.shape}", f"must match scores of shape {s.shape}")
+    if inc.dtype != np.bool_:
+        if not np.all(np.isin(inc, (0, 1))):
+            raise ConfigError("included", "non-boolean values", "must be booleans (or 0/1)")
+        inc = inc.astype(bool)
+    return s, inc
+
+
+def _resolve_grid(num_canaries: int, k_plus: int | None, k_minus: int | None) -> tuple[tuple[int, int], ...]:
+    """The (k_plus, k_minus) pairs to try, validated against m."""
+    for name, value in (("k_plus", k_plus), ("k_minus", k_minus)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ConfigError(name, value, "must be a non-negative integer")
+    if k_plus is not None and k_minus is not None:
+        grid: tuple[tuple[int, int], ...] = ((int(k_plus), int(k_minus)),)
+    else:
+        base = default_guess_grid(num_canaries)
+        if k_plus is not None:
+            grid = tuple(dict.fromkeys((int(k_plus), kp) for kp, _ in base))
+        elif k_minus is not None:
+            grid = tuple(dict.fromkeys((kp, int(k_minus)) for kp, _ in base))
+        else:
+            grid = base
+    valid = tuple((kp, km) for kp, km in grid if 0 < kp + km <= num_canaries)
+    if not valid:
+        raise ConfigError("k_plus + k_minus", (k_plus, k_minus), f"must be between 1 and num_canaries={num_canaries}")
+    return valid
+
+
+def _count_correct(order: NDArray[np.intp], included: NDArray[np.bool_], k_plus: int, k_minus: int) -> int:
+    """Right guesses when the top k_plus are called IN and the bottom k_minus OUT."""
+    top = order[::-1][:k_plus]
+    bottom = order[:k_minus]
+    return int(included[top].sum() + (~included[bottom]).sum())
+
+
+def one_run_epsilon_lower_bound(
+    scores: ArrayLike,
+    included: ArrayLike,
+    *,
+    delta: float,
+    alpha: float = 0.05,
+    k_plus: int | None = None,
+    k_minus: int | None = None,
+    analysis: OneRunAnalysis = OneRunAnalysis.EPSILON_DP,
+) -> OneRunLowerBound:
+    """Lower-bound epsilon from one run with m independently included canaries.
+
+    The auditor guesses IN for the ``k_plus`` highest scores, OUT for the ``k_minus`` lowest and
+    abstains on the rest. Under (eps, delta)-DP the number of correct guesses is stochastically
+    dominated as in :func:`one_run_p_value` (or, for ``GAUSSIAN_DP``, as in
+    :func:`gdp_guessing_rejects`); the bound is the largest eps (mu) rejected at confidence
+    ``1 - alpha``.
+
+    If ``k_plus`` or ``k_minus`` is None, the pairs of :func:`default_guess_grid` are tried and
+    each test is run at level ``alpha / grid_size`` (Bonferroni), so the maximum over the grid is
+    still a ``1 - alpha`` bound. Fixing both counts in advance avoids that cost.
+
+    Threat model: canaries are included independently with probability 1/2 and the scores are
+    computed without knowledge of which were included (e.g. from the final model only).
+
+    Args:
+        scores: One score per canary, larger meaning "more likely included".
+        included: True where the canary was included in the run.
+        delta: The delta of the bound, in (0, 1).
+        alpha: One minus the confidence level, in (0, 1).
+        k_plus: Number of IN guesses, or None to search.
+        k_minus: Number of OUT guesses, or None to search.
+        analysis: eps-DP (Steinke et al.) or Gaussian-DP (f-DP recursion, converted to
+            (eps, delta) through the Gaussian privacy curve).
+
+    Returns:
+        The bound, with the counts that achieved it and the ceiling.
+
+    Raises:
+        ConfigError: On empty, non-finite or mismatched inputs, probabilities outside (0, 1), or
+            guess counts that are negative or exceed the number of canaries.
+    """
+    s, inc = _check_membership(scores, included)
+    delta = _check_probability("delta", delta)
+    alpha = _check_probability("alpha", alpha)
+    if not isinstance(analysis, OneRunAnalysis):
+        raise ConfigError("analysis", analysis, "must be a OneRunAnalysis")
+    m = s.size
+    grid = _resolve_grid(m, k_plus, k_minus)
+    level = alpha / len(grid)
+    order = np.argsort(s, kind="stable")
+
+    best: tuple[float, float | None, int, int, int] | None = None
+    ceiling = 0.0
+    for kp, km in grid:
+        r = kp + km
+        v = _count_correct(order, inc, kp, km)
+        if analysis is OneRunAnalysis.EPSILON_DP:
+            eps = _largest_epsilon_rejected(m, r, v, delta, level)
+            mu: float | None = None
+            ceiling = max(ceiling, _largest_epsilon_rejected(m, r, r, delta, level))
+        else:
+            mu = _largest_mu_rejected(m, r, v, level)
+            eps = _gdp_epsilon(mu, delta)
+            ceiling = max(ceiling, _gdp_epsilon(_largest_mu_rejected(m, r, r, level), delta))
+        if best is None or eps > best[0]:
+            best = (eps, mu, v, kp, km)
+    assert best is not None  # the grid is never empty
+    eps, mu, v, kp, km = best
+    return OneRunLowerBound(
+        epsilon=eps,
+        mu=mu,
+        correct=v,
+        guesses=kp + km,
+        k_plus=kp,
+        k_minus=km,
+        num_canaries=m,
+        alpha=alpha,
+        delta=delta,
+        ceiling=ceiling,
+        analysis=analysis,
+        grid_size=len(grid),
+    )
+
+
+def one_run_gdp_lower_bound(
+    scores: ArrayLike,
+    included: ArrayLike,
+    *,
+    delta: float,
+    alpha: float = 0.05,
+    k_plus: int | None = None,
+    k_minus: int | None = None,
+) -> OneRunLowerBound:
+    """Gaussian-DP one-run bound: :func:`one_run_epsilon_lower_bound` with ``GAUSSIAN_DP``.
+
+    The test rejects mu-GDP; the epsilon reported is that of the rejected Gaussian curve at
+    ``delta``. It is a lower bound on the mechanism's epsilon when the mechanism's privacy curve
+    is Gaussian-shaped (true of DP-SGD without subsampling, close to true with it); for other
+    mechanisms read ``mu`` (a statement about GDP), not ``epsilon``.
+
+    Args:
+        scores: One score per canary, larger meaning "more likely included".
+        included: True where the canary was included in the run.
+        delta: The delta at which the rejected mu is converted to epsilon.
+        alpha: One minus the confidence level.
+        k_plus: Number of IN guesses, or None to search.
+        k_minus: Number of OUT guesses, or None to search.
+
+    Returns:
+        The bound, with ``mu`` set.
+
+    Raises:
+        ConfigError: As :func:`one_run_epsilon_lower_bound`.
+    """
+    return one_run_epsilon_lower_bound(
+        scores,
+        included,
+        delta=delta,
+        alpha=alpha,
+        k_plus=k_plus,
+        k_minus=k_minus,
+        analysis=OneRunAnalysis.GAUSSIAN_DP,
+    )
+
+
+def _gdp_epsilon(mu: float, delta: float) -> float:
+    """Epsilon at delta of a mu-GDP mechanism (0 for mu = 0)."""
+    if mu <= 0.0:
+        return 0.0
+    return gaussian_mechanism_epsilon(1.0 / mu, delta)
+
+
+def simulate_dirac_canaries(
+    *,
+    dimension: int,
+    num_canaries: int,
+    noise_multiplier: float,
+    max_grad_norm: float = 1.0,
+    steps: int = 1,
+    sample_rate: float = 1.0,
+    seed: int,
+) -> CanaryTrial:
+    """White-box DP-SGD audit with Dirac gradient canaries, simulated exactly.
+
+    Canary i has gradient ``max_grad_norm * e_i`` on its own coordinate (already clipped) and
+    is included w.p. 1/2. Each of ``steps`` steps Poisson-samples every included canary with
+    probability ``sample_rate`` and releases the noisy sum ``sum_sampled C e_i + N(0, sigma^2 C^2 I_d)``,
+    as DP-SGD does for the canary part of the batch. The auditor sees every released gradient and
+    scores canary i by the sum over steps of coordinate i divided by C. Coordinates beyond m
+    carry only noise and cannot change a score, so they are not drawn.
+
+    For ``sample_rate = 1`` this is the Gaussian mechanism composed ``steps`` times, which is
+    ``sqrt(steps) / noise_multiplier``-GDP: the audit's target is exactly known.
+
+    Args:
+        dimension: Model dimension d; must be at least ``num_canaries``.
+        num_canaries: m.
+        noise_multiplier: sigma.
+        max_grad_norm: Clipping norm C.
+        steps: Number of DP-SGD steps T.
+        sample_rate: Poisson sampling rate q in (0, 1].
+        seed: Seed of ``numpy.random.default_rng`` (simulation only).
+
+    Returns:
+        The canary scores and inclusion flags.
+
+    Raises:
+        ConfigError: If an argument is out of range.
+    """
+    if num_canaries < 1:
+        raise ConfigError("num_canaries", num_canaries, "must be at least 1")
+    if dimension < num_canaries:
+        raise ConfigError("dimension", dimension, f"must be at least num_canaries={num_canaries}")
+    if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
+        raise ConfigError("noise_multiplier", noise_multiplier, "must be a finite number >= 0")
+    if not max_grad_norm > 0:
+        raise ConfigError("max_grad_norm", max_grad_norm, "must be positive")
+    if steps < 1:
+        raise ConfigError("steps", steps, "must be at least 1")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ConfigError("sample_rate", sample_rate, "must lie in (0, 1]")
+    rng = np.random.default_rng(seed)
+    included = rng.random(num_canaries) < 0.5
+    # Per coordinate, T independent steps add up to (#steps sampled) * C + N(0, T sigma^2 C^2).
+    times_sampled = rng.binomial(steps, sample_rate, size=num_canaries) if sample_rate < 1.0 else np.full(num_canaries, steps)
+    signal = np.where(included, times_sampled, 0).astype(np.float64) * max_grad_norm
+    noise = rng.normal(0.0, noise_multiplier * max_grad_norm * math.sqrt(steps), size=num_canaries)
+    return CanaryTrial(scores=(signal + noise) / max_grad_norm, included=included)
+

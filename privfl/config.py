@@ -1,0 +1,486 @@
+"""Configuration objects for a federated run, validated on construction, and their TOML loader.
+
+Every config is a frozen, keyword-only dataclass checked in ``__post_init__``; a bad value raises
+:class:`~privfl.errors.ConfigError` naming the field and the value. Choices are enums. The CLI only
+parses a TOML file into these same objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from privfl.accounting import Accountant
+from privfl.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ProtectionKind",
+    "ClippingMode",
+    "PartitionKind",
+    "DatasetKind",
+    "ModelKind",
+    "DPConfig",
+    "TrainingConfig",
+    "CkksConfig",
+    "SecAggSettings",
+    "FederationConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "load_config",
+    "default_config",
+    "config_from_dict",
+]
+
+
+class ProtectionKind(str, Enum):
+    """How a client's update is protected before it leaves the client."""
+
+    PLAINTEXT = "plaintext"
+    """No protection (baseline): the server sees every update."""
+    CKKS = "ckks"
+    """CKKS homomorphic encryption: the server sums ciphertexts it cannot decrypt."""
+    SECAGG = "secagg"
+    """Secure aggregation masks (Bonawitz et al. 2017 / SecAgg+): the server learns only the sum."""
+
+
+class ClippingMode(str, Enum):
+    """How DP-SGD computes per-example gradient norms."""
+
+    AUTO = "auto"
+    """Ghost clipping for models dominated by wide linear layers, per-sample gradients otherwise."""
+    PER_SAMPLE = "per_sample"
+    """Materialise every per-example gradient (Opacus hooks)."""
+    GHOST = "ghost"
+    """Ghost clipping (Li et al. 2021; Bu et al. 2022): norms without per-example gradients."""
+
+
+class PartitionKind(str, Enum):
+    """How a dataset is split across clients."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    """Label skew: each class's examples are spread by Dirichlet(alpha) proportions."""
+    GROUP = "group"
+    """One client per value of a group column (e.g. a site or region)."""
+
+
+class DatasetKind(str, Enum):
+    """Bundled datasets (all ship inside installed packages or are generated; nothing is downloaded)."""
+
+    BREAST_CANCER = "breast_cancer"
+    DIGITS = "digits"
+    CREDIT = "credit"
+
+
+class ModelKind(str, Enum):
+    """Bundled model architectures for the CLI (library users pass their own ``nn.Module``)."""
+
+    LOGISTIC = "logistic"
+    MLP = "mlp"
+    CNN = "cnn"
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(name, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(name, value, f"must be an integer >= {minimum}")
+
+
+def _unit_interval(name: str, value: float, *, closed_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and ((0 <= value <= 1) if closed_low else (0 < value <= 1))
+    if not ok:
+        raise ConfigError(name, value, "must be in " + ("[0, 1]" if closed_low else "(0, 1]"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DPConfig:
+    """DP-SGD settings for every client (sample-level DP: each record in a client's data).
+
+    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set. With ``target_epsilon`` the
+    noise multiplier is calibrated per client for the whole planned run (every round the client
+    may take part in), never per round.
+
+    Args:
+        target_epsilon: each client's epsilon budget for the whole run.
+        noise_multiplier: a fixed sigma instead (the budget is then ``budget_epsilon``, if set).
+        budget_epsilon: with a fixed ``noise_multiplier``, the epsilon a client may not exceed
+            (``None``: no cap).
+        delta: the delta every client's guarantee is stated at.
+        max_grad_norm: per-example clipping norm C.
+        accountant: composition method for the ledger and calibration.
+        clipping: per-sample gradients or ghost clipping.
+        planned_participation_quantile: with client sampling below 1, calibration plans for this
+            quantile of the Binomial(rounds, client_fraction) number of rounds a client is
+            sampled in; the ledger skips a client in the rare rounds beyond it.
+    """
+
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    budget_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Accountant = Accountant.PRV
+    clipping: ClippingMode = ClippingMode.AUTO
+    planned_participation_quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ConfigError(
+                "target_epsilon/noise_multiplier",
+                (self.target_epsilon, self.noise_multiplier),
+                "set exactly one of them",
+            )
+        if self.target_epsilon is not None:
+            _positive("target_epsilon", self.target_epsilon)
+            if self.budget_epsilon is not None:
+                raise ConfigError("budget_epsilon", self.budget_epsilon, "is implied by target_epsilon; leave it unset")
+        if self.noise_multiplier is not None:
+            _positive("noise_multiplier", self.noise_multiplier)
+        if self.budget_epsilon is not None:
+            _positive("budget_epsilon", self.budget_epsilon)
+        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+            raise ConfigError("delta", self.delta, "must be a float in (0, 1)")
+        _positive("max_grad_norm", self.max_grad_norm)
+        _unit_interval("planned_participation_quantile", self.planned_participation_quantile)
+        if not isinstance(self.accountant, Accountant):
+            raise ConfigError("accountant", self.accountant, f"must be one of {[a.value for a in Accountant]}")
+        if not isinstance(self.clipping, ClippingMode):
+            raise ConfigError("clipping", self.clipping, f"must be one of {[c.value for c in ClippingMode]}")
+
+    @property
+    def epsilon_budget(self) -> float:
+        """The epsilon cap the ledger enforces (infinite when none is set)."""
+        if self.target_epsilon is not None:
+            return self.target_epsilon
+        return self.budget_epsilon if self.budget_epsilon is not None else math.inf
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainingConfig:
+    """Local training on each client.
+
+    Args:
+        local_epochs: passes over the client's data per round (in expectation, with Poisson sampling).
+        batch_size: expected batch size; the sampling rate is ``batch_size / n_k``.
+        learning_rate: SGD step size.
+        momentum: SGD momentum.
+        dp: DP-SGD settings.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    dp: DPConfig = field(default_factory=lambda: DPConfig(target_epsilon=3.0))
+
+    def __post_init__(self) -> None:
+        _positive_int("local_epochs", self.local_epochs)
+        _positive_int("batch_size", self.batch_size)
+        _positive("learning_rate", self.learning_rate)
+        _positive("momentum", self.momentum, allow_zero=True)
+        if not isinstance(self.dp, DPConfig):
+            raise ConfigError("dp", self.dp, "must be a DPConfig")
+
+
+# Largest total coefficient-modulus bit count for 128-bit classical security with a ternary
+# secret, from the Homomorphic Encryption Standard (Albrecht et al. 2018, Table 1).
+HE_STANDARD_MAX_LOGQ_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CkksConfig:
+    """CKKS parameters, chosen for additions only.
+
+    Aggregation needs no multiplication, so one data prime suffices: the ciphertext stays at a
+    single RNS limb, which is what keeps the upload near 7.5x the float32 bytes (typical
+    multiplication-ready chains of 3-4 primes give 14-20x). A second prime is the key-switching
+    ("special") prime that TenSEAL requires; it never appears in a ciphertext.
+
+    Args:
+        poly_modulus_degree: ring dimension N; a ciphertext packs N/2 values.
+        data_bits: bit size of the data prime q0. Values are encoded at scale 2^scale_bits, so
+            the summed, weighted values must stay below 2^(data_bits - scale_bits - 1).
+        special_bits: bit size of the key-switching prime.
+        scale_bits: log2 of the encoding scale: about ``scale_bits - 20`` bits of absolute precision.
+    """
+
+    poly_modulus_degree: int = 8192
+    data_bits: int = 52
+    special_bits: int = 52
+    scale_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if self.poly_modulus_degree not in HE_STANDARD_MAX_LOGQ_128:
+            raise ConfigError(
+                "poly_modulus_degree", self.poly_modulus_degree, f"must be one of {sorted(HE_STANDARD_MAX_LOGQ_128)}"
+            )
+        for name in ("data_bits", "special_bits"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and 20 <= value <= 60):
+                raise ConfigError(name, value, "must be an integer in [20, 60] (SEAL's prime sizes)")
+        if not (isinstance(self.scale_bits, int) and 10 <= self.scale_bits <= self.data_bits - 8):
+            raise ConfigError("scale_bits", self.scale_bits, f"must be an integer in [10, data_bits - 8 = {self.data_bits - 8}]")
+        limit = HE_STANDARD_MAX_LOGQ_128[self.poly_modulus_degree]
+        total = self.data_bits + self.special_bits
+        if total > limit:
+            raise ConfigError(
+                "data_bits+special_bits",
+                total,
+                f"exceeds {limit} bits, the 128-bit-security limit for N={self.poly_modulus_degree} (HE standard)",
+            )
+
+    @property
+    def slots(self) -> int:
+        """Values packed per ciphertext."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def max_magnitude(self) -> float:
+        """Largest absolute value a (summed) slot may reach before it would wrap modulo q0."""
+        return 2.0 ** (self.data_bits - self.scale_bits - 1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecAggSettings:
+    """Secure-aggregation settings as they appear in a run config.
+
+    Args:
+        threshold: survivors needed to unmask, as a fraction of the round's participants (0, 1].
+        neighbours: SecAgg+ graph degree; ``None`` picks about 2 log2(n), ``0`` means the complete graph.
+        clip_range: each (weighted) coordinate is clipped to [-clip_range, clip_range] before quantizing.
+        bits: fixed-point bits per coordinate (quantization resolution).
+    """
+
+    threshold: float = 0.6
+    neighbours: int | None = None
+    clip_range: float = 1.0
+    bits: int = 16
+
+    def __post_init__(self) -> None:
+        _unit_interval("threshold", self.threshold)
+        if self.neighbours is not None:
+            _positive_int("neighbours", self.neighbours, minimum=0)
+        _positive("clip_range", self.clip_range)
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 24):
+            raise ConfigError("bits", self.bits, "must be an integer in [2, 24]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FederationConfig:
+    """The round driver.
+
+    Args:
+        rounds: number of federated rounds.
+        client_fraction: fraction of clients sampled (uniformly, without replacement) per round.
+        protection: how updates are protected.
+        ckks: CKKS parameters (used when ``protection`` is ``ckks``).
+        secagg: secure-aggregation settings (used when ``protection`` is ``secagg``).
+        seed: makes partitioning, sampling, initialisation and DP noise reproducible
+            (simulation only; cryptographic randomness never comes from it).
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        server_learning_rate: the global model moves by this times the average update.
+    """
+
+    rounds: int = 10
+    client_fraction: float = 1.0
+    protection: ProtectionKind = ProtectionKind.CKKS
+    ckks: CkksConfig = field(default_factory=CkksConfig)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    seed: int = 0
+    device: str = "auto"
+    server_learning_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("rounds", self.rounds)
+        _unit_interval("client_fraction", self.client_fraction)
+        if not isinstance(self.protection, ProtectionKind):
+            raise ConfigError("protection", self.protection, f"must be one of {[p.value for p in ProtectionKind]}")
+        _positive_int("seed", self.seed, minimum=0)
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError("device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _positive("server_learning_rate", self.server_learning_rate)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """Which bundled dataset a CLI run uses and how it is split.
+
+    Args:
+        dataset: the bundled dataset.
+        num_clients: number of clients (sites).
+        partition: IID, Dirichlet label skew, or by group column.
+        alpha: Dirichlet concentration (smaller = more skew).
+        group_column: for ``partition = "group"``, the dataset's group column name.
+        test_fraction: share of the data held out for evaluation.
+        min_client_size: a Dirichlet split is redrawn until every client has at least this many examples.
+        client_names: optional names, one per client (default ``client-0`` ...).
+    """
+
+    dataset: DatasetKind = DatasetKind.BREAST_CANCER
+    num_clients: int = 5
+    partition: PartitionKind = PartitionKind.DIRICHLET
+    alpha: float = 0.5
+    group_column: str | None = None
+    test_fraction: float = 0.2
+    min_client_size: int = 10
+    client_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("num_clients", self.num_clients, minimum=1)
+        _positive("alpha", self.alpha)
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError("test_fraction", self.test_fraction, "must be in (0, 1)")
+        _positive_int("min_client_size", self.min_client_size)
+        if self.partition is PartitionKind.GROUP and not self.group_column:
+            raise ConfigError("group_column", self.group_column, "is required when partition = 'group'")
+        if self.client_names is not None:
+            if len(self.client_names) != self.num_clients:
+                raise ConfigError("client_names", self.client_names, f"needs exactly num_clients={self.num_clients} names")
+            if len(set(self.client_names)) != len(self.client_names):
+                raise ConfigError("client_names", self.client_names, "names must be unique")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """A bundled model for CLI runs.
+
+    Args:
+        kind: logistic regression, a multi-layer perceptron, or a small CNN (images only).
+        hidden: hidden width of the MLP.
+    """
+
+    kind: ModelKind = ModelKind.LOGISTIC
+    hidden: int = 64
+
+    def __post_init__(self) -> None:
+        _positive_int("hidden", self.hidden)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """Everything ``privfl run`` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.kind is ModelKind.CNN and self.data.dataset is not DatasetKind.DIGITS:
+            raise ConfigError("model.kind", self.model.kind.value, "the CNN needs image data (dataset = 'digits')")
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """Converts a TOML value to the field's annotated type, or raises ConfigError naming ``path``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _convert(value, option, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[-1]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(path, value, "must be a list")
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        return tuple(_convert(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise ConfigError(path, value, f"must be one of {[m.value for m in annotation]}") from None
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "must be a table")
+        return _build(annotation, value, path)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "must be a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "must be an integer")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "must be a string")
+        return value
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, table[unknown[0]], f"unknown setting; known ones are {sorted(names)}")
+    kwargs = {}
+    for name, value in table.items():
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if prefix and not exc.field.startswith(prefix):
+            raise ConfigError(f"{prefix}.{exc.field}", exc.value, exc.reason) from None
+        raise
+
+
+def config_from_dict(table: dict[str, Any]) -> RunConfig:
+    """Builds a :class:`RunConfig` from a parsed TOML table.
+
+    Raises:
+        ConfigError: an unknown key or a bad value (the message names its dotted path).
+    """
+    return _build(RunConfig, table, "")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Reads a TOML run config.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or holds a bad value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"is not valid TOML: {exc}") from None
+    return config_from_dict(table)
+
+
+def default_config() -> RunConfig:
+    """The embedded default: breast cancer over 5 hospitals, Dirichlet(0.5), DP-SGD epsilon 3, CKKS."""
+    text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
+    return config_from_dict(tomllib.loads(text))

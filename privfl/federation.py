@@ -1,0 +1,486 @@
+"""The round driver: client sampling, DP-SGD local training, protected aggregation, ledger, checkpoints.
+
+A client is a description (a name and a ``Dataset``), not a live model: the model is built from the
+user's ``model_fn`` when a client trains, so thousands of clients fit in memory. Every update
+crosses to the server as bytes through a :class:`~privfl.protocols.base.Transport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+from torch.utils.data import Dataset
+
+from privfl.accounting import ClientBudget, DPEvent, LedgerStatus, PrivacyLedger, noise_multiplier
+from privfl.config import FederationConfig, ProtectionKind, TrainingConfig
+from privfl.errors import ConfigError, ProtocolAbort
+from privfl.protocols.base import ClientUpdate, DirectTransport, Protection, Transport
+from privfl.training import (
+    evaluate,
+    flatten_parameters,
+    load_flat_parameters,
+    make_private_compatible,
+    resolve_device,
+    sampling_plan,
+    train_dp_sgd,
+)
+
+__all__ = ["Federation", "RunResult", "build_protection", "planned_rounds"]
+
+log = logging.getLogger("privfl")
+
+LEDGER_FILE = "ledger.json"
+HISTORY_FILE = "history.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def build_protection(config: FederationConfig) -> Protection:
+    """The protection protocol named by ``config.protection``."""
+    if config.protection is ProtectionKind.PLAINTEXT:
+        from privfl.protocols.plaintext import PlaintextProtection
+
+        return PlaintextProtection()
+    if config.protection is ProtectionKind.CKKS:
+        from privfl.protocols.ckks import CkksProtection
+
+        return CkksProtection(config.ckks)
+    from privfl.protocols.secagg import SecAggProtection
+
+    return SecAggProtection.from_settings(config.secagg)
+
+
+def planned_rounds(rounds: int, client_fraction: float, quantile: float) -> int:
+    """Rounds a client is planned to train in: a quantile of Binomial(rounds, client_fraction)."""
+    if client_fraction >= 1.0:
+        return rounds
+    return max(1, int(stats.binom.ppf(quantile, rounds, client_fraction)))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as fh:
+        json.dump(data, fh, indent=2, default=_json_default, allow_nan=False)
+        tmp = fh.name
+    os.replace(tmp, path)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if (value is None or not math.isfinite(value)) else float(value)
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What :meth:`Federation.run` returns.
+
+    Attributes:
+        model: a model holding the final global parameters.
+        history: one dict per round (accuracy, loss, epsilon, participants, drops).
+        summary: the run summary also written to ``summary.json``.
+        ledger: the privacy ledger.
+        out_dir: where files were written (None if nowhere).
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    ledger: PrivacyLedger
+    out_dir: Path | None = None
+
+
+@dataclass(slots=True)
+class _ClientPlan:
+    name: str
+    dataset: Dataset
+    num_examples: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    index: int = 0
+    uploads: list[int] = field(default_factory=list)
+
+
+class Federation:
+    """Federated training of a user's model with DP-SGD clients and protected aggregation.
+
+    Args:
+        model_fn: builds a fresh, untrained model (called once for the initial global model and
+            once per client per round). Must return the same architecture every time.
+        clients: client name -> that client's training ``Dataset`` (yielding (input, label)).
+        test_set: held-out data the global model is evaluated on after every round (optional).
+        training: local DP-SGD settings, shared by all clients.
+        federation: rounds, sampling, protection, seed, device.
+        transport: carries messages between clients and server (default: in-process, lossless).
+        progress: show a progress bar.
+
+    Example:
+        >>> fed = Federation(model_fn=lambda: MyNet(), clients={"site-a": ds_a, "site-b": ds_b},
+        ...                  test_set=ds_test, training=TrainingConfig(), federation=FederationConfig())
+        >>> result = fed.run("runs/demo")
+    """
+
+    def __init__(
+        self,
+        *,
+        model_fn: Callable[[], nn.Module],
+        clients: Mapping[str, Dataset],
+        test_set: Dataset | None = None,
+        training: TrainingConfig,
+        federation: FederationConfig,
+        transport: Transport | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not callable(model_fn):
+            raise ConfigError("model_fn", model_fn, "must be a callable returning a torch.nn.Module")
+        if not clients:
+            raise ConfigError("clients", clients, "at least one client is needed")
+        for name, dataset in clients.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError("clients", name, "client names must be non-empty strings")
+            if len(dataset) == 0:
+                raise ConfigError(f"clients[{name}]", 0, "a client needs at least one training example")
+        self.model_fn = model_fn
+        self.clients = dict(clients)
+        self.test_set = test_set
+        self.training = training
+        self.config = federation
+        self.transport = transport or DirectTransport()
+        self.progress = progress
+        self.device = resolve_device(federation.device)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _initial_model(self) -> tuple[nn.Module, bool]:
+        torch.manual_seed(self.config.seed)
+        model = self.model_fn()
+        if not isinstance(model, nn.Module):
+            raise ConfigError("model_fn", type(model).__name__, "must return a torch.nn.Module")
+        fixed = make_private_compatible(model)
+        return fixed, fixed is not model
+
+    def _fresh_model(self, needs_fix: bool) -> nn.Module:
+        model = self.model_fn()
+        if needs_fix:
+            from opacus.validators import ModuleValidator
+
+            model = ModuleValidator.fix(model)
+        return model
+
+    def _plans(self) -> list[_ClientPlan]:
+        dp = self.training.dp
+        rounds = planned_rounds(self.config.rounds, self.config.client_fraction, dp.planned_participation_quantile)
+        cache: dict[tuple[float, int], float] = {}
+        plans = []
+        for index, (name, dataset) in enumerate(self.clients.items()):
+            n = len(dataset)
+            q, steps = sampling_plan(n, self.training)
+            if dp.noise_multiplier is not None:
+                sigma = dp.noise_multiplier
+            else:
+                key = (q, steps * rounds)
+                if key not in cache:
+                    # Calibrated once for every step the client may take over the whole run.
+                    cache[key] = noise_multiplier(
+                        target_epsilon=dp.target_epsilon,
+                        sample_rate=q,
+                        steps=steps * rounds,
+                        delta=dp.delta,
+                        accountant=dp.accountant,
+                    )
+                sigma = cache[key]
+            plans.append(_ClientPlan(name, dataset, n, q, steps, sigma, index))
+        return plans
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self, out_dir: str | os.PathLike[str] | None = None, *, resume: bool = False) -> RunResult:
+        """Runs every round (or the remaining ones, with ``resume``).
+
+        Args:
+            out_dir: run directory for the ledger, history, checkpoints and summary (None: keep in memory).
+            resume: continue the run in ``out_dir`` from its last checkpoint, with its ledger.
+
+        Returns:
+            The final model, history, summary and ledger.
+
+        Raises:
+            ConfigError: ``out_dir`` already holds a run and ``resume`` is False (a fresh start there
+                would reset spent budgets), or ``resume`` without a run to resume.
+        """
+        out = Path(out_dir) if out_dir is not None else None
+        started = time.perf_counter()
+        model, needs_fix = self._initial_model()
+        global_params = flatten_parameters(model)
+        plans = self._plans()
+        protection = build_protection(self.config)
+        dp = self.training.dp
+
+        ledger, history, start_round = self._restore(out, resume, global_params)
+        if start_round > 0:
+            global_params = self._load_checkpoint(out, start_round - 1, global_params)
+        for plan in plans:
+            ledger.register(plan.name, ClientBudget(epsilon=dp.epsilon_budget, delta=dp.delta))
+
+        log.info(
+            "federation: %d clients, %d rounds, protection=%s, device=%s",
+            len(plans), self.config.rounds, protection.name, self.device,
+        )
+        progress = _Progress(self.config.rounds, enabled=self.progress, start=start_round)
+        with progress:
+            for round_index in range(start_round, self.config.rounds):
+                record = self._round(round_index, plans, protection, ledger, global_params, needs_fix, out)
+                global_params = record.pop("_parameters")
+                history.append(record)
+                if out is not None:
+                    self._save_checkpoint(out, round_index, global_params)
+                    _atomic_write_json(out / HISTORY_FILE, history)
+                progress.advance(record)
+
+        load_flat_parameters(model, global_params)
+        summary = self._summary(plans, ledger, history, protection, len(global_params), time.perf_counter() - started)
+        if out is not None:
+            ledger.save(out / LEDGER_FILE)
+            _atomic_write_json(out / SUMMARY_FILE, summary)
+        return RunResult(model=model, history=history, summary=summary, ledger=ledger, out_dir=out)
+
+    def _round(
+        self,
+        round_index: int,
+        plans: list[_ClientPlan],
+        protection: Protection,
+        ledger: PrivacyLedger,
+        global_params: np.ndarray,
+        needs_fix: bool,
+        out: Path | None,
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.config.seed, round_index])
+        count = max(1, round(self.config.client_fraction * len(plans)))
+        sampled = [plans[i] for i in sorted(rng.choice(len(plans), size=count, replace=False))]
+        updates: dict[str, ClientUpdate] = {}
+        skipped: dict[str, str] = {}
+        losses = []
+        for plan in sampled:
+            event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+            after = ledger.epsilon_if(plan.name, event)
+            budget = ledger.budget(plan.name).epsilon
+            if after > budget:
+                # The client never touches its data this round; the round goes on without it.
+                reason = f"another round would spend epsilon {after:.3f} > budget {budget:.3f}"
+                ledger.record_skip(round_index, plan.name, reason=reason)
+                skipped[plan.name] = reason
+                continue
+            local_model = self._fresh_model(needs_fix)
+            load_flat_parameters(local_model, global_params)
+            seed = int(np.random.SeedSequence([self.config.seed, round_index, plan.index]).generate_state(1)[0])
+            result = train_dp_sgd(
+                local_model, plan.dataset, config=self.training, noise_multiplier=plan.noise_multiplier, device=self.device, seed=seed
+            )
+            # Charged before the update leaves the client, and saved at once: a crash after this
+            # point can never un-spend the budget.
+            ledger.charge(round_index, plan.name, result.event)
+            if out is not None:
+                ledger.save(out / LEDGER_FILE)
+            updates[plan.name] = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
+            losses.append(result.mean_loss)
+
+        dropped: dict[str, str] = {}
+        contributors: tuple[str, ...] = ()
+        aborted = None
+        upload: dict[str, int] = {}
+        if updates:
+            try:
+                outcome = protection.run_round(round_index, updates, self.transport)
+            except ProtocolAbort as exc:
+                aborted = str(exc)
+                dropped = {c: "round aborted" for c in updates}
+                log.warning("round %d aborted: %s", round_index, exc)
+            else:
+                dropped = dict(outcome.dropped)
+                contributors = outcome.contributors
+                upload = dict(outcome.upload_bytes)
+                global_params = (global_params + self.config.server_learning_rate * outcome.average).astype(np.float32)
+        for client, reason in dropped.items():
+            ledger.annotate_last(client, f"update not aggregated in round {round_index}: {reason}")
+            log.warning("round %d: client %s dropped: %s", round_index, client, reason)
+        for plan in sampled:
+            if plan.name in upload:
+                plan.uploads.append(upload[plan.name])
+
+        test_loss, test_accuracy = (math.nan, math.nan)
+        if self.test_set is not None:
+            eval_model = self._fresh_model(needs_fix)
+            load_flat_parameters(eval_model, global_params)
+            test_loss, test_accuracy = evaluate(eval_model, self.test_set, device=self.device)
+        epsilons = {plan.name: ledger.epsilon(plan.name) for plan in plans}
+        return {
+            "round": round_index,
+            "sampled": [p.name for p in sampled],
+            "trained": list(updates),
+            "contributors": list(contributors),
+            "skipped": skipped,
+            "dropped": dropped,
+            "aborted": aborted,
+            "train_loss": _finite_or_none(float(np.mean(losses)) if losses else math.nan),
+            "test_loss": _finite_or_none(test_loss),
+            "test_accuracy": _finite_or_none(test_accuracy),
+            "epsilon": epsilons,
+            "max_epsilon": max(epsilons.values()),
+            "upload_bytes": upload,
+            "seconds": time.perf_counter() - t0,
+            "_parameters": global_params,
+        }
+
+    # -- persistence -------------------------------------------------------------------------------
+    def _restore(self, out: Path | None, resume: bool, params: np.ndarray) -> tuple[PrivacyLedger, list[dict[str, Any]], int]:
+        fresh = PrivacyLedger(accountant=self.training.dp.accountant)
+        if out is None:
+            if resume:
+                raise ConfigError("resume", True, "needs a run directory")
+            return fresh, [], 0
+        ledger_path = out / LEDGER_FILE
+        if not resume:
+            if ledger_path.exists():
+                raise ConfigError(
+                    "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            return fresh, [], 0
+        if not ledger_path.exists():
+            raise ConfigError("out_dir", str(out), "holds no run to resume (no ledger.json)")
+        ledger = PrivacyLedger.load(ledger_path)
+        if ledger.accountant is not self.training.dp.accountant:
+            raise ConfigError("dp.accountant", self.training.dp.accountant.value, f"the run used {ledger.accountant.value}")
+        history = json.loads((out / HISTORY_FILE).read_text()) if (out / HISTORY_FILE).exists() else []
+        checkpoints = sorted((out / CHECKPOINT_DIR).glob("round-*.pt")) if (out / CHECKPOINT_DIR).exists() else []
+        done = int(checkpoints[-1].stem.split("-")[1]) + 1 if checkpoints else 0
+        history = [h for h in history if h["round"] < done]
+        log.info("resuming %s after round %d", out, done - 1)
+        return ledger, history, done
+
+    def _save_checkpoint(self, out: Path, round_index: int, params: np.ndarray) -> None:
+        path = out / CHECKPOINT_DIR / f"round-{round_index:04d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"round": round_index, "parameters": torch.from_numpy(params.copy())}, tmp)
+        os.replace(tmp, path)
+
+    def _load_checkpoint(self, out: Path, round_index: int, like: np.ndarray) -> np.ndarray:
+        path = out / CHECKPOINT_DIR / f"round-{round_index:04d}.pt"
+        state = torch.load(path, weights_only=True)
+        params = state["parameters"].numpy()
+        if params.shape != like.shape:
+            raise ConfigError("checkpoint", str(path), f"holds {params.shape[0]} parameters; the model has {like.shape[0]}")
+        return params
+
+    def _summary(
+        self,
+        plans: list[_ClientPlan],
+        ledger: PrivacyLedger,
+        history: list[dict[str, Any]],
+        protection: Protection,
+        num_parameters: int,
+        seconds: float,
+    ) -> dict[str, Any]:
+        uploads = [u for plan in plans for u in plan.uploads]
+        upload_mean = float(np.mean(uploads)) if uploads else None
+        plaintext_bytes = 4 * num_parameters
+        final = history[-1] if history else {}
+        clients = {}
+        for plan in plans:
+            clients[plan.name] = {
+                "epsilon": ledger.epsilon(plan.name),
+                "delta": ledger.budget(plan.name).delta,
+                "epsilon_budget": _finite_or_none(ledger.budget(plan.name).epsilon),
+                "rounds_trained": ledger.rounds(plan.name, LedgerStatus.TRAINED),
+                "rounds_skipped": ledger.rounds(plan.name, LedgerStatus.SKIPPED_BUDGET),
+                "rounds_dropped": sum(1 for h in history if plan.name in h["dropped"]),
+                "num_examples": plan.num_examples,
+                "noise_multiplier": plan.noise_multiplier,
+                "sample_rate": plan.sample_rate,
+                "steps_per_round": plan.steps_per_round,
+            }
+        return {
+            "final_accuracy": final.get("test_accuracy"),
+            "final_loss": final.get("test_loss"),
+            "rounds": len(history),
+            "protection": protection.name,
+            "accountant": ledger.accountant.value,
+            "clients": clients,
+            "dropped_clients": {str(h["round"]): h["dropped"] for h in history if h["dropped"]},
+            "aborted_rounds": [h["round"] for h in history if h["aborted"]],
+            "num_parameters": num_parameters,
+            "upload_bytes_per_client_round": upload_mean,
+            "plaintext_bytes_per_client_round": plaintext_bytes,
+            "upload_expansion_over_float32": None if upload_mean is None else upload_mean / plaintext_bytes,
+            "device": str(self.device),
+            "seconds": seconds,
+            "training": asdict(self.training),
+            "federation": asdict(self.config),
+        }
+
+
+class _Progress:
+    """A rich progress bar over rounds (silent when disabled)."""
+
+    def __init__(self, total: int, *, enabled: bool, start: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.start = start
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("rounds", total=self.total, completed=self.start, status="training...")
+        return self
+
+    def advance(self, record: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        acc = record["test_accuracy"]
+        status = f"acc {acc:.3f}" if acc is not None else "acc -"
+        status += f"  max eps {record['max_epsilon']:.2f}"
+        if record["dropped"]:
+            status += f"  dropped {len(record['dropped'])}"
+        if record["skipped"]:
+            status += f"  skipped {len(record['skipped'])}"
+        self._progress.update(self._task, advance=1, status=status)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

@@ -1,0 +1,153 @@
+"""The shared round for one-message protocols (plaintext, CKKS): protect, sum on the server, finalize.
+
+Each client sends one message; the server checks every message on its own and adds the good ones
+to a running sum without decoding anything it should not (for CKKS it cannot); a message that fails
+any check drops its sender with the reason, and nothing already summed is touched. The aggregate then
+goes back to the client side, which turns the weighted sum into the average.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privfl.errors import MessageError, ProtocolAbort
+from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
+from privfl.protocols.wire import decode_frame, encode_frame
+
+__all__ = ["ServerAggregate", "OneShotServer", "OneShotProtection", "encode_average", "decode_average"]
+
+KIND_UPDATE = 1
+KIND_AGGREGATE = 2
+KIND_AVERAGE = 3
+_WEIGHT = struct.Struct(">d")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAggregate:
+    """What the server holds after a round: the aggregate message and who is in it."""
+
+    payload: bytes
+    accepted: tuple[str, ...]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class OneShotServer:
+    """Server side: checks each message, then folds it into the sum."""
+
+    @abstractmethod
+    def _parse(self, round_index: int, sender: str, message: bytes) -> object:
+        """Decodes and checks one message completely (raises MessageError), without touching the sum."""
+
+    @abstractmethod
+    def _add(self, parsed: object) -> None:
+        """Adds a parsed message to the running sum."""
+
+    @abstractmethod
+    def _reset(self) -> None:
+        """Starts an empty sum."""
+
+    @abstractmethod
+    def _payload(self, round_index: int) -> bytes:
+        """Serializes the sum."""
+
+    def aggregate(self, round_index: int, messages: Mapping[str, bytes]) -> ServerAggregate:
+        """Sums the round's valid messages.
+
+        Args:
+            round_index: the round every message must carry.
+            messages: sender id -> the bytes that arrived from it.
+
+        Returns:
+            The aggregate (empty payload when nothing was accepted), accepted ids and rejection reasons.
+        """
+        self._reset()
+        accepted: list[str] = []
+        rejected: dict[str, str] = {}
+        for sender, message in messages.items():
+            try:
+                parsed = self._parse(round_index, sender, message)
+            except MessageError as exc:
+                rejected[sender] = exc.reason
+                continue
+            self._add(parsed)
+            accepted.append(sender)
+        payload = self._payload(round_index) if accepted else b""
+        return ServerAggregate(payload=payload, accepted=tuple(accepted), rejected=rejected)
+
+
+def encode_average(round_index: int, average: np.ndarray, total_weight: float) -> bytes:
+    """The message that carries the round's average back to every client."""
+    return encode_frame(
+        KIND_AVERAGE, round_index, SERVER, [_WEIGHT.pack(total_weight), average.astype("<f8").tobytes()]
+    )
+
+
+def decode_average(round_index: int, message: bytes, dim: int) -> tuple[np.ndarray, float]:
+    """Parses :func:`encode_average`'s message.
+
+    Raises:
+        MessageError: malformed, or not ``dim`` values.
+    """
+    frame = decode_frame(message, kind=KIND_AVERAGE, round_index=round_index, max_bytes=8 * dim + 1024)
+    if len(frame.parts) != 2 or len(frame.parts[0]) != 8 or len(frame.parts[1]) != 8 * dim:
+        raise MessageError(f"average message has the wrong shape (expected {dim} values)")
+    (total_weight,) = _WEIGHT.unpack(frame.parts[0])
+    return np.frombuffer(frame.parts[1], dtype="<f8").copy(), total_weight
+
+
+class OneShotProtection(Protection):
+    """A protection whose clients send one message each per round."""
+
+    @abstractmethod
+    def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
+        """Client side: turns an update into the bytes it uploads."""
+
+    @abstractmethod
+    def _server(self, dim: int) -> OneShotServer:
+        """The server side for a round with updates of length ``dim``."""
+
+    @abstractmethod
+    def _finalize(self, round_index: int, aggregate: bytes, dim: int, transport: Transport) -> tuple[np.ndarray, float, int]:
+        """Client side: turns the aggregate into (weighted sum, total weight, bytes downloaded per client)."""
+
+    def run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
+        """See :meth:`Protection.run_round`."""
+        if not updates:
+            raise ProtocolAbort(f"round {round_index}: no client updates", survivors=0, threshold=1)
+        dims = {len(u.delta) for u in updates.values()}
+        if len(dims) != 1:
+            raise ProtocolAbort(f"round {round_index}: updates of different lengths {sorted(dims)}")
+        (dim,) = dims
+        upload: dict[str, int] = {}
+        dropped: dict[str, str] = {}
+        arrived: dict[str, bytes] = {}
+        for client, update in updates.items():
+            message = self._protect(round_index, client, update, len(updates))
+            upload[client] = len(message)
+            received = transport.deliver(client, SERVER, "update", message)
+            if received is None:
+                dropped[client] = "update lost in transit (client dropped)"
+            else:
+                arrived[client] = received
+        server = self._server(dim)
+        self.server = server
+        result = server.aggregate(round_index, arrived)
+        dropped.update({c: f"update rejected by the server: {why}" for c, why in result.rejected.items()})
+        if not result.accepted:
+            raise ProtocolAbort(
+                f"round {round_index}: no valid update among {len(updates)} clients", survivors=0, threshold=1
+            )
+        weighted_sum, total_weight, download = self._finalize(round_index, result.payload, dim, transport)
+        return RoundResult(
+            average=weighted_sum / total_weight,
+            total_weight=total_weight,
+            contributors=result.accepted,
+            dropped=dropped,
+            upload_bytes=upload,
+            download_bytes={c: download for c in updates},
+        )

@@ -1,0 +1,88 @@
+"""The plaintext baseline: each client sends n_k and n_k * delta_k in the clear; the server sums.
+
+Threat model: none. The server sees every individual update; this exists to measure what the
+protections cost and to show, with the bundled attacks, what an unprotected update reveals.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import ClassVar
+
+import numpy as np
+
+from privfl.errors import MessageError, ProtocolAbort
+from privfl.protocols.base import SERVER, ClientUpdate, Transport
+from privfl.protocols.oneshot import (
+    KIND_AGGREGATE,
+    KIND_UPDATE,
+    OneShotProtection,
+    OneShotServer,
+)
+from privfl.protocols.wire import decode_frame, encode_frame
+
+__all__ = ["PlaintextProtection", "PlaintextServer"]
+
+_WEIGHT = struct.Struct(">d")
+
+
+class PlaintextServer(OneShotServer):
+    """Sums float32 updates (weighted by n_k) in float64."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._sum = np.zeros(dim)
+        self._weight = 0.0
+
+    def _reset(self) -> None:
+        self._sum = np.zeros(self.dim)
+        self._weight = 0.0
+
+    def _parse(self, round_index: int, sender: str, message: bytes) -> tuple[float, np.ndarray]:
+        frame = decode_frame(
+            message, kind=KIND_UPDATE, round_index=round_index, sender=sender, max_bytes=4 * self.dim + 1024
+        )
+        if len(frame.parts) != 2 or len(frame.parts[0]) != 8:
+            raise MessageError("update has the wrong number of parts", sender=sender)
+        if len(frame.parts[1]) != 4 * self.dim:
+            raise MessageError(f"update has {len(frame.parts[1]) // 4} values, expected {self.dim}", sender=sender)
+        (weight,) = _WEIGHT.unpack(frame.parts[0])
+        delta = np.frombuffer(frame.parts[1], dtype="<f4")
+        if not (np.isfinite(weight) and weight > 0) or not np.all(np.isfinite(delta)):
+            raise MessageError("update holds a non-finite value or a non-positive weight", sender=sender)
+        return weight, delta
+
+    def _add(self, parsed: tuple[float, np.ndarray]) -> None:
+        weight, delta = parsed
+        self._sum += weight * delta.astype(np.float64)
+        self._weight += weight
+
+    def _payload(self, round_index: int) -> bytes:
+        return encode_frame(KIND_AGGREGATE, round_index, SERVER, [_WEIGHT.pack(self._weight), self._sum.astype("<f8").tobytes()])
+
+
+class PlaintextProtection(OneShotProtection):
+    """No protection: the reference point for cost and for attacks."""
+
+    name: ClassVar[str] = "plaintext"
+
+    def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
+        return encode_frame(
+            KIND_UPDATE, round_index, client, [_WEIGHT.pack(update.weight), update.delta.astype("<f4").tobytes()]
+        )
+
+    def _server(self, dim: int) -> PlaintextServer:
+        return PlaintextServer(dim)
+
+    def _finalize(self, round_index: int, aggregate: bytes, dim: int, transport: Transport) -> tuple[np.ndarray, float, int]:
+        received = transport.deliver(SERVER, "clients", "aggregate", aggregate)
+        if received is None:
+            raise ProtocolAbort(f"round {round_index}: the aggregate was lost on its way to the clients")
+        try:
+            frame = decode_frame(received, kind=KIND_AGGREGATE, round_index=round_index, max_bytes=8 * dim + 1024)
+            if len(frame.parts) != 2 or len(frame.parts[1]) != 8 * dim:
+                raise MessageError("aggregate has the wrong shape", sender=SERVER)
+        except MessageError as exc:
+            raise ProtocolAbort(f"round {round_index}: the aggregate is malformed ({exc.reason})") from exc
+        (weight,) = _WEIGHT.unpack(frame.parts[0])
+        return np.frombuffer(frame.parts[1], dtype="<f8").copy(), weight, len(received)
