@@ -85,7 +85,7 @@ class DLG(Attack):
             optimizer.zero_grad(set_to_none=True)
             loss = l2_distance(problem.simulate(candidate, targets()), problem.target)
             loss.backward()
-            return loss
+            return loss.detach()
 
         last = candidate.detach().clone()
         last_loss = float("inf")

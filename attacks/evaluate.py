@@ -21,7 +21,7 @@ from .base import (
     Reduction,
     UpdateObservation,
 )
-from .metrics import best_match, chance_psnr, label_accuracy, max_abs_error, mse, ssim
+from .metrics import best_match, chance_psnr, label_accuracy, max_abs_error, mse, pairwise_psnr, ssim
 
 __all__ = [
     "Protection",
@@ -237,6 +237,8 @@ class Score:
         psnr: Mean PSNR (dB) of matched pairs.
         best_psnr: PSNR of the single best matched pair (the worst case for one client).
         chance_psnr: PSNR of the dataset-mean guess against the same true inputs.
+        best_chance_psnr: PSNR of the dataset-mean guess against the true input it resembles most, the
+            chance level to read ``best_psnr`` against.
         mse: Mean squared error of matched pairs.
         ssim: Mean SSIM of matched pairs (NaN for tabular inputs).
         max_abs_error: Largest absolute error of any matched feature.
@@ -247,6 +249,7 @@ class Score:
     psnr: float
     best_psnr: float
     chance_psnr: float
+    best_chance_psnr: float
     mse: float
     ssim: float
     max_abs_error: float
@@ -281,8 +284,9 @@ def score(
     chance = chance_psnr(inputs, baseline, data_range=data_range)
     if not reconstruction.accessible:
         nan = math.nan
-        return Score(accessible=False, psnr=nan, best_psnr=nan, chance_psnr=chance, mse=nan, ssim=nan,
-                     max_abs_error=nan, label_accuracy=nan)
+        best_chance = float(pairwise_psnr(baseline.unsqueeze(0), inputs, data_range=data_range).max())
+        return Score(accessible=False, psnr=nan, best_psnr=nan, chance_psnr=chance, best_chance_psnr=best_chance,
+                     mse=nan, ssim=nan, max_abs_error=nan, label_accuracy=nan)
     match = best_match(reconstruction.inputs, inputs, data_range=data_range)
     rec = reconstruction.inputs[match.reconstruction_index]
     truth = inputs[match.target_index]
@@ -292,6 +296,7 @@ def score(
         psnr=float(match.psnr.mean()),
         best_psnr=float(match.psnr.max()),
         chance_psnr=chance_psnr(truth, baseline, data_range=data_range),
+        best_chance_psnr=float(pairwise_psnr(baseline.unsqueeze(0), truth, data_range=data_range).max()),
         mse=mse(rec, truth),
         ssim=ssim(rec, truth, data_range=data_range) if is_image else math.nan,
         max_abs_error=max_abs_error(rec, truth),
