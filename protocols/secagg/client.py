@@ -1,0 +1,261 @@
+"""The client side of secure aggregation: a state machine that takes and returns only bytes.
+
+Round by round (Bonawitz et al. 2017, with the SecAgg+ graph of Bell et al. 2020):
+
+0. advertise: fresh X25519 pairs c (share encryption) and s (pairwise masks); send both public keys.
+1. share: receive the neighbours' keys; Shamir-share s_sk and a fresh 32-byte self-mask seed b among the
+   neighbours and itself (threshold t); each neighbour's share pair is AES-GCM sealed under
+   HKDF(X25519(c_u, c_v)) with associated data binding sender, receiver and round, then sent via the server.
+2. masked input: receive the shares sent to us; y_u = x_u + PRG(b_u) + sum_v sign(u, v) PRG(s_uv) mod 2^k,
+   over the neighbours v whose shares arrived (s_uv = HKDF(X25519(s_u, s_v)), sign +1 iff u sorts before v).
+3. unmask: for each client the server names, reveal either its b-share (it survived) or its s-share (it
+   dropped), never both for the same client: with both the server could strip every mask from that
+   client's late-arriving y.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+from privfl.errors import MessageError, ProtocolAbort, ProtocolError
+from privfl.protocols.secagg import messages as m
+from privfl.protocols.secagg import shamir
+from privfl.protocols.secagg.graph import components
+from privfl.protocols.secagg.keys import KEY_BYTES, KeyPair, agree, hkdf, info, seal, open_sealed
+from privfl.protocols.secagg.params import RoundParams
+from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
+from privfl.protocols.wire import MAX_MESSAGE_BYTES
+
+__all__ = ["SecAggClient", "pairwise_mask_key", "self_mask_key", "share_key", "SEALED_SHARE_BYTES"]
+
+SERVER = "server"
+SEALED_SHARE_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
+
+
+def self_mask_key(seed: bytes, round_index: int, owner: str) -> bytes:
+    """AES key of PRG(b_u)."""
+    return mask_key(seed, info(b"self-mask", round_index, owner))
+
+
+def pairwise_mask_key(shared: bytes, round_index: int, a: str, b: str) -> bytes:
+    """AES key of PRG(s_ab) from the X25519 secret of a and b (symmetric in a, b)."""
+    lo, hi = sorted((a, b))
+    return mask_key(shared, info(b"pairwise-mask", round_index, lo, hi))
+
+
+def share_key(shared: bytes, round_index: int, a: str, b: str) -> bytes:
+    """AES-GCM key for shares between a and b (symmetric; direction lives in the associated data)."""
+    lo, hi = sorted((a, b))
+    return hkdf(shared, b"share-encryption", round_index, lo, hi)
+
+
+def share_associated_data(round_index: int, sender: str, receiver: str) -> bytes:
+    """What a sealed share is bound to: who sent it, to whom, in which round."""
+    return info(b"share", round_index, sender, receiver)
+
+
+class SecAggClient:
+    """One client's protocol state for one round.
+
+    Args:
+        client_id: this client's id (must be in ``params.client_ids``).
+        params: the round's public parameters.
+
+    Each step method takes the server's last message (bytes) and returns this client's next message
+    (bytes). A malformed or unauthenticated server message raises :class:`MessageError`; a request that
+    would be unsafe to answer raises :class:`ProtocolAbort`; a call out of order raises
+    :class:`ProtocolError`. After any error the client is done for the round.
+    """
+
+    def __init__(self, client_id: str, params: RoundParams) -> None:
+        if client_id not in params.index:
+            raise ProtocolError(f"client {client_id!r} is not in the round")
+        self.client_id = client_id
+        self.params = params
+        self._c = KeyPair.generate()
+        self._s = KeyPair.generate()
+        self._channel = hkdf(agree(self._c.private, params.server_public_key), b"channel-secret", params.round_index, client_id)
+        self._step = m.ADVERTISE
+        self._peer_keys: dict[str, tuple[bytes, bytes]] = {}
+        self._self_seed = b""
+        self._own_shares: tuple[int, int] = (0, 0)
+        self._held: dict[str, tuple[int, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"SecAggClient(client_id={self.client_id!r}, round_index={self.params.round_index}, step={self._step})"
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _expect(self, step: int) -> None:
+        if self._step != step:
+            raise ProtocolError(f"client {self.client_id!r}: step {m.STEP_NAMES[step]} called out of order")
+        self._step = -1  # any failure below leaves the client finished
+
+    def _key(self, kind: int, direction: bytes) -> bytes:
+        return m.channel_key(self._channel, self.params.round_index, self.client_id, kind, direction)
+
+    def _send(self, kind: int, parts: list[bytes]) -> bytes:
+        return m.seal_message(self._key(kind, m.UP), kind, self.params.round_index, self.client_id, parts)
+
+    def _receive(self, payload: bytes, kind: int, max_bytes: int):
+        frame, _, _ = m.open_message(
+            payload,
+            kind=kind,
+            round_index=self.params.round_index,
+            sender=SERVER,
+            max_bytes=max_bytes,
+            key=self._key(kind, m.DOWN),
+        )
+        return frame
+
+    # -- round 0 -------------------------------------------------------------------------------
+    def advertise(self) -> bytes:
+        """Round 0: the two public keys."""
+        self._expect(m.ADVERTISE)
+        self._step = m.KEYS
+        return self._send(m.ADVERTISE, [self._c.public, self._s.public])
+
+    # -- round 1 -------------------------------------------------------------------------------
+    def share_keys(self, keys_message: bytes) -> bytes:
+        """Round 1: reads the neighbours' keys; returns the sealed shares of s_sk and b, one per neighbour.
+
+        Raises:
+            MessageError: malformed/unauthenticated message, or keys of a non-neighbour.
+            ProtocolAbort: fewer than ``threshold`` share holders are alive.
+        """
+        self._expect(m.KEYS)
+        p = self.params
+        neighbours = p.graph[self.client_id]
+        frame = self._receive(keys_message, m.KEYS, max_bytes=4096 + len(neighbours) * (3 * KEY_BYTES + 300))
+        if len(frame.parts) % 3:
+            raise MessageError("keys message has a partial entry", sender=SERVER)
+        keys: dict[str, tuple[bytes, bytes]] = {}
+        for i in range(0, len(frame.parts), 3):
+            peer = frame.parts[i].decode("utf-8", errors="replace")
+            c_pk, s_pk = frame.parts[i + 1], frame.parts[i + 2]
+            if peer not in neighbours or peer in keys:
+                raise MessageError(f"keys for unexpected or repeated client {peer!r}", sender=SERVER)
+            if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
+                raise MessageError("public key of wrong length", sender=SERVER)
+            if c_pk == s_pk:
+                # Bonawitz et al.: a client's two keys must differ.
+                raise MessageError(f"client {peer!r} advertised equal keys", sender=SERVER)
+            keys[peer] = (c_pk, s_pk)
+        if len(keys) + 1 < p.threshold:
+            raise ProtocolAbort(
+                f"{len(keys) + 1} share holders < threshold {p.threshold}", survivors=len(keys) + 1, threshold=p.threshold
+            )
+        self._peer_keys = keys
+        self._self_seed = secrets.token_bytes(32)
+        holders = [p.index[v] for v in keys] + [p.index[self.client_id]]
+        s_shares = shamir.split(shamir.secret_to_int(self._s.private_bytes()), p.threshold, holders)
+        b_shares = shamir.split(shamir.secret_to_int(self._self_seed), p.threshold, holders)
+        me = p.index[self.client_id]
+        self._own_shares = (s_shares[me], b_shares[me])
+        parts: list[bytes] = []
+        for peer, (c_pk, _) in sorted(keys.items()):
+            x = p.index[peer]
+            plaintext = s_shares[x].to_bytes(shamir.SHARE_BYTES, "big") + b_shares[x].to_bytes(shamir.SHARE_BYTES, "big")
+            key = share_key(agree(self._c.private, c_pk, sender=peer), p.round_index, self.client_id, peer)
+            parts.append(peer.encode("utf-8"))
+            parts.append(seal(key, plaintext, share_associated_data(p.round_index, self.client_id, peer)))
+        self._step = m.RELAY
+        return self._send(m.SHARES, parts)
+
+    # -- round 2 -------------------------------------------------------------------------------
+    def masked_input(self, relay_message: bytes, encoded: np.ndarray) -> bytes:
+        """Round 2: reads the shares addressed to us; returns y = x + PRG(b) + sum of signed pairwise masks.
+
+        Args:
+            relay_message: the server's relay of the neighbours' sealed shares.
+            encoded: this client's quantized input, ``uint32`` words in [0, 2^k) of length ``dimension``.
+
+        Raises:
+            MessageError: malformed/unauthenticated relay or a share that fails to open.
+            ProtocolAbort: fewer than ``threshold`` share holders remain.
+        """
+        self._expect(m.RELAY)
+        p = self.params
+        encoded = np.asarray(encoded)
+        if encoded.dtype != WORD or encoded.shape != (p.dimension,):
+            raise ProtocolError(f"input must be {p.dimension} uint32 words")
+        frame = self._receive(relay_message, m.RELAY, max_bytes=4096 + len(self._peer_keys) * (SEALED_SHARE_BYTES + 300))
+        if len(frame.parts) % 2:
+            raise MessageError("relay message has a partial entry", sender=SERVER)
+        held: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(frame.parts), 2):
+            peer = frame.parts[i].decode("utf-8", errors="replace")
+            if peer not in self._peer_keys or peer in held:
+                raise MessageError(f"share from unexpected or repeated client {peer!r}", sender=SERVER)
+            c_pk = self._peer_keys[peer][0]
+            key = share_key(agree(self._c.private, c_pk, sender=peer), p.round_index, peer, self.client_id)
+            plaintext = open_sealed(key, frame.parts[i + 1], share_associated_data(p.round_index, peer, self.client_id), sender=peer)
+            if len(plaintext) != 2 * shamir.SHARE_BYTES:
+                raise MessageError("share of wrong length", sender=peer)
+            s_share = int.from_bytes(plaintext[: shamir.SHARE_BYTES], "big")
+            b_share = int.from_bytes(plaintext[shamir.SHARE_BYTES :], "big")
+            if s_share >= shamir.PRIME or b_share >= shamir.PRIME:
+                raise MessageError("share outside the field", sender=peer)
+            held[peer] = (s_share, b_share)
+        if len(held) + 1 < p.threshold:
+            raise ProtocolAbort(
+                f"{len(held) + 1} share holders < threshold {p.threshold}", survivors=len(held) + 1, threshold=p.threshold
+            )
+        self._held = held
+        streams = [(self_mask_key(self._self_seed, p.round_index, self.client_id), 1)]
+        for peer in held:
+            shared = agree(self._s.private, self._peer_keys[peer][1], sender=peer)
+            streams.append((pairwise_mask_key(shared, p.round_index, self.client_id, peer), p.sign(self.client_id, peer)))
+        masked = encoded.copy()
+        apply_masks(masked, streams)
+        if p.bits < 32:
+            np.bitwise_and(masked, np.uint32(p.modulus_mask), out=masked)
+        self._step = m.UNMASK_REQUEST
+        return self._send(m.MASKED_INPUT, [masked.tobytes()])
+
+    # -- round 3 -------------------------------------------------------------------------------
+    def unmask(self, request: bytes) -> bytes:
+        """Round 3: reveals b-shares of the named survivors and s-shares of the named dropped clients.
+
+        Raises:
+            MessageError: malformed/unauthenticated request, or one naming clients we hold no share of.
+            ProtocolAbort: the request is unsafe: both shares asked for one client, our own s-key asked for,
+                too few survivors, or survivors whose masking graph is disconnected (the sum of a small
+                component could single out one input).
+        """
+        self._expect(m.UNMASK_REQUEST)
+        p = self.params
+        frame = self._receive(request, m.UNMASK_REQUEST, max_bytes=4096 + len(p.client_ids) * 3 * 300)
+        if len(frame.parts) != 3:
+            raise MessageError("unmask request must have 3 parts", sender=SERVER)
+        survivors = set(m.unpack_ids(frame.parts[0], sender=SERVER))
+        want_b = set(m.unpack_ids(frame.parts[1], sender=SERVER))
+        want_s = set(m.unpack_ids(frame.parts[2], sender=SERVER))
+        both = want_b & want_s
+        if both:
+            raise ProtocolAbort(f"refusing to reveal both shares of {sorted(both)!r}")
+        if self.client_id in want_s:
+            raise ProtocolAbort("refusing to reveal a share of our own mask key while alive")
+        if not survivors <= set(p.index) or self.client_id not in survivors:
+            raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
+        if not want_b <= survivors or want_s & survivors:
+            raise ProtocolAbort("request inconsistent with the survivor list")
+        if len(survivors) < p.threshold:
+            raise ProtocolAbort(
+                f"{len(survivors)} survivors < threshold {p.threshold}", survivors=len(survivors), threshold=p.threshold
+            )
+        if components(p.graph, survivors) != 1:
+            raise ProtocolAbort("survivors' masking graph is disconnected")
+        known = set(self._held) | {self.client_id}
+        if not want_b <= known or not want_s <= set(self._held):
+            raise MessageError("request names clients whose shares we do not hold", sender=SERVER)
+        held = dict(self._held)
+        held[self.client_id] = self._own_shares
+        parts: list[bytes] = []
+        for owner in sorted(want_b):
+            parts += [b"b", owner.encode("utf-8"), held[owner][1].to_bytes(shamir.SHARE_BYTES, "big")]
+        for owner in sorted(want_s):
+            parts += [b"s", owner.encode("utf-8"), held[owner][0].to_bytes(shamir.SHARE_BYTES, "big")]
+        self._step = -1  # one answer per round, ever
+        return self._send(m.UNMASK, parts)

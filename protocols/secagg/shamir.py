@@ -1,0 +1,101 @@
+"""Shamir t-of-n secret sharing over GF(p), p = 2^256 + 297 (the smallest prime above 2^256).
+
+A secret s is the constant term of a uniformly random polynomial f of degree t-1; holder x gets f(x).
+Any t points determine f, hence s = f(0) by Lagrange interpolation. Any t-1 points are consistent with
+every secret: for each candidate s there is exactly one polynomial through those points and (0, s), so
+fewer than t shares carry no information about s (information-theoretic, whatever the adversary's power).
+Coefficients come from :mod:`secrets`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+from privfl.errors import ProtocolError
+
+__all__ = ["PRIME", "SHARE_BYTES", "split", "reconstruct", "lagrange_at_zero", "secret_to_int", "int_to_secret"]
+
+PRIME = (1 << 256) + 297
+SHARE_BYTES = 33
+"""A field element fits in 33 bytes (p > 2^256)."""
+
+
+def split(secret: int, threshold: int, xs: Sequence[int], *, prime: int = PRIME) -> dict[int, int]:
+    """Shares ``secret`` so that any ``threshold`` of the holders ``xs`` can rebuild it.
+
+    Args:
+        secret: an element of GF(prime).
+        threshold: t, the degree of the polynomial plus one (1 <= t <= len(xs)).
+        xs: distinct nonzero evaluation points, one per holder.
+        prime: the field modulus.
+
+    Returns:
+        x -> f(x) for every holder.
+
+    Raises:
+        ProtocolError: bad threshold, bad points or a secret outside the field.
+    """
+    if not 0 <= secret < prime:
+        raise ProtocolError("secret outside the field")
+    if not 1 <= threshold <= len(xs):
+        raise ProtocolError(f"threshold {threshold} not in [1, {len(xs)}]")
+    if len(set(xs)) != len(xs) or any(not 0 < x < prime for x in xs):
+        raise ProtocolError("evaluation points must be distinct and nonzero")
+    coefficients = [secret] + [secrets.randbelow(prime) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for coefficient in reversed(coefficients):  # Horner
+            y = (y * x + coefficient) % prime
+        shares[x] = y
+    return shares
+
+
+@lru_cache(maxsize=4096)
+def lagrange_at_zero(xs: tuple[int, ...], prime: int = PRIME) -> tuple[int, ...]:
+    """Weights w_i with f(0) = sum_i w_i f(x_i) for any polynomial of degree < len(xs).
+
+    Cached: in a round many secrets are rebuilt from the same set of holders.
+    """
+    weights = []
+    for i, xi in enumerate(xs):
+        numerator, denominator = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                numerator = numerator * xj % prime
+                denominator = denominator * (xj - xi) % prime
+        weights.append(numerator * pow(denominator, -1, prime) % prime)
+    return tuple(weights)
+
+
+def reconstruct(shares: Mapping[int, int], threshold: int, *, prime: int = PRIME) -> int:
+    """Rebuilds the secret from at least ``threshold`` shares (uses the ``threshold`` smallest points).
+
+    Raises:
+        ProtocolError: fewer than ``threshold`` shares.
+    """
+    if len(shares) < threshold:
+        raise ProtocolError(f"{len(shares)} shares < threshold {threshold}")
+    xs = tuple(sorted(shares)[:threshold])
+    weights = lagrange_at_zero(xs, prime)
+    return sum(w * shares[x] for w, x in zip(weights, xs)) % prime
+
+
+def secret_to_int(secret: bytes) -> int:
+    """32 bytes -> field element (big endian; 2^256 < p so it always fits)."""
+    if len(secret) != 32:
+        raise ProtocolError("secrets are 32 bytes")
+    return int.from_bytes(secret, "big")
+
+
+def int_to_secret(value: int) -> bytes:
+    """Field element -> 32 bytes.
+
+    Raises:
+        ProtocolError: the value is not a 32-byte secret (wrong shares were combined).
+    """
+    if not 0 <= value < 1 << 256:
+        raise ProtocolError("reconstructed value is not a 32-byte secret")
+    return value.to_bytes(32, "big")
