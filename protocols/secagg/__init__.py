@@ -1,1 +1,22 @@
-"""Secure aggregation (Bonawitz et al. 2017, SecAgg+)."""
+"""Secure aggregation (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020)."""
+
+from privfl.protocols.secagg.client import SecAggClient
+from privfl.protocols.secagg.graph import build_graph, suggest_neighbours
+from privfl.protocols.secagg.params import RoundParams
+from privfl.protocols.secagg.protection import SecAggConfig, SecAggProtection
+from privfl.protocols.secagg.quantize import Quantizer
+from privfl.protocols.secagg.server import SecAggServer
+from privfl.protocols.secagg.simulate import SecureSumResult, run_secure_sum
+
+__all__ = [
+    "Quantizer",
+    "RoundParams",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggProtection",
+    "SecAggServer",
+    "SecureSumResult",
+    "build_graph",
+    "run_secure_sum",
+    "suggest_neighbours",
+]

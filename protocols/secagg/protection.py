@@ -1,0 +1,173 @@
+"""Secure aggregation as a federation :class:`~privfl.protocols.base.Protection`: weighted FedAvg over survivors.
+
+Weights: client k sends Q(r_k * clip(delta_k)) and Q(r_k * c) as one extra coordinate, where
+r_k = n_k / W in (0, 1] and W is the public ``weight_bound``. The server unmasks only the two sums,
+sum_k r_k delta_k and c sum_k r_k, and the clients divide them: the average is
+sum_k n_k delta_k / sum_k n_k up to quantization error; no single n_k is revealed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from privfl.errors import ConfigError, MessageError, ProtocolAbort
+from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
+from privfl.protocols.secagg.graph import check_neighbours
+from privfl.protocols.secagg.prg import WORD
+from privfl.protocols.secagg.quantize import Quantizer
+from privfl.protocols.secagg.server import SecAggServer
+from privfl.protocols.secagg.simulate import ROUNDS, drive, new_round, rounding_key
+from privfl.protocols.wire import decode_frame, encode_frame
+
+__all__ = ["SecAggConfig", "SecAggProtection"]
+
+_KIND_AGGREGATE = 8
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecAggConfig:
+    """Settings of :class:`SecAggProtection`.
+
+    Args:
+        threshold: Shamir threshold t per neighbourhood: an int >= 2, or a fraction in (0, 1] of the share
+            holders (a client's neighbours plus itself), rounded up and at least 2.
+        neighbours: SecAgg+ degree k (O(log n) is the usual choice), or None for the complete graph.
+        clip_range: each coordinate of delta is clipped to [-clip_range, clip_range] (clipped counts are
+            reported in the dropped/diagnostic data, never wrapped).
+        bits: modulus 2^bits of the masked words (<= 32, so the upload is at most float32-sized).
+        fraction_bits: fixed-point step 2^-fraction_bits; None picks the finest step that cannot overflow.
+        weight_bound: public upper bound W on any n_k; None uses the largest weight of the round (which
+            then becomes public).
+        graph_seed: public seed of the SecAgg+ graph; None draws a fresh one per round.
+    """
+
+    threshold: int | float = 2 / 3
+    neighbours: int | None = None
+    clip_range: float = 1.0
+    bits: int = 32
+    fraction_bits: int | None = None
+    weight_bound: float | None = None
+    graph_seed: bytes | None = None
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ConfigError("threshold", t, "must be an int >= 2 or a fraction in (0, 1]")
+        if isinstance(t, int) and t < 2:
+            raise ConfigError("threshold", t, "an integer threshold must be >= 2")
+        if isinstance(t, float) and not 0.0 < t <= 1.0:
+            raise ConfigError("threshold", t, "a fractional threshold must be in (0, 1]")
+        if self.neighbours is not None and (not isinstance(self.neighbours, int) or self.neighbours < 1):
+            raise ConfigError("neighbours", self.neighbours, "must be None or an int >= 1")
+        if not (isinstance(self.clip_range, (int, float)) and math.isfinite(self.clip_range) and self.clip_range > 0):
+            raise ConfigError("clip_range", self.clip_range, "must be a finite number > 0")
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 32):
+            raise ConfigError("bits", self.bits, "must be an int in [2, 32]")
+        if self.weight_bound is not None and not (math.isfinite(self.weight_bound) and self.weight_bound > 0):
+            raise ConfigError("weight_bound", self.weight_bound, "must be None or a finite number > 0")
+        if self.graph_seed is not None and (not isinstance(self.graph_seed, bytes) or len(self.graph_seed) < 16):
+            raise ConfigError("graph_seed", self.graph_seed, "must be None or at least 16 bytes")
+
+    def resolve_threshold(self, num_clients: int) -> int:
+        """The integer threshold for a round of ``num_clients``.
+
+        Raises:
+            ConfigError: the graph degree is invalid for ``num_clients``.
+        """
+        holders = check_neighbours(self.neighbours, num_clients) + 1
+        if isinstance(self.threshold, int):
+            return self.threshold
+        return max(2, math.ceil(self.threshold * holders - 1e-9))
+
+
+class SecAggProtection(Protection):
+    """Bonawitz et al. secure aggregation (optionally SecAgg+), every message through the transport.
+
+    The server learns only the weighted sum over the survivors and the sum of their weights. ``server``
+    is the last round's :class:`SecAggServer`, kept so its state can be inspected.
+    """
+
+    name: ClassVar[str] = "secagg"
+
+    def __init__(self, config: SecAggConfig | None = None) -> None:
+        self.config = config or SecAggConfig()
+        self.server: SecAggServer | None = None
+        self.clipped: dict[str, int] = {}
+        self.max_error: float = 0.0
+
+    def run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
+        """See :meth:`Protection.run_round`.
+
+        Raises:
+            ProtocolAbort: fewer than ``threshold`` clients complete a step (the message gives the counts).
+            ConfigError: the configuration does not fit this round (e.g. too few bits for this many clients).
+        """
+        cfg = self.config
+        if len(updates) < 2:
+            raise ProtocolAbort(f"round {round_index}: {len(updates)} clients; secure aggregation needs 2", survivors=len(updates), threshold=2)
+        dims = {u.delta.shape[0] for u in updates.values()}
+        if len(dims) != 1:
+            raise ProtocolAbort(f"round {round_index}: updates of different lengths {sorted(dims)}")
+        (dim,) = dims
+        ids = sorted(updates)
+        bound = cfg.weight_bound if cfg.weight_bound is not None else max(u.weight for u in updates.values())
+        for u in ids:
+            if updates[u].weight > bound:
+                raise ConfigError("weight_bound", bound, f"client {u!r} has weight {updates[u].weight} above it")
+        quantizer = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(ids), fraction_bits=cfg.fraction_bits)
+        run = new_round(
+            ids,
+            round_index=round_index,
+            threshold=cfg.resolve_threshold(len(ids)),
+            neighbours=cfg.neighbours,
+            dimension=dim + 1,
+            bits=cfg.bits,
+            graph_seed=cfg.graph_seed,
+        )
+        self.server = run.server
+        c = float(cfg.clip_range)
+        encoded: dict[str, np.ndarray] = {}
+        self.clipped = {}
+        for u in ids:
+            # Client side: clip, scale by r = n_k / W <= 1 (stays within [-c, c]), append r * c, quantize.
+            delta = updates[u].delta.astype(np.float64)
+            self.clipped[u] = int(np.count_nonzero(np.abs(delta) > c))
+            ratio = updates[u].weight / bound
+            vector = np.empty(dim + 1)
+            np.multiply(np.clip(delta, -c, c), ratio, out=vector[:dim])
+            vector[dim] = ratio * c
+            encoded[u], _ = quantizer.encode(vector, rounding_key())
+        words, transcript = drive(run, encoded, transport)
+        survivors = run.server.survivors
+        self.max_error = quantizer.max_error(len(survivors))
+
+        # The server sends the unmasked sum back; each client decodes it into the average.
+        aggregate = encode_frame(_KIND_AGGREGATE, round_index, SERVER, [words.astype(WORD).tobytes()])
+        received = transport.deliver(SERVER, "clients", "aggregate", aggregate)
+        if received is None:
+            raise ProtocolAbort(f"round {round_index}: the aggregate was lost on its way to the clients")
+        try:
+            frame = decode_frame(received, kind=_KIND_AGGREGATE, round_index=round_index, sender=SERVER, max_bytes=4 * (dim + 1) + 1024)
+            if len(frame.parts) != 1 or len(frame.parts[0]) != 4 * (dim + 1):
+                raise MessageError("aggregate has the wrong shape", sender=SERVER)
+        except MessageError as exc:
+            raise ProtocolAbort(f"round {round_index}: the aggregate is malformed ({exc.reason})") from exc
+        decoded = quantizer.decode_sum(np.frombuffer(frame.parts[0], dtype=WORD))
+        ratio_sum = decoded[dim] / c
+        if not ratio_sum > 0:
+            raise ProtocolAbort(f"round {round_index}: decoded total weight {ratio_sum * bound} is not positive")
+        dropped = {u: reason for u, reason in run.server.dropped.items() if u not in survivors}
+        download = {u: transcript.bytes_down[u] + (len(received) if u in survivors else 0) for u in ids}
+        return RoundResult(
+            average=decoded[:dim] / ratio_sum,
+            total_weight=float(ratio_sum * bound),
+            contributors=survivors,
+            dropped=dropped,
+            upload_bytes={u: sum(transcript.bytes_up[u][r] for r in ROUNDS) for u in ids},
+            download_bytes=download,
+        )
