@@ -1,0 +1,86 @@
+"""Runs a federation described by a :class:`~privfl.config.RunConfig` on a bundled dataset."""
+
+from __future__ import annotations
+
+import os
+
+from privfl.config import DatasetKind, PartitionKind, RunConfig
+from privfl.data import (
+    DatasetSplit,
+    dirichlet_partition,
+    group_partition,
+    iid_partition,
+    labels_of,
+    load_breast_cancer,
+    load_digits,
+    make_credit,
+    subsets,
+)
+from privfl.errors import ConfigError
+from privfl.federation import Federation, RunResult
+from privfl.models import build_model
+
+__all__ = ["load_dataset", "split_clients", "run"]
+
+
+def load_dataset(config: RunConfig) -> DatasetSplit:
+    """The bundled dataset a run config names."""
+    seed = config.federation.seed
+    if config.data.dataset is DatasetKind.BREAST_CANCER:
+        return load_breast_cancer(test_fraction=config.data.test_fraction, seed=seed)
+    if config.data.dataset is DatasetKind.DIGITS:
+        return load_digits(test_fraction=config.data.test_fraction, seed=seed)
+    return make_credit(test_fraction=config.data.test_fraction, seed=seed)
+
+
+def split_clients(config: RunConfig, split: DatasetSplit) -> dict:
+    """Client name -> training subset, as the config's partition says."""
+    data = config.data
+    seed = config.federation.seed
+    if data.partition is PartitionKind.GROUP:
+        if split.train.groups is None:
+            raise ConfigError("data.group_column", data.group_column, f"dataset {split.name} has no group column")
+        groups = group_partition(split.train.groups)
+        if data.num_clients != len(groups):
+            raise ConfigError("data.num_clients", data.num_clients, f"the group column has {len(groups)} groups")
+        names = list(data.client_names or groups)
+        return dict(zip(names, subsets(split.train, list(groups.values()))))
+    if data.partition is PartitionKind.IID:
+        parts = iid_partition(len(split.train), data.num_clients, seed=seed)
+    else:
+        parts = dirichlet_partition(
+            labels_of(split.train), data.num_clients, alpha=data.alpha, seed=seed, min_size=data.min_client_size
+        )
+    names = list(data.client_names or [f"client-{i}" for i in range(data.num_clients)])
+    return dict(zip(names, subsets(split.train, parts)))
+
+
+def run(config: RunConfig, out_dir: str | os.PathLike[str] | None, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """Builds the dataset, clients and model a config describes, and runs the federation.
+
+    Args:
+        config: the run description.
+        out_dir: run directory (ledger, history, checkpoints, summary.json).
+        resume: continue an interrupted run in ``out_dir``.
+        progress: show a progress bar.
+
+    Returns:
+        The federation's result.
+    """
+    split = load_dataset(config)
+    clients = split_clients(config, split)
+    input_shape = split.train.input_shape
+    num_classes = split.train.num_classes
+
+    def model_fn():
+        return build_model(config.model, input_shape, num_classes)
+
+    federation = Federation(
+        model_fn=model_fn,
+        clients=clients,
+        test_set=split.test,
+        training=config.training,
+        federation=config.federation,
+        progress=progress,
+    )
+    return federation.run(out_dir, resume=resume)
