@@ -478,14 +478,14 @@ class InputSpaceAuditConfig:
         seed: Seeds data split, canaries, model init, sampling and noise (simulation only).
     """
 
-    num_canaries: int = 200
+    num_canaries: int = 500
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     sample_rate: float = 0.1
     epochs: int = 10
     learning_rate: float = 1.0
     hidden_units: int = 0
-    canary_scale: float = 4.0
+    canary_scale: float = 20.0
     delta: float = 1e-5
     alpha: float = 0.05
     seed: int = 0
