@@ -2,7 +2,7 @@
 
 A mask seed (32 bytes from ``os.urandom`` or an X25519/HKDF derivation) is turned into an AES key with
 HKDF-SHA256 under a label, and the AES-CTR keystream (counter starting at zero; every key is used for one
-stream only) is viewed as ``uint32`` with :func:`numpy.frombuffer`. Nothing here touches ``numpy.random``.
+stream only) is viewed as ``uint32`` with :func:`numpy.frombuffer`. No simulation-grade randomness is used here.
 
 Masks are added in Z_{2^32}; reducing mod 2^k afterwards is exact because 2^k divides 2^32, and a uniform
 word mod 2^32 stays uniform mod 2^k.

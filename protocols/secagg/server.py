@@ -274,6 +274,18 @@ class SecAggServer:
         if parts_count != 1:
             self._step = -1
             raise ProtocolAbort(f"survivors' masking graph has {parts_count} components; the sum would expose partial sums")
+        # Check every secret can be rebuilt from the survivors' shares before asking for any share.
+        t = self.params.threshold
+        holders_of: dict[str, int] = {u: 1 for u in survivors}
+        for u in survivors:
+            for v in self._relayed[u]:
+                holders_of[v] = holders_of.get(v, 1 if v in survivors else 0) + 1
+        for owner, count in sorted(holders_of.items()):
+            if count < t:
+                self._step = -1
+                raise ProtocolAbort(
+                    f"client {owner!r}: {count} surviving share holders < threshold {t}", survivors=count, threshold=t
+                )
         self.survivors = tuple(sorted(survivors))
         packed_survivors = m.pack_ids(survivors)
         out = {}
