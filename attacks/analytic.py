@@ -68,13 +68,14 @@ class AnalyticLinear(Attack):
         # Check on a probe that the layer really sees the raw input (nothing learned or mixing before it).
         seen: list[torch.Tensor] = []
         handle = linear.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
-        probe = torch.linspace(0.1, 0.9, math.prod(input_shape), device=view.device, dtype=view.dtype)
+        ramp = torch.linspace(0.1, 0.9, math.prod(input_shape), device=view.device, dtype=view.dtype)
+        probe = torch.stack([ramp, ramp.flip(0)])  # two rows, so BatchNorm in train mode can run
         try:
             with torch.no_grad():
-                view.logits(probe.reshape(1, *input_shape))
+                view.logits(probe.reshape(2, *input_shape))
         finally:
             handle.remove()
-        if not seen or not torch.allclose(seen[0].flatten(), probe, atol=1e-6):
+        if not seen or not torch.allclose(seen[0].reshape(2, -1), probe, atol=1e-6):
             raise AttackError("the linear layer's input is not the flattened raw input (some layer transforms it)")
         index = {id(p): i for i, p in enumerate(view.model.parameters())}
         return index[id(linear.weight)], index[id(linear.bias)], linear
