@@ -185,9 +185,10 @@ class Federation:
     def _fresh_model(self, needs_fix: bool) -> nn.Module:
         model = self.model_fn()
         if needs_fix:
-            from opacus.validators import ModuleValidator
-
-            model = ModuleValidator.fix(model)
+            with warnings.catch_warnings():
+                # The user was warned once, when the initial model was fixed.
+                warnings.simplefilter("ignore", UserWarning)
+                model = make_private_compatible(model)
         return model
 
     def _plans(self) -> list[_ClientPlan]:

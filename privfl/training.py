@@ -90,7 +90,7 @@ def make_private_compatible(model: nn.Module) -> nn.Module:
     errors = ModuleValidator.validate(model, strict=False)
     if not errors:
         return model
-    fixed = ModuleValidator.fix(model)
+    fixed = ModuleValidator.fix(_replace_batchnorm1d(model))
     remaining = ModuleValidator.validate(fixed, strict=False)
     if remaining:
         raise ConfigError("model", type(model).__name__, f"cannot be trained with DP-SGD: {remaining[0]}")
@@ -101,6 +101,19 @@ def make_private_compatible(model: nn.Module) -> nn.Module:
         stacklevel=2,
     )
     return fixed
+
+
+def _replace_batchnorm1d(module: nn.Module) -> nn.Module:
+    # Opacus' generic fix turns BatchNorm1d(C) into GroupNorm(min(32, C), C). On (N, C) features
+    # with C <= 32 every group is then a single value, normalised to zero: the layer's output is
+    # constant and the model cannot learn. GroupNorm(1, C) normalises across the C features of
+    # each example (LayerNorm-like), which keeps the signal and is still per-example.
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d):
+            setattr(module, name, nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine))
+        else:
+            _replace_batchnorm1d(child)
+    return module
 
 
 def choose_clipping(model: nn.Module, mode: ClippingMode) -> ClippingMode:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -481,9 +482,9 @@ class InputSpaceAuditConfig:
     num_canaries: int = 500
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
-    sample_rate: float = 0.1
-    epochs: int = 10
-    learning_rate: float = 1.0
+    sample_rate: float = 0.25
+    epochs: int = 4
+    learning_rate: float = 5.0
     hidden_units: int = 0
     canary_scale: float = 20.0
     delta: float = 1e-5
@@ -588,13 +589,16 @@ def run_input_space_canary_audit(config: InputSpaceAuditConfig) -> InputSpaceAud
     loss_fn = torch.nn.CrossEntropyLoss()
     steps = 0
     model.train()
-    for _ in range(config.epochs):
-        for batch_x, batch_y in loader:
-            optimizer.zero_grad()
-            if batch_x.shape[0]:
-                loss_fn(model(batch_x), batch_y).backward()
-            optimizer.step()
-            steps += 1
+    with warnings.catch_warnings():
+        # Opacus' per-sample hooks on a first layer whose inputs need no gradient: harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(config.epochs):
+            for batch_x, batch_y in loader:
+                optimizer.zero_grad()
+                if batch_x.shape[0]:
+                    loss_fn(model(batch_x), batch_y).backward()
+                optimizer.step()
+                steps += 1
     claimed = float(engine.get_epsilon(config.delta))
     scores = torch_loss_scores(
         model, torch.tensor(canary_x, dtype=torch.float32), torch.tensor(canary_y, dtype=torch.int64)

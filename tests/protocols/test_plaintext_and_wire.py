@@ -1,0 +1,72 @@
+"""The plaintext baseline and the strict message framing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privfl.errors import ConfigError, MessageError
+from privfl.protocols.base import ClientUpdate, DirectTransport
+from privfl.protocols.plaintext import PlaintextProtection, PlaintextServer
+from privfl.protocols.wire import decode_frame, encode_frame
+
+
+def test_plaintext_weighted_average_and_bytes():
+    updates = {
+        "a": ClientUpdate(delta=np.array([1.0, 2.0], np.float32), weight=1.0),
+        "b": ClientUpdate(delta=np.array([3.0, 6.0], np.float32), weight=3.0),
+    }
+    result = PlaintextProtection().run_round(0, updates, DirectTransport())
+    np.testing.assert_allclose(result.average, [2.5, 5.0])
+    assert result.total_weight == 4.0
+    assert 8 <= result.upload_bytes["a"] - 8 <= 8 + 64  # 2 float32 + weight + small header
+
+
+def test_plaintext_server_rejects_wrong_shape_and_nan():
+    server = PlaintextServer(3)
+    good = encode_frame(1, 0, "a", [np.float64(1.0).astype(">f8").tobytes(), np.ones(3, "<f4").tobytes()])
+    short = encode_frame(1, 0, "b", [np.float64(1.0).astype(">f8").tobytes(), np.ones(2, "<f4").tobytes()])
+    nan = encode_frame(1, 0, "c", [np.float64(1.0).astype(">f8").tobytes(), np.full(3, np.nan, "<f4").tobytes()])
+    out = server.aggregate(0, {"a": good, "b": short, "c": nan})
+    assert out.accepted == ("a",)
+    assert "expected 3" in out.rejected["b"] and "non-finite" in out.rejected["c"]
+
+
+def test_client_update_validation():
+    with pytest.raises(ConfigError):
+        ClientUpdate(delta=np.zeros((2, 2)), weight=1.0)
+    with pytest.raises(ConfigError):
+        ClientUpdate(delta=np.zeros(2), weight=0.0)
+    with pytest.raises(ConfigError):
+        ClientUpdate(delta=np.array([np.inf]), weight=1.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(parts=st.lists(st.binary(max_size=64), max_size=5), round_index=st.integers(0, 2**32 - 1), sender=st.text(max_size=20))
+def test_frames_round_trip(parts, round_index, sender):
+    frame = decode_frame(encode_frame(7, round_index, sender, parts), kind=7, round_index=round_index, sender=sender)
+    assert frame.parts == tuple(parts) and frame.sender == sender
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=st.lists(st.binary(max_size=32), min_size=1, max_size=4), cut=st.integers(1, 40))
+def test_any_truncation_is_rejected(parts, cut):
+    data = encode_frame(1, 0, "x", parts)
+    with pytest.raises(MessageError):
+        decode_frame(data[: max(0, len(data) - cut)], kind=1, round_index=0)
+
+
+def test_frame_checks():
+    data = encode_frame(1, 5, "x", [b"abc"])
+    with pytest.raises(MessageError, match="kind"):
+        decode_frame(data, kind=2, round_index=5)
+    with pytest.raises(MessageError, match="round 5"):
+        decode_frame(data, kind=1, round_index=6)
+    with pytest.raises(MessageError, match="oversized"):
+        decode_frame(data, kind=1, round_index=5, max_bytes=10)
+    with pytest.raises(MessageError, match="magic"):
+        decode_frame(b"XXXX" + data[4:], kind=1, round_index=5)
+    with pytest.raises(MessageError, match="parts"):
+        decode_frame(encode_frame(1, 5, "x", [b""] * 3), kind=1, round_index=5, max_parts=2)

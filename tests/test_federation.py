@@ -1,0 +1,149 @@
+"""The round driver: end-to-end training, budgets, drops, resume, reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch import nn
+
+from privfl.accounting import PrivacyLedger
+from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+from privfl.data import dirichlet_partition, labels_of, load_breast_cancer, subsets
+from privfl.errors import ConfigError
+from privfl.federation import Federation, planned_rounds
+from privfl.models import LogisticRegression
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_breast_cancer()
+
+
+@pytest.fixture(scope="module")
+def clients(split):
+    parts = dirichlet_partition(labels_of(split.train), 4, alpha=1.0, seed=0, min_size=20)
+    return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}
+
+
+def _federation(clients, split, *, dp=None, protection=ProtectionKind.PLAINTEXT, rounds=3, transport=None, fraction=1.0, seed=0):
+    return Federation(
+        model_fn=lambda: LogisticRegression(30, 2),
+        clients=clients,
+        test_set=split.test,
+        training=TrainingConfig(batch_size=16, learning_rate=0.5, dp=dp or DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=rounds, protection=protection, client_fraction=fraction, seed=seed),
+        transport=transport,
+        progress=False,
+    )
+
+
+def test_federation_trains_with_ckks_within_budget(clients, split, tmp_path):
+    result = _federation(clients, split, dp=DPConfig(target_epsilon=2.0), protection=ProtectionKind.CKKS, rounds=4).run(tmp_path / "run")
+    summary = result.summary
+    assert summary["final_accuracy"] >= 0.9
+    assert summary["protection"] == "ckks" and summary["rounds"] == 4
+    for name, info in summary["clients"].items():
+        assert info["epsilon"] <= 2.0 and info["rounds_trained"] == 4 and info["rounds_skipped"] == 0
+        assert info["epsilon"] >= 1.8  # calibrated for the whole run: the budget is used, not wasted
+    assert summary["upload_bytes_per_client_round"] > summary["plaintext_bytes_per_client_round"]
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("final_accuracy", "rounds", "protection", "clients", "upload_bytes_per_client_round", "plaintext_bytes_per_client_round"):
+        assert key in on_disk
+    assert len(list((tmp_path / "run" / "checkpoints").glob("round-*.pt"))) == 4
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    eps = [h["max_epsilon"] for h in history]
+    assert eps == sorted(eps) and len(history) == 4
+
+
+def test_budget_is_enforced_and_skips_are_recorded(clients, split):
+    # A fixed sigma with a small cap: each client can afford only some rounds.
+    dp = DPConfig(noise_multiplier=1.0, budget_epsilon=1.5)
+    result = _federation(clients, split, dp=dp, rounds=6).run()
+    skipped_any = False
+    for name, info in result.summary["clients"].items():
+        assert info["epsilon"] <= 1.5
+        assert info["rounds_trained"] + info["rounds_skipped"] == 6
+        skipped_any |= info["rounds_skipped"] > 0
+    assert skipped_any
+    assert any(h["skipped"] for h in result.history)
+
+
+class _BreakOne:
+    """A network that corrupts one client's uploads."""
+
+    def __init__(self, victim):
+        self.victim = victim
+
+    def deliver(self, sender, receiver, step, payload):
+        if sender == self.victim and step == "update":
+            return payload[:-7]
+        return payload
+
+
+def test_malformed_update_drops_that_client_and_the_round_completes(clients, split):
+    result = _federation(clients, split, rounds=2, transport=_BreakOne("site-1")).run()
+    for record in result.history:
+        assert "site-1" in record["dropped"] and "truncated" in record["dropped"]["site-1"]
+        assert set(record["contributors"]) == {"site-0", "site-2", "site-3"}
+    assert result.summary["clients"]["site-1"]["rounds_dropped"] == 2
+    # its budget was still spent: the data was used and a message did leave the site
+    assert result.summary["clients"]["site-1"]["epsilon"] > 0
+    assert result.summary["final_accuracy"] > 0.85
+    notes = [e.note for e in result.ledger.entries if e.client == "site-1"]
+    assert all("not aggregated" in n for n in notes)
+
+
+def test_seed_reproduces_the_run(clients, split):
+    a = _federation(clients, split, rounds=2, fraction=0.5, seed=3).run()
+    b = _federation(clients, split, rounds=2, fraction=0.5, seed=3).run()
+    assert [h["sampled"] for h in a.history] == [h["sampled"] for h in b.history]
+    assert a.history[-1]["test_loss"] == b.history[-1]["test_loss"]
+
+
+def test_resume_never_resets_a_budget(clients, split, tmp_path):
+    out = tmp_path / "run"
+    _federation(clients, split, rounds=2).run(out)
+    spent = PrivacyLedger.load(out / "ledger.json")
+    # a fresh run into the same directory would reset budgets: refused
+    with pytest.raises(ConfigError, match="resume"):
+        _federation(clients, split, rounds=4).run(out)
+    resumed = _federation(clients, split, rounds=4).run(out, resume=True)
+    assert resumed.summary["rounds"] == 4
+    for name in clients:
+        assert resumed.ledger.epsilon(name) > spent.epsilon(name)
+        assert resumed.summary["clients"][name]["rounds_trained"] == 4
+    # resuming a finished run trains nothing more and spends nothing more
+    again = _federation(clients, split, rounds=4).run(out, resume=True)
+    for name in clients:
+        assert again.ledger.epsilon(name) == pytest.approx(resumed.ledger.epsilon(name))
+
+
+def test_user_module_with_batchnorm_is_fixed_and_trains(clients, split):
+    def model_fn():
+        return nn.Sequential(nn.Linear(30, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+    fed = Federation(
+        model_fn=model_fn,
+        clients=clients,
+        test_set=split.test,
+        training=TrainingConfig(batch_size=16, learning_rate=0.2, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=2, protection=ProtectionKind.PLAINTEXT),
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        result = fed.run()
+    assert result.summary["final_accuracy"] > 0.8
+
+
+def test_bad_arguments_are_named(clients, split):
+    with pytest.raises(ConfigError, match="clients"):
+        Federation(model_fn=lambda: LogisticRegression(30, 2), clients={}, training=TrainingConfig(), federation=FederationConfig())
+    with pytest.raises(ConfigError, match="model_fn"):
+        Federation(model_fn=None, clients=clients, training=TrainingConfig(), federation=FederationConfig())
+
+
+def test_planned_rounds_uses_the_participation_quantile():
+    assert planned_rounds(10, 1.0, 0.99) == 10
+    assert 2 <= planned_rounds(20, 0.1, 0.99) <= 7
