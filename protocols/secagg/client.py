@@ -207,12 +207,16 @@ class SecAggClient:
         for peer in held:
             shared = agree(self._s.private, self._peer_keys[peer][1], sender=peer)
             streams.append((pairwise_mask_key(shared, p.round_index, self.client_id, peer), p.sign(self.client_id, peer)))
-        masked = encoded.copy()
-        apply_masks(masked, streams)
-        if p.bits < 32:
-            np.bitwise_and(masked, np.uint32(p.modulus_mask), out=masked)
+
+        def fill(masked: np.ndarray) -> None:
+            masked[:] = encoded
+            apply_masks(masked, streams)
+            if p.bits < 32:
+                np.bitwise_and(masked, np.uint32(p.modulus_mask), out=masked)
+
+        message = m.seal_vector(self._key(m.MASKED_INPUT, m.UP), m.MASKED_INPUT, p.round_index, self.client_id, p.dimension, fill)
         self._step = m.UNMASK_REQUEST
-        return self._send(m.MASKED_INPUT, [masked.tobytes()])
+        return message
 
     # -- round 3 -------------------------------------------------------------------------------
     def unmask(self, request: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""Key material for secure aggregation: X25519 pairs, HKDF-SHA256 derivation, AES-GCM shares, Poly1305 tags.
+"""Key material for secure aggregation: X25519 pairs, HKDF-SHA256 derivation, AES-GCM shares, AES-GMAC tags.
 
 Every derivation binds a domain label and the context (round, client ids) into HKDF's ``info`` with
 length prefixes, so two different contexts can never yield the same key.
@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from privfl.errors import MessageError
 
@@ -141,18 +140,28 @@ def open_sealed(key: bytes, sealed: bytes, associated: bytes, *, sender: str | N
         raise MessageError("share failed authentication", sender=sender) from exc
 
 
-def tag(key: bytes, data: bytes) -> bytes:
-    """Poly1305 tag of ``data``; ``key`` must be used for one message only (derive it per step)."""
-    return Poly1305.generate_tag(key, data)
+_ZERO_NONCE = bytes(_NONCE_BYTES)
 
 
-def verify_tag(key: bytes, data: bytes, expected: bytes, *, sender: str | None = None) -> None:
-    """Checks a Poly1305 tag in constant time.
+def tag(key: bytes, data: bytes | memoryview) -> bytes:
+    """AES-256-GMAC tag (GCM over empty plaintext, ``data`` as associated data).
+
+    ``key`` must authenticate one message only (derive it per step and direction), which is what makes
+    the fixed nonce safe. GMAC runs several times faster than Poly1305 here (carry-less multiply), which
+    matters because the server authenticates every masked vector.
+    """
+    return AESGCM(key).encrypt(_ZERO_NONCE, b"", data)
+
+
+def verify_tag(key: bytes, data: bytes | memoryview, expected: bytes, *, sender: str | None = None) -> None:
+    """Checks a :func:`tag` (constant time inside OpenSSL).
 
     Raises:
         MessageError: the tag does not match.
     """
+    if len(expected) != TAG_BYTES:
+        raise MessageError("message failed authentication", sender=sender)
     try:
-        Poly1305.verify_tag(key, data, expected)
-    except InvalidSignature as exc:
+        AESGCM(key).decrypt(_ZERO_NONCE, expected, data)
+    except InvalidTag as exc:
         raise MessageError("message failed authentication", sender=sender) from exc

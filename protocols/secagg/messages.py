@@ -1,7 +1,7 @@
-"""Message kinds, id-list packing and the authenticated client/server envelope (frame || Poly1305 tag).
+"""Message kinds, id-list packing and the authenticated client/server envelope (frame || GMAC tag).
 
 Each client shares a channel secret with the server (X25519 of the client's c key and the server's
-key); every message gets a one-time Poly1305 key derived from it per step and direction, so an altered,
+key); every message gets a one-time AES-GMAC key derived from it per step and direction, so an altered,
 misrouted or replayed message fails authentication. This guards integrity only; confidentiality of the
 shares comes from the client-to-client AES-GCM layer, which the server cannot open.
 """
@@ -9,7 +9,9 @@ shares comes from the client-to-client AES-GCM layer, which the server cannot op
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+import numpy as np
 
 from privfl.errors import MessageError
 from privfl.protocols.secagg.keys import TAG_BYTES, hkdf, tag, verify_tag
@@ -29,6 +31,9 @@ __all__ = [
     "channel_key",
     "seal_message",
     "open_message",
+    "vector_prefix",
+    "seal_vector",
+    "open_vector",
 ]
 
 ADVERTISE, KEYS, SHARES, RELAY, MASKED_INPUT, UNMASK_REQUEST, UNMASK = 1, 2, 3, 4, 5, 6, 7
@@ -81,12 +86,12 @@ def unpack_ids(data: bytes, *, sender: str | None = None) -> list[str]:
 
 
 def channel_key(channel_secret: bytes, round_index: int, client_id: str, kind: int, direction: bytes) -> bytes:
-    """One-time Poly1305 key for the message of ``kind`` between ``client_id`` and the server."""
+    """One-time GMAC key for the message of ``kind`` between ``client_id`` and the server."""
     return hkdf(channel_secret, b"channel", round_index, client_id, kind, direction)
 
 
 def seal_message(key: bytes, kind: int, round_index: int, sender: str, parts: list[bytes]) -> bytes:
-    """Frames ``parts`` and appends the Poly1305 tag."""
+    """Frames ``parts`` and appends the GMAC tag."""
     frame = encode_frame(kind, round_index, sender, parts)
     return frame + tag(key, frame)
 
@@ -121,3 +126,48 @@ def open_message(
     if key is not None:
         verify_tag(key, body, got_tag, sender=sender)
     return frame, body, got_tag
+
+
+_WORD = np.dtype("<u4")
+
+
+def vector_prefix(kind: int, round_index: int, sender: str, nbytes: int) -> bytes:
+    """The exact frame header :func:`encode_frame` writes for a one-part message of ``nbytes``."""
+    empty = encode_frame(kind, round_index, sender, [b""])
+    return empty[:-8] + struct.pack(">Q", nbytes)
+
+
+def seal_vector(key: bytes, kind: int, round_index: int, sender: str, length: int, fill: Callable[[np.ndarray], None]) -> bytes:
+    """Builds a sealed one-part message of ``length`` uint32 words, written in place by ``fill``.
+
+    The words are produced straight into the outgoing buffer: a multi-megabyte vector is not copied
+    through ``tobytes`` and ``encode_frame``.
+    """
+    prefix = vector_prefix(kind, round_index, sender, 4 * length)
+    buf = bytearray(len(prefix) + 4 * length + TAG_BYTES)
+    buf[: len(prefix)] = prefix
+    fill(np.frombuffer(buf, dtype=_WORD, count=length, offset=len(prefix)))
+    view = memoryview(buf)
+    buf[-TAG_BYTES:] = tag(key, view[:-TAG_BYTES])
+    view.release()
+    return bytes(buf)
+
+
+def open_vector(payload: bytes, *, kind: int, round_index: int, sender: str, length: int, key: bytes) -> np.ndarray:
+    """Authenticates a one-part vector message and views its words without copying.
+
+    Returns:
+        A read-only ``uint32`` view of ``length`` words.
+
+    Raises:
+        MessageError: malformed, truncated, oversized, wrong kind/round/sender/length, or failed authentication.
+    """
+    prefix = vector_prefix(kind, round_index, sender, 4 * length)
+    if isinstance(payload, bytes) and len(payload) == len(prefix) + 4 * length + TAG_BYTES and payload.startswith(prefix):
+        verify_tag(key, memoryview(payload)[:-TAG_BYTES], payload[-TAG_BYTES:], sender=sender)
+        return np.frombuffer(payload, dtype=_WORD, count=length, offset=len(prefix))
+    # Not the exact expected layout: the general parser says precisely what is wrong (or accepts it).
+    frame, _, _ = open_message(payload, kind=kind, round_index=round_index, sender=sender, max_bytes=4 * length + 1024, key=key)
+    if len(frame.parts) != 1 or len(frame.parts[0]) != 4 * length:
+        raise MessageError(f"masked vector must be {4 * length} bytes", sender=sender)
+    return np.frombuffer(frame.parts[0], dtype=_WORD)

@@ -54,7 +54,10 @@ class SecAggServer:
         self._sealed: dict[str, dict[str, bytes]] = {}  # receiver -> sender -> sealed share
         self._shared: set[str] = set()
         self._relayed: dict[str, frozenset[str]] = {}
-        self._masked: dict[str, np.ndarray] = {}  # masked vectors, summed in finish's single pass
+        # Masked vectors are summed on arrival, while still in cache from tag verification; the views
+        # are kept only so that a duplicate can be taken back out of the sum.
+        self._masked: dict[str, np.ndarray] = {}
+        self._masked_sum = np.zeros(params.dimension, dtype=WORD)
         self._requested: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._b_shares: dict[str, dict[int, int]] = {}
         self._s_shares: dict[str, dict[int, int]] = {}
@@ -240,7 +243,7 @@ class SecAggServer:
 
     # -- round 2 -------------------------------------------------------------------------------
     def receive_masked_input(self, sender: str, payload: bytes) -> None:
-        """Takes a client's masked vector (summed with the others in :meth:`finish`, in one pass).
+        """Authenticates a client's masked vector and adds it to the running sum.
 
         Raises:
             MessageError: unknown/repeated sender, malformed message, wrong length.
@@ -248,15 +251,22 @@ class SecAggServer:
         self._check_step(m.MASKED_INPUT)
         if sender in self._masked:
             # A repeat makes the sender's input ambiguous: take it out of the round altogether.
-            del self._masked[sender]
+            np.subtract(self._masked_sum, self._masked.pop(sender), out=self._masked_sum)
             raise self._reject(sender, m.MASKED_INPUT, "duplicate message")
         if sender not in self._relayed:
             raise self._reject(sender, m.MASKED_INPUT, "not expected at this step")
-        nbytes = 4 * self.params.dimension
-        frame = self._open(sender, payload, m.MASKED_INPUT, max_bytes=nbytes + 1024)
-        if len(frame.parts) != 1 or len(frame.parts[0]) != nbytes:
-            raise self._reject(sender, m.MASKED_INPUT, f"masked vector must be {nbytes} bytes")
-        self._masked[sender] = np.frombuffer(frame.parts[0], dtype=WORD)
+        if sender in self.dropped:
+            raise MessageError(f"client already dropped ({self.dropped[sender]})", sender=sender)
+        key = m.channel_key(self._channels[sender], self.params.round_index, sender, m.MASKED_INPUT, m.UP)
+        try:
+            vector = m.open_vector(
+                payload, kind=m.MASKED_INPUT, round_index=self.params.round_index, sender=sender, length=self.params.dimension, key=key
+            )
+        except MessageError as exc:
+            self.drop(sender, f"masked_input: {exc.reason}")
+            raise
+        np.add(self._masked_sum, vector, out=self._masked_sum)
+        self._masked[sender] = vector
 
     def unmask_requests(self) -> dict[str, bytes]:
         """Closes round 2: asks each survivor for b-shares of survivors and s-shares of dropped clients.
@@ -268,7 +278,9 @@ class SecAggServer:
         for u in self._relayed:
             if u not in self._masked:
                 self.drop(u, "masked_input: no message")
-        survivors = set(self._masked) - set(self.dropped)
+        for u in [u for u in self._masked if u in self.dropped]:
+            np.subtract(self._masked_sum, self._masked.pop(u), out=self._masked_sum)
+        survivors = set(self._masked)
         self._require(survivors, "masked_input")
         parts_count = components(self.params.graph, survivors)
         if parts_count != 1:
@@ -386,10 +398,9 @@ class SecAggServer:
                     shared = agree(private, self._public_keys[u][1], sender=u)
                     # u added sign(u, dropped) * PRG(s_u,dropped); take it back out.
                     streams.append((pairwise_mask_key(shared, p.round_index, u, dropped), -p.sign(u, dropped)))
-        total = np.zeros(p.dimension, dtype=WORD)
-        addends = [self._masked[u] for u in self.survivors]
+        total, self._masked_sum = self._masked_sum, np.zeros(0, dtype=WORD)
         self._masked.clear()
-        apply_masks(total, streams, addends)
+        apply_masks(total, streams)
         if p.bits < 32:
             np.bitwise_and(total, np.uint32(p.modulus_mask), out=total)
         return total
