@@ -1,3 +1,46 @@
 """privfl: privacy-preserving federated learning with DP-SGD, CKKS, secure aggregation and audits."""
 
+from privfl.accounting import ClientBudget, DPEvent, PrivacyLedger
+from privfl.config import (
+    CkksConfig,
+    ClippingMode,
+    DPConfig,
+    FederationConfig,
+    ProtectionKind,
+    RunConfig,
+    SecAggSettings,
+    TrainingConfig,
+)
+from privfl.errors import (
+    BudgetExceededError,
+    ConfigError,
+    DecryptionError,
+    MessageError,
+    PrivflError,
+    ProtocolAbort,
+)
+from privfl.federation import Federation, RunResult
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BudgetExceededError",
+    "CkksConfig",
+    "ClientBudget",
+    "ClippingMode",
+    "ConfigError",
+    "DPConfig",
+    "DPEvent",
+    "DecryptionError",
+    "Federation",
+    "FederationConfig",
+    "MessageError",
+    "PrivacyLedger",
+    "PrivflError",
+    "ProtectionKind",
+    "ProtocolAbort",
+    "RunConfig",
+    "RunResult",
+    "SecAggSettings",
+    "TrainingConfig",
+]
