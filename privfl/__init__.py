@@ -8,7 +8,6 @@ from privfl.config import (
     FederationConfig,
     ProtectionKind,
     RunConfig,
-    SecAggSettings,
     TrainingConfig,
 )
 from privfl.errors import (
@@ -20,6 +19,7 @@ from privfl.errors import (
     ProtocolAbort,
 )
 from privfl.federation import Federation, RunResult
+from privfl.protocols.secagg import SecAggConfig
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,6 @@ __all__ = [
     "ProtocolAbort",
     "RunConfig",
     "RunResult",
-    "SecAggSettings",
+    "SecAggConfig",
     "TrainingConfig",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 
 from privfl.accounting import Accountant
 from privfl.errors import ConfigError
+from privfl.protocols.secagg.protection import SecAggConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,7 +36,7 @@ __all__ = [
     "DPConfig",
     "TrainingConfig",
     "CkksConfig",
-    "SecAggSettings",
+    "SecAggConfig",
     "FederationConfig",
     "DataConfig",
     "ModelConfig",
@@ -262,31 +263,6 @@ class CkksConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SecAggSettings:
-    """Secure-aggregation settings as they appear in a run config.
-
-    Args:
-        threshold: survivors needed to unmask, as a fraction of the round's participants (0, 1].
-        neighbours: SecAgg+ graph degree; ``None`` picks about 2 log2(n), ``0`` means the complete graph.
-        clip_range: each (weighted) coordinate is clipped to [-clip_range, clip_range] before quantizing.
-        bits: fixed-point bits per coordinate (quantization resolution).
-    """
-
-    threshold: float = 0.6
-    neighbours: int | None = None
-    clip_range: float = 1.0
-    bits: int = 16
-
-    def __post_init__(self) -> None:
-        _unit_interval("threshold", self.threshold)
-        if self.neighbours is not None:
-            _positive_int("neighbours", self.neighbours, minimum=0)
-        _positive("clip_range", self.clip_range)
-        if not (isinstance(self.bits, int) and 2 <= self.bits <= 24):
-            raise ConfigError("bits", self.bits, "must be an integer in [2, 24]")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class FederationConfig:
     """The round driver.
 
@@ -306,7 +282,7 @@ class FederationConfig:
     client_fraction: float = 1.0
     protection: ProtectionKind = ProtectionKind.CKKS
     ckks: CkksConfig = field(default_factory=CkksConfig)
-    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     seed: int = 0
     device: str = "auto"
     server_learning_rate: float = 1.0
@@ -316,6 +292,10 @@ class FederationConfig:
         _unit_interval("client_fraction", self.client_fraction)
         if not isinstance(self.protection, ProtectionKind):
             raise ConfigError("protection", self.protection, f"must be one of {[p.value for p in ProtectionKind]}")
+        if not isinstance(self.ckks, CkksConfig):
+            raise ConfigError("ckks", self.ckks, "must be a CkksConfig")
+        if not isinstance(self.secagg, SecAggConfig):
+            raise ConfigError("secagg", self.secagg, "must be a privfl.protocols.secagg.SecAggConfig")
         _positive_int("seed", self.seed, minimum=0)
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError("device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -62,7 +62,7 @@ def build_protection(config: FederationConfig) -> Protection:
         return CkksProtection(config.ckks)
     from privfl.protocols.secagg import SecAggProtection
 
-    return SecAggProtection.from_settings(config.secagg)
+    return SecAggProtection(config.secagg)
 
 
 def planned_rounds(rounds: int, client_fraction: float, quantile: float) -> int:
