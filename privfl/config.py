@@ -33,6 +33,8 @@ __all__ = [
     "PartitionKind",
     "DatasetKind",
     "ModelKind",
+    "ClientSampling",
+    "ClientDPConfig",
     "DPConfig",
     "TrainingConfig",
     "CkksConfig",
@@ -204,6 +206,69 @@ class TrainingConfig:
             raise ConfigError("dp", self.dp, "must be a DPConfig")
 
 
+class ClientSampling(str, Enum):
+    """How clients are sampled each round when client-level DP is on."""
+
+    POISSON = "poisson"
+    """Each client independently with probability client_fraction (amplification is accounted)."""
+    FIXED = "fixed"
+    """Exactly round(client_fraction x K) clients (accounted conservatively, without amplification)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientDPConfig:
+    """Client-level DP (DP-FedAvg): protects a whole site's participation, not only its records.
+
+    Exactly one of ``target_epsilon`` and ``noise_multiplier`` is set. See :mod:`privfl.client_dp`
+    for the mechanism and how it is accounted.
+
+    Args:
+        target_epsilon: client-level epsilon for the whole run; z is calibrated to it.
+        noise_multiplier: a fixed z instead.
+        delta: client-level delta (keep it well below 1 / number of clients).
+        clip_norm: L2 clip norm S of each client's update (the initial one with ``adaptive``).
+        adaptive: adapt S to the ``target_quantile`` of update norms (Andrew et al. 2021).
+        target_quantile: gamma, the fraction of updates that should be unclipped.
+        clip_learning_rate: eta of the geometric clip update.
+        bit_noise_std: sigma_b, noise on the count of unclipped updates (default: expected clients / 20).
+        sampling: Poisson (default) or fixed-size client sampling.
+        accountant: composition method.
+    """
+
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    bit_noise_std: float | None = None
+    sampling: ClientSampling = ClientSampling.POISSON
+    accountant: Accountant = Accountant.PRV
+
+    def __post_init__(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ConfigError(
+                "target_epsilon/noise_multiplier", (self.target_epsilon, self.noise_multiplier), "set exactly one of them"
+            )
+        if self.target_epsilon is not None:
+            _positive("target_epsilon", self.target_epsilon)
+        if self.noise_multiplier is not None:
+            _positive("noise_multiplier", self.noise_multiplier)
+        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+            raise ConfigError("delta", self.delta, "must be a float in (0, 1)")
+        _positive("clip_norm", self.clip_norm)
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError("adaptive", self.adaptive, "must be true or false")
+        if not 0 < self.target_quantile < 1:
+            raise ConfigError("target_quantile", self.target_quantile, "must be in (0, 1)")
+        _positive("clip_learning_rate", self.clip_learning_rate)
+        if self.bit_noise_std is not None:
+            _positive("bit_noise_std", self.bit_noise_std)
+        if not isinstance(self.sampling, ClientSampling):
+            raise ConfigError("sampling", self.sampling, f"must be one of {[s.value for s in ClientSampling]}")
+
+
 # Largest total coefficient-modulus bit count for 128-bit classical security with a ternary
 # secret, from the Homomorphic Encryption Standard (Albrecht et al. 2018, Table 1).
 HE_STANDARD_MAX_LOGQ_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -276,6 +341,7 @@ class FederationConfig:
             (simulation only; cryptographic randomness never comes from it).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         server_learning_rate: the global model moves by this times the average update.
+        client_dp: client-level DP (DP-FedAvg) on top of DP-SGD; ``None`` for none.
     """
 
     rounds: int = 10
@@ -286,9 +352,12 @@ class FederationConfig:
     seed: int = 0
     device: str = "auto"
     server_learning_rate: float = 1.0
+    client_dp: ClientDPConfig | None = None
 
     def __post_init__(self) -> None:
         _positive_int("rounds", self.rounds)
+        if self.client_dp is not None and not isinstance(self.client_dp, ClientDPConfig):
+            raise ConfigError("client_dp", self.client_dp, "must be a ClientDPConfig")
         _unit_interval("client_fraction", self.client_fraction)
         if not isinstance(self.protection, ProtectionKind):
             raise ConfigError("protection", self.protection, f"must be one of {[p.value for p in ProtectionKind]}")
@@ -406,6 +475,10 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, value, "must be an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, value, "must be true or false")
         return value
     if annotation is str:
         if not isinstance(value, str):

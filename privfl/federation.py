@@ -26,8 +26,9 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import Dataset
 
-from privfl.accounting import ClientBudget, DPEvent, LedgerStatus, PrivacyLedger, noise_multiplier
-from privfl.config import FederationConfig, ProtectionKind, TrainingConfig
+from privfl.accounting import ClientBudget, DPEvent, LedgerStatus, PrivacyLedger, epsilon_of_events, noise_multiplier
+from privfl.client_dp import clip_update, distributed_noise, next_clip_norm, plan_client_dp
+from privfl.config import ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, ProtocolAbort
 from privfl.protocols.base import ClientUpdate, DirectTransport, Protection, Transport
 from privfl.training import (
@@ -174,6 +175,24 @@ class Federation:
         self.device = resolve_device(federation.device)
 
     # -- set-up -----------------------------------------------------------------------------------
+    def _setup_client_dp(self, num_clients: int, history: list[dict[str, Any]]) -> None:
+        client_dp = self.config.client_dp
+        self._client_events: list[DPEvent] = []
+        self._unclipped_fraction = 0.0
+        if client_dp is None:
+            return
+        self._client_plan = plan_client_dp(
+            client_dp, num_clients=num_clients, client_fraction=self.config.client_fraction, rounds=self.config.rounds
+        )
+        self._clip_norm = client_dp.clip_norm
+        for record in history:  # resumed: every finished round was a release, charged once each
+            self._client_events.append(
+                DPEvent(noise_multiplier=self._client_plan.noise_multiplier, sample_rate=self._client_plan.sample_rate, steps=1)
+            )
+        if history and history[-1].get("client_level"):
+            last = history[-1]["client_level"]
+            self._clip_norm = last.get("next_clip_norm", last["clip_norm"])
+
     def _initial_model(self) -> tuple[nn.Module, bool]:
         torch.manual_seed(self.config.seed)
         model = self.model_fn()
@@ -240,6 +259,8 @@ class Federation:
         dp = self.training.dp
 
         ledger, history, start_round = self._restore(out, resume, global_params)
+        self._plans_by_name = {plan.name: plan for plan in plans}
+        self._setup_client_dp(len(plans), history)
         if start_round > 0:
             global_params = self._load_checkpoint(out, start_round - 1, global_params)
         for plan in plans:
@@ -279,8 +300,13 @@ class Federation:
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         rng = np.random.default_rng([self.config.seed, round_index])
-        count = max(1, round(self.config.client_fraction * len(plans)))
-        sampled = [plans[i] for i in sorted(rng.choice(len(plans), size=count, replace=False))]
+        client_dp = self.config.client_dp
+        if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
+            # Poisson client sampling: the amplification the client-level accountant relies on.
+            sampled = [plan for plan, keep in zip(plans, rng.random(len(plans)) < self.config.client_fraction) if keep]
+        else:
+            count = max(1, round(self.config.client_fraction * len(plans)))
+            sampled = [plans[i] for i in sorted(rng.choice(len(plans), size=count, replace=False))]
         updates: dict[str, ClientUpdate] = {}
         skipped: dict[str, str] = {}
         losses = []
@@ -307,6 +333,9 @@ class Federation:
                 ledger.save(out / LEDGER_FILE)
             updates[plan.name] = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
             losses.append(result.mean_loss)
+        unclipped = 0
+        if client_dp is not None:
+            updates, unclipped = self._clip_and_noise(round_index, updates, protection)
 
         dropped: dict[str, str] = {}
         contributors: tuple[str, ...] = ()
@@ -323,7 +352,29 @@ class Federation:
                 dropped = dict(outcome.dropped)
                 contributors = outcome.contributors
                 upload = dict(outcome.upload_bytes)
-                global_params = (global_params + self.config.server_learning_rate * outcome.average).astype(np.float32)
+                average = outcome.average
+                if client_dp is not None:
+                    average = self._release(round_index, outcome, protection, len(global_params))
+                global_params = (global_params + self.config.server_learning_rate * average).astype(np.float32)
+        client_level = None
+        if client_dp is not None:
+            self._client_events.append(
+                DPEvent(noise_multiplier=self._client_plan.noise_multiplier, sample_rate=self._client_plan.sample_rate, steps=1)
+            )
+            client_level = {
+                "epsilon": epsilon_of_events(self._client_events, delta=client_dp.delta, accountant=client_dp.accountant),
+                "delta": client_dp.delta,
+                "clip_norm": self._clip_norm,
+                "unclipped_clients": unclipped,
+            }
+            if client_dp.adaptive and contributors:
+                self._clip_norm = next_clip_norm(
+                    self._clip_norm,
+                    self._unclipped_fraction,
+                    target_quantile=client_dp.target_quantile,
+                    learning_rate=client_dp.clip_learning_rate,
+                )
+            client_level["next_clip_norm"] = self._clip_norm
         for client, reason in dropped.items():
             ledger.annotate_last(client, f"update not aggregated in round {round_index}: {reason}")
             log.warning("round %d: client %s dropped: %s", round_index, client, reason)
@@ -350,10 +401,53 @@ class Federation:
             "test_accuracy": _finite_or_none(test_accuracy),
             "epsilon": epsilons,
             "max_epsilon": max(epsilons.values()),
+            "client_level": client_level,
             "upload_bytes": upload,
             "seconds": time.perf_counter() - t0,
             "_parameters": global_params,
         }
+
+    # -- client-level DP (DP-FedAvg) ------------------------------------------------------------------
+    def _clip_and_noise(
+        self, round_index: int, updates: dict[str, ClientUpdate], protection: Protection
+    ) -> tuple[dict[str, ClientUpdate], int]:
+        """Client side of DP-FedAvg: clip each update to S, append the unclipped bit, add noise shares for secagg."""
+        plan = self._client_plan
+        adaptive = self.config.client_dp.adaptive
+        distributed = self.config.protection is ProtectionKind.SECAGG
+        threshold = protection.config.resolve_threshold(len(updates)) if distributed and len(updates) >= 2 else 1
+        out: dict[str, ClientUpdate] = {}
+        unclipped = 0
+        for name, update in updates.items():
+            clipped, within = clip_update(update.delta, self._clip_norm)
+            unclipped += int(within)
+            vector = np.concatenate([clipped, [float(within)]]) if adaptive else clipped
+            if distributed:
+                index = self._plans_by_name[name].index
+                rng = np.random.default_rng([self.config.seed, round_index, index, 1])
+                noise = distributed_noise(len(clipped), total_std=plan.delta_noise_multiplier * self._clip_norm, threshold=threshold, rng=rng)
+                vector = vector.copy()
+                vector[: len(clipped)] += noise
+                if adaptive:
+                    vector[-1] += distributed_noise(1, total_std=plan.bit_noise_std, threshold=threshold, rng=rng)[0]
+            # Uniform weights: with client-level DP every site counts once, whatever its size.
+            out[name] = ClientUpdate(delta=vector, weight=1.0)
+        return out, unclipped
+
+    def _release(self, round_index: int, outcome, protection: Protection, dim: int) -> np.ndarray:
+        """Server/key-holder side of DP-FedAvg: noisy sum (unless distributed) over the fixed denominator."""
+        plan = self._client_plan
+        adaptive = self.config.client_dp.adaptive
+        total = outcome.average * outcome.total_weight
+        if self.config.protection is not ProtectionKind.SECAGG:
+            rng = np.random.default_rng([self.config.seed, round_index, 2**31 - 1])
+            total = total.copy()
+            total[:dim] += rng.normal(0.0, plan.delta_noise_multiplier * self._clip_norm, size=dim)
+            if adaptive:
+                total[dim] += rng.normal(0.0, plan.bit_noise_std)
+        if adaptive:
+            self._unclipped_fraction = float(total[dim]) / plan.expected_clients
+        return total[:dim] / plan.expected_clients
 
     # -- persistence -------------------------------------------------------------------------------
     def _restore(self, out: Path | None, resume: bool, params: np.ndarray) -> tuple[PrivacyLedger, list[dict[str, Any]], int]:
@@ -424,8 +518,26 @@ class Federation:
                 "sample_rate": plan.sample_rate,
                 "steps_per_round": plan.steps_per_round,
             }
+        client_level: dict[str, Any] | None = None
+        if self.config.client_dp is not None:
+            plan = self._client_plan
+            client_level = {
+                "epsilon": epsilon_of_events(self._client_events, delta=self.config.client_dp.delta, accountant=self.config.client_dp.accountant),
+                "delta": self.config.client_dp.delta,
+                "noise_multiplier": plan.noise_multiplier,
+                "delta_noise_multiplier": plan.delta_noise_multiplier,
+                "bit_noise_std": plan.bit_noise_std,
+                "sample_rate": plan.sample_rate,
+                "expected_clients": plan.expected_clients,
+                "rounds_released": len(self._client_events),
+                "noise": "distributed (each client adds its share before masking)"
+                if self.config.protection is ProtectionKind.SECAGG
+                else "central (added once to the aggregate before release)",
+                "clip_norms": [h["client_level"]["clip_norm"] for h in history if h.get("client_level")],
+            }
         return {
             "final_accuracy": final.get("test_accuracy"),
+            "client_level": client_level,
             "final_loss": final.get("test_loss"),
             "rounds": len(history),
             "protection": protection.name,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tests train tiny models, where intra-op threads cost more than they give, and share two
+# cores with each other's processes: one thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
