@@ -48,7 +48,8 @@ class InvertingGradients(Attack):
 
     Attributes:
         max_iterations: Optimizer steps per restart.
-        restarts: Independent random starts; the one with the lowest objective wins.
+        restarts: Independent random starts; the one with the lowest objective wins. One suffices on small
+            untrained models; raise it for trained models or batches, at proportional cost.
         lr: Adam step size (the step is ``lr`` per pixel at first, since the gradient's sign is used).
         tv_weight: Weight of the total-variation prior (0 disables it; ignored for tabular inputs).
         bounds: ``(low, high)`` box the inputs are projected into after each step, or ``None``.
@@ -57,7 +58,7 @@ class InvertingGradients(Attack):
     """
 
     max_iterations: int = 2000
-    restarts: int = 2
+    restarts: int = 1
     lr: float = 0.1
     tv_weight: float = 1e-2
     bounds: tuple[float, float] | None = (0.0, 1.0)
