@@ -410,7 +410,7 @@ def _protection_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Find
             "federation.seed",
             f"federation.seed = {fed.seed} makes partitioning, sampling, initialisation and DP noise reproducible; it "
             f"never reaches the {fed.protection.value} cryptography, whose keys, masks and encryption randomness come "
-            "from the operating system's CSPRNG.",
+            "from cryptographic generators (SEAL's for CKKS; secrets, os.urandom and AES-CTR for secure aggregation).",
             "Nothing to fix. Do not reuse the seed as a key, and keep it private if the DP noise must stay unpredictable.",
         )
     )
