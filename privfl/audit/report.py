@@ -41,7 +41,7 @@ AUDIT_CODES: Mapping[str, tuple[Severity, str]] = {
     "PFA001": (Severity.WARNING, f"epsilon above {HIGH_EPSILON:g}"),
     "PFA002": (Severity.ERROR, "delta >= 1/n for a client"),
     "PFA003": (Severity.ERROR, "a client spent more than its budget"),
-    "PFA004": (Severity.WARNING, "a client's budget is exhausted (INFO when the run was calibrated to it)"),
+    "PFA004": (Severity.WARNING, "a client is at its budget (INFO when the run was calibrated to spend it)"),
     "PFA005": (Severity.WARNING, f"noise multiplier below {LOW_NOISE:g}"),
     "PFA006": (Severity.WARNING, "GDP accountant (an approximation, not an upper bound)"),
     "PFA007": (Severity.WARNING, "rounds skipped for budget"),
@@ -377,7 +377,8 @@ def _findings(
                     "Do not release this model under the stated budget; investigate how the ledger was produced.",
                 )
             )
-        elif math.isfinite(c.epsilon_budget) and c.epsilon_remaining <= 0.01 * c.epsilon_budget:
+        elif math.isfinite(c.epsilon_budget) and (c.rounds_skipped or c.epsilon_remaining <= 0.01 * c.epsilon_budget):
+            # At budget: within 1% of it, or already unable to afford a round.
             exhausted.append(c)
         low = [s for s in c.noise_multipliers if s < LOW_NOISE]
         if low:
@@ -460,7 +461,7 @@ def _findings(
             _finding(
                 "PFA004",
                 "clients.epsilon_budget",
-                f"budget exhausted (spent/budget): {spent}. Any further round for these clients (a resumed or "
+                f"at budget (spent/budget): {spent}. Any further round for these clients (a resumed or "
                 "extended run, fine-tuning on their data) will skip them."
                 + (" The run was calibrated to spend exactly this budget, so this is expected." if calibrated else ""),
                 "Nothing to fix if the run is final; to train more, plan the extra rounds into a new run's budget.",
