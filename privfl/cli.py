@@ -23,7 +23,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     console = Console(stderr=True)
-    source = args.config or "embedded default (breast cancer, 5 hospitals, DP-SGD epsilon 3, CKKS)"
+    source = args.config or "embedded default"
     console.print(f"[bold]privfl run[/bold]: {source} -> {out}")
     result = run(config, out, resume=args.resume, progress=not args.quiet)
     print_run_report(result, console=Console())

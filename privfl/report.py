@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -18,10 +19,14 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
         f"\n[bold]final test accuracy[/bold] {acc:.4f}" if acc is not None else "\n[bold]final test accuracy[/bold] -",
         f" after {s['rounds']} rounds, protection [bold]{s['protection']}[/bold], accountant {s['accountant']}",
     )
-    table = Table(title="privacy ledger (sample-level DP per client)", padding=(0, 1))
-    table.add_column("client", no_wrap=True)
+    # No vertical rules, so the table fits an 80-column terminal or log without truncation.
+    table = Table(
+        title="privacy ledger (sample-level DP per client)", padding=(0, 1), pad_edge=False, collapse_padding=True, box=box.SIMPLE_HEAD
+    )
+    names = list(s["clients"])
+    table.add_column("client", no_wrap=True, min_width=max([6, *map(len, names)]))
     for col in ("n", "sigma", "epsilon", "budget", "delta", "trained", "skipped", "dropped"):
-        table.add_column(col, justify="right", no_wrap=True)
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for name, c in s["clients"].items():
         budget = "-" if c["epsilon_budget"] is None else f"{c['epsilon_budget']:.2f}"
         table.add_row(
