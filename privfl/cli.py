@@ -30,6 +30,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from privfl.audit.report import audit_run
+
+    report = audit_run(args.run_dir, out_dir=args.out, accountant=args.accountant)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.markdown)
+        print(f"\nwrote {report.paths.markdown}, {report.paths.json}, {report.paths.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from privfl.audit.lint import Severity, lint_file
+
+    findings = lint_file(args.config)
+    console = Console()
+    colours = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+    for f in findings:
+        # Findings quote config syntax such as [federation.client_dp]: print it, don't parse it as markup.
+        colour = colours.get(f.severity, "white")
+        console.print(f"[bold {colour}]{f.severity.value.upper():7}[/] {f.code}  [bold]{escape(f.field)}[/]")
+        console.print(f"  {escape(f.message)}", highlight=False)
+        console.print(f"  [dim]fix:[/] {escape(f.fix)}\n", highlight=False)
+    errors = sum(1 for f in findings if f.severity is Severity.ERROR)
+    warnings = sum(1 for f in findings if f.severity is Severity.WARNING)
+    console.print(f"{args.config}: {len(findings)} findings ({errors} errors, {warnings} warnings)")
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="privfl", description="Privacy-preserving federated learning.")
@@ -42,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    audit = sub.add_parser("audit", help="privacy-budget report of a run directory (audit.md, audit.json, audit.png)")
+    audit.add_argument("run_dir", help="a directory written by privfl run")
+    audit.add_argument("--out", help="where to write the report (default: the run directory)")
+    audit.add_argument("--format", choices=["md", "json"], default="md", help="what to print (default: md)")
+    audit.add_argument("--accountant", choices=["prv", "rdp"], help="recompute with this accountant (default: the run's)")
+    audit.set_defaults(func=_cmd_audit)
+
+    lint = sub.add_parser("lint", help="check a run config for privacy pitfalls")
+    lint.add_argument("config", help="a TOML run config")
+    lint.set_defaults(func=_cmd_lint)
     return parser
 
 

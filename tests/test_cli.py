@@ -61,3 +61,28 @@ def test_missing_subcommand_is_a_usage_error():
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+def test_audit_and_lint_commands(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        '[data]\nnum_clients = 3\n[training.dp]\nnoise_multiplier = 0.3\ndelta = 0.1\n'
+        '[federation]\nrounds = 2\nprotection = "plaintext"\n'
+    )
+    # the linter flags the weak settings and fails with exit 1 on the delta error
+    assert main(["lint", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "PFL002" in out and "training.dp.delta" in out and "PFL004" in out
+    assert "[federation.client_dp]" in " ".join(out.split())  # config syntax is printed, not swallowed as markup
+
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(run_dir), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for name, info in summary["clients"].items():
+        assert report["sample_level"][name]["epsilon"] == pytest.approx(info["epsilon"], rel=1e-6)
+    for name in ("audit.md", "audit.json", "audit.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert main(["audit", str(tmp_path / "nowhere")]) == 2

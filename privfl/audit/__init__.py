@@ -1,4 +1,4 @@
-"""Privacy audits: empirical epsilon lower bounds, one-run audits and membership-inference scores."""
+"""Privacy audits: budget reports, config linting, empirical epsilon lower bounds and membership-inference scores."""
 
 from privfl.audit.empirical import (
     AuditFailure,
@@ -10,7 +10,9 @@ from privfl.audit.empirical import (
     epsilon_lower_bound,
     gaussian_mechanism_epsilon,
 )
+from privfl.audit.lint import Finding, Severity, lint_config, lint_file
 from privfl.audit.mia import lira_scores, logit_scaled_confidence, loss_scores
+from privfl.audit.report import AuditReport, audit_run
 from privfl.audit.one_run import (
     CanaryTrial,
     InputSpaceAuditConfig,
@@ -23,6 +25,12 @@ from privfl.audit.one_run import (
 )
 
 __all__ = [
+    "AuditReport",
+    "Finding",
+    "Severity",
+    "audit_run",
+    "lint_config",
+    "lint_file",
     "AuditFailure",
     "AuditOutcome",
     "AuditStatus",

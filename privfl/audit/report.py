@@ -295,7 +295,11 @@ def _client_level(summary: Mapping[str, Any], rounds: int) -> ClientLevelAudit:
         fraction = float(federation.get("client_fraction", 1.0))
         # Fixed-size sampling is accounted without amplification (q = 1), as the federation does.
         q = fraction if (settings.get("sampling") or "poisson") == "poisson" else 1.0
+        recorded_level = summary.get("client_level")
         z = settings.get("noise_multiplier")
+        if z is None and isinstance(recorded_level, Mapping) and recorded_level.get("noise_multiplier"):
+            # The federation records the z it calibrated; accounting it again checks the epsilon.
+            z = recorded_level["noise_multiplier"]
         if z is None:
             planned = int(federation.get("rounds", rounds) or rounds)
             z = calibrate(target_epsilon=float(settings["target_epsilon"]), sample_rate=q, steps=max(planned, 1), delta=delta, accountant=kind)
