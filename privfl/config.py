@@ -46,6 +46,8 @@ __all__ = [
     "load_config",
     "default_config",
     "config_from_dict",
+    "dataclass_from_dict",
+    "load_toml",
 ]
 
 
@@ -506,6 +508,28 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
         raise
 
 
+def dataclass_from_dict(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
+    """Builds any validated config dataclass from a parsed TOML table.
+
+    Nested dataclasses, enums, tuples and optional fields are converted; an unknown key or a bad
+    value raises :class:`ConfigError` naming its dotted path (prefixed with ``prefix``).
+    """
+    return _build(cls, table, prefix)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML file, or raises :class:`ConfigError` naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"is not valid TOML: {exc}") from None
+
+
 def config_from_dict(table: dict[str, Any]) -> RunConfig:
     """Builds a :class:`RunConfig` from a parsed TOML table.
 
@@ -521,16 +545,7 @@ def load_config(path: str | Path) -> RunConfig:
     Raises:
         ConfigError: the file is missing, is not TOML, or holds a bad value.
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", str(path), f"is not valid TOML: {exc}") from None
-    return config_from_dict(table)
+    return config_from_dict(load_toml(path))
 
 
 def default_config() -> RunConfig:
