@@ -179,6 +179,7 @@ class Federation:
         client_dp = self.config.client_dp
         self._client_events: list[DPEvent] = []
         self._unclipped_fraction = 0.0
+        self._warned_clip_range = False
         if client_dp is None:
             return
         self._client_plan = plan_client_dp(
@@ -416,6 +417,19 @@ class Federation:
         adaptive = self.config.client_dp.adaptive
         distributed = self.config.protection is ProtectionKind.SECAGG
         threshold = protection.config.resolve_threshold(len(updates)) if distributed and len(updates) >= 2 else 1
+        if distributed:
+            share_std = plan.delta_noise_multiplier * self._clip_norm / math.sqrt(threshold)
+            needed = self._clip_norm + 4 * share_std
+            if protection.config.clip_range < needed and not self._warned_clip_range:
+                # Secure aggregation clips each coordinate of the noised update; clipping the noise
+                # share changes the noise distribution the accountant assumes.
+                warnings.warn(
+                    f"secagg.clip_range={protection.config.clip_range} is below clip_norm + 4 noise-share std "
+                    f"= {needed:.3g}: noised coordinates may be clipped; raise federation.secagg.clip_range",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._warned_clip_range = True
         out: dict[str, ClientUpdate] = {}
         unclipped = 0
         for name, update in updates.items():
