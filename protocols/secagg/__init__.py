@@ -2,6 +2,7 @@
 
 from privfl.protocols.secagg.client import SecAggClient
 from privfl.protocols.secagg.graph import build_graph, suggest_neighbours
+from privfl.protocols.secagg.keys import IdentityKey
 from privfl.protocols.secagg.params import RoundParams
 from privfl.protocols.secagg.protection import SecAggConfig, SecAggProtection
 from privfl.protocols.secagg.quantize import Quantizer
@@ -9,6 +10,7 @@ from privfl.protocols.secagg.server import SecAggServer
 from privfl.protocols.secagg.simulate import SecureSumResult, run_secure_sum
 
 __all__ = [
+    "IdentityKey",
     "Quantizer",
     "RoundParams",
     "SecAggClient",

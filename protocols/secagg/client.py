@@ -11,6 +11,14 @@ Round by round (Bonawitz et al. 2017, with the SecAgg+ graph of Bell et al. 2020
 3. unmask: for each client the server names, reveal either its b-share (it survived) or its s-share (it
    dropped), never both for the same client: with both the server could strip every mask from that
    client's late-arriving y.
+
+Authenticated mode (``params.identities`` set; Bonawitz et al.'s defence against an active server):
+round 0 also signs (round, server key, id, c_pk, s_pk) with the client's long-term Ed25519 identity, and
+a client aborts, before sharing anything, if a neighbour's keys arrive without a valid signature by that
+neighbour's registered identity. Between masked input and unmask a consistency check runs: the server
+sends the survivor set U3, the client signs (round, server key, U3), and the unmask request must carry
+the same U3 and at least t valid signatures on it from the client's share holders, or the client aborts
+without revealing any share.
 """
 
 from __future__ import annotations
@@ -23,12 +31,31 @@ from privfl.errors import MessageError, ProtocolAbort, ProtocolError
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import shamir
 from privfl.protocols.secagg.graph import components
-from privfl.protocols.secagg.keys import KEY_BYTES, KeyPair, agree, hkdf, info, seal, open_sealed
+from privfl.protocols.secagg.keys import (
+    KEY_BYTES,
+    SIGNATURE_BYTES,
+    IdentityKey,
+    KeyPair,
+    agree,
+    hkdf,
+    info,
+    open_sealed,
+    seal,
+    verify_signature,
+)
 from privfl.protocols.secagg.params import RoundParams
 from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
 from privfl.protocols.wire import MAX_MESSAGE_BYTES
 
-__all__ = ["SecAggClient", "pairwise_mask_key", "self_mask_key", "share_key", "SEALED_SHARE_BYTES"]
+__all__ = [
+    "SecAggClient",
+    "pairwise_mask_key",
+    "self_mask_key",
+    "share_key",
+    "keys_statement",
+    "survivors_statement",
+    "SEALED_SHARE_BYTES",
+]
 
 SERVER = "server"
 SEALED_SHARE_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
@@ -56,12 +83,24 @@ def share_associated_data(round_index: int, sender: str, receiver: str) -> bytes
     return info(b"share", round_index, sender, receiver)
 
 
+def keys_statement(params: RoundParams, owner: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a client signs in round 0: its two public keys, bound to its id, the round and the server key."""
+    return info(b"advertise-signature", params.round_index, params.server_public_key, owner, c_pk, s_pk)
+
+
+def survivors_statement(params: RoundParams, survivors: frozenset[str] | set[str]) -> bytes:
+    """What a client signs in the consistency check: the survivor set U3, bound to the round and server key."""
+    return info(b"consistency-signature", params.round_index, params.server_public_key, m.pack_ids(survivors))
+
+
 class SecAggClient:
     """One client's protocol state for one round.
 
     Args:
         client_id: this client's id (must be in ``params.client_ids``).
         params: the round's public parameters.
+        identity: this client's long-term Ed25519 key; required exactly when ``params.authenticated``,
+            and its public half must be the one registered in ``params.identities``.
 
     Each step method takes the server's last message (bytes) and returns this client's next message
     (bytes). A malformed or unauthenticated server message raises :class:`MessageError`; a request that
@@ -69,9 +108,14 @@ class SecAggClient:
     :class:`ProtocolError`. After any error the client is done for the round.
     """
 
-    def __init__(self, client_id: str, params: RoundParams) -> None:
+    def __init__(self, client_id: str, params: RoundParams, identity: IdentityKey | None = None) -> None:
         if client_id not in params.index:
             raise ProtocolError(f"client {client_id!r} is not in the round")
+        if params.authenticated != (identity is not None):
+            raise ProtocolError("an identity key is needed exactly when the round is authenticated")
+        if identity is not None and params.identities[client_id] != identity.public:
+            raise ProtocolError(f"client {client_id!r}: identity key differs from the registered one")
+        self._identity = identity
         self.client_id = client_id
         self.params = params
         self._c = KeyPair.generate()
@@ -82,6 +126,7 @@ class SecAggClient:
         self._self_seed = b""
         self._own_shares: tuple[int, int] = (0, 0)
         self._held: dict[str, tuple[int, int]] = {}
+        self._signed_survivors: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"SecAggClient(client_id={self.client_id!r}, round_index={self.params.round_index}, step={self._step})"
@@ -109,12 +154,26 @@ class SecAggClient:
         )
         return frame
 
+    def _check_survivors(self, survivors: set[str]) -> None:
+        p = self.params
+        if not survivors <= set(p.index) or self.client_id not in survivors:
+            raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
+        if len(survivors) < p.threshold:
+            raise ProtocolAbort(
+                f"{len(survivors)} survivors < threshold {p.threshold}", survivors=len(survivors), threshold=p.threshold
+            )
+        if components(p.graph, survivors) != 1:
+            raise ProtocolAbort("survivors' masking graph is disconnected")
+
     # -- round 0 -------------------------------------------------------------------------------
     def advertise(self) -> bytes:
-        """Round 0: the two public keys."""
+        """Round 0: the two public keys (and, authenticated, their signature by our identity key)."""
         self._expect(m.ADVERTISE)
+        parts = [self._c.public, self._s.public]
+        if self._identity is not None:
+            parts.append(self._identity.sign(keys_statement(self.params, self.client_id, *parts)))
         self._step = m.KEYS
-        return self._send(m.ADVERTISE, [self._c.public, self._s.public])
+        return self._send(m.ADVERTISE, parts)
 
     # -- round 1 -------------------------------------------------------------------------------
     def share_keys(self, keys_message: bytes) -> bytes:
@@ -122,16 +181,19 @@ class SecAggClient:
 
         Raises:
             MessageError: malformed/unauthenticated message, or keys of a non-neighbour.
-            ProtocolAbort: fewer than ``threshold`` share holders are alive.
+            ProtocolAbort: fewer than ``threshold`` share holders are alive; or, authenticated, some
+                neighbour's keys are not signed by its registered identity (the server or the network
+                substituted them), in which case nothing is shared.
         """
         self._expect(m.KEYS)
         p = self.params
         neighbours = p.graph[self.client_id]
-        frame = self._receive(keys_message, m.KEYS, max_bytes=4096 + len(neighbours) * (3 * KEY_BYTES + 300))
-        if len(frame.parts) % 3:
+        stride = 4 if p.authenticated else 3
+        frame = self._receive(keys_message, m.KEYS, max_bytes=4096 + len(neighbours) * (3 * KEY_BYTES + SIGNATURE_BYTES + 300))
+        if len(frame.parts) % stride:
             raise MessageError("keys message has a partial entry", sender=SERVER)
         keys: dict[str, tuple[bytes, bytes]] = {}
-        for i in range(0, len(frame.parts), 3):
+        for i in range(0, len(frame.parts), stride):
             peer = frame.parts[i].decode("utf-8", errors="replace")
             c_pk, s_pk = frame.parts[i + 1], frame.parts[i + 2]
             if peer not in neighbours or peer in keys:
@@ -141,6 +203,13 @@ class SecAggClient:
             if c_pk == s_pk:
                 # Bonawitz et al.: a client's two keys must differ.
                 raise MessageError(f"client {peer!r} advertised equal keys", sender=SERVER)
+            if p.authenticated:
+                # Bonawitz et al. abort here: an honest server checked this signature on receipt, so a bad
+                # one means the keys were substituted on the way. Aborting before sharing reveals nothing.
+                try:
+                    verify_signature(p.identities[peer], frame.parts[i + 3], keys_statement(p, peer, c_pk, s_pk), signer=peer)
+                except MessageError as exc:
+                    raise ProtocolAbort(f"keys of {peer!r} are not signed by its registered identity: {exc.reason}") from exc
             keys[peer] = (c_pk, s_pk)
         if len(keys) + 1 < p.threshold:
             raise ProtocolAbort(
@@ -215,25 +284,79 @@ class SecAggClient:
                 np.bitwise_and(masked, np.uint32(p.modulus_mask), out=masked)
 
         message = m.seal_vector(self._key(m.MASKED_INPUT, m.UP), m.MASKED_INPUT, p.round_index, self.client_id, p.dimension, fill)
-        self._step = m.UNMASK_REQUEST
+        self._step = m.CHECK_REQUEST if p.authenticated else m.UNMASK_REQUEST
         return message
+
+    # -- consistency check (authenticated mode) -------------------------------------------------
+    def sign_survivors(self, request: bytes) -> bytes:
+        """Signs the survivor set U3 the server announces (authenticated mode, between rounds 2 and 3).
+
+        Raises:
+            MessageError: malformed/unauthenticated request, or a list naming unknown clients or omitting us.
+            ProtocolAbort: fewer than ``threshold`` survivors, or a disconnected survivor graph.
+        """
+        self._expect(m.CHECK_REQUEST)
+        frame = self._receive(request, m.CHECK_REQUEST, max_bytes=4096 + len(self.params.client_ids) * 300)
+        if len(frame.parts) != 1:
+            raise MessageError("consistency request must have 1 part", sender=SERVER)
+        survivors = set(m.unpack_ids(frame.parts[0], sender=SERVER))
+        self._check_survivors(survivors)
+        self._signed_survivors = frozenset(survivors)
+        signature = self._identity.sign(survivors_statement(self.params, self._signed_survivors))
+        self._step = m.UNMASK_REQUEST
+        return self._send(m.CHECK, [signature])
+
+    def _check_consistency(self, survivors: set[str], signers_part: bytes, signatures: bytes) -> None:
+        p = self.params
+        if survivors != self._signed_survivors:
+            raise ProtocolAbort("unmask request names a survivor set other than the one we signed")
+        signers = m.unpack_ids(signers_part, sender=SERVER)
+        if len(signatures) != SIGNATURE_BYTES * len(signers):
+            raise MessageError("consistency signatures of wrong length", sender=SERVER)
+        if not set(signers) <= survivors:
+            raise ProtocolAbort("consistency signature from a client outside the survivor set")
+        statement = survivors_statement(p, survivors)
+        for i, signer in enumerate(signers):
+            try:
+                verify_signature(p.identities[signer], signatures[i * SIGNATURE_BYTES : (i + 1) * SIGNATURE_BYTES], statement, signer=signer)
+            except MessageError as exc:
+                # Someone signed another set (the server showed clients different views), or a forgery.
+                raise ProtocolAbort(f"consistency check failed: {exc.reason}") from exc
+        holders = p.graph[self.client_id] | {self.client_id}
+        valid = len(holders.intersection(signers))
+        if valid < p.threshold:
+            raise ProtocolAbort(
+                f"consistency check: {valid} valid signatures on the survivor set < threshold {p.threshold}",
+                survivors=valid,
+                threshold=p.threshold,
+            )
 
     # -- round 3 -------------------------------------------------------------------------------
     def unmask(self, request: bytes) -> bytes:
         """Round 3: reveals b-shares of the named survivors and s-shares of the named dropped clients.
 
+        In authenticated mode the request also carries the consistency signatures (signer ids, then their
+        signatures concatenated), checked before anything else is looked at.
+
         Raises:
             MessageError: malformed/unauthenticated request, or one naming clients we hold no share of.
             ProtocolAbort: the request is unsafe: both shares asked for one client, our own s-key asked for,
                 too few survivors, or survivors whose masking graph is disconnected (the sum of a small
-                component could single out one input).
+                component could single out one input); authenticated, also a survivor set other than the
+                one we signed, any invalid signature, or fewer than ``threshold`` valid ones from our
+                share holders.
         """
         self._expect(m.UNMASK_REQUEST)
         p = self.params
-        frame = self._receive(request, m.UNMASK_REQUEST, max_bytes=4096 + len(p.client_ids) * 3 * 300)
-        if len(frame.parts) != 3:
-            raise MessageError("unmask request must have 3 parts", sender=SERVER)
+        parts_expected = 5 if p.authenticated else 3
+        frame = self._receive(
+            request, m.UNMASK_REQUEST, max_bytes=4096 + len(p.client_ids) * (3 * 300 + (SIGNATURE_BYTES if p.authenticated else 0))
+        )
+        if len(frame.parts) != parts_expected:
+            raise MessageError(f"unmask request must have {parts_expected} parts", sender=SERVER)
         survivors = set(m.unpack_ids(frame.parts[0], sender=SERVER))
+        if p.authenticated:
+            self._check_consistency(survivors, frame.parts[3], frame.parts[4])
         want_b = set(m.unpack_ids(frame.parts[1], sender=SERVER))
         want_s = set(m.unpack_ids(frame.parts[2], sender=SERVER))
         both = want_b & want_s
@@ -245,12 +368,7 @@ class SecAggClient:
             raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
         if not want_b <= survivors or want_s & survivors:
             raise ProtocolAbort("request inconsistent with the survivor list")
-        if len(survivors) < p.threshold:
-            raise ProtocolAbort(
-                f"{len(survivors)} survivors < threshold {p.threshold}", survivors=len(survivors), threshold=p.threshold
-            )
-        if components(p.graph, survivors) != 1:
-            raise ProtocolAbort("survivors' masking graph is disconnected")
+        self._check_survivors(survivors)
         known = set(self._held) | {self.client_id}
         if not want_b <= known or not want_s <= set(self._held):
             raise MessageError("request names clients whose shares we do not hold", sender=SERVER)

@@ -1,4 +1,4 @@
-"""Key material for secure aggregation: X25519 pairs, HKDF-SHA256 derivation, AES-GCM shares, AES-GMAC tags.
+"""Key material for secure aggregation: X25519 pairs, Ed25519 identities, HKDF-SHA256, AES-GCM shares, AES-GMAC tags.
 
 Every derivation binds a domain label and the context (round, client ids) into HKDF's ``info`` with
 length prefixes, so two different contexts can never yield the same key.
@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -20,7 +21,10 @@ from privfl.errors import MessageError
 __all__ = [
     "KEY_BYTES",
     "TAG_BYTES",
+    "SIGNATURE_BYTES",
     "KeyPair",
+    "IdentityKey",
+    "verify_signature",
     "hkdf",
     "info",
     "agree",
@@ -34,6 +38,7 @@ __all__ = [
 
 KEY_BYTES = 32
 TAG_BYTES = 16
+SIGNATURE_BYTES = 64
 _NONCE_BYTES = 12
 _DOMAIN = b"privfl-secagg-v1"
 _RAW = serialization.Encoding.Raw
@@ -90,6 +95,41 @@ class KeyPair:
     def private_bytes(self) -> bytes:
         """The raw 32-byte private key (only for Shamir-sharing it)."""
         return self.private.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityKey:
+    """A client's long-term Ed25519 signing key (authenticated mode); the private half never shows in a repr.
+
+    ``public`` is what the public-key infrastructure hands to every other client, out of band.
+    """
+
+    private: Ed25519PrivateKey = field(repr=False)
+    public: bytes
+
+    @classmethod
+    def generate(cls) -> IdentityKey:
+        """Makes a fresh identity from the operating system's CSPRNG."""
+        private = Ed25519PrivateKey.generate()
+        return cls(private=private, public=private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+
+    def sign(self, statement: bytes) -> bytes:
+        """Ed25519 signature (64 bytes) of ``statement``."""
+        return self.private.sign(statement)
+
+
+def verify_signature(public: bytes, signature: bytes, statement: bytes, *, signer: str) -> None:
+    """Checks an Ed25519 signature by ``signer`` (whose registered key is ``public``).
+
+    Raises:
+        MessageError: malformed key or signature, or the signature does not verify.
+    """
+    if len(public) != KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        raise MessageError("malformed identity key or signature", sender=signer)
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, statement)
+    except (InvalidSignature, ValueError) as exc:
+        raise MessageError(f"signature of {signer!r} does not verify", sender=signer) from exc
 
 
 def public_key_from_bytes(raw: bytes, *, sender: str | None = None) -> X25519PublicKey:

@@ -25,6 +25,8 @@ __all__ = [
     "MASKED_INPUT",
     "UNMASK_REQUEST",
     "UNMASK",
+    "CHECK_REQUEST",
+    "CHECK",
     "STEP_NAMES",
     "pack_ids",
     "unpack_ids",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 ADVERTISE, KEYS, SHARES, RELAY, MASKED_INPUT, UNMASK_REQUEST, UNMASK = 1, 2, 3, 4, 5, 6, 7
+# Authenticated mode only: the consistency check between masked input and unmask (kind 8 is the aggregate).
+CHECK_REQUEST, CHECK = 9, 10
 STEP_NAMES = {
     ADVERTISE: "advertise",
     KEYS: "advertise_keys",
@@ -45,6 +49,8 @@ STEP_NAMES = {
     MASKED_INPUT: "masked_input",
     UNMASK_REQUEST: "unmask_request",
     UNMASK: "unmask",
+    CHECK_REQUEST: "consistency_request",
+    CHECK: "consistency",
 }
 UP, DOWN = b"client->server", b"server->client"
 

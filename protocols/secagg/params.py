@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from privfl.errors import ConfigError
@@ -26,6 +27,8 @@ class RoundParams:
         dimension: words per masked vector.
         bits: k of the modulus 2^k.
         server_public_key: the server's X25519 key for authenticating client/server messages.
+        identities: authenticated mode: client id -> its registered Ed25519 public key (the public-key
+            infrastructure, handed to every client out of band); None for the honest-but-curious mode.
 
     Raises:
         ConfigError: a value is out of range; the message names the field and the value.
@@ -39,6 +42,7 @@ class RoundParams:
     dimension: int
     bits: int = 32
     server_public_key: bytes
+    identities: Mapping[str, bytes] | None = field(default=None, repr=False)
     graph: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
@@ -70,6 +74,19 @@ class RoundParams:
             raise ConfigError("bits", self.bits, "must be an int in [2, 32]")
         if not isinstance(self.server_public_key, bytes) or len(self.server_public_key) != KEY_BYTES:
             raise ConfigError("server_public_key", "bad length", f"must be {KEY_BYTES} bytes")
+        if self.identities is not None:
+            if not isinstance(self.identities, Mapping):
+                raise ConfigError("identities", type(self.identities).__name__, "must map client ids to Ed25519 public keys")
+            missing = [u for u in ids if u not in self.identities]
+            if missing:
+                raise ConfigError("identities", missing[0], "client has no registered identity key")
+            registry = {u: self.identities[u] for u in ids}
+            for u, public in registry.items():
+                if not isinstance(public, bytes) or len(public) != KEY_BYTES:
+                    raise ConfigError("identities", u, f"identity key must be {KEY_BYTES} raw Ed25519 bytes")
+            if len(set(registry.values())) != len(registry):
+                raise ConfigError("identities", "duplicates", "two clients registered the same identity key")
+            object.__setattr__(self, "identities", registry)
         object.__setattr__(self, "graph", graph)
         # Shamir evaluation points: 1-based positions in the sorted roster, public and never zero.
         object.__setattr__(self, "index", {u: i + 1 for i, u in enumerate(ids)})
@@ -78,6 +95,11 @@ class RoundParams:
     def holders(self) -> int:
         """How many parties hold shares of one client's secrets (its neighbours and itself)."""
         return len(self.graph[self.client_ids[0]]) + 1
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the round runs the signed (active-server) variant."""
+        return self.identities is not None
 
     @property
     def modulus_mask(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -18,10 +18,11 @@ import numpy as np
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
 from privfl.protocols.secagg.graph import check_neighbours
+from privfl.protocols.secagg.keys import IdentityKey
 from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer
-from privfl.protocols.secagg.simulate import ROUNDS, drive, new_round, rounding_key
+from privfl.protocols.secagg.simulate import drive, new_round, rounding_key
 from privfl.protocols.wire import decode_frame, encode_frame
 
 __all__ = ["SecAggConfig", "SecAggProtection"]
@@ -44,6 +45,10 @@ class SecAggConfig:
         weight_bound: public upper bound W on any n_k; None uses the largest weight of the round (which
             then becomes public).
         graph_seed: public seed of the SecAgg+ graph; None draws a fresh one per round.
+        authenticated: run the variant that stands up to an active server (Bonawitz et al.): keys signed
+            with long-term Ed25519 identities and a consistency check before unmasking.
+        identities: authenticated mode: client id -> its long-term :class:`IdentityKey` (never shown in a
+            repr). None generates one per client the first time it takes part and keeps it for later rounds.
     """
 
     threshold: int | float = 2 / 3
@@ -53,6 +58,8 @@ class SecAggConfig:
     fraction_bits: int | None = None
     weight_bound: float | None = None
     graph_seed: bytes | None = None
+    authenticated: bool = False
+    identities: Mapping[str, IdentityKey] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -72,6 +79,16 @@ class SecAggConfig:
             raise ConfigError("weight_bound", self.weight_bound, "must be None or a finite number > 0")
         if self.graph_seed is not None and (not isinstance(self.graph_seed, bytes) or len(self.graph_seed) < 16):
             raise ConfigError("graph_seed", self.graph_seed, "must be None or at least 16 bytes")
+        if not isinstance(self.authenticated, bool):
+            raise ConfigError("authenticated", self.authenticated, "must be a bool")
+        if self.identities is not None:
+            if not self.authenticated:
+                raise ConfigError("identities", "given", "identity keys are used only with authenticated=True")
+            if not isinstance(self.identities, Mapping):
+                raise ConfigError("identities", type(self.identities).__name__, "must map client ids to IdentityKey")
+            for u, identity in self.identities.items():
+                if not isinstance(identity, IdentityKey):
+                    raise ConfigError("identities", u, f"must be an IdentityKey, not {type(identity).__name__}")
 
     def resolve_threshold(self, num_clients: int) -> int:
         """The integer threshold for a round of ``num_clients``.
@@ -99,6 +116,7 @@ class SecAggProtection(Protection):
         self.server: SecAggServer | None = None
         self.clipped: dict[str, int] = {}
         self.max_error: float = 0.0
+        self._identities: dict[str, IdentityKey] = dict(self.config.identities or {})
 
     def run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
         """See :meth:`Protection.run_round`.
@@ -120,6 +138,14 @@ class SecAggProtection(Protection):
             if updates[u].weight > bound:
                 raise ConfigError("weight_bound", bound, f"client {u!r} has weight {updates[u].weight} above it")
         quantizer = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(ids), fraction_bits=cfg.fraction_bits)
+        identities = None
+        if cfg.authenticated:
+            for u in ids:
+                if u not in self._identities:
+                    if cfg.identities is not None:
+                        raise ConfigError("identities", u, "client has no identity key")
+                    self._identities[u] = IdentityKey.generate()
+            identities = {u: self._identities[u] for u in ids}
         run = new_round(
             ids,
             round_index=round_index,
@@ -128,6 +154,7 @@ class SecAggProtection(Protection):
             dimension=dim + 1,
             bits=cfg.bits,
             graph_seed=cfg.graph_seed,
+            identities=identities,
         )
         self.server = run.server
         c = float(cfg.clip_range)
@@ -168,6 +195,6 @@ class SecAggProtection(Protection):
             total_weight=float(ratio_sum * bound),
             contributors=survivors,
             dropped=dropped,
-            upload_bytes={u: sum(transcript.bytes_up[u][r] for r in ROUNDS) for u in ids},
+            upload_bytes={u: sum(transcript.bytes_up[u].values()) for u in ids},
             download_bytes=download,
         )

@@ -5,8 +5,10 @@ given the masks), and in the unmask step exactly one kind of share per client: b
 s-key shares of clients that dropped after sharing. It keeps a running sum of the masked vectors, never
 an individual unmasked one.
 
-Threat model: honest-but-curious. It follows the protocol; an active server that lies about who dropped
-is out of scope here (see docs/secagg.md for the signed-key and consistency-check defence).
+Threat model: honest-but-curious by default. With ``params.identities`` set (authenticated mode) an
+honest server also checks each client's signature on its keys, forwards the signatures, and runs the
+consistency check (collect signatures on the survivor set, forward them with the unmask request) that
+lets honest clients detect an active server; see docs/secagg.md for what that does and does not stop.
 """
 
 from __future__ import annotations
@@ -18,9 +20,24 @@ import numpy as np
 from privfl.errors import MessageError, ProtocolAbort, ProtocolError
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import shamir
-from privfl.protocols.secagg.client import SEALED_SHARE_BYTES, pairwise_mask_key, self_mask_key
+from privfl.protocols.secagg.client import (
+    SEALED_SHARE_BYTES,
+    keys_statement,
+    pairwise_mask_key,
+    self_mask_key,
+    survivors_statement,
+)
 from privfl.protocols.secagg.graph import components
-from privfl.protocols.secagg.keys import KEY_BYTES, KeyPair, agree, hkdf, private_key_from_bytes, verify_tag
+from privfl.protocols.secagg.keys import (
+    KEY_BYTES,
+    SIGNATURE_BYTES,
+    KeyPair,
+    agree,
+    hkdf,
+    private_key_from_bytes,
+    verify_signature,
+    verify_tag,
+)
 from privfl.protocols.secagg.params import RoundParams
 from privfl.protocols.secagg.prg import WORD, apply_masks
 
@@ -50,6 +67,8 @@ class SecAggServer:
         self._step = m.ADVERTISE
         self.dropped: dict[str, str] = {}
         self._public_keys: dict[str, tuple[bytes, bytes]] = {}
+        self._key_signatures: dict[str, bytes] = {}
+        self._survivor_signatures: dict[str, bytes] = {}
         self._keys_sent: dict[str, frozenset[str]] = {}
         self._sealed: dict[str, dict[str, bytes]] = {}  # receiver -> sender -> sealed share
         self._shared: set[str] = set()
@@ -152,16 +171,24 @@ class SecAggServer:
             frame, body, got_tag = m.open_message(
                 payload, kind=m.ADVERTISE, round_index=self.params.round_index, sender=sender, max_bytes=1024, key=None
             )
-            if len(frame.parts) != 2 or any(len(k) != KEY_BYTES for k in frame.parts) or frame.parts[0] == frame.parts[1]:
-                raise MessageError("advertise must carry two distinct 32-byte keys", sender=sender)
-            channel = self._channel(sender, frame.parts[0])
+            signed = self.params.authenticated
+            keys = frame.parts[:2]
+            if len(frame.parts) != 2 + signed or any(len(k) != KEY_BYTES for k in keys) or keys[0] == keys[1]:
+                raise MessageError("advertise must carry two distinct 32-byte keys" + (" and a signature" if signed else ""), sender=sender)
+            channel = self._channel(sender, keys[0])
             key = m.channel_key(channel, self.params.round_index, sender, m.ADVERTISE, m.UP)
             verify_tag(key, body, got_tag, sender=sender)
+            if signed:
+                # The channel tag is keyed from the advertised key itself; only the signature ties the
+                # keys to the client's registered identity.
+                statement = keys_statement(self.params, sender, keys[0], keys[1])
+                verify_signature(self.params.identities[sender], frame.parts[2], statement, signer=sender)
+                self._key_signatures[sender] = frame.parts[2]
         except MessageError as exc:
             self._channels.pop(sender, None)
             self.drop(sender, f"advertise: {exc.reason}")
             raise
-        self._public_keys[sender] = (frame.parts[0], frame.parts[1])
+        self._public_keys[sender] = (keys[0], keys[1])
 
     def keys_messages(self) -> dict[str, bytes]:
         """Closes round 0: each live client gets its live neighbours' public keys.
@@ -184,6 +211,8 @@ class SecAggServer:
             parts: list[bytes] = []
             for v in peers:
                 parts += [v.encode("utf-8"), *self._public_keys[v]]
+                if self.params.authenticated:
+                    parts.append(self._key_signatures[v])
             out[u] = self._send(u, m.KEYS, parts)
         self._step = m.SHARES
         return out
@@ -268,13 +297,7 @@ class SecAggServer:
         np.add(self._masked_sum, vector, out=self._masked_sum)
         self._masked[sender] = vector
 
-    def unmask_requests(self) -> dict[str, bytes]:
-        """Closes round 2: asks each survivor for b-shares of survivors and s-shares of dropped clients.
-
-        Raises:
-            ProtocolAbort: fewer than ``threshold`` masked inputs, or the survivors' graph is disconnected.
-        """
-        self._check_step(m.MASKED_INPUT)
+    def _close_masked_input(self) -> None:
         for u in self._relayed:
             if u not in self._masked:
                 self.drop(u, "masked_input: no message")
@@ -299,14 +322,80 @@ class SecAggServer:
                     f"client {owner!r}: {count} surviving share holders < threshold {t}", survivors=count, threshold=t
                 )
         self.survivors = tuple(sorted(survivors))
+
+    def consistency_requests(self) -> dict[str, bytes]:
+        """Authenticated mode: closes round 2 by sending every survivor the survivor set U3 to sign.
+
+        Raises:
+            ProtocolError: the round is not authenticated.
+            ProtocolAbort: as :meth:`unmask_requests` in the plain mode.
+        """
+        self._check_step(m.MASKED_INPUT)
+        if not self.params.authenticated:
+            raise ProtocolError("server: the consistency check exists in authenticated mode only")
+        self._close_masked_input()
+        packed = m.pack_ids(self.survivors)
+        out = {u: self._send(u, m.CHECK_REQUEST, [packed]) for u in self.survivors}
+        self._step = m.CHECK
+        return out
+
+    def receive_consistency(self, sender: str, payload: bytes) -> None:
+        """Authenticated mode: takes a survivor's signature on U3 and checks it.
+
+        Raises:
+            MessageError: unknown/repeated sender, malformed message, or a signature that does not verify.
+        """
+        self._check_step(m.CHECK)
+        if sender in self._survivor_signatures:
+            self._survivor_signatures.pop(sender)
+            raise self._reject(sender, m.CHECK, "duplicate message")
+        if sender not in self.survivors:
+            raise self._reject(sender, m.CHECK, "not expected at this step")
+        frame = self._open(sender, payload, m.CHECK, max_bytes=1024)
+        if len(frame.parts) != 1 or len(frame.parts[0]) != SIGNATURE_BYTES:
+            raise self._reject(sender, m.CHECK, "consistency answer must be one signature")
+        try:
+            statement = survivors_statement(self.params, set(self.survivors))
+            verify_signature(self.params.identities[sender], frame.parts[0], statement, signer=sender)
+        except MessageError as exc:
+            raise self._reject(sender, m.CHECK, exc.reason) from exc
+        self._survivor_signatures[sender] = frame.parts[0]
+
+    def unmask_requests(self) -> dict[str, bytes]:
+        """Asks each survivor for b-shares of survivors and s-shares of dropped clients.
+
+        Plain mode: closes round 2. Authenticated mode: closes the consistency check; only the survivors
+        that signed U3 are asked, and each request carries the signatures of the client's share holders.
+
+        Raises:
+            ProtocolAbort: fewer than ``threshold`` masked inputs (or signatures), or the survivors' graph
+                is disconnected.
+        """
+        authenticated = self.params.authenticated
+        if authenticated:
+            self._check_step(m.CHECK)
+            for u in self.survivors:
+                if u not in self._survivor_signatures:
+                    self.drop(u, "consistency: no message")
+            asked = tuple(u for u in self.survivors if u in self._survivor_signatures and u not in self.dropped)
+            self._require(asked, "consistency")
+        else:
+            self._check_step(m.MASKED_INPUT)
+            self._close_masked_input()
+            asked = self.survivors
+        survivors = frozenset(self.survivors)
         packed_survivors = m.pack_ids(survivors)
         out = {}
-        for u in self.survivors:
+        for u in asked:
             relayed = self._relayed[u]
             want_b = frozenset((relayed | {u}) & survivors)
             want_s = frozenset(relayed - survivors)
             self._requested[u] = (want_b, want_s)
-            out[u] = self._send(u, m.UNMASK_REQUEST, [packed_survivors, m.pack_ids(want_b), m.pack_ids(want_s)])
+            parts = [packed_survivors, m.pack_ids(want_b), m.pack_ids(want_s)]
+            if authenticated:
+                signers = sorted((self.params.graph[u] | {u}) & set(asked))
+                parts += [m.pack_ids(signers), b"".join(self._survivor_signatures[v] for v in signers)]
+            out[u] = self._send(u, m.UNMASK_REQUEST, parts)
         self._step = m.UNMASK
         return out
 

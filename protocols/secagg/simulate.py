@@ -13,18 +13,29 @@ from privfl.errors import ConfigError, MessageError, ProtocolError
 from privfl.protocols.base import SERVER, DirectTransport, Transport
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg.client import SecAggClient
-from privfl.protocols.secagg.keys import KeyPair, info
+from privfl.protocols.secagg.keys import IdentityKey, KeyPair, info
 from privfl.protocols.secagg.params import RoundParams
 from privfl.protocols.secagg.prg import mask_key
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer
 
-__all__ = ["ROUNDS", "Transcript", "RoundRun", "drive", "new_round", "rounding_key", "run_secure_sum", "SecureSumResult"]
+__all__ = ["ROUNDS", "CONSISTENCY", "Transcript", "RoundRun", "drive", "new_round", "rounding_key", "run_secure_sum", "SecureSumResult"]
 
 ROUNDS = ("advertise", "share", "masked_input", "unmask")
 """The four client rounds, as named in ``drop_after`` and in ``bytes_up``."""
 
-_CLIENT_STEP = {m.ADVERTISE: "advertise", m.SHARES: "share", m.MASKED_INPUT: "masked_input", m.UNMASK: "unmask"}
+CONSISTENCY = "consistency"
+"""The extra client round of authenticated mode (between masked input and unmask); also a ``drop_after``
+and ``bytes_up`` key (always 0 bytes in the plain mode)."""
+
+_ALL_ROUNDS = ("advertise", "share", "masked_input", CONSISTENCY, "unmask")
+_CLIENT_STEP = {
+    m.ADVERTISE: "advertise",
+    m.SHARES: "share",
+    m.MASKED_INPUT: "masked_input",
+    m.CHECK: CONSISTENCY,
+    m.UNMASK: "unmask",
+}
 
 
 def rounding_key() -> bytes:
@@ -63,12 +74,19 @@ def new_round(
     dimension: int,
     bits: int,
     graph_seed: bytes | None,
+    identities: Mapping[str, IdentityKey] | None = None,
 ) -> RoundRun:
     """Creates the server's key, the public parameters, the server and the clients for one round.
 
     Args:
         graph_seed: public seed of the SecAgg+ graph; None draws a fresh one from the OS CSPRNG.
+        identities: authenticated mode: each client's long-term Ed25519 identity (the client keeps the
+            private half; the public halves form the registry every client is given); None for the plain mode.
     """
+    if identities is not None:
+        missing = [u for u in client_ids if u not in identities]
+        if missing:
+            raise ConfigError("identities", missing[0], "client has no identity key")
     server_key = KeyPair.generate()
     params = RoundParams(
         round_index=round_index,
@@ -79,9 +97,10 @@ def new_round(
         dimension=dimension,
         bits=bits,
         server_public_key=server_key.public,
+        identities=None if identities is None else {u: identities[u].public for u in client_ids},
     )
     server = SecAggServer(params, server_key)
-    clients = {u: SecAggClient(u, params) for u in params.client_ids}
+    clients = {u: SecAggClient(u, params, None if identities is None else identities[u]) for u in params.client_ids}
     return RoundRun(params=params, server=server, clients=clients)
 
 
@@ -94,7 +113,7 @@ def drive(
     record: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[np.ndarray, Transcript]:
-    """Plays the four rounds, every message through ``transport``.
+    """Plays the four rounds (five when authenticated), every message through ``transport``.
 
     A lost message (``deliver`` returns None) drops its client at that step; a message either side
     rejects (:class:`MessageError`, or a client's :class:`ProtocolError` such as a refusal) drops the
@@ -104,7 +123,8 @@ def drive(
         run: from :func:`new_round`.
         encoded: client id -> its quantized input words.
         transport: carries every message.
-        stop_after: client id -> round name after which that client goes silent (simulated dropout).
+        stop_after: client id -> round name after which that client goes silent (simulated dropout);
+            ``"consistency"`` is a round in authenticated mode.
         record: keep every delivered payload in the transcript.
         clock: timer for the per-phase seconds in the transcript.
 
@@ -117,7 +137,7 @@ def drive(
     server, clients = run.server, run.clients
     stop_after = dict(stop_after or {})
     transcript = Transcript(messages=[] if record else None)
-    transcript.bytes_up = {u: {r: 0 for r in ROUNDS} for u in clients}
+    transcript.bytes_up = {u: {r: 0 for r in _ALL_ROUNDS} for u in clients}
     transcript.bytes_down = {u: 0 for u in clients}
     alive = set(clients)
 
@@ -204,6 +224,18 @@ def drive(
             upload(u, m.MASKED_INPUT, payload, server.receive_masked_input)
     for u in sorted(alive):
         silent(u, "masked_input")
+    if run.params.authenticated:
+        checks = closing(server.consistency_requests)
+        alive &= set(checks)
+        for u in sorted(alive):
+            arrived = deliver(SERVER, u, m.CHECK_REQUEST, checks[u])
+            if arrived is None:
+                continue
+            payload = client_step(u, m.CHECK, lambda u=u, a=arrived: clients[u].sign_survivors(a))
+            if payload is not None:
+                upload(u, m.CHECK, payload, server.receive_consistency)
+        for u in sorted(alive):
+            silent(u, CONSISTENCY)
     requests = closing(server.unmask_requests)
 
     alive &= set(requests)
@@ -253,11 +285,12 @@ class SecureSumResult:
     server: SecAggServer | None = field(default=None, repr=False)
 
 
-def _stop_after(drop_after: Mapping[str, Collection[str]] | None, ids: Collection[str]) -> dict[str, str]:
+def _stop_after(drop_after: Mapping[str, Collection[str]] | None, ids: Collection[str], authenticated: bool) -> dict[str, str]:
+    rounds = _ALL_ROUNDS if authenticated else ROUNDS
     stop: dict[str, str] = {}
     for round_name, dropping in (drop_after or {}).items():
-        if round_name not in ROUNDS:
-            raise ConfigError("drop_after", round_name, f"round must be one of {ROUNDS}")
+        if round_name not in rounds:
+            raise ConfigError("drop_after", round_name, f"round must be one of {rounds}")
         for u in dropping:
             if u not in ids:
                 raise ConfigError("drop_after", u, "unknown client id")
@@ -280,6 +313,7 @@ def run_secure_sum(
     round_index: int = 0,
     transport: Transport | None = None,
     record: bool = False,
+    authenticated: bool = False,
 ) -> SecureSumResult:
     """Securely sums float vectors with the full protocol, in process, every message as bytes.
 
@@ -287,8 +321,8 @@ def run_secure_sum(
         inputs: client id -> 1-D float array (all the same length).
         threshold: Shamir threshold t inside each client's neighbourhood (its neighbours and itself).
         neighbours: SecAgg+ degree k, or None for the complete graph.
-        drop_after: round name ("advertise", "share", "masked_input", "unmask") -> ids that go silent
-            after that round.
+        drop_after: round name ("advertise", "share", "masked_input", "unmask", and "consistency" when
+            authenticated) -> ids that go silent after that round.
         seed: public seed of the graph only (bytes, or an int for convenience); every key, mask seed and
             rounding uniform is always fresh from the OS CSPRNG.
         clip: inputs are clipped to [-clip, clip].
@@ -297,6 +331,8 @@ def run_secure_sum(
         round_index: bound into every key and message.
         transport: carries each message (default: delivers everything unchanged).
         record: keep the transcript (for tests); adds the payloads to memory.
+        authenticated: run the variant that stands up to an active server (signed keys and the
+            consistency check); a fresh Ed25519 identity is generated for each client.
 
     Returns:
         The decoded total over the survivors and the round's bookkeeping.
@@ -313,7 +349,7 @@ def run_secure_sum(
         raise ConfigError("inputs", sorted(dims), "every input must be a 1-D array of the same length")
     if any(not np.all(np.isfinite(x)) for x in arrays.values()):
         raise ConfigError("inputs", "non-finite values", "inputs must be finite")
-    stop = _stop_after(drop_after, arrays)
+    stop = _stop_after(drop_after, arrays, authenticated)
     if isinstance(seed, int):
         seed = seed.to_bytes(32, "big", signed=True)
     quantizer = Quantizer(clip_range=clip, bits=bits, num_clients=len(arrays), fraction_bits=fraction_bits)
@@ -325,6 +361,7 @@ def run_secure_sum(
         dimension=next(iter(dims))[0],
         bits=bits,
         graph_seed=seed,
+        identities={u: IdentityKey.generate() for u in arrays} if authenticated else None,
     )
     encoded, clipped = {}, {}
     for u, x in arrays.items():
