@@ -74,7 +74,10 @@ def test_exact_sum_of_survivors_or_clean_abort(scenario):
     assert set(result.dropped) == set(inputs) - survivors
     expected = sum(inputs[u] for u in survivors)
     assert np.all(np.abs(result.total - expected) <= result.max_error)
-    assert result.max_error < 1e-6
+    # The documented bound exactly: m steps, with the finest step that cannot overflow for n clients.
+    assert result.quantizer.step == 1.0 / ((2**32 - 1) // (2 * n))
+    assert result.max_error == pytest.approx(len(survivors) * result.quantizer.step)
+    assert result.max_error < 1.2e-6
 
 
 def test_every_round_dropout_recovers_exact_words():
