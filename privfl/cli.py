@@ -65,6 +65,19 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from privfl.attack_harness import default_attack_config, load_attack_config, print_attack_summary, run_attack_matrix
+
+    config = load_attack_config(args.config) if args.config else default_attack_config()
+    console = Console(stderr=True)
+    console.print(f"[bold]privfl attack[/bold]: {args.config or 'embedded default'} -> {args.out}")
+    result = run_attack_matrix(config, args.out, progress=not args.quiet)
+    print_attack_summary(result, console=Console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="privfl", description="Privacy-preserving federated learning.")
@@ -88,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     lint = sub.add_parser("lint", help="check a run config for privacy pitfalls")
     lint.add_argument("config", help="a TOML run config")
     lint.set_defaults(func=_cmd_lint)
+
+    attack = sub.add_parser(
+        "attack", help="run gradient-inversion attacks against each protection (results.json, results.md, grids)"
+    )
+    attack.add_argument("config", nargs="?", help="a TOML attack-matrix config (default: the embedded one)")
+    attack.add_argument("--out", required=True, help="output directory (existing results there are overwritten)")
+    attack.add_argument("--quiet", action="store_true", help="no progress bar")
+    attack.set_defaults(func=_cmd_attack)
     return parser
 
 
