@@ -135,19 +135,27 @@ def open_message(
 
 
 _WORD = np.dtype("<u4")
+_ALIGN = 16
+
+
+def _padding(kind: int, round_index: int, sender: str) -> int:
+    # Frame of a vector message: header, sender, part count, [len, padding], [len, words]. The zero
+    # padding puts the words on a 16-byte boundary of the message: numpy adds misaligned uint32 views
+    # about five times slower than aligned ones, and the server adds every masked vector it receives.
+    return -len(encode_frame(kind, round_index, sender, [b"", b""])) % _ALIGN
 
 
 def vector_prefix(kind: int, round_index: int, sender: str, nbytes: int) -> bytes:
-    """The exact frame header :func:`encode_frame` writes for a one-part message of ``nbytes``."""
-    empty = encode_frame(kind, round_index, sender, [b""])
+    """The exact frame header :func:`encode_frame` writes for a vector message of ``nbytes`` (padding part, then the words)."""
+    empty = encode_frame(kind, round_index, sender, [bytes(_padding(kind, round_index, sender)), b""])
     return empty[:-8] + struct.pack(">Q", nbytes)
 
 
 def seal_vector(key: bytes, kind: int, round_index: int, sender: str, length: int, fill: Callable[[np.ndarray], None]) -> bytes:
-    """Builds a sealed one-part message of ``length`` uint32 words, written in place by ``fill``.
+    """Builds a sealed vector message of ``length`` uint32 words, written in place by ``fill``.
 
     The words are produced straight into the outgoing buffer: a multi-megabyte vector is not copied
-    through ``tobytes`` and ``encode_frame``.
+    through ``tobytes`` and ``encode_frame``. They start 16-byte aligned within the message.
     """
     prefix = vector_prefix(kind, round_index, sender, 4 * length)
     buf = bytearray(len(prefix) + 4 * length + TAG_BYTES)
@@ -160,7 +168,7 @@ def seal_vector(key: bytes, kind: int, round_index: int, sender: str, length: in
 
 
 def open_vector(payload: bytes, *, kind: int, round_index: int, sender: str, length: int, key: bytes) -> np.ndarray:
-    """Authenticates a one-part vector message and views its words without copying.
+    """Authenticates a vector message and views its words without copying.
 
     Returns:
         A read-only ``uint32`` view of ``length`` words.
@@ -174,6 +182,6 @@ def open_vector(payload: bytes, *, kind: int, round_index: int, sender: str, len
         return np.frombuffer(payload, dtype=_WORD, count=length, offset=len(prefix))
     # Not the exact expected layout: the general parser says precisely what is wrong (or accepts it).
     frame, _, _ = open_message(payload, kind=kind, round_index=round_index, sender=sender, max_bytes=4 * length + 1024, key=key)
-    if len(frame.parts) != 1 or len(frame.parts[0]) != 4 * length:
-        raise MessageError(f"masked vector must be {4 * length} bytes", sender=sender)
-    return np.frombuffer(frame.parts[0], dtype=_WORD)
+    if len(frame.parts) != 2 or frame.parts[0] != bytes(_padding(kind, round_index, sender)) or len(frame.parts[1]) != 4 * length:
+        raise MessageError(f"masked vector must be {4 * length} bytes after its padding", sender=sender)
+    return np.frombuffer(frame.parts[1], dtype=_WORD)

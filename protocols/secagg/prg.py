@@ -11,13 +11,14 @@ word mod 2^32 stays uniform mod 2^k.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from privfl.protocols.secagg.keys import hkdf
 
-__all__ = ["WORD", "CHUNK_WORDS", "mask_key", "expand", "apply_masks", "uniform_floats"]
+__all__ = ["WORD", "CHUNK_WORDS", "PARALLEL_MIN_WORDS", "mask_key", "expand", "apply_masks", "uniform_floats"]
 
 WORD = np.dtype("<u4")
 """The word every mask and masked vector is made of (4 bytes, little endian)."""
@@ -25,7 +26,10 @@ WORD = np.dtype("<u4")
 CHUNK_WORDS = 1 << 15
 """Words expanded per step: 128 KiB fits in L2, so a keystream chunk is consumed while still cached."""
 
-_ZERO_COUNTER = bytes(16)
+PARALLEL_MIN_WORDS = 1 << 22
+"""Below this many keystream words in total, one thread does the work (threads cost more than they save)."""
+
+_BLOCK_WORDS = 4  # one AES block is four uint32 words
 
 
 def mask_key(seed: bytes, label: bytes) -> bytes:
@@ -41,8 +45,10 @@ def mask_key(seed: bytes, label: bytes) -> bytes:
     return hkdf(seed, b"prg", label)
 
 
-def _encryptor(key: bytes):
-    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+def _encryptor(key: bytes, first_block: int = 0):
+    # CTR's counter block is a 128-bit big-endian integer; block i of the stream (words 4i..4i+3) is
+    # AES(key, i) whichever block the encryptor starts at, so a slice of the stream can be made alone.
+    return Cipher(algorithms.AES(key), modes.CTR(first_block.to_bytes(16, "big"))).encryptor()
 
 
 def expand(key: bytes, length: int) -> np.ndarray:
@@ -65,29 +71,48 @@ def apply_masks(
     streams: Sequence[tuple[bytes, int]],
     addends: Sequence[np.ndarray] = (),
     chunk_words: int = CHUNK_WORDS,
+    threads: int = 1,
 ) -> None:
     """Adds every addend and ``sign * PRG(key)`` for every stream into ``acc`` in place (mod 2^32).
 
     The loop runs over chunks outside and vectors/streams inside, so each chunk of ``acc`` and of the
-    keystream stays in cache: one pass over memory however many streams there are.
+    keystream stays in cache: one pass over memory however many streams there are. With ``threads`` > 1
+    the vector is cut into that many contiguous slices, each expanded by its own thread from its own
+    counter offset (OpenSSL and numpy release the GIL); the result is identical.
 
     Args:
         acc: 1-D ``uint32`` accumulator, modified in place.
         streams: (AES key, +1 or -1) pairs.
         addends: ``uint32`` vectors of the same length, added as they are.
         chunk_words: words per step.
+        threads: worker threads for large jobs (at least :data:`PARALLEL_MIN_WORDS` keystream words).
     """
     if acc.dtype != WORD or acc.ndim != 1:
         raise TypeError("acc must be a 1-D little-endian uint32 array")
     if not streams and not addends:
         return
     length = acc.shape[0]
-    encryptors = [(_encryptor(key), sign) for key, sign in streams]
+    threads = max(1, min(threads, length // chunk_words))
+    if threads == 1 or length * len(streams) < PARALLEL_MIN_WORDS:
+        _apply_range(acc, streams, addends, chunk_words, 0, length)
+        return
+    step = -(-length // threads)
+    step += -step % _BLOCK_WORDS
+    bounds = [(start, min(start + step, length)) for start in range(0, length, step)]
+    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+        for future in [pool.submit(_apply_range, acc, streams, addends, chunk_words, a, b) for a, b in bounds]:
+            future.result()
+
+
+def _apply_range(
+    acc: np.ndarray, streams: Sequence[tuple[bytes, int]], addends: Sequence[np.ndarray], chunk_words: int, begin: int, end: int
+) -> None:
+    encryptors = [(_encryptor(key, begin // _BLOCK_WORDS), sign) for key, sign in streams]
     zeros = bytes(4 * chunk_words)
     # CTR's update_into wants room for one extra block minus a byte.
     buf = bytearray(4 * chunk_words + 15)
-    for start in range(0, length, chunk_words):
-        stop = min(start + chunk_words, length)
+    for start in range(begin, end, chunk_words):
+        stop = min(start + chunk_words, end)
         count = stop - start
         data = zeros if count == chunk_words else zeros[: 4 * count]
         words = np.frombuffer(buf, dtype=WORD, count=count)

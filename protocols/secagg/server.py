@@ -13,6 +13,7 @@ lets honest clients detect an active server; see docs/secagg.md for what that do
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,6 +32,7 @@ from privfl.protocols.secagg.graph import components
 from privfl.protocols.secagg.keys import (
     KEY_BYTES,
     SIGNATURE_BYTES,
+    TAG_BYTES,
     KeyPair,
     agree,
     hkdf,
@@ -52,16 +54,21 @@ class SecAggServer:
     Args:
         params: the round's public parameters; ``params.server_public_key`` must be ``key.public``.
         key: the server's X25519 pair (for message authentication only).
+        threads: threads for removing the masks in :meth:`finish` (AES-CTR expansion); None uses every
+            CPU the process may run on. The result does not depend on it.
 
     Usage per step: call ``receive_*`` for each client message that arrived (a bad one raises
     :class:`MessageError` and drops its sender), then the step's closing method, which returns the
     messages to send, one per client still in the round.
     """
 
-    def __init__(self, params: RoundParams, key: KeyPair) -> None:
+    def __init__(self, params: RoundParams, key: KeyPair, threads: int | None = None) -> None:
         if key.public != params.server_public_key:
             raise ProtocolError("server key does not match the round parameters")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ProtocolError(f"threads must be None or an int >= 1, not {threads!r}")
         self.params = params
+        self.threads = threads if threads is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._key = key
         self._channels: dict[str, bytes] = {}
         self._step = m.ADVERTISE
@@ -73,9 +80,9 @@ class SecAggServer:
         self._sealed: dict[str, dict[str, bytes]] = {}  # receiver -> sender -> sealed share
         self._shared: set[str] = set()
         self._relayed: dict[str, frozenset[str]] = {}
-        # Masked vectors are summed on arrival, while still in cache from tag verification; the views
-        # are kept only so that a duplicate can be taken back out of the sum.
-        self._masked: dict[str, np.ndarray] = {}
+        # Masked vectors are summed on arrival, while still in cache from tag verification; only each
+        # sender's tag is kept (to recognise an exact repeat), never the vector.
+        self._masked_tags: dict[str, bytes] = {}
         self._masked_sum = np.zeros(params.dimension, dtype=WORD)
         self._requested: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._b_shares: dict[str, dict[int, int]] = {}
@@ -274,18 +281,23 @@ class SecAggServer:
     def receive_masked_input(self, sender: str, payload: bytes) -> None:
         """Authenticates a client's masked vector and adds it to the running sum.
 
+        Only the sum and each sender's 16-byte tag are kept, not the vectors (O(d) memory, not O(n d)).
+        A repeat of a message, which must authenticate like the original, is subtracted again: an exact
+        replay (same tag) takes the sender's input out of the round. A different message that also
+        authenticates can come only from the sender itself (it holds the one-time key): it is refused,
+        the first input stays in the sum, and the sender is treated as dropped after masked input (its
+        b_u is rebuilt from the others' shares, as for any client that leaves at that point).
+
         Raises:
-            MessageError: unknown/repeated sender, malformed message, wrong length.
+            MessageError: unknown/repeated sender, malformed or unauthenticated message, wrong length.
         """
         self._check_step(m.MASKED_INPUT)
-        if sender in self._masked:
-            # A repeat makes the sender's input ambiguous: take it out of the round altogether.
-            np.subtract(self._masked_sum, self._masked.pop(sender), out=self._masked_sum)
-            raise self._reject(sender, m.MASKED_INPUT, "duplicate message")
-        if sender not in self._relayed:
-            raise self._reject(sender, m.MASKED_INPUT, "not expected at this step")
-        if sender in self.dropped:
-            raise MessageError(f"client already dropped ({self.dropped[sender]})", sender=sender)
+        repeat = sender in self._masked_tags
+        if not repeat:
+            if sender not in self._relayed:
+                raise self._reject(sender, m.MASKED_INPUT, "not expected at this step")
+            if sender in self.dropped:
+                raise MessageError(f"client already dropped ({self.dropped[sender]})", sender=sender)
         key = m.channel_key(self._channels[sender], self.params.round_index, sender, m.MASKED_INPUT, m.UP)
         try:
             vector = m.open_vector(
@@ -294,16 +306,24 @@ class SecAggServer:
         except MessageError as exc:
             self.drop(sender, f"masked_input: {exc.reason}")
             raise
+        tag = bytes(payload[-TAG_BYTES:])
+        if repeat:
+            if tag == self._masked_tags[sender]:
+                # An exact repeat makes the sender's input ambiguous: take it out of the round altogether.
+                np.subtract(self._masked_sum, vector, out=self._masked_sum)
+                del self._masked_tags[sender]
+                raise self._reject(sender, m.MASKED_INPUT, "duplicate message")
+            raise self._reject(sender, m.MASKED_INPUT, "duplicate message (a different one; the first stays in the sum)")
         np.add(self._masked_sum, vector, out=self._masked_sum)
-        self._masked[sender] = vector
+        self._masked_tags[sender] = tag
 
     def _close_masked_input(self) -> None:
         for u in self._relayed:
-            if u not in self._masked:
+            if u not in self._masked_tags:
                 self.drop(u, "masked_input: no message")
-        for u in [u for u in self._masked if u in self.dropped]:
-            np.subtract(self._masked_sum, self._masked.pop(u), out=self._masked_sum)
-        survivors = set(self._masked)
+        # Every input in the sum is a survivor's, even if its sender left after sending it: its self
+        # mask must be removed, so its b_u is rebuilt like that of any client that drops before unmask.
+        survivors = set(self._masked_tags)
         self._require(survivors, "masked_input")
         parts_count = components(self.params.graph, survivors)
         if parts_count != 1:
@@ -488,8 +508,8 @@ class SecAggServer:
                     # u added sign(u, dropped) * PRG(s_u,dropped); take it back out.
                     streams.append((pairwise_mask_key(shared, p.round_index, u, dropped), -p.sign(u, dropped)))
         total, self._masked_sum = self._masked_sum, np.zeros(0, dtype=WORD)
-        self._masked.clear()
-        apply_masks(total, streams)
+        self._masked_tags.clear()
+        apply_masks(total, streams, threads=self.threads)
         if p.bits < 32:
             np.bitwise_and(total, np.uint32(p.modulus_mask), out=total)
         return total

@@ -147,6 +147,22 @@ def test_chunked_application_matches_whole_expansion():
         assert np.array_equal(acc, expected.astype(WORD))
 
 
+@pytest.mark.parametrize("length", [1001, 4096, 70_003])
+def test_threaded_application_matches_one_thread(length, monkeypatch):
+    import privfl.protocols.secagg.prg as prg
+
+    monkeypatch.setattr(prg, "PARALLEL_MIN_WORDS", 1)  # force the threaded path on small vectors
+    keys = [(mask_key(secrets.token_bytes(32), b"t"), sign) for sign in (1, -1, 1, -1, 1)]
+    addend = np.arange(length, dtype=WORD)
+    expected = np.zeros(length, dtype=WORD)
+    apply_masks(expected, keys, [addend], threads=1)
+    assert np.array_equal(expected[:10], (addend[:10].astype(np.int64) + sum(s * expand(k, 10).astype(np.int64) for k, s in keys)) % (1 << 32))
+    for threads, chunk in [(2, 64), (3, 7), (4, 1000), (8, 1 << 15)]:
+        acc = np.zeros(length, dtype=WORD)
+        apply_masks(acc, keys, [addend], chunk_words=chunk, threads=threads)
+        assert np.array_equal(acc, expected), (threads, chunk)
+
+
 def test_prg_bytes_look_uniform():
     words = expand(mask_key(secrets.token_bytes(32), b"u"), 1 << 14)
     counts = np.bincount(words.view(np.uint8), minlength=256)
