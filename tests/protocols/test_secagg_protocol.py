@@ -404,3 +404,32 @@ def test_reprs_hide_secrets():
     text = repr(run.clients["client-00"]) + repr(run.server) + repr(run.params)
     assert "graph_seed" not in text and "private" not in text
     assert run.clients["client-00"]._self_seed.hex() not in text
+
+
+def test_server_keeps_no_vector_and_a_different_authentic_duplicate_keeps_the_first():
+    n, dim = 5, 16
+    run = new_round(_ids(n), round_index=0, threshold=3, neighbours=None, dimension=dim, bits=32, graph_seed=b"q" * 16)
+    server, clients = run.server, run.clients
+    for u, c in clients.items():
+        server.receive_advertise(u, c.advertise())
+    keys = server.keys_messages()
+    for u in keys:
+        server.receive_shares(u, clients[u].share_keys(keys[u]))
+    relays = server.relay_messages()
+    words = _words(n, dim)
+    for u in relays:
+        server.receive_masked_input(u, clients[u].masked_input(relays[u], words[u]))
+    # Only tags are held: no reference to any received payload survives in the server's state.
+    assert not any(isinstance(v, np.ndarray) and v.base is not None for v in _walk(server))
+    # A second, different vector that authenticates can come only from the client (it holds the key).
+    key = clients["client-01"]._key(m.MASKED_INPUT, m.UP)
+    other = m.seal_vector(key, m.MASKED_INPUT, 0, "client-01", dim, lambda out: out.fill(7))
+    with pytest.raises(MessageError, match="different one"):
+        server.receive_masked_input("client-01", other)
+    requests = server.unmask_requests()
+    assert "client-01" in server.survivors  # its first input is still in the sum, so it must be unmasked
+    for u, r in requests.items():
+        if u != "client-01":
+            server.receive_unmask(u, clients[u].unmask(r))
+    expected = sum(words[u].astype(np.uint64) for u in _ids(n)) % (1 << 32)
+    assert np.array_equal(server.finish(), expected.astype(WORD))
