@@ -367,7 +367,9 @@ def _load(kind: DatasetKind, seed: int) -> _Data:
     from privfl.attacks.metrics import chance_baseline
     from privfl.data import load_breast_cancer, load_digits, make_credit
 
-    loaders = {DatasetKind.DIGITS: load_digits, DatasetKind.BREAST_CANCER: load_breast_cancer, DatasetKind.CREDIT: make_credit}
+    loaders = {
+        DatasetKind.DIGITS: load_digits, DatasetKind.BREAST_CANCER: load_breast_cancer, DatasetKind.CREDIT: make_credit
+    }
     split = loaders[kind](seed=seed)
     train_x = split.train.features
     is_image = train_x.ndim == 4
@@ -449,7 +451,8 @@ def _settings(config: AttackMatrixConfig, protections: tuple[MatrixProtection, .
     out: list[_Setting] = []
     for kind in protections:
         if kind is MatrixProtection.NONE:
-            out.append(_Setting(kind, "none", ObservationSpec(protection=Protection.PLAINTEXT), b, math.inf, "not private"))
+            spec = ObservationSpec(protection=Protection.PLAINTEXT)
+            out.append(_Setting(kind, "none", spec, b, math.inf, "not private"))
         elif kind is MatrixProtection.DP:
             q = config.sample_rate
             for sigma in config.dp.noise_multipliers:
@@ -844,8 +847,8 @@ def _eps(row: AttackRow) -> str:
 
 def _markdown(rows: tuple[AttackRow, ...]) -> str:
     header = (
-        "| dataset | attack | protection | ε | recovered / inputs | PSNR dB | chance dB | best-match dB | best chance dB "
-        "| SSIM | MSE | max abs err | label acc | chance label acc | verdict | s |"
+        "| dataset | attack | protection | ε | recovered / inputs | PSNR dB | chance dB | best-match dB "
+        "| best chance dB | SSIM | MSE | max abs err | label acc | chance label acc | verdict | s |"
     )
     lines = [header, "|" + "---|" * 16]
     for r in rows:
@@ -853,7 +856,8 @@ def _markdown(rows: tuple[AttackRow, ...]) -> str:
         psnr = "no access" if r.verdict == NO_ACCESS else _num(r.psnr)
         got = "—" if math.isnan(r.inputs_recovered) else f"{round(r.inputs_recovered, 1):g}"
         lines.append(
-            f"| {r.dataset} | {r.attack} | {r.setting} | {_eps(r)} | {got} / {r.num_inputs} | {psnr} | {_num(r.chance_psnr)} "
+            f"| {r.dataset} | {r.attack} | {r.setting} | {_eps(r)} | {got} / {r.num_inputs} | {psnr} "
+            f"| {_num(r.chance_psnr)} "
             f"| {_num(r.best_psnr) if batch else '—'} | {_num(r.best_chance_psnr) if batch else '—'} "
             f"| {_num(r.ssim, 3)} | {_sci(r.mse)} | {_sci(r.max_abs_error)} | {_num(r.label_accuracy)} "
             f"| {_num(r.chance_label_accuracy)} | {r.verdict} | {r.seconds:.1f} |"

@@ -83,7 +83,8 @@ def test_files_are_written_with_every_cell(tiny):
     for name in ("grid-digits.png", "grid-breast_cancer.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5_000
-    assert set(tiny.files) == {out / n for n in ("results.json", "results.md", "grid-digits.png", "grid-breast_cancer.png")}
+    names = ("results.json", "results.md", "grid-digits.png", "grid-breast_cancer.png")
+    assert set(tiny.files) == {out / n for n in names}
 
 
 def test_plaintext_analytic_on_tabular_is_exact(tiny):
