@@ -118,7 +118,7 @@ def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
 
     acc = PRVAccountant()
     acc.history = history
-    # eps_error bounds the PRV discretisation error; 0.01 keeps the figure within 1% of exact.
+    # eps_error bounds the PRV discretisation error (absolute, 0.01); the result is an upper bound.
     # At q = 1 the PRV's log(1 - q) is -inf by design; numpy's warning about it is noise.
     with np.errstate(divide="ignore"):
         return float(acc.get_epsilon(delta, eps_error=0.01))

@@ -6,9 +6,10 @@ participation: the released average changes little whether or not a site took pa
 Mechanism, per round:
 
 * each sampled client clips its update to L2 norm S (the clip norm): delta_k * min(1, S / ||delta_k||),
-  and, for adaptive clipping, reports the bit b_k = [||delta_k|| <= S];
+  and, for adaptive clipping, reports the centred bit b_k - 1/2 with b_k = [||delta_k|| <= S]
+  (centring makes one client's influence on the bit sum 1/2, which the split below relies on);
 * Gaussian noise N(0, (z_delta S)^2 I) is added to the sum of clipped updates, and N(0, sigma_b^2) to
-  the sum of bits;
+  the sum of centred bits; the unclipped fraction is (noisy sum) / (q K) + 1/2;
 * the average uses a fixed denominator (the expected number of sampled clients, q K), so one client's
   presence moves the numerator by at most S and nothing else depends on who took part.
 
@@ -16,8 +17,12 @@ With adaptive clipping the clip norm follows the geometric update S <- S exp(-et
 driving the fraction of unclipped updates to the target quantile gamma. Releasing both sums is
 one Gaussian mechanism with effective noise multiplier z, where z^-2 = z_delta^-2 + (2 sigma_b)^-2
 (Andrew et al. 2021, Theorem 1), so the accountant is charged one Poisson-subsampled Gaussian
-step per round at noise multiplier z and client sampling rate q. Fixed-size client sampling is
-accounted with q = 1 (no amplification claimed), which is conservative.
+step per round at noise multiplier z and client sampling rate q.
+
+Fixed-size client sampling (exactly m of K): adding a client can displace another from the sample,
+so one client moves the sum by up to 2S (and the centred bit sum by up to 1). privfl accounts it as a
+Gaussian mechanism with noise multiplier z / 2 and no amplification (q = 1), and calibrates z
+accordingly; valid, and loose.
 
 Where the noise is added depends on the protection:
 
@@ -55,7 +60,9 @@ class ClientDPPlan:
     """The client-level mechanism resolved for a federation.
 
     Attributes:
-        noise_multiplier: z, the accounted noise multiplier of each round's release.
+        noise_multiplier: z: the update-sum noise is z_delta S with z_delta from z (below).
+        accounted_noise_multiplier: what the accountant is charged per round (z for Poisson
+            sampling; z / 2 for fixed-size sampling, whose sensitivity is 2S).
         delta_noise_multiplier: z_delta, the noise on the update sum (z without adaptive clipping).
         bit_noise_std: sigma_b, the noise on the bit sum (0 without adaptive clipping).
         sample_rate: q used by the accountant (1.0 for fixed-size sampling).
@@ -63,6 +70,7 @@ class ClientDPPlan:
     """
 
     noise_multiplier: float
+    accounted_noise_multiplier: float
     delta_noise_multiplier: float
     bit_noise_std: float
     sample_rate: float
@@ -89,22 +97,30 @@ def plan_client_dp(config: ClientDPConfig, *, num_clients: int, client_fraction:
     from privfl.accounting import noise_multiplier as calibrate
 
     if config.sampling is ClientSampling.POISSON:
-        q = client_fraction
+        q, sensitivity_factor = client_fraction, 1.0
         expected = client_fraction * num_clients
     else:
-        q = 1.0
+        q, sensitivity_factor = 1.0, 2.0
         expected = float(max(1, round(client_fraction * num_clients)))
     if config.noise_multiplier is not None:
         z = config.noise_multiplier
     else:
-        z = calibrate(target_epsilon=config.target_epsilon, sample_rate=q, steps=rounds, delta=config.delta, accountant=config.accountant)
+        accounted = calibrate(
+            target_epsilon=config.target_epsilon, sample_rate=q, steps=rounds, delta=config.delta, accountant=config.accountant
+        )
+        z = accounted * sensitivity_factor
     if config.adaptive:
         bit_std = config.bit_noise_std if config.bit_noise_std is not None else max(expected / 20.0, 0.51 * z + 1e-9)
         z_delta = delta_noise_multiplier(z, bit_std)
     else:
         bit_std, z_delta = 0.0, z
     return ClientDPPlan(
-        noise_multiplier=z, delta_noise_multiplier=z_delta, bit_noise_std=bit_std, sample_rate=q, expected_clients=expected
+        noise_multiplier=z,
+        accounted_noise_multiplier=z / sensitivity_factor,
+        delta_noise_multiplier=z_delta,
+        bit_noise_std=bit_std,
+        sample_rate=q,
+        expected_clients=expected,
     )
 
 

@@ -99,6 +99,17 @@ class ModelKind(str, Enum):
     CNN = "cnn"
 
 
+def _coerce_enum(config: object, name: str, enum: type[Enum]) -> None:
+    """Accepts an enum member or its string value for field ``name`` (frozen dataclasses included)."""
+    value = getattr(config, name)
+    if isinstance(value, enum):
+        return
+    try:
+        object.__setattr__(config, name, enum(value))
+    except ValueError:
+        raise ConfigError(name, value, f"must be one of {[m.value for m in enum]}") from None
+
+
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
@@ -168,10 +179,8 @@ class DPConfig:
             raise ConfigError("delta", self.delta, "must be a float in (0, 1)")
         _positive("max_grad_norm", self.max_grad_norm)
         _unit_interval("planned_participation_quantile", self.planned_participation_quantile)
-        if not isinstance(self.accountant, Accountant):
-            raise ConfigError("accountant", self.accountant, f"must be one of {[a.value for a in Accountant]}")
-        if not isinstance(self.clipping, ClippingMode):
-            raise ConfigError("clipping", self.clipping, f"must be one of {[c.value for c in ClippingMode]}")
+        _coerce_enum(self, "accountant", Accountant)
+        _coerce_enum(self, "clipping", ClippingMode)
 
     @property
     def epsilon_budget(self) -> float:
@@ -187,7 +196,8 @@ class TrainingConfig:
 
     Args:
         local_epochs: passes over the client's data per round (in expectation, with Poisson sampling).
-        batch_size: expected batch size; the sampling rate is ``batch_size / n_k``.
+        batch_size: expected batch size; the sampling rate is q = 1 / ceil(n_k / batch_size)
+            (about batch_size / n_k) for ceil(n_k / batch_size) steps per epoch.
         learning_rate: SGD step size.
         momentum: SGD momentum.
         dp: DP-SGD settings.
@@ -267,8 +277,8 @@ class ClientDPConfig:
         _positive("clip_learning_rate", self.clip_learning_rate)
         if self.bit_noise_std is not None:
             _positive("bit_noise_std", self.bit_noise_std)
-        if not isinstance(self.sampling, ClientSampling):
-            raise ConfigError("sampling", self.sampling, f"must be one of {[s.value for s in ClientSampling]}")
+        _coerce_enum(self, "sampling", ClientSampling)
+        _coerce_enum(self, "accountant", Accountant)
 
 
 # Largest total coefficient-modulus bit count for 128-bit classical security with a ternary
@@ -339,8 +349,12 @@ class FederationConfig:
         protection: how updates are protected.
         ckks: CKKS parameters (used when ``protection`` is ``ckks``).
         secagg: secure-aggregation settings (used when ``protection`` is ``secagg``).
-        seed: makes partitioning, sampling, initialisation and DP noise reproducible
-            (simulation only; cryptographic randomness never comes from it).
+        seed: makes partitioning, client sampling and initialisation reproducible (public
+            choices; cryptographic randomness never comes from it).
+        noise_seed: makes DP noise and batch sampling reproducible too. ``None`` (the default)
+            draws them from fresh OS entropy every run: anyone who reads a config or summary
+            with a fixed ``noise_seed`` can regenerate the noise and subtract it, so set it for
+            simulations and tests only.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         server_learning_rate: the global model moves by this times the average update.
         client_dp: client-level DP (DP-FedAvg) on top of DP-SGD; ``None`` for none.
@@ -352,6 +366,7 @@ class FederationConfig:
     ckks: CkksConfig = field(default_factory=CkksConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     seed: int = 0
+    noise_seed: int | None = None
     device: str = "auto"
     server_learning_rate: float = 1.0
     client_dp: ClientDPConfig | None = None
@@ -361,14 +376,17 @@ class FederationConfig:
         if self.client_dp is not None and not isinstance(self.client_dp, ClientDPConfig):
             raise ConfigError("client_dp", self.client_dp, "must be a ClientDPConfig")
         _unit_interval("client_fraction", self.client_fraction)
-        if not isinstance(self.protection, ProtectionKind):
-            raise ConfigError("protection", self.protection, f"must be one of {[p.value for p in ProtectionKind]}")
+        _coerce_enum(self, "protection", ProtectionKind)
         if not isinstance(self.ckks, CkksConfig):
             raise ConfigError("ckks", self.ckks, "must be a CkksConfig")
         if not isinstance(self.secagg, SecAggConfig):
             raise ConfigError("secagg", self.secagg, "must be a privfl.protocols.secagg.SecAggConfig")
         _positive_int("seed", self.seed, minimum=0)
-        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+        if self.noise_seed is not None:
+            _positive_int("noise_seed", self.noise_seed, minimum=0)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
             raise ConfigError("device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         _positive("server_learning_rate", self.server_learning_rate)
 
@@ -398,6 +416,8 @@ class DataConfig:
     client_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        _coerce_enum(self, "dataset", DatasetKind)
+        _coerce_enum(self, "partition", PartitionKind)
         _positive_int("num_clients", self.num_clients, minimum=1)
         _positive("alpha", self.alpha)
         if not 0 < self.test_fraction < 1:
@@ -425,6 +445,7 @@ class ModelConfig:
     hidden: int = 64
 
     def __post_init__(self) -> None:
+        _coerce_enum(self, "kind", ModelKind)
         _positive_int("hidden", self.hidden)
 
 

@@ -32,6 +32,7 @@ class ArrayDataset(Dataset):
         features: float array (n, ...) - tabular rows or images.
         labels: integer class labels (n,).
         groups: optional group values (n,), e.g. a site or region column.
+        group_name: the group column's name (e.g. ``"region"``).
         feature_names: optional column names for tabular data.
     """
 
@@ -41,6 +42,7 @@ class ArrayDataset(Dataset):
         labels: np.ndarray,
         *,
         groups: np.ndarray | None = None,
+        group_name: str | None = None,
         feature_names: Sequence[str] | None = None,
     ) -> None:
         if len(features) != len(labels):
@@ -50,6 +52,7 @@ class ArrayDataset(Dataset):
         self.features = torch.as_tensor(np.asarray(features, dtype=np.float32))
         self.targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.groups = None if groups is None else np.asarray(groups)
+        self.group_name = group_name if groups is not None else None
         self.feature_names = tuple(feature_names) if feature_names is not None else None
 
     def __len__(self) -> int:
@@ -185,8 +188,8 @@ def make_credit(*, num_rows: int = 6000, test_fraction: float = 0.2, seed: int =
     x_train, x_test = _standardize(features[train], features[test])
     regions = np.array(CREDIT_REGIONS)[region]
     return DatasetSplit(
-        train=ArrayDataset(x_train, default[train], groups=regions[train], feature_names=CREDIT_FEATURES),
-        test=ArrayDataset(x_test, default[test], groups=regions[test], feature_names=CREDIT_FEATURES),
+        train=ArrayDataset(x_train, default[train], groups=regions[train], group_name="region", feature_names=CREDIT_FEATURES),
+        test=ArrayDataset(x_test, default[test], groups=regions[test], group_name="region", feature_names=CREDIT_FEATURES),
         name="credit",
         description="GENERATED credit-scoring data (synthetic applicants, 8 features, default label, region groups)",
     )

@@ -7,15 +7,19 @@ crosses to the server as bytes through a :class:`~privfl.protocols.base.Transpor
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import secrets
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ __all__ = ["Federation", "RunResult", "build_protection", "planned_rounds"]
 
 log = logging.getLogger("privfl")
 
+RUN_FILE = "run.json"
 LEDGER_FILE = "ledger.json"
 HISTORY_FILE = "history.json"
 SUMMARY_FILE = "summary.json"
@@ -66,11 +71,39 @@ def build_protection(config: FederationConfig) -> Protection:
     return SecAggProtection(config.secagg)
 
 
-def planned_rounds(rounds: int, client_fraction: float, quantile: float) -> int:
-    """Rounds a client is planned to train in: a quantile of Binomial(rounds, client_fraction)."""
-    if client_fraction >= 1.0:
+def planned_rounds(rounds: int, client_fraction: float, quantile: float, num_clients: int | None = None) -> int:
+    """Rounds a client is planned to train in: a quantile of Binomial(rounds, p).
+
+    p is the chance a client is sampled in a round: ``client_fraction``, or, for fixed-size
+    sampling of ``num_clients``, max(1, round(client_fraction * num_clients)) / num_clients.
+    """
+    p = client_fraction
+    if num_clients is not None:
+        p = max(1, round(client_fraction * num_clients)) / num_clients
+    if p >= 1.0:
         return rounds
-    return max(1, int(stats.binom.ppf(quantile, rounds, client_fraction)))
+    return max(1, int(stats.binom.ppf(quantile, rounds, p)))
+
+
+def public_config(config: Any) -> Any:
+    """A JSON-ready copy of a config dataclass without its secrets.
+
+    Fields declared ``repr=False`` (keys, identities) are left out; bytes become hex; enums their
+    values. ``dataclasses.asdict`` would deep-copy key objects into the summary.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: public_config(getattr(config, f.name)) for f in dataclasses.fields(config) if f.repr}
+    if isinstance(config, Enum):
+        return config.value
+    if isinstance(config, bytes):
+        return config.hex()
+    if isinstance(config, (list, tuple)):
+        return [public_config(v) for v in config]
+    if isinstance(config, dict):
+        return {str(k): public_config(v) for k, v in config.items()}
+    if config is None or isinstance(config, (bool, int, float, str)):
+        return config
+    return repr(config)
 
 
 def _json_default(value: Any) -> Any:
@@ -186,13 +219,24 @@ class Federation:
             client_dp, num_clients=num_clients, client_fraction=self.config.client_fraction, rounds=self.config.rounds
         )
         self._clip_norm = client_dp.clip_norm
-        for record in history:  # resumed: every finished round was a release, charged once each
+        for record in history:
+            # Resumed: every finished round was one release, charged at the noise it really used.
+            level = record.get("client_level")
+            if not level:
+                raise ConfigError("client_dp", "set", f"round {record['round']} of the run being resumed had no client-level DP")
             self._client_events.append(
-                DPEvent(noise_multiplier=self._client_plan.noise_multiplier, sample_rate=self._client_plan.sample_rate, steps=1)
+                DPEvent(noise_multiplier=level["accounted_noise_multiplier"], sample_rate=level["sample_rate"], steps=1)
             )
         if history and history[-1].get("client_level"):
             last = history[-1]["client_level"]
             self._clip_norm = last.get("next_clip_norm", last["clip_norm"])
+
+    def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int | None:
+        """Seed of a DP noise stream: from ``noise_seed`` in simulations, else fresh OS entropy."""
+        if self.config.noise_seed is None:
+            return secrets.randbits(63)
+        state = np.random.SeedSequence([self.config.noise_seed, round_index, client_index, purpose]).generate_state(2)
+        return int(state[0]) << 31 ^ int(state[1])
 
     def _initial_model(self) -> tuple[nn.Module, bool]:
         torch.manual_seed(self.config.seed)
@@ -213,7 +257,13 @@ class Federation:
 
     def _plans(self) -> list[_ClientPlan]:
         dp = self.training.dp
-        rounds = planned_rounds(self.config.rounds, self.config.client_fraction, dp.planned_participation_quantile)
+        fixed_size = self.config.client_dp is None or self.config.client_dp.sampling is ClientSampling.FIXED
+        rounds = planned_rounds(
+            self.config.rounds,
+            self.config.client_fraction,
+            dp.planned_participation_quantile,
+            num_clients=len(self.clients) if fixed_size else None,
+        )
         cache: dict[tuple[float, int], float] = {}
         plans = []
         for index, (name, dataset) in enumerate(self.clients.items()):
@@ -259,7 +309,8 @@ class Federation:
         protection = build_protection(self.config)
         dp = self.training.dp
 
-        ledger, history, start_round = self._restore(out, resume, global_params)
+        self._check_protection(protection, len(plans))
+        ledger, history, start_round = self._restore(out, resume, global_params, self._fingerprint(plans))
         self._plans_by_name = {plan.name: plan for plan in plans}
         self._setup_client_dp(len(plans), history)
         if start_round > 0:
@@ -278,8 +329,9 @@ class Federation:
                 global_params = record.pop("_parameters")
                 history.append(record)
                 if out is not None:
-                    self._save_checkpoint(out, round_index, global_params)
+                    # History first: a checkpoint never exists for a round whose record is missing.
                     _atomic_write_json(out / HISTORY_FILE, history)
+                    self._save_checkpoint(out, round_index, global_params)
                 progress.advance(record)
 
         load_flat_parameters(model, global_params)
@@ -323,7 +375,7 @@ class Federation:
                 continue
             local_model = self._fresh_model(needs_fix)
             load_flat_parameters(local_model, global_params)
-            seed = int(np.random.SeedSequence([self.config.seed, round_index, plan.index]).generate_state(1)[0])
+            seed = self._noise_seed(round_index, plan.index, 0)
             result = train_dp_sgd(
                 local_model, plan.dataset, config=self.training, noise_multiplier=plan.noise_multiplier, device=self.device, seed=seed
             )
@@ -334,15 +386,16 @@ class Federation:
                 ledger.save(out / LEDGER_FILE)
             updates[plan.name] = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
             losses.append(result.mean_loss)
-        unclipped = 0
         if client_dp is not None:
-            updates, unclipped = self._clip_and_noise(round_index, updates, protection)
+            updates, _ = self._clip_and_noise(round_index, updates, protection)
 
         dropped: dict[str, str] = {}
         contributors: tuple[str, ...] = ()
         aborted = None
         upload: dict[str, int] = {}
         if updates:
+            if client_dp is not None and self.config.protection is not ProtectionKind.SECAGG:
+                protection.release_noise = self._central_noise(round_index, len(global_params))
             try:
                 outcome = protection.run_round(round_index, updates, self.transport)
             except ProtocolAbort as exc:
@@ -355,18 +408,24 @@ class Federation:
                 upload = dict(outcome.upload_bytes)
                 average = outcome.average
                 if client_dp is not None:
-                    average = self._release(round_index, outcome, protection, len(global_params))
+                    average = self._release(outcome, len(global_params))
                 global_params = (global_params + self.config.server_learning_rate * average).astype(np.float32)
         client_level = None
         if client_dp is not None:
-            self._client_events.append(
-                DPEvent(noise_multiplier=self._client_plan.noise_multiplier, sample_rate=self._client_plan.sample_rate, steps=1)
-            )
+            # Charged every round, released or not (conservative: a round with no participant
+            # or an aborted protocol still counts).
+            plan = self._client_plan
+            self._client_events.append(DPEvent(noise_multiplier=plan.accounted_noise_multiplier, sample_rate=plan.sample_rate, steps=1))
             client_level = {
-                "epsilon": epsilon_of_events(self._client_events, delta=client_dp.delta, accountant=client_dp.accountant),
+                "epsilon": _finite_or_none(
+                    epsilon_of_events(self._client_events, delta=client_dp.delta, accountant=client_dp.accountant)
+                ),
                 "delta": client_dp.delta,
+                "accounted_noise_multiplier": plan.accounted_noise_multiplier,
+                "sample_rate": plan.sample_rate,
                 "clip_norm": self._clip_norm,
-                "unclipped_clients": unclipped,
+                # only the noised fraction: the exact count is what the bit noise protects
+                "unclipped_fraction_noised": self._unclipped_fraction if client_dp.adaptive and contributors else None,
             }
             if client_dp.adaptive and contributors:
                 self._clip_norm = next_clip_norm(
@@ -388,6 +447,8 @@ class Federation:
             eval_model = self._fresh_model(needs_fix)
             load_flat_parameters(eval_model, global_params)
             test_loss, test_accuracy = evaluate(eval_model, self.test_set, device=self.device)
+        if out is not None:
+            ledger.save(out / LEDGER_FILE)  # skips and drop notes reach disk with the round
         epsilons = {plan.name: ledger.epsilon(plan.name) for plan in plans}
         return {
             "round": round_index,
@@ -400,8 +461,8 @@ class Federation:
             "train_loss": _finite_or_none(float(np.mean(losses)) if losses else math.nan),
             "test_loss": _finite_or_none(test_loss),
             "test_accuracy": _finite_or_none(test_accuracy),
-            "epsilon": epsilons,
-            "max_epsilon": max(epsilons.values()),
+            "epsilon": {name: _finite_or_none(value) for name, value in epsilons.items()},
+            "max_epsilon": _finite_or_none(max(epsilons.values())),
             "client_level": client_level,
             "upload_bytes": upload,
             "seconds": time.perf_counter() - t0,
@@ -435,10 +496,12 @@ class Federation:
         for name, update in updates.items():
             clipped, within = clip_update(update.delta, self._clip_norm)
             unclipped += int(within)
-            vector = np.concatenate([clipped, [float(within)]]) if adaptive else clipped
+            # The bit is centred (+-1/2): one client then moves the bit sum by 1/2, the
+            # sensitivity the noise split of Andrew et al. assumes.
+            vector = np.concatenate([clipped, [float(within) - 0.5]]) if adaptive else clipped
             if distributed:
                 index = self._plans_by_name[name].index
-                rng = np.random.default_rng([self.config.seed, round_index, index, 1])
+                rng = np.random.default_rng(self._noise_seed(round_index, index, 1))
                 noise = distributed_noise(len(clipped), total_std=plan.delta_noise_multiplier * self._clip_norm, threshold=threshold, rng=rng)
                 vector = vector.copy()
                 vector[: len(clipped)] += noise
@@ -448,23 +511,62 @@ class Federation:
             out[name] = ClientUpdate(delta=vector, weight=1.0)
         return out, unclipped
 
-    def _release(self, round_index: int, outcome, protection: Protection, dim: int) -> np.ndarray:
-        """Server/key-holder side of DP-FedAvg: noisy sum (unless distributed) over the fixed denominator."""
+    def _central_noise(self, round_index: int, dim: int):
+        """The noise the plaintext server or CKKS key holder adds to the sum before releasing it."""
         plan = self._client_plan
         adaptive = self.config.client_dp.adaptive
-        total = outcome.average * outcome.total_weight
-        if self.config.protection is not ProtectionKind.SECAGG:
-            rng = np.random.default_rng([self.config.seed, round_index, 2**31 - 1])
-            total = total.copy()
-            total[:dim] += rng.normal(0.0, plan.delta_noise_multiplier * self._clip_norm, size=dim)
+        clip_norm = self._clip_norm
+        rng = np.random.default_rng(self._noise_seed(round_index, 2**20, 2))
+
+        def add_noise(total: np.ndarray) -> np.ndarray:
+            noised = total.astype(np.float64, copy=True)
+            noised[:dim] += rng.normal(0.0, plan.delta_noise_multiplier * clip_norm, size=dim)
             if adaptive:
-                total[dim] += rng.normal(0.0, plan.bit_noise_std)
-        if adaptive:
-            self._unclipped_fraction = float(total[dim]) / plan.expected_clients
+                noised[dim] += rng.normal(0.0, plan.bit_noise_std)
+            return noised
+
+        return add_noise
+
+    def _release(self, outcome, dim: int) -> np.ndarray:
+        """DP-FedAvg average over the fixed denominator; the sum arrives already noised."""
+        plan = self._client_plan
+        total = outcome.average * outcome.total_weight
+        if self.config.client_dp.adaptive:
+            self._unclipped_fraction = float(total[dim]) / plan.expected_clients + 0.5
         return total[:dim] / plan.expected_clients
 
     # -- persistence -------------------------------------------------------------------------------
-    def _restore(self, out: Path | None, resume: bool, params: np.ndarray) -> tuple[PrivacyLedger, list[dict[str, Any]], int]:
+    def _check_protection(self, protection: Protection, num_clients: int) -> None:
+        """Surfaces protocol settings that cannot fit this federation before anyone trains."""
+        if self.config.protection is ProtectionKind.SECAGG:
+            from privfl.protocols.secagg import Quantizer
+
+            cfg = protection.config
+            cfg.resolve_threshold(num_clients)
+            # Overflow grows with the number of clients: check the largest round possible.
+            Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
+
+    def _fingerprint(self, plans: list[_ClientPlan]) -> dict[str, Any]:
+        """What identifies a run: its settings (but the number of rounds) and each client's data.
+
+        A resumed run must be the same run: with other settings, a different seed or other data
+        behind the same client names, the ledger's per-record epsilon would no longer describe
+        the records actually used.
+        """
+        federation = public_config(self.config)
+        federation.pop("rounds", None)
+        clients = {}
+        for plan in plans:
+            digest = hashlib.sha256(str(len(plan.dataset)).encode())
+            indices = getattr(plan.dataset, "indices", None)
+            if indices is not None:
+                digest.update(np.asarray(indices, dtype=np.int64).tobytes())
+            clients[plan.name] = digest.hexdigest()
+        return {"training": public_config(self.training), "federation": federation, "clients": clients}
+
+    def _restore(
+        self, out: Path | None, resume: bool, params: np.ndarray, fingerprint: dict[str, Any]
+    ) -> tuple[PrivacyLedger, list[dict[str, Any]], int]:
         fresh = PrivacyLedger(accountant=self.training.dp.accountant)
         if out is None:
             if resume:
@@ -477,16 +579,27 @@ class Federation:
                     "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
                 )
             out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_json(out / RUN_FILE, fingerprint)
             return fresh, [], 0
         if not ledger_path.exists():
             raise ConfigError("out_dir", str(out), "holds no run to resume (no ledger.json)")
+        recorded = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else None
+        if recorded != json.loads(json.dumps(fingerprint, default=_json_default)):
+            changed = sorted(k for k in fingerprint if recorded is None or recorded.get(k) != fingerprint[k])
+            raise ConfigError(
+                "resume", str(out), f"the run there was made with other settings or data ({', '.join(changed)} differ); "
+                "resume it with the same config, or start a new run directory"
+            )
         ledger = PrivacyLedger.load(ledger_path)
         if ledger.accountant is not self.training.dp.accountant:
             raise ConfigError("dp.accountant", self.training.dp.accountant.value, f"the run used {ledger.accountant.value}")
         history = json.loads((out / HISTORY_FILE).read_text()) if (out / HISTORY_FILE).exists() else []
-        checkpoints = sorted((out / CHECKPOINT_DIR).glob("round-*.pt")) if (out / CHECKPOINT_DIR).exists() else []
-        done = int(checkpoints[-1].stem.split("-")[1]) + 1 if checkpoints else 0
+        pattern = re.compile(r"round-(\d{4,})\.pt")
+        found = [pattern.fullmatch(p.name) for p in (out / CHECKPOINT_DIR).glob("round-*.pt")] if (out / CHECKPOINT_DIR).exists() else []
+        done = max((int(m.group(1)) for m in found if m), default=-1) + 1
         history = [h for h in history if h["round"] < done]
+        if len(history) != done:
+            raise ConfigError("out_dir", str(out), f"history.json holds {len(history)} of the {done} checkpointed rounds")
         log.info("resuming %s after round %d", out, done - 1)
         return ledger, history, done
 
@@ -521,7 +634,7 @@ class Federation:
         clients = {}
         for plan in plans:
             clients[plan.name] = {
-                "epsilon": ledger.epsilon(plan.name),
+                "epsilon": _finite_or_none(ledger.epsilon(plan.name)),
                 "delta": ledger.budget(plan.name).delta,
                 "epsilon_budget": _finite_or_none(ledger.budget(plan.name).epsilon),
                 "rounds_trained": ledger.rounds(plan.name, LedgerStatus.TRAINED),
@@ -536,9 +649,12 @@ class Federation:
         if self.config.client_dp is not None:
             plan = self._client_plan
             client_level = {
-                "epsilon": epsilon_of_events(self._client_events, delta=self.config.client_dp.delta, accountant=self.config.client_dp.accountant),
+                "epsilon": _finite_or_none(
+                    epsilon_of_events(self._client_events, delta=self.config.client_dp.delta, accountant=self.config.client_dp.accountant)
+                ),
                 "delta": self.config.client_dp.delta,
                 "noise_multiplier": plan.noise_multiplier,
+                "accounted_noise_multiplier": plan.accounted_noise_multiplier,
                 "delta_noise_multiplier": plan.delta_noise_multiplier,
                 "bit_noise_std": plan.bit_noise_std,
                 "sample_rate": plan.sample_rate,
@@ -565,8 +681,11 @@ class Federation:
             "upload_expansion_over_float32": None if upload_mean is None else upload_mean / plaintext_bytes,
             "device": str(self.device),
             "seconds": seconds,
-            "training": asdict(self.training),
-            "federation": asdict(self.config),
+            "noise": "reproducible from federation.noise_seed (simulation only)"
+            if self.config.noise_seed is not None
+            else "fresh OS entropy (not reproducible, not predictable from the config)",
+            "training": public_config(self.training),
+            "federation": public_config(self.config),
         }
 
 

@@ -41,6 +41,17 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
             str(c["rounds_dropped"]),
         )
     console.print(table)
+    level = s.get("client_level")
+    if level:
+        eps = "inf" if level["epsilon"] is None else f"{level['epsilon']:.3f}"
+        console.print(
+            f"client-level DP (a whole site's participation): epsilon {eps} at delta {level['delta']:g}, "
+            f"noise {level['noise']}"
+        )
+    else:
+        console.print("client-level DP: none (a whole site's participation is not protected; see docs/client-dp.md)")
+    if "noise" in s:
+        console.print(f"DP noise: {s['noise']}")
     up = s["upload_bytes_per_client_round"]
     if up is not None:
         console.print(

@@ -38,8 +38,9 @@ def split_clients(config: RunConfig, split: DatasetSplit) -> dict:
     data = config.data
     seed = config.federation.seed
     if data.partition is PartitionKind.GROUP:
-        if split.train.groups is None:
-            raise ConfigError("data.group_column", data.group_column, f"dataset {split.name} has no group column")
+        if split.train.groups is None or data.group_column != split.train.group_name:
+            available = split.train.group_name or "none"
+            raise ConfigError("data.group_column", data.group_column, f"dataset {split.name} has group column: {available}")
         groups = group_partition(split.train.groups)
         if data.num_clients != len(groups):
             raise ConfigError("data.num_clients", data.num_clients, f"the group column has {len(groups)} groups")

@@ -11,6 +11,7 @@ accounting spans every round the client takes part in.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from privfl.accounting import DPEvent
 from privfl.config import ClippingMode, TrainingConfig
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, ProtocolError
 
 __all__ = [
     "LocalResult",
@@ -137,6 +138,34 @@ def sampling_plan(num_examples: int, config: TrainingConfig) -> tuple[float, int
     return 1.0 / batches, config.local_epochs * batches
 
 
+def _poisson_loader(dataset: Dataset, sample_rate: float, steps: int, seed: int) -> DataLoader:
+    """Poisson sampling with an explicit number of steps and its own generator.
+
+    Opacus' own loader derives the steps as int(1 / q), which for some batch counts (93, 99, ...)
+    is one fewer than 1 / q in floating point; the plan fixes both. Empty batches come out as
+    zero-length tensors of the right shape.
+    """
+    from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.utils.data.dataloader import default_collate
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset),
+        sample_rate=sample_rate,
+        generator=torch.Generator().manual_seed(seed ^ 0x5A5A5A5A),
+        steps=steps,
+    )
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate,
+        batch_first=True,
+        rand_on_empty=False,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first],
+    )
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
 def flatten_parameters(model: nn.Module) -> np.ndarray:
     """All trainable parameters, in ``model.parameters()`` order, as one float32 vector."""
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters() if p.requires_grad]).numpy()
@@ -167,7 +196,7 @@ def train_dp_sgd(
     config: TrainingConfig,
     noise_multiplier: float,
     device: torch.device,
-    seed: int,
+    seed: int | None = None,
 ) -> LocalResult:
     """Trains ``model`` in place with DP-SGD on ``dataset`` for one round.
 
@@ -178,7 +207,8 @@ def train_dp_sgd(
         config: local training settings (epochs, batch size, learning rate, clipping norm).
         noise_multiplier: sigma for this client (calibrated by the federation).
         device: where to train.
-        seed: seeds batch sampling and noise, for reproducible simulations.
+        seed: seeds batch sampling and noise, for reproducible simulations; ``None`` (the
+            default) draws a fresh seed from the OS, so nobody can regenerate the noise.
 
     Returns:
         The update and the DP event to charge.
@@ -194,17 +224,24 @@ def train_dp_sgd(
     start = flatten_parameters(model)
     model.train()
 
+    if seed is None:
+        # Unpredictable to anyone who reads the run's config. torch's generator is not a CSPRNG,
+        # but its seed comes from the OS's cryptographic source.
+        seed = secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+    loader = _poisson_loader(dataset, sample_rate, steps // config.local_epochs, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
-        # Simulation noise comes from a seeded torch generator; Opacus' secure_mode needs
-        # torchcsprng, which is unmaintained. The warning says so on every round.
+        # Opacus' secure_mode needs torchcsprng, which is unmaintained; the noise generator is
+        # seeded from the OS instead (or from the simulation's noise_seed). The warning says so
+        # on every round.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         engine = PrivacyEngine(accountant="prv")
         mode = "ghost" if clipping is ClippingMode.GHOST else "hooks"
+        # The loader already samples with probability q for exactly the planned number of steps
+        # (poisson_sampling=False keeps Opacus from re-wrapping it); Opacus reads q = 1/len(loader).
         made = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -212,7 +249,7 @@ def train_dp_sgd(
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=config.dp.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,
             noise_generator=generator,
             grad_sample_mode=mode,
         )
@@ -227,17 +264,23 @@ def train_dp_sgd(
             for inputs, labels in private_loader:
                 inputs, labels = inputs.to(device), labels.to(device)
                 private_optimizer.zero_grad(set_to_none=True)
-                if len(labels) == 0:
-                    # An empty Poisson batch still takes a (pure-noise) step, as the analysis assumes.
-                    private_optimizer.step()
-                    continue
-                loss = private_criterion(private_model(inputs), labels)
-                loss.backward()
+                outputs = private_model(inputs)
+                if len(labels) == 0 and mode == "hooks":
+                    # An empty Poisson batch still takes a step: zero clipped gradients plus noise,
+                    # as the analysis assumes. A zero loss on the empty output creates the
+                    # (empty) per-example gradients Opacus needs.
+                    (outputs.sum() * 0.0).backward()
+                else:
+                    loss = private_criterion(outputs, labels)
+                    loss.backward()
+                    if len(labels):
+                        losses.append(float(loss.detach()))
                 private_optimizer.step()
-                losses.append(float(loss.detach()))
     taken = sum(n for _, _, n in engine.accountant.history)
     if taken != steps or any(abs(q - sample_rate) > 1e-12 for _, q, _ in engine.accountant.history):
-        raise RuntimeError(f"DP-SGD took {taken} steps at {engine.accountant.history}, planned {steps} at q={sample_rate}")
+        # Cannot happen with the loader above; if Opacus ever changes how it counts, the ledger
+        # must not silently under-charge.
+        raise ProtocolError(f"DP-SGD took {taken} steps at {engine.accountant.history}, planned {steps} at q={sample_rate}")
     private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
     delta = flatten_parameters(model) - start
     return LocalResult(

@@ -5,7 +5,7 @@ Roles and threat model:
 * The **key holder** (run at one client site, or by a separate key dealer that does not collude
   with the server) creates the CKKS context with its secret key. It publishes only the public
   context (encryption key and parameters; no secret key, no relinearisation or Galois keys are
-  needed since aggregation only adds).
+  needed since aggregation only adds, and none are shipped).
 * **Clients** encrypt with the public key. Each client packs ``[n_k * delta_k, n_k]`` across as many
   ciphertexts as the model needs (N/2 values each), so any model size works.
 * The **server** holds the public context only. It deserializes each client's ciphertexts, checks
@@ -53,6 +53,15 @@ def require_tenseal():
     return tenseal
 
 
+def _load_context(data: bytes):
+    """Deserializes a TenSEAL context, or raises ConfigError (SEAL raises several types)."""
+    ts = require_tenseal()
+    try:
+        return ts.context_from(data)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError("public_context", f"<{len(data)} bytes>", f"is not a TenSEAL context ({type(exc).__name__})") from None
+
+
 def _num_ciphertexts(dim: int, slots: int) -> int:
     # One extra slot carries the weight n_k.
     return math.ceil((dim + 1) / slots)
@@ -81,7 +90,10 @@ class CkksKeyHolder:
         self._secret_context.global_scale = 2.0**config.scale_bits
         public = self._secret_context.copy()
         public.make_context_public()
-        self._public_bytes: bytes = public.serialize(save_public_key=True, save_secret_key=False)
+        # Additions need neither relinearisation nor Galois keys: they are not shipped.
+        self._public_bytes: bytes = public.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+        )
 
     def __repr__(self) -> str:
         return f"CkksKeyHolder(config={self.config!r}, secret_key=<hidden>)"
@@ -134,9 +146,8 @@ class CkksClient:
     """
 
     def __init__(self, public_context: bytes, config: CkksConfig) -> None:
-        ts = require_tenseal()
         self.config = config
-        self._context = ts.context_from(public_context)
+        self._context = _load_context(public_context)
         if self._context.has_secret_key():
             raise ConfigError("public_context", "<context with secret key>", "encrypting clients get the public context only")
         self._context.global_scale = 2.0**config.scale_bits
@@ -174,10 +185,9 @@ class CkksServer(OneShotServer):
     """
 
     def __init__(self, public_context: bytes, config: CkksConfig, dim: int) -> None:
-        ts = require_tenseal()
         self.config = config
         self.dim = dim
-        self.context = ts.context_from(public_context)
+        self.context = _load_context(public_context)
         if self.context.has_secret_key():
             raise ConfigError("public_context", "<context with secret key>", "the server must never hold the secret key")
         self.count = _num_ciphertexts(dim, config.slots)
@@ -266,6 +276,9 @@ class CkksProtection(OneShotProtection):
             raise ProtocolAbort(f"round {round_index}: the key holder could not decrypt the aggregate") from exc
         if not total_weight > 0:
             raise ProtocolAbort(f"round {round_index}: decrypted total weight {total_weight} is not positive")
+        if self.release_noise is not None:
+            # Central DP noise is added here, by the key holder, before the average leaves it.
+            weighted_sum = self.release_noise(weighted_sum)
         average_message = encode_average(round_index, weighted_sum / total_weight, total_weight)
         delivered = transport.deliver(KEY_HOLDER, "clients", "average", average_message)
         if delivered is None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import struct
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from privfl.errors import MessageError, ProtocolAbort
+from privfl.errors import MessageError, PrivflError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
 from privfl.protocols.wire import decode_frame, encode_frame
 
@@ -101,7 +101,15 @@ def decode_average(round_index: int, message: bytes, dim: int) -> tuple[np.ndarr
 
 
 class OneShotProtection(Protection):
-    """A protection whose clients send one message each per round."""
+    """A protection whose clients send one message each per round.
+
+    Attributes:
+        release_noise: optional ``f(weighted_sum) -> noised_sum`` applied by whoever first sees the
+            decoded sum (the plaintext server, the CKKS key holder) before it is released to
+            anyone else: central DP noise is in place before the sum leaves that party.
+    """
+
+    release_noise: Callable[[np.ndarray], np.ndarray] | None = None
 
     @abstractmethod
     def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
@@ -127,7 +135,13 @@ class OneShotProtection(Protection):
         dropped: dict[str, str] = {}
         arrived: dict[str, bytes] = {}
         for client, update in updates.items():
-            message = self._protect(round_index, client, update, len(updates))
+            try:
+                message = self._protect(round_index, client, update, len(updates))
+            except PrivflError as exc:
+                # e.g. a value too large for the CKKS parameters: that client is dropped, loudly,
+                # and the round goes on; its budget was already charged (its data was used).
+                dropped[client] = f"could not protect the update: {exc}"
+                continue
             upload[client] = len(message)
             received = transport.deliver(client, SERVER, "update", message)
             if received is None:

@@ -29,8 +29,9 @@ _WEIGHT = struct.Struct(">d")
 class PlaintextServer(OneShotServer):
     """Sums float32 updates (weighted by n_k) in float64."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, release_noise=None) -> None:
         self.dim = dim
+        self.release_noise = release_noise
         self._sum = np.zeros(dim)
         self._weight = 0.0
 
@@ -50,15 +51,21 @@ class PlaintextServer(OneShotServer):
         delta = np.frombuffer(frame.parts[1], dtype="<f4")
         if not (np.isfinite(weight) and weight > 0) or not np.all(np.isfinite(delta)):
             raise MessageError("update holds a non-finite value or a non-positive weight", sender=sender)
-        return weight, delta
+        with np.errstate(over="ignore"):
+            weighted = weight * delta.astype(np.float64)
+        if not np.all(np.isfinite(weighted)):
+            # Finite parts can still overflow together (a weight of 1e300): refuse before the sum sees it.
+            raise MessageError("weighted update overflows", sender=sender)
+        return weight, weighted
 
     def _add(self, parsed: tuple[float, np.ndarray]) -> None:
-        weight, delta = parsed
-        self._sum += weight * delta.astype(np.float64)
+        weight, weighted = parsed
+        self._sum += weighted
         self._weight += weight
 
     def _payload(self, round_index: int) -> bytes:
-        return encode_frame(KIND_AGGREGATE, round_index, SERVER, [_WEIGHT.pack(self._weight), self._sum.astype("<f8").tobytes()])
+        total = self._sum if self.release_noise is None else self.release_noise(self._sum)
+        return encode_frame(KIND_AGGREGATE, round_index, SERVER, [_WEIGHT.pack(self._weight), total.astype("<f8").tobytes()])
 
 
 class PlaintextProtection(OneShotProtection):
@@ -72,7 +79,8 @@ class PlaintextProtection(OneShotProtection):
         )
 
     def _server(self, dim: int) -> PlaintextServer:
-        return PlaintextServer(dim)
+        # Central DP noise, when set, is added by the server to the sum before it leaves.
+        return PlaintextServer(dim, self.release_noise)
 
     def _finalize(self, round_index: int, aggregate: bytes, dim: int, transport: Transport) -> tuple[np.ndarray, float, int]:
         received = transport.deliver(SERVER, "clients", "aggregate", aggregate)
@@ -80,9 +88,12 @@ class PlaintextProtection(OneShotProtection):
             raise ProtocolAbort(f"round {round_index}: the aggregate was lost on its way to the clients")
         try:
             frame = decode_frame(received, kind=KIND_AGGREGATE, round_index=round_index, max_bytes=8 * dim + 1024)
-            if len(frame.parts) != 2 or len(frame.parts[1]) != 8 * dim:
+            if len(frame.parts) != 2 or len(frame.parts[0]) != 8 or len(frame.parts[1]) != 8 * dim:
                 raise MessageError("aggregate has the wrong shape", sender=SERVER)
         except MessageError as exc:
             raise ProtocolAbort(f"round {round_index}: the aggregate is malformed ({exc.reason})") from exc
         (weight,) = _WEIGHT.unpack(frame.parts[0])
-        return np.frombuffer(frame.parts[1], dtype="<f8").copy(), weight, len(received)
+        total = np.frombuffer(frame.parts[1], dtype="<f8").copy()
+        if not (np.isfinite(weight) and weight > 0 and np.all(np.isfinite(total))):
+            raise ProtocolAbort(f"round {round_index}: the aggregate holds non-finite values")
+        return total, weight, len(received)

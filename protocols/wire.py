@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from privfl.errors import MessageError
+from privfl.errors import MessageError, ProtocolError
 
 __all__ = ["Frame", "encode_frame", "decode_frame", "MAX_MESSAGE_BYTES"]
 
@@ -44,6 +44,8 @@ def encode_frame(kind: int, round_index: int, sender: str, parts: list[bytes] | 
         The framed bytes.
     """
     sender_bytes = sender.encode("utf-8")
+    if not 0 <= kind < 256 or not 0 <= round_index < 2**32 or len(sender_bytes) >= 2**16:
+        raise ProtocolError(f"cannot frame kind={kind}, round={round_index}, sender of {len(sender_bytes)} bytes")
     chunks = [_HEADER.pack(_MAGIC, kind, round_index, len(sender_bytes)), sender_bytes, _PART_COUNT.pack(len(parts))]
     for part in parts:
         chunks.append(_PART_LEN.pack(len(part)))

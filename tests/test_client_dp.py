@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from privfl.accounting import epsilon
+from privfl.accounting import DPEvent, epsilon, epsilon_of_events
 from privfl.client_dp import (
     clip_update,
     delta_noise_multiplier,
@@ -121,3 +121,123 @@ def test_client_dp_config_errors():
     assert info.value.field == "target_quantile"
     with pytest.raises(ConfigError):
         ClientDPConfig()
+
+
+def test_adaptive_split_matches_an_independent_accountant():
+    # Releasing the update sum (noise z_delta S, sensitivity S) and the centred bit sum (noise
+    # sigma_b, sensitivity 1/2) is one Gaussian mechanism of multiplier z: check with dp-accounting.
+    dp_accounting = pytest.importorskip("dp_accounting")
+    z, sigma_b, q, rounds, delta = 1.0, 2.5, 0.2, 40, 1e-5
+    z_delta = delta_noise_multiplier(z, sigma_b)
+    both = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            q,
+            dp_accounting.ComposedDpEvent(
+                [dp_accounting.GaussianDpEvent(z_delta), dp_accounting.GaussianDpEvent(2 * sigma_b)]
+            ),
+        ),
+        rounds,
+    )
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(both)
+    ours = epsilon(noise_multiplier=z, sample_rate=q, steps=rounds, delta=delta, accountant="rdp")
+    assert ours == pytest.approx(acc.get_epsilon(delta), rel=0.01)
+
+
+def test_fixed_size_sampling_is_accounted_at_double_sensitivity():
+    config = ClientDPConfig(noise_multiplier=2.0, sampling=ClientSampling.FIXED)
+    plan = plan_client_dp(config, num_clients=10, client_fraction=0.8, rounds=5)
+    assert plan.accounted_noise_multiplier == 1.0 and plan.sample_rate == 1.0
+    target = plan_client_dp(ClientDPConfig(target_epsilon=3.0, sampling=ClientSampling.FIXED), num_clients=10, client_fraction=0.8, rounds=5)
+    reached = epsilon(noise_multiplier=target.accounted_noise_multiplier, sample_rate=1.0, steps=5, delta=1e-5)
+    assert reached <= 3.0 and target.noise_multiplier == pytest.approx(2 * target.accounted_noise_multiplier)
+
+
+class _Spy:
+    """Records every message (and lets it through)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def deliver(self, sender, receiver, step, payload):
+        self.seen.append((sender, receiver, step, payload))
+        return payload
+
+
+@pytest.mark.parametrize("protection", [ProtectionKind.PLAINTEXT, ProtectionKind.CKKS])
+def test_central_noise_is_in_place_before_the_sum_leaves(credit_clients, protection):
+    from privfl.protocols.oneshot import decode_average
+    from privfl.protocols.wire import decode_frame
+
+    split, clients = credit_clients
+    spy = _Spy()
+    clip = 0.05
+    fed = Federation(
+        model_fn=lambda: LogisticRegression(8, 2),
+        clients=clients,
+        test_set=split.test,
+        training=TrainingConfig(batch_size=32, learning_rate=1.0, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(
+            rounds=1, protection=protection, noise_seed=1,
+            client_dp=ClientDPConfig(noise_multiplier=4.0, clip_norm=clip, adaptive=True, sampling=ClientSampling.FIXED),
+        ),
+        transport=spy,
+        progress=False,
+    )
+    fed.run()
+    dim = 18 + 1  # LogisticRegression(8, 2) parameters and the centred bit
+    if protection is ProtectionKind.PLAINTEXT:
+        # the individual (plaintext) uploads carry clipped updates and a centred bit of +-1/2
+        uploads = [decode_frame(p, kind=1, round_index=0) for s, r, step, p in spy.seen if step == "update"]
+        vectors = [np.frombuffer(f.parts[1], "<f4").astype(np.float64) for f in uploads]
+        assert all(abs(v[-1]) == 0.5 and np.linalg.norm(v[:-1]) <= clip * 1.0001 for v in vectors)
+        exact = np.sum(vectors, axis=0)
+        released = [p for s, r, step, p in spy.seen if step == "aggregate"]
+        total = np.frombuffer(decode_frame(released[0], kind=2, round_index=0).parts[1], "<f8")
+    else:
+        released = [p for s, r, step, p in spy.seen if step == "average"]
+        average, weight = decode_average(0, released[0], dim)
+        total = average * weight
+        exact = None
+    assert len(released) == 1
+    if exact is not None:
+        noise = total[:-1] - exact[:-1]
+        plan = plan_client_dp(fed.config.client_dp, num_clients=len(clients), client_fraction=1.0, rounds=1)
+        expected = plan.delta_noise_multiplier * clip  # z_delta S per coordinate
+        assert 0.5 * expected < noise.std() < 2.0 * expected
+    else:
+        # with CKKS, clipped updates sum to at most 20 x S in norm; the noise (about 4 S per
+        # coordinate over 18 coordinates) dominates what the key holder releases
+        assert np.linalg.norm(total[:-1]) > 20 * clip
+
+
+def test_client_level_resume_uses_recorded_noise_and_refuses_other_settings(credit_clients, tmp_path):
+    split, clients = credit_clients
+
+    def fed(rounds, seed=0):
+        return Federation(
+            model_fn=lambda: LogisticRegression(8, 2),
+            clients=clients,
+            test_set=split.test,
+            training=TrainingConfig(batch_size=32, learning_rate=1.0, dp=DPConfig(noise_multiplier=1.0)),
+            federation=FederationConfig(
+                rounds=rounds, seed=seed, client_fraction=0.5, protection=ProtectionKind.PLAINTEXT,
+                client_dp=ClientDPConfig(target_epsilon=2.0, delta=1e-3, clip_norm=0.5),
+            ),
+            progress=False,
+        )
+
+    out = tmp_path / "run"
+    first = fed(2).run(out)
+    z2 = first.summary["client_level"]["accounted_noise_multiplier"]
+    with pytest.raises(ConfigError, match="other settings or data"):
+        fed(4, seed=1).run(out, resume=True)
+    resumed = fed(4).run(out, resume=True)
+    z4 = resumed.summary["client_level"]["accounted_noise_multiplier"]
+    assert z4 > z2  # a longer plan needs more noise per round...
+    expected = epsilon_of_events(
+        [DPEvent(noise_multiplier=z2, sample_rate=0.5, steps=2), DPEvent(noise_multiplier=z4, sample_rate=0.5, steps=2)],
+        delta=1e-3,
+    )
+    # ...but the first two rounds are charged at the noise they really used
+    assert resumed.summary["client_level"]["epsilon"] == pytest.approx(expected, rel=1e-9)

@@ -27,13 +27,17 @@ def clients(split):
     return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}
 
 
-def _federation(clients, split, *, dp=None, protection=ProtectionKind.PLAINTEXT, rounds=3, transport=None, fraction=1.0, seed=0):
+def _federation(
+    clients, split, *, dp=None, protection=ProtectionKind.PLAINTEXT, rounds=3, transport=None, fraction=1.0, seed=0, noise_seed=None
+):
     return Federation(
         model_fn=lambda: LogisticRegression(30, 2),
         clients=clients,
         test_set=split.test,
         training=TrainingConfig(batch_size=16, learning_rate=0.5, dp=dp or DPConfig(noise_multiplier=1.0)),
-        federation=FederationConfig(rounds=rounds, protection=protection, client_fraction=fraction, seed=seed),
+        federation=FederationConfig(
+            rounds=rounds, protection=protection, client_fraction=fraction, seed=seed, noise_seed=noise_seed
+        ),
         transport=transport,
         progress=False,
     )
@@ -96,10 +100,20 @@ def test_malformed_update_drops_that_client_and_the_round_completes(clients, spl
 
 
 def test_seed_reproduces_the_run(clients, split):
-    a = _federation(clients, split, rounds=2, fraction=0.5, seed=3).run()
-    b = _federation(clients, split, rounds=2, fraction=0.5, seed=3).run()
+    a = _federation(clients, split, rounds=2, fraction=0.5, seed=3, noise_seed=11).run()
+    b = _federation(clients, split, rounds=2, fraction=0.5, seed=3, noise_seed=11).run()
     assert [h["sampled"] for h in a.history] == [h["sampled"] for h in b.history]
     assert a.history[-1]["test_loss"] == b.history[-1]["test_loss"]
+    assert "reproducible" in a.summary["noise"]
+
+
+def test_noise_is_unpredictable_without_a_noise_seed(clients, split):
+    # Same public seed, no noise_seed: the sampling is the same, the DP noise is not.
+    a = _federation(clients, split, rounds=1, seed=3).run()
+    b = _federation(clients, split, rounds=1, seed=3).run()
+    assert [h["sampled"] for h in a.history] == [h["sampled"] for h in b.history]
+    assert a.history[-1]["test_loss"] != b.history[-1]["test_loss"]
+    assert "OS entropy" in a.summary["noise"]
 
 
 def test_resume_never_resets_a_budget(clients, split, tmp_path):

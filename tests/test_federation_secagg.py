@@ -82,3 +82,21 @@ def test_cli_accepts_secagg(tmp_path):
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protection"] == "secagg" and "dropped_clients" in summary
+
+
+def test_graph_degree_adapts_to_an_odd_round(setting):
+    # 5 clients with a configured degree of 3: no 3-regular graph on 5 vertices exists, so the
+    # round uses degree 2 instead of crashing the federation.
+    split, clients = setting
+    fed = Federation(
+        model_fn=lambda: LogisticRegression(30, 2),
+        clients=clients,
+        test_set=split.test,
+        training=TrainingConfig(batch_size=16, learning_rate=0.5, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=1, protection=ProtectionKind.SECAGG, secagg=SecAggConfig(threshold=2, neighbours=3)),
+        progress=False,
+    )
+    result = fed.run()
+    assert result.history[0]["aborted"] is None and len(result.history[0]["contributors"]) == 5
+    assert SecAggConfig(neighbours=3).round_neighbours(5) == 2
+    assert SecAggConfig(neighbours=8).round_neighbours(4) == 3

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from privfl.config import ClippingMode, DPConfig, TrainingConfig
-from privfl.data import load_breast_cancer
+from privfl.data import ArrayDataset, load_breast_cancer
 from privfl.errors import ConfigError
 from privfl.models import MLP, LogisticRegression
 from privfl.training import (
@@ -116,3 +116,33 @@ def test_dp_sgd_on_cuda(data):
     model = LogisticRegression(30, 2)
     result = train_dp_sgd(model, data.train, config=_config(), noise_multiplier=1.0, device=torch.device("cuda"), seed=0)
     assert np.isfinite(result.delta).all() and np.linalg.norm(result.delta) > 0
+
+
+def test_empty_poisson_batches_take_noise_only_steps():
+    # batch_size 1 on 10 examples: about a third of the batches are empty; each still takes a step.
+    data = ArrayDataset(np.random.default_rng(0).normal(size=(10, 4)), np.arange(10) % 2)
+    for mode in ("per_sample", "ghost"):
+        cfg = TrainingConfig(batch_size=1, learning_rate=0.1, dp=DPConfig(noise_multiplier=1.0, clipping=mode))
+        result = train_dp_sgd(MLP(4, 2, hidden=8), data, config=cfg, noise_multiplier=1.0, device=CPU, seed=0)
+        assert result.event.steps == 10 and np.isfinite(result.delta).all()
+
+
+@pytest.mark.parametrize("batches", [93, 99, 105])
+def test_batch_counts_where_one_over_q_rounds_down(batches):
+    # int(1 / (1 / 93)) == 92 in floating point: the loader must still take the planned 93 steps.
+    n = 16 * batches
+    data = ArrayDataset(np.random.default_rng(0).normal(size=(n, 3)), np.arange(n) % 2)
+    cfg = TrainingConfig(batch_size=16, dp=DPConfig(noise_multiplier=1.0))
+    result = train_dp_sgd(LogisticRegression(3, 2), data, config=cfg, noise_multiplier=1.0, device=CPU, seed=0)
+    assert result.event.steps == batches and result.event.sample_rate == 1 / batches
+
+
+def test_seed_controls_batch_sampling_too(data):
+    # The global torch RNG must not leak into the batches: same seed, different global state, same update.
+    deltas = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        model = LogisticRegression(30, 2)
+        torch.manual_seed(global_seed)
+        deltas.append(train_dp_sgd(model, data.train, config=_config(), noise_multiplier=1.0, device=CPU, seed=5).delta)
+    np.testing.assert_array_equal(deltas[0], deltas[1])

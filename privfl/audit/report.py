@@ -280,7 +280,7 @@ _NO_CLIENT_DP = (
 )
 
 
-def _client_level(summary: Mapping[str, Any], rounds: int) -> ClientLevelAudit:
+def _client_level(summary: Mapping[str, Any], rounds: int, history: Sequence[Mapping[str, Any]] = ()) -> ClientLevelAudit:
     settings = _client_dp_settings(summary)
     if settings is None:
         return ClientLevelAudit(
@@ -296,15 +296,29 @@ def _client_level(summary: Mapping[str, Any], rounds: int) -> ClientLevelAudit:
         # Fixed-size sampling is accounted without amplification (q = 1), as the federation does.
         q = fraction if (settings.get("sampling") or "poisson") == "poisson" else 1.0
         recorded_level = summary.get("client_level")
-        z = settings.get("noise_multiplier")
-        if z is None and isinstance(recorded_level, Mapping) and recorded_level.get("noise_multiplier"):
-            # The federation records the z it calibrated; accounting it again checks the epsilon.
-            z = recorded_level["noise_multiplier"]
-        if z is None:
-            planned = int(federation.get("rounds", rounds) or rounds)
-            z = calibrate(target_epsilon=float(settings["target_epsilon"]), sample_rate=q, steps=max(planned, 1), delta=delta, accountant=kind)
+        fixed = (settings.get("sampling") or "poisson") != "poisson"
+        if isinstance(recorded_level, Mapping) and recorded_level.get("accounted_noise_multiplier"):
+            # The federation records what it charged per round; accounting it again checks the epsilon.
+            z = float(recorded_level["accounted_noise_multiplier"])
+        else:
+            z = settings.get("noise_multiplier")
+            if z is None:
+                planned = int(federation.get("rounds", rounds) or rounds)
+                z = calibrate(target_epsilon=float(settings["target_epsilon"]), sample_rate=q, steps=max(planned, 1), delta=delta, accountant=kind)
+            elif fixed:
+                # Fixed-size sampling: one client can move the sum by 2S (it may displace another).
+                z = float(z) / 2
         z = float(z)
-        eps = _epsilon([DPEvent(noise_multiplier=z, sample_rate=q, steps=rounds)], delta, kind)
+        per_round = [h.get("client_level") for h in history]
+        if per_round and all(isinstance(level, Mapping) and "accounted_noise_multiplier" in level for level in per_round):
+            # Each round as it was charged (a resumed, extended run changes z between rounds).
+            events = [
+                DPEvent(noise_multiplier=float(level["accounted_noise_multiplier"]), sample_rate=float(level["sample_rate"]), steps=1)
+                for level in per_round
+            ]
+        else:
+            events = [DPEvent(noise_multiplier=z, sample_rate=q, steps=rounds)]
+        eps = _epsilon(events, delta, kind)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError("summary.client_dp", dict(settings), f"cannot be accounted: {exc}") from None
     explanation = (
@@ -723,7 +737,7 @@ def audit_run(
     clients, rounds, recorded = _client_audits(ledger, summary, history, primary, cross)
     if primary is not ledger.accountant:
         recorded = {}  # the recorded figures used another accountant; comparing them would be meaningless
-    client_level = _client_level(summary, rounds)
+    client_level = _client_level(summary, rounds, history)
     findings = tuple(
         _findings(
             clients=clients,

@@ -90,13 +90,26 @@ class SecAggConfig:
                 if not isinstance(identity, IdentityKey):
                     raise ConfigError("identities", u, f"must be an IdentityKey, not {type(identity).__name__}")
 
+    def round_neighbours(self, num_clients: int) -> int | None:
+        """The SecAgg+ degree for a round of ``num_clients`` (client counts vary between rounds).
+
+        k is capped at n - 1 and, when n is odd, made even (no k-regular graph on an odd number
+        of vertices has odd k); ``None`` stays the complete graph.
+        """
+        if self.neighbours is None or num_clients < 2:
+            return self.neighbours
+        k = min(self.neighbours, num_clients - 1)
+        if k % 2 == 1 and num_clients % 2 == 1 and k != num_clients - 1:
+            k -= 1
+        return k if k >= 1 else None
+
     def resolve_threshold(self, num_clients: int) -> int:
         """The integer threshold for a round of ``num_clients``.
 
         Raises:
             ConfigError: the graph degree is invalid for ``num_clients``.
         """
-        holders = check_neighbours(self.neighbours, num_clients) + 1
+        holders = check_neighbours(self.round_neighbours(num_clients), num_clients) + 1
         if isinstance(self.threshold, int):
             return self.threshold
         return max(2, math.ceil(self.threshold * holders - 1e-9))
@@ -118,6 +131,32 @@ class SecAggProtection(Protection):
         self.max_error: float = 0.0
         self._identities: dict[str, IdentityKey] = dict(self.config.identities or {})
 
+    def _identities_for(self, ids: list[str]) -> dict[str, IdentityKey] | None:
+        """Long-term identity keys of this round's clients (authenticated mode), made on first use."""
+        if not self.config.authenticated:
+            return None
+        for u in ids:
+            if u not in self._identities:
+                if self.config.identities is not None:
+                    raise ConfigError("identities", u, "client has no identity key")
+                self._identities[u] = IdentityKey.generate()
+        return {u: self._identities[u] for u in ids}
+
+    def _setup_round(self, round_index: int, ids: list[str], dim: int, identities: dict[str, IdentityKey] | None):
+        """Protocol state for this round (raises ConfigError when the graph or threshold cannot fit)."""
+        cfg = self.config
+        run = new_round(
+            ids,
+            round_index=round_index,
+            threshold=cfg.resolve_threshold(len(ids)),
+            neighbours=cfg.round_neighbours(len(ids)),
+            dimension=dim + 1,
+            bits=cfg.bits,
+            graph_seed=cfg.graph_seed,
+            identities=identities,
+        )
+        return run
+
     def run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
         """See :meth:`Protection.run_round`.
 
@@ -137,25 +176,14 @@ class SecAggProtection(Protection):
         for u in ids:
             if updates[u].weight > bound:
                 raise ConfigError("weight_bound", bound, f"client {u!r} has weight {updates[u].weight} above it")
+        identities = self._identities_for(ids)
         quantizer = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(ids), fraction_bits=cfg.fraction_bits)
-        identities = None
-        if cfg.authenticated:
-            for u in ids:
-                if u not in self._identities:
-                    if cfg.identities is not None:
-                        raise ConfigError("identities", u, "client has no identity key")
-                    self._identities[u] = IdentityKey.generate()
-            identities = {u: self._identities[u] for u in ids}
-        run = new_round(
-            ids,
-            round_index=round_index,
-            threshold=cfg.resolve_threshold(len(ids)),
-            neighbours=cfg.neighbours,
-            dimension=dim + 1,
-            bits=cfg.bits,
-            graph_seed=cfg.graph_seed,
-            identities=identities,
-        )
+        try:
+            run = self._setup_round(round_index, ids, dim, identities)
+        except ConfigError as exc:
+            # Settings that cannot fit this round's client count (they vary from round to round):
+            # the round is aborted with the reason, and the federation goes on.
+            raise ProtocolAbort(f"round {round_index}: secure aggregation cannot run with {len(ids)} clients: {exc}") from exc
         self.server = run.server
         c = float(cfg.clip_range)
         encoded: dict[str, np.ndarray] = {}

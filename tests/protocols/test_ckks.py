@@ -81,9 +81,10 @@ def test_server_object_holds_no_secret_key(protection):
     assert not server.can_decrypt()
     assert server.context.is_public()
     assert not _holds_secret_key(server)
-    # the server cannot decrypt what it summed
+    # the server cannot decrypt what it summed, and its vectors reach no secret key either
     summed = server._sum[0]
-    with pytest.raises(Exception):
+    assert not summed.context().has_secret_key()
+    with pytest.raises(ValueError, match="secret_key"):
         summed.decrypt()
     # while the key holder's context, on the client side, does hold one
     assert _holds_secret_key(protection.key_holder)
@@ -157,10 +158,18 @@ class _DropAll:
 
 
 def test_values_too_large_for_the_parameters_are_refused():
+    # A value that would wrap modulo q0 is refused on its client: that client is dropped with the
+    # reason, the others are averaged; if nobody is left the round aborts.
     protection = CkksProtection(CkksConfig(poly_modulus_degree=4096, data_bits=40, special_bits=40, scale_bits=30))
-    updates = {"a": ClientUpdate(delta=np.full(4, 10.0, np.float32), weight=100.0)}
-    with pytest.raises(ConfigError, match="data_bits"):
-        protection.run_round(0, updates, DirectTransport())
+    updates = {
+        "big": ClientUpdate(delta=np.full(4, 10.0, np.float32), weight=100.0),
+        "ok": ClientUpdate(delta=np.full(4, 0.5, np.float32), weight=2.0),
+    }
+    result = protection.run_round(0, updates, DirectTransport())
+    assert "data_bits" in result.dropped["big"] and result.contributors == ("ok",)
+    np.testing.assert_allclose(result.average, 0.5, atol=1e-5)  # 30-bit scale: about 1e-6 precision
+    with pytest.raises(ProtocolAbort):
+        protection.run_round(1, {"big": updates["big"]}, DirectTransport())
 
 
 def test_tampered_aggregate_gives_opaque_decryption_error(protection):

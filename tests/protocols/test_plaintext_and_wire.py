@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -26,9 +28,9 @@ def test_plaintext_weighted_average_and_bytes():
 
 def test_plaintext_server_rejects_wrong_shape_and_nan():
     server = PlaintextServer(3)
-    good = encode_frame(1, 0, "a", [np.float64(1.0).astype(">f8").tobytes(), np.ones(3, "<f4").tobytes()])
-    short = encode_frame(1, 0, "b", [np.float64(1.0).astype(">f8").tobytes(), np.ones(2, "<f4").tobytes()])
-    nan = encode_frame(1, 0, "c", [np.float64(1.0).astype(">f8").tobytes(), np.full(3, np.nan, "<f4").tobytes()])
+    good = encode_frame(1, 0, "a", [struct.pack(">d", 1.0), np.ones(3, "<f4").tobytes()])
+    short = encode_frame(1, 0, "b", [struct.pack(">d", 1.0), np.ones(2, "<f4").tobytes()])
+    nan = encode_frame(1, 0, "c", [struct.pack(">d", 1.0), np.full(3, np.nan, "<f4").tobytes()])
     out = server.aggregate(0, {"a": good, "b": short, "c": nan})
     assert out.accepted == ("a",)
     assert "expected 3" in out.rejected["b"] and "non-finite" in out.rejected["c"]
@@ -70,3 +72,34 @@ def test_frame_checks():
         decode_frame(b"XXXX" + data[4:], kind=1, round_index=5)
     with pytest.raises(MessageError, match="parts"):
         decode_frame(encode_frame(1, 5, "x", [b""] * 3), kind=1, round_index=5, max_parts=2)
+
+
+def test_weight_that_overflows_the_sum_is_rejected():
+    server = PlaintextServer(3)
+    good = encode_frame(1, 0, "a", [struct.pack(">d", 2.0), np.ones(3, "<f4").tobytes()])
+    huge = encode_frame(1, 0, "b", [struct.pack(">d", 1e300), np.full(3, 1e30, "<f4").tobytes()])
+    out = server.aggregate(0, {"a": good, "b": huge})
+    assert out.accepted == ("a",) and "overflow" in out.rejected["b"]
+    assert np.all(np.isfinite(server._sum)) and server._sum.tolist() == [2.0, 2.0, 2.0]
+
+
+class _CorruptAggregate:
+    def deliver(self, sender, receiver, step, payload):
+        return payload[:-3] if step == "aggregate" else payload
+
+
+def test_malformed_aggregate_aborts_with_a_typed_error():
+    from privfl.errors import ProtocolAbort
+
+    updates = {"a": ClientUpdate(delta=np.ones(4, np.float32), weight=1.0)}
+    with pytest.raises(ProtocolAbort, match="malformed"):
+        PlaintextProtection().run_round(0, updates, _CorruptAggregate())
+
+
+def test_framing_refuses_out_of_range_headers():
+    from privfl.errors import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        encode_frame(1, 2**32, "x", [])
+    with pytest.raises(ProtocolError):
+        encode_frame(1, 0, "x" * 70000, [])
