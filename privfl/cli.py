@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privfl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("privfl: interrupted; resume with --resume", file=sys.stderr)
+        hint = "; resume with --resume (the ledger keeps what was spent)" if args.command == "run" else ""
+        print(f"privfl: interrupted{hint}", file=sys.stderr)
         return 130
 
 
