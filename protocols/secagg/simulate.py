@@ -194,6 +194,24 @@ def drive(
         finally:
             transcript._time("server", clock() - start)
 
+    def exchange(
+        messages: dict[str, bytes],
+        request_kind: int,
+        reply_kind: int,
+        answer: Callable[[str, bytes], bytes],
+        receive: Callable[[str, bytes], None],
+    ) -> None:
+        # One server-to-clients step and the clients' replies; a client with no message from
+        # the server this step is out of the round.
+        alive.intersection_update(messages)
+        for u in sorted(alive):
+            arrived = deliver(SERVER, u, request_kind, messages[u])
+            if arrived is None:
+                continue
+            payload = client_step(u, reply_kind, lambda u=u, a=arrived: answer(u, a))
+            if payload is not None:
+                upload(u, reply_kind, payload, receive)
+
     for u in sorted(clients):
         payload = client_step(u, m.ADVERTISE, clients[u].advertise)
         if payload is not None:
@@ -202,50 +220,22 @@ def drive(
         silent(u, "advertise")
     keys = closing(server.keys_messages)
 
-    alive &= set(keys)
-    for u in sorted(alive):
-        arrived = deliver(SERVER, u, m.KEYS, keys[u])
-        if arrived is None:
-            continue
-        payload = client_step(u, m.SHARES, lambda u=u, a=arrived: clients[u].share_keys(a))
-        if payload is not None:
-            upload(u, m.SHARES, payload, server.receive_shares)
+    exchange(keys, m.KEYS, m.SHARES, lambda u, a: clients[u].share_keys(a), server.receive_shares)
     for u in sorted(alive):
         silent(u, "share")
     relays = closing(server.relay_messages)
 
-    alive &= set(relays)
-    for u in sorted(alive):
-        arrived = deliver(SERVER, u, m.RELAY, relays[u])
-        if arrived is None:
-            continue
-        payload = client_step(u, m.MASKED_INPUT, lambda u=u, a=arrived: clients[u].masked_input(a, encoded[u]))
-        if payload is not None:
-            upload(u, m.MASKED_INPUT, payload, server.receive_masked_input)
+    exchange(relays, m.RELAY, m.MASKED_INPUT, lambda u, a: clients[u].masked_input(a, encoded[u]), server.receive_masked_input)
     for u in sorted(alive):
         silent(u, "masked_input")
     if run.params.authenticated:
         checks = closing(server.consistency_requests)
-        alive &= set(checks)
-        for u in sorted(alive):
-            arrived = deliver(SERVER, u, m.CHECK_REQUEST, checks[u])
-            if arrived is None:
-                continue
-            payload = client_step(u, m.CHECK, lambda u=u, a=arrived: clients[u].sign_survivors(a))
-            if payload is not None:
-                upload(u, m.CHECK, payload, server.receive_consistency)
+        exchange(checks, m.CHECK_REQUEST, m.CHECK, lambda u, a: clients[u].sign_survivors(a), server.receive_consistency)
         for u in sorted(alive):
             silent(u, CONSISTENCY)
     requests = closing(server.unmask_requests)
 
-    alive &= set(requests)
-    for u in sorted(alive):
-        arrived = deliver(SERVER, u, m.UNMASK_REQUEST, requests[u])
-        if arrived is None:
-            continue
-        payload = client_step(u, m.UNMASK, lambda u=u, a=arrived: clients[u].unmask(a))
-        if payload is not None:
-            upload(u, m.UNMASK, payload, server.receive_unmask)
+    exchange(requests, m.UNMASK_REQUEST, m.UNMASK, lambda u, a: clients[u].unmask(a), server.receive_unmask)
     start = clock()
     try:
         total = server.finish()
