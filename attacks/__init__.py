@@ -13,6 +13,18 @@ from .base import (
     UpdateObservation,
 )
 from .dlg import DLG
+from .imprint import (
+    ImprintAttack,
+    ImprintBlock,
+    ImprintReconstruction,
+    ModelTamperError,
+    Placement,
+    Statistic,
+    check_model_for_imprint,
+    imprint_model,
+    verify_model_architecture,
+    verify_received_model,
+)
 from .inverting import InvertingGradients
 from .labels import recover_labels
 
@@ -30,4 +42,14 @@ __all__ = [
     "DLG",
     "InvertingGradients",
     "recover_labels",
+    "ImprintAttack",
+    "ImprintBlock",
+    "ImprintReconstruction",
+    "Statistic",
+    "Placement",
+    "imprint_model",
+    "ModelTamperError",
+    "check_model_for_imprint",
+    "verify_model_architecture",
+    "verify_received_model",
 ]
