@@ -227,9 +227,10 @@ class ImprintReconstruction(Reconstruction):
 
     Attributes:
         bins: Bin index of each row, in threshold order (``(n,)``, int64).
-        single: Per row, ``True`` when the bin's gradients are exactly those of one input with one label:
-            replaying that input through the model reproduces the bin's bias gradient (see ``ImprintAttack``).
-            Such rows are exact copies of a client input; the others are mixtures or noise.
+        single: Per row, ``True`` when the bin's gradients are those of one input with one label: replaying
+            the row through the model reproduces the bin's bias gradient (see ``ImprintAttack``). Such rows
+            are, with rare exceptions (docs/attacks.md), exact copies of a client input; the others are
+            mixtures or noise.
     """
 
     bins: torch.Tensor
