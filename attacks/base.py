@@ -39,6 +39,11 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ConfigError(name, value, "must be a positive int")
 
 
+def _check_positive_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(name, value, "must be > 0")
+
+
 def _check_tensors(name: str, tensors: object) -> None:
     if not isinstance(tensors, tuple) or not tensors:
         raise ConfigError(name, type(tensors).__name__, "must be a non-empty sequence of tensors")

@@ -10,7 +10,7 @@ import torch
 from privfl.errors import ConfigError
 
 from ._matching import MatchingProblem, l2_distance
-from .base import Attack, Observation, Reconstruction
+from .base import Attack, Observation, Reconstruction, _check_positive_int, _check_positive_number
 from .inverting import check_bounds
 from .labels import recover_labels
 
@@ -47,11 +47,8 @@ class DLG(Attack):
 
     def __post_init__(self) -> None:
         for field_name in ("max_iterations", "inner_iterations"):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(field_name, value, "must be a positive int")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ConfigError("lr", self.lr, "must be > 0")
+            _check_positive_int(field_name, getattr(self, field_name))
+        _check_positive_number("lr", self.lr)
         check_bounds(self.bounds)
         if not isinstance(self.seed, int):
             raise ConfigError("seed", self.seed, "must be an int")

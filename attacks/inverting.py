@@ -10,7 +10,7 @@ import torch
 from privfl.errors import ConfigError
 
 from ._matching import MatchingProblem, cosine_distance, total_variation
-from .base import Attack, Observation, Reconstruction
+from .base import Attack, Observation, Reconstruction, _check_positive_int, _check_positive_number
 from .labels import recover_labels
 
 __all__ = ["InvertingGradients", "check_bounds"]
@@ -68,11 +68,8 @@ class InvertingGradients(Attack):
 
     def __post_init__(self) -> None:
         for field_name in ("max_iterations", "restarts"):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(field_name, value, "must be a positive int")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ConfigError("lr", self.lr, "must be > 0")
+            _check_positive_int(field_name, getattr(self, field_name))
+        _check_positive_number("lr", self.lr)
         if not isinstance(self.tv_weight, (int, float)) or not self.tv_weight >= 0:
             raise ConfigError("tv_weight", self.tv_weight, "must be >= 0")
         check_bounds(self.bounds)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from privfl.config import CkksConfig
-from privfl.protocols.base import ClientUpdate, DirectTransport
+from privfl.protocols.base import ClientUpdate
 from privfl.protocols.ckks import CkksClient, CkksKeyHolder, CkksServer
 from privfl.protocols.plaintext import PlaintextProtection, PlaintextServer
 

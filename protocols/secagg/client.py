@@ -45,7 +45,6 @@ from privfl.protocols.secagg.keys import (
 )
 from privfl.protocols.secagg.params import RoundParams
 from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
-from privfl.protocols.wire import MAX_MESSAGE_BYTES
 
 __all__ = [
     "SecAggClient",
