@@ -11,6 +11,8 @@ __all__ = [
     "ProtocolAbort",
     "DecryptionError",
     "AttackError",
+    "LedgerError",
+    "RunLockedError",
 ]
 
 
@@ -71,3 +73,24 @@ class DecryptionError(PrivflError):
 
 class AttackError(PrivflError):
     """An attack cannot run on the observation it was given (e.g. a ciphertext)."""
+
+
+class LedgerError(PrivflError):
+    """A privacy ledger cannot be trusted: unreadable, corrupt, truncated mid-chain or edited.
+
+    Spending is never reset on this error: a run refuses to resume until the ledger is repaired.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"ledger {path}: {problem}")
+
+
+class RunLockedError(PrivflError):
+    """Another process holds the run directory; two runs on one directory would lose spending."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(f"run directory {path} is in use by {holder}; wait for it to finish or choose another --out")
