@@ -542,7 +542,9 @@ class Federation:
             from privfl.protocols.secagg import Quantizer
 
             cfg = protection.config
-            cfg.resolve_threshold(num_clients)
+            # Every round size, not just the largest: the threshold must exceed half the share holders
+            # in each round, and with an odd SecAgg+ degree a smaller round can have more holders.
+            cfg.check_threshold_bound(num_clients)
             # Overflow grows with the number of clients: check the largest round possible.
             Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
 
