@@ -12,6 +12,10 @@ Round by round (Bonawitz et al. 2017, with the SecAgg+ graph of Bell et al. 2020
    dropped), never both for the same client: with both the server could strip every mask from that
    client's late-arriving y.
 
+Before round 0 the client checks the public parameters itself (the server may have chosen them): it
+refuses a round whose threshold is at or below half the share holders, where a server that lies about
+who dropped could collect both kinds of shares of one client (see :mod:`.params`).
+
 Authenticated mode (``params.identities`` set; Bonawitz et al.'s defence against an active server):
 round 0 also signs (round, server key, id, c_pk, s_pk) with the client's long-term Ed25519 identity, and
 a client aborts, before sharing anything, if a neighbour's keys arrive without a valid signature by that
@@ -27,10 +31,10 @@ import secrets
 
 import numpy as np
 
-from privfl.errors import MessageError, ProtocolAbort, ProtocolError
+from privfl.errors import ConfigError, MessageError, ProtocolAbort, ProtocolError
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import shamir
-from privfl.protocols.secagg.graph import components
+from privfl.protocols.secagg.graph import build_graph, components
 from privfl.protocols.secagg.keys import (
     KEY_BYTES,
     SIGNATURE_BYTES,
@@ -43,7 +47,7 @@ from privfl.protocols.secagg.keys import (
     seal,
     verify_signature,
 )
-from privfl.protocols.secagg.params import RoundParams
+from privfl.protocols.secagg.params import RoundParams, check_threshold
 from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
 
 __all__ = [
@@ -92,6 +96,26 @@ def survivors_statement(params: RoundParams, survivors: frozenset[str] | set[str
     return info(b"consistency-signature", params.round_index, params.server_public_key, m.pack_ids(survivors))
 
 
+def _check_params(params: RoundParams) -> None:
+    """An honest client's own check of the public parameters before it takes part.
+
+    Raises:
+        ProtocolAbort: the graph does not follow from (client ids, neighbours, graph seed), or the
+            threshold is at or below half the share holders of some client.
+    """
+    try:
+        graph = build_graph(params.client_ids, params.neighbours, params.graph_seed)
+        if graph != params.graph:
+            raise ProtocolAbort("round parameters: the masking graph does not follow from its public seed")
+        holders = max(len(vs) for vs in graph.values()) + 1
+        t = params.threshold
+        if not isinstance(t, int) or isinstance(t, bool) or not 2 <= t <= holders:
+            raise ConfigError("threshold", t, f"must be an int in [2, {holders}]")
+        check_threshold(t, holders)
+    except ConfigError as exc:
+        raise ProtocolAbort(f"refusing to take part in round {params.round_index}: {exc}") from exc
+
+
 class SecAggClient:
     """One client's protocol state for one round.
 
@@ -105,6 +129,12 @@ class SecAggClient:
     (bytes). A malformed or unauthenticated server message raises :class:`MessageError`; a request that
     would be unsafe to answer raises :class:`ProtocolAbort`; a call out of order raises
     :class:`ProtocolError`. After any error the client is done for the round.
+
+    Raises:
+        ProtocolAbort: the round's parameters are unsafe: a threshold at or below half the share holders
+            (a server that lies about dropouts could then unmask a client), or a graph that does not
+            follow from its public seed. The server is the adversary, and it may hand out parameters of
+            its own, so the client checks them itself rather than trusting whoever built them.
     """
 
     def __init__(self, client_id: str, params: RoundParams, identity: IdentityKey | None = None) -> None:
@@ -114,6 +144,7 @@ class SecAggClient:
             raise ProtocolError("an identity key is needed exactly when the round is authenticated")
         if identity is not None and params.identities[client_id] != identity.public:
             raise ProtocolError(f"client {client_id!r}: identity key differs from the registered one")
+        _check_params(params)
         self._identity = identity
         self.client_id = client_id
         self.params = params
@@ -214,6 +245,12 @@ class SecAggClient:
             raise ProtocolAbort(
                 f"{len(keys) + 1} share holders < threshold {p.threshold}", survivors=len(keys) + 1, threshold=p.threshold
             )
+        try:
+            # The holders actually used are never more than the graph's, so this follows from the
+            # parameter check; it is repeated where the secrets are split because this is what matters.
+            check_threshold(p.threshold, len(keys) + 1)
+        except ConfigError as exc:
+            raise ProtocolAbort(f"refusing to share: {exc}") from exc
         self._peer_keys = keys
         self._self_seed = secrets.token_bytes(32)
         holders = [p.index[v] for v in keys] + [p.index[self.client_id]]

@@ -1,17 +1,74 @@
-"""Public parameters of one secure-aggregation round, shared by the server and every client."""
+"""Public parameters of one secure-aggregation round, shared by the server and every client.
+
+Also the one place that states the threshold bound against a server that lies about dropouts.
+Each client's two secrets (its pairwise-mask key s_sk and its self-mask seed b) are Shamir-shared with
+threshold t among its h share holders (its neighbours and itself). An honest holder reveals at most
+one of the two shares of a client: b's if told that client survived, s_sk's if told it dropped. A
+server that tells one group "survived" and another "dropped" (the split view) needs t shares of each
+kind. With h_c holders colluding with it (they give both kinds), the honest groups must cover
+(t - h_c) + (t - h_c) <= h - h_c holders, so the attack works exactly when 2t <= h + h_c. Privacy
+against an active server colluding with up to h_c holders therefore needs 2t > h + h_c; with none,
+t > h/2, which every round here enforces (:func:`check_threshold`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from privfl.errors import ConfigError
 from privfl.protocols.secagg.graph import build_graph
 from privfl.protocols.secagg.keys import KEY_BYTES
 
-__all__ = ["RoundParams"]
+__all__ = ["RoundParams", "check_threshold", "min_threshold"]
 
 MAX_ID_BYTES = 256
+
+# Test-only: lets a test build a round below the bound to show that the split-view attack then works.
+# A ContextVar (not a module flag) so it holds only inside the test's own `with` block and thread;
+# no public config, function argument or environment variable reaches it.
+_LOW_THRESHOLD_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("_LOW_THRESHOLD_ALLOWED", default=False)
+
+
+@contextlib.contextmanager
+def _unsafe_allow_low_threshold() -> Iterator[None]:
+    """TEST ONLY: disables the t > h/2 check inside the ``with`` block (to demonstrate the attack it stops)."""
+    token = _LOW_THRESHOLD_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _LOW_THRESHOLD_ALLOWED.reset(token)
+
+
+def min_threshold(holders: int, corrupt: int = 0) -> int:
+    """The smallest safe threshold for ``holders`` share holders: the least t with 2t > holders + corrupt.
+
+    Args:
+        holders: h, the parties holding shares of one client's secrets (its neighbours and itself).
+        corrupt: h_c, how many of those holders may collude with an active server (0: none).
+
+    Returns:
+        floor((h + h_c) / 2) + 1. With ``corrupt=0``, more than half of the holders.
+    """
+    return (holders + corrupt) // 2 + 1
+
+
+def check_threshold(threshold: int, holders: int, *, field: str = "threshold") -> None:
+    """Refuses a threshold at or below half the share holders (see the module docstring for why).
+
+    Raises:
+        ConfigError: ``2 * threshold <= holders``; names the field, the value and the bound.
+    """
+    if 2 * threshold <= holders and not _LOW_THRESHOLD_ALLOWED.get():
+        raise ConfigError(
+            field,
+            threshold,
+            f"with {holders} share holders it must be > {holders / 2:g} (more than half, so at least "
+            f"{min_threshold(holders)}) so that a server that lies about who dropped cannot collect both "
+            "shares of one client",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -21,7 +78,9 @@ class RoundParams:
     Args:
         round_index: the federation round; bound into every key derivation and message.
         client_ids: the clients invited to the round (distinct, non-empty, at most 256 UTF-8 bytes).
-        threshold: t, Shamir threshold inside each client's share holders (its neighbours and itself).
+        threshold: t, Shamir threshold inside each client's share holders (its neighbours and itself);
+            more than half of them (:func:`check_threshold`), else a server that lies about dropouts
+            can unmask a client.
         neighbours: k for SecAgg+, or None for the complete graph (classic SecAgg).
         graph_seed: public seed fixing the SecAgg+ graph.
         dimension: words per masked vector.
@@ -68,6 +127,7 @@ class RoundParams:
             raise ConfigError(
                 "threshold", t, f"must be an int in [2, {holders}] (each client's shares go to {holders - 1} neighbours and itself)"
             )
+        check_threshold(t, holders)
         if not (isinstance(self.dimension, int) and self.dimension >= 1):
             raise ConfigError("dimension", self.dimension, "must be an int >= 1")
         if not (isinstance(self.bits, int) and 2 <= self.bits <= 32):

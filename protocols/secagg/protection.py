@@ -19,6 +19,7 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
 from privfl.protocols.secagg.graph import check_neighbours
 from privfl.protocols.secagg.keys import IdentityKey
+from privfl.protocols.secagg.params import check_threshold, min_threshold
 from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer
@@ -35,8 +36,12 @@ class SecAggConfig:
     """Settings of :class:`SecAggProtection`.
 
     Args:
-        threshold: Shamir threshold t per neighbourhood: an int >= 2, or a fraction in (0, 1] of the share
-            holders (a client's neighbours plus itself), rounded up and at least 2.
+        threshold: Shamir threshold t per neighbourhood: an int >= 2, or a fraction in (1/2, 1] of the share
+            holders h (a client's neighbours plus itself), rounded up and at least 2. Every round needs
+            t > h/2 (else a server that lies about who dropped can unmask a client): a fraction always
+            resolves above half; an int below half of some round's holders is refused (ConfigError).
+            Each neighbourhood then tolerates h - t dropouts; against an active server colluding with
+            h_c of a client's holders, privacy needs 2t > h + h_c (docs/secagg.md).
         neighbours: SecAgg+ degree k (O(log n) is the usual choice), or None for the complete graph.
         clip_range: each coordinate of delta is clipped to [-clip_range, clip_range] (clipped counts are
             reported in the dropped/diagnostic data, never wrapped).
@@ -67,8 +72,13 @@ class SecAggConfig:
             raise ConfigError("threshold", t, "must be an int >= 2 or a fraction in (0, 1]")
         if isinstance(t, int) and t < 2:
             raise ConfigError("threshold", t, "an integer threshold must be >= 2")
-        if isinstance(t, float) and not 0.0 < t <= 1.0:
-            raise ConfigError("threshold", t, "a fractional threshold must be in (0, 1]")
+        if isinstance(t, float) and not 0.5 < t <= 1.0:
+            raise ConfigError(
+                "threshold",
+                t,
+                "a fractional threshold must be in (1/2, 1]: at or below half of the share holders, a server "
+                "that lies about who dropped can collect both shares of one client",
+            )
         if self.neighbours is not None and (not isinstance(self.neighbours, int) or self.neighbours < 1):
             raise ConfigError("neighbours", self.neighbours, "must be None or an int >= 1")
         if not (isinstance(self.clip_range, (int, float)) and math.isfinite(self.clip_range) and self.clip_range > 0):
@@ -106,13 +116,37 @@ class SecAggConfig:
     def resolve_threshold(self, num_clients: int) -> int:
         """The integer threshold for a round of ``num_clients``.
 
+        A fraction f gives max(ceil(f h), floor(h/2) + 1, 2) for h share holders: the middle term only
+        matters when float rounding would land a fraction just above 1/2 on exactly h/2. An int is
+        returned as it is, once checked against the bound; one above h makes that round abort later.
+
         Raises:
-            ConfigError: the graph degree is invalid for ``num_clients``.
+            ConfigError: the graph degree is invalid for ``num_clients``, or an int threshold is at or
+                below half of this round's share holders.
         """
         holders = check_neighbours(self.round_neighbours(num_clients), num_clients) + 1
         if isinstance(self.threshold, int):
+            if self.threshold <= holders:
+                check_threshold(self.threshold, holders)
             return self.threshold
-        return max(2, math.ceil(self.threshold * holders - 1e-9))
+        return max(2, min_threshold(holders), math.ceil(self.threshold * holders - 1e-9))
+
+    def check_threshold_bound(self, max_clients: int) -> None:
+        """Checks :meth:`resolve_threshold` for every round size from 2 to ``max_clients``.
+
+        Needed on top of checking ``max_clients`` alone: with an odd degree the graph of an odd round
+        is one degree sparser (see :meth:`round_neighbours`), so the most share holders can occur in a
+        smaller round (neighbours=3: 4 holders at 4 clients, 3 at 5).
+
+        Raises:
+            ConfigError: some round size resolves to a threshold at or below half its share holders;
+                the message names the round size.
+        """
+        for n in range(2, max_clients + 1):
+            try:
+                self.resolve_threshold(n)
+            except ConfigError as exc:
+                raise ConfigError(exc.field, exc.value, f"in a round of {n} clients, {exc.reason}") from exc
 
 
 class SecAggProtection(Protection):
@@ -161,8 +195,11 @@ class SecAggProtection(Protection):
         """See :meth:`Protection.run_round`.
 
         Raises:
-            ProtocolAbort: fewer than ``threshold`` clients complete a step (the message gives the counts).
-            ConfigError: the configuration does not fit this round (e.g. too few bits for this many clients).
+            ProtocolAbort: fewer than ``threshold`` clients complete a step (the message gives the counts),
+                or the settings cannot fit this round's client count (e.g. an int threshold above its
+                share holders).
+            ConfigError: the configuration does not fit this round (e.g. too few bits for this many
+                clients), or its threshold is at or below half of this round's share holders.
         """
         cfg = self.config
         if len(updates) < 2:
@@ -177,6 +214,9 @@ class SecAggProtection(Protection):
             if updates[u].weight > bound:
                 raise ConfigError("weight_bound", bound, f"client {u!r} has weight {updates[u].weight} above it")
         identities = self._identities_for(ids)
+        # A threshold at or below half of this round's share holders is refused outright (ConfigError),
+        # not turned into an aborted round below: it is unsafe, not merely a poor fit for this round.
+        cfg.resolve_threshold(len(ids))
         quantizer = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(ids), fraction_bits=cfg.fraction_bits)
         try:
             run = self._setup_round(round_index, ids, dim, identities)

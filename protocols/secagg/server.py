@@ -40,7 +40,7 @@ from privfl.protocols.secagg.keys import (
     verify_signature,
     verify_tag,
 )
-from privfl.protocols.secagg.params import RoundParams
+from privfl.protocols.secagg.params import RoundParams, check_threshold
 from privfl.protocols.secagg.prg import WORD, apply_masks
 
 __all__ = ["SecAggServer"]
@@ -57,6 +57,9 @@ class SecAggServer:
         threads: threads for removing the masks in :meth:`finish` (AES-CTR expansion); None uses every
             CPU the process may run on. The result does not depend on it.
 
+    Raises:
+        ConfigError: the threshold is at or below half the share holders (see :func:`check_threshold`).
+
     Usage per step: call ``receive_*`` for each client message that arrived (a bad one raises
     :class:`MessageError` and drops its sender), then the step's closing method, which returns the
     messages to send, one per client still in the round.
@@ -65,6 +68,8 @@ class SecAggServer:
     def __init__(self, params: RoundParams, key: KeyPair, threads: int | None = None) -> None:
         if key.public != params.server_public_key:
             raise ProtocolError("server key does not match the round parameters")
+        # An honest server will not run a round its clients would refuse (RoundParams checks it too).
+        check_threshold(params.threshold, params.holders)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ProtocolError(f"threads must be None or an int >= 1, not {threads!r}")
         self.params = params
