@@ -61,9 +61,10 @@ def test_weighted_average_over_all_clients(neighbours):
 
 
 def test_lost_and_altered_messages_drop_clients_with_reasons():
-    updates = _updates(8, 30, seed=1)
+    # 9 clients, t = 5 (more than half of 9): four dropouts, the most the bound leaves room for.
+    updates = _updates(9, 30, seed=1)
     transport = Recording(lose={("c01", "share"), ("c02", "masked_input"), ("c03", "share_relay")}, alter={("c04", "masked_input")})
-    protection = SecAggProtection(SecAggConfig(threshold=3))
+    protection = SecAggProtection(SecAggConfig(threshold=5))
     result = protection.run_round(7, updates, transport)
     assert set(result.dropped) == {"c01", "c02", "c03", "c04"}
     assert "lost" in result.dropped["c01"] and "lost" in result.dropped["c03"]
@@ -82,7 +83,7 @@ def test_abort_below_threshold():
 
 def test_server_never_holds_an_individual_update():
     updates = _updates(6, 64)
-    protection = SecAggProtection(SecAggConfig(threshold=3))
+    protection = SecAggProtection(SecAggConfig(threshold=4))
     protection.run_round(0, updates, DirectTransport())
     server = protection.server
     assert server is not None
@@ -124,7 +125,7 @@ def test_config_is_validated():
         with pytest.raises(ConfigError) as info:
             SecAggConfig(**kwargs)
         assert info.value.field == name
-    config = SecAggConfig(threshold=0.5, neighbours=4)
+    config = SecAggConfig(threshold=0.6, neighbours=4)
     assert config.resolve_threshold(20) == 3
     with pytest.raises(AttributeError):
         config.threshold = 3  # frozen

@@ -16,6 +16,7 @@ from privfl.protocols.base import DirectTransport
 from privfl.protocols.secagg import build_graph, run_secure_sum
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg.prg import WORD
+from privfl.protocols.secagg.params import min_threshold
 from privfl.protocols.secagg.server import SecAggServer
 from privfl.protocols.secagg.simulate import ROUNDS, drive, new_round
 
@@ -45,7 +46,8 @@ def scenarios(draw):
     else:
         k = draw(st.integers(2, n - 1).filter(lambda k: not (k % 2 and n % 2 and k != n - 1)))
         neighbours = k
-    threshold = draw(st.integers(2, k + 1))
+    # Above half of the k + 1 share holders: the least threshold the split-view bound allows, upwards.
+    threshold = draw(st.integers(min_threshold(k + 1), k + 1))
     ids = _ids(n)
     fates = draw(st.lists(st.sampled_from(("stay",) * 6 + ROUNDS), min_size=n, max_size=n))
     drop_after = {r: {u for u, f in zip(ids, fates) if f == r} for r in ROUNDS}
@@ -95,7 +97,7 @@ def test_every_round_dropout_recovers_exact_words():
 
 def test_small_modulus_sums_exactly():
     n, dim, bits = 7, 50, 12
-    run = new_round(_ids(n), round_index=0, threshold=3, neighbours=None, dimension=dim, bits=bits, graph_seed=b"s" * 16)
+    run = new_round(_ids(n), round_index=0, threshold=4, neighbours=None, dimension=dim, bits=bits, graph_seed=b"s" * 16)
     words = _words(n, dim, bits)
     total, _ = drive(run, words, DirectTransport(), stop_after={"client-00": "share"})
     expected = sum(words[u].astype(np.uint64) for u in run.server.survivors) % (1 << bits)
@@ -141,8 +143,9 @@ def test_config_errors_name_field_and_value():
         (dict(threshold=2, neighbours=5), "neighbours", 5),
         (dict(threshold=2, neighbours=3), "neighbours", 3),
         (dict(threshold=4, neighbours=2), "threshold", 4),
-        (dict(threshold=2, bits=2), "bits", 2),
-        (dict(threshold=2, drop_after={"later": {"client-00"}}), "drop_after", "later"),
+        (dict(threshold=2), "threshold", 2),  # 2 <= 5/2: below the split-view bound
+        (dict(threshold=3, bits=2), "bits", 2),
+        (dict(threshold=3, drop_after={"later": {"client-00"}}), "drop_after", "later"),
     ]:
         with pytest.raises(ConfigError) as info:
             run_secure_sum(inputs, **kwargs)
@@ -185,10 +188,10 @@ def _holds(values, secret_words: np.ndarray) -> bool:
     return False
 
 
-@pytest.mark.parametrize("neighbours", [None, 4])
-def test_server_state_and_transcript_never_hold_an_unmasked_input(neighbours):
+@pytest.mark.parametrize(("neighbours", "threshold"), [(None, 6), (4, 3)])
+def test_server_state_and_transcript_never_hold_an_unmasked_input(neighbours, threshold):
     n, dim = 10, 256
-    run = new_round(_ids(n), round_index=2, threshold=3, neighbours=neighbours, dimension=dim, bits=32, graph_seed=b"x" * 16)
+    run = new_round(_ids(n), round_index=2, threshold=threshold, neighbours=neighbours, dimension=dim, bits=32, graph_seed=b"x" * 16)
     words = _words(n, dim)
     stop = {"client-03": "share", "client-04": "masked_input"}
     snapshots = []
@@ -285,7 +288,7 @@ def test_altered_server_message_drops_the_receiver():
                 return _flip(len(payload) // 2)(payload)
             return payload
 
-    result = run_secure_sum(inputs, threshold=3, transport=Downlink())
+    result = run_secure_sum(inputs, threshold=4, transport=Downlink())
     assert "client-01" not in result.survivors
     assert "authentication" in result.dropped["client-01"] or "client stopped" in result.dropped["client-01"]
     assert np.all(np.abs(result.total - sum(inputs[u] for u in result.survivors)) <= result.max_error)
@@ -350,7 +353,7 @@ def test_out_of_order_calls_are_protocol_errors():
 
 # -- refusing to reveal both shares -----------------------------------------------------------------
 def _round_until_unmask(n=6, dim=8):
-    run = new_round(_ids(n), round_index=0, threshold=3, neighbours=None, dimension=dim, bits=32, graph_seed=b"r" * 16)
+    run = new_round(_ids(n), round_index=0, threshold=4, neighbours=None, dimension=dim, bits=32, graph_seed=b"r" * 16)
     server = run.server
     for u, c in run.clients.items():
         server.receive_advertise(u, c.advertise())
