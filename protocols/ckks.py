@@ -1,27 +1,40 @@
-"""CKKS homomorphic encryption of client updates (TenSEAL): the server sums ciphertexts it cannot read.
+"""CKKS homomorphic encryption of client updates (TenSEAL), hardened against active parties.
 
 Roles and threat model:
 
 * The **key holder** (run at one client site, or by a separate key dealer that does not collude
-  with the server) creates the CKKS context with its secret key. It publishes only the public
-  context (encryption key and parameters; no secret key, no relinearisation or Galois keys are
-  needed since aggregation only adds, and none are shipped).
-* **Clients** encrypt with the public key. Each client packs ``[n_k * delta_k, n_k]`` across as many
-  ciphertexts as the model needs (N/2 values each), so any model size works.
-* The **server** holds the public context only. It deserializes each client's ciphertexts, checks
-  their count and size, and adds them. It can neither decrypt an individual update nor the sum;
-  a test asserts it holds no secret key.
-* The key holder decrypts the summed ciphertext and sends the clients the weighted average.
+  with the server) creates the CKKS context with its secret key and a random ``run_id``. It
+  publishes only the public context (encryption key and parameters; no secret key, no
+  relinearisation or Galois keys are needed since aggregation only adds, and none are shipped).
+  Each site's Ed25519 identity key is registered with it at setup.
+* **Clients** (sites) encrypt ``[n_k * delta_k, n_k]`` with the public key across as many
+  ciphertexts as the model needs (N/2 values each), and sign (run_id, round, site, SHA-256 of the
+  ciphertexts) with their identity key.
+* The **server** holds the public context and the sites' public keys only. It parses every
+  ciphertext with :mod:`privfl.protocols.ckks_wire` (field by field against the public context and
+  the config; TenSEAL never sees a peer's bytes), checks the signature, and forwards the accepted
+  signed contributions to the key holder.
+* The key holder re-checks everything, requires at least ``min_contributors`` distinct registered
+  sites, signed for this run and this round, decrypts at most once per round, sums the ciphertexts
+  itself (so the server cannot substitute), floods the decryption with fresh noise
+  (:mod:`privfl.protocols.ckks_release`) and sends the clients the weighted average.
 
 What this protects: an honest-but-curious server learns nothing about individual updates (CKKS is
-IND-CPA under RLWE). It does not protect against a key holder that colludes with the server (then
-individual updates can be decrypted), nor against a server that alters the model it sends
-(see docs/concepts.md). Parameters: see :class:`~privfl.config.CkksConfig` and docs/ckks.md.
+IND-CPA under RLWE); an active server cannot make the key holder decrypt fewer than
+``min_contributors`` sites' updates, one site twice, or another round's ciphertexts; a malicious site
+or server cannot crash the server or the key holder with crafted bytes. It does not protect against a
+key holder that colludes with the server, nor against a server colluding with
+``min_contributors - 1`` registered sites (they can form a "sum" of one honest update and their own
+zeros), nor against a server that alters the model it sends (see docs/concepts.md and docs/ckks.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -29,6 +42,15 @@ import numpy as np
 from privfl.config import CkksConfig
 from privfl.errors import ConfigError, DecryptionError, MessageError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, Transport
+from privfl.protocols.ckks_release import FLOOD_FACTOR, flood_and_round, measure_fresh_error
+from privfl.protocols.ckks_signing import (
+    RUN_ID_BYTES,
+    SIGNATURE_BYTES,
+    SiteIdentity,
+    load_public_key,
+    verify_contribution,
+)
+from privfl.protocols.ckks_wire import CiphertextLayout, add_ciphertexts, encode_vector, parse_vector
 from privfl.protocols.oneshot import (
     KIND_AGGREGATE,
     KIND_UPDATE,
@@ -39,9 +61,19 @@ from privfl.protocols.oneshot import (
 )
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["CkksKeyHolder", "CkksClient", "CkksServer", "CkksProtection", "require_tenseal"]
+__all__ = [
+    "CkksKeyHolder",
+    "CkksClient",
+    "CkksServer",
+    "CkksProtection",
+    "DecryptedSum",
+    "SiteIdentity",
+    "require_tenseal",
+    "DEFAULT_MIN_CONTRIBUTORS",
+]
 
 KEY_HOLDER = "key-holder"
+DEFAULT_MIN_CONTRIBUTORS = 2
 
 
 def require_tenseal():
@@ -54,7 +86,10 @@ def require_tenseal():
 
 
 def _load_context(data: bytes):
-    """Deserializes a TenSEAL context, or raises ConfigError (SEAL raises several types)."""
+    """Deserializes a TenSEAL context, or raises ConfigError (SEAL raises several types).
+
+    The public context comes from the key holder at setup, not from an arbitrary peer.
+    """
     ts = require_tenseal()
     try:
         return ts.context_from(data)
@@ -67,21 +102,102 @@ def _num_ciphertexts(dim: int, slots: int) -> int:
     return math.ceil((dim + 1) / slots)
 
 
-def _max_ciphertext_bytes(config: CkksConfig) -> int:
-    # Two polynomials of N coefficients at one 64-bit RNS limb, plus serialization headers.
-    return 2 * config.poly_modulus_degree * 8 + 4096
+def _chunk_sizes(dim: int, slots: int) -> list[int]:
+    return [min(slots, dim + 1 - i * slots) for i in range(_num_ciphertexts(dim, slots))]
+
+
+def _resolve_min_contributors(config: CkksConfig, value: int | None) -> int:
+    # CkksConfig may carry min_contributors; until it does, the keyword (or the default) is used.
+    if value is None:
+        value = getattr(config, "min_contributors", DEFAULT_MIN_CONTRIBUTORS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(
+            "ckks.min_contributors", value, "must be an integer >= 2: the key holder never decrypts a single site's update"
+        )
+    return value
+
+
+def _update_body(round_index: int, site: str, ciphertexts: list[bytes] | tuple[bytes, ...]) -> bytes:
+    # What a site signs (by hash): the update frame without its signature part.
+    return encode_frame(KIND_UPDATE, round_index, site, list(ciphertexts))
+
+
+@dataclass(frozen=True, slots=True)
+class _Contribution:
+    site: str
+    ciphertexts: list[np.ndarray]
+    digest: bytes
+
+
+class _Verifier:
+    """Checks one signed update message completely (frame, signature, every ciphertext)."""
+
+    def __init__(self, layout: CiphertextLayout, dim: int, run_id: bytes, keys: Mapping | None) -> None:
+        self.layout = layout
+        self.sizes = _chunk_sizes(dim, layout.slots)
+        self.run_id = run_id
+        self.keys = keys
+
+    @property
+    def max_message_bytes(self) -> int:
+        return len(self.sizes) * (self.layout.max_vector_bytes + 8) + SIGNATURE_BYTES + 8 + (1 << 16) + 64
+
+    def check(self, round_index: int, message: bytes, sender: str | None) -> _Contribution:
+        frame = decode_frame(
+            message,
+            kind=KIND_UPDATE,
+            round_index=round_index,
+            sender=sender,
+            max_bytes=self.max_message_bytes,
+            max_parts=len(self.sizes) + 1,
+        )
+        site = frame.sender
+        signature, *parts = frame.parts or (b"",)
+        if len(parts) != len(self.sizes):
+            raise MessageError(f"{len(parts)} ciphertexts, expected {len(self.sizes)}", sender=site)
+        ciphertexts = []
+        for i, (part, size) in enumerate(zip(parts, self.sizes)):
+            try:
+                ciphertexts.append(parse_vector(part, self.layout, size))
+            except MessageError as exc:
+                raise MessageError(f"ciphertext {i} does not deserialize: {exc.reason}", sender=site) from None
+        body = _update_body(round_index, site, parts)
+        if self.keys is not None:
+            verify_contribution(self.keys, self.run_id, round_index, site, body, signature)
+        return _Contribution(site=site, ciphertexts=ciphertexts, digest=hashlib.sha256(body).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptedSum:
+    """What the key holder releases for one round.
+
+    Attributes:
+        weighted_sum: sum_k n_k delta_k (flooded and rounded, see :mod:`privfl.protocols.ckks_release`).
+        total_weight: sum_k n_k (same treatment).
+        contributors: the distinct sites whose signed ciphertexts were summed.
+    """
+
+    weighted_sum: np.ndarray
+    total_weight: float
+    contributors: tuple[str, ...]
 
 
 class CkksKeyHolder:
-    """Creates the CKKS keys and decrypts only aggregates. Lives on the client side.
+    """Creates the CKKS keys and decrypts only verified sums. Lives on the client side.
 
     Args:
         config: CKKS parameters.
+        min_contributors: fewest distinct registered sites a sum must contain to be decrypted
+            (>= 2; defaults to ``config.min_contributors`` when the config has it, else 2).
+
+    Raises:
+        ConfigError: ``min_contributors`` below 2.
     """
 
-    def __init__(self, config: CkksConfig) -> None:
+    def __init__(self, config: CkksConfig, *, min_contributors: int | None = None) -> None:
         ts = require_tenseal()
         self.config = config
+        self.min_contributors = _resolve_min_contributors(config, min_contributors)
         self._secret_context = ts.context(
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=config.poly_modulus_degree,
@@ -94,71 +210,141 @@ class CkksKeyHolder:
         self._public_bytes: bytes = public.serialize(
             save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
         )
+        self.run_id: bytes = secrets.token_bytes(RUN_ID_BYTES)
+        """Public: binds every signed contribution to this key holder's run."""
+        self.layout = CiphertextLayout.from_context(public, config.scale_bits)
+        self.fresh_error = measure_fresh_error(self._secret_context, public, config.slots)
+        self._keys: dict = {}
+        self._public_keys: dict[str, bytes] = {}
+        self._decrypted_rounds: set[int] = set()
 
     def __repr__(self) -> str:
-        return f"CkksKeyHolder(config={self.config!r}, secret_key=<hidden>)"
+        return (
+            f"CkksKeyHolder(config={self.config!r}, min_contributors={self.min_contributors}, "
+            f"sites={len(self._keys)}, secret_key=<hidden>)"
+        )
 
     def public_context(self) -> bytes:
         """The serialized public context (no secret key) to hand to clients and the server."""
         return self._public_bytes
 
-    def decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> tuple[np.ndarray, float]:
-        """Decrypts the server's summed ciphertexts.
-
-        Returns:
-            (sum_k n_k * delta_k, sum_k n_k).
+    def register_site(self, site: str, public_key: bytes) -> None:
+        """Registers a site's Ed25519 identity key (at setup, over an authenticated channel).
 
         Raises:
-            DecryptionError: the aggregate cannot be parsed or decrypted (deliberately opaque).
+            ConfigError: not an Ed25519 key, or the site is already registered with another key.
         """
-        ts = require_tenseal()
-        count = _num_ciphertexts(dim, self.config.slots)
+        key = load_public_key(site, public_key)
+        known = self._public_keys.get(site)
+        if known is not None and known != bytes(public_key):
+            raise ConfigError(f"sites[{site!r}]", "<another key>", "is already registered with a different key")
+        self._keys[site] = key
+        self._public_keys[site] = bytes(public_key)
+
+    def sites(self) -> dict[str, bytes]:
+        """The registered sites' public keys (public information, e.g. for the server)."""
+        return dict(self._public_keys)
+
+    def decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> DecryptedSum:
+        """Verifies the server's forwarded contributions, sums them itself and decrypts the sum.
+
+        The aggregate must hold, for this round, signed updates from at least ``min_contributors``
+        distinct registered sites, each ciphertext valid for the public context, no site and no
+        ciphertext message twice; each round is decrypted at most once.
+
+        Returns:
+            The released sum (see :class:`DecryptedSum`).
+
+        Raises:
+            DecryptionError: anything above fails (deliberately opaque; the cause is chained for debugging).
+        """
         try:
-            frame = decode_frame(
-                aggregate,
-                kind=KIND_AGGREGATE,
-                round_index=round_index,
-                sender=SERVER,
-                max_bytes=count * _max_ciphertext_bytes(self.config) + 1024,
-            )
-            if len(frame.parts) != count:
-                raise MessageError("wrong ciphertext count")
-            values = np.concatenate(
-                [np.asarray(ts.ckks_vector_from(self._secret_context, part).decrypt()) for part in frame.parts]
-            )
+            return self._decrypt_sum(round_index, aggregate, dim)
+        except DecryptionError:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure is reported the same opaque way
             raise DecryptionError() from exc
+
+    def _decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> DecryptedSum:
+        ts = require_tenseal()
+        verifier = _Verifier(self.layout, dim, self.run_id, self._keys)
+        frame = decode_frame(
+            aggregate,
+            kind=KIND_AGGREGATE,
+            round_index=round_index,
+            sender=SERVER,
+            max_bytes=max(len(self._keys), 1) * (verifier.max_message_bytes + 8) + 1024,
+            max_parts=len(self._keys),
+        )
+        if round_index in self._decrypted_rounds:
+            # A second sum for the same round (another subset of sites) would let the server
+            # difference two releases down to one site's update.
+            raise ProtocolAbort(f"round {round_index} was already decrypted")
+        sites: list[str] = []
+        digests: set[bytes] = set()
+        total: list[np.ndarray] | None = None
+        for message in frame.parts:
+            contribution = verifier.check(round_index, message, sender=None)
+            if contribution.site in sites or contribution.digest in digests:
+                raise MessageError("a site or a ciphertext appears twice in the aggregate")
+            sites.append(contribution.site)
+            digests.add(contribution.digest)
+            total = (
+                contribution.ciphertexts
+                if total is None
+                else [add_ciphertexts([a, b], self.layout.modulus) for a, b in zip(total, contribution.ciphertexts)]
+            )
+        if len(sites) < self.min_contributors or total is None:
+            raise ProtocolAbort(f"{len(sites)} contributors < min_contributors {self.min_contributors}")
+        self._decrypted_rounds.add(round_index)
+        # TenSEAL only ever loads the canonical bytes built here from checked coefficient arrays.
+        values = np.concatenate(
+            [
+                np.asarray(ts.ckks_vector_from(self._secret_context, encode_vector(c, self.layout, size)).decrypt())
+                for c, size in zip(total, verifier.sizes)
+            ]
+        )
         if values.shape != (dim + 1,) or not np.all(np.isfinite(values)):
-            raise DecryptionError()
-        return values[:dim], float(values[dim])
+            raise MessageError("decrypted sum has the wrong shape or is not finite")
+        released = flood_and_round(values, self.fresh_error, len(sites), FLOOD_FACTOR)
+        return DecryptedSum(weighted_sum=released[:dim], total_weight=float(released[dim]), contributors=tuple(sites))
 
 
 class CkksClient:
-    """Client side: encrypts ``[n_k * delta_k, n_k]`` with the public key.
+    """Client side: encrypts ``[n_k * delta_k, n_k]`` with the public key and signs the ciphertexts.
 
     Args:
         public_context: bytes from :meth:`CkksKeyHolder.public_context`.
         config: the same CKKS parameters.
+        run_id: the key holder's :attr:`CkksKeyHolder.run_id`.
 
     Raises:
         ConfigError: the context holds a secret key (a client must not be handed one by mistake
-            through this path) or does not match ``config``.
+            through this path) or does not match ``config``, or ``run_id`` is not 16 bytes.
     """
 
-    def __init__(self, public_context: bytes, config: CkksConfig) -> None:
+    def __init__(self, public_context: bytes, config: CkksConfig, *, run_id: bytes) -> None:
         self.config = config
         self._context = _load_context(public_context)
         if self._context.has_secret_key():
             raise ConfigError("public_context", "<context with secret key>", "encrypting clients get the public context only")
+        if not isinstance(run_id, bytes) or len(run_id) != RUN_ID_BYTES:
+            raise ConfigError("run_id", f"<{len(run_id) if hasattr(run_id, '__len__') else run_id!r}>", f"must be {RUN_ID_BYTES} bytes")
         self._context.global_scale = 2.0**config.scale_bits
+        self.run_id = run_id
 
-    def encrypt(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
-        """Encrypts one update.
+    def encrypt(
+        self, round_index: int, client: str, update: ClientUpdate, num_participants: int, *, identity: SiteIdentity
+    ) -> bytes:
+        """Encrypts and signs one update.
 
         Raises:
-            ConfigError: a weighted value is too large for the parameters to sum without wrapping.
+            ConfigError: a weighted value is too large for the parameters to sum without wrapping,
+                or ``identity`` belongs to another site.
         """
         ts = require_tenseal()
+        if identity.site != client:
+            raise ConfigError("identity", identity.site, f"signs for another site than {client!r}")
         values = np.concatenate([update.weight * update.delta.astype(np.float64), [update.weight]])
         largest = float(np.max(np.abs(values))) * num_participants
         if largest >= self.config.max_magnitude:
@@ -172,67 +358,63 @@ class CkksClient:
         parts = [
             ts.ckks_vector(self._context, values[i : i + slots]).serialize() for i in range(0, len(values), slots)
         ]
-        return encode_frame(KIND_UPDATE, round_index, client, parts)
+        signature = identity.sign(self.run_id, round_index, _update_body(round_index, client, parts))
+        return encode_frame(KIND_UPDATE, round_index, client, [signature, *parts])
 
 
 class CkksServer(OneShotServer):
-    """Server side: adds ciphertexts under the public context. Holds no secret key.
+    """Server side: checks each signed update and forwards the accepted ones. Holds no secret key.
 
     Args:
         public_context: bytes from :meth:`CkksKeyHolder.public_context`.
         config: CKKS parameters.
         dim: update length.
+        run_id: the key holder's run id (to check signatures).
+        sites: registered site id -> raw Ed25519 public key; when given, an update with a missing
+            or bad signature is rejected here instead of spoiling the whole aggregate at the key holder.
     """
 
-    def __init__(self, public_context: bytes, config: CkksConfig, dim: int) -> None:
+    def __init__(
+        self,
+        public_context: bytes,
+        config: CkksConfig,
+        dim: int,
+        *,
+        run_id: bytes | None = None,
+        sites: Mapping[str, bytes] | None = None,
+    ) -> None:
         self.config = config
         self.dim = dim
         self.context = _load_context(public_context)
         if self.context.has_secret_key():
             raise ConfigError("public_context", "<context with secret key>", "the server must never hold the secret key")
+        self.layout = CiphertextLayout.from_context(self.context, config.scale_bits)
         self.count = _num_ciphertexts(dim, config.slots)
-        self._sizes = [min(config.slots, dim + 1 - i * config.slots) for i in range(self.count)]
-        self._sum: list | None = None
+        keys = None if sites is None else {site: load_public_key(site, raw) for site, raw in sites.items()}
+        if keys is not None and (run_id is None or len(run_id) != RUN_ID_BYTES):
+            raise ConfigError("run_id", run_id, f"must be {RUN_ID_BYTES} bytes to check signatures")
+        self._verifier = _Verifier(self.layout, dim, run_id or bytes(RUN_ID_BYTES), keys)
+        self._accepted: list[bytes] = []
+        self._digests: set[bytes] = set()
 
     def _reset(self) -> None:
-        self._sum = None
+        self._accepted = []
+        self._digests = set()
 
-    def _parse(self, round_index: int, sender: str, message: bytes) -> list:
-        ts = require_tenseal()
-        frame = decode_frame(
-            message,
-            kind=KIND_UPDATE,
-            round_index=round_index,
-            sender=sender,
-            max_bytes=self.count * _max_ciphertext_bytes(self.config) + 1024,
-            max_parts=self.count,
-        )
-        if len(frame.parts) != self.count:
-            raise MessageError(f"{len(frame.parts)} ciphertexts, expected {self.count}", sender=sender)
-        vectors = []
-        for i, part in enumerate(frame.parts):
-            try:
-                vector = ts.ckks_vector_from(self.context, part)
-            except Exception as exc:  # noqa: BLE001 - SEAL raises several types on bad input
-                raise MessageError(f"ciphertext {i} does not deserialize ({type(exc).__name__})", sender=sender) from None
-            if vector.size() != self._sizes[i]:
-                raise MessageError(f"ciphertext {i} holds {vector.size()} values, expected {self._sizes[i]}", sender=sender)
-            vectors.append(vector)
-        if self._sum is not None:
-            # Try the additions on the side first: a ciphertext at another level fails here and
-            # the running sum is left untouched.
-            try:
-                return [s + v for s, v in zip(self._sum, vectors)]
-            except Exception as exc:  # noqa: BLE001
-                raise MessageError(f"ciphertexts do not add ({type(exc).__name__})", sender=sender) from None
-        return vectors
+    def _parse(self, round_index: int, sender: str, message: bytes) -> tuple[bytes, bytes]:
+        contribution = self._verifier.check(round_index, message, sender)
+        if contribution.digest in self._digests:
+            raise MessageError("the same ciphertext message arrived twice", sender=sender)
+        return bytes(message), contribution.digest
 
-    def _add(self, parsed: list) -> None:
-        self._sum = parsed
+    def _add(self, parsed: tuple[bytes, bytes]) -> None:
+        message, digest = parsed
+        self._accepted.append(message)
+        self._digests.add(digest)
 
     def _payload(self, round_index: int) -> bytes:
-        assert self._sum is not None
-        return encode_frame(KIND_AGGREGATE, round_index, SERVER, [v.serialize() for v in self._sum])
+        # The key holder sums the signed ciphertexts itself, so the server forwards them as they came.
+        return encode_frame(KIND_AGGREGATE, round_index, SERVER, self._accepted)
 
     def can_decrypt(self) -> bool:
         """Whether this server object holds a secret key (it never should)."""
@@ -240,40 +422,63 @@ class CkksServer(OneShotServer):
 
 
 class CkksProtection(OneShotProtection):
-    """CKKS-encrypted weighted FedAvg.
+    """CKKS-encrypted weighted FedAvg, with signed contributions checked by the key holder.
+
+    For the in-process simulation this object also plays the setup: it gives every site a fresh
+    Ed25519 identity the first time the site takes part and registers its public key with the key
+    holder. In a deployment each site keeps its own identity and registers it out of band.
 
     Args:
         config: CKKS parameters.
+        min_contributors: see :class:`CkksKeyHolder`.
     """
 
     name: ClassVar[str] = "ckks"
 
-    def __init__(self, config: CkksConfig | None = None) -> None:
+    def __init__(self, config: CkksConfig | None = None, *, min_contributors: int | None = None) -> None:
         self.config = config or CkksConfig()
-        self.key_holder = CkksKeyHolder(self.config)
+        self.key_holder = CkksKeyHolder(self.config, min_contributors=min_contributors)
         public = self.key_holder.public_context()
-        self._client = CkksClient(public, self.config)
+        self._client = CkksClient(public, self.config, run_id=self.key_holder.run_id)
         self._public = public
+        self._identities: dict[str, SiteIdentity] = {}
         self.server: CkksServer | None = None
 
     def __repr__(self) -> str:
-        return f"CkksProtection(config={self.config!r})"
+        return f"CkksProtection(config={self.config!r}, min_contributors={self.key_holder.min_contributors})"
+
+    def _identity(self, client: str) -> SiteIdentity:
+        identity = self._identities.get(client)
+        if identity is None:
+            identity = SiteIdentity.generate(client)
+            self.key_holder.register_site(client, identity.public_bytes())
+            self._identities[client] = identity
+        return identity
 
     def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
-        return self._client.encrypt(round_index, client, update, num_participants)
+        return self._client.encrypt(round_index, client, update, num_participants, identity=self._identity(client))
 
     def _server(self, dim: int) -> CkksServer:
-        # The server is built from the public bytes alone, exactly as a remote server would be.
-        return CkksServer(self._public, self.config, dim)
+        # The server is built from public bytes alone, exactly as a remote server would be.
+        return CkksServer(self._public, self.config, dim, run_id=self.key_holder.run_id, sites=self.key_holder.sites())
 
     def _finalize(self, round_index: int, aggregate: bytes, dim: int, transport: Transport) -> tuple[np.ndarray, float, int]:
+        accepted = len(self.server._accepted) if self.server is not None else 0
+        if accepted < self.key_holder.min_contributors:
+            raise ProtocolAbort(
+                f"round {round_index}: {accepted} valid updates < min_contributors {self.key_holder.min_contributors}; "
+                "the key holder decrypts no smaller sum",
+                survivors=accepted,
+                threshold=self.key_holder.min_contributors,
+            )
         received = transport.deliver(SERVER, KEY_HOLDER, "aggregate", aggregate)
         if received is None:
             raise ProtocolAbort(f"round {round_index}: the encrypted aggregate was lost on its way to the key holder")
         try:
-            weighted_sum, total_weight = self.key_holder.decrypt_sum(round_index, received, dim)
+            released = self.key_holder.decrypt_sum(round_index, received, dim)
         except DecryptionError as exc:
-            raise ProtocolAbort(f"round {round_index}: the key holder could not decrypt the aggregate") from exc
+            raise ProtocolAbort(f"round {round_index}: the key holder refused or could not decrypt the aggregate") from exc
+        weighted_sum, total_weight = released.weighted_sum, released.total_weight
         if not total_weight > 0:
             raise ProtocolAbort(f"round {round_index}: decrypted total weight {total_weight} is not positive")
         if self.release_noise is not None:

@@ -91,13 +91,20 @@ def decode_average(round_index: int, message: bytes, dim: int) -> tuple[np.ndarr
     """Parses :func:`encode_average`'s message.
 
     Raises:
-        MessageError: malformed, or not ``dim`` values.
+        MessageError: malformed, not ``dim`` values, a total weight that is not a finite number
+            > 0, or an average that is not finite (a NaN or an infinity would otherwise flow into
+            every client's model).
     """
     frame = decode_frame(message, kind=KIND_AVERAGE, round_index=round_index, max_bytes=8 * dim + 1024)
     if len(frame.parts) != 2 or len(frame.parts[0]) != 8 or len(frame.parts[1]) != 8 * dim:
         raise MessageError(f"average message has the wrong shape (expected {dim} values)")
     (total_weight,) = _WEIGHT.unpack(frame.parts[0])
-    return np.frombuffer(frame.parts[1], dtype="<f8").copy(), total_weight
+    if not (np.isfinite(total_weight) and total_weight > 0):
+        raise MessageError(f"average message carries total weight {total_weight!r}, not a finite number > 0")
+    average = np.frombuffer(frame.parts[1], dtype="<f8").copy()
+    if not np.all(np.isfinite(average)):
+        raise MessageError("average message holds non-finite values")
+    return average, total_weight
 
 
 class OneShotProtection(Protection):

@@ -10,9 +10,9 @@ import pytest
 from privfl.config import CkksConfig
 from privfl.errors import ConfigError, DecryptionError, ProtocolAbort
 from privfl.protocols.base import ClientUpdate, DirectTransport
-from privfl.protocols.ckks import CkksClient, CkksKeyHolder, CkksProtection, CkksServer
+from privfl.protocols.ckks import CkksClient, CkksKeyHolder, CkksProtection, CkksServer, SiteIdentity
 from privfl.protocols.plaintext import PlaintextProtection
-from privfl.protocols.wire import encode_frame
+from privfl.protocols.wire import decode_frame, encode_frame
 
 
 def _updates(num_clients: int, dim: int, seed: int = 0) -> dict[str, ClientUpdate]:
@@ -27,12 +27,13 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def protection() -> CkksProtection:
+    # One per test: the key holder decrypts each round at most once.
     return CkksProtection()
 
 
-@pytest.mark.parametrize(("num_clients", "dim"), [(1, 5), (5, 62), (7, 4096 * 3 + 17)])
+@pytest.mark.parametrize(("num_clients", "dim"), [(2, 5), (5, 62), (7, 4096 * 3 + 17)])
 def test_decrypted_average_matches_plaintext_average(protection, num_clients, dim):
     updates = _updates(num_clients, dim, seed=dim)
     encrypted = protection.run_round(3, updates, DirectTransport())
@@ -81,11 +82,15 @@ def test_server_object_holds_no_secret_key(protection):
     assert not server.can_decrypt()
     assert server.context.is_public()
     assert not _holds_secret_key(server)
-    # the server cannot decrypt what it summed, and its vectors reach no secret key either
-    summed = server._sum[0]
-    assert not summed.context().has_secret_key()
+    # the server cannot decrypt what it holds: a ciphertext it accepted, loaded under its own
+    # context, reaches no secret key either
+    import tenseal as ts
+
+    first = decode_frame(server._accepted[0], kind=1, round_index=0).parts[1]
+    held = ts.ckks_vector_from(server.context, first)
+    assert not held.context().has_secret_key()
     with pytest.raises(ValueError, match="secret_key"):
-        summed.decrypt()
+        held.decrypt()
     # while the key holder's context, on the client side, does hold one
     assert _holds_secret_key(protection.key_holder)
 
@@ -138,9 +143,9 @@ def test_malformed_message_drops_only_that_client(protection, mutate, reason):
 
 def test_wrong_ciphertext_count_is_rejected(protection):
     holder = protection.key_holder
-    client = CkksClient(holder.public_context(), protection.config)
-    small = client.encrypt(0, "c0", ClientUpdate(delta=np.zeros(10, np.float32), weight=1.0), 1)
-    big = client.encrypt(0, "c1", ClientUpdate(delta=np.zeros(5000, np.float32), weight=1.0), 1)
+    client = CkksClient(holder.public_context(), protection.config, run_id=holder.run_id)
+    small = client.encrypt(0, "c0", ClientUpdate(delta=np.zeros(10, np.float32), weight=1.0), 1, identity=SiteIdentity.generate("c0"))
+    big = client.encrypt(0, "c1", ClientUpdate(delta=np.zeros(5000, np.float32), weight=1.0), 1, identity=SiteIdentity.generate("c1"))
     out = CkksServer(holder.public_context(), protection.config, 5000).aggregate(0, {"c0": small})
     assert out.accepted == () and "1 ciphertexts, expected 2" in out.rejected["c0"]
     out = CkksServer(holder.public_context(), protection.config, 10).aggregate(0, {"c1": big})
@@ -161,12 +166,14 @@ def test_values_too_large_for_the_parameters_are_refused():
     # A value that would wrap modulo q0 is refused on its client: that client is dropped with the
     # reason, the others are averaged; if nobody is left the round aborts.
     protection = CkksProtection(CkksConfig(poly_modulus_degree=4096, data_bits=40, special_bits=40, scale_bits=30))
+    # (Two "ok" sites: the key holder decrypts no sum of fewer than min_contributors = 2 sites.)
     updates = {
         "big": ClientUpdate(delta=np.full(4, 10.0, np.float32), weight=100.0),
         "ok": ClientUpdate(delta=np.full(4, 0.5, np.float32), weight=2.0),
+        "ok2": ClientUpdate(delta=np.full(4, 0.5, np.float32), weight=3.0),
     }
     result = protection.run_round(0, updates, DirectTransport())
-    assert "data_bits" in result.dropped["big"] and result.contributors == ("ok",)
+    assert "data_bits" in result.dropped["big"] and result.contributors == ("ok", "ok2")
     np.testing.assert_allclose(result.average, 0.5, atol=1e-5)  # 30-bit scale: about 1e-6 precision
     with pytest.raises(ProtocolAbort):
         protection.run_round(1, {"big": updates["big"]}, DirectTransport())
@@ -176,3 +183,9 @@ def test_tampered_aggregate_gives_opaque_decryption_error(protection):
     with pytest.raises(DecryptionError) as info:
         protection.key_holder.decrypt_sum(0, b"\x00" * 100, 10)
     assert str(info.value) == "decryption failed"
+
+
+def test_a_single_site_is_never_decrypted(protection):
+    # Formerly a one-client round was decrypted: that is exactly the decryption oracle.
+    with pytest.raises(ProtocolAbort, match="min_contributors"):
+        protection.run_round(0, _updates(1, 5), DirectTransport())
