@@ -34,6 +34,7 @@ __all__ = [
     "load_flat_parameters",
     "train_dp_sgd",
     "evaluate",
+    "prepare_dataset",
 ]
 
 GHOST_LINEAR_THRESHOLD = 16_384
@@ -166,6 +167,117 @@ def _poisson_loader(dataset: Dataset, sample_rate: float, steps: int, seed: int)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _as_tensor(value: object) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
+        return torch.as_tensor(np.asarray(value))
+    return None
+
+
+class _AdaptedDataset(Dataset):
+    """Converts each example where it is safe: float64 inputs to the model's dtype, integer-valued labels to int64."""
+
+    def __init__(self, dataset: Dataset, *, input_dtype: torch.dtype | None, site: str) -> None:
+        self.dataset = dataset
+        self.input_dtype = input_dtype
+        self.site = site
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, label = _split_example(self.dataset[index], self.site, index)
+        if self.input_dtype is not None and inputs.is_floating_point():
+            inputs = inputs.to(self.input_dtype)
+        return inputs, _class_label(label, self.site, index)
+
+
+def _split_example(example: object, site: str, index: int) -> tuple[torch.Tensor, object]:
+    if not isinstance(example, (tuple, list)) or len(example) != 2:
+        raise ConfigError(
+            f"dataset[{site}]",
+            f"example {index} of type {type(example).__name__}",
+            "each example must be an (input, class label) pair, as torch's TensorDataset yields",
+        )
+    inputs = _as_tensor(example[0])
+    if inputs is None:
+        raise ConfigError(
+            f"dataset[{site}]",
+            f"input of example {index} of type {type(example[0]).__name__}",
+            "an input must be a torch tensor or a numpy array",
+        )
+    return inputs, example[1]
+
+
+def _class_label(label: object, site: str, index: int) -> torch.Tensor:
+    tensor = _as_tensor(label)
+    if tensor is None:
+        raise ConfigError(
+            f"dataset[{site}]", f"label of example {index} of type {type(label).__name__}", "a class label must be an integer"
+        )
+    if tensor.shape == (1,):
+        # A label stored as a length-1 vector (a common CSV / pandas artefact) is one class id.
+        tensor = tensor.reshape(())
+    if tensor.ndim != 0:
+        raise ConfigError(
+            f"dataset[{site}]",
+            f"label of example {index} with shape {tuple(tensor.shape)}",
+            "a class label must be one integer per example (no one-hot vectors or soft labels)",
+        )
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        value = float(tensor)
+        if not (math.isfinite(value) and value == round(value) and value >= 0):
+            raise ConfigError(
+                f"dataset[{site}]",
+                f"label {value!r} of example {index}",
+                "a class label must be a whole number >= 0 (cross-entropy classification); "
+                "map your classes to 0..C-1",
+            )
+        return torch.tensor(int(value), dtype=torch.int64)
+    if tensor.is_complex():
+        raise ConfigError(f"dataset[{site}]", f"label of example {index}", "a class label must be an integer")
+    return tensor.to(torch.int64)
+
+
+def prepare_dataset(dataset: Dataset, model: nn.Module, *, site: str = "dataset") -> Dataset:
+    """Checks a user's Dataset against the model and adapts it where that is safe.
+
+    The first example decides: float64 inputs are cast to the model's dtype; float labels that hold
+    whole numbers, and labels of shape (1,), become int64 class ids. When the first example needs no
+    change the dataset is returned as it is.
+
+    Args:
+        dataset: yields (input, class label) pairs.
+        model: the model that will train on it (its parameters' dtype is the target dtype).
+        site: the site's name, for error messages.
+
+    Returns:
+        ``dataset`` itself, or a converting view of it.
+
+    Raises:
+        ConfigError: the dataset is empty, or an example cannot be used safely (names the site,
+            the example and the fix).
+    """
+    if len(dataset) == 0:
+        raise ConfigError(f"dataset[{site}]", 0, "a site needs at least one training example")
+    inputs, label = _split_example(dataset[0], site, 0)
+    _class_label(label, site, 0)  # raises on a label that cannot be a class id
+    target_dtype = _model_dtype(model)
+    needs_cast = inputs.is_floating_point() and inputs.dtype != target_dtype
+    label_ok = isinstance(label, torch.Tensor) and label.dtype == torch.int64 and label.ndim == 0
+    if not needs_cast and label_ok and isinstance(dataset[0][0], torch.Tensor):
+        return dataset
+    return _AdaptedDataset(dataset, input_dtype=target_dtype if needs_cast else None, site=site)
+
+
 def flatten_parameters(model: nn.Module) -> np.ndarray:
     """All trainable parameters, in ``model.parameters()`` order, as one float32 vector."""
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters() if p.requires_grad]).numpy()
@@ -197,6 +309,7 @@ def train_dp_sgd(
     noise_multiplier: float,
     device: torch.device,
     seed: int | None = None,
+    site: str = "dataset",
 ) -> LocalResult:
     """Trains ``model`` in place with DP-SGD on ``dataset`` for one round.
 
@@ -209,15 +322,19 @@ def train_dp_sgd(
         device: where to train.
         seed: seeds batch sampling and noise, for reproducible simulations; ``None`` (the
             default) draws a fresh seed from the OS, so nobody can regenerate the noise.
+        site: the site's name, for error messages about its data.
 
     Returns:
         The update and the DP event to charge.
+
+    Raises:
+        ConfigError: the dataset is empty or holds examples that cannot be trained on safely
+            (see :func:`prepare_dataset`).
     """
     from opacus import PrivacyEngine
 
+    dataset = prepare_dataset(dataset, model, site=site)
     num_examples = len(dataset)
-    if num_examples == 0:
-        raise ConfigError("dataset", 0, "a client needs at least one training example")
     sample_rate, steps = sampling_plan(num_examples, config)
     clipping = choose_clipping(model, config.dp.clipping)
     model = model.to(device)
@@ -296,6 +413,8 @@ def train_dp_sgd(
 def evaluate(model: nn.Module, dataset: Dataset, *, device: torch.device, batch_size: int = 512) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``dataset``."""
     model = model.to(device).eval()
+    if len(dataset):
+        dataset = prepare_dataset(dataset, model, site="test_set")
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct, count = 0.0, 0, 0
     for inputs, labels in DataLoader(dataset, batch_size=batch_size):
