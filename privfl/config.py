@@ -129,16 +129,22 @@ def _unit_interval(name: str, value: float, *, closed_low: bool = False) -> None
         raise ConfigError(name, value, "must be in " + ("[0, 1]" if closed_low else "(0, 1]"))
 
 
+DEFAULT_TARGET_EPSILON = 3.0
+"""Each site's sample-level epsilon for the whole run when a config sets neither epsilon nor sigma."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DPConfig:
     """DP-SGD settings for every client (sample-level DP: each record in a client's data).
 
-    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set. With ``target_epsilon`` the
+    At most one of ``noise_multiplier`` and ``target_epsilon`` is set; with neither,
+    ``target_epsilon`` is :data:`DEFAULT_TARGET_EPSILON` (3.0). With ``target_epsilon`` the
     noise multiplier is calibrated per client for the whole planned run (every round the client
     may take part in), never per round.
 
     Args:
-        target_epsilon: each client's epsilon budget for the whole run.
+        target_epsilon: each client's epsilon budget for the whole run (default 3.0 when no
+            ``noise_multiplier`` is given).
         noise_multiplier: a fixed sigma instead (the budget is then ``budget_epsilon``, if set).
         budget_epsilon: with a fixed ``noise_multiplier``, the epsilon a client may not exceed
             (``None``: no cap).
@@ -161,12 +167,15 @@ class DPConfig:
     planned_participation_quantile: float = 0.99
 
     def __post_init__(self) -> None:
-        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ConfigError(
                 "target_epsilon/noise_multiplier",
                 (self.target_epsilon, self.noise_multiplier),
-                "set exactly one of them",
+                "set at most one of them (a fixed sigma, or an epsilon to calibrate it to)",
             )
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            # A [training.dp] table that sets only, say, max_grad_norm keeps the documented default.
+            object.__setattr__(self, "target_epsilon", DEFAULT_TARGET_EPSILON)
         if self.target_epsilon is not None:
             _positive("target_epsilon", self.target_epsilon)
             if self.budget_epsilon is not None:
@@ -207,7 +216,7 @@ class TrainingConfig:
     batch_size: int = 32
     learning_rate: float = 0.1
     momentum: float = 0.0
-    dp: DPConfig = field(default_factory=lambda: DPConfig(target_epsilon=3.0))
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         _positive_int("local_epochs", self.local_epochs)
@@ -507,6 +516,14 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(path, value, "must be a string")
         return value
+    if annotation is bytes:
+        # TOML has no byte strings: seeds are written in hex.
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes")
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes") from None
     return value
 
 

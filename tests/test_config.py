@@ -85,3 +85,19 @@ def test_load_config_reports_unreadable_and_invalid_files(tmp_path):
     config = load_config(good)
     assert isinstance(config, RunConfig)
     assert config.federation.rounds == 3 and config.training.dp.noise_multiplier == 1.0
+
+
+def test_dp_table_without_epsilon_keeps_the_default_of_three():
+    config = config_from_dict({"training": {"dp": {"max_grad_norm": 2.0}}})
+    assert config.training.dp.target_epsilon == 3.0 and config.training.dp.max_grad_norm == 2.0
+    assert DPConfig(noise_multiplier=1.2).target_epsilon is None
+
+
+def test_secagg_graph_seed_from_toml_is_hex():
+    seed = "00112233445566778899aabbccddeeff"
+    config = config_from_dict({"federation": {"protection": "secagg", "secagg": {"graph_seed": seed}}})
+    assert config.federation.secagg.graph_seed == bytes.fromhex(seed)
+    with pytest.raises(ConfigError, match=r"federation\.secagg\.graph_seed"):
+        config_from_dict({"federation": {"secagg": {"graph_seed": "not hex"}}})
+    with pytest.raises(ConfigError, match=r"federation\.secagg\.graph_seed"):
+        config_from_dict({"federation": {"secagg": {"graph_seed": "0011"}}})  # 2 bytes < 16
