@@ -243,7 +243,7 @@ class SecAggServer:
         expected = self._keys_sent.get(sender, frozenset())
         frame = self._open(sender, payload, m.SHARES, max_bytes=4096 + len(expected) * (SEALED_SHARE_BYTES + 300))
         if len(frame.parts) != 2 * len(expected):
-            raise self._reject(sender, m.SHARES, f"{len(frame.parts) // 2} shares, expected {len(expected)}")
+            raise self._reject(sender, m.SHARES, f"{len(frame.parts)} parts, expected {2 * len(expected)} (id and sealed share for each of {len(expected)} neighbours)")
         sealed: dict[str, bytes] = {}
         for i in range(0, len(frame.parts), 2):
             receiver = frame.parts[i].decode("utf-8", errors="replace")
