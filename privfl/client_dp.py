@@ -43,12 +43,15 @@ import numpy as np
 
 from privfl.config import ClientDPConfig, ClientSampling
 from privfl.errors import ConfigError
+from privfl.noise import GridNoise, RandomSource, add_grid_noise, choose_grid, plan_grid_noise
 
 __all__ = [
     "ClientDPPlan",
     "plan_client_dp",
     "clip_update",
     "distributed_noise",
+    "release_noise",
+    "ReleaseNoise",
     "noisy_average",
     "next_clip_norm",
     "delta_noise_multiplier",
@@ -132,20 +135,118 @@ def clip_update(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
     return delta.astype(np.float64) * (clip_norm / norm), False
 
 
-def distributed_noise(dim: int, *, total_std: float, threshold: int, rng: np.random.Generator) -> np.ndarray:
-    """One client's share of the noise: N(0, total_std^2 / threshold) per coordinate.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReleaseNoise:
+    """The discrete Gaussian noise of one release (or one client's share of it), per block.
 
-    Any ``s >= threshold`` shares sum to noise of variance ``(s / threshold) total_std^2 >= total_std^2``.
+    Attributes:
+        update: the noise on the clipped-update block (sensitivity S, std z_delta S / sqrt(shares)).
+        bit: the noise on the centred-bit coordinate (sensitivity 1/2, std sigma_b / sqrt(shares)),
+            or None without adaptive clipping.
     """
-    if threshold < 1:
-        raise ConfigError("threshold", threshold, "must be >= 1")
-    return rng.normal(0.0, total_std / math.sqrt(threshold), size=dim)
+
+    update: GridNoise
+    bit: GridNoise | None
+
+    def apply(self, vector: np.ndarray, source: RandomSource) -> np.ndarray:
+        """Returns ``vector`` rounded to each block's grid and noised (a new float64 array).
+
+        Raises:
+            ConfigError: the vector's length does not match the plan, or a value is too large for the grid.
+        """
+        expected = self.update.dim + (1 if self.bit is not None else 0)
+        if vector.shape != (expected,):
+            raise ConfigError("vector", vector.shape, f"expected {expected} coordinates")
+        out = np.empty(expected)
+        out[: self.update.dim] = add_grid_noise(vector[: self.update.dim], self.update, source)
+        if self.bit is not None:
+            out[self.update.dim :] = add_grid_noise(vector[self.update.dim :], self.bit, source)
+        return out
 
 
-def noisy_average(total: np.ndarray, *, noise_std: float, denominator: float, rng: np.random.Generator | None) -> np.ndarray:
-    """Central DP-FedAvg release: (sum + N(0, noise_std^2)) / denominator (no noise when ``rng`` is None)."""
-    noisy = total if rng is None else total + rng.normal(0.0, noise_std, size=total.shape)
-    return noisy / denominator
+def release_noise(
+    plan: ClientDPPlan, *, clip_norm: float, dim: int, adaptive: bool, shares: int = 1, min_grid: float | None = None
+) -> ReleaseNoise:
+    """Plans the grid noise of a DP-FedAvg release: central (``shares=1``) or one client's share of it.
+
+    Each block gets its own power-of-two grid (from :func:`privfl.noise.choose_grid`, at least
+    ``min_grid``, e.g. the secure-aggregation quantizer's step) and a discrete Gaussian scale that folds
+    the rounding in: the block's zCDP charge stays at most the continuous Gaussian's, so the joint
+    charge is 1 / (2 z^2) as the accountant assumes (Andrew et al. split, unchanged).
+
+    With ``shares = t``, each share has 1/t of the variance; any s >= t shares sum to at least the
+    accounted variance (a sum of discrete Gaussians, close to one: Kairouz, Liu, Steinke 2021).
+
+    Args:
+        plan: the client-level plan (z_delta, sigma_b).
+        clip_norm: S this round.
+        dim: number of update coordinates (the bit, if any, comes after them).
+        adaptive: whether the vector carries the centred bit.
+        shares: t, the number of shares that together make the accounted noise.
+        min_grid: a power of two the grid steps must be multiples of (None: no constraint).
+
+    Raises:
+        ConfigError: ``shares`` < 1, or a grid that cannot hold the noise.
+    """
+    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
+        raise ConfigError("threshold", shares, "must be an int >= 1")
+    if min_grid is not None and not (math.isfinite(min_grid) and min_grid > 0 and math.frexp(min_grid)[0] == 0.5):
+        raise ConfigError("min_grid", min_grid, "must be None or a power of two")
+    blocks = [(plan.delta_noise_multiplier * clip_norm, clip_norm, dim)]
+    if adaptive:
+        # One client moves the centred bit sum by at most 1/2.
+        blocks.append((plan.bit_noise_std, 0.5, 1))
+    planned = []
+    for total_std, sensitivity, size in blocks:
+        std = total_std / math.sqrt(shares)
+        step = choose_grid(noise_std=total_std, sensitivity=sensitivity, dim=size)
+        if min_grid is not None:
+            # Both are powers of two: the larger is a multiple of the smaller.
+            step = max(step, min_grid)
+        # The rounding's worst case (one step per coordinate) is charged against the whole noise; a
+        # share carries 1/sqrt(t) of it, so the share's scale is the whole scale over sqrt(t).
+        whole = plan_grid_noise(noise_std=total_std, sensitivity=sensitivity, dim=size, grid=step)
+        share_steps = max(1, math.ceil(whole.sigma_steps / math.sqrt(shares)))
+        planned.append(GridNoise(grid=step, sigma_steps=share_steps, noise_std=std, sensitivity=sensitivity, dim=size))
+    return ReleaseNoise(update=planned[0], bit=planned[1] if adaptive else None)
+
+
+def distributed_noise(
+    vector: np.ndarray,
+    *,
+    plan: ClientDPPlan,
+    clip_norm: float,
+    adaptive: bool,
+    threshold: int,
+    source: RandomSource,
+    min_grid: float | None = None,
+) -> np.ndarray:
+    """One client's contribution under secure aggregation: its clipped vector on the grid plus its noise share.
+
+    The share is N_Z(0, s^2 / t) steps per coordinate (see :func:`release_noise`); any
+    ``s >= threshold`` shares sum to at least the accounted noise, so dropouts only add noise.
+
+    Raises:
+        ConfigError: ``threshold`` < 1 or a value too large for the grid.
+    """
+    dim = vector.shape[0] - (1 if adaptive else 0)
+    noise = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=threshold, min_grid=min_grid)
+    return noise.apply(np.asarray(vector, dtype=np.float64), source)
+
+
+def noisy_average(
+    total: np.ndarray, *, noise_std: float, sensitivity: float, denominator: float, source: RandomSource | None
+) -> np.ndarray:
+    """Central DP-FedAvg release: (sum on a grid + discrete Gaussian noise) / denominator (no noise when ``source`` is None).
+
+    The noise is planned as in :func:`release_noise`: std ``noise_std`` for L2 sensitivity ``sensitivity``.
+    """
+    if source is None:
+        return total / denominator
+    dim = int(np.asarray(total).shape[0])
+    grid = choose_grid(noise_std=noise_std, sensitivity=sensitivity, dim=dim)
+    noise = plan_grid_noise(noise_std=noise_std, sensitivity=sensitivity, dim=dim, grid=grid)
+    return add_grid_noise(total, noise, source) / denominator
 
 
 def next_clip_norm(clip_norm: float, unclipped_fraction: float, *, target_quantile: float, learning_rate: float) -> float:

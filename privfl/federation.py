@@ -474,6 +474,8 @@ class Federation:
         self, round_index: int, updates: dict[str, ClientUpdate], protection: Protection
     ) -> tuple[dict[str, ClientUpdate], int]:
         """Client side of DP-FedAvg: clip each update to S, append the unclipped bit, add noise shares for secagg."""
+        from privfl.noise import random_source
+
         plan = self._client_plan
         adaptive = self.config.client_dp.adaptive
         distributed = self.config.protection is ProtectionKind.SECAGG
@@ -491,6 +493,13 @@ class Federation:
                     stacklevel=2,
                 )
                 self._warned_clip_range = True
+            from privfl.protocols.secagg import Quantizer
+
+            cfg = protection.config
+            step = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(updates), fraction_bits=cfg.fraction_bits).step
+            # The largest power of two <= the step: equal to it when fraction_bits is set, and then the
+            # quantizer maps grid values to integers exactly; otherwise it re-rounds them (docs/client-dp.md).
+            min_grid = math.ldexp(1.0, math.frexp(step)[1] - 1)
         out: dict[str, ClientUpdate] = {}
         unclipped = 0
         for name, update in updates.items():
@@ -500,30 +509,31 @@ class Federation:
             # sensitivity the noise split of Andrew et al. assumes.
             vector = np.concatenate([clipped, [float(within) - 0.5]]) if adaptive else clipped
             if distributed:
-                index = self._plans_by_name[name].index
-                rng = np.random.default_rng(self._noise_seed(round_index, index, 1))
-                noise = distributed_noise(len(clipped), total_std=plan.delta_noise_multiplier * self._clip_norm, threshold=threshold, rng=rng)
-                vector = vector.copy()
-                vector[: len(clipped)] += noise
-                if adaptive:
-                    vector[-1] += distributed_noise(1, total_std=plan.bit_noise_std, threshold=threshold, rng=rng)[0]
+                # Discrete Gaussian share on a grid the quantizer's step divides (privfl.noise): no
+                # float bit of what is summed depends on the update (Mironov 2012).
+                seed = None if self.config.noise_seed is None else self._noise_seed(round_index, self._plans_by_name[name].index, 1)
+                vector = distributed_noise(
+                    vector, plan=plan, clip_norm=self._clip_norm, adaptive=adaptive, threshold=threshold,
+                    source=random_source(seed), min_grid=min_grid,
+                )
             # Uniform weights: with client-level DP every site counts once, whatever its size.
             out[name] = ClientUpdate(delta=vector, weight=1.0)
         return out, unclipped
 
     def _central_noise(self, round_index: int, dim: int):
         """The noise the plaintext server or CKKS key holder adds to the sum before releasing it."""
+        from privfl.client_dp import release_noise
+        from privfl.noise import random_source
+
         plan = self._client_plan
         adaptive = self.config.client_dp.adaptive
-        clip_norm = self._clip_norm
-        rng = np.random.default_rng(self._noise_seed(round_index, 2**20, 2))
+        # Released values lie on a power-of-two grid with exact discrete Gaussian noise drawn from a
+        # ChaCha20 keystream (privfl.noise): the low-order float bits carry nothing (Mironov 2012).
+        noise = release_noise(plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive)
+        source = random_source(None if self.config.noise_seed is None else self._noise_seed(round_index, 2**20, 2))
 
         def add_noise(total: np.ndarray) -> np.ndarray:
-            noised = total.astype(np.float64, copy=True)
-            noised[:dim] += rng.normal(0.0, plan.delta_noise_multiplier * clip_norm, size=dim)
-            if adaptive:
-                noised[dim] += rng.normal(0.0, plan.bit_noise_std)
-            return noised
+            return noise.apply(np.asarray(total, dtype=np.float64), source)
 
         return add_noise
 

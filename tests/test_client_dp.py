@@ -9,35 +9,72 @@ import pytest
 
 from privfl.accounting import DPEvent, epsilon, epsilon_of_events
 from privfl.client_dp import (
+    ClientDPPlan,
     clip_update,
     delta_noise_multiplier,
     distributed_noise,
     next_clip_norm,
     noisy_average,
     plan_client_dp,
+    release_noise,
 )
 from privfl.config import ClientDPConfig, ClientSampling, DPConfig, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.data import iid_partition, make_credit, subsets
 from privfl.errors import ConfigError
 from privfl.federation import Federation
 from privfl.models import LogisticRegression
+from privfl.noise import SeededRandom
 
 
 def test_central_noise_has_the_calibrated_scale():
-    rng = np.random.default_rng(0)
+    source = SeededRandom(0)
     z, clip, denominator = 1.3, 0.5, 20.0
-    samples = noisy_average(np.zeros(200_000), noise_std=z * clip, denominator=denominator, rng=rng)
+    samples = noisy_average(np.zeros(200_000), noise_std=z * clip, sensitivity=clip, denominator=denominator, source=source)
     assert samples.std() == pytest.approx(z * clip / denominator, rel=0.01)
     assert abs(samples.mean()) < 5 * z * clip / denominator / math.sqrt(len(samples))
+
+
+def _plan(z: float, bit_std: float = 0.0) -> ClientDPPlan:
+    z_delta = delta_noise_multiplier(z, bit_std) if bit_std else z
+    return ClientDPPlan(
+        noise_multiplier=z, accounted_noise_multiplier=z, delta_noise_multiplier=z_delta,
+        bit_noise_std=bit_std, sample_rate=1.0, expected_clients=10.0,
+    )
 
 
 @pytest.mark.parametrize("survivors", [4, 7, 10])
 def test_distributed_noise_sum_is_at_least_the_accounted_variance(survivors):
     threshold, total_std, dim = 4, 2.0, 50_000
-    rng = np.random.default_rng(survivors)
-    total = sum(distributed_noise(dim, total_std=total_std, threshold=threshold, rng=rng) for _ in range(survivors))
+    source = SeededRandom(survivors)
+    plan = _plan(total_std)  # z = 2 with clip norm 1: the accounted noise std is 2
+    shares = [
+        distributed_noise(np.zeros(dim), plan=plan, clip_norm=1.0, adaptive=False, threshold=threshold, source=source)
+        for _ in range(survivors)
+    ]
+    grid = release_noise(plan, clip_norm=1.0, dim=dim, adaptive=False, shares=threshold).update.grid
+    for share in shares:  # every share lies exactly on the grid
+        assert np.array_equal(share, np.round(share / grid) * grid)
+    total = sum(shares)
     assert total.var() == pytest.approx(total_std**2 * survivors / threshold, rel=0.03)
     assert total.var() >= 0.97 * total_std**2  # dropouts never leave less noise than accounted
+
+
+def test_distributed_noise_respects_the_quantizer_grid_and_the_bit_block():
+    plan = _plan(1.0, bit_std=3.0)
+    vector = np.concatenate([np.full(100, 0.01), [0.5]])
+    out = distributed_noise(vector, plan=plan, clip_norm=1.0, adaptive=True, threshold=3, source=SeededRandom(1), min_grid=2.0**-8)
+    noise = release_noise(plan, clip_norm=1.0, dim=100, adaptive=True, shares=3, min_grid=2.0**-8)
+    assert noise.update.grid >= 2.0**-8 and noise.bit.grid >= 2.0**-8
+    # multiples of the quantizer's step 2^-8: the quantizer maps them to integers exactly
+    assert np.array_equal(out * 2.0**8, np.round(out * 2.0**8))
+    # the share scale folds the rounding in and splits the whole noise over t = 3 shares
+    whole_update = plan.delta_noise_multiplier * 1.0
+    assert noise.update.sigma_steps * noise.update.grid * math.sqrt(3) >= whole_update
+    assert noise.bit.sigma_steps * noise.bit.grid * math.sqrt(3) >= 3.0
+    with pytest.raises(ConfigError, match="threshold"):
+        distributed_noise(vector, plan=plan, clip_norm=1.0, adaptive=True, threshold=0, source=SeededRandom(1))
+    with pytest.raises(ConfigError, match="min_grid"):
+        release_noise(plan, clip_norm=1.0, dim=100, adaptive=True, min_grid=0.3)
 
 
 def test_clip_update():
@@ -205,6 +242,10 @@ def test_central_noise_is_in_place_before_the_sum_leaves(credit_clients, protect
         plan = plan_client_dp(fed.config.client_dp, num_clients=len(clients), client_fraction=1.0, rounds=1)
         expected = plan.delta_noise_multiplier * clip  # z_delta S per coordinate
         assert 0.5 * expected < noise.std() < 2.0 * expected
+        # What leaves the server is on the noise grid: no low-order float bit depends on the sum.
+        grids = release_noise(plan, clip_norm=clip, dim=dim - 1, adaptive=True)
+        for block, values in ((grids.update, total[:-1]), (grids.bit, total[-1:])):
+            assert np.array_equal(values / block.grid, np.round(values / block.grid))
     else:
         # with CKKS, clipped updates sum to at most 20 x S in norm; the noise (about 4 S per
         # coordinate over 18 coordinates) dominates what the key holder releases
