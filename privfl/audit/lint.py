@@ -97,6 +97,7 @@ RULES: Mapping[str, tuple[Severity, str]] = {
     "PFL017": (Severity.INFO, "no client-level DP: a site's participation is not protected"),
     "PFL018": (Severity.ERROR, "client-level delta >= 1/number of clients"),
     "PFL019": (Severity.INFO, "client sizes unknown: size-dependent rules skipped"),
+    "PFL020": (Severity.ERROR, "secure-aggregation threshold not above half the share holders"),
 }
 
 
@@ -470,6 +471,21 @@ def _protection_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Find
                 "a fixed graph_seed makes the SecAgg+ neighbour graph the same, and predictable, in every round: "
                 "colluding clients can place themselves around a target once and for all.",
                 "Leave graph_seed unset so a fresh graph is drawn from a CSPRNG every round.",
+            )
+        )
+    try:
+        # The same check the federation runs before training, over every round size it may sample.
+        sec.check_threshold_bound(config.data.num_clients)
+    except ConfigError as exc:
+        out.append(
+            _finding(
+                "PFL020",
+                "federation.secagg.threshold",
+                f"{exc} (its self-mask seed from one group of holders, its mask key from another) and unmask "
+                "that client's update. The federation refuses this config before training.",
+                "Use a fractional threshold above 1/2 (the default 2/3 always resolves above half), or an int "
+                "threshold above half of the largest neighbourhood (neighbours + 1, or the round's client count "
+                "for the complete graph).",
             )
         )
     if plans is not None:

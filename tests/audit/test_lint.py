@@ -163,6 +163,17 @@ def test_secagg_clip_range_below_update_noise() -> None:
     assert "PFL010" not in codes(lint_config(wide, client_sizes={"a": 100}))
 
 
+def test_secagg_threshold_at_or_below_half_of_the_holders() -> None:
+    cfg = make(**{"federation.protection": "secagg", "federation.secagg": {"threshold": 2}})  # 5 clients, complete graph
+    f = fired(lint_config(cfg), "PFL020")
+    assert f.field == "federation.secagg.threshold" and "threshold=2" in f.message and "must be > 2" in f.message
+    # neighbours=3: the 5-client round has 3 holders (fine), the 4-client round 4 (refused).
+    odd = make(**{"federation.protection": "secagg", "federation.secagg": {"threshold": 2, "neighbours": 3}})
+    assert "round of 4 clients" in fired(lint_config(odd), "PFL020").message
+    for ok in ({"threshold": 3}, {}, {"threshold": 3, "neighbours": 3}):
+        assert "PFL020" not in codes(lint_config(make(**{"federation.protection": "secagg", "federation.secagg": ok})))
+
+
 def test_whole_run_budget_and_rdp_infos() -> None:
     findings = lint_config(make(**{"training.dp.accountant": "rdp"}))
     assert "10 rounds" in fired(findings, "PFL011").message
