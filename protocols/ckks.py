@@ -164,7 +164,10 @@ class _Verifier:
         body = _update_body(round_index, site, parts)
         if self.keys is not None:
             verify_contribution(self.keys, self.run_id, round_index, site, body, signature)
-        return _Contribution(site=site, ciphertexts=ciphertexts, digest=hashlib.sha256(body).digest())
+        # The digest is over the coefficients, not the message: a colluding site that signs a copy of
+        # another site's ciphertexts under its own name (or recompresses them) is caught as a duplicate.
+        digest = hashlib.sha256(b"".join(c.tobytes() for c in ciphertexts)).digest()
+        return _Contribution(site=site, ciphertexts=ciphertexts, digest=digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +289,7 @@ class CkksKeyHolder:
         for message in frame.parts:
             contribution = verifier.check(round_index, message, sender=None)
             if contribution.site in sites or contribution.digest in digests:
-                raise MessageError("a site or a ciphertext appears twice in the aggregate")
+                raise MessageError("a site or a set of ciphertexts appears twice in the aggregate")
             sites.append(contribution.site)
             digests.add(contribution.digest)
             total = (
@@ -404,7 +407,7 @@ class CkksServer(OneShotServer):
     def _parse(self, round_index: int, sender: str, message: bytes) -> tuple[bytes, bytes]:
         contribution = self._verifier.check(round_index, message, sender)
         if contribution.digest in self._digests:
-            raise MessageError("the same ciphertext message arrived twice", sender=sender)
+            raise MessageError("the same ciphertexts arrived from another site", sender=sender)
         return bytes(message), contribution.digest
 
     def _add(self, parsed: tuple[bytes, bytes]) -> None:

@@ -46,7 +46,17 @@ import numpy as np
 
 from privfl.errors import MessageError
 
-__all__ = ["CiphertextLayout", "parse_vector", "encode_vector", "add_ciphertexts", "COMPR_NONE", "COMPR_ZSTD"]
+__all__ = [
+    "CiphertextLayout",
+    "RawCiphertext",
+    "parse_vector",
+    "encode_vector",
+    "encode_ciphertext",
+    "encode_proto",
+    "add_ciphertexts",
+    "COMPR_NONE",
+    "COMPR_ZSTD",
+]
 
 _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr_mode, reserved, size
@@ -315,6 +325,78 @@ def parse_vector(data: bytes, layout: CiphertextLayout, expected_size: int) -> n
     return _parse_ciphertext(proto.ciphertext, layout)
 
 
+@dataclass(frozen=True, slots=True)
+class RawCiphertext:
+    """Every field of a SEAL ciphertext body, for writing one (also any hostile variant a test needs).
+
+    Attributes mirror SEAL's ``Ciphertext`` members; ``coefficients`` is flat uint64 and
+    ``array_count`` (default: its length) is the count written before it.
+    """
+
+    parms_id: tuple[int, int, int, int]
+    is_ntt_form: int
+    size: int
+    poly_modulus_degree: int
+    coeff_modulus_size: int
+    scale: float
+    correction_factor: int
+    coefficients: np.ndarray
+    seal_version: tuple[int, int]
+    array_count: int | None = None
+
+    @classmethod
+    def of(cls, coefficients: np.ndarray, layout: CiphertextLayout) -> RawCiphertext:
+        """The fields of a valid two-polynomial ciphertext with these coefficients."""
+        return cls(
+            parms_id=layout.parms_id,
+            is_ntt_form=1,
+            size=2,
+            poly_modulus_degree=layout.poly_modulus_degree,
+            coeff_modulus_size=1,
+            scale=layout.scale,
+            correction_factor=1,
+            coefficients=np.ascontiguousarray(coefficients, dtype="<u8").reshape(-1),
+            seal_version=layout.seal_version,
+        )
+
+
+def encode_ciphertext(raw: RawCiphertext) -> bytes:
+    """SEAL's uncompressed serialization of ``raw`` (compression mode none)."""
+    words = np.ascontiguousarray(raw.coefficients, dtype="<u8").reshape(-1)
+    count = words.size if raw.array_count is None else raw.array_count
+    major, minor = raw.seal_version
+    array_bytes = _SEAL_HEADER.size + _COUNT.size + 8 * words.size
+    body = b"".join(
+        [
+            _PARMS.pack(*raw.parms_id, raw.is_ntt_form),
+            _META.pack(raw.size, raw.poly_modulus_degree, raw.coeff_modulus_size, raw.scale, raw.correction_factor),
+            _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, COMPR_NONE, 0, array_bytes),
+            _COUNT.pack(count),
+            words.tobytes(),
+        ]
+    )
+    return _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, COMPR_NONE, 0, _SEAL_HEADER.size + len(body)) + body
+
+
+def encode_proto(sizes: list[int], ciphertexts: list[bytes], scale: float | None) -> bytes:
+    """A ``CKKSVectorProto`` with exactly these fields (any counts, as TenSEAL would write them).
+
+    Args:
+        sizes: the ``sizes`` entries (uint32), written packed; none when empty.
+        ciphertexts: the ``ciphertexts`` entries.
+        scale: the ``scale`` field, or None to leave it out.
+    """
+    chunks = []
+    if sizes:
+        packed = b"".join(_encode_varint(v) for v in sizes)
+        chunks += [b"\x0a", _encode_varint(len(packed)), packed]
+    for blob in ciphertexts:
+        chunks += [b"\x12", _encode_varint(len(blob)), bytes(blob)]
+    if scale is not None:
+        chunks += [b"\x19", _SCALE.pack(scale)]
+    return b"".join(chunks)
+
+
 def encode_vector(coefficients: np.ndarray, layout: CiphertextLayout, size: int) -> bytes:
     """The canonical, uncompressed TenSEAL serialization of a checked ciphertext.
 
@@ -327,29 +409,9 @@ def encode_vector(coefficients: np.ndarray, layout: CiphertextLayout, size: int)
     Returns:
         Bytes ``tenseal.ckks_vector_from`` loads.
     """
-    coefficients = np.ascontiguousarray(coefficients, dtype="<u8")
-    if coefficients.shape != (2, layout.poly_modulus_degree) or not 1 <= size <= layout.slots:
+    if np.shape(coefficients) != (2, layout.poly_modulus_degree) or not 1 <= size <= layout.slots:
         raise ValueError("not a (2, N) ciphertext or a size out of range")
-    words = layout.coefficients
-    major, minor = layout.seal_version
-    body = b"".join(
-        [
-            _PARMS.pack(*layout.parms_id, 1),
-            _META.pack(2, layout.poly_modulus_degree, 1, layout.scale, 1),
-            _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, COMPR_NONE, 0, _SEAL_HEADER.size + _COUNT.size + 8 * words),
-            _COUNT.pack(words),
-            coefficients.tobytes(),
-        ]
-    )
-    blob = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, COMPR_NONE, 0, _SEAL_HEADER.size + len(body)) + body
-    packed = _encode_varint(size)
-    return b"".join(
-        [
-            b"\x0a", _encode_varint(len(packed)), packed,
-            b"\x12", _encode_varint(len(blob)), blob,
-            b"\x19", _SCALE.pack(layout.scale),
-        ]
-    )
+    return encode_proto([size], [encode_ciphertext(RawCiphertext.of(coefficients, layout))], layout.scale)
 
 
 def add_ciphertexts(ciphertexts: list[np.ndarray], modulus: int) -> np.ndarray:

@@ -1,0 +1,486 @@
+"""CKKS against active parties: crafted TenSEAL bytes, the decryption oracle, scale poisoning, bad averages, exact releases.
+
+Known crashers (SIGSEGV in TenSEAL) only ever run in a subprocess here; the hardened path must refuse
+them before TenSEAL is called, which the tests check with a spy on ``tenseal.ckks_vector_from``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from privfl.config import CkksConfig
+from privfl.errors import ConfigError, DecryptionError, MessageError, ProtocolAbort
+from privfl.protocols.base import SERVER, ClientUpdate, DirectTransport
+from privfl.protocols.ckks import (
+    CkksClient,
+    CkksKeyHolder,
+    CkksProtection,
+    CkksServer,
+    SiteIdentity,
+    _update_body,
+)
+from privfl.protocols.ckks_release import FLOOD_FACTOR, release_grid
+from privfl.protocols.ckks_wire import (
+    CiphertextLayout,
+    RawCiphertext,
+    encode_ciphertext,
+    encode_proto,
+    parse_vector,
+)
+from privfl.protocols.oneshot import KIND_AGGREGATE, KIND_AVERAGE, KIND_UPDATE, decode_average, encode_average
+from privfl.protocols.plaintext import PlaintextProtection
+from privfl.protocols.wire import decode_frame, encode_frame
+
+DIM = 20
+SCALE = 2.0**32
+
+
+class Setup:
+    """A key holder, registered sites, their honest messages for a round, and a server."""
+
+    def __init__(self, sites=("alice", "bob", "carol"), dim=DIM, config=None, min_contributors=None):
+        self.config = config or CkksConfig()
+        self.dim = dim
+        self.holder = CkksKeyHolder(self.config, min_contributors=min_contributors)
+        self.client = CkksClient(self.holder.public_context(), self.config, run_id=self.holder.run_id)
+        self.identities = {s: SiteIdentity.generate(s) for s in sites}
+        for s, identity in self.identities.items():
+            self.holder.register_site(s, identity.public_bytes())
+        rng = np.random.default_rng(7)
+        self.updates = {
+            s: ClientUpdate(delta=rng.normal(0, 0.05, dim).astype(np.float32), weight=float(10 + i)) for i, s in enumerate(sites)
+        }
+
+    def message(self, round_index, site, update=None):
+        update = update or self.updates[site]
+        return self.client.encrypt(round_index, site, update, len(self.updates), identity=self.identities[site])
+
+    def server(self):
+        return CkksServer(self.holder.public_context(), self.config, self.dim, run_id=self.holder.run_id, sites=self.holder.sites())
+
+    def signed(self, round_index, site, parts, identity=None):
+        """A message with arbitrary ciphertext parts, validly signed by ``site`` (a malicious site)."""
+        identity = identity or self.identities[site]
+        signature = identity.sign(self.holder.run_id, round_index, _update_body(round_index, site, parts))
+        return encode_frame(KIND_UPDATE, round_index, site, [signature, *parts])
+
+    def layout(self):
+        return self.holder.layout
+
+    def expected(self, sites):
+        ups = [self.updates[s] for s in sites]
+        return sum(u.weight * u.delta.astype(np.float64) for u in ups), sum(u.weight for u in ups)
+
+
+def _aggregate(round_index, messages):
+    """What a (possibly malicious) server forwards to the key holder."""
+    return encode_frame(KIND_AGGREGATE, round_index, SERVER, list(messages))
+
+
+@pytest.fixture
+def setup():
+    return Setup()
+
+
+@pytest.fixture
+def tenseal_spy(monkeypatch):
+    """Records every ``tenseal.ckks_vector_from`` call made by privfl."""
+    calls = []
+    real = ts.ckks_vector_from
+
+    def spy(context, data):
+        calls.append(bytes(data))
+        return real(context, data)
+
+    monkeypatch.setattr(ts, "ckks_vector_from", spy)
+    return calls
+
+
+# -- 1 and 2: crafted TenSEAL protos ---------------------------------------------------------------------
+
+_CRASHERS = {
+    # finding 1: sizes = [d + 1] and no ciphertext; size() says d + 1, the addition indexes nothing
+    "sizes_without_ciphertext_add": """
+        bad = ts.ckks_vector_from(pub, encode_proto([11], [], 2.0**32))
+        assert bad.size() == 11
+        good + bad
+    """,
+    # finding 2: a ciphertext and no sizes entry; decrypt reads sizes[0] of an empty list
+    "ciphertext_without_sizes_decrypt": """
+        ts.ckks_vector_from(ctx, encode_proto([], [ct], 2.0**32)).decrypt()
+    """,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CRASHERS))
+def test_crafted_protos_crash_raw_tenseal(name):
+    # The old path handed exactly these bytes to TenSEAL: shown in a child process only.
+    code = textwrap.dedent(
+        """
+        import numpy as np, tenseal as ts
+        from privfl.protocols.ckks_wire import encode_proto, _parse_proto
+        ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[52, 52])
+        ctx.global_scale = 2.0**32
+        pub = ctx.copy(); pub.make_context_public()
+        good = ts.ckks_vector(pub, np.arange(11.0))
+        ct = _parse_proto(good.serialize()).ciphertext
+        """
+    ) + textwrap.dedent(_CRASHERS[name])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -11, (proc.returncode, proc.stderr[-500:])  # SIGSEGV
+
+
+def test_oversized_sizes_make_raw_tenseal_read_past_the_slots():
+    # finding 2: sizes = [4096 + X]: decrypt copies X doubles past the decoded slots (heap memory).
+    code = textwrap.dedent(
+        """
+        import numpy as np, tenseal as ts
+        from privfl.protocols.ckks_wire import encode_proto, _parse_proto
+        ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[52, 52])
+        ctx.global_scale = 2.0**32
+        ct = _parse_proto(ts.ckks_vector(ctx, np.arange(11.0)).serialize()).ciphertext
+        print(len(ts.ckks_vector_from(ctx, encode_proto([4096 + 300], [ct], 2.0**32)).decrypt()))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, text=True)
+    # Either it returns 4396 values for 4096 slots, or it crashes: both are the bug.
+    assert proc.returncode != 0 or proc.stdout.strip() == "4396", (proc.returncode, proc.stdout, proc.stderr[-300:])
+
+
+def _crafted_parts(setup, kind):
+    """The ciphertext parts a malicious site sends for a DIM-long update (1 chunk of DIM + 1 values)."""
+    honest = decode_frame(setup.message(0, "carol"), kind=KIND_UPDATE, round_index=0).parts[1]
+    layout = setup.layout()
+    coefficients = parse_vector(honest, layout, DIM + 1)
+    ct = encode_ciphertext(RawCiphertext.of(coefficients, layout))
+    return {
+        "sizes_without_ciphertext": [encode_proto([DIM + 1], [], SCALE)],
+        "ciphertext_without_sizes": [encode_proto([], [ct], SCALE)],
+        "sizes_past_the_slots": [encode_proto([4096 + 300], [ct], SCALE)],
+        "two_sizes_one_ciphertext": [encode_proto([DIM, 1], [ct], SCALE)],
+        "one_size_two_ciphertexts": [encode_proto([DIM + 1], [ct, ct], SCALE)],
+        "no_scale": [encode_proto([DIM + 1], [ct], None)],
+    }[kind]
+
+
+_KINDS = [
+    "sizes_without_ciphertext",
+    "ciphertext_without_sizes",
+    "sizes_past_the_slots",
+    "two_sizes_one_ciphertext",
+    "one_size_two_ciphertexts",
+    "no_scale",
+]
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_server_drops_a_crafted_update_and_keeps_the_others(setup, tenseal_spy, kind):
+    message = setup.signed(0, "carol", _crafted_parts(setup, kind))
+    out = setup.server().aggregate(0, {"carol": message, "alice": setup.message(0, "alice"), "bob": setup.message(0, "bob")})
+    assert out.accepted == ("alice", "bob")
+    assert "carol" in out.rejected
+    assert any(why in out.rejected["carol"] for why in ("deserialize", "oversized")), out.rejected["carol"]
+    assert tenseal_spy == []  # the server never hands a peer's bytes to TenSEAL
+
+
+def test_the_42_byte_update_of_finding_1_is_refused(setup, tenseal_spy):
+    # The review's exploit: a frame whose one part is a proto with sizes = [d + 1] and nothing else.
+    server = CkksServer(setup.holder.public_context(), setup.config, DIM)  # even without signature checks
+    attack = encode_frame(KIND_UPDATE, 0, "mallory", [b"", encode_proto([DIM + 1], [], SCALE)])
+    out = server.aggregate(0, {"mallory": attack, "alice": setup.message(0, "alice")})
+    assert out.accepted == ("alice",) and "mallory" in out.rejected
+    assert tenseal_spy == []
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_key_holder_refuses_a_crafted_contribution_before_tenseal(setup, tenseal_spy, kind):
+    # A malicious server forwards a malicious (registered, validly signing) site's crafted update.
+    crafted = setup.signed(0, "carol", _crafted_parts(setup, kind))
+    with pytest.raises(DecryptionError) as info:
+        setup.holder.decrypt_sum(0, _aggregate(0, [setup.message(0, "alice"), crafted]), DIM)
+    assert str(info.value) == "decryption failed"
+    assert tenseal_spy == []
+    # and the round is not burnt: the honest sum still decrypts
+    released = setup.holder.decrypt_sum(0, _aggregate(0, [setup.message(0, "alice"), setup.message(0, "bob")]), DIM)
+    assert released.contributors == ("alice", "bob")
+
+
+def test_key_holder_only_loads_canonical_bytes_it_built(setup, tenseal_spy):
+    setup.holder.decrypt_sum(0, _aggregate(0, [setup.message(0, "alice"), setup.message(0, "bob")]), DIM)
+    assert len(tenseal_spy) == 1
+    # one chunk, one uncompressed ciphertext (compression mode byte of the SEAL header = 0)
+    loaded = tenseal_spy[0]
+    assert loaded[:3] == b"\x0a\x01" + bytes([DIM + 1]) and loaded[3] == 0x12
+
+
+# -- 3: the key holder is no decryption oracle ------------------------------------------------------------
+
+
+def test_honest_sum_decrypts(setup):
+    released = setup.holder.decrypt_sum(
+        4, _aggregate(4, [setup.message(4, s) for s in ("alice", "bob", "carol")]), DIM
+    )
+    weighted, weight = setup.expected(("alice", "bob", "carol"))
+    assert released.contributors == ("alice", "bob", "carol")
+    np.testing.assert_allclose(released.weighted_sum, weighted, atol=1e-4)
+    assert released.total_weight == pytest.approx(weight, abs=1e-4)
+
+
+def _enc_zero_signed_by(setup, site, identity):
+    zero = ClientUpdate(delta=np.zeros(DIM, np.float32), weight=1e-9)
+    client = CkksClient(setup.holder.public_context(), setup.config, run_id=setup.holder.run_id)
+    return client.encrypt(1, site, zero, 3, identity=identity)
+
+
+def _recompressed(setup, part):
+    """The same ciphertext in SEAL's uncompressed encoding: other bytes, same coefficients."""
+    layout = setup.layout()
+    return encode_proto([DIM + 1], [encode_ciphertext(RawCiphertext.of(parse_vector(part, layout, DIM + 1), layout))], SCALE)
+
+
+def test_oracle_attacks_are_refused(setup):
+    alice = setup.message(1, "alice")
+    mallory = SiteIdentity.generate("mallory")  # not registered
+    fake_bob = SiteIdentity.generate("bob")  # claims bob's name with another key
+    attacks = {
+        "alice alone": [alice],
+        "alice + unregistered Enc(0)": [alice, _enc_zero_signed_by(setup, "mallory", mallory)],
+        "alice + Enc(0) under bob's name": [alice, _enc_zero_signed_by(setup, "bob", fake_bob)],
+        "alice twice": [alice, alice],
+        "alice + bob's round-0 ciphertext replayed": [alice, setup.message(0, "bob")],
+        "alice + bob's signature on alice's ciphertexts": [
+            alice,
+            setup.signed(1, "bob", list(decode_frame(alice, kind=KIND_UPDATE, round_index=1).parts[1:])),
+        ],
+        "alice + bob's signature on alice's recompressed ciphertexts": [
+            alice,
+            setup.signed(1, "bob", [_recompressed(setup, p) for p in decode_frame(alice, kind=KIND_UPDATE, round_index=1).parts[1:]]),
+        ],
+    }
+    for name, messages in attacks.items():
+        with pytest.raises(DecryptionError):
+            setup.holder.decrypt_sum(1, _aggregate(1, messages), DIM)
+            pytest.fail(f"decrypted: {name}")
+    # a replayed round-0 message re-framed as round 1 fails the signature (it binds the round)
+    bob0 = decode_frame(setup.message(0, "bob"), kind=KIND_UPDATE, round_index=0)
+    reframed = encode_frame(KIND_UPDATE, 1, "bob", list(bob0.parts))
+    with pytest.raises(DecryptionError):
+        setup.holder.decrypt_sum(1, _aggregate(1, [alice, reframed]), DIM)
+    # after all that, the honest round still decrypts once, and only once
+    honest = _aggregate(1, [alice, setup.message(1, "bob")])
+    assert setup.holder.decrypt_sum(1, honest, DIM).contributors == ("alice", "bob")
+    for again in (honest, _aggregate(1, [alice, setup.message(1, "carol")])):
+        with pytest.raises(DecryptionError):  # differencing two sums of one round is refused
+            setup.holder.decrypt_sum(1, again, DIM)
+
+
+def test_another_run_id_is_refused(setup):
+    # A site's signature from another run (another key holder's run id) does not verify here.
+    other_run = CkksClient(setup.holder.public_context(), setup.config, run_id=bytes(16))
+    replay = other_run.encrypt(2, "bob", setup.updates["bob"], 3, identity=setup.identities["bob"])
+    with pytest.raises(DecryptionError):
+        setup.holder.decrypt_sum(2, _aggregate(2, [setup.message(2, "alice"), replay]), DIM)
+
+
+def test_min_contributors_is_enforced_and_configurable():
+    setup = Setup(min_contributors=3)
+    two = _aggregate(0, [setup.message(0, "alice"), setup.message(0, "bob")])
+    with pytest.raises(DecryptionError):
+        setup.holder.decrypt_sum(0, two, DIM)
+    three = _aggregate(0, [setup.message(0, s) for s in ("alice", "bob", "carol")])
+    assert len(setup.holder.decrypt_sum(0, three, DIM).contributors) == 3
+    for bad in (1, 0, -3, True, 2.5):
+        with pytest.raises(ConfigError, match="min_contributors"):
+            CkksKeyHolder(CkksConfig(), min_contributors=bad)
+    with pytest.raises(ConfigError, match="min_contributors"):
+        CkksProtection(min_contributors=1)
+
+
+def test_server_checks_signatures_and_duplicates(setup):
+    server = setup.server()
+    forged = _enc_zero_signed_by(setup, "bob", SiteIdentity.generate("bob"))
+    out = server.aggregate(1, {"alice": setup.message(1, "alice"), "bob": forged, "carol": setup.message(1, "carol")})
+    assert out.accepted == ("alice", "carol") and "signature" in out.rejected["bob"]
+    alice = setup.message(1, "alice")
+    unknown = setup.signed(1, "mallory", list(decode_frame(alice, kind=KIND_UPDATE, round_index=1).parts[1:]), SiteIdentity.generate("mallory"))
+    out = server.aggregate(1, {"alice": alice, "mallory": unknown})
+    assert out.accepted == ("alice",) and "not registered" in out.rejected["mallory"]
+
+
+def test_identity_keys_are_never_printed(setup):
+    identity = setup.identities["alice"]
+    protection = CkksProtection()
+    protection.run_round(0, {"a": setup.updates["alice"], "b": setup.updates["bob"]}, DirectTransport())
+    for text in (repr(identity), repr(protection), repr(protection.key_holder)):
+        assert "private" not in text.lower() or "hidden" in text.lower()
+        assert "Ed25519PrivateKey" not in text
+
+
+def test_federation_rounds_with_one_client_abort_cleanly():
+    protection = CkksProtection()
+    with pytest.raises(ProtocolAbort) as info:
+        protection.run_round(0, {"a": ClientUpdate(delta=np.zeros(4, np.float32), weight=1.0)}, DirectTransport())
+    assert info.value.survivors == 1 and info.value.threshold == 2
+
+
+# -- 4: each update is checked against the context and config, not against the first one -------------
+
+
+def test_a_bad_scale_update_first_does_not_poison_the_round(setup):
+    bad_context = ts.context_from(setup.holder.public_context())
+    bad_context.global_scale = 2.0**30
+    parts = [ts.ckks_vector(bad_context, np.ones(DIM + 1)).serialize()]
+    bad = setup.signed(0, "carol", parts)
+    server = setup.server()
+    out = server.aggregate(0, {"carol": bad, "alice": setup.message(0, "alice"), "bob": setup.message(0, "bob")})
+    assert out.accepted == ("alice", "bob") and "scale" in out.rejected["carol"]
+    released = setup.holder.decrypt_sum(0, out.payload, DIM)
+    weighted, weight = setup.expected(("alice", "bob"))
+    np.testing.assert_allclose(released.weighted_sum, weighted, atol=1e-4)
+    assert released.total_weight == pytest.approx(weight, abs=1e-4)
+
+
+def test_scale_field_inside_seal_and_in_the_proto_are_both_checked(setup):
+    honest = decode_frame(setup.message(0, "alice"), kind=KIND_UPDATE, round_index=0).parts[1]
+    layout = setup.layout()
+    coefficients = parse_vector(honest, layout, DIM + 1)
+    seal_scale = encode_ciphertext(RawCiphertext(**{**_fields(RawCiphertext.of(coefficients, layout)), "scale": 2.0**31}))
+    with pytest.raises(MessageError, match="scale"):
+        parse_vector(encode_proto([DIM + 1], [seal_scale], SCALE), layout, DIM + 1)
+    good = encode_ciphertext(RawCiphertext.of(coefficients, layout))
+    with pytest.raises(MessageError, match="scale"):
+        parse_vector(encode_proto([DIM + 1], [good], 2.0**31), layout, DIM + 1)
+    assert np.array_equal(parse_vector(encode_proto([DIM + 1], [good], SCALE), layout, DIM + 1), coefficients)
+
+
+def _fields(raw):
+    return {name: getattr(raw, name) for name in raw.__slots__}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("parms_id", (1, 2, 3, 4), "parms_id"),
+        ("is_ntt_form", 0, "ntt"),
+        ("size", 3, "size"),
+        ("size", 1, "size"),
+        ("poly_modulus_degree", 4096, "N="),
+        ("coeff_modulus_size", 2, "limbs"),
+        ("correction_factor", 2, "correction"),
+        ("seal_version", (3, 6), "version"),
+        ("array_count", 16383, "header|coefficients"),
+    ],
+)
+def test_every_ciphertext_header_field_is_checked(setup, field, value, reason):
+    honest = decode_frame(setup.message(0, "alice"), kind=KIND_UPDATE, round_index=0).parts[1]
+    layout = setup.layout()
+    raw = RawCiphertext.of(parse_vector(honest, layout, DIM + 1), layout)
+    blob = encode_ciphertext(RawCiphertext(**{**_fields(raw), field: value}))
+    with pytest.raises(MessageError, match=reason):
+        parse_vector(encode_proto([DIM + 1], [blob], SCALE), layout, DIM + 1)
+
+
+def test_unreduced_coefficients_and_wrong_lengths_are_refused(setup):
+    honest = decode_frame(setup.message(0, "alice"), kind=KIND_UPDATE, round_index=0).parts[1]
+    layout = setup.layout()
+    coefficients = parse_vector(honest, layout, DIM + 1).copy()
+    coefficients[1, 5] = layout.modulus
+    with pytest.raises(MessageError, match="modulo"):
+        parse_vector(encode_proto([DIM + 1], [encode_ciphertext(RawCiphertext.of(coefficients, layout))], SCALE), layout, DIM + 1)
+    short = RawCiphertext.of(coefficients[:, :-1], layout)
+    with pytest.raises(MessageError):
+        parse_vector(encode_proto([DIM + 1], [encode_ciphertext(short)], SCALE), layout, DIM + 1)
+    with pytest.raises(MessageError, match="declares"):
+        parse_vector(honest, layout, DIM)  # a chunk must hold exactly its expected count
+
+
+# -- 9a: the average message ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weight", "average"),
+    [(float("nan"), 0.1), (0.0, 0.1), (-5.0, 0.1), (float("inf"), 0.1), (10.0, float("nan")), (10.0, float("inf"))],
+)
+def test_decode_average_refuses_bad_weights_and_values(weight, average):
+    message = encode_average(0, np.full(3, average), weight)
+    with pytest.raises(MessageError):
+        decode_average(0, message, 3)
+    np.testing.assert_array_equal(decode_average(0, encode_average(0, np.full(3, 0.5), 10.0), 3)[0], 0.5)
+
+
+class _Rewrite:
+    """Rewrites the message of one step into a frame of the same kind with the given weight and values."""
+
+    def __init__(self, step, kind, sender, weight, value):
+        self.step, self.kind, self.sender, self.weight, self.value = step, kind, sender, weight, value
+
+    def deliver(self, sender, receiver, step, payload):
+        if step != self.step:
+            return payload
+        frame = decode_frame(payload, kind=self.kind, round_index=0)
+        dim = len(frame.parts[1]) // 8
+        return encode_frame(
+            self.kind, 0, self.sender, [struct.pack(">d", self.weight), np.full(dim, self.value, "<f8").tobytes()]
+        )
+
+
+@pytest.mark.parametrize(("weight", "value"), [(float("nan"), 0.1), (0.0, 0.1), (-1.0, 0.1), (5.0, float("nan"))])
+def test_bad_average_aborts_the_ckks_round(weight, value):
+    updates = {c: ClientUpdate(delta=np.full(4, 0.1, np.float32), weight=2.0) for c in ("a", "b")}
+    with pytest.raises(ProtocolAbort, match="average message"):
+        CkksProtection().run_round(0, updates, _Rewrite("average", KIND_AVERAGE, SERVER, weight, value))
+
+
+@pytest.mark.parametrize(("weight", "value"), [(float("nan"), 0.1), (0.0, 0.1), (-1.0, 0.1), (5.0, float("nan"))])
+def test_bad_aggregate_aborts_the_plaintext_round(weight, value):
+    updates = {c: ClientUpdate(delta=np.full(4, 0.1, np.float32), weight=2.0) for c in ("a", "b")}
+    with pytest.raises(ProtocolAbort):
+        PlaintextProtection().run_round(0, updates, _Rewrite("aggregate", KIND_AGGREGATE, SERVER, weight, value))
+
+
+# -- 10: no exact decryption leaves the key holder ----------------------------------------------------------
+
+
+def test_release_is_flooded_and_on_the_grid(setup):
+    messages = [setup.message(3, s) for s in ("alice", "bob", "carol")]
+    released = setup.holder.decrypt_sum(3, _aggregate(3, messages), DIM)
+    # the exact decryption, recomputed here with the secret key (what used to be released)
+    layout = setup.layout()
+    from privfl.protocols.ckks_wire import add_ciphertexts, encode_vector
+
+    parts = [parse_vector(decode_frame(m, kind=KIND_UPDATE, round_index=3).parts[1], layout, DIM + 1) for m in messages]
+    total = add_ciphertexts(parts, layout.modulus)
+    exact = np.asarray(ts.ckks_vector_from(setup.holder._secret_context, encode_vector(total, layout, DIM + 1)).decrypt())
+    noise_std, grid = release_grid(setup.holder.fresh_error, 3)
+    out = np.concatenate([released.weighted_sum, [released.total_weight]])
+    assert np.all(out / grid == np.round(out / grid))  # exact multiples of a power-of-two grid
+    assert grid > 2 * math.sqrt(3) * setup.holder.fresh_error  # the grid is above the CKKS error
+    assert np.count_nonzero(out == exact) == 0  # not one exact slot leaves
+    assert np.max(np.abs(out - exact)) < 8 * noise_std + grid  # and the error stays bounded
+    assert noise_std == pytest.approx(FLOOD_FACTOR * math.sqrt(3) * setup.holder.fresh_error)
+
+
+def test_release_noise_has_the_planned_spread():
+    # One big round: the released-minus-exact spread is the flooding noise, within 10%.
+    setup = Setup(dim=4095)
+    messages = [setup.message(0, s) for s in ("alice", "bob", "carol")]
+    layout = setup.layout()
+    from privfl.protocols.ckks_wire import add_ciphertexts, encode_vector
+
+    total = add_ciphertexts(
+        [parse_vector(decode_frame(m, kind=KIND_UPDATE, round_index=0).parts[1], layout, 4096) for m in messages], layout.modulus
+    )
+    exact = np.asarray(ts.ckks_vector_from(setup.holder._secret_context, encode_vector(total, layout, 4096)).decrypt())
+    released = setup.holder.decrypt_sum(0, _aggregate(0, messages), 4095)
+    diff = np.concatenate([released.weighted_sum, [released.total_weight]]) - exact
+    noise_std, grid = release_grid(setup.holder.fresh_error, 3)
+    expected = math.sqrt(noise_std**2 + grid**2 / 12)
+    assert 0.9 * expected < float(np.std(diff)) < 1.1 * expected
