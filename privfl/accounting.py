@@ -4,8 +4,9 @@ What happened is kept apart from how it is counted. A :class:`DPEvent` records a
 Poisson-sampled Gaussian steps ("``steps`` steps at sampling rate ``q`` with noise multiplier
 ``sigma``"); an accountant (PRV by default, RDP on request) turns a list of events into
 ``epsilon(delta)``. The :class:`PrivacyLedger` stores, for every client and every round, the events
-and the epsilon spent so far, refuses training that would exceed a client's budget, and is written
-to the run directory so that a restart can never reset a budget.
+and the epsilon spent so far, refuses training that would exceed a client's budget, and is kept in
+the run directory as an append-only, hash-chained journal so that a restart can never reset a
+budget (format below).
 
 DP-SGD mechanism (Abadi et al. 2016): each step samples every example independently with
 probability ``q`` (Poisson sampling), clips each per-example gradient to L2 norm ``C``
@@ -13,21 +14,43 @@ probability ``q`` (Poisson sampling), clips each per-example gradient to L2 norm
 Poisson-subsampled Gaussian mechanism composed over the steps, which the PRV accountant
 (Gopi, Lee, Wutschitz 2021) computes to within ``eps_error`` and the RDP accountant
 (Mironov 2017) upper-bounds.
+
+Ledger journal (format 2, ``ledger.jsonl``): one JSON object per line, each written with a single
+``write`` and fsynced before the method that wrote it returns, so a charge is on disk before the
+update it pays for leaves the client. Lines are canonical JSON (sorted keys, no spaces) and each
+carries ``prev``, the SHA-256 of the previous line's bytes (the first line's ``prev`` is
+:data:`GENESIS`); with a :class:`LedgerKey` each line also carries ``mac``, HMAC-SHA256 of the line
+without its ``mac`` under the site-local key. Line kinds: ``header`` (format, accountant, run
+identity), ``budget`` (a client's cap), ``entry`` (a :class:`LedgerEntry`), ``note`` (appended to the
+client's latest entry), ``resume`` (a run resumed at a round: earlier entries of that round or later
+belong to an interrupted attempt; they stay charged). Loading replays and verifies every line.
+
+What the chain and the MAC protect against: the chain detects any edit, removal or reordering of a
+line by someone who does not recompute the hashes after it; the MAC detects it for anyone who cannot
+read the key file. Neither detects a consistent rollback (the tail cut off, or an older copy of the
+whole directory restored): for that, compare the head hash the audit prints with a copy kept
+elsewhere. Someone who can read ``ledger.key`` can forge the whole ledger.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
+import logging
 import math
 import os
-import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+import secrets
+import stat
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
-from privfl.errors import BudgetExceededError, ConfigError
+from privfl.errors import BudgetExceededError, ConfigError, LedgerError
 
 __all__ = [
     "Accountant",
@@ -36,6 +59,7 @@ __all__ = [
     "epsilon_of_events",
     "noise_multiplier",
     "LedgerEntry",
+    "LedgerKey",
     "ClientBudget",
     "PrivacyLedger",
     "LedgerStatus",
@@ -187,6 +211,15 @@ def noise_multiplier(
     return high
 
 
+GENESIS = hashlib.sha256(b"privfl ledger journal, format 2").hexdigest()
+"""The ``prev`` of a journal's first line."""
+
+_MAX_LINE_BYTES = 1 << 16
+"""No ledger line comes near this (a long drop note is ~200 bytes); a longer one is corrupt."""
+
+log = logging.getLogger("privfl")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClientBudget:
     """A client's sample-level privacy budget: every record in its data gets (epsilon, delta)-DP."""
@@ -231,22 +264,183 @@ class _ClientAccount:
     events: list[DPEvent] = field(default_factory=list)
 
 
+class LedgerKey:
+    """A site-local secret that authenticates every ledger line with HMAC-SHA256.
+
+    Kept in its own file (``ledger.key``, mode 0600) next to the ledger. It only protects against
+    edits by someone who cannot read that file: whoever can read it can forge a whole ledger. The
+    secret never appears in ``repr`` or in logs.
+    """
+
+    __slots__ = ("_secret",)
+    SIZE = 32
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, bytes) or len(secret) < self.SIZE:
+            raise ConfigError("ledger_key", "<hidden>", f"must be at least {self.SIZE} random bytes")
+        self._secret = secret
+
+    @classmethod
+    def generate(cls) -> LedgerKey:
+        """A fresh key from the OS's cryptographic randomness."""
+        return cls(secrets.token_bytes(cls.SIZE))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> LedgerKey:
+        """Reads a key written by :meth:`write`.
+
+        Raises:
+            LedgerError: the file is missing, readable by others, or not a key.
+        """
+        path = Path(path)
+        try:
+            mode = path.stat().st_mode
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise LedgerError(str(path), f"the ledger key cannot be read ({exc.strerror or exc}); without it the ledger cannot be verified") from None
+        if mode & 0o077:
+            raise LedgerError(str(path), f"the ledger key has mode {oct(stat.S_IMODE(mode))}: others may read or replace it; chmod 600 it")
+        try:
+            secret = bytes.fromhex(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise LedgerError(str(path), "is not a privfl ledger key (64 hex digits)") from None
+        if len(secret) < cls.SIZE:
+            raise LedgerError(str(path), "is not a privfl ledger key (too short)")
+        return cls(secret)
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Writes the key durably with mode 0600 (replacing any key there)."""
+        from privfl.rundir import durable_write_bytes
+
+        path = Path(path)
+        durable_write_bytes(path, self._secret.hex().encode() + b"\n")  # mkstemp: created 0600
+        os.chmod(path, 0o600)
+
+    def mac(self, body: bytes) -> str:
+        """HMAC-SHA256 of ``body``, hex."""
+        return hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:
+        return "LedgerKey(<hidden>)"
+
+
+def _canonical(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode("ascii")
+
+
+def _seal(record: Mapping[str, Any], prev: str, key: LedgerKey | None) -> bytes:
+    """The canonical line for ``record`` chained to ``prev`` (and MACed under ``key``)."""
+    body = {**record, "prev": prev}
+    if key is not None:
+        body["mac"] = key.mac(_canonical(body))
+    return _canonical(body)
+
+
+def _finite_or_null(value: float) -> float | None:
+    # JSON has no infinity: an uncapped budget (or an infinite epsilon) is written as null.
+    return None if math.isinf(value) else float(value)
+
+
+def _entry_record(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "kind": "entry",
+        "round": entry.round,
+        "client": entry.client,
+        "status": entry.status.value,
+        "steps": entry.steps,
+        "sample_rate": entry.sample_rate,
+        "noise_multiplier": entry.noise_multiplier,
+        "epsilon": _finite_or_null(entry.epsilon),
+        "delta": entry.delta,
+        "note": entry.note,
+    }
+
+
+class _Journal:
+    """The open, append-only ledger file: one fsynced line per call."""
+
+    def __init__(self, path: Path, key: LedgerKey | None, head: str) -> None:
+        self.path = path
+        self.key = key
+        self.head = head
+        self.broken = False
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def append(self, record: Mapping[str, Any]) -> str:
+        """Writes and fsyncs one line; returns its hash."""
+        if self.fd is None:
+            raise LedgerError(str(self.path), "the ledger was closed; reload it to charge again")
+        if self.broken:
+            raise LedgerError(str(self.path), "an earlier write to the ledger failed; reload it to charge again")
+        line = _seal(record, self.head, self.key)
+        data = memoryview(line + b"\n")
+        try:
+            while data:
+                written = os.write(self.fd, data)
+                data = data[written:]
+            os.fsync(self.fd)
+        except BaseException:
+            # A half-written line must stay the last one: it is discarded on load, and nothing
+            # may be appended after it (the chain would break in the middle).
+            self.broken = True
+            raise
+        self.head = hashlib.sha256(line).hexdigest()
+        return self.head
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+_ENTRY_KEYS = frozenset({"kind", "round", "client", "status", "steps", "sample_rate", "noise_multiplier", "epsilon", "delta", "note"})
+_KEYS = {
+    "header": frozenset({"kind", "format", "format_version", "accountant", "authenticated", "run", "created"}),
+    "budget": frozenset({"kind", "client", "epsilon", "delta"}),
+    "entry": _ENTRY_KEYS,
+    "note": frozenset({"kind", "client", "note"}),
+    "resume": frozenset({"kind", "round"}),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class PrivacyLedger:
     """Per-client, per-round record of DP-SGD spending, with budget enforcement and persistence.
 
     Args:
         accountant: how events are composed (PRV by default).
 
-    The ledger is append-only: entries are never edited, and :meth:`load` rebuilds every client's
-    events from the file, so a resumed run continues from what was really spent.
+    The ledger is append-only: entries are never edited. In memory it is a plain object; created
+    with :meth:`create` or reopened with :meth:`open` it is backed by a journal file (format in the
+    module docstring) and every method that records something writes and fsyncs one line before
+    it returns, so a charge is durable before the update it pays for can leave the client.
+    :meth:`load` and :meth:`open` replay and verify every line, so a resumed run continues from
+    what was really spent and an edited ledger is refused with :class:`~privfl.errors.LedgerError`.
     """
 
-    FORMAT_VERSION = 1
+    FORMAT_VERSION = 2
 
     def __init__(self, *, accountant: Accountant | str = Accountant.PRV) -> None:
         self.accountant = _accountant(accountant)
+        self.recorded_accountant: str = self.accountant.value
+        """The accountant named in the ledger file (may differ from ``accountant`` when overridden on load)."""
+        self.run_identity: dict[str, Any] | None = None
+        """The run's settings and data fingerprint, recorded in the header (None outside a run)."""
+        self.authenticated = False
+        """Whether every line carries a MAC under a :class:`LedgerKey`."""
         self._accounts: dict[str, _ClientAccount] = {}
         self._entries: list[LedgerEntry] = []
+        self._resumes: list[tuple[int, int]] = []
+        self._hashes: list[str] = []
+        self._journal: _Journal | None = None
+        self._path: Path | None = None
 
     # -- registration -----------------------------------------------------------------------
     def register(self, client: str, budget: ClientBudget) -> None:
@@ -257,6 +451,7 @@ class PrivacyLedger:
         """
         existing = self._accounts.get(client)
         if existing is None:
+            self._write({"kind": "budget", "client": client, "epsilon": _finite_or_null(budget.epsilon), "delta": budget.delta})
             self._accounts[client] = _ClientAccount(budget=budget)
         elif existing.budget != budget:
             raise ConfigError(
@@ -271,17 +466,51 @@ class PrivacyLedger:
     def entries(self) -> tuple[LedgerEntry, ...]:
         return tuple(self._entries)
 
+    @property
+    def head(self) -> str | None:
+        """SHA-256 of the journal's last line (None for a ledger never written)."""
+        return self._hashes[-1] if self._hashes else None
+
+    @property
+    def lines(self) -> int:
+        """Lines in the journal."""
+        return len(self._hashes)
+
+    def line_hash(self, line: int) -> str:
+        """SHA-256 of journal line ``line`` (1-based).
+
+        Raises:
+            LedgerError: the journal has fewer lines.
+        """
+        if not 1 <= line <= len(self._hashes):
+            raise LedgerError(str(self._path or "ledger"), f"has {len(self._hashes)} lines, not {line}: it was cut short or replaced")
+        return self._hashes[line - 1]
+
     def budget(self, client: str) -> ClientBudget:
         return self._account(client).budget
 
     def events(self, client: str) -> tuple[DPEvent, ...]:
         return tuple(self._account(client).events)
 
+    def superseded(self) -> frozenset[int]:
+        """Indices (into :attr:`entries`) of entries from an interrupted attempt at a round.
+
+        A run killed mid-round is resumed at that round: the entries it wrote for it stay charged
+        (the data was used) but belong to no recorded round.
+        """
+        return frozenset(i for count, start in self._resumes for i in range(count) if self._entries[i].round >= start)
+
     def _account(self, client: str) -> _ClientAccount:
         try:
             return self._accounts[client]
         except KeyError:
             raise ConfigError("client", client, "is not registered in the ledger") from None
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        # Disk first, memory second: an entry the journal refused is not spent in memory either,
+        # and one on disk is never missing after a reload.
+        if self._journal is not None:
+            self._hashes.append(self._journal.append(record))
 
     # -- accounting ---------------------------------------------------------------------------
     def epsilon(self, client: str) -> float:
@@ -299,10 +528,11 @@ class PrivacyLedger:
         return self.epsilon_if(client, event) <= self._account(client).budget.epsilon
 
     def charge(self, round_index: int, client: str, event: DPEvent, *, note: str = "") -> LedgerEntry:
-        """Records that the client trained in this round.
+        """Records that the client trained in this round (durably, when the ledger has a journal).
 
         Raises:
             BudgetExceededError: the event would take the client past its budget (nothing is recorded).
+            LedgerError: the journal cannot be written (nothing is recorded in memory).
         """
         account = self._account(client)
         spent = self.epsilon_if(client, event)
@@ -311,7 +541,6 @@ class PrivacyLedger:
                 f"client {client!r}: round {round_index} would spend epsilon {spent:.3f} "
                 f"> budget {account.budget.epsilon:.3f}"
             )
-        account.events.append(event)
         entry = LedgerEntry(
             round=round_index,
             client=client,
@@ -323,6 +552,8 @@ class PrivacyLedger:
             delta=account.budget.delta,
             note=note,
         )
+        self._write(_entry_record(entry))
+        account.events.append(event)
         self._entries.append(entry)
         return entry
 
@@ -340,6 +571,7 @@ class PrivacyLedger:
             delta=account.budget.delta,
             note=reason,
         )
+        self._write(_entry_record(entry))
         self._entries.append(entry)
         return entry
 
@@ -350,67 +582,331 @@ class PrivacyLedger:
     def annotate_last(self, client: str, note: str) -> None:
         """Appends a note to the client's latest entry (e.g. its update was dropped in aggregation)."""
         for i in range(len(self._entries) - 1, -1, -1):
-            entry = self._entries[i]
-            if entry.client == client:
-                joined = f"{entry.note}; {note}" if entry.note else note
-                fields = {name: getattr(entry, name) for name in LedgerEntry.__slots__}
-                fields["note"] = joined
-                self._entries[i] = LedgerEntry(**fields)
+            if self._entries[i].client == client:
+                self._write({"kind": "note", "client": client, "note": note})
+                self._annotate(i, note)
                 return
 
+    def _annotate(self, index: int, note: str) -> None:
+        entry = self._entries[index]
+        fields = {name: getattr(entry, name) for name in LedgerEntry.__slots__}
+        fields["note"] = f"{entry.note}; {note}" if entry.note else note
+        self._entries[index] = LedgerEntry(**fields)
+
+    def mark_resume(self, round_index: int) -> None:
+        """Records that the run resumes at ``round_index``: earlier entries for it or later rounds were interrupted."""
+        self._write({"kind": "resume", "round": round_index})
+        self._resumes.append((len(self._entries), round_index))
+
     # -- persistence ----------------------------------------------------------------------------
+    def _header(self) -> dict[str, Any]:
+        return {
+            "kind": "header",
+            "format": "privfl-ledger",
+            "format_version": self.FORMAT_VERSION,
+            "accountant": self.recorded_accountant,
+            "authenticated": self.authenticated,
+            "run": self.run_identity,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
     def to_json(self) -> dict:
-        """A JSON-ready dict of the whole ledger."""
+        """A JSON-ready dict of the whole ledger (budgets, entries with their notes, resume points)."""
         return {
             "format_version": self.FORMAT_VERSION,
             "accountant": self.accountant.value,
-            # JSON has no infinity: an uncapped budget is written as null.
             "budgets": {
-                c: {"epsilon": None if math.isinf(a.budget.epsilon) else a.budget.epsilon, "delta": a.budget.delta}
-                for c, a in self._accounts.items()
+                c: {"epsilon": _finite_or_null(a.budget.epsilon), "delta": a.budget.delta} for c, a in self._accounts.items()
             },
-            "entries": [{**asdict(e), "status": e.status.value} for e in self._entries],
+            "entries": [{k: v for k, v in _entry_record(e).items() if k != "kind"} for e in self._entries],
+            "resumes": [{"after_entries": count, "round": start} for count, start in self._resumes],
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the ledger atomically (a crash mid-write never leaves a truncated ledger)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".ledger-", suffix=".tmp", delete=False) as fh:
-            json.dump(self.to_json(), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-            tmp = fh.name
-        os.replace(tmp, path)
-
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
-        """Reads a ledger written by :meth:`save`, rebuilding every client's events.
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        accountant: Accountant | str = Accountant.PRV,
+        key: LedgerKey | None = None,
+        run_identity: Mapping[str, Any] | None = None,
+    ) -> PrivacyLedger:
+        """A new, empty ledger backed by a journal at ``path`` (written durably before returning).
+
+        Args:
+            path: the journal file; must not exist.
+            accountant: how events are composed.
+            key: authenticate every line with this key (strongly recommended in a run directory).
+            run_identity: the run's settings and data fingerprint, kept in the header.
 
         Raises:
-            ConfigError: the file is not a privfl ledger.
+            LedgerError: ``path`` already exists (a ledger is never replaced).
         """
+        from privfl.rundir import durable_write_bytes
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format_version") != cls.FORMAT_VERSION:
-                raise ConfigError("ledger", str(path), f"unsupported format_version {data.get('format_version')!r}")
-            ledger = cls(accountant=data["accountant"])
-            for client, budget in data["budgets"].items():
-                eps = math.inf if budget["epsilon"] is None else float(budget["epsilon"])
-                ledger.register(client, ClientBudget(epsilon=eps, delta=float(budget["delta"])))
-            for raw in data["entries"]:
-                entry = LedgerEntry(**{**raw, "status": LedgerStatus(raw["status"])})
-                ledger._entries.append(entry)
-                if entry.status is LedgerStatus.TRAINED:
-                    ledger._accounts[entry.client].events.append(
-                        DPEvent(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, steps=entry.steps)
-                    )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError("ledger", str(path), f"is not a valid privfl ledger: {exc}") from exc
+        if path.exists():
+            raise LedgerError(str(path), "already exists; a new ledger never replaces one")
+        ledger = cls(accountant=accountant)
+        ledger.authenticated = key is not None
+        ledger.run_identity = None if run_identity is None else json.loads(json.dumps(run_identity))
+        line = _seal(ledger._header(), GENESIS, key)
+        durable_write_bytes(path, line + b"\n")
+        ledger._hashes.append(hashlib.sha256(line).hexdigest())
+        ledger._journal = _Journal(path, key, ledger._hashes[-1])
+        ledger._path = path
         return ledger
+
+    def close(self) -> None:
+        """Closes the journal (the ledger stays readable in memory; it records nothing more)."""
+        if self._journal is not None:
+            self._journal.close()
+
+    def save(self, path: str | os.PathLike[str], *, key: LedgerKey | None = None) -> None:
+        """Writes this in-memory ledger as a complete journal, atomically and durably.
+
+        A journal-backed ledger is already saved line by line; saving it over its own journal is refused.
+
+        Raises:
+            LedgerError: ``path`` is this ledger's own journal.
+        """
+        from privfl.rundir import durable_write_bytes
+
+        path = Path(path)
+        if self._journal is not None and path.resolve() == self._journal.path.resolve():
+            raise LedgerError(str(path), "is this ledger's live journal; every record is already on disk")
+        copy = PrivacyLedger(accountant=self.accountant)
+        copy.recorded_accountant = self.recorded_accountant
+        copy.authenticated = key is not None
+        copy.run_identity = self.run_identity
+        records: list[Mapping[str, Any]] = [copy._header()]
+        records += [
+            {"kind": "budget", "client": c, "epsilon": _finite_or_null(a.budget.epsilon), "delta": a.budget.delta}
+            for c, a in self._accounts.items()
+        ]
+        resumes = sorted(self._resumes)
+        for index, entry in enumerate(self._entries):
+            records += [{"kind": "resume", "round": start} for count, start in resumes if count == index]
+            records.append(_entry_record(entry))
+        records += [{"kind": "resume", "round": start} for count, start in resumes if count == len(self._entries)]
+        lines, prev = [], GENESIS
+        for record in records:
+            line = _seal(record, prev, key)
+            prev = hashlib.sha256(line).hexdigest()
+            lines.append(line + b"\n")
+        durable_write_bytes(path, b"".join(lines))
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, key: LedgerKey | None = None, accountant: Accountant | str | None = None
+    ) -> PrivacyLedger:
+        """Reads and verifies a ledger journal, rebuilding every client's events (read-only).
+
+        Args:
+            path: the journal.
+            key: the ledger's key; required when the ledger is authenticated (and then every
+                line's MAC is checked).
+            accountant: compose with this accountant instead of the recorded one (kept in
+                :attr:`recorded_accountant`); needed when the recorded one is not prv or rdp.
+
+        Raises:
+            LedgerError: the file is unreadable, corrupt, edited, truncated mid-chain, or needs a
+                key. The message names the file and the first bad line. A torn last line (a
+                write cut short by a crash) is discarded with a warning: its charge was never
+                complete, so the update it would have paid for never left the client.
+        """
+        ledger, _ = cls._replay(Path(path), key, accountant)
+        return ledger
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], *, key: LedgerKey | None = None, accountant: Accountant | str | None = None
+    ) -> PrivacyLedger:
+        """Like :meth:`load`, then reopens the journal for appending (a torn last line is cut off first).
+
+        The caller must hold the run directory's lock: two writers would fork the chain.
+        """
+        from privfl.rundir import fsync_directory
+
+        path = Path(path)
+        ledger, valid_length = cls._replay(path, key, accountant)
+        if valid_length != path.stat().st_size:
+            with path.open("r+b") as fh:
+                fh.truncate(valid_length)
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_directory(path.parent)
+        ledger._journal = _Journal(path, key, ledger._hashes[-1])
+        return ledger
+
+    @classmethod
+    def _replay(cls, path: Path, key: LedgerKey | None, accountant: Accountant | str | None) -> tuple[PrivacyLedger, int]:
+        """The verified ledger and the byte length of its valid lines."""
+        try:
+            with path.open("rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise LedgerError(str(path), f"cannot be read: {exc.strerror or exc}") from None
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        ledger = cls(accountant=Accountant.PRV)
+        ledger._path = path
+        for number, raw in enumerate(lines, start=1):
+            ledger._replay_line(path, number, raw, key, accountant)
+        valid = len(data) - len(tail)
+        if tail:
+            number = len(lines) + 1
+            try:
+                ledger._replay_line(path, number, tail, key, accountant)
+            except LedgerError as exc:
+                if number == 1:
+                    raise
+                # Only the final line, and only when incomplete: it was being written when the
+                # process stopped, before its fsync returned, so the update never left.
+                log.warning("ledger %s: discarded an incomplete last line %d (%d bytes): %s", path, number, len(tail), exc.problem)
+            else:
+                # Complete but for its newline: keep it (counting a charge twice is safe; losing one is not).
+                valid = len(data)
+                log.warning("ledger %s: line %d lacked its newline; kept", path, number)
+        if not ledger._hashes:
+            raise LedgerError(str(path), "is empty: it holds no header")
+        return ledger, valid
+
+    def _replay_line(
+        self, path: Path, number: int, raw: bytes, key: LedgerKey | None, accountant: Accountant | str | None
+    ) -> None:
+        """Verifies one journal line and applies it; nothing changes when it is refused."""
+        where = f"line {number}"
+
+        def bad(problem: str) -> LedgerError:
+            return LedgerError(str(path), f"{where}: {problem}")
+
+        if len(raw) > _MAX_LINE_BYTES:
+            raise bad(f"{len(raw)} bytes long; not a ledger line (the ledger is corrupt)")
+        try:
+            record = json.loads(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise bad("not a JSON line (the ledger is corrupt)") from None
+        if not isinstance(record, dict):
+            raise bad("not a JSON object (the ledger is corrupt)")
+        kind = record.get("kind")
+        if isinstance(kind, str) and isinstance(record.get("client"), str):
+            where += f" ({kind} of {record['client']!r}" + (f", round {record['round']!r})" if "round" in record else ")")
+        try:
+            canonical = _canonical(record)
+        except ValueError:
+            raise bad("holds a number that is not finite (the ledger is corrupt)") from None
+        if canonical != raw:
+            raise bad("not in the form privfl writes: it was edited")
+        expected = self._hashes[-1] if self._hashes else GENESIS
+        if record.get("prev") != expected:
+            previous = f"line {number - 1}" if number > 1 else "the start of the chain"
+            raise bad(f"does not follow {previous}: a line before it was edited, removed or reordered")
+        if key is not None:
+            mac = record.get("mac")
+            body = {k: v for k, v in record.items() if k != "mac"}
+            if not (isinstance(mac, str) and hmac.compare_digest(mac, key.mac(_canonical(body)))):
+                raise bad("its MAC does not verify under the ledger key: it was edited or forged")
+        allowed = _KEYS.get(kind) if isinstance(kind, str) else None
+        if allowed is None:
+            raise bad(f"unknown kind {kind!r}")
+        extra = set(record) - allowed - {"prev", "mac"}
+        missing = allowed - set(record)
+        if extra or missing:
+            raise bad(f"fields {sorted(missing)} missing or {sorted(extra)} unexpected")
+        try:
+            self._apply(record, number, key, accountant, bad)
+        except LedgerError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # ConfigError (a ValueError) from DPEvent/ClientBudget: a value no run could write.
+            raise bad(f"malformed ({exc})") from None
+        self._hashes.append(hashlib.sha256(raw).hexdigest())
+
+    def _apply(self, record: dict[str, Any], number: int, key: LedgerKey | None, accountant: Accountant | str | None, bad) -> None:
+        kind = record["kind"]
+        if kind == "header":
+            if number != 1:
+                raise bad("a second header")
+            if record["format"] != "privfl-ledger" or record["format_version"] != self.FORMAT_VERSION:
+                raise bad(f"not a privfl ledger of format {self.FORMAT_VERSION} ({record['format']!r} {record['format_version']!r})")
+            if not isinstance(record["authenticated"], bool) or not isinstance(record["accountant"], str):
+                raise bad("malformed header")
+            if record["authenticated"] and key is None:
+                raise bad("the ledger is authenticated: verify it with its key (ledger.key in the run directory)")
+            if not (record["run"] is None or isinstance(record["run"], dict)):
+                raise bad("malformed run identity")
+            if accountant is None:
+                try:
+                    self.accountant = Accountant(record["accountant"])
+                except ValueError:
+                    raise bad(f"accountant {record['accountant']!r} is not one privfl composes with") from None
+            else:
+                self.accountant = _accountant(accountant)
+            self.recorded_accountant = record["accountant"]
+            self.authenticated = record["authenticated"]
+            self.run_identity = record["run"]
+            return
+        if number == 1:
+            raise bad("the ledger does not start with a header")
+        if kind == "resume":
+            if not (_is_int(record["round"]) and record["round"] >= 0):
+                raise bad("malformed resume round")
+            self._resumes.append((len(self._entries), record["round"]))
+            return
+        client = record["client"]
+        if not (isinstance(client, str) and client):
+            raise bad("malformed client name")
+        if kind == "budget":
+            if client in self._accounts:
+                raise bad(f"client {client!r} is registered twice")
+            eps = record["epsilon"]
+            if not (eps is None or _is_number(eps)) or not _is_number(record["delta"]):
+                raise bad("malformed budget")
+            budget = ClientBudget(epsilon=math.inf if eps is None else float(eps), delta=float(record["delta"]))
+            self._accounts[client] = _ClientAccount(budget=budget)
+            return
+        if client not in self._accounts:
+            raise bad(f"client {client!r} has no budget line before it")
+        if kind == "note":
+            if not isinstance(record["note"], str):
+                raise bad("malformed note")
+            last = next((i for i in range(len(self._entries) - 1, -1, -1) if self._entries[i].client == client), None)
+            if last is None:
+                raise bad(f"a note for client {client!r}, which has no entry")
+            self._annotate(last, record["note"])
+            return
+        # an entry
+        account = self._accounts[client]
+        status = LedgerStatus(record["status"])
+        numbers = ("sample_rate", "noise_multiplier", "delta")
+        if not (_is_int(record["round"]) and record["round"] >= 0 and _is_int(record["steps"]) and record["steps"] >= 0):
+            raise bad("malformed round or steps")
+        if not all(_is_number(record[k]) for k in numbers) or not (record["epsilon"] is None or _is_number(record["epsilon"])):
+            raise bad("malformed number")
+        if not isinstance(record["note"], str):
+            raise bad("malformed note")
+        if record["delta"] != account.budget.delta:
+            raise bad(f"delta {record['delta']!r} differs from the client's budget delta {account.budget.delta!r}")
+        event = None
+        if status is LedgerStatus.TRAINED:
+            event = DPEvent(noise_multiplier=float(record["noise_multiplier"]), sample_rate=float(record["sample_rate"]), steps=record["steps"])
+        elif record["steps"] != 0:
+            raise bad("a skipped round with steps")
+        entry = LedgerEntry(
+            round=record["round"],
+            client=client,
+            status=status,
+            steps=record["steps"],
+            sample_rate=float(record["sample_rate"]),
+            noise_multiplier=float(record["noise_multiplier"]),
+            epsilon=math.inf if record["epsilon"] is None else float(record["epsilon"]),
+            delta=float(record["delta"]),
+            note=record["note"],
+        )
+        if event is not None:
+            account.events.append(event)
+        self._entries.append(entry)
 
 
 def merge_events(events: Iterable[DPEvent]) -> list[DPEvent]:

@@ -18,7 +18,7 @@ from privfl.accounting import (
     epsilon_of_events,
     noise_multiplier,
 )
-from privfl.errors import BudgetExceededError, ConfigError
+from privfl.errors import BudgetExceededError, ConfigError, LedgerError
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -137,9 +137,10 @@ def test_ledger_persists_and_restores_spending(tmp_path):
     ledger.charge(0, "a", event)
     ledger.charge(0, "b", event)
     ledger.charge(1, "b", event)
-    path = tmp_path / "ledger.json"
+    path = tmp_path / "ledger.jsonl"
     ledger.save(path)
-    json.loads(path.read_text())  # valid JSON (an uncapped budget is null, not Infinity)
+    for line in path.read_text().splitlines():
+        json.loads(line)  # valid JSON lines (an uncapped budget is null, not Infinity)
     restored = PrivacyLedger.load(path)
     assert restored.epsilon("a") == pytest.approx(ledger.epsilon("a"))
     assert restored.epsilon("b") == pytest.approx(ledger.epsilon("b"))
@@ -151,7 +152,7 @@ def test_ledger_persists_and_restores_spending(tmp_path):
 
 
 def test_ledger_load_rejects_garbage(tmp_path):
-    path = tmp_path / "ledger.json"
-    path.write_text('{"format_version": 1, "entries": 3}')
-    with pytest.raises(ConfigError):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"format_version": 1, "entries": 3}\n')
+    with pytest.raises(LedgerError, match="ledger.jsonl"):
         PrivacyLedger.load(path)

@@ -1,0 +1,387 @@
+"""The run directory: its file names, durable writes, the exclusive run lock, and typed loaders.
+
+Everything a run writes must survive a power loss in a state a resume can trust, and two
+processes must never run in one directory at once (both would charge budgets from the same
+starting point and the last writer would erase the other's spending). So:
+
+- every state file is written to a temporary file, fsynced, renamed over the old one with
+  ``os.replace`` and then the directory is fsynced (:func:`durable_write_bytes`); a crash
+  leaves either the old file or the new one, never a torn one;
+- the privacy ledger is an append-only journal (see :mod:`privfl.accounting`) whose every line
+  is fsynced when written;
+- :class:`RunLock` holds an exclusive ``flock`` on ``run.lock`` for the whole run and records
+  who holds it (pid, host, start time), so a second run is refused with
+  :class:`~privfl.errors.RunLockedError`. ``flock`` is advisory and local: it does not protect a
+  directory shared over NFS between machines;
+- loaders of run.json, history.json and checkpoints raise :class:`~privfl.errors.ConfigError`
+  naming the file on anything they cannot trust, never a bare ``JSONDecodeError`` or
+  ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privfl.accounting import LedgerStatus, PrivacyLedger
+from privfl.errors import ConfigError, LedgerError, RunLockedError
+
+__all__ = [
+    "RUN_FILE",
+    "LEDGER_FILE",
+    "LEDGER_KEY_FILE",
+    "LEGACY_LEDGER_FILE",
+    "HISTORY_FILE",
+    "SUMMARY_FILE",
+    "CHECKPOINT_DIR",
+    "LOCK_FILE",
+    "RUN_TRACES",
+    "RunLock",
+    "check_ledger_against_history",
+    "checkpoint_path",
+    "durable_write_bytes",
+    "durable_write_json",
+    "fsync_directory",
+    "interrupted_run_hint",
+    "load_checkpoint",
+    "load_history",
+    "load_run_identity",
+    "run_traces",
+    "save_checkpoint",
+]
+
+RUN_FILE = "run.json"
+LEDGER_FILE = "ledger.jsonl"
+LEDGER_KEY_FILE = "ledger.key"
+LEGACY_LEDGER_FILE = "ledger.json"
+"""Format 1 ledgers (one JSON document, unchained); recognised only to refuse them clearly."""
+HISTORY_FILE = "history.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "run.lock"
+RUN_TRACES = (LEGACY_LEDGER_FILE, RUN_FILE, HISTORY_FILE, SUMMARY_FILE, CHECKPOINT_DIR)
+"""Files whose presence means a run took place here (and so spent privacy)."""
+
+_MAX_JSON_BYTES = 256 * 2**20
+"""A state file above this size is refused rather than read (history of 10^5 rounds fits)."""
+
+
+# -- durable writes -----------------------------------------------------------------------------------
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Makes a rename or a new file in ``path`` durable (POSIX: the entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write_bytes(path: Path, data: bytes) -> None:
+    """Replaces ``path`` with ``data`` so that a crash at any point leaves the old or the new file.
+
+    The temporary file is created with mode 0600 (``mkstemp``); a file that must be readable by
+    others is chmodded by the caller.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A KeyboardInterrupt mid-write must not leave temporary files behind either.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+
+
+def durable_write_json(path: Path, data: Any, *, default: Callable[[Any], Any] | None = None) -> None:
+    """Writes ``data`` as JSON (no NaN or infinity) with :func:`durable_write_bytes`."""
+    text = json.dumps(data, indent=2, default=default, allow_nan=False)
+    durable_write_bytes(path, text.encode())
+
+
+# -- the run lock -------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on a run directory, held from start to finish of a run.
+
+    Args:
+        run_dir: the run directory (created if missing).
+
+    Raises on enter:
+        RunLockedError: another process (or another open of the lock in this process) holds it;
+            the error names the holder's pid, host and start time.
+
+    The lock is ``fcntl.flock`` on ``run.lock``; the kernel drops it when the holder exits, so
+    a killed run never leaves a stale lock. The file is never deleted (deleting it would let a
+    newcomer lock a fresh inode while an old holder still holds the old one).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl  # POSIX only; privfl runs on Linux and macOS
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # No O_TRUNC: a process that fails to get the lock must not erase the holder's record.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(str(self.run_dir), holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode() + b"\n", 0)
+        os.fsync(fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # no stale holder record once released
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        info = json.loads(raw.decode())
+        return f"pid {int(info['pid'])} on {info['host']} since {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        # The holder may not have written its record yet (it locks first, then writes).
+        return "another process (holder not recorded yet)"
+
+
+def run_traces(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` that show a run took place there (see :data:`RUN_TRACES`)."""
+    return [name for name in RUN_TRACES if (run_dir / name).exists()]
+
+
+# -- typed loaders -------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    """JSON from ``path``; anything unreadable is a ConfigError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path.name, str(path), f"cannot be read: {exc.strerror or exc}") from None
+    if len(data) > _MAX_JSON_BYTES:
+        raise ConfigError(path.name, str(path), f"is larger than {_MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested brackets; ValueError covers JSONDecodeError and bad UTF-8.
+        raise ConfigError(path.name, str(path), f"is not valid JSON ({type(exc).__name__}): the file is corrupt") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _reasons(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+_LEVEL_NUMBERS = ("accounted_noise_multiplier", "sample_rate", "clip_norm")
+
+
+def _history_problem(index: int, record: Any) -> str | None:
+    """Why history record ``index`` cannot be trusted (None if it can)."""
+    if not isinstance(record, dict):
+        return "is not an object"
+    if not (_is_int(record.get("round")) and record["round"] == index):
+        return f"has round {record.get('round')!r}, expected {index} (records must be consecutive from 0)"
+    for key in ("sampled", "trained", "contributors"):
+        if not _names(record.get(key)):
+            return f"{key!r} is not a list of client names"
+    for key in ("skipped", "dropped"):
+        if not _reasons(record.get(key)):
+            return f"{key!r} is not a map of client name to reason"
+    if not (record.get("aborted") is None or isinstance(record["aborted"], str)):
+        return "'aborted' is neither null nor a reason"
+    level = record.get("client_level")
+    if level is not None:
+        if not isinstance(level, dict):
+            return "'client_level' is not an object"
+        for key in _LEVEL_NUMBERS:
+            if not _is_number(level.get(key)):
+                return f"client_level.{key} is not a finite number"
+        if "next_clip_norm" in level and not _is_number(level["next_clip_norm"]):
+            return "client_level.next_clip_norm is not a finite number"
+    return None
+
+
+def load_history(path: Path) -> list[dict[str, Any]]:
+    """The per-round history of a run directory, checked record by record.
+
+    Returns:
+        The records, round 0 first; an empty list if the file does not exist.
+
+    Raises:
+        ConfigError: the file is unreadable, not JSON, or a record is malformed (names the record).
+    """
+    if not path.exists():
+        return []
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ConfigError(path.name, str(path), "must hold a list of round records")
+    for index, record in enumerate(data):
+        problem = _history_problem(index, record)
+        if problem is not None:
+            raise ConfigError(path.name, str(path), f"record {index} {problem}: the file is corrupt or was edited")
+    return data
+
+
+def load_run_identity(path: Path) -> dict[str, Any]:
+    """The run identity (settings and data fingerprint) recorded in ``run.json``.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or not a run identity.
+    """
+    if not path.exists():
+        raise ConfigError(path.name, str(path), "is missing: the run's identity cannot be checked")
+    data = _read_json(path)
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("training", "federation", "clients"))):
+        raise ConfigError(path.name, str(path), "does not hold a run identity (training, federation, clients)")
+    return data
+
+
+def checkpoint_path(run_dir: Path, round_index: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"round-{round_index:04d}.pt"
+
+
+def save_checkpoint(run_dir: Path, round_index: int, params: np.ndarray) -> None:
+    """Writes the global parameters after ``round_index`` durably."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"round": round_index, "parameters": torch.from_numpy(np.array(params, dtype=np.float32))}, buffer)
+    durable_write_bytes(checkpoint_path(run_dir, round_index), buffer.getvalue())
+
+
+def load_checkpoint(run_dir: Path, round_index: int, num_parameters: int) -> np.ndarray:
+    """The global parameters saved after ``round_index``.
+
+    Raises:
+        ConfigError: the checkpoint is missing, unreadable, for another round, of another model
+            size, or holds non-finite values.
+    """
+    import torch
+
+    path = checkpoint_path(run_dir, round_index)
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises many types (zip, pickle, EOF, Runtime) on corrupt files
+        raise ConfigError(path.name, str(path), f"cannot be loaded ({type(exc).__name__}): the checkpoint is corrupt") from None
+    if not (isinstance(state, dict) and state.get("round") == round_index and isinstance(state.get("parameters"), torch.Tensor)):
+        raise ConfigError(path.name, str(path), f"is not the checkpoint of round {round_index}")
+    tensor = state["parameters"]
+    if tensor.dtype != torch.float32 or tensor.dim() != 1 or tensor.numel() != num_parameters:
+        raise ConfigError(
+            path.name, str(path), f"holds {tuple(tensor.shape)} {tensor.dtype} parameters; the model has {num_parameters} float32"
+        )
+    params = tensor.numpy().copy()
+    if not np.isfinite(params).all():
+        raise ConfigError(path.name, str(path), "holds non-finite parameters")
+    return params
+
+
+# -- consistency ---------------------------------------------------------------------------------------
+def interrupted_run_hint(out_dir: str | os.PathLike[str]) -> str:
+    """What to do after a run in ``out_dir`` was interrupted; true in every state the run can leave.
+
+    A run creates its ledger before anything else that marks the directory, so: with a ledger,
+    resuming works (even when nothing was charged yet); without one, nothing was spent and the
+    directory holds no trace of a run, so running again works.
+    """
+    out = Path(out_dir)
+    if (out / LEDGER_FILE).exists():
+        return f"resume with --resume --out {out} (the ledger keeps what was spent)"
+    return f"nothing was spent; run again with --out {out}"
+
+
+def check_ledger_against_history(ledger: PrivacyLedger, history: list[dict[str, Any]], path: Path) -> None:
+    """Checks that the ledger and the per-round history describe the same trainings.
+
+    Every client the history says trained (or skipped) in round r has a ledger entry saying so for
+    round r, and every such ledger entry of a recorded round is in the history. Entries of an
+    interrupted attempt at a round (see :meth:`PrivacyLedger.superseded`) stay charged and are
+    matched by nothing; entries of rounds past the history are the round in progress.
+
+    Raises:
+        LedgerError: the first mismatch, naming the client and the round.
+    """
+    superseded = ledger.superseded()
+    in_ledger: dict[tuple[int, str, LedgerStatus], int] = {}
+    for index, entry in enumerate(ledger.entries):
+        if index not in superseded and entry.round < len(history):
+            key = (entry.round, entry.client, entry.status)
+            in_ledger[key] = in_ledger.get(key, 0) + 1
+    in_history: dict[tuple[int, str, LedgerStatus], int] = {}
+    for record in history:
+        for name in record["trained"]:
+            in_history[(record["round"], name, LedgerStatus.TRAINED)] = 1
+        for name in record["skipped"]:
+            in_history[(record["round"], name, LedgerStatus.SKIPPED_BUDGET)] = 1
+    for key in sorted(set(in_history) | set(in_ledger), key=lambda k: (k[0], k[1], k[2].value)):
+        round_index, client, status = key
+        if in_history.get(key, 0) != in_ledger.get(key, 0):
+            ledger_says = in_ledger.get(key, 0)
+            raise LedgerError(
+                str(path),
+                f"history.json says client {client!r} {'trained' if status is LedgerStatus.TRAINED else 'was skipped'} "
+                f"in round {round_index} {in_history.get(key, 0)} time(s), the ledger {ledger_says}: "
+                "an entry was removed or added by hand, or the files come from different runs",
+            )
+    for record in history:
+        anchor = record.get("ledger")
+        if isinstance(anchor, dict) and _is_anchor(anchor):
+            # Each round recorded where the ledger stood: a ledger cut short or swapped shows here.
+            if ledger.line_hash(anchor["lines"]) != anchor["head"]:
+                raise LedgerError(
+                    str(path), f"line {anchor['lines']} is not the line history.json recorded after round {record['round']}: "
+                    "the ledger was replaced or rewritten"
+                )
+
+
+def _is_anchor(anchor: dict[str, Any]) -> bool:
+    lines = anchor.get("lines")
+    return isinstance(lines, int) and not isinstance(lines, bool) and lines >= 1 and isinstance(anchor.get("head"), str)
