@@ -25,7 +25,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     source = args.config or "embedded default"
     console.print(f"[bold]privfl run[/bold]: {source} -> {out}")
-    result = run(config, out, resume=args.resume, progress=not args.quiet)
+    try:
+        result = run(config, out, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        from privfl.federation import interrupted_run_hint
+
+        # The hint depends on what the run left in the directory; the library says which is true.
+        print(f"privfl: interrupted; {interrupted_run_hint(out)}", file=sys.stderr)
+        return 130
     print_run_report(result, console=Console())
     return 0
 
@@ -123,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privfl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "; resume with --resume (the ledger keeps what was spent)" if args.command == "run" else ""
-        print(f"privfl: interrupted{hint}", file=sys.stderr)
+        # `privfl run` prints its own hint (it knows the run directory); nothing else can resume.
+        print("privfl: interrupted", file=sys.stderr)
         return 130
 
 

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import secrets
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -30,11 +29,29 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import Dataset
 
-from privfl.accounting import ClientBudget, DPEvent, LedgerStatus, PrivacyLedger, epsilon_of_events, noise_multiplier
+from privfl.accounting import ClientBudget, DPEvent, LedgerKey, LedgerStatus, PrivacyLedger, epsilon_of_events, noise_multiplier
 from privfl.client_dp import clip_update, distributed_noise, next_clip_norm, plan_client_dp
 from privfl.config import ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
-from privfl.errors import ConfigError, ProtocolAbort
+from privfl.errors import ConfigError, LedgerError, ProtocolAbort
 from privfl.protocols.base import ClientUpdate, DirectTransport, Protection, Transport
+from privfl.rundir import (
+    CHECKPOINT_DIR,
+    HISTORY_FILE,
+    LEDGER_FILE,
+    LEDGER_KEY_FILE,
+    LEGACY_LEDGER_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    check_ledger_against_history,
+    durable_write_json,
+    interrupted_run_hint,
+    load_checkpoint,
+    load_history,
+    load_run_identity,
+    run_traces,
+    save_checkpoint,
+)
 from privfl.training import (
     evaluate,
     flatten_parameters,
@@ -45,15 +62,12 @@ from privfl.training import (
     train_dp_sgd,
 )
 
-__all__ = ["Federation", "RunResult", "build_protection", "planned_rounds"]
+__all__ = ["Federation", "RunResult", "build_protection", "check_ledger_against_history", "interrupted_run_hint", "planned_rounds"]
 
 log = logging.getLogger("privfl")
 
-RUN_FILE = "run.json"
-LEDGER_FILE = "ledger.json"
-HISTORY_FILE = "history.json"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+_SAMPLING_PURPOSE = 3
+"""Stream index of client sampling under ``noise_seed`` (0: DP-SGD, 1: noise shares, 2: central noise)."""
 
 
 def build_protection(config: FederationConfig) -> Protection:
@@ -117,11 +131,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as fh:
-        json.dump(data, fh, indent=2, default=_json_default, allow_nan=False)
-        tmp = fh.name
-    os.replace(tmp, path)
+    durable_write_json(path, data, default=_json_default)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -238,6 +248,31 @@ class Federation:
         state = np.random.SeedSequence([self.config.noise_seed, round_index, client_index, purpose]).generate_state(2)
         return int(state[0]) << 31 ^ int(state[1])
 
+    def _sample(self, round_index: int, plans: list[_ClientPlan]) -> list[_ClientPlan]:
+        """The clients taking part in a round: secret by default, reproducible only under ``noise_seed``.
+
+        Who takes part must be unpredictable: the amplification by client sampling that the
+        client-level accountant counts on, and the hiding of a site's participation, hold only
+        against someone who cannot recompute the sample. Anyone holding the config could from the
+        public ``seed``; so the sample comes from OS entropy (``secrets``), or from ``noise_seed``
+        in simulations, and summary.json and the audit then say the guarantee does not hold.
+        The sample is recorded in history.json, so a resumed run never recomputes it.
+        """
+        fraction = self.config.client_fraction
+        client_dp = self.config.client_dp
+        poisson = client_dp is not None and client_dp.sampling is ClientSampling.POISSON
+        count = max(1, round(fraction * len(plans)))
+        if self.config.noise_seed is None:
+            secret = secrets.SystemRandom()
+            if poisson:
+                return [plan for plan in plans if secret.random() < fraction]
+            return [plans[i] for i in sorted(secret.sample(range(len(plans)), count))]
+        rng = np.random.default_rng([self.config.noise_seed, round_index, _SAMPLING_PURPOSE])
+        if poisson:
+            # Poisson client sampling: the amplification the client-level accountant relies on.
+            return [plan for plan, keep in zip(plans, rng.random(len(plans)) < fraction) if keep]
+        return [plans[i] for i in sorted(rng.choice(len(plans), size=count, replace=False))]
+
     def _initial_model(self) -> tuple[nn.Module, bool]:
         torch.manual_seed(self.config.seed)
         model = self.model_fn()
@@ -302,6 +337,13 @@ class Federation:
                 would reset spent budgets), or ``resume`` without a run to resume.
         """
         out = Path(out_dir) if out_dir is not None else None
+        if out is None:
+            return self._run(None, resume)
+        # One run per directory: two would charge budgets from the same starting point.
+        with RunLock(out):
+            return self._run(out, resume)
+
+    def _run(self, out: Path | None, resume: bool) -> RunResult:
         started = time.perf_counter()
         model, needs_fix = self._initial_model()
         global_params = flatten_parameters(model)
@@ -311,10 +353,31 @@ class Federation:
 
         self._check_protection(protection, len(plans))
         ledger, history, start_round = self._restore(out, resume, global_params, self._fingerprint(plans))
+        try:
+            return self._run_rounds(
+                out, ledger, history, start_round, plans, protection, model, needs_fix, global_params, started
+            )
+        finally:
+            ledger.close()
+
+    def _run_rounds(
+        self,
+        out: Path | None,
+        ledger: PrivacyLedger,
+        history: list[dict[str, Any]],
+        start_round: int,
+        plans: list[_ClientPlan],
+        protection: Protection,
+        model: nn.Module,
+        needs_fix: bool,
+        global_params: np.ndarray,
+        started: float,
+    ) -> RunResult:
+        dp = self.training.dp
         self._plans_by_name = {plan.name: plan for plan in plans}
         self._setup_client_dp(len(plans), history)
         if start_round > 0:
-            global_params = self._load_checkpoint(out, start_round - 1, global_params)
+            global_params = load_checkpoint(out, start_round - 1, len(global_params))
         for plan in plans:
             ledger.register(plan.name, ClientBudget(epsilon=dp.epsilon_budget, delta=dp.delta))
 
@@ -331,13 +394,12 @@ class Federation:
                 if out is not None:
                     # History first: a checkpoint never exists for a round whose record is missing.
                     _atomic_write_json(out / HISTORY_FILE, history)
-                    self._save_checkpoint(out, round_index, global_params)
+                    save_checkpoint(out, round_index, global_params)
                 progress.advance(record)
 
         load_flat_parameters(model, global_params)
         summary = self._summary(plans, ledger, history, protection, len(global_params), time.perf_counter() - started)
         if out is not None:
-            ledger.save(out / LEDGER_FILE)
             _atomic_write_json(out / SUMMARY_FILE, summary)
         return RunResult(model=model, history=history, summary=summary, ledger=ledger, out_dir=out)
 
@@ -352,14 +414,8 @@ class Federation:
         out: Path | None,
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        rng = np.random.default_rng([self.config.seed, round_index])
         client_dp = self.config.client_dp
-        if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
-            # Poisson client sampling: the amplification the client-level accountant relies on.
-            sampled = [plan for plan, keep in zip(plans, rng.random(len(plans)) < self.config.client_fraction) if keep]
-        else:
-            count = max(1, round(self.config.client_fraction * len(plans)))
-            sampled = [plans[i] for i in sorted(rng.choice(len(plans), size=count, replace=False))]
+        sampled = self._sample(round_index, plans)
         updates: dict[str, ClientUpdate] = {}
         skipped: dict[str, str] = {}
         losses = []
@@ -379,11 +435,9 @@ class Federation:
             result = train_dp_sgd(
                 local_model, plan.dataset, config=self.training, noise_multiplier=plan.noise_multiplier, device=self.device, seed=seed
             )
-            # Charged before the update leaves the client, and saved at once: a crash after this
-            # point can never un-spend the budget.
+            # Charged before the update leaves the client; with a run directory the charge is one
+            # fsynced journal line by the time charge() returns, so a crash can never un-spend it.
             ledger.charge(round_index, plan.name, result.event)
-            if out is not None:
-                ledger.save(out / LEDGER_FILE)
             updates[plan.name] = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
             losses.append(result.mean_loss)
         if client_dp is not None:
@@ -447,8 +501,6 @@ class Federation:
             eval_model = self._fresh_model(needs_fix)
             load_flat_parameters(eval_model, global_params)
             test_loss, test_accuracy = evaluate(eval_model, self.test_set, device=self.device)
-        if out is not None:
-            ledger.save(out / LEDGER_FILE)  # skips and drop notes reach disk with the round
         epsilons = {plan.name: ledger.epsilon(plan.name) for plan in plans}
         return {
             "round": round_index,
@@ -466,6 +518,8 @@ class Federation:
             "client_level": client_level,
             "upload_bytes": upload,
             "seconds": time.perf_counter() - t0,
+            # Where the ledger stood when the round was recorded (resume and the audit check it).
+            "ledger": {"lines": ledger.lines, "head": ledger.head} if ledger.head is not None else None,
             "_parameters": global_params,
         }
 
@@ -579,56 +633,79 @@ class Federation:
     def _restore(
         self, out: Path | None, resume: bool, params: np.ndarray, fingerprint: dict[str, Any]
     ) -> tuple[PrivacyLedger, list[dict[str, Any]], int]:
-        fresh = PrivacyLedger(accountant=self.training.dp.accountant)
+        """The ledger, the history and the first round to run; the caller holds the run lock.
+
+        Raises:
+            LedgerError: the directory holds traces of a run but no ledger (a fresh start would
+                forget what was spent), or its ledger is corrupt, edited, or disagrees with history.
+            ConfigError: a fresh run where a ledger exists, a resume with nothing to resume or
+                with other settings, or a corrupt history, run.json or checkpoint.
+        """
+        accountant = self.training.dp.accountant
         if out is None:
             if resume:
                 raise ConfigError("resume", True, "needs a run directory")
-            return fresh, [], 0
+            return PrivacyLedger(accountant=accountant), [], 0
         ledger_path = out / LEDGER_FILE
-        if not resume:
-            if ledger_path.exists():
-                raise ConfigError(
-                    "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
-                )
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_json(out / RUN_FILE, fingerprint)
-            return fresh, [], 0
+        identity = json.loads(json.dumps(fingerprint, default=_json_default))
         if not ledger_path.exists():
-            raise ConfigError("out_dir", str(out), "holds no run to resume (no ledger.json)")
-        recorded = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else None
-        if recorded != json.loads(json.dumps(fingerprint, default=_json_default)):
-            changed = sorted(k for k in fingerprint if recorded is None or recorded.get(k) != fingerprint[k])
+            traces = run_traces(out)
+            if LEGACY_LEDGER_FILE in traces:
+                raise LedgerError(
+                    str(out / LEGACY_LEDGER_FILE),
+                    "is a format-1 ledger (one JSON document, not hash-chained) that this privfl cannot verify; "
+                    "finish or audit that run with the privfl version that wrote it, or choose a new run directory",
+                )
+            if traces:
+                raise LedgerError(
+                    str(ledger_path),
+                    f"is missing, but the run directory holds {', '.join(traces)}: a run took place there and spent "
+                    "privacy that a fresh start would forget. Restore the ledger and ledger.key from a backup, or "
+                    "choose a new run directory",
+                )
+            if resume:
+                raise ConfigError("out_dir", str(out), f"holds no run to resume (no {LEDGER_FILE}); run it without --resume")
+            out.mkdir(parents=True, exist_ok=True)
+            key = LedgerKey.generate()
+            key.write(out / LEDGER_KEY_FILE)
+            # The ledger is created before anything else that marks the directory as a run, so an
+            # interrupted start leaves either nothing to protect or a ledger to resume from.
+            ledger = PrivacyLedger.create(ledger_path, accountant=accountant, key=key, run_identity=identity)
+            _atomic_write_json(out / RUN_FILE, fingerprint)
+            return ledger, [], 0
+        if not resume:
             raise ConfigError(
-                "resume", str(out), f"the run there was made with other settings or data ({', '.join(changed)} differ); "
-                "resume it with the same config, or start a new run directory"
+                "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
             )
-        ledger = PrivacyLedger.load(ledger_path)
-        if ledger.accountant is not self.training.dp.accountant:
-            raise ConfigError("dp.accountant", self.training.dp.accountant.value, f"the run used {ledger.accountant.value}")
-        history = json.loads((out / HISTORY_FILE).read_text()) if (out / HISTORY_FILE).exists() else []
-        pattern = re.compile(r"round-(\d{4,})\.pt")
-        found = [pattern.fullmatch(p.name) for p in (out / CHECKPOINT_DIR).glob("round-*.pt")] if (out / CHECKPOINT_DIR).exists() else []
-        done = max((int(m.group(1)) for m in found if m), default=-1) + 1
-        history = [h for h in history if h["round"] < done]
-        if len(history) != done:
-            raise ConfigError("out_dir", str(out), f"history.json holds {len(history)} of the {done} checkpointed rounds")
+        ledger = PrivacyLedger.open(ledger_path, key=LedgerKey.read(out / LEDGER_KEY_FILE))
+        try:
+            # The header's copy of the run identity is authenticated; run.json is for people.
+            recorded = ledger.run_identity if ledger.run_identity is not None else load_run_identity(out / RUN_FILE)
+            if recorded != identity:
+                changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+                raise ConfigError(
+                    "resume", str(out), f"the run there was made with other settings or data ({', '.join(changed)} differ); "
+                    "resume it with the same config, or start a new run directory"
+                )
+            if ledger.accountant is not accountant:
+                raise ConfigError("dp.accountant", accountant.value, f"the run used {ledger.accountant.value}")
+            history = load_history(out / HISTORY_FILE)
+            pattern = re.compile(r"round-(\d{4,})\.pt")
+            found = [pattern.fullmatch(p.name) for p in (out / CHECKPOINT_DIR).glob("round-*.pt")] if (out / CHECKPOINT_DIR).exists() else []
+            done = max((int(m.group(1)) for m in found if m), default=-1) + 1
+            # A record without its checkpoint is a round interrupted between the two writes: redone.
+            history = history[:done]
+            if len(history) != done:
+                raise ConfigError("out_dir", str(out), f"history.json holds {len(history)} of the {done} checkpointed rounds")
+            check_ledger_against_history(ledger, history, ledger_path)
+            # Entries already written for round `done` or later belong to an interrupted attempt:
+            # they stay charged, and the marker keeps them apart from the rerun's entries.
+            ledger.mark_resume(done)
+        except BaseException:
+            ledger.close()
+            raise
         log.info("resuming %s after round %d", out, done - 1)
         return ledger, history, done
-
-    def _save_checkpoint(self, out: Path, round_index: int, params: np.ndarray) -> None:
-        path = out / CHECKPOINT_DIR / f"round-{round_index:04d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"round": round_index, "parameters": torch.from_numpy(params.copy())}, tmp)
-        os.replace(tmp, path)
-
-    def _load_checkpoint(self, out: Path, round_index: int, like: np.ndarray) -> np.ndarray:
-        path = out / CHECKPOINT_DIR / f"round-{round_index:04d}.pt"
-        state = torch.load(path, weights_only=True)
-        params = state["parameters"].numpy()
-        if params.shape != like.shape:
-            raise ConfigError("checkpoint", str(path), f"holds {params.shape[0]} parameters; the model has {like.shape[0]}")
-        return params
 
     def _summary(
         self,
@@ -696,6 +773,14 @@ class Federation:
             "noise": "reproducible from federation.noise_seed (simulation only)"
             if self.config.noise_seed is not None
             else "fresh OS entropy (not reproducible, not predictable from the config)",
+            "client_sampling_secret": self.config.noise_seed is None,
+            "client_sampling": "reproducible from federation.noise_seed (simulation only): anyone holding the config "
+            "can recompute who took part, so amplification by client sampling does not hold against them"
+            if self.config.noise_seed is not None
+            else "secret (OS entropy; who takes part cannot be recomputed from the config)",
+            "ledger": None
+            if ledger.head is None
+            else {"file": LEDGER_FILE, "lines": ledger.lines, "head": ledger.head, "authenticated": ledger.authenticated},
             "training": public_config(self.training),
             "federation": public_config(self.config),
         }

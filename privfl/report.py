@@ -67,4 +67,4 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
     if s["dropped_clients"]:
         console.print(f"[yellow]dropped updates[/yellow]: {s['dropped_clients']}")
     if result.out_dir is not None:
-        console.print(f"wrote {result.out_dir}/summary.json, ledger.json, history.json, checkpoints/")
+        console.print(f"wrote {result.out_dir}/summary.json, ledger.jsonl (key: ledger.key), history.json, checkpoints/")

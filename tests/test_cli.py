@@ -34,7 +34,8 @@ protection = "plaintext"
     assert set(summary["clients"]) == {"north", "south", "east", "west", "central"}
     assert summary["rounds"] == 2 and summary["protection"] == "plaintext"
     assert all(c["epsilon"] <= 4.0 for c in summary["clients"].values())
-    assert (out / "ledger.json").exists() and (out / "history.json").exists()
+    assert (out / "ledger.jsonl").exists() and (out / "ledger.key").stat().st_mode & 0o777 == 0o600
+    assert (out / "history.json").exists()
     assert "final test accuracy" in capsys.readouterr().out
 
 

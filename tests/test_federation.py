@@ -7,11 +7,11 @@ import json
 import pytest
 from torch import nn
 
-from privfl.accounting import PrivacyLedger
-from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+from privfl.accounting import LedgerKey, PrivacyLedger
+from privfl.config import ClientDPConfig, ClientSampling, DPConfig, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.data import dirichlet_partition, labels_of, load_breast_cancer, subsets
 from privfl.errors import ConfigError
-from privfl.federation import Federation, planned_rounds
+from privfl.federation import LEDGER_FILE, LEDGER_KEY_FILE, Federation, planned_rounds
 from privfl.models import LogisticRegression
 
 
@@ -107,7 +107,7 @@ def test_seed_reproduces_the_run(clients, split):
 
 
 def test_noise_is_unpredictable_without_a_noise_seed(clients, split):
-    # Same public seed, no noise_seed: the sampling is the same, the DP noise is not.
+    # Same public seed, no noise_seed: every client takes part (fraction 1), the DP noise differs.
     a = _federation(clients, split, rounds=1, seed=3).run()
     b = _federation(clients, split, rounds=1, seed=3).run()
     assert [h["sampled"] for h in a.history] == [h["sampled"] for h in b.history]
@@ -118,7 +118,7 @@ def test_noise_is_unpredictable_without_a_noise_seed(clients, split):
 def test_resume_never_resets_a_budget(clients, split, tmp_path):
     out = tmp_path / "run"
     _federation(clients, split, rounds=2).run(out)
-    spent = PrivacyLedger.load(out / "ledger.json")
+    spent = PrivacyLedger.load(out / LEDGER_FILE, key=LedgerKey.read(out / LEDGER_KEY_FILE))
     # a fresh run into the same directory would reset budgets: refused
     with pytest.raises(ConfigError, match="resume"):
         _federation(clients, split, rounds=4).run(out)
@@ -160,3 +160,48 @@ def test_bad_arguments_are_named(clients, split):
 def test_planned_rounds_uses_the_participation_quantile():
     assert planned_rounds(10, 1.0, 0.99) == 10
     assert 2 <= planned_rounds(20, 0.1, 0.99) <= 7
+
+
+def _sample_many(fed, rounds=40):
+    plans = fed._plans()
+    return [tuple(p.name for p in fed._sample(r, plans)) for r in range(rounds)]
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_client_sampling_is_secret_without_a_noise_seed(clients, split, poisson):
+    # The review's finding: the sample came from default_rng([seed, round]), so anyone holding the
+    # config could recompute who took part. Two federations with the same config must now differ.
+    def fed(noise_seed):
+        client_dp = ClientDPConfig(noise_multiplier=1.0, sampling=ClientSampling.POISSON if poisson else ClientSampling.FIXED)
+        return Federation(
+            model_fn=lambda: LogisticRegression(30, 2),
+            clients=clients,
+            training=TrainingConfig(dp=DPConfig(noise_multiplier=1.0)),
+            federation=FederationConfig(rounds=40, client_fraction=0.5, seed=0, noise_seed=noise_seed, client_dp=client_dp),
+            progress=False,
+        )
+
+    a, b = _sample_many(fed(None)), _sample_many(fed(None))
+    # 40 rounds of 2 out of 4 (or Poisson at 1/2): equal by chance with probability below 6^-40.
+    assert a != b
+    assert len(set(a)) > 3  # and it is a sample, not a fixed set
+    # the simulation switch makes it reproducible, and only then
+    assert _sample_many(fed(7)) == _sample_many(fed(7))
+
+
+def test_summary_records_whether_sampling_was_secret(clients, split):
+    secret = _federation(clients, split, rounds=1, fraction=0.5).run()
+    assert secret.summary["client_sampling_secret"] is True and "secret" in secret.summary["client_sampling"]
+    seeded = _federation(clients, split, rounds=1, fraction=0.5, noise_seed=5).run()
+    assert seeded.summary["client_sampling_secret"] is False
+    assert "does not hold" in seeded.summary["client_sampling"]
+
+
+def test_resume_with_secret_sampling_keeps_the_recorded_samples(clients, split, tmp_path):
+    out = tmp_path / "run"
+    first = _federation(clients, split, rounds=2, fraction=0.5).run(out)
+    resumed = _federation(clients, split, rounds=3, fraction=0.5).run(out, resume=True)
+    assert [h["sampled"] for h in resumed.history[:2]] == [h["sampled"] for h in first.history]
+    for name in clients:
+        trained = sum(name in h["trained"] for h in resumed.history)
+        assert resumed.summary["clients"][name]["rounds_trained"] == trained

@@ -1,0 +1,182 @@
+"""The run directory: one run at a time, no silent reset of spending, typed errors, durable state."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import privfl.federation as federation_module
+from privfl.cli import main
+from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+from privfl.data import iid_partition, load_breast_cancer, subsets
+from privfl.errors import ConfigError, LedgerError, PrivflError, RunLockedError
+from privfl.federation import CHECKPOINT_DIR, HISTORY_FILE, LEDGER_FILE, RUN_FILE, SUMMARY_FILE, Federation
+from privfl.models import LogisticRegression
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_breast_cancer()
+
+
+@pytest.fixture(scope="module")
+def clients(split):
+    parts = iid_partition(len(split.train), 3, seed=0)
+    return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}
+
+
+def _federation(clients, split, *, rounds=2):
+    return Federation(
+        model_fn=lambda: LogisticRegression(30, 2),
+        clients=clients,
+        test_set=split.test,
+        training=TrainingConfig(batch_size=64, learning_rate=0.5, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=rounds, protection=ProtectionKind.PLAINTEXT, device="cpu"),
+        progress=False,
+    )
+
+
+def test_a_second_run_on_a_held_directory_is_refused_naming_the_holder(clients, split, tmp_path):
+    from privfl.rundir import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        # flock conflicts between two open file descriptions, even in one process.
+        with pytest.raises(RunLockedError) as info:
+            _federation(clients, split).run(out)
+        assert f"pid {os.getpid()}" in info.value.holder
+        with pytest.raises(RunLockedError):
+            _federation(clients, split).run(out, resume=True)
+    assert not (out / LEDGER_FILE).exists()  # the refused run wrote nothing
+    _federation(clients, split, rounds=1).run(out)  # released: the directory is usable
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_lost_ledger_is_refused_and_nothing_is_overwritten(clients, split, tmp_path, resume):
+    out = tmp_path / "run"
+    _federation(clients, split).run(out)
+    (out / LEDGER_FILE).unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(LedgerError) as info:
+        _federation(clients, split, rounds=3).run(out, resume=resume)
+    assert LEDGER_FILE in str(info.value) and "history.json" in str(info.value)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+    assert {p: b for p, b in before.items() if p.name != "run.lock"} == after
+
+
+@pytest.mark.parametrize("trace", [HISTORY_FILE, RUN_FILE, SUMMARY_FILE, CHECKPOINT_DIR])
+def test_any_trace_of_a_run_without_its_ledger_is_refused(clients, split, tmp_path, trace):
+    out = tmp_path / "run"
+    out.mkdir()
+    if trace == CHECKPOINT_DIR:
+        (out / trace).mkdir()
+    else:
+        (out / trace).write_text("[]")
+    with pytest.raises(LedgerError, match=trace):
+        _federation(clients, split).run(out)
+
+
+def test_a_corrupt_history_is_a_typed_error_on_resume(clients, split, tmp_path):
+    out = tmp_path / "run"
+    _federation(clients, split).run(out)
+    (out / HISTORY_FILE).write_text('[{"round": 0, "sampled": ')
+    with pytest.raises(ConfigError, match="history.json"):
+        _federation(clients, split, rounds=3).run(out, resume=True)
+    (out / HISTORY_FILE).write_text('[{"round": "zero"}]')
+    with pytest.raises(ConfigError, match="history.json"):
+        _federation(clients, split, rounds=3).run(out, resume=True)
+
+
+def test_a_corrupt_checkpoint_is_a_typed_error_on_resume(clients, split, tmp_path):
+    out = tmp_path / "run"
+    _federation(clients, split).run(out)
+    (out / CHECKPOINT_DIR / "round-0001.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ConfigError, match="round-0001.pt"):
+        _federation(clients, split, rounds=3).run(out, resume=True)
+
+
+def test_every_state_file_is_fsynced_then_renamed_then_its_directory_fsynced(clients, split, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", f"{os.path.realpath(src)} -> {os.path.realpath(dst)}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "run"
+    _federation(clients, split).run(out)
+    replaced = [(i, e[1].split(" -> ")) for i, e in enumerate(events) if e[0] == "replace"]
+    targets = {Path(dst).name for _, (_, dst) in replaced}
+    assert {"history.json", "summary.json", "run.json", "round-0000.pt", "round-0001.pt"} <= targets
+    for i, (src, dst) in replaced:
+        assert ("fsync", src) in events[:i], f"{dst} renamed before its content was fsynced"
+        assert ("fsync", str(Path(dst).parent)) in events[i + 1 :], f"{dst}'s directory not fsynced after the rename"
+    # the ledger journal: every line is fsynced where it is written
+    ledger = os.path.realpath(out / LEDGER_FILE)
+    assert sum(1 for e in events if e == ("fsync", ledger)) >= 2 * 3  # a charge per client per round
+
+
+def _interrupt_at_first_training(monkeypatch):
+    def interrupted(*_, **__):  # stands in for train_dp_sgd
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(federation_module, "train_dp_sgd", interrupted)
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        '[data]\nnum_clients = 3\npartition = "iid"\n[training]\nbatch_size = 64\n[training.dp]\nnoise_multiplier = 1.0\n'
+        '[federation]\nrounds = 2\nprotection = "plaintext"\ndevice = "cpu"\nnoise_seed = 1\n'
+    )
+    return config
+
+
+def test_the_interrupt_hint_is_true_after_an_early_interrupt(tmp_path, monkeypatch, capsys):
+    config = _tiny_config(tmp_path)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _interrupt_at_first_training(patch)
+        assert main(["run", str(config), "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    # Interrupted before the first charge: the ledger holds its budgets and no spending, and
+    # the hint to resume works.
+    assert "--resume" in err and str(out) in err
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--resume"]) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["rounds"] == 2
+
+
+def test_the_interrupt_hint_says_run_again_when_nothing_was_written(tmp_path, monkeypatch, capsys):
+    from privfl.federation import interrupted_run_hint
+
+    out = tmp_path / "never"
+    assert "run again" in interrupted_run_hint(out)
+    out.mkdir()
+    (out / "run.lock").write_text("")
+    assert "run again" in interrupted_run_hint(out)
+    config = _tiny_config(tmp_path)
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0  # and running again works
+
+
+def test_a_locked_directory_exits_2_from_the_cli(tmp_path, capsys):
+    from privfl.rundir import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        assert main(["run", str(_tiny_config(tmp_path)), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "in use by pid" in err and str(out) in err
+
+
+def test_errors_are_privfl_errors():
+    assert issubclass(LedgerError, PrivflError) and issubclass(RunLockedError, PrivflError)
