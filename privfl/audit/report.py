@@ -1,6 +1,7 @@
 """Privacy audit of a finished run directory: epsilon recomputed from the ledger, budgets, warnings, and a plot.
 
-:func:`audit_run` reads ``ledger.json``, ``summary.json`` and ``history.json`` and re-derives every
+:func:`audit_run` verifies ``ledger.jsonl`` (hash chain, MACs, agreement with ``history.json``), reads
+``summary.json`` and ``history.json``, and re-derives every
 client's sample-level epsilon from the ledger's DP-SGD events, round by round, with the ledger's
 accountant; it recomputes the final figure with the other accountant (PRV against RDP) as a cross-check,
 and states the run's client-level epsilon (infinite without client-level DP). Nothing is taken on
@@ -15,23 +16,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings as _warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privfl.accounting import Accountant, DPEvent, LedgerStatus, PrivacyLedger, epsilon_of_events
+from privfl.accounting import Accountant, DPEvent, LedgerKey, LedgerStatus, PrivacyLedger, epsilon_of_events
 from privfl.audit.lint import HIGH_EPSILON, LOW_NOISE, Finding, Severity
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, LedgerError
+from privfl.rundir import (
+    HISTORY_FILE,
+    LEDGER_FILE,
+    LEDGER_KEY_FILE,
+    LEGACY_LEDGER_FILE,
+    SUMMARY_FILE,
+    check_ledger_against_history,
+    durable_write_bytes,
+    load_history,
+)
 
-__all__ = ["AuditReport", "AuditPaths", "ClientAudit", "ClientLevelAudit", "AUDIT_CODES", "audit_run"]
+__all__ = ["AuditReport", "AuditPaths", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "AUDIT_CODES", "audit_run"]
 
-LEDGER_FILE = "ledger.json"
-SUMMARY_FILE = "summary.json"
-HISTORY_FILE = "history.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CROSS_CHECK_TOLERANCE = 0.01
 """PRV may exceed RDP by at most this fraction before the two are reported as disagreeing."""
 RECORDED_TOLERANCE = 0.01
@@ -50,6 +57,7 @@ AUDIT_CODES: Mapping[str, tuple[Severity, str]] = {
     "PFA010": (Severity.WARNING, "PRV above RDP by more than 1%"),
     "PFA011": (Severity.ERROR, "recorded epsilon differs from the recomputed one"),
     "PFA012": (Severity.WARNING, "no client-level DP"),
+    "PFA013": (Severity.WARNING, "client sampling reproducible from the config (no amplification against its holders)"),
 }
 
 
@@ -130,6 +138,26 @@ class AuditPaths:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LedgerIntegrity:
+    """What the audit verified about the ledger file.
+
+    Attributes:
+        lines: lines in the journal, every one verified (hash chain; MAC when authenticated).
+        head: SHA-256 of the last line. Keep a copy outside the run directory: a consistent
+            rollback (the tail cut off, or an older copy restored) is detectable only against it.
+        authenticated: whether every line carries a MAC under the run's ``ledger.key`` (it protects
+            against edits by anyone who cannot read that file, not by anyone who can).
+        interrupted_entries: entries of interrupted attempts at a round (charged, matched by no
+            recorded round).
+    """
+
+    lines: int
+    head: str
+    authenticated: bool
+    interrupted_entries: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AuditReport:
     """The result of :func:`audit_run`.
 
@@ -145,6 +173,7 @@ class AuditReport:
         warnings: findings, errors first (each says why and how to fix).
         markdown: the report as Markdown (also readable as plain text in a terminal).
         paths: where audit.md, audit.json and audit.png were written.
+        ledger: what was verified about the ledger file.
     """
 
     run_dir: Path
@@ -158,6 +187,7 @@ class AuditReport:
     warnings: tuple[Finding, ...]
     markdown: str
     paths: AuditPaths
+    ledger: LedgerIntegrity
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``audit.json`` (JSON has no infinity: an infinite epsilon or budget is ``null``)."""
@@ -172,6 +202,7 @@ class AuditReport:
             client_level=self.client_level,
             findings=self.warnings,
             paths=self.paths,
+            ledger=self.ledger,
         )
 
 
@@ -185,20 +216,34 @@ def _read_json(path: Path, what: str) -> Any:
         raise ConfigError(path.name, str(path), f"cannot be read as JSON: {exc}") from None
 
 
-def _load_ledger(path: Path) -> tuple[PrivacyLedger, str]:
-    """The ledger, and the accountant name the file records.
+def _load_ledger(run_dir: Path) -> tuple[PrivacyLedger, str]:
+    """The verified ledger, and the accountant name the file records.
 
-    A ledger recorded with an accountant privfl does not compose with (e.g. ``"gdp"``) is loaded
-    with PRV so its events can still be recomputed; the caller warns about it.
+    The hash chain and every line's MAC are checked under the run's ``ledger.key``. A ledger
+    recorded with an accountant privfl does not compose with (e.g. ``"gdp"``) is composed with PRV
+    so its events can still be recomputed; the caller warns about it.
     """
-    raw = _read_json(path, "the privacy ledger")
-    recorded = str(raw.get("accountant")) if isinstance(raw, dict) else ""
-    if recorded in {a.value for a in Accountant}:
-        return PrivacyLedger.load(path), recorded
-    with tempfile.TemporaryDirectory(prefix="privfl-audit-") as tmp:
-        copy = Path(tmp) / LEDGER_FILE
-        copy.write_text(json.dumps({**raw, "accountant": Accountant.PRV.value}))
-        return PrivacyLedger.load(copy), recorded
+    path = run_dir / LEDGER_FILE
+    if not path.is_file():
+        if (run_dir / LEGACY_LEDGER_FILE).exists():
+            raise LedgerError(
+                str(run_dir / LEGACY_LEDGER_FILE),
+                "is a format-1 ledger (not hash-chained); audit it with the privfl version that wrote it",
+            )
+        raise ConfigError("run_dir", str(run_dir), f"is not a complete privfl run directory: {LEDGER_FILE} is missing (the privacy ledger)")
+    ledger = PrivacyLedger.load(path, key=LedgerKey.read(run_dir / LEDGER_KEY_FILE), accountant=Accountant.PRV)
+    return ledger, ledger.recorded_accountant
+
+
+def _check_summary_anchor(ledger: PrivacyLedger, summary: Mapping[str, Any], path: Path) -> None:
+    """The summary records the ledger's last line when the run finished; the ledger must still have it."""
+    anchor = summary.get("ledger")
+    if not isinstance(anchor, Mapping):
+        return
+    lines, head = anchor.get("lines"), anchor.get("head")
+    if isinstance(lines, int) and not isinstance(lines, bool) and lines >= 1 and isinstance(head, str):
+        if ledger.line_hash(lines) != head:
+            raise LedgerError(str(path), f"line {lines} is not the line summary.json recorded: the ledger was replaced or rewritten")
 
 
 def _config_section(summary: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -496,6 +541,30 @@ def _findings(
                 "Lower the secure-aggregation threshold or fix the dropouts that took the round below it.",
             )
         )
+    if client_level.enabled and (client_level.sample_rate or 1.0) < 1.0 and summary.get("client_sampling_secret") is not True:
+        # The amplification by sampling assumes nobody knows who took part. A seeded sample (or a
+        # run from before samples were secret, which drew them from the public seed) is known to
+        # anyone holding the config: against them each round is the Gaussian mechanism at q = 1.
+        try:
+            unamplified = _epsilon(
+                [DPEvent(noise_multiplier=client_level.noise_multiplier, sample_rate=1.0, steps=client_level.rounds)],
+                client_level.delta,
+                Accountant.PRV,
+            )
+        except (ConfigError, TypeError):
+            unamplified = math.inf
+        why = "was drawn from federation.noise_seed" if "client_sampling_secret" in summary else "is not recorded as secret"
+        out.append(
+            _finding(
+                "PFA013",
+                "federation.client_sampling",
+                f"client sampling {why}: anyone holding the config can recompute which clients took part in each "
+                f"round, so the client-level epsilon {client_level.epsilon:.3g} (amplified by sampling at "
+                f"q = {client_level.sample_rate:.3g}) does not hold against them; against them it is "
+                f"{unamplified:.3g} (q = 1).",
+                "Leave federation.noise_seed unset outside simulations: privfl then samples clients from OS entropy.",
+            )
+        )
     if not client_level.enabled:
         out.append(
             _finding(
@@ -542,6 +611,7 @@ def _markdown(
     client_level: ClientLevelAudit,
     findings: Sequence[Finding],
     paths: AuditPaths,
+    ledger: LedgerIntegrity,
 ) -> str:
     deltas = sorted({c.delta for c in clients})
     worst = max(clients, key=lambda c: c.epsilon) if clients else None
@@ -552,6 +622,9 @@ def _markdown(
         f"- accountant: {accountant.value} (cross-check: {cross.value})",
         f"- rounds: {rounds}" + (f" ({len(aborted)} aborted: {list(aborted)})" if aborted else ""),
         f"- delta: {', '.join(f'{d:g}' for d in deltas) or '-'}",
+        f"- ledger: {ledger.lines} lines verified ({'hash chain and MAC' if ledger.authenticated else 'hash chain only'}), "
+        f"consistent with history.json; head {ledger.head}"
+        + (f"; {ledger.interrupted_entries} entries of interrupted rounds (charged)" if ledger.interrupted_entries else ""),
     ]
     if worst is not None:
         out.append(f"- largest sample-level epsilon: {worst.epsilon:.3f} ({worst.client})")
@@ -614,6 +687,7 @@ def _report_json(
     client_level: ClientLevelAudit,
     findings: Sequence[Finding],
     paths: AuditPaths,
+    ledger: LedgerIntegrity,
 ) -> dict[str, Any]:
     def finite(value: float | None) -> float | None:
         return None if value is None or math.isinf(value) else value
@@ -656,6 +730,12 @@ def _report_json(
         },
         "warnings": [f.to_json() for f in findings],
         "files": {"markdown": str(paths.markdown), "json": str(paths.json), "plot": str(paths.plot)},
+        "ledger": {
+            "lines": ledger.lines,
+            "head": ledger.head,
+            "authenticated": ledger.authenticated,
+            "interrupted_entries": ledger.interrupted_entries,
+        },
     }
 
 
@@ -688,10 +768,8 @@ def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[
 
 
 def _write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as fh:
-        fh.write(text)
-        tmp = fh.name
-    os.replace(tmp, path)
+    durable_write_bytes(path, text.encode())
+    os.chmod(path, 0o644)  # a report is for reading (mkstemp creates 0600)
 
 
 # -- the public entry point ---------------------------------------------------------------------------
@@ -704,7 +782,8 @@ def audit_run(
     """Audits a finished run directory and writes ``audit.md``, ``audit.json`` and ``audit.png``.
 
     Args:
-        run_dir: a directory written by ``privfl run`` (ledger.json, summary.json, history.json).
+        run_dir: a directory written by ``privfl run`` (ledger.jsonl and ledger.key, summary.json,
+            history.json).
         out_dir: where to write the three files (default: ``run_dir``).
         accountant: compose with this accountant instead of the ledger's (the other one is the
             cross-check). Default: the ledger's.
@@ -714,19 +793,27 @@ def audit_run(
         ``audit.json`` holds.
 
     Raises:
-        ConfigError: ``run_dir`` is missing or lacks one of the three files, a file is not valid,
+        LedgerError: the ledger is corrupt or edited (a line breaks the hash chain or its MAC), its
+            key is missing, or it disagrees with history.json (a training the history records has
+            no ledger entry, or the other way round) or with the lines history and summary recorded.
+        ConfigError: ``run_dir`` is missing or lacks one of the files, a file is not valid,
             or ``accountant`` is not ``"prv"`` or ``"rdp"``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError("run_dir", str(run_dir), "does not exist or is not a directory")
-    ledger, recorded_accountant = _load_ledger(run_dir / LEDGER_FILE)
+    ledger, recorded_accountant = _load_ledger(run_dir)
     summary = _read_json(run_dir / SUMMARY_FILE, "written when a run finishes; resume an interrupted run first")
-    history = _read_json(run_dir / HISTORY_FILE, "the per-round history")
-    if not isinstance(summary, dict) or not isinstance(history, list):
-        raise ConfigError("run_dir", str(run_dir), "summary.json must hold an object and history.json a list")
+    _read_json(run_dir / HISTORY_FILE, "the per-round history")  # missing: the same message as the others
+    history = load_history(run_dir / HISTORY_FILE)
+    if not isinstance(summary, dict):
+        raise ConfigError("run_dir", str(run_dir), "summary.json must hold an object")
+    # Every training the history records is charged in the ledger and vice versa, and the ledger
+    # still holds the lines the history and summary saw: a removed or edited entry is an error.
+    check_ledger_against_history(ledger, history, run_dir / LEDGER_FILE)
+    _check_summary_anchor(ledger, summary, run_dir / LEDGER_FILE)
     if accountant is None:
-        primary = ledger.accountant
+        primary = Accountant(recorded_accountant) if recorded_accountant in {a.value for a in Accountant} else Accountant.PRV
     else:
         try:
             primary = Accountant(accountant)
@@ -735,7 +822,7 @@ def audit_run(
     cross = Accountant.RDP if primary is Accountant.PRV else Accountant.PRV
 
     clients, rounds, recorded = _client_audits(ledger, summary, history, primary, cross)
-    if primary is not ledger.accountant:
+    if primary.value != recorded_accountant:
         recorded = {}  # the recorded figures used another accountant; comparing them would be meaningless
     client_level = _client_level(summary, rounds, history)
     findings = tuple(
@@ -755,6 +842,9 @@ def audit_run(
     paths = AuditPaths(markdown=out / "audit.md", json=out / "audit.json", plot=out / "audit.png")
     protection = str(summary.get("protection", "unknown"))
     aborted = tuple(int(h["round"]) for h in history if h.get("aborted"))
+    integrity = LedgerIntegrity(
+        lines=ledger.lines, head=ledger.head or "", authenticated=ledger.authenticated, interrupted_entries=len(ledger.superseded())
+    )
     common = dict(
         run_dir=run_dir,
         accountant=primary,
@@ -766,6 +856,7 @@ def audit_run(
         client_level=client_level,
         findings=findings,
         paths=paths,
+        ledger=integrity,
     )
     markdown = _markdown(**common)
     report = AuditReport(
@@ -780,6 +871,7 @@ def audit_run(
         warnings=findings,
         markdown=markdown,
         paths=paths,
+        ledger=integrity,
     )
     _write(paths.markdown, markdown)
     _write(paths.json, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import shutil
@@ -13,7 +15,7 @@ from privfl.accounting import Accountant, epsilon
 from privfl.audit.lint import Severity
 from privfl.audit.report import AuditReport, audit_run
 from privfl.config import config_from_dict
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, LedgerError
 from privfl.runner import load_dataset, run, split_clients
 from privfl.training import sampling_plan
 
@@ -141,26 +143,170 @@ def test_client_level_epsilon_from_client_dp_settings(run_dir: Path, tmp_path: P
     assert "PFA012" not in _codes(audited)
 
 
+GENESIS = hashlib.sha256(b"privfl ledger journal, format 2").hexdigest()
+
+
+def _canonical(record) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _edit_ledger(run_dir: Path, change, *, resign: bool) -> None:
+    """Applies ``change`` to the ledger's records (a list of dicts) and writes them back.
+
+    With ``resign`` the journal is re-chained and re-MACed under the run's key, as someone holding
+    ledger.key could; without it, the edited lines keep their old hashes and MACs. Written from the
+    documented format, independently of privfl's writer.
+    """
+    path = run_dir / "ledger.jsonl"
+    key = bytes.fromhex((run_dir / "ledger.key").read_text().strip())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    if not resign:
+        # Each line keeps the prev and mac it had: a hand edit with a text editor.
+        path.write_bytes(b"".join(_canonical(r) + b"\n" for r in change(records)))
+        return
+    records = change([{k: v for k, v in r.items() if k not in ("prev", "mac")} for r in records])
+    lines, prev = [], GENESIS
+    for record in records:
+        body = {**record, "prev": prev}
+        body["mac"] = hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+        line = _canonical(body)
+        prev = hashlib.sha256(line).hexdigest()
+        lines.append(line)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _drop_anchors(run_dir: Path) -> None:
+    """Removes the ledger lines history.json and summary.json recorded (a re-signed ledger changes every hash after the edit)."""
+    _edit(run_dir / "history.json", lambda h: [r.pop("ledger") for r in h])
+    _edit(run_dir / "summary.json", lambda s: s.pop("ledger"))
+
+
+def _halve_first_epsilon(records):
+    first = next(r for r in records if r["kind"] == "entry")
+    first["epsilon"] /= 2
+    return records
+
+
 def test_edited_ledger_is_caught(run_dir: Path, tmp_path: Path) -> None:
     copy = _copy(run_dir, tmp_path)
+    _edit_ledger(copy, _halve_first_epsilon, resign=False)
+    with pytest.raises(LedgerError, match=r"ledger.jsonl: line \d+ \(entry of 'client-\d', round 0\): its MAC does not verify"):
+        audit_run(copy)
+    # Someone holding ledger.key can re-sign the edit: the lines history.json recorded differ...
+    copy = _copy(run_dir, tmp_path / "resigned")
+    _edit_ledger(copy, _halve_first_epsilon, resign=True)
+    with pytest.raises(LedgerError, match="not the line history.json recorded after round 0"):
+        audit_run(copy)
+    # ...and with those removed too, the recomputed epsilon still disagrees.
+    _drop_anchors(copy)
+    assert "PFA011" in _codes(audit_run(copy))
 
-    def halve(ledger):
-        ledger["entries"][0]["epsilon"] /= 2
 
-    _edit(copy / "ledger.json", halve)
-    audited = audit_run(copy)
-    assert "PFA011" in _codes(audited)
+def _raise_sigma(client):
+    def change(records):
+        for r in records:
+            if r["kind"] == "entry" and r["client"] == client and r["status"] == "trained":
+                r["noise_multiplier"] *= 1.5
+        return records
+
+    return change
+
+
+def test_a_raised_noise_multiplier_is_caught(run_dir: Path, tmp_path: Path) -> None:
+    # The review's finding: raising one client's sigma lowered its epsilon and passed.
+    copy = _copy(run_dir, tmp_path)
+    _edit_ledger(copy, _raise_sigma("client-1"), resign=False)
+    with pytest.raises(LedgerError, match="client-1"):
+        audit_run(copy)
+    copy = _copy(run_dir, tmp_path / "resigned")
+    _edit_ledger(copy, _raise_sigma("client-1"), resign=True)
+    _drop_anchors(copy)
+    flagged = [f for f in audit_run(copy).warnings if f.code == "PFA011"]
+    assert [f.field for f in flagged] == ["clients.client-1.epsilon"]
+
+
+def _drop_client(client):
+    def change(records):
+        return [r for r in records if not (r["kind"] == "entry" and r["client"] == client)]
+
+    return change
+
+
+def test_deleted_entries_are_caught(run_dir: Path, tmp_path: Path) -> None:
+    # The review's finding: deleting one client's entries passed the audit, though history.json
+    # shows it training.
+    copy = _copy(run_dir, tmp_path)
+    _edit_ledger(copy, _drop_client("client-0"), resign=False)
+    with pytest.raises(LedgerError, match="does not follow line"):
+        audit_run(copy)
+    copy = _copy(run_dir, tmp_path / "resigned")
+    _edit_ledger(copy, _drop_client("client-0"), resign=True)
+    _drop_anchors(copy)
+    with pytest.raises(LedgerError, match=r"history.json says client 'client-0' trained in round 0 1 time\(s\), the ledger 0"):
+        audit_run(copy)
+
+
+def test_a_shortened_ledger_is_caught_by_the_anchors(run_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(run_dir, tmp_path)
+    # Cut the last line (client-1's skip in round 2) and its history record: chain, MACs and the
+    # cross-check are intact; the lines history and summary recorded are not.
+    assert json.loads((copy / "ledger.jsonl").read_text().splitlines()[-1])["client"] == "client-1"
+    _edit_ledger(copy, lambda records: records[:-1], resign=True)
+    _edit(copy / "history.json", lambda h: h[2]["skipped"].pop("client-1"))
+    with pytest.raises(LedgerError, match="cut short or replaced"):
+        audit_run(copy)
+
+
+def test_the_ledger_key_is_needed(run_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(run_dir, tmp_path)
+    (copy / "ledger.key").unlink()
+    with pytest.raises(LedgerError, match="ledger.key"):
+        audit_run(copy)
+    copy = _copy(run_dir, tmp_path / "loose")
+    (copy / "ledger.key").chmod(0o644)
+    with pytest.raises(LedgerError, match="chmod 600"):
+        audit_run(copy)
+
+
+def test_the_report_states_what_was_verified(report: AuditReport, run_dir: Path) -> None:
+    lines = (run_dir / "ledger.jsonl").read_text().splitlines()
+    assert report.ledger.lines == len(lines) and report.ledger.authenticated
+    assert report.ledger.head == hashlib.sha256(lines[-1].encode()).hexdigest()
+    assert report.ledger.head in report.markdown and report.to_json()["ledger"]["head"] == report.ledger.head
+
+
+def test_seeded_client_sampling_is_flagged(run_dir: Path, tmp_path: Path) -> None:
+    settings = {"noise_multiplier": 1.2, "delta": 1e-3, "sampling": "poisson", "accountant": "prv"}
+    for secret in (True, False):
+        copy = _copy(run_dir, tmp_path / str(secret))
+
+        def change(s, secret=secret):
+            s["federation"]["client_dp"] = settings
+            s["federation"]["client_fraction"] = 0.5
+            s["client_sampling_secret"] = secret
+
+        _edit(copy / "summary.json", change)
+        audited = audit_run(copy)
+        assert ("PFA013" in _codes(audited)) is (not secret)
+    (finding,) = [f for f in audited.warnings if f.code == "PFA013"]
+    unamplified = epsilon(noise_multiplier=1.2, sample_rate=1.0, steps=3, delta=1e-3)
+    assert f"{unamplified:.3g} (q = 1)" in finding.message
 
 
 def test_gdp_ledger_and_uncapped_budget_are_flagged(run_dir: Path, tmp_path: Path) -> None:
     copy = _copy(run_dir, tmp_path)
 
-    def gdp_uncapped(ledger):
-        ledger["accountant"] = "gdp"
-        for budget in ledger["budgets"].values():
-            budget["epsilon"] = None
+    def gdp_uncapped(records):
+        for r in records:
+            if r["kind"] == "header":
+                r["accountant"] = "gdp"
+            if r["kind"] == "budget":
+                r["epsilon"] = None
+        return records
 
-    _edit(copy / "ledger.json", gdp_uncapped)
+    # A ledger written by a tool that used GDP: consistently chained and authenticated.
+    _edit_ledger(copy, gdp_uncapped, resign=True)
+    _drop_anchors(copy)
     audited = audit_run(copy)
     assert {"PFA006", "PFA009"} <= _codes(audited)
     assert audited.accountant is Accountant.PRV
@@ -174,8 +320,11 @@ def test_missing_or_broken_run_dir(tmp_path: Path, run_dir: Path) -> None:
     (copy / "summary.json").unlink()
     with pytest.raises(ConfigError, match="summary.json is missing"):
         audit_run(copy)
-    (copy / "ledger.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="ledger.json"):
+    (copy / "ledger.jsonl").write_text("{not json\n")
+    with pytest.raises(LedgerError, match="ledger.jsonl: line 1: not a JSON line"):
+        audit_run(copy)
+    (copy / "ledger.jsonl").unlink()
+    with pytest.raises(ConfigError, match="ledger.jsonl is missing"):
         audit_run(copy)
     with pytest.raises(ConfigError, match="accountant"):
         audit_run(run_dir, out_dir=tmp_path / "x", accountant="gdp")
