@@ -3,7 +3,7 @@
 from privfl.protocols.secagg.client import SecAggClient
 from privfl.protocols.secagg.graph import build_graph, suggest_neighbours
 from privfl.protocols.secagg.keys import IdentityKey
-from privfl.protocols.secagg.params import RoundParams
+from privfl.protocols.secagg.params import RoundParams, min_threshold
 from privfl.protocols.secagg.protection import SecAggConfig, SecAggProtection
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer
@@ -19,6 +19,7 @@ __all__ = [
     "SecAggServer",
     "SecureSumResult",
     "build_graph",
+    "min_threshold",
     "run_secure_sum",
     "suggest_neighbours",
 ]
