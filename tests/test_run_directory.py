@@ -180,3 +180,45 @@ def test_a_locked_directory_exits_2_from_the_cli(tmp_path, capsys):
 
 def test_errors_are_privfl_errors():
     assert issubclass(LedgerError, PrivflError) and issubclass(RunLockedError, PrivflError)
+
+
+def test_resume_refuses_an_edited_ledger_and_appends_nothing(clients, split, tmp_path):
+    out = tmp_path / "run"
+    _federation(clients, split).run(out)
+    lines = (out / LEDGER_FILE).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    target = next(i for i, r in enumerate(records) if r["kind"] == "entry" and r["client"] == "site-1")
+    records[target]["noise_multiplier"] *= 2  # a lower epsilon for site-1, were it believed
+    edited = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records)
+    (out / LEDGER_FILE).write_text(edited)
+    with pytest.raises(LedgerError, match=f"line {target + 1} \\(entry of 'site-1', round 0\\)"):
+        _federation(clients, split, rounds=3).run(out, resume=True)
+    assert (out / LEDGER_FILE).read_text() == edited
+
+
+def test_an_interrupted_round_stays_charged_and_the_run_audits_clean(clients, split, tmp_path, monkeypatch):
+    from privfl.audit.report import audit_run
+
+    out = tmp_path / "run"
+    real = federation_module.train_dp_sgd
+    calls = []
+
+    def train_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # round 1, second client: one charge of round 1 is on disk
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(federation_module, "train_dp_sgd", train_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _federation(clients, split, rounds=3).run(out)
+    result = _federation(clients, split, rounds=3).run(out, resume=True)
+    ledger = result.ledger
+    assert len(ledger.superseded()) == 1  # site-0's charge in the interrupted attempt at round 1
+    for name in clients:
+        trained = sum(name in h["trained"] for h in result.history)
+        charged = sum(1 for e in ledger.entries if e.client == name and e.status.value == "trained")
+        assert charged == trained + (name == "site-0")  # never less than what took place
+    report = audit_run(out)
+    assert report.ledger.interrupted_entries == 1 and "PFA011" not in {f.code for f in report.warnings}
