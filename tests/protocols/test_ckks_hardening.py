@@ -484,3 +484,38 @@ def test_release_noise_has_the_planned_spread():
     noise_std, grid = release_grid(setup.holder.fresh_error, 3)
     expected = math.sqrt(noise_std**2 + grid**2 / 12)
     assert 0.9 * expected < float(np.std(diff)) < 1.1 * expected
+
+
+# -- decompression bombs: libzstd never inflates more than one ciphertext's bytes -------------------------
+
+
+def _zstd_rle_frame(content_size: int | None, blocks: int) -> bytes:
+    """A zstd frame of ``blocks`` RLE blocks of 128 KiB each (about 4 bytes each on the wire)."""
+    if content_size is None:
+        header = bytes([0x00, 0x58])  # no content size, window descriptor 2^21
+    else:
+        header = bytes([0xE0]) + struct.pack("<Q", content_size)  # single segment, 8-byte content size
+    block_size = 128 * 1024
+    body = b"".join(
+        struct.pack("<I", (block_size << 3) | (1 << 1) | (1 if i == blocks - 1 else 0))[:3] + b"\x00" for i in range(blocks)
+    )
+    return b"\x28\xb5\x2f\xfd" + header + body
+
+
+@pytest.mark.parametrize(
+    ("content_size", "blocks"),
+    [(None, 2000), (1 << 40, 2000), ("expected", 2000), ("expected", 1)],
+    ids=["no-declared-size", "declares-1TiB", "declares-expected-inflates-250MiB", "declares-expected-inflates-less"],
+)
+def test_zstd_bombs_are_refused_without_inflating(setup, content_size, blocks):
+    import time
+
+    layout = setup.layout()
+    declared = layout.body_bytes if content_size == "expected" else content_size
+    frame = _zstd_rle_frame(declared, blocks)
+    major, minor = layout.seal_version
+    blob = struct.pack("<HBBBBHQ", 0xA15E, 16, major, minor, 2, 0, 16 + len(frame)) + frame
+    started = time.perf_counter()
+    with pytest.raises(MessageError, match="zstd"):
+        parse_vector(encode_proto([DIM + 1], [blob], SCALE), layout, DIM + 1)
+    assert time.perf_counter() - started < 1.0  # refused at the bound, not after inflating
