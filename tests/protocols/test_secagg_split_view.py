@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import itertools
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import params as params_module
 from privfl.protocols.secagg import shamir
 from privfl.protocols.secagg.client import SecAggClient, pairwise_mask_key, self_mask_key
-from privfl.protocols.secagg.graph import check_neighbours
+from privfl.protocols.secagg.graph import check_neighbours, components
 from privfl.protocols.secagg.keys import IdentityKey, KeyPair, agree, private_key_from_bytes
 from privfl.protocols.secagg.params import RoundParams, _unsafe_allow_low_threshold, check_threshold, min_threshold
 from privfl.protocols.secagg.prg import WORD, apply_masks
@@ -57,9 +58,122 @@ class Outcome:
     refusals: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class LyingRun:
+    """A round in which the server showed each client a survivor set of its choosing at unmask time."""
+
+    params: RoundParams
+    server: SecAggServer
+    words: dict[str, np.ndarray]
+    masked: dict[str, np.ndarray]
+    b: dict[str, dict[int, int]]  # owner -> Shamir x -> share, as revealed
+    s: dict[str, dict[int, int]]
+    refusals: dict[str, str]
+
+
 def _open_reply(server: SecAggServer, u: str, kind: int, payload: bytes):
     key = m.channel_key(server._channels[u], ROUND, u, kind, m.UP)
     return m.open_message(payload, kind=kind, round_index=ROUND, sender=u, max_bytes=1 << 20, key=key)[0]
+
+
+def lying_server(
+    n: int,
+    threshold: int,
+    *,
+    authenticated: bool,
+    neighbours: int | None,
+    views: Callable[[RoundParams], Mapping[str, frozenset[str]]],
+) -> LyingRun:
+    """Plays rounds 0-2 honestly (keeping every masked vector), then shows each client ``views(params)[u]``.
+
+    In authenticated mode each client is asked to sign its set, and its unmask request carries every
+    signature that its holders made on that same set: the most the server can offer it.
+    """
+    ids = _ids(n)
+    identities = {u: IdentityKey.generate() for u in ids} if authenticated else None
+    run = new_round(
+        ids, round_index=ROUND, threshold=threshold, neighbours=neighbours, dimension=DIM, bits=32,
+        graph_seed=b"split-view-graph-seed", identities=identities,
+    )
+    server, clients, p = run.server, run.clients, run.params
+    words = _words(ids)
+    for u in ids:
+        server.receive_advertise(u, clients[u].advertise())
+    keys = server.keys_messages()
+    for u in keys:
+        server.receive_shares(u, clients[u].share_keys(keys[u]))
+    relays = server.relay_messages()
+    payloads = {u: clients[u].masked_input(relays[u], words[u]) for u in relays}
+    masked = {}
+    for u, payload in payloads.items():
+        server.receive_masked_input(u, payload)
+        key = m.channel_key(server._channels[u], ROUND, u, m.MASKED_INPUT, m.UP)
+        masked[u] = m.open_vector(payload, kind=m.MASKED_INPUT, round_index=ROUND, sender=u, length=DIM, key=key).copy()
+
+    view = {u: frozenset(v) for u, v in views(p).items()}
+    refusals: dict[str, str] = {}
+    signatures: dict[str, bytes] = {}
+    if authenticated:
+        for u in ids:
+            request = server._send(u, m.CHECK_REQUEST, [m.pack_ids(view[u])])
+            try:
+                signatures[u] = _open_reply(server, u, m.CHECK, clients[u].sign_survivors(request)).parts[0]
+            except ProtocolError as exc:
+                refusals[u] = str(exc)
+    b: dict[str, dict[int, int]] = {}
+    s: dict[str, dict[int, int]] = {}
+    for u in ids:
+        if u in refusals:
+            continue
+        survivors = view[u]
+        relayed = server._relayed[u]
+        parts = [m.pack_ids(survivors), m.pack_ids((relayed | {u}) & survivors), m.pack_ids(relayed - survivors)]
+        if authenticated:
+            signers = sorted(v for v in (p.graph[u] | {u}) if v in signatures and view[v] == survivors)
+            parts += [m.pack_ids(signers), b"".join(signatures[v] for v in signers)]
+        try:
+            reply = clients[u].unmask(server._send(u, m.UNMASK_REQUEST, parts))
+        except ProtocolError as exc:
+            refusals[u] = str(exc)
+            continue
+        frame = _open_reply(server, u, m.UNMASK, reply)
+        for i in range(0, len(frame.parts), 3):
+            kind, owner, raw = frame.parts[i : i + 3]
+            (b if kind == b"b" else s).setdefault(owner.decode(), {})[p.index[u]] = int.from_bytes(raw, "big")
+    return LyingRun(params=p, server=server, words=words, masked=masked, b=b, s=s, refusals=refusals)
+
+
+def unmask_sum(run: LyingRun, subset: set[str]) -> np.ndarray | None:
+    """The server's best effort at sum_{u in subset} x_u from what it collected, or None if it cannot.
+
+    It needs b_u of every member (its self mask) and, for every mask between a member u and a
+    neighbour v outside the subset, s_v or s_u (pairs inside the subset cancel in the sum).
+    """
+    p, t = run.params, run.params.threshold
+
+    def secret(table: dict[str, dict[int, int]], owner: str) -> bytes | None:
+        shares = table.get(owner, {})
+        return shamir.int_to_secret(shamir.reconstruct(shares, t)) if len(shares) >= t else None
+
+    total = np.zeros(DIM, dtype=WORD)
+    streams = []
+    for u in subset:
+        seed = secret(run.b, u)
+        if seed is None:
+            return None
+        total += run.masked[u]
+        streams.append((self_mask_key(seed, ROUND, u), -1))
+        for v in run.server._relayed[u] - subset:
+            for owner, peer in ((v, u), (u, v)):
+                raw = secret(run.s, owner)
+                if raw is not None:
+                    shared = agree(private_key_from_bytes(raw), run.server._public_keys[peer][1])
+                    streams.append((pairwise_mask_key(shared, ROUND, u, v), -p.sign(u, v)))
+                    break
+            else:
+                return None
+    apply_masks(total, streams)
+    return total
 
 
 def split_view_attack(
@@ -71,92 +185,29 @@ def split_view_attack(
     group_b: set[str] | None = None,
     victim: str = "client-00",
 ) -> tuple[Outcome, np.ndarray]:
-    """Plays rounds 0-2 honestly, then the split view against ``victim``.
+    """The split view against ``victim``: group A is told it survived, group B that it dropped.
 
     Args:
         group_b: the victim's share holders told that it dropped (default: as many as fit while the
             others, with the victim, still number at least t). Clients holding no share of the victim
-            sign group B's set, which helps B's members reach t signatures in authenticated mode.
+            are shown B's set too, which helps B's members reach t signatures in authenticated mode.
 
     Returns:
         (what the server obtained, the victim's true encoded input).
     """
-    ids = _ids(n)
-    identities = {u: IdentityKey.generate() for u in ids} if authenticated else None
-    run = new_round(
-        ids, round_index=ROUND, threshold=threshold, neighbours=neighbours, dimension=DIM, bits=32,
-        graph_seed=b"split-view-graph-seed", identities=identities,
+
+    def views(p: RoundParams) -> dict[str, frozenset[str]]:
+        holders = sorted(p.graph[victim])  # the victim's other share holders
+        b_group = set(holders[threshold - 1 :]) if group_b is None else set(group_b)  # A: victim + t - 1
+        outsiders = set(p.client_ids) - set(holders) - {victim}
+        everyone = frozenset(p.client_ids)
+        return {u: (everyone - {victim} if u in b_group or u in outsiders else everyone) for u in p.client_ids}
+
+    run = lying_server(n, threshold, authenticated=authenticated, neighbours=neighbours, views=views)
+    outcome = Outcome(
+        recovered=unmask_sum(run, {victim}), b_shares=run.b.get(victim, {}), s_shares=run.s.get(victim, {}), refusals=run.refusals
     )
-    server, clients, p = run.server, run.clients, run.params
-    words = _words(ids)
-
-    # Rounds 0-2, honest: the server routes keys and sealed shares and keeps the victim's masked input.
-    for u in ids:
-        server.receive_advertise(u, clients[u].advertise())
-    keys = server.keys_messages()
-    for u in keys:
-        server.receive_shares(u, clients[u].share_keys(keys[u]))
-    relays = server.relay_messages()
-    masked = {u: clients[u].masked_input(relays[u], words[u]) for u in relays}
-    for u, payload in masked.items():
-        server.receive_masked_input(u, payload)
-    key = m.channel_key(server._channels[victim], ROUND, victim, m.MASKED_INPUT, m.UP)
-    y_victim = m.open_vector(masked[victim], kind=m.MASKED_INPUT, round_index=ROUND, sender=victim, length=DIM, key=key).copy()
-
-    # The split: A is told the victim survived (survivor set = everyone), B that it dropped.
-    holders = sorted(p.graph[victim])  # the victim's other share holders
-    if group_b is None:
-        group_b = set(holders[threshold - 1 :])  # the victim plus t - 1 holders stay in A
-    group_b = set(group_b)
-    outsiders = set(ids) - set(holders) - {victim}
-    everyone, without_victim = frozenset(ids), frozenset(ids) - {victim}
-    view = {u: (without_victim if u in group_b or u in outsiders else everyone) for u in ids}
-
-    refusals: dict[str, str] = {}
-    signatures: dict[str, bytes] = {}
-    if authenticated:
-        for u in ids:
-            request = server._send(u, m.CHECK_REQUEST, [m.pack_ids(view[u])])
-            try:
-                signatures[u] = _open_reply(server, u, m.CHECK, clients[u].sign_survivors(request)).parts[0]
-            except ProtocolError as exc:
-                refusals[u] = str(exc)
-
-    b_shares: dict[int, int] = {}
-    s_shares: dict[int, int] = {}
-    for u in ids:
-        if u in refusals:
-            continue
-        survivors = view[u]
-        relayed = server._relayed[u]
-        parts = [m.pack_ids(survivors), m.pack_ids((relayed | {u}) & survivors), m.pack_ids(relayed - survivors)]
-        if authenticated:
-            # Every signature this client's holders made on the set it was shown.
-            signers = sorted(v for v in (p.graph[u] | {u}) if v in signatures and view[v] == survivors)
-            parts += [m.pack_ids(signers), b"".join(signatures[v] for v in signers)]
-        try:
-            reply = clients[u].unmask(server._send(u, m.UNMASK_REQUEST, parts))
-        except ProtocolError as exc:
-            refusals[u] = str(exc)
-            continue
-        frame = _open_reply(server, u, m.UNMASK, reply)
-        for i in range(0, len(frame.parts), 3):
-            kind, owner, raw = frame.parts[i : i + 3]
-            if owner.decode() == victim:
-                (b_shares if kind == b"b" else s_shares)[p.index[u]] = int.from_bytes(raw, "big")
-
-    outcome = Outcome(recovered=None, b_shares=b_shares, s_shares=s_shares, refusals=refusals)
-    if len(b_shares) >= threshold and len(s_shares) >= threshold:
-        seed = shamir.int_to_secret(shamir.reconstruct(b_shares, threshold))
-        s_private = private_key_from_bytes(shamir.int_to_secret(shamir.reconstruct(s_shares, threshold)))
-        assert s_private.public_key().public_bytes_raw() == server._public_keys[victim][1]
-        streams = [(self_mask_key(seed, ROUND, victim), -1)]
-        for v in server._relayed[victim]:
-            shared = agree(s_private, server._public_keys[v][1])
-            streams.append((pairwise_mask_key(shared, ROUND, victim, v), -p.sign(victim, v)))
-        apply_masks(y_victim, streams)
-        outcome.recovered = y_victim
-    return outcome, words[victim]
+    return outcome, run.words[victim]
 
 
 # -- the attack works below the bound ---------------------------------------------------------------
@@ -219,6 +270,67 @@ def test_no_split_of_the_holders_works_at_the_enforced_threshold(n, authenticate
             outcome, _ = split_view_attack(n, threshold, authenticated=authenticated, group_b=set(group_b))
             assert outcome.recovered is None, group_b
             assert len(outcome.b_shares) + len(outcome.s_shares) <= n  # each honest holder gives one kind at most
+
+
+# -- beyond the split view: what the bound does not cover in the plain mode ------------------------
+# The plain mode is for an honest-but-curious server. A server that shows each client its own
+# survivor set is not limited to splitting one client's holders; the tests below pin down what it
+# can and cannot get, and that the authenticated mode (consistency check) refuses the same lies.
+A, B, C, D, E = _ids(5)
+PARTIAL_SUM_VIEWS = {A: {A, B, E}, B: {A, B, D}, C: {A, B, C}, D: {A, B, D}, E: {A, B, E}}
+"""n = 5, t = 3: every holder of C, D, E is told by at least 3 clients that it dropped, while A and B
+"survive" everywhere: b_A, b_B and s_C, s_D, s_E give x_A + x_B, a sum of 2 < t clients."""
+
+
+def _neighbour_lies(p: RoundParams, victim: str = "client-00") -> dict[str, frozenset[str]]:
+    """SecAgg+: each of the victim's neighbours v is declared dropped to t of *its* other neighbours.
+
+    The victim itself is declared dropped to nobody, so its b-shares flow from its own holders, while
+    s_v of every neighbour v flows from v's holders: enough to strip the victim's pairwise masks
+    without ever asking for the victim's own s-share.
+    """
+    excluded: dict[str, set[str]] = {u: set() for u in p.client_ids}
+    for v in sorted(p.graph[victim]):
+        # Prefer excluders that do not hold the victim's shares, so the victim's holders keep its b.
+        for w in sorted(p.graph[v] - {victim}, key=lambda w: (w in p.graph[victim], w))[: p.threshold]:
+            excluded[w].add(v)
+    views = {u: frozenset(p.client_ids) - excluded[u] for u in p.client_ids}
+    for u, survivors in views.items():  # views an honest client accepts on its own
+        assert u in survivors and len(survivors) >= p.threshold and components(p.graph, survivors) == 1
+    return views
+
+
+@pytest.mark.parametrize("authenticated", [False, True], ids=["plain", "authenticated"])
+def test_per_client_survivor_sets_never_unmask_one_client_on_the_complete_graph(authenticated):
+    # Counting: unmasking u needs b_u (t holders told u survived) and s_v of all n - 1 others (t told
+    # v dropped each): (n - 1) t exclusions, but each client's set may leave out only n - t. With
+    # t > n/2, (n - 1) t > n (n - t).
+    run = lying_server(5, 3, authenticated=authenticated, neighbours=None, views=lambda p: PARTIAL_SUM_VIEWS)
+    assert all(unmask_sum(run, {u}) is None for u in _ids(5))
+
+
+def test_authenticated_mode_refuses_per_client_survivor_sets():
+    run = lying_server(5, 3, authenticated=True, neighbours=None, views=lambda p: PARTIAL_SUM_VIEWS)
+    assert unmask_sum(run, {A, B}) is None
+    assert set(run.refusals) == set(_ids(5))  # no set has t = 3 signatures: every client refuses
+    lies = lying_server(12, 3, authenticated=True, neighbours=4, views=_neighbour_lies)
+    assert unmask_sum(lies, {"client-00"}) is None
+
+
+# The two known limitations below are stated in docs/secagg.md; these tests keep that statement true.
+# A fix makes them fail: then turn them into refusals and update the docs.
+def test_known_limitation_plain_mode_per_client_survivor_sets_leak_a_sum_below_threshold():
+    run = lying_server(5, 3, authenticated=False, neighbours=None, views=lambda p: PARTIAL_SUM_VIEWS)
+    total = unmask_sum(run, {A, B})
+    assert total is not None and np.array_equal(total, run.words[A] + run.words[B])  # bit-exact
+
+
+@pytest.mark.parametrize(("n", "k", "t"), [(12, 4, 3), (20, 6, 4)])
+def test_known_limitation_plain_secagg_plus_neighbour_lies_unmask_a_victim_above_the_bound(n, k, t):
+    assert 2 * t > k + 1
+    run = lying_server(n, t, authenticated=False, neighbours=k, views=_neighbour_lies)
+    recovered = unmask_sum(run, {"client-00"})
+    assert recovered is not None and np.array_equal(recovered, run.words["client-00"])  # bit-exact
 
 
 # -- where the bound is enforced ---------------------------------------------------------------------
