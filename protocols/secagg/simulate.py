@@ -309,7 +309,9 @@ def run_secure_sum(
 
     Args:
         inputs: client id -> 1-D float array (all the same length).
-        threshold: Shamir threshold t inside each client's neighbourhood (its neighbours and itself).
+        threshold: Shamir threshold t inside each client's neighbourhood (its neighbours and itself);
+            more than half of those k + 1 holders (n on the complete graph), else a server that lies
+            about who dropped can unmask a client (docs/secagg.md).
         neighbours: SecAgg+ degree k, or None for the complete graph.
         drop_after: round name ("advertise", "share", "masked_input", "unmask", and "consistency" when
             authenticated) -> ids that go silent after that round.
@@ -328,7 +330,8 @@ def run_secure_sum(
         The decoded total over the survivors and the round's bookkeeping.
 
     Raises:
-        ConfigError: bad parameters (names the field and value).
+        ConfigError: bad parameters (names the field and value), including a threshold at or below half
+            of the share holders.
         ProtocolAbort: fewer than ``threshold`` clients left at some step.
     """
     if not inputs:
