@@ -267,12 +267,23 @@ def discrete_gaussian(sigma: int, count: int, source: RandomSource) -> np.ndarra
 # -- the grid ----------------------------------------------------------------------------------------------
 
 
-def round_to_grid(values: np.ndarray, grid: float, source: RandomSource) -> np.ndarray:
-    """Unbiased randomized rounding to multiples of ``grid``, in grid steps: ceil(x / grid - U).
+def _float_to_u64(values: np.ndarray) -> np.ndarray:
+    """Exact conversion of integer-valued floats in [0, 2^64) to uint64 (float -> uint64 is only portable below 2^63)."""
+    out = np.empty(values.shape, dtype=_U64)
+    big = values >= 2.0**63
+    out[~big] = values[~big].astype(_U64)
+    out[big] = (values[big] - 2.0**63).astype(_U64) + _U64(1 << 63)
+    return out
 
-    U = w / 2^64 for a uniform 64-bit word w, and "ceil(v - U) > floor(v)" is "w < frac(v) 2^64",
-    decided on integers. Given U the rounding is monotone with |r(a) - r(b)| < |a - b| + 1, the bound
-    the accounting uses.
+
+def round_to_grid(values: np.ndarray, grid: float, source: RandomSource) -> np.ndarray:
+    """Unbiased randomized rounding to multiples of ``grid``, in grid steps: r = ceil(x / grid - U).
+
+    U = w / 2^64 for a uniform 64-bit word w. With v = n + f, n = trunc(v) and f the exact fractional
+    part (``modf``), ceil(v - U) is n + [w < f 2^64] for f >= 0 and n - [w >= 2^64 - |f| 2^64] for
+    f < 0: both comparisons are made exactly on integers (f 2^64 is an exact float). Given U the
+    rounding is monotone with |r(a) - r(b)| < |a - b| + 1, the bound the accounting uses, and
+    E[r] = v up to 2^-64.
 
     Args:
         values: finite floats.
@@ -288,17 +299,20 @@ def round_to_grid(values: np.ndarray, grid: float, source: RandomSource) -> np.n
     scaled = np.asarray(values, dtype=np.float64) / grid  # exact: grid is a power of two
     if scaled.size and not (np.all(np.isfinite(scaled)) and np.max(np.abs(scaled)) < EXACT_STEPS):
         raise ConfigError("noise grid", grid, f"a value is not finite or is {EXACT_STEPS} grid steps or more")
-    low = np.floor(scaled)
-    frac = scaled - low  # exact for |scaled| < 2^52
-    # frac * 2^64 is exact (a power-of-two scaling) and below 2^64 - 2^11; w < it iff w < its ceiling.
-    threshold = np.ceil(np.ldexp(frac, 64))
-    big = threshold >= 2.0**63
-    limit = np.empty(threshold.shape, dtype=_U64)
-    # float -> uint64 conversion is only portable below 2^63: convert the top half shifted down.
-    limit[~big] = threshold[~big].astype(_U64)
-    limit[big] = (threshold[big] - 2.0**63).astype(_U64) + _U64(1 << 63)
-    up = source.words(scaled.size).reshape(scaled.shape) < limit
-    return low.astype(np.int64) + up
+    frac, whole = np.modf(scaled)  # both exact
+    steps = whole.astype(np.int64)
+    words = source.words(scaled.size).reshape(scaled.shape)
+    positive = frac > 0
+    # f > 0: up when w < f 2^64, i.e. w < ceil(f 2^64) (< 2^64 - 2^11, so it fits).
+    steps[positive] += words[positive] < _float_to_u64(np.ceil(np.ldexp(frac[positive], 64)))
+    negative = frac < 0
+    # f < 0: down (to n - 1) unless w < 2^64 - |f| 2^64, i.e. unless w < 2^64 - floor(|f| 2^64).
+    low_part = _float_to_u64(np.floor(np.ldexp(-frac[negative], 64)))
+    with np.errstate(over="ignore"):
+        limit = _U64(0) - low_part  # 2^64 - floor(|f| 2^64) in wrapping arithmetic; 0 stands for 2^64
+    keep = (low_part == 0) | (words[negative] < limit)
+    steps[negative] -= ~keep
+    return steps
 
 
 def choose_grid(*, noise_std: float, sensitivity: float, dim: int, tolerance: float = 2.0**-10) -> float:

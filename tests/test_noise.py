@@ -135,6 +135,12 @@ def test_round_to_grid_probability_is_the_fraction():
     # 0.25 steps above a grid point: rounds up a quarter of the time.
     up = round_to_grid(np.full(200_000, 0.25 * 2.0**-4), 2.0**-4, SeededRandom(4)).mean()
     assert abs(up - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 200_000)
+    # Below zero too, where 1 + f is not exact in floats: -0.25 steps rounds to -1 a quarter of the time.
+    down = round_to_grid(np.full(200_000, -0.25 * 2.0**-4), 2.0**-4, SeededRandom(5)).mean()
+    assert abs(down + 0.25) < 5 * math.sqrt(0.25 * 0.75 / 200_000)
+    # A value a hair below a grid point rounds to it (almost surely), never a whole step down.
+    assert np.all(round_to_grid(np.full(10_000, -1e-300), 1.0, SeededRandom(6)) == 0)
+    assert np.all(round_to_grid(np.full(10_000, 3.0 - 2.0**-51), 1.0, SeededRandom(7)) == 3)
 
 
 def test_round_to_grid_refuses_non_finite_and_out_of_range_values():
