@@ -139,4 +139,6 @@ def test_threshold_at_or_below_half_is_refused_before_training(setting, secagg, 
         fed.run(tmp_path / "run")
     assert (info.value.field, info.value.value) == ("threshold", 2)
     assert f"round of {round_size} clients" in str(info.value) and "must be > 2" in str(info.value)
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing trained, nothing charged
+    # Refused before anything trains: no ledger, no history, no checkpoint (a run lock file at most).
+    written = {p.name for p in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
+    assert written <= {"run.lock"}, written
