@@ -69,7 +69,7 @@ class SecAggConfig:
     def __post_init__(self) -> None:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise ConfigError("threshold", t, "must be an int >= 2 or a fraction in (0, 1]")
+            raise ConfigError("threshold", t, "must be an int >= 2 or a fraction in (1/2, 1]")
         if isinstance(t, int) and t < 2:
             raise ConfigError("threshold", t, "an integer threshold must be >= 2")
         if isinstance(t, float) and not 0.5 < t <= 1.0:
