@@ -503,7 +503,10 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, value, "must be a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(path, f"<integer of {len(str(value))} digits>", "is too large for a float") from None
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, value, "must be an integer")
@@ -534,6 +537,14 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(where, table[unknown[0]], f"unknown setting; known ones are {sorted(names)}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in table and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        where = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(where, None, "is required and missing")
     kwargs = {}
     for name, value in table.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -559,13 +570,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """Reads a TOML file, or raises :class:`ConfigError` naming the file and what is wrong with it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", str(path), f"is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(path), f"is not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib recurses once per nested array or inline table.
+        raise ConfigError("config", str(path), "nests arrays or tables too deeply to be a config") from None
 
 
 def config_from_dict(table: dict[str, Any]) -> RunConfig:

@@ -116,7 +116,8 @@ def mutate_bytes(data: bytes, ops: list[tuple[str, int, bytes]], other: bytes = 
 
 
 TOML_TOKENS = ('"', "'", "[", "]", "[[", "=", "\n", "#", ".", ",", "{", "}", "1e999", "-0", "nan", "inf", "true",
-               "9" * 30, "0x", "1979-05-27T07:32:00Z", '"""', "\\u0000", "\\", "[data]", "[federation]", "rounds = ")
+               "9" * 30, "9" * 400, "0x", "1979-05-27T07:32:00Z", '"""', "\\u0000", "\\", "[data]", "[federation]", "rounds = ",
+               "\nnested = " + "[" * 3000 + "]" * 3000 + "\n")
 
 
 def mutate_text(text: str, ops: list[tuple[str, int, bytes]]) -> str:
@@ -443,15 +444,10 @@ def _load_text(loader: Callable[[Path], object], text: str) -> object:
 CONFIG_CLASSES = (RunConfig, FederationConfig, TrainingConfig, DPConfig, ClientDPConfig, DataConfig)
 
 
-# Untyped errors the config loaders raise today (privfl/config.py, not this file's to fix). Each is
-# pinned by a strict xfail test below; the fuzz tests let exactly these through so that they keep
-# catching anything new. When one is fixed, its xfail test passes (strict: fails), and it is removed here.
-KNOWN_CONFIG_BUGS: tuple[tuple[type[BaseException], str], ...] = (
-    (UnicodeDecodeError, "utf-8"),  # load_toml: a file that is not UTF-8
-    (RecursionError, "recursion"),  # load_toml: deeply nested arrays or inline tables
-    (OverflowError, "int too large to convert to float"),  # _convert: an integer beyond float range
-    (TypeError, "missing 1 required keyword-only argument"),  # _build: a required field left out
-)
+# Untyped errors the config loaders may raise: none any more. A new one fails the fuzz tests; the
+# explicit cases below pin the four that were found and fixed (non-UTF-8 file, deep nesting, an
+# integer beyond float range, a required field left out).
+KNOWN_CONFIG_BUGS: tuple[tuple[type[BaseException], str], ...] = ()
 
 
 def _typed_or_accepted(call: Callable[[], object], known: tuple[tuple[type[BaseException], str], ...] = ()) -> str:
@@ -494,6 +490,13 @@ def random_secagg_input(rnd: random.Random) -> SecAggInput:
 
 def random_config_text(which: int, rnd: random.Random) -> str:
     return mutate_text(_default_texts()[which], random_ops(rnd))
+
+
+def random_config_bytes(which: int, rnd: random.Random) -> bytes:
+    if rnd.random() < 0.3:
+        return rnd.randbytes(rnd.randrange(513))
+    texts = _default_texts()
+    return mutate_bytes(texts[which].encode(), random_ops(rnd), other=texts[1 - which].encode())
 
 
 def random_table(which: int, rnd: random.Random) -> Any:
@@ -609,10 +612,11 @@ def test_the_harness_reports_untyped_errors():
         _typed_or_accepted(lambda: broken(b""), KNOWN_CONFIG_BUGS)
     with pytest.raises(OverflowError):
         _typed_or_accepted(lambda: float(10**400))
-    assert _typed_or_accepted(lambda: float(10**400), KNOWN_CONFIG_BUGS) == "known bug"
+    known = ((OverflowError, "int too large to convert to float"),)
+    assert _typed_or_accepted(lambda: float(10**400), known) == "known bug"
 
 
-# -- the untyped errors found, pinned: each should raise ConfigError (flip to a plain test once fixed) ---------
+# -- the untyped errors found and fixed, pinned: each raises ConfigError ---------
 
 
 def _expect_config_error(call: Callable[[], object]) -> None:
@@ -620,22 +624,18 @@ def _expect_config_error(call: Callable[[], object]) -> None:
         call()
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason="config.load_toml: path.read_text() raises UnicodeDecodeError on a non-UTF-8 file (only OSError is caught)")
 def test_load_config_non_utf8_file_is_a_config_error():
     _expect_config_error(lambda: _load_bytes(load_config, b"[data]\nnum_clients = 5\n\xff\xfe\n"))
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="config.load_toml: tomllib raises RecursionError on deeply nested arrays; only TOMLDecodeError is caught")
 @pytest.mark.parametrize("text", ["a = " + "[" * 5000 + "]" * 5000 + "\n", "a = " + "{b = " * 3000 + "1" + "}" * 3000 + "\n"], ids=["arrays", "inline-tables"])
 def test_load_config_deep_nesting_is_a_config_error(text):
     _expect_config_error(lambda: _load_text(load_config, text))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="config._convert: float(value) overflows for an integer beyond float range in a float field")
 def test_load_config_huge_integer_for_a_float_is_a_config_error():
     _expect_config_error(lambda: _load_text(load_config, "[training.dp]\ntarget_epsilon = 1" + "0" * 400 + "\n"))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="config._build: cls(**kwargs) raises TypeError when a required field (no default) is missing")
 def test_load_attack_config_missing_required_field_is_a_config_error():
     _expect_config_error(lambda: _load_text(load_attack_config, '[[datasets]]\nattacks = ["labels"]\n'))
