@@ -520,6 +520,8 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(path, value, "must be a string")
         return value
     if annotation is bytes:
+        if isinstance(value, bytes):
+            return value  # a table built in Python
         # TOML has no byte strings: seeds are written in hex.
         if not isinstance(value, str):
             raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes")
