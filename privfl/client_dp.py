@@ -24,6 +24,10 @@ so one client moves the sum by up to 2S (and the centred bit sum by up to 1). pr
 Gaussian mechanism with noise multiplier z / 2 and no amplification (q = 1), and calibrates z
 accordingly; valid, and loose.
 
+Every noise here is a discrete Gaussian on a power-of-two grid, added to a value rounded to that grid
+(:mod:`privfl.noise`): a textbook float Gaussian would leave low-order bits that depend on the
+un-noised sum (Mironov 2012). The rounding is folded into the noise scale, so the charge above holds.
+
 Where the noise is added depends on the protection:
 
 * ``plaintext`` and ``ckks``: centrally, once, on the aggregate (for CKKS by the key holder, after

@@ -77,6 +77,26 @@ def test_distributed_noise_respects_the_quantizer_grid_and_the_bit_block():
         release_noise(plan, clip_norm=1.0, dim=100, adaptive=True, min_grid=0.3)
 
 
+def test_distributed_shares_pass_the_secagg_quantizer_exactly():
+    """With a power-of-two quantizer step, what the server unmasks is exactly the sum of the shares."""
+    from privfl.protocols.secagg import Quantizer
+    from privfl.protocols.secagg.simulate import rounding_key
+
+    quantizer = Quantizer(clip_range=4.0, bits=32, num_clients=3, fraction_bits=16)
+    plan = _plan(1.0, bit_std=2.0)
+    rng = np.random.default_rng(0)
+    shares = []
+    for seed in range(3):
+        clipped, within = clip_update(rng.normal(size=40) * 0.1, 0.5)
+        vector = np.concatenate([clipped, [float(within) - 0.5]])
+        shares.append(distributed_noise(
+            vector, plan=plan, clip_norm=0.5, adaptive=True, threshold=2, source=SeededRandom(seed), min_grid=quantizer.step,
+        ))
+    assert all(np.max(np.abs(share)) < quantizer.clip_range for share in shares)  # no clipping in this example
+    words = sum(quantizer.encode(share, rounding_key())[0].astype(np.uint64) for share in shares) & np.uint64(quantizer.modulus_mask)
+    assert np.array_equal(quantizer.decode_sum(words), np.sum(shares, axis=0))
+
+
 def test_clip_update():
     delta = np.array([3.0, 4.0])
     clipped, within = clip_update(delta, 1.0)
