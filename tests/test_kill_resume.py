@@ -174,40 +174,45 @@ class _ForkServer:
                 self.process.wait()
 
 
-def test_kill_9_at_random_points_never_loses_spending(tmp_path):
+@pytest.fixture(scope="module")
+def server():
+    server = _ForkServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_kill_9_at_random_points_never_loses_spending(tmp_path, server):
     rng = random.Random(int(os.environ.get("PRIVFL_KILL_SEED", "20261130")))
     rounds = 6
     config = _config(tmp_path, rounds=rounds)
     stderr = tmp_path / "stderr.txt"
-    server = _ForkServer()
     runs, kills, deadline = 0, 0, time.monotonic() + 240
-    try:
-        while kills < KILLS and time.monotonic() < deadline:
-            out = tmp_path / f"run-{runs}"
-            argv = ["run", str(config), "--out", str(out), "--quiet"]
-            charged: dict[str, int] = {}
-            while kills < KILLS:
-                pid = server.start([*argv, "--resume"] if (out / LEDGER_FILE).exists() else argv, stderr)
-                # A run takes about 0.3 s to reach its first round and a fraction of a second per
-                # round: kills land before the ledger exists, between charges, mid-write and
-                # between the history and checkpoint writes.
-                code = server.wait(pid, rng.uniform(0.05, 2.5))
-                if code is None:
-                    server.kill(pid)
-                    kills += 1
-                    charged = _check_spending(out, charged)
-                    continue
-                assert code == 0, stderr.read_text()[-2000:]
-                break  # finished before the kill: check it, then start another directory
-            # resume to the end and check the finished run
+    while kills < KILLS and time.monotonic() < deadline:
+        out = tmp_path / f"run-{runs}"
+        argv = ["run", str(config), "--out", str(out), "--quiet"]
+        charged: dict[str, int] = {}
+        while kills < KILLS:
             pid = server.start([*argv, "--resume"] if (out / LEDGER_FILE).exists() else argv, stderr)
-            assert server.wait(pid, 120) == 0, stderr.read_text()[-2000:]
-            charged = _check_spending(out, charged)
-            summary = json.loads((out / "summary.json").read_text())
-            assert summary["rounds"] == rounds and len(list((out / CHECKPOINT_DIR).glob("round-*.pt"))) == rounds
-            runs += 1
-    finally:
-        server.close()
+            # A run takes about 0.3 s to reach its first round and a fraction of a second per
+            # round: kills land before the ledger exists, between charges, mid-write and
+            # between the history and checkpoint writes.
+            code = server.wait(pid, rng.uniform(0.05, 2.5))
+            if code is None:
+                server.kill(pid)  # SIGKILL, then reaped by the server
+                kills += 1
+                charged = _check_spending(out, charged)
+                continue
+            assert code == 0, stderr.read_text()[-2000:]
+            break  # finished before the kill: check it, then start another directory
+        # resume to the end and check the finished run
+        pid = server.start([*argv, "--resume"] if (out / LEDGER_FILE).exists() else argv, stderr)
+        assert server.wait(pid, 120) == 0, stderr.read_text()[-2000:]
+        charged = _check_spending(out, charged)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == rounds and len(list((out / CHECKPOINT_DIR).glob("round-*.pt"))) == rounds
+        runs += 1
     assert kills >= KILLS
     from privfl.audit.report import audit_run
 
@@ -215,13 +220,13 @@ def test_kill_9_at_random_points_never_loses_spending(tmp_path):
     assert "PFA011" not in {f.code for f in report.warnings}
 
 
-def _wait_for_holder(out: Path, process: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_for_holder(out: Path, pid: int, poll, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, "the first run ended before the second started"
+        assert poll() is None, "the first run ended before the second started"
         try:
             holder = json.loads((out / LOCK_FILE).read_text())
-            if holder["pid"] == process.pid:
+            if holder["pid"] == pid:
                 return
         except (OSError, ValueError, KeyError):
             pass
@@ -229,23 +234,17 @@ def _wait_for_holder(out: Path, process: subprocess.Popen, timeout: float = 90) 
     raise AssertionError("the first run never took the lock")
 
 
-@pytest.mark.parametrize("resume", [False, True])
-def test_a_second_process_on_a_running_directory_is_refused(tmp_path, resume):
-    long_config = _config(tmp_path, rounds=500)
+def test_a_second_process_on_a_running_directory_is_refused(tmp_path):
+    # Two `python -m privfl.cli run` processes, as a user would start them.
+    config = _config(tmp_path, rounds=500)
     out = tmp_path / "run"
-    stderr = tmp_path / "first.txt"
     processes: list[subprocess.Popen] = []
     try:
-        if resume:
-            # a run to resume: two rounds of the same config, then two concurrent --resume
-            first = _start(_config(tmp_path, rounds=2), out, resume=False, stderr=stderr)
-            processes.append(first)
-            assert first.wait(timeout=120) == 0, stderr.read_text()[-2000:]
-        holder = _start(long_config, out, resume=resume, stderr=stderr)
+        holder = _start(config, out, resume=False, stderr=tmp_path / "first.txt")
         processes.append(holder)
-        _wait_for_holder(out, holder)
+        _wait_for_holder(out, holder.pid, holder.poll)
         second_err = tmp_path / "second.txt"
-        second = _start(long_config, out, resume=resume, stderr=second_err)
+        second = _start(config, out, resume=False, stderr=second_err)
         processes.append(second)
         assert second.wait(timeout=120) == 2
         message = second_err.read_text()
@@ -253,3 +252,23 @@ def test_a_second_process_on_a_running_directory_is_refused(tmp_path, resume):
         assert holder.poll() is None  # the holder is untouched and still running
     finally:
         _reap(processes)
+
+
+def test_two_concurrent_resumes_are_refused(tmp_path, server):
+    out = tmp_path / "run"
+    stderr = tmp_path / "stderr.txt"
+    holder = None
+    try:
+        first = server.start(["run", str(_config(tmp_path, rounds=2)), "--out", str(out), "--quiet"], stderr)
+        assert server.wait(first, 120) == 0, stderr.read_text()[-2000:]
+        resume = ["run", str(_config(tmp_path, rounds=500)), "--out", str(out), "--quiet", "--resume"]
+        holder = server.start(resume, stderr)
+        _wait_for_holder(out, holder, lambda: server.wait(holder, 0))
+        second_err = tmp_path / "second.txt"
+        second = server.start(resume, second_err)
+        assert server.wait(second, 120) == 2
+        assert f"in use by pid {holder}" in second_err.read_text()
+        assert server.wait(holder, 0) is None  # still running
+    finally:
+        if holder is not None and server.wait(holder, 0) is None:
+            server.kill(holder)
