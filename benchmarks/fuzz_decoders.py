@@ -54,6 +54,8 @@ def campaigns(h) -> dict[str, tuple[Callable[[random.Random], Any], Callable[[An
         out[f"secagg {side} state machine"] = (h.random_secagg_input, lambda item, s=side: h.secagg_deliver(item, side=s))
     out["load_config (TOML file)"] = (lambda rnd: h.random_config_text(0, rnd), lambda text: h._load_text(load_config, text))
     out["load_attack_config (TOML file)"] = (lambda rnd: h.random_config_text(1, rnd), lambda text: h._load_text(load_attack_config, text))
+    out["load_config (file bytes)"] = (lambda rnd: h.random_config_bytes(0, rnd), lambda data: h._load_bytes(load_config, data))
+    out["load_attack_config (file bytes)"] = (lambda rnd: h.random_config_bytes(1, rnd), lambda data: h._load_bytes(load_attack_config, data))
     out["load_toml (random text)"] = (
         lambda rnd: "".join(chr(rnd.choice((rnd.randrange(32, 127), rnd.randrange(0x110000)))) for _ in range(rnd.randrange(200))),
         lambda text: h._load_text(load_toml, "".join(c for c in text if not 0xD800 <= ord(c) <= 0xDFFF)),

@@ -276,6 +276,43 @@ def _open_sealed(data: bytes) -> object:
     return open_sealed(bytes(range(32)), data, b"associated", sender=ME)
 
 
+class _ReplaceAggregate:
+    """Passes every message through but the unmasked aggregate, which it replaces (or records)."""
+
+    def __init__(self, payload: bytes | None) -> None:
+        self.payload = payload
+        self.seen: list[bytes] = []
+
+    def deliver(self, sender: str, receiver: str, step: str, payload: bytes) -> bytes:
+        if step != "aggregate":
+            return payload
+        self.seen.append(payload)
+        return payload if self.payload is None else self.payload
+
+
+def _secagg_round(transport: _ReplaceAggregate) -> object:
+    from privfl.protocols.secagg import SecAggConfig, SecAggProtection
+
+    updates = {u: _update(np.linspace(-0.5, 0.5, DIM), 1.0 + i) for i, u in enumerate(IDS)}
+    return SecAggProtection(SecAggConfig(threshold=2, graph_seed=b"g" * 16)).run_round(ROUND, updates, transport)
+
+
+@cache
+def _secagg_aggregate_seeds_cached() -> tuple[bytes, ...]:
+    transport = _ReplaceAggregate(None)
+    _secagg_round(transport)
+    return tuple(transport.seen)
+
+
+def _secagg_aggregate_seeds() -> list[bytes]:
+    return list(_secagg_aggregate_seeds_cached())
+
+
+def _secagg_aggregate(data: bytes) -> object:
+    # A whole round runs; only the aggregate the server sends back to the clients is replaced.
+    return _secagg_round(_ReplaceAggregate(data))
+
+
 def _signature_seeds() -> list[bytes]:
     identity = _identities()[ME]
     return [identity.public + identity.sign(b"statement")]
@@ -415,6 +452,7 @@ TARGETS: dict[str, Target] = {
         Target("plaintext update (server)", _plaintext_seeds, _plaintext_update, "bytes"),
         Target("plaintext aggregate (client)", _plaintext_aggregate_seeds, _plaintext_aggregate, "bytes"),
         Target("oneshot.decode_average", _average_seeds, _decode_average, "bytes"),
+        Target("secagg aggregate (client)", _secagg_aggregate_seeds, _secagg_aggregate, "bytes"),
         Target("secagg.unpack_ids", _ids_seeds, m.unpack_ids, "bytes"),
         Target("secagg.open_message", _open_message_seeds, _open_message, "bytes"),
         Target("secagg.open_vector", _vector_seeds, _open_vector, "bytes"),
