@@ -87,6 +87,8 @@ def splice(data: bytes, start: int, length: int, insert: bytes) -> bytes:
 _U64_EDGES = [0, 1, 2, 3, 4095, 4096, 4097, 8192, 16384, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
 _FLOAT_EDGES = [0.0, -0.0, 1.0, 2.0**31, 2.0**32, 2.0**33, float("nan"), float("inf"), -float("inf"), 5e-324, 1.7976931348623157e308]
 
+_SIZES = [0, 1, DIM, DIM + 1, DIM + 2, 4096, 4097, 4096 + 300, 2**32 - 1]
+
 _FIELDS = {
     "parms_id": st.tuples(*[st.sampled_from(_U64_EDGES)] * 4),
     "is_ntt_form": st.integers(0, 255),
@@ -100,29 +102,67 @@ _FIELDS = {
 }
 
 
+def _raw_is_valid(raw: RawCiphertext) -> bool:
+    """Independent oracle: every field equal to the honest one, full length, all coefficients below q0."""
+    w = world()
+    same = all(
+        np.array_equal(getattr(raw, name), getattr(w.raw, name)) if name == "coefficients" else getattr(raw, name) == getattr(w.raw, name)
+        for name in _FIELDS
+        if name not in ("scale", "array_count")
+    )
+    scale_ok = struct.pack("<d", raw.scale) == struct.pack("<d", w.raw.scale)
+    words = np.asarray(raw.coefficients)
+    count_ok = raw.array_count in (None, w.raw.coefficients.size)  # None: the true length is written
+    return bool(same and scale_ok and count_ok and words.size == w.raw.coefficients.size and int(words.max()) < w.layout.modulus)
+
+
 @st.composite
-def structured_vector(draw) -> bytes:
-    """A TenSEAL proto whose fields (and whose SEAL ciphertexts' fields) are drawn, valid or not."""
+def structured(draw) -> tuple[bytes, bool]:
+    """A TenSEAL proto whose fields (and whose SEAL ciphertext's fields) are drawn, and whether it is valid."""
     w = world()
     raw = w.raw
     for name in draw(st.lists(st.sampled_from(sorted(_FIELDS)), max_size=3, unique=True)):
         raw = replace(raw, **{name: draw(_FIELDS[name])})
-    if draw(st.booleans()):
+    mutation = draw(st.sampled_from(["none", "value", "truncate"]))
+    if mutation != "none":
         words = raw.coefficients.copy()
-        keep = draw(st.integers(0, words.size))
-        words = words[:keep]
+        if mutation == "truncate":
+            words = words[: draw(st.integers(0, words.size - 1))]
         if words.size and draw(st.booleans()):
-            words[draw(st.integers(0, words.size - 1))] = draw(st.sampled_from(_U64_EDGES))
+            position = draw(st.integers(0, words.size - 1))
+            words[position] = draw(st.sampled_from([*_U64_EDGES, w.layout.modulus - 1, w.layout.modulus, w.layout.modulus + 1]))
         raw = replace(raw, coefficients=words)
     crafted = encode_ciphertext(raw)
+    crafted_ok = _raw_is_valid(raw)
     if draw(st.booleans()):
-        # the canonical proto around a (possibly mutated) ciphertext: exercises every SEAL field check
-        return encode_proto([DIM + 1], [crafted], 2.0**32)
-    choices = [crafted, w.vector[7:-9], b"", draw(st.binary(max_size=64))]
-    ciphertexts = draw(st.lists(st.sampled_from(choices), max_size=3))
-    sizes = draw(st.lists(st.sampled_from([0, 1, DIM, DIM + 1, DIM + 2, 4096, 4097, 4096 + 300, 2**32 - 1]), max_size=3))
+        # the canonical proto around a (possibly mutated) ciphertext: exercises every SEAL field
+        # check, and the one declared size and the proto's scale on their own
+        size = draw(st.sampled_from([DIM + 1] * 4 + _SIZES))
+        scale = draw(st.sampled_from([2.0**32] * 4 + _FLOAT_EDGES))
+        return encode_proto([size], [crafted], scale), crafted_ok and size == DIM + 1 and scale == 2.0**32
+    choices = [(crafted, crafted_ok), (w.vector[7:-9], True), (b"", False), (draw(st.binary(max_size=64)), False)]
+    picked = draw(st.lists(st.sampled_from(choices), max_size=3))
+    sizes = draw(st.lists(st.sampled_from(_SIZES), max_size=3))
     scale = draw(st.sampled_from([None, *_FLOAT_EDGES]))
-    return encode_proto(sizes, ciphertexts, scale)
+    valid = sizes == [DIM + 1] and len(picked) == 1 and picked[0][1] and scale is not None and struct.pack("<d", scale) == struct.pack("<d", 2.0**32)
+    return encode_proto(sizes, [blob for blob, _ in picked], scale), valid
+
+
+def _describe(vector: bytes) -> str:
+    """A short account of a vector's fields, for a failing example."""
+    from privfl.protocols.ckks_wire import _parse_proto
+
+    try:
+        proto = _parse_proto(vector)
+    except MessageError as exc:
+        return f"<{len(vector)} bytes, proto: {exc.reason}>"
+    blob = proto.ciphertext
+    return f"<size={proto.size} scale={proto.scale!r} blob={len(blob)} bytes header={blob[:16].hex()} body0={blob[16:120].hex()}>"
+
+
+def structured_vector():
+    """Strategy: the bytes of :func:`structured`."""
+    return structured().map(lambda item: item[0])
 
 
 def mutated(valid: bytes):
@@ -157,29 +197,33 @@ def test_server_update_parser_never_crashes(data):
 
 
 @_SETTINGS
-@given(vector=structured_vector())
-def test_server_update_parser_structured(vector):
+@given(item=structured())
+def test_server_update_parser_structured(item):
+    vector, valid = item
     w = world()
-    # unsigned: structure errors must be typed; signed by alice: only an exact valid vector may pass
+    # unsigned: structure errors must be typed; signed by alice: exactly the valid vectors pass
     _server_parse(encode_frame(KIND_UPDATE, 0, "alice", [bytes(64), vector]))
-    message = w.signed(0, "alice", [vector])
     try:
-        w.server._parse(0, "alice", message)
-    except MessageError:
-        return
-    assert parse_vector(vector, w.layout, DIM + 1).shape == (2, w.layout.poly_modulus_degree)
+        w.server._parse(0, "alice", w.signed(0, "alice", [vector]))
+    except MessageError as exc:
+        assert not valid, exc.reason
+    else:
+        assert valid, _describe(vector)
 
 
 @_SETTINGS
-@given(vector=structured_vector())
-def test_vector_parser_structured(vector):
+@given(item=structured())
+def test_vector_parser_structured(item):
+    vector, valid = item
     w = world()
     try:
         out = parse_vector(vector, w.layout, DIM + 1)
-    except MessageError:
+    except MessageError as exc:
+        assert not valid, exc.reason
         return
+    assert valid
     assert out.dtype == np.uint64 and out.shape == (2, w.layout.poly_modulus_degree)
-    assert int(out.max()) < w.layout.modulus
+    assert np.array_equal(out.reshape(-1), w.raw.coefficients) or int(out.max()) < w.layout.modulus
 
 
 # -- 2: the key holder's aggregate input ------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_ckks_fuzz import DIM, SITES, flip, splice, truncate, world  # noqa: E402
+from test_ckks_fuzz import DIM, SITES, _raw_is_valid, flip, splice, truncate, world  # noqa: E402
 
 from privfl.errors import DecryptionError, MessageError, PrivflError  # noqa: E402
 from privfl.protocols.base import SERVER  # noqa: E402
@@ -35,6 +35,7 @@ from privfl.protocols.wire import encode_frame  # noqa: E402
 
 _U64_EDGES = [0, 1, 2, 3, 4095, 4096, 4097, 8192, 16384, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
 _FLOAT_EDGES = [0.0, 1.0, 2.0**31, 2.0**32, 2.0**33, float("nan"), float("inf"), 5e-324]
+_SIZES = [0, 1, DIM, DIM + 1, DIM + 2, 4096, 4097, 4396, 2**32 - 1]
 
 
 def _mutate(valid: bytes, rng: np.random.Generator) -> bytes:
@@ -73,18 +74,37 @@ def _structured(rng: np.random.Generator) -> bytes:
     for name in rng.choice(sorted(fields), size=int(rng.choice([0, 0, 1, 2, 3])), replace=False):
         raw = replace(raw, **{name: fields[name]()})
     if rng.random() < 0.5:
-        words = raw.coefficients[: int(rng.integers(raw.coefficients.size + 1))].copy()
-        if words.size and rng.random() < 0.5:
-            words[int(rng.integers(words.size))] = _pick(_U64_EDGES, rng)
+        words = raw.coefficients.copy()
+        if rng.random() < 0.5:
+            words = words[: int(rng.integers(words.size))]
+        if words.size and rng.random() < 0.7:
+            words[int(rng.integers(words.size))] = _pick([*_U64_EDGES, w.layout.modulus - 1, w.layout.modulus], rng)
         raw = replace(raw, coefficients=words)
+    crafted, crafted_ok = encode_ciphertext(raw), _raw_is_valid(raw)
     if rng.random() < 0.4:
         # the canonical proto around a (possibly mutated) ciphertext: exercises every SEAL field check
-        return encode_proto([DIM + 1], [encode_ciphertext(raw)], 2.0**32)
-    choices = [encode_ciphertext(raw), w.vector[7:-9], b"", rng.bytes(int(rng.integers(65)))]
-    ciphertexts = [choices[int(rng.integers(len(choices)))] for _ in range(rng.integers(0, 4))]
-    sizes = [_pick([0, 1, DIM, DIM + 1, DIM + 2, 4096, 4097, 4396, 2**32 - 1], rng) for _ in range(rng.integers(0, 4))]
+        size = DIM + 1 if rng.random() < 0.7 else _pick(_SIZES, rng)
+        scale = 2.0**32 if rng.random() < 0.7 else _pick(_FLOAT_EDGES, rng)
+        return encode_proto([size], [crafted], scale), crafted_ok and size == DIM + 1 and scale == 2.0**32
+    choices = [(crafted, crafted_ok), (w.vector[7:-9], True), (b"", False), (rng.bytes(int(rng.integers(65))), False)]
+    picked = [choices[int(rng.integers(len(choices)))] for _ in range(rng.integers(0, 4))]
+    sizes = [_pick(_SIZES, rng) for _ in range(rng.integers(0, 4))]
     scale = None if rng.random() < 0.1 else _pick(_FLOAT_EDGES, rng)
-    return encode_proto(sizes, ciphertexts, scale)
+    valid = sizes == [DIM + 1] and len(picked) == 1 and picked[0][1] and scale == 2.0**32
+    return encode_proto(sizes, [blob for blob, _ in picked], scale), valid
+
+
+def _expect_valid(item) -> None:
+    """Decodes a structured vector; its acceptance must match the independent validity oracle."""
+    data, valid = item
+    try:
+        parse_vector(data, world().layout, DIM + 1)
+    except MessageError:
+        if valid:
+            raise AssertionError("a valid vector was refused") from None
+        raise
+    if not valid:
+        raise AssertionError("an invalid vector was accepted")
 
 
 def campaign(inputs: int, seed: int = 2026) -> dict[str, dict[str, float]]:
@@ -113,17 +133,19 @@ def campaign(inputs: int, seed: int = 2026) -> dict[str, dict[str, float]]:
         if rng.random() < 0.02:
             return w.messages[(0, "alice")]
         if rng.random() < 0.3:
-            return w.signed(0, "alice", [_structured(rng)])
+            return w.signed(0, "alice", [_structured(rng)[0]])
         return _mutate(w.messages[(0, "alice")], rng)
 
     run("server update parser", server_input, lambda d: w.server._parse(0, "alice", d), MessageError)
-    run("ciphertext parser (structured)", lambda: _structured(rng), lambda d: parse_vector(d, w.layout, DIM + 1), MessageError)
+    run("ciphertext parser (structured)", lambda: _structured(rng), _expect_valid, MessageError)
 
     def holder_input():
         r = int(rng.integers(4))
+        if rng.random() < 0.02:
+            return r, w.aggregates[r]
         if rng.random() < 0.5:
             return r, _mutate(w.aggregates[r], rng)
-        pool = list(w.messages.values()) + [w.signed(r, "bob", [_structured(rng)])]
+        pool = list(w.messages.values()) + [w.signed(r, "bob", [_structured(rng)[0]])]
         parts = [pool[int(rng.integers(len(pool)))] for _ in range(rng.integers(0, 5))]
         parts = [_mutate(p, rng) if rng.random() < 0.3 else p for p in parts]
         return r, encode_frame(KIND_AGGREGATE, r, SERVER, parts)
