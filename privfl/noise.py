@@ -360,6 +360,18 @@ class GridNoise:
     sensitivity: float
     dim: int
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.grid) and self.grid > 0 and math.frexp(self.grid)[0] == 0.5):
+            raise ConfigError("grid", self.grid, "must be a power of two")
+        if isinstance(self.sigma_steps, bool) or not isinstance(self.sigma_steps, int) or not 1 <= self.sigma_steps <= MAX_SIGMA_STEPS:
+            raise ConfigError("sigma_steps", self.sigma_steps, f"must be an int in [1, {MAX_SIGMA_STEPS}]")
+        for name in ("noise_std", "sensitivity"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(name, value, "must be a finite number > 0")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ConfigError("dim", self.dim, "must be an int >= 1")
+
     @property
     def inflation(self) -> float:
         """s gamma / noise_std: how much more noise than the continuous mechanism (>= 1)."""

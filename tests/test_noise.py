@@ -245,3 +245,13 @@ def test_the_overflow_path_is_exact(monkeypatch):
     monkeypatch.setattr(noise_module, "discrete_laplace", scripted)
     samples = discrete_gaussian(4, 1000, SeededRandom(0))
     assert np.max(np.abs(samples)) < 1000 and calls["n"] >= 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(grid=0.3), dict(sigma_steps=0), dict(sigma_steps=MAX_SIGMA_STEPS + 1), dict(noise_std=math.nan), dict(sensitivity=0.0), dict(dim=0)],
+)
+def test_grid_noise_validates_its_fields(bad):
+    fields = dict(grid=2.0**-8, sigma_steps=100, noise_std=1.0, sensitivity=1.0, dim=3) | bad
+    with pytest.raises(ConfigError):
+        GridNoise(**fields)
