@@ -1,9 +1,11 @@
 """The shared round for one-message protocols (plaintext, CKKS): protect, sum on the server, finalize.
 
-Each client sends one message; the server checks every message on its own and adds the good ones
-to a running sum without decoding anything it should not (for CKKS it cannot); a message that fails
-any check drops its sender with the reason, and nothing already summed is touched. The aggregate then
-goes back to the client side, which turns the weighted sum into the average.
+Each client sends one message; the server checks every message on its own and folds the good ones
+into the aggregate without decoding anything it should not (the plaintext server adds them; the CKKS
+server, which cannot read them, forwards the checked, signed ciphertexts for the key holder to sum);
+a message that fails any check drops its sender with the reason, and nothing already accepted is
+touched. The aggregate then goes back to the client side, which turns the weighted sum into the
+average.
 """
 
 from __future__ import annotations
