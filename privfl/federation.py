@@ -550,7 +550,8 @@ class Federation:
             from privfl.protocols.secagg import Quantizer
 
             cfg = protection.config
-            step = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(updates), fraction_bits=cfg.fraction_bits).step
+            # (At least one client: a round where nobody was sampled still passes through here.)
+            step = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=max(1, len(updates)), fraction_bits=cfg.fraction_bits).step
             # The largest power of two <= the step: equal to it when fraction_bits is set, and then the
             # quantizer maps grid values to integers exactly; otherwise it re-rounds them (docs/client-dp.md).
             min_grid = math.ldexp(1.0, math.frexp(step)[1] - 1)

@@ -221,6 +221,23 @@ class _Spy:
         return payload
 
 
+def test_a_round_with_nobody_sampled_passes_under_distributed_noise(credit_clients):
+    split, clients = credit_clients
+    seed, q = 2, 1e-6  # with 20 clients, nobody is sampled (but with probability 2e-5; noise_seed fixes it)
+    fed = Federation(
+        model_fn=lambda: LogisticRegression(8, 2),
+        clients=clients,
+        training=TrainingConfig(batch_size=32, learning_rate=1.0, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(
+            rounds=1, seed=seed, client_fraction=q, protection=ProtectionKind.SECAGG, noise_seed=3,
+            client_dp=ClientDPConfig(noise_multiplier=1.0, clip_norm=0.5),
+        ),
+        progress=False,
+    )
+    result = fed.run()
+    assert result.history[0]["sampled"] == [] and result.summary["client_level"]["rounds_released"] == 1
+
+
 @pytest.mark.parametrize("protection", [ProtectionKind.PLAINTEXT, ProtectionKind.CKKS])
 def test_central_noise_is_in_place_before_the_sum_leaves(credit_clients, protection):
     from privfl.protocols.oneshot import decode_average
