@@ -16,7 +16,8 @@ decoded slots. So privfl never hands TenSEAL a peer's bytes. This module parses 
   Only the canonical encoding TenSEAL writes for one chunk is accepted: field 1 packed with exactly
   one minimal varint, then exactly one field 2, then field 3, nothing else.
 * SEAL's ``Ciphertext`` serialization: a 16-byte header (magic 0xA15E, header size 16, version
-  major/minor, compression mode, reserved 0, total size) and a body, zstd-compressed or raw, holding
+  major/minor, compression mode, reserved 0, total size) and a body, raw or compressed (zstd, or
+  zlib in SEAL builds without zstd), holding
   ``parms_id`` (4 x u64), ``is_ntt_form`` (u8), ``size``, ``poly_modulus_degree``,
   ``coeff_modulus_size`` (u64 each), ``scale`` (f64), ``correction_factor`` (u64), then the
   coefficients as a nested ``DynArray`` (its own 16-byte header, a u64 count, count x u64).
@@ -29,9 +30,9 @@ the configured scale bit for bit, every coefficient below q0, and every byte len
 (exactly what SEAL's ``add`` does for one RNS limb), and the only bytes TenSEAL ever loads are the
 canonical, uncompressed ones :func:`encode_vector` builds from checked arrays.
 
-The zstd body is inflated by libzstd in one bounded call (output capacity = the exact expected size,
-declared frame content size checked first), so a decompression bomb cannot allocate more than one
-ciphertext's worth of memory.
+A zstd body is inflated by libzstd in one bounded call (output capacity = the exact expected size,
+declared frame content size checked first), a zlib body by Python's zlib with the same output
+bound, so a decompression bomb cannot allocate more than one ciphertext's worth of memory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -55,6 +57,7 @@ __all__ = [
     "encode_proto",
     "add_ciphertexts",
     "COMPR_NONE",
+    "COMPR_ZLIB",
     "COMPR_ZSTD",
 ]
 
@@ -65,6 +68,7 @@ _META = struct.Struct("<QQQdQ")  # size, poly_modulus_degree, coeff_modulus_size
 _COUNT = struct.Struct("<Q")
 _SCALE = struct.Struct("<d")
 COMPR_NONE = 0
+COMPR_ZLIB = 1
 COMPR_ZSTD = 2
 _ZSTD_CONTENTSIZE_ERROR = 2**64 - 2
 _ZSTD_CONTENTSIZE_UNKNOWN = 2**64 - 1
@@ -245,6 +249,19 @@ def _inflate_zstd(data: bytes, expected: int) -> bytes:
     return out.raw
 
 
+def _inflate_zlib(data: bytes, expected: int) -> bytes:
+    """Inflates one zlib stream (SEAL built without zstd writes these) to exactly ``expected`` bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        # At most expected + 1 bytes come out, whatever the stream claims: a bomb stops here.
+        out = inflater.decompress(data, expected + 1)
+    except zlib.error:
+        raise MessageError("CKKS ciphertext: zlib body does not inflate") from None
+    if len(out) != expected or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+        raise MessageError("CKKS ciphertext: zlib body does not inflate to the expected size")
+    return out
+
+
 def _parse_ciphertext(blob: bytes, layout: CiphertextLayout) -> np.ndarray:
     if len(blob) < _SEAL_HEADER.size or len(blob) > layout.max_blob_bytes:
         raise MessageError(f"CKKS ciphertext of {len(blob)} bytes is out of bounds")
@@ -262,6 +279,8 @@ def _parse_ciphertext(blob: bytes, layout: CiphertextLayout) -> np.ndarray:
         body = payload
     elif mode == COMPR_ZSTD:
         body = _inflate_zstd(payload, layout.body_bytes)
+    elif mode == COMPR_ZLIB:
+        body = _inflate_zlib(payload, layout.body_bytes)
     else:
         raise MessageError(f"CKKS ciphertext: compression mode {mode} is not accepted")
     *parms_id, ntt = _PARMS.unpack_from(body, 0)

@@ -102,6 +102,17 @@ _FIELDS = {
 }
 
 
+def as_zlib(blob: bytes) -> bytes:
+    """The same SEAL ciphertext with a zlib-compressed body (compression mode 1)."""
+    import zlib
+
+    body = zlib.compress(blob[16:], 1)
+    header = bytearray(blob[:16])
+    header[5] = 1
+    header[8:16] = struct.pack("<Q", 16 + len(body))
+    return bytes(header) + body
+
+
 def _raw_is_valid(raw: RawCiphertext) -> bool:
     """Independent oracle: every field equal to the honest one, full length, all coefficients below q0."""
     w = world()
@@ -133,6 +144,8 @@ def structured(draw) -> tuple[bytes, bool]:
             words[position] = draw(st.sampled_from([*_U64_EDGES, w.layout.modulus - 1, w.layout.modulus, w.layout.modulus + 1]))
         raw = replace(raw, coefficients=words)
     crafted = encode_ciphertext(raw)
+    if draw(st.booleans()):
+        crafted = as_zlib(crafted)
     crafted_ok = _raw_is_valid(raw)
     if draw(st.booleans()):
         # the canonical proto around a (possibly mutated) ciphertext: exercises every SEAL field

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_ckks_fuzz import DIM, SITES, _raw_is_valid, flip, splice, truncate, world  # noqa: E402
+from test_ckks_fuzz import DIM, SITES, _raw_is_valid, as_zlib, flip, splice, truncate, world  # noqa: E402
 
 from privfl.errors import DecryptionError, MessageError, PrivflError  # noqa: E402
 from privfl.protocols.base import SERVER  # noqa: E402
@@ -81,6 +81,8 @@ def _structured(rng: np.random.Generator) -> bytes:
             words[int(rng.integers(words.size))] = _pick([*_U64_EDGES, w.layout.modulus - 1, w.layout.modulus], rng)
         raw = replace(raw, coefficients=words)
     crafted, crafted_ok = encode_ciphertext(raw), _raw_is_valid(raw)
+    if rng.random() < 0.3:
+        crafted = as_zlib(crafted)
     if rng.random() < 0.4:
         # the canonical proto around a (possibly mutated) ciphertext: exercises every SEAL field check
         size = DIM + 1 if rng.random() < 0.7 else _pick(_SIZES, rng)

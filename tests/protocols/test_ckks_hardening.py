@@ -519,3 +519,26 @@ def test_zstd_bombs_are_refused_without_inflating(setup, content_size, blocks):
     with pytest.raises(MessageError, match="zstd"):
         parse_vector(encode_proto([DIM + 1], [blob], SCALE), layout, DIM + 1)
     assert time.perf_counter() - started < 1.0  # refused at the bound, not after inflating
+
+
+def test_zlib_bodies_parse_and_zlib_bombs_are_refused(setup):
+    # SEAL builds without zstd write zlib (mode 1): the same coefficients, the same output bound.
+    import zlib
+
+    from privfl.protocols.ckks_wire import COMPR_ZLIB
+
+    layout = setup.layout()
+    honest = decode_frame(setup.message(0, "alice"), kind=KIND_UPDATE, round_index=0).parts[1]
+    coefficients = parse_vector(honest, layout, DIM + 1)
+    raw_blob = encode_ciphertext(RawCiphertext.of(coefficients, layout))
+    major, minor = layout.seal_version
+
+    def zlib_blob(body):
+        compressed = zlib.compress(body)
+        return struct.pack("<HBBBBHQ", 0xA15E, 16, major, minor, COMPR_ZLIB, 0, 16 + len(compressed)) + compressed
+
+    good = zlib_blob(raw_blob[16:])
+    assert np.array_equal(parse_vector(encode_proto([DIM + 1], [good], SCALE), layout, DIM + 1), coefficients)
+    for body in (raw_blob[16:] + bytes(1 << 23), raw_blob[16:-8]):  # 8 MiB more, or 8 bytes short
+        with pytest.raises(MessageError, match="zlib"):
+            parse_vector(encode_proto([DIM + 1], [zlib_blob(body)], SCALE), layout, DIM + 1)
