@@ -334,7 +334,11 @@ class Federation:
 
         Raises:
             ConfigError: ``out_dir`` already holds a run and ``resume`` is False (a fresh start there
-                would reset spent budgets), or ``resume`` without a run to resume.
+                would reset spent budgets), ``resume`` without a run to resume or with other
+                settings, or a corrupt history.json, run.json or checkpoint.
+            LedgerError: ``out_dir`` holds traces of a run but no ledger, or a ledger that is
+                corrupt, edited, or disagrees with history.json (the run refuses to resume).
+            RunLockedError: another run holds ``out_dir`` (the lock is held until this run returns).
         """
         out = Path(out_dir) if out_dir is not None else None
         if out is None:

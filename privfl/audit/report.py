@@ -212,8 +212,9 @@ def _read_json(path: Path, what: str) -> Any:
         raise ConfigError("run_dir", str(path.parent), f"is not a complete privfl run directory: {path.name} is missing ({what})")
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(path.name, str(path), f"cannot be read as JSON: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested brackets, which the json module does not bound.
+        raise ConfigError(path.name, str(path), f"cannot be read as JSON ({type(exc).__name__})") from None
 
 
 def _load_ledger(run_dir: Path) -> tuple[PrivacyLedger, str]:
