@@ -398,20 +398,23 @@ class CkksServer(OneShotServer):
             raise ConfigError("run_id", run_id, f"must be {RUN_ID_BYTES} bytes to check signatures")
         self._verifier = _Verifier(self.layout, dim, run_id or bytes(RUN_ID_BYTES), keys)
         self._accepted: list[bytes] = []
+        self.accepted_sites: list[str] = []
         self._digests: set[bytes] = set()
 
     def _reset(self) -> None:
         self._accepted = []
+        self.accepted_sites = []
         self._digests = set()
 
-    def _parse(self, round_index: int, sender: str, message: bytes) -> tuple[bytes, bytes]:
+    def _parse(self, round_index: int, sender: str, message: bytes) -> tuple[str, bytes, bytes]:
         contribution = self._verifier.check(round_index, message, sender)
         if contribution.digest in self._digests:
             raise MessageError("the same ciphertexts arrived from another site", sender=sender)
-        return bytes(message), contribution.digest
+        return sender, bytes(message), contribution.digest
 
-    def _add(self, parsed: tuple[bytes, bytes]) -> None:
-        message, digest = parsed
+    def _add(self, parsed: tuple[str, bytes, bytes]) -> None:
+        sender, message, digest = parsed
+        self.accepted_sites.append(sender)
         self._accepted.append(message)
         self._digests.add(digest)
 
@@ -466,7 +469,8 @@ class CkksProtection(OneShotProtection):
         return CkksServer(self._public, self.config, dim, run_id=self.key_holder.run_id, sites=self.key_holder.sites())
 
     def _finalize(self, round_index: int, aggregate: bytes, dim: int, transport: Transport) -> tuple[np.ndarray, float, int]:
-        accepted = len(self.server._accepted) if self.server is not None else 0
+        sites = tuple(self.server.accepted_sites) if self.server is not None else ()
+        accepted = len(sites)
         if accepted < self.key_holder.min_contributors:
             raise ProtocolAbort(
                 f"round {round_index}: {accepted} valid updates < min_contributors {self.key_holder.min_contributors}; "
@@ -481,6 +485,9 @@ class CkksProtection(OneShotProtection):
             released = self.key_holder.decrypt_sum(round_index, received, dim)
         except DecryptionError as exc:
             raise ProtocolAbort(f"round {round_index}: the key holder refused or could not decrypt the aggregate") from exc
+        if released.contributors != sites:
+            # The round's contributor list comes from the server; the key holder's is the one that counts.
+            raise ProtocolAbort(f"round {round_index}: the key holder summed {released.contributors}, the server accepted {sites}")
         weighted_sum, total_weight = released.weighted_sum, released.total_weight
         if not total_weight > 0:
             raise ProtocolAbort(f"round {round_index}: decrypted total weight {total_weight} is not positive")

@@ -572,3 +572,24 @@ def test_a_registered_site_cannot_make_the_release_carry_the_secret_key():
     secret = np.asarray(ts.ckks_vector_from(bigger.holder._secret_context, encode_vector(one, layout, dim + 1)).decrypt())
     # Measured: correlation 0.999997, signal-to-noise 437 in one release.
     assert abs(np.corrcoef(leak, secret)[0, 1]) < 0.1
+
+
+class _ForwardFewer:
+    """An active server's transport: forwards only the first ``keep`` contributions to the key holder."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def deliver(self, sender, receiver, step, payload):
+        if step != "aggregate":
+            return payload
+        frame = decode_frame(payload, kind=KIND_AGGREGATE, round_index=0)
+        return _aggregate(0, frame.parts[: self.keep])
+
+
+def test_round_result_names_exactly_the_sites_the_key_holder_summed():
+    updates = {c: ClientUpdate(delta=np.full(4, 0.1, np.float32), weight=2.0) for c in ("a", "b", "c")}
+    with pytest.raises(ProtocolAbort, match="key holder summed"):
+        CkksProtection().run_round(0, updates, _ForwardFewer(2))
+    with pytest.raises(ProtocolAbort, match="refused"):
+        CkksProtection().run_round(0, updates, _ForwardFewer(1))
