@@ -253,7 +253,8 @@ class CkksKeyHolder:
 
         The aggregate must hold, for this round, signed updates from at least ``min_contributors``
         distinct registered sites, each ciphertext valid for the public context, no site and no
-        ciphertext message twice; each round is decrypted at most once.
+        set of ciphertexts twice (compared on the coefficients, whatever their encoding); each
+        round is decrypted at most once.
 
         Returns:
             The released sum (see :class:`DecryptedSum`).
