@@ -364,7 +364,10 @@ class _Journal:
         self.key = key
         self.head = head
         self.broken = False
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise LedgerError(str(path), f"cannot be opened for appending: {exc.strerror or exc}") from None
 
     def append(self, record: Mapping[str, Any]) -> str:
         """Writes and fsyncs one line; returns its hash."""

@@ -694,6 +694,9 @@ class Federation:
                 )
             if ledger.accountant is not accountant:
                 raise ConfigError("dp.accountant", accountant.value, f"the run used {ledger.accountant.value}")
+            if not (out / RUN_FILE).exists():
+                # Interrupted between the ledger and run.json: the ledger's header has the identity.
+                _atomic_write_json(out / RUN_FILE, fingerprint)
             history = load_history(out / HISTORY_FILE)
             pattern = re.compile(r"round-(\d{4,})\.pt")
             found = [pattern.fullmatch(p.name) for p in (out / CHECKPOINT_DIR).glob("round-*.pt")] if (out / CHECKPOINT_DIR).exists() else []

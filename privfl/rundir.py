@@ -235,6 +235,9 @@ def _history_problem(index: int, record: Any) -> str | None:
             return f"{key!r} is not a map of client name to reason"
     if not (record.get("aborted") is None or isinstance(record["aborted"], str)):
         return "'aborted' is neither null nor a reason"
+    for key in ("train_loss", "test_loss", "test_accuracy", "max_epsilon"):
+        if not (record.get(key) is None or _is_number(record[key])):
+            return f"{key!r} is neither null nor a finite number"
     level = record.get("client_level")
     if level is not None:
         if not isinstance(level, dict):

@@ -222,3 +222,23 @@ def test_an_interrupted_round_stays_charged_and_the_run_audits_clean(clients, sp
         assert charged == trained + (name == "site-0")  # never less than what took place
     report = audit_run(out)
     assert report.ledger.interrupted_entries == 1 and "PFA011" not in {f.code for f in report.warnings}
+
+
+def test_resume_needs_only_the_ledger_for_the_run_identity(clients, split, tmp_path):
+    # Killed between creating the ledger and writing run.json: the ledger's header identifies the run.
+    out = tmp_path / "run"
+    _federation(clients, split, rounds=1).run(out)
+    (out / RUN_FILE).unlink()
+    assert _federation(clients, split, rounds=2).run(out, resume=True).summary["rounds"] == 2
+    assert json.loads((out / RUN_FILE).read_text())["clients"].keys() == clients.keys()
+    # and a different run is still refused on the header's identity alone
+    (out / RUN_FILE).unlink()
+    other = Federation(
+        model_fn=lambda: LogisticRegression(30, 2),
+        clients=clients,
+        training=TrainingConfig(batch_size=32, learning_rate=0.5, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=3, protection=ProtectionKind.PLAINTEXT, device="cpu"),
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match="other settings or data"):
+        other.run(out, resume=True)
