@@ -508,7 +508,7 @@ def _findings(
             bad.append((None, float(summary_eps), c.epsilon))
         if bad:
             r, rec, new = bad[0]
-            where = f"round {r} of ledger.json" if r is not None else "summary.json"
+            where = f"round {r} of {LEDGER_FILE}" if r is not None else "summary.json"
             out.append(
                 _finding(
                     "PFA011",
