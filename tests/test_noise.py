@@ -158,7 +158,7 @@ def test_grid_plan_folds_the_rounding_into_the_noise():
     plan = plan_grid_noise(noise_std=std, sensitivity=sensitivity, dim=dim, grid=grid)
     # zCDP charge of the rounded block, (Delta + gamma sqrt(d))^2 / (2 (s gamma)^2), is at most Delta^2 / (2 std^2)
     assert (sensitivity + grid * math.sqrt(dim)) / (plan.sigma_steps * grid) <= sensitivity / std
-    assert 1.0 <= plan.inflation <= 1 + 2.0**-10 + 1 / plan.sigma_steps
+    assert 1.0 <= plan.inflation < 1 + 2.0**-10 + grid / std
     # a huge noise coarsens the grid so the sampler's integers fit; still folded in exactly
     big = choose_grid(noise_std=1e5, sensitivity=1.0, dim=10)
     assert big > choose_grid(noise_std=1.0, sensitivity=1.0, dim=10)
