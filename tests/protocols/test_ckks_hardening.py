@@ -593,3 +593,17 @@ def test_round_result_names_exactly_the_sites_the_key_holder_summed():
         CkksProtection().run_round(0, updates, _ForwardFewer(2))
     with pytest.raises(ProtocolAbort, match="refused"):
         CkksProtection().run_round(0, updates, _ForwardFewer(1))
+
+
+def test_identity_and_registration_misuse_is_a_config_error(setup):
+    with pytest.raises(ConfigError, match="32-byte"):
+        setup.holder.register_site("dave", b"short")
+    with pytest.raises(ConfigError, match="different key"):
+        setup.holder.register_site("alice", SiteIdentity.generate("alice").public_bytes())
+    setup.holder.register_site("alice", setup.identities["alice"].public_bytes())  # the same key again is fine
+    with pytest.raises(ConfigError, match="another site"):
+        setup.client.encrypt(0, "alice", setup.updates["alice"], 3, identity=setup.identities["bob"])
+    with pytest.raises(ConfigError, match="run_id"):
+        CkksClient(setup.holder.public_context(), setup.config, run_id=b"x")
+    with pytest.raises(ConfigError, match="run_id"):
+        CkksServer(setup.holder.public_context(), setup.config, DIM, sites=setup.holder.sites())
