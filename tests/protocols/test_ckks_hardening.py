@@ -607,3 +607,15 @@ def test_identity_and_registration_misuse_is_a_config_error(setup):
         CkksClient(setup.holder.public_context(), setup.config, run_id=b"x")
     with pytest.raises(ConfigError, match="run_id"):
         CkksServer(setup.holder.public_context(), setup.config, DIM, sites=setup.holder.sites())
+
+
+def test_coefficient_sum_is_tenseals_homomorphic_sum_bit_for_bit(setup):
+    from privfl.protocols.ckks_wire import add_ciphertexts
+
+    layout = setup.layout()
+    public = ts.context_from(setup.holder.public_context())
+    rng = np.random.default_rng(3)
+    vectors = [ts.ckks_vector(public, rng.normal(0, 1, DIM + 1)) for _ in range(3)]
+    ours = add_ciphertexts([parse_vector(v.serialize(), layout, DIM + 1) for v in vectors], layout.modulus)
+    theirs = parse_vector((vectors[0] + vectors[1] + vectors[2]).serialize(), layout, DIM + 1)
+    assert np.array_equal(ours, theirs)
