@@ -87,3 +87,12 @@ def test_audit_and_lint_commands(tmp_path, capsys):
     for name in ("audit.md", "audit.json", "audit.png"):
         assert (run_dir / name).stat().st_size > 0
     assert main(["audit", str(tmp_path / "nowhere")]) == 2
+    # an edited ledger is refused with exit 2, naming the file and the line
+    ledger = run_dir / "ledger.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    edited = lines[4].replace('"noise_multiplier":0.3', '"noise_multiplier":0.9')  # line 5: the first charge
+    assert edited != lines[4]
+    ledger.write_text("".join([*lines[:4], edited, *lines[5:]]))
+    capsys.readouterr()
+    assert main(["audit", str(run_dir)]) == 2
+    assert f"{ledger}: line 5" in capsys.readouterr().err
