@@ -410,6 +410,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return True
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -762,7 +770,9 @@ class PrivacyLedger:
             try:
                 ledger._replay_line(path, number, tail, key, accountant)
             except LedgerError as exc:
-                if number == 1:
+                if number == 1 or _is_json(tail):
+                    # Whole JSON that fails verification is an edit, not a torn write: a line is
+                    # written in one piece, and no proper prefix of a JSON object parses.
                     raise
                 # Only the final line, and only when incomplete: it was being written when the
                 # process stopped, before its fsync returned, so the update never left.

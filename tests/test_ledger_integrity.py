@@ -161,6 +161,12 @@ def test_a_torn_last_line_is_discarded_and_the_journal_repaired(tmp_path, key, c
     # A complete line without its newline is kept: counting a charge twice is safe, losing one is not.
     path.write_bytes(complete[:-1])
     assert len(PrivacyLedger.load(path, key=key).entries) == 1
+    # ...and an edited last line is an edit, newline or not: it is not discarded as torn.
+    edited = complete[:-1].replace(b'"steps":10', b'"steps":1')
+    assert edited != complete[:-1]
+    path.write_bytes(edited)
+    with pytest.raises(LedgerError, match="MAC"):
+        PrivacyLedger.load(path, key=key)
     # open() cuts a torn tail off before appending, so the next line follows a complete one.
     path.write_bytes(complete[: torn_at + 20])
     reopened = PrivacyLedger.open(path, key=key)
