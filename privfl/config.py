@@ -309,13 +309,17 @@ class CkksConfig:
         data_bits: bit size of the data prime q0. Values are encoded at scale 2^scale_bits, so
             the summed, weighted values must stay below 2^(data_bits - scale_bits - 1).
         special_bits: bit size of the key-switching prime.
-        scale_bits: log2 of the encoding scale: about ``scale_bits - 20`` bits of absolute precision.
+        scale_bits: log2 of the encoding scale: about ``scale_bits - 22`` bits of absolute precision
+            (the key holder adds noise of a few times the encryption error before it releases a sum).
+        min_contributors: the fewest distinct registered sites whose signed ciphertexts the key holder
+            sums before it decrypts (>= 2): it never decrypts a single site's update.
     """
 
     poly_modulus_degree: int = 8192
     data_bits: int = 52
     special_bits: int = 52
     scale_bits: int = 32
+    min_contributors: int = 2
 
     def __post_init__(self) -> None:
         if self.poly_modulus_degree not in HE_STANDARD_MAX_LOGQ_128:
@@ -328,6 +332,12 @@ class CkksConfig:
                 raise ConfigError(name, value, "must be an integer in [20, 60] (SEAL's prime sizes)")
         if not (isinstance(self.scale_bits, int) and 10 <= self.scale_bits <= self.data_bits - 8):
             raise ConfigError("scale_bits", self.scale_bits, f"must be an integer in [10, data_bits - 8 = {self.data_bits - 8}]")
+        if isinstance(self.min_contributors, bool) or not (isinstance(self.min_contributors, int) and self.min_contributors >= 2):
+            raise ConfigError(
+                "min_contributors",
+                self.min_contributors,
+                "must be an integer >= 2: the key holder never decrypts a single site's update",
+            )
         limit = HE_STANDARD_MAX_LOGQ_128[self.poly_modulus_degree]
         total = self.data_bits + self.special_bits
         if total > limit:

@@ -69,11 +69,9 @@ __all__ = [
     "DecryptedSum",
     "SiteIdentity",
     "require_tenseal",
-    "DEFAULT_MIN_CONTRIBUTORS",
 ]
 
 KEY_HOLDER = "key-holder"
-DEFAULT_MIN_CONTRIBUTORS = 2
 
 
 def require_tenseal():
@@ -104,17 +102,6 @@ def _num_ciphertexts(dim: int, slots: int) -> int:
 
 def _chunk_sizes(dim: int, slots: int) -> list[int]:
     return [min(slots, dim + 1 - i * slots) for i in range(_num_ciphertexts(dim, slots))]
-
-
-def _resolve_min_contributors(config: CkksConfig, value: int | None) -> int:
-    # CkksConfig may carry min_contributors; until it does, the keyword (or the default) is used.
-    if value is None:
-        value = getattr(config, "min_contributors", DEFAULT_MIN_CONTRIBUTORS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ConfigError(
-            "ckks.min_contributors", value, "must be an integer >= 2: the key holder never decrypts a single site's update"
-        )
-    return value
 
 
 def _update_body(round_index: int, site: str, ciphertexts: list[bytes] | tuple[bytes, ...]) -> bytes:
@@ -189,18 +176,14 @@ class CkksKeyHolder:
     """Creates the CKKS keys and decrypts only verified sums. Lives on the client side.
 
     Args:
-        config: CKKS parameters.
-        min_contributors: fewest distinct registered sites a sum must contain to be decrypted
-            (>= 2; defaults to ``config.min_contributors`` when the config has it, else 2).
-
-    Raises:
-        ConfigError: ``min_contributors`` below 2.
+        config: CKKS parameters; ``config.min_contributors`` is the fewest distinct registered
+            sites a sum must contain to be decrypted.
     """
 
-    def __init__(self, config: CkksConfig, *, min_contributors: int | None = None) -> None:
+    def __init__(self, config: CkksConfig) -> None:
         ts = require_tenseal()
         self.config = config
-        self.min_contributors = _resolve_min_contributors(config, min_contributors)
+        self.min_contributors = config.min_contributors
         self._secret_context = ts.context(
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=config.poly_modulus_degree,
@@ -436,15 +419,14 @@ class CkksProtection(OneShotProtection):
     holder. In a deployment each site keeps its own identity and registers it out of band.
 
     Args:
-        config: CKKS parameters.
-        min_contributors: see :class:`CkksKeyHolder`.
+        config: CKKS parameters (``min_contributors`` included).
     """
 
     name: ClassVar[str] = "ckks"
 
-    def __init__(self, config: CkksConfig | None = None, *, min_contributors: int | None = None) -> None:
+    def __init__(self, config: CkksConfig | None = None) -> None:
         self.config = config or CkksConfig()
-        self.key_holder = CkksKeyHolder(self.config, min_contributors=min_contributors)
+        self.key_holder = CkksKeyHolder(self.config)
         public = self.key_holder.public_context()
         self._client = CkksClient(public, self.config, run_id=self.key_holder.run_id)
         self._public = public

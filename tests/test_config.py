@@ -38,6 +38,7 @@ def test_default_config_is_the_healthcare_demo():
         (lambda: FederationConfig(device="tpu"), "device", "tpu"),
         (lambda: CkksConfig(data_bits=61), "data_bits", 61),
         (lambda: CkksConfig(scale_bits=50), "scale_bits", 50),
+        (lambda: CkksConfig(min_contributors=1), "min_contributors", 1),
         (lambda: CkksConfig(poly_modulus_degree=4096, data_bits=60, special_bits=60, scale_bits=40), "data_bits+special_bits", 120),
         (lambda: CkksConfig(poly_modulus_degree=3000), "poly_modulus_degree", 3000),
     ],
