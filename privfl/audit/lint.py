@@ -424,8 +424,8 @@ def _protection_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Find
                 "PFL016",
                 "federation.ckks",
                 f"CKKS N={ckks.poly_modulus_degree}: {total} of the {limit} modulus bits the HE standard allows for "
-                f"128-bit security ({limit - total} bits of margin); about {max(ckks.scale_bits - 20, 0)} bits of "
-                f"absolute precision per value, and summed values must stay below 2^{ckks.data_bits - ckks.scale_bits - 1}.",
+                f"128-bit security ({limit - total} bits of margin); about {max(ckks.scale_bits - 22, 0)} bits of "
+                f"absolute precision per released value (the key holder's release noise costs about two bits), and summed values must stay below 2^{ckks.data_bits - ckks.scale_bits - 1}.",
                 "Nothing to fix; a larger margin costs nothing in security, a smaller one is refused by the config.",
             )
         )
