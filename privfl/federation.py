@@ -44,8 +44,11 @@ from privfl.rundir import (
     SUMMARY_FILE,
     RunLock,
     check_ledger_against_history,
+    check_run_directory,
     durable_write_json,
+    filesystem_error,
     interrupted_run_hint,
+    is_run_directory_error,
     load_checkpoint,
     load_history,
     load_run_identity,
@@ -222,7 +225,8 @@ class Federation:
         client_dp = self.config.client_dp
         self._client_events: list[DPEvent] = []
         self._unclipped_fraction = 0.0
-        self._warned_clip_range = False
+        # The secure-aggregation range derived for the last round (privfl.client_dp.secagg_range).
+        self._secagg_range = None
         if client_dp is None:
             return
         self._client_plan = plan_client_dp(
@@ -248,6 +252,13 @@ class Federation:
         state = np.random.SeedSequence([self.config.noise_seed, round_index, client_index, purpose]).generate_state(2)
         return int(state[0]) << 31 ^ int(state[1])
 
+    def _round_size(self, num_clients: int) -> int | None:
+        """Sites sampled per round: a fixed count, or None under Poisson client sampling (it varies)."""
+        client_dp = self.config.client_dp
+        if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
+            return None
+        return max(1, round(self.config.client_fraction * num_clients))
+
     def _sample(self, round_index: int, plans: list[_ClientPlan]) -> list[_ClientPlan]:
         """The clients taking part in a round: secret by default, reproducible only under ``noise_seed``.
 
@@ -259,9 +270,8 @@ class Federation:
         The sample is recorded in history.json, so a resumed run never recomputes it.
         """
         fraction = self.config.client_fraction
-        client_dp = self.config.client_dp
-        poisson = client_dp is not None and client_dp.sampling is ClientSampling.POISSON
-        count = max(1, round(fraction * len(plans)))
+        count = self._round_size(len(plans))
+        poisson = count is None
         if self.config.noise_seed is None:
             secret = secrets.SystemRandom()
             if poisson:
@@ -339,13 +349,24 @@ class Federation:
             LedgerError: ``out_dir`` holds traces of a run but no ledger, or a ledger that is
                 corrupt, edited, or disagrees with history.json (the run refuses to resume).
             RunLockedError: another run holds ``out_dir`` (the lock is held until this run returns).
+
+        Every refusal for the directory comes before noise calibration, and an ``OSError`` writing
+        the run directory (disk full, read-only file system) is a ConfigError naming it.
         """
         out = Path(out_dir) if out_dir is not None else None
         if out is None:
             return self._run(None, resume)
         # One run per directory: two would charge budgets from the same starting point.
         with RunLock(out):
-            return self._run(out, resume)
+            # Refuse for the directory before calibrating noise or building models (seconds to
+            # minutes of work); _restore repeats these checks as it opens the ledger.
+            check_run_directory(out, resume=resume)
+            try:
+                return self._run(out, resume)
+            except OSError as exc:
+                if not is_run_directory_error(exc, out):
+                    raise  # e.g. the user's Dataset failing to read its own files
+                raise filesystem_error(exc, "out_dir", out, "write to the run directory", then=interrupted_run_hint(out)) from exc
 
     def _run(self, out: Path | None, resume: bool) -> RunResult:
         started = time.perf_counter()
@@ -358,6 +379,12 @@ class Federation:
         self._check_protection(protection, len(plans))
         ledger, history, start_round = self._restore(out, resume, global_params, self._fingerprint(plans))
         try:
+            if out is not None:
+                from privfl.export import record_architecture
+
+                # A checkpoint is a flat vector that loads into any model of its size; export and
+                # load_model check the architecture against this record (model.json).
+                record_architecture(out, model)
             return self._run_rounds(
                 out, ledger, history, start_round, plans, protection, model, needs_fix, global_params, started
             )
@@ -423,6 +450,7 @@ class Federation:
         updates: dict[str, ClientUpdate] = {}
         skipped: dict[str, str] = {}
         losses = []
+        trainable: list[_ClientPlan] = []
         for plan in sampled:
             event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
             after = ledger.epsilon_if(plan.name, event)
@@ -433,11 +461,29 @@ class Federation:
                 ledger.record_skip(round_index, plan.name, reason=reason)
                 skipped[plan.name] = reason
                 continue
+            trainable.append(plan)
+        needed = protection.min_participants
+        doomed = None
+        if len(trainable) < needed:
+            # Decided before anyone trains: a round certain to abort must not spend anyone's budget.
+            doomed = (
+                f"round skipped before training: {len(trainable)} of {len(sampled)} sampled sites can train, "
+                f"{protection.name} needs at least {needed}; nobody was charged"
+            )
+            log.warning("round %d: %s", round_index, doomed)
+            trainable = []
+        for plan in trainable:
             local_model = self._fresh_model(needs_fix)
             load_flat_parameters(local_model, global_params)
             seed = self._noise_seed(round_index, plan.index, 0)
             result = train_dp_sgd(
-                local_model, plan.dataset, config=self.training, noise_multiplier=plan.noise_multiplier, device=self.device, seed=seed
+                local_model,
+                plan.dataset,
+                config=self.training,
+                noise_multiplier=plan.noise_multiplier,
+                device=self.device,
+                seed=seed,
+                site=plan.name,
             )
             # Charged before the update leaves the client; with a run directory the charge is one
             # fsynced journal line by the time charge() returns, so a crash can never un-spend it.
@@ -449,7 +495,7 @@ class Federation:
 
         dropped: dict[str, str] = {}
         contributors: tuple[str, ...] = ()
-        aborted = None
+        aborted = doomed
         upload: dict[str, int] = {}
         if updates:
             if client_dp is not None and self.config.protection is not ProtectionKind.SECAGG:
@@ -538,27 +584,29 @@ class Federation:
         adaptive = self.config.client_dp.adaptive
         distributed = self.config.protection is ProtectionKind.SECAGG
         threshold = protection.config.resolve_threshold(len(updates)) if distributed and len(updates) >= 2 else 1
+        min_grid = None
         if distributed:
-            share_std = plan.delta_noise_multiplier * self._clip_norm / math.sqrt(threshold)
-            needed = self._clip_norm + 4 * share_std
-            if protection.config.clip_range < needed and not self._warned_clip_range:
-                # Secure aggregation clips each coordinate of the noised update; clipping the noise
-                # share changes the noise distribution the accountant assumes.
-                warnings.warn(
-                    f"secagg.clip_range={protection.config.clip_range} is below clip_norm + 4 noise-share std "
-                    f"= {needed:.3g}: noised coordinates may be clipped; raise federation.secagg.clip_range",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                self._warned_clip_range = True
-            from privfl.protocols.secagg import Quantizer
+            # Secure aggregation clips each coordinate to clip_range, which would cut the noise shares:
+            # the range and step are derived from the noise, S (re-derived every round, since adaptive
+            # clipping moves it) and the client count, and a round that would clip anyway is aborted
+            # before anything is sent (fail closed; privfl.client_dp.secagg_range states the tail bound).
+            from dataclasses import replace
 
-            cfg = protection.config
-            # (At least one client: a round where nobody was sampled still passes through here.)
-            step = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=max(1, len(updates)), fraction_bits=cfg.fraction_bits).step
-            # The largest power of two <= the step: equal to it when fraction_bits is set, and then the
-            # quantizer maps grid values to integers exactly; otherwise it re-rounds them (docs/client-dp.md).
-            min_grid = math.ldexp(1.0, math.frexp(step)[1] - 1)
+            from privfl import client_dp as client_dp_module
+
+            dim = next(iter(updates.values())).delta.shape[0] if updates else 1
+            derived = client_dp_module.secagg_range(
+                plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, threshold=threshold,
+                max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self.config.client_dp.delta,
+                bits=protection.config.bits,
+            )
+            protection.config = replace(
+                protection.config, clip_range=derived.clip_range, fraction_bits=derived.fraction_bits, fail_on_clip=True
+            )
+            self._secagg_range = derived
+            # Every noise grid is a multiple of the quantizer's power-of-two step: it maps each share
+            # to its integer exactly (docs/client-dp.md).
+            min_grid = math.ldexp(1.0, -derived.fraction_bits)
         out: dict[str, ClientUpdate] = {}
         unclipped = 0
         for name, update in updates.items():
@@ -607,6 +655,16 @@ class Federation:
     # -- persistence -------------------------------------------------------------------------------
     def _check_protection(self, protection: Protection, num_clients: int) -> None:
         """Surfaces protocol settings that cannot fit this federation before anyone trains."""
+        needed = protection.min_participants
+        size = self._round_size(num_clients)
+        largest = num_clients if size is None else size
+        if largest < needed:
+            raise ConfigError(
+                "federation.client_fraction",
+                self.config.client_fraction,
+                f"rounds sample at most {largest} of {num_clients} sites but {protection.name} needs at least {needed} "
+                "per round: every round would abort; sample more sites (or use more sites)",
+            )
         if self.config.protection is ProtectionKind.SECAGG:
             from privfl.protocols.secagg import Quantizer
 

@@ -95,6 +95,15 @@ class Protection(ABC):
 
     name: ClassVar[str]
 
+    @property
+    def min_participants(self) -> int:
+        """The fewest client updates a round needs to complete.
+
+        The round driver skips a round that has fewer trainable participants *before* anyone
+        trains, so no site spends privacy budget on a round certain to abort.
+        """
+        return 1
+
     @abstractmethod
     def run_round(
         self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport

@@ -436,6 +436,11 @@ class CkksProtection(OneShotProtection):
     def __repr__(self) -> str:
         return f"CkksProtection(config={self.config!r}, min_contributors={self.key_holder.min_contributors})"
 
+    @property
+    def min_participants(self) -> int:
+        """The key holder decrypts no sum of fewer than ``config.min_contributors`` sites."""
+        return self.config.min_contributors
+
     def _identity(self, client: str) -> SiteIdentity:
         identity = self._identities.get(client)
         if identity is None:

@@ -52,6 +52,9 @@ class SecAggConfig:
         graph_seed: public seed of the SecAgg+ graph; None draws a fresh one per round.
         authenticated: run the variant that stands up to an active server (Bonawitz et al.): keys signed
             with long-term Ed25519 identities and a consistency check before unmasking.
+        fail_on_clip: abort the round, before anything is masked, when any coordinate of any client
+            would be clipped (set by client-level DP, whose noise shares must never be clipped:
+            :func:`privfl.client_dp.secagg_range`). False: clip and count, as for plain FedAvg.
         identities: authenticated mode: client id -> its long-term :class:`IdentityKey` (never shown in a
             repr). None generates one per client the first time it takes part and keeps it for later rounds.
     """
@@ -64,6 +67,7 @@ class SecAggConfig:
     weight_bound: float | None = None
     graph_seed: bytes | None = None
     authenticated: bool = False
+    fail_on_clip: bool = False
     identities: Mapping[str, IdentityKey] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class SecAggConfig:
             raise ConfigError("graph_seed", self.graph_seed, "must be None or at least 16 bytes")
         if not isinstance(self.authenticated, bool):
             raise ConfigError("authenticated", self.authenticated, "must be a bool")
+        if not isinstance(self.fail_on_clip, bool):
+            raise ConfigError("fail_on_clip", self.fail_on_clip, "must be a bool")
         if self.identities is not None:
             if not self.authenticated:
                 raise ConfigError("identities", "given", "identity keys are used only with authenticated=True")
@@ -158,6 +164,11 @@ class SecAggProtection(Protection):
 
     name: ClassVar[str] = "secagg"
 
+    @property
+    def min_participants(self) -> int:
+        """Secure aggregation needs at least two inputs: the sum of one is that input."""
+        return 2
+
     def __init__(self, config: SecAggConfig | None = None) -> None:
         self.config = config or SecAggConfig()
         self.server: SecAggServer | None = None
@@ -197,7 +208,7 @@ class SecAggProtection(Protection):
         Raises:
             ProtocolAbort: fewer than ``threshold`` clients complete a step (the message gives the counts),
                 or the settings cannot fit this round's client count (e.g. an int threshold above its
-                share holders).
+                share holders), or ``fail_on_clip`` and a coordinate would be clipped (nothing is sent).
             ConfigError: the configuration does not fit this round (e.g. too few bits for this many
                 clients), or its threshold is at or below half of this round's share holders.
         """
@@ -232,6 +243,13 @@ class SecAggProtection(Protection):
             # Client side: clip, scale by r = n_k / W <= 1 (stays within [-c, c]), append r * c, quantize.
             delta = updates[u].delta.astype(np.float64)
             self.clipped[u] = int(np.count_nonzero(np.abs(delta) > c))
+            if cfg.fail_on_clip and self.clipped[u]:
+                # Fail closed: a clipped noise share is not the accounted noise (client-level DP), so
+                # nothing of this round is masked or sent; the caller still charges the round.
+                raise ProtocolAbort(
+                    f"round {round_index}: client {u!r} has {self.clipped[u]} coordinate(s) beyond clip_range "
+                    f"{c:.6g}; fail_on_clip aborts the round before anything is sent"
+                )
             ratio = updates[u].weight / bound
             vector = np.empty(dim + 1)
             np.multiply(np.clip(delta, -c, c), ratio, out=vector[:dim])
