@@ -1,6 +1,6 @@
 """privfl: privacy-preserving federated learning with DP-SGD, CKKS, secure aggregation and audits."""
 
-from privfl.accounting import ClientBudget, DPEvent, PrivacyLedger
+from privfl.accounting import ClientBudget, DPEvent, LedgerKey, PrivacyLedger
 from privfl.config import (
     CkksConfig,
     ClippingMode,
@@ -18,6 +18,7 @@ from privfl.errors import (
     PrivflError,
     ProtocolAbort,
 )
+from privfl.export import export_model, load_model
 from privfl.federation import Federation, RunResult
 from privfl.protocols.secagg import SecAggConfig
 
@@ -34,6 +35,7 @@ __all__ = [
     "DecryptionError",
     "Federation",
     "FederationConfig",
+    "LedgerKey",
     "MessageError",
     "PrivacyLedger",
     "PrivflError",
@@ -43,4 +45,6 @@ __all__ = [
     "RunResult",
     "SecAggConfig",
     "TrainingConfig",
+    "export_model",
+    "load_model",
 ]

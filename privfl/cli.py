@@ -85,10 +85,20 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from privfl.export import export_run
+
+    result = export_run(args.run_dir, args.out, config_path=args.config, round=args.round)
+    changes = f"; DP-SGD changes: {', '.join(result.dp_changes)}" if result.dp_changes else ""
+    print(f"wrote {result.path}: round {result.round}, {result.num_parameters} parameters{changes}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="privfl", description="Privacy-preserving federated learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every round")
+    parser.add_argument("--version", action="version", version=f"privfl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated training (default: the embedded healthcare demo)")
@@ -116,7 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--out", required=True, help="output directory (existing results there are overwritten)")
     attack.add_argument("--quiet", action="store_true", help="no progress bar")
     attack.set_defaults(func=_cmd_attack)
+
+    export = sub.add_parser(
+        "export", help="write a run's model as a state_dict, with the DP-SGD architecture changes and the run's identity"
+    )
+    export.add_argument("run_dir", help="a directory written by privfl run")
+    export.add_argument("--out", required=True, help="the file to write (e.g. model.pt; must not exist)")
+    export.add_argument("--config", help="the TOML config the run was made with (default: the embedded demo)")
+    export.add_argument("--round", type=int, help="the 0-based round to export (default: the last finished one)")
+    export.set_defaults(func=_cmd_export)
     return parser
+
+
+def _version() -> str:
+    from privfl import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ accounting spans every round the client takes part in.
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +30,10 @@ __all__ = [
     "LocalResult",
     "resolve_device",
     "make_private_compatible",
+    "convert_for_dp",
+    "warn_conversion",
+    "DPConversion",
+    "LayerChange",
     "choose_clipping",
     "sampling_plan",
     "flatten_parameters",
@@ -78,31 +84,121 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def make_private_compatible(model: nn.Module) -> nn.Module:
-    """Returns a model Opacus can train with DP-SGD, fixing what it can (with a warning).
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerChange:
+    """One layer :func:`convert_for_dp` replaced.
 
-    BatchNorm mixes examples within a batch, which breaks per-example clipping; Opacus'
-    ModuleValidator replaces it with GroupNorm.
+    Attributes:
+        module: the layer's dotted path in the model (``""`` for the model itself).
+        before: the layer as built, e.g. ``"BatchNorm1d(16)"``.
+        after: what DP-SGD trains instead, e.g. ``"GroupNorm(1, 16)"``.
+    """
+
+    module: str
+    before: str
+    after: str
+
+    def __str__(self) -> str:
+        return f"{self.module or '<model>'} {self.before} -> {self.after}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DPConversion:
+    """A model made DP-SGD compatible, and what was changed to make it so.
+
+    Attributes:
+        model: the model to train (the input itself when nothing had to change).
+        changes: the layers replaced, in module order (empty when nothing had to change).
+    """
+
+    model: nn.Module
+    changes: tuple[LayerChange, ...]
+
+
+def convert_for_dp(model: nn.Module) -> DPConversion:
+    """The model Opacus can train with DP-SGD, and the layers changed to get it (no warning).
+
+    BatchNorm mixes examples within a batch, which breaks per-example clipping: BatchNorm1d(C)
+    becomes GroupNorm(1, C), other BatchNorms Opacus' GroupNorm(min(32, C), C). The conversion is
+    deterministic, so building the same model and converting it again gives the same architecture
+    (what :func:`privfl.export.load_model` relies on).
 
     Raises:
         ConfigError: the model has layers that cannot be made DP-compatible.
     """
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(model, strict=False)
-    if not errors:
-        return model
+    if not ModuleValidator.validate(model, strict=False):
+        return DPConversion(model=model, changes=())
+    # Described before fixing: _replace_batchnorm1d replaces layers of ``model`` in place.
+    before = {path: _short_layer(module) for path, module in model.named_modules()}
+    name = type(model).__name__
     fixed = ModuleValidator.fix(_replace_batchnorm1d(model))
     remaining = ModuleValidator.validate(fixed, strict=False)
     if remaining:
-        raise ConfigError("model", type(model).__name__, f"cannot be trained with DP-SGD: {remaining[0]}")
-    warnings.warn(
-        f"model {type(model).__name__} was changed for DP-SGD ({len(errors)} layer(s), e.g. {errors[0]}); "
-        "BatchNorm became GroupNorm. Build the model without BatchNorm to silence this.",
-        UserWarning,
-        stacklevel=2,
+        raise ConfigError("model", name, f"cannot be trained with DP-SGD: {remaining[0]}")
+    after = {path: _short_layer(module) for path, module in fixed.named_modules()}
+    changes = tuple(
+        LayerChange(module=path, before=layer, after=after.get(path, "removed"))
+        for path, layer in before.items()
+        if after.get(path) != layer
     )
-    return fixed
+    return DPConversion(model=fixed, changes=changes)
+
+
+def make_private_compatible(model: nn.Module) -> nn.Module:
+    """Returns a model Opacus can train with DP-SGD, fixing what it can (with a one-line warning).
+
+    See :func:`convert_for_dp` for what is changed. The warning names the model and the layers
+    replaced, and points at the first caller outside privfl (the user's code, not privfl's).
+
+    Raises:
+        ConfigError: the model has layers that cannot be made DP-compatible.
+    """
+    name = type(model).__name__
+    conversion = convert_for_dp(model)
+    warn_conversion(name, conversion)
+    return conversion.model
+
+
+def warn_conversion(model_name: str, conversion: DPConversion) -> None:
+    """One line naming the model and the layers :func:`convert_for_dp` replaced (nothing if none).
+
+    The warning points at the first caller outside privfl: the user's line that built or loaded
+    the model, not a line of privfl.
+    """
+    if not conversion.changes:
+        return
+    shown = ", ".join(str(change) for change in conversion.changes[:2])
+    more = f" and {len(conversion.changes) - 2} more" if len(conversion.changes) > 2 else ""
+    warnings.warn(f"model {model_name} changed for DP-SGD: {shown}{more}", UserWarning, stacklevel=_user_stacklevel())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside privfl, seen from the function that warns.
+
+    A warning attributed to a line of privfl tells the user nothing; the line of their own code
+    that led to it (``Federation.run``, ``load_model``) is what they can act on or filter.
+    """
+    frame = sys._getframe(2)  # the caller of the function that warns
+    level = 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _short_layer(module: nn.Module) -> str:
+    """A layer in a few characters: its type and, for normalisation layers, its channels and groups."""
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return f"{kind}({module.num_features})"
+    if isinstance(module, nn.GroupNorm):
+        return f"GroupNorm({module.num_groups}, {module.num_channels})"
+    return kind
 
 
 def _replace_batchnorm1d(module: nn.Module) -> nn.Module:
