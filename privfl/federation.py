@@ -65,12 +65,31 @@ from privfl.training import (
     train_dp_sgd,
 )
 
-__all__ = ["Federation", "RunResult", "build_protection", "check_ledger_against_history", "interrupted_run_hint", "planned_rounds"]
+__all__ = [
+    "Federation",
+    "RunResult",
+    "build_protection",
+    "check_ledger_against_history",
+    "interrupted_run_hint",
+    "planned_rounds",
+    "round_size",
+]
 
 log = logging.getLogger("privfl")
 
 _SAMPLING_PURPOSE = 3
 """Stream index of client sampling under ``noise_seed`` (0: DP-SGD, 1: noise shares, 2: central noise)."""
+
+
+def round_size(config: FederationConfig, num_clients: int) -> int | None:
+    """Sites sampled per round: a fixed count, or None under Poisson client sampling (the count varies).
+
+    The run, ``privfl lint`` and the audit all read the round size from here.
+    """
+    client_dp = config.client_dp
+    if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
+        return None
+    return max(1, round(config.client_fraction * num_clients))
 
 
 def build_protection(config: FederationConfig) -> Protection:
@@ -252,13 +271,6 @@ class Federation:
         state = np.random.SeedSequence([self.config.noise_seed, round_index, client_index, purpose]).generate_state(2)
         return int(state[0]) << 31 ^ int(state[1])
 
-    def _round_size(self, num_clients: int) -> int | None:
-        """Sites sampled per round: a fixed count, or None under Poisson client sampling (it varies)."""
-        client_dp = self.config.client_dp
-        if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
-            return None
-        return max(1, round(self.config.client_fraction * num_clients))
-
     def _sample(self, round_index: int, plans: list[_ClientPlan]) -> list[_ClientPlan]:
         """The clients taking part in a round: secret by default, reproducible only under ``noise_seed``.
 
@@ -270,7 +282,7 @@ class Federation:
         The sample is recorded in history.json, so a resumed run never recomputes it.
         """
         fraction = self.config.client_fraction
-        count = self._round_size(len(plans))
+        count = round_size(self.config, len(plans))
         poisson = count is None
         if self.config.noise_seed is None:
             secret = secrets.SystemRandom()
@@ -656,7 +668,7 @@ class Federation:
     def _check_protection(self, protection: Protection, num_clients: int) -> None:
         """Surfaces protocol settings that cannot fit this federation before anyone trains."""
         needed = protection.min_participants
-        size = self._round_size(num_clients)
+        size = round_size(self.config, num_clients)
         largest = num_clients if size is None else size
         if largest < needed:
             raise ConfigError(

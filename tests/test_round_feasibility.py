@@ -74,3 +74,4 @@ def test_poisson_rounds_with_too_few_sites_are_skipped_without_charges(split):
     for record in completed:
         assert len(record["trained"]) >= 2
         assert {(record["round"], c) for c in record["trained"]} <= trained_in
+

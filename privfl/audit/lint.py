@@ -90,7 +90,7 @@ RULES: Mapping[str, tuple[Severity, str]] = {
     "PFL010": (Severity.INFO, "secure-aggregation clip range below the typical update magnitude"),
     "PFL011": (Severity.INFO, "the epsilon budget covers the whole run, not one round"),
     "PFL012": (Severity.INFO, "RDP accountant: PRV is tighter"),
-    "PFL013": (Severity.INFO, "federation.seed never reaches the cryptography"),
+    "PFL013": (Severity.INFO, "federation.seed fixes only partitioning and initialisation"),
     "PFL014": (Severity.WARNING, "fixed secure-aggregation graph seed"),
     "PFL015": (Severity.WARNING, "plaintext protection: the server sees every update"),
     "PFL016": (Severity.INFO, "CKKS security margin and precision"),
@@ -98,6 +98,8 @@ RULES: Mapping[str, tuple[Severity, str]] = {
     "PFL018": (Severity.ERROR, "client-level delta >= 1/number of clients"),
     "PFL019": (Severity.INFO, "client sizes unknown: size-dependent rules skipped"),
     "PFL020": (Severity.ERROR, "secure-aggregation threshold not above half the share holders"),
+    "PFL021": (Severity.ERROR, "rounds that cannot complete"),
+    "PFL022": (Severity.WARNING, "noise_seed set: client sampling and DP noise predictable from the config"),
 }
 
 
@@ -152,6 +154,8 @@ def lint_config(config: RunConfig, *, client_sizes: Mapping[str, int] | None = N
     findings += _sampling_rules(config, plans)
     findings += _protection_rules(config, plans)
     findings += _client_level_rules(config)
+    findings += _round_completion_rules(config)
+    findings += _noise_seed_rules(config)
     if plans is None:
         findings.append(
             _finding(
@@ -409,10 +413,12 @@ def _protection_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Find
         _finding(
             "PFL013",
             "federation.seed",
-            f"federation.seed = {fed.seed} makes partitioning, sampling, initialisation and DP noise reproducible; it "
-            f"never reaches the {fed.protection.value} cryptography, whose keys, masks and encryption randomness come "
-            "from cryptographic generators (SEAL's for CKKS; secrets, os.urandom and AES-CTR for secure aggregation).",
-            "Nothing to fix. Do not reuse the seed as a key, and keep it private if the DP noise must stay unpredictable.",
+            f"federation.seed = {fed.seed} fixes only the data partitioning and the model initialisation. Client "
+            "sampling and DP noise come from fresh OS entropy every run (federation.noise_seed, for simulations, "
+            f"makes both reproducible), and the seed never reaches the {fed.protection.value} cryptography, whose "
+            "keys, masks and encryption randomness come from cryptographic generators (SEAL's for CKKS; secrets, "
+            "os.urandom and AES-CTR for secure aggregation).",
+            "Nothing to fix. Do not reuse the seed as a key.",
         )
     )
     if fed.protection is ProtectionKind.CKKS:
@@ -512,6 +518,69 @@ def _protection_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Find
                 )
             )
     return out
+
+
+def _round_completion_rules(config: RunConfig) -> list[Finding]:
+    # The protection's own minimum and the federation's own round size: the run skips (or refuses)
+    # exactly the rounds this rule counts, before anyone trains.
+    from privfl.federation import build_protection, round_size
+
+    fed = config.federation
+    num_clients = config.data.num_clients
+    needed = build_protection(fed).min_participants
+    size = round_size(fed, num_clients)
+    if size is not None:
+        if size >= needed:
+            return []
+        return [
+            Finding(
+                severity=Severity.ERROR,
+                code="PFL021",
+                field="federation.client_fraction",
+                message=f"each round samples {size} of {num_clients} sites but {fed.protection.value} needs at least "
+                f"{needed}: every round would abort. The federation refuses this config before training.",
+                fix=f"Raise federation.client_fraction to at least {needed / num_clients:.2g}, or use more sites.",
+            )
+        ]
+    # Poisson client sampling: a round has Binomial(N, q) sites; those with fewer than `needed` are skipped.
+    q = fed.client_fraction
+    p_short = sum(math.comb(num_clients, k) * q**k * (1 - q) ** (num_clients - k) for k in range(min(needed, num_clients + 1)))
+    if p_short <= 0.0:
+        return []
+    expected = p_short * fed.rounds
+    return [
+        Finding(
+            severity=Severity.ERROR if p_short >= 1.0 else Severity.WARNING,
+            code="PFL021",
+            field="federation.client_fraction",
+            message=f"with Poisson client sampling at q = {q:g} over {num_clients} sites, a round samples fewer than the "
+            f"{needed} sites {fed.protection.value} needs with probability {p_short:.3g}: about {expected:.1f} of "
+            f"{fed.rounds} rounds are skipped (nobody trains or is charged in them, but they make no progress).",
+            fix="Raise federation.client_fraction or use more sites; the client-level accountant already counts "
+            "every round, skipped or not.",
+        )
+    ]
+
+
+def _noise_seed_rules(config: RunConfig) -> list[Finding]:
+    fed = config.federation
+    if fed.noise_seed is None:
+        return []
+    # The same seed drives the federation's client sampling and every DP noise stream
+    # (Federation._sample and _noise_seed): whoever has it can recompute both.
+    client_level = " and the client-level noise" if fed.client_dp is not None else ""
+    return [
+        _finding(
+            "PFL022",
+            "federation.noise_seed",
+            f"federation.noise_seed = {fed.noise_seed} makes client sampling, batch sampling, the DP-SGD noise"
+            f"{client_level} reproducible: anyone holding the config can recompute who took part in each round "
+            "and regenerate the noise to subtract it. The DP guarantees, and amplification by client sampling, "
+            "do not hold against whoever has the config (summary.json and the audit say so too).",
+            "Use noise_seed for simulations and tests only: remove it, and every run draws client sampling and "
+            "noise from fresh OS entropy.",
+        )
+    ]
 
 
 def _client_level_rules(config: RunConfig) -> list[Finding]:

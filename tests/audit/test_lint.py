@@ -190,6 +190,25 @@ def test_randomness_rules() -> None:
     assert "PFL014" not in codes(lint_config(make(**{"federation.protection": "secagg"})))
 
 
+def test_pfl013_says_the_seed_fixes_only_partitioning_and_initialisation() -> None:
+    message = fired(lint_config(make()), "PFL013").message
+    assert "fixes only the data partitioning and the model initialisation" in message
+    assert "Client sampling and DP noise come from fresh OS entropy" in message and "noise_seed" in message
+    # The old text claimed federation.seed made sampling and DP noise reproducible.
+    assert "DP noise reproducible" not in message and "sampling, initialisation" not in message
+
+
+def test_noise_seed_is_a_warning_for_every_protection() -> None:
+    assert "PFL022" not in codes(lint_config(make()))
+    for protection in ("plaintext", "ckks", "secagg"):
+        finding = fired(lint_config(make(**{"federation.protection": protection, "federation.noise_seed": 7})), "PFL022")
+        assert finding.severity is Severity.WARNING and finding.field == "federation.noise_seed"
+        assert "client sampling" in finding.message and "whoever has the config" in finding.message
+        assert "amplification by client sampling" in finding.message
+    with_client_dp = make(**{"federation.noise_seed": 7, "federation.client_dp": {"noise_multiplier": 1.0}})
+    assert "client-level noise" in fired(lint_config(with_client_dp), "PFL022").message
+
+
 def test_plaintext_is_a_warning() -> None:
     assert fired(lint_config(make(**{"federation.protection": "plaintext"})), "PFL015").severity is Severity.WARNING
     assert "PFL015" not in codes(lint_config(make()))
@@ -217,6 +236,37 @@ def test_bad_client_sizes_and_missing_file(tmp_path) -> None:
         lint_config(make(), client_sizes={"a": 0})
     with pytest.raises(ConfigError, match="missing.toml"):
         lint_file(tmp_path / "missing.toml")
+
+
+def _lint_rule(table, code="PFL021"):
+    return [f for f in lint_config(config_from_dict(table)) if f.code == code]
+
+
+def test_lint_flags_configs_whose_rounds_cannot_complete():
+    one_site = _lint_rule({"data": {"num_clients": 1}, "federation": {"protection": "secagg"}})
+    assert len(one_site) == 1 and one_site[0].severity.value == "error" and "every round would abort" in one_site[0].message
+    two_of_three = _lint_rule(
+        {"data": {"num_clients": 5}, "federation": {"protection": "ckks", "client_fraction": 0.4, "ckks": {"min_contributors": 3}}}
+    )
+    assert len(two_of_three) == 1 and two_of_three[0].severity.value == "error"
+    # The default demo (5 sites, all sampled, CKKS needs 2) completes every round: nothing to say.
+    assert _lint_rule({}) == []
+
+
+def test_lint_counts_the_poisson_rounds_that_will_be_skipped():
+    table = {
+        "data": {"num_clients": 4},
+        "federation": {
+            "protection": "ckks",
+            "rounds": 10,
+            "client_fraction": 0.3,
+            "client_dp": {"noise_multiplier": 1.0, "delta": 1e-3, "sampling": "poisson"},
+        },
+    }
+    (finding,) = _lint_rule(table, "PFL021")
+    p_short = 0.7**4 + 4 * 0.3 * 0.7**3  # fewer than 2 of 4 sites sampled
+    assert finding.severity.value == "warning"
+    assert f"{p_short:.3g}" in finding.message and f"{p_short * 10:.1f} of 10 rounds" in finding.message
 
 
 def test_every_rule_has_a_test_above() -> None:
