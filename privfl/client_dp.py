@@ -36,6 +36,18 @@ Where the noise is added depends on the protection:
   masking, where t is the protocol's threshold, so the server never sees an un-noised sum. The sum
   over s >= t survivors then carries variance (s / t)(z_delta S)^2 >= (z_delta S)^2: dropouts can
   only leave more noise than accounted, never less.
+
+Secure aggregation clips every coordinate to its ``clip_range`` c: a clipped noise share is no longer
+the accounted noise (bounded support: epsilon is infinite under add/remove). :func:`secagg_range`
+therefore derives c and the quantizer step from the noise, S and the client count, every round (S
+moves under adaptive clipping), so that the probability that any coordinate of any client clips in
+a round is at most p = delta 2^-10 / (T (1 + e^32)); the discrete Gaussian is s^2-sub-Gaussian
+(Canonne, Kamath, Steinke 2020), so P(|Y| > k s) <= 2 exp(-k^2 / 2) per coordinate and a union bound
+over n (d + 1) coordinates gives k = sqrt(2 ln(2 n (d + 1) / p)). A round where a coordinate would
+clip anyway is aborted before anything is masked (fail closed, ``SecAggConfig.fail_on_clip``): the
+release is the accounted mechanism except on an event of probability at most T p over the run, so
+a recorded (epsilon, delta) holds as (epsilon, delta + (1 + e^epsilon) T p) <= (epsilon, delta (1 + 2^-10))
+for any epsilon <= 32 (the tail delta, :attr:`SecAggRange.tail_delta`).
 """
 
 from __future__ import annotations
@@ -59,7 +71,16 @@ __all__ = [
     "noisy_average",
     "next_clip_norm",
     "delta_noise_multiplier",
+    "SecAggRange",
+    "secagg_range",
+    "CLIP_TAIL_FRACTION",
+    "TAIL_EPSILON_CEILING",
 ]
+
+CLIP_TAIL_FRACTION = 2.0**-10
+"""Share of the client-level delta spent, over the whole run, on the chance that secure aggregation clips noise."""
+TAIL_EPSILON_CEILING = 32.0
+"""The tail delta is bounded for every recorded epsilon up to this (its e^epsilon factor is planned for it)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -256,3 +277,101 @@ def noisy_average(
 def next_clip_norm(clip_norm: float, unclipped_fraction: float, *, target_quantile: float, learning_rate: float) -> float:
     """Geometric update S exp(-eta (b_bar - gamma)) (Andrew et al. 2021)."""
     return clip_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecAggRange:
+    """Secure-aggregation encoding derived from the client-level noise, so that clipping almost never cuts it.
+
+    Attributes:
+        clip_range: c, a multiple of the step: no coordinate of a noised share exceeds it except with
+            probability at most ``clip_probability`` per round.
+        fraction_bits: f, the quantizer step is 2^-f; every noise grid is a multiple of it, so the
+            quantizer maps each share to its integer exactly.
+        bits_needed: the modulus bits a sum of ``max_clients`` encodings needs (<= the configured bits).
+        noise: the shares' grid noise on that step (what :func:`distributed_noise` adds).
+        tail_sigmas: k, the margin in share standard deviations.
+        clip_probability: p, the bound on P(any coordinate of any client clips) in one round.
+        tail_delta: what clipping can add to the client-level delta over the planned rounds,
+            (1 + e^32) T p = delta 2^-10, for any recorded epsilon <= 32.
+    """
+
+    clip_range: float
+    fraction_bits: int
+    bits_needed: int
+    noise: ReleaseNoise
+    tail_sigmas: float
+    clip_probability: float
+    tail_delta: float
+
+
+def secagg_range(
+    plan: ClientDPPlan,
+    *,
+    clip_norm: float,
+    dim: int,
+    adaptive: bool,
+    threshold: int,
+    max_clients: int,
+    rounds: int,
+    delta: float,
+    bits: int = 32,
+) -> SecAggRange:
+    """Derives secure aggregation's clip range and step from the noise shares (module docstring: the tail bound).
+
+    A coordinate of a client's vector is x + rounding + share, with |x| <= S (|x| <= 1/2 for the
+    centred bit), rounding below one grid step and the share Y ~ N_Z(0, s^2) steps. With
+    c >= bound + grid (1 + k s) it clips only when |Y| > k s. The step starts at the finest noise grid
+    and is doubled until ``max_clients`` encodings fit ``bits`` (a coarser grid adds a little noise,
+    folded into the shares' scale exactly as in :func:`release_noise`).
+
+    Args:
+        plan: the client-level plan.
+        clip_norm: S this round.
+        dim: update coordinates (the bit, if any, comes after them).
+        adaptive: whether the vector carries the centred bit.
+        threshold: t, the shares that together make the accounted noise.
+        max_clients: n, the most clients a round can have (the union bound and the modulus use it).
+        rounds: T, the planned rounds (the tail is spread over them).
+        delta: the client-level delta.
+        bits: the modulus bits available (``SecAggConfig.bits``).
+
+    Raises:
+        ConfigError: no step lets ``max_clients`` noised encodings fit ``bits``.
+    """
+    if not (isinstance(max_clients, int) and max_clients >= 1):
+        raise ConfigError("max_clients", max_clients, "must be an int >= 1")
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ConfigError("rounds", rounds, "must be an int >= 1")
+    coordinates = max_clients * (dim + (1 if adaptive else 0))
+    # log of p = delta 2^-10 / (T (1 + e^32)), kept in logs (p underflows nothing, but stays exact).
+    log_p = math.log(delta * CLIP_TAIL_FRACTION / rounds) - (TAIL_EPSILON_CEILING + math.log1p(math.exp(-TAIL_EPSILON_CEILING)))
+    k = math.sqrt(2 * (math.log(2 * coordinates) - log_p))
+    natural = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=threshold)
+    step = min(natural.update.grid, natural.bit.grid if natural.bit is not None else math.inf)
+    while True:
+        noise = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=threshold, min_grid=step)
+        reach = clip_norm + noise.update.grid * (1 + k * noise.update.sigma_steps)
+        if noise.bit is not None:
+            reach = max(reach, 0.5 + noise.bit.grid * (1 + k * noise.bit.sigma_steps))
+        levels = math.ceil(reach / step)
+        needed = (2 * max_clients * levels).bit_length()  # 2 n L + 1 <= 2^bits: the sum never wraps
+        if needed <= bits:
+            break
+        if step > clip_norm * 2.0**20 or math.frexp(step)[1] - 1 >= 64:
+            raise ConfigError(
+                "secagg.bits", bits, f"{max_clients} clients' noised updates need more bits at any step (need {needed})"
+            )
+        step *= 2
+    fraction_bits = 1 - math.frexp(step)[1]
+    if not -64 <= fraction_bits <= 64:
+        raise ConfigError("secagg.fraction_bits", fraction_bits, "the derived step is outside 2^-64 .. 2^64")
+    return SecAggRange(
+        clip_range=levels * step,
+        fraction_bits=fraction_bits,
+        bits_needed=needed,
+        noise=noise,
+        tail_sigmas=k,
+        clip_probability=math.exp(log_p),
+        tail_delta=delta * CLIP_TAIL_FRACTION,
+    )
