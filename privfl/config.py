@@ -368,12 +368,13 @@ class FederationConfig:
         protection: how updates are protected.
         ckks: CKKS parameters (used when ``protection`` is ``ckks``).
         secagg: secure-aggregation settings (used when ``protection`` is ``secagg``).
-        seed: makes partitioning, client sampling and initialisation reproducible (public
-            choices; cryptographic randomness never comes from it).
-        noise_seed: makes DP noise and batch sampling reproducible too. ``None`` (the default)
-            draws them from fresh OS entropy every run: anyone who reads a config or summary
-            with a fixed ``noise_seed`` can regenerate the noise and subtract it, so set it for
-            simulations and tests only.
+        seed: fixes only the data partitioning and the model initialisation (public choices;
+            client sampling, DP noise and cryptographic randomness never come from it).
+        noise_seed: makes client sampling, batch sampling and DP noise reproducible. ``None``
+            (the default) draws them from fresh OS entropy every run: anyone who reads a config
+            or summary with a fixed ``noise_seed`` can recompute who took part (so amplification
+            by client sampling does not hold against them) and regenerate the noise and subtract
+            it, so set it for simulations and tests only (lint rule PFL022).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         server_learning_rate: the global model moves by this times the average update.
         client_dp: client-level DP (DP-FedAvg) on top of DP-SGD; ``None`` for none.

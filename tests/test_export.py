@@ -244,3 +244,16 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"privfl {version('privfl')}" == f"privfl {privfl.__version__}"
+
+
+def test_batchnorm_warning_is_one_line_naming_the_model_and_pointing_at_the_callers_code(bn_run):
+    from privfl.training import make_private_compatible
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_private_compatible(BatchNormNet())
+        load_model(bn_run[1], BatchNormNet)  # several privfl frames deep
+    assert len(caught) == 2
+    for warning in caught:
+        assert str(warning.message) == "model BatchNormNet changed for DP-SGD: layers.1 BatchNorm1d(16) -> GroupNorm(1, 16)"
+        assert warning.filename == __file__  # not a line of privfl
