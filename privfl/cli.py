@@ -34,6 +34,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"privfl: interrupted; {interrupted_run_hint(out)}", file=sys.stderr)
         return 130
     print_run_report(result, console=Console())
+    if result.history and all(record.get("aborted") for record in result.history):
+        # The run did no useful work: a script must not read it as a success.
+        print(f"privfl: error: all {len(result.history)} rounds aborted; the model was never updated", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -48,7 +52,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     else:
         print(report.markdown)
         print(f"\nwrote {report.paths.markdown}, {report.paths.json}, {report.paths.plot}", file=sys.stderr)
-    return 0
+    # Like lint: an ERROR finding means the run must not be released under its stated guarantee.
+    return 1 if report.errors else 0
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     audit = sub.add_parser("audit", help="privacy-budget report of a run directory (audit.md, audit.json, audit.png)")
-    audit.add_argument("run_dir", help="a directory written by privfl run")
+    audit.add_argument("run_dir", help="a directory written by privfl run (an interrupted one is audited as it stands)")
     audit.add_argument("--out", help="where to write the report (default: the run directory)")
     audit.add_argument("--format", choices=["md", "json"], default="md", help="what to print (default: md)")
     audit.add_argument("--accountant", choices=["prv", "rdp"], help="recompute with this accountant (default: the run's)")
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PrivflError as exc:
         print(f"privfl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The library types the file errors it expects; one it did not still gets one clear line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"privfl: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # `privfl run` prints its own hint (it knows the run directory); nothing else can resume.

@@ -75,3 +75,26 @@ def test_poisson_rounds_with_too_few_sites_are_skipped_without_charges(split):
         assert len(record["trained"]) >= 2
         assert {(record["round"], c) for c in record["trained"]} <= trained_in
 
+
+
+def test_a_run_whose_rounds_all_abort_exits_non_zero(tmp_path, capsys):
+    from privfl.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        """
+[data]
+num_clients = 3
+[federation]
+rounds = 2
+protection = "ckks"
+client_fraction = 0.001
+noise_seed = 1
+[federation.client_dp]
+noise_multiplier = 1.0
+delta = 1e-3
+sampling = "poisson"
+"""
+    )
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "all 2 rounds aborted" in capsys.readouterr().err
