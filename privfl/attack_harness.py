@@ -54,6 +54,7 @@ __all__ = [
     "AttackMatrixConfig",
     "AttackRow",
     "AttackMatrixResult",
+    "AttackMatrixInterrupted",
     "attack_config_from_dict",
     "load_attack_config",
     "default_attack_config",
@@ -581,6 +582,7 @@ class AttackMatrixResult:
         files: the files written (results.json, results.md, grid-<dataset>.png).
         seconds: wall-clock time of the whole matrix.
         overwrote: ``True`` when ``out_dir`` already held results, which were replaced.
+        cells_planned: the cells the config asks for; ``len(rows)`` is smaller when interrupted.
     """
 
     config: AttackMatrixConfig
@@ -589,6 +591,30 @@ class AttackMatrixResult:
     files: tuple[Path, ...]
     seconds: float
     overwrote: bool
+    cells_planned: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every planned cell ran (False after an interrupt)."""
+        return len(self.rows) >= self.cells_planned
+
+
+class AttackMatrixInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_attack_matrix`, raised after the finished cells were written.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C still stops; it carries what was kept.
+
+    Attributes:
+        result: the finished cells and the files written, or ``None`` when no cell had finished
+            (then nothing was written and earlier results in the directory are untouched).
+        cells_planned: the cells the config asks for.
+    """
+
+    def __init__(self, result: AttackMatrixResult | None, cells_planned: int) -> None:
+        self.result = result
+        self.cells_planned = cells_planned
+        done = 0 if result is None else len(result.rows)
+        super().__init__(f"interrupted after {done} of {cells_planned} cells")
 
 
 def _verdict_reconstruction(
@@ -949,7 +975,9 @@ def run_attack_matrix(
 
     Writes ``results.json`` (config, rows, timings), ``results.md`` (the table) and one
     ``grid-<dataset>.png`` per dataset into ``out_dir``. Results already there are overwritten (nothing
-    is spent by an attack run), and a warning says so.
+    is spent by an attack run), and a warning says so. On Ctrl-C the cells that finished are
+    written (``results.json`` says ``"complete": false`` and how many of the planned cells ran,
+    ``results.md`` says so first) and :class:`AttackMatrixInterrupted` is raised.
 
     Args:
         config: the matrix.
@@ -961,6 +989,7 @@ def run_attack_matrix(
 
     Raises:
         ConfigError: ``out_dir`` is a file, or an aggregate asks for more victims than a test split holds.
+        AttackMatrixInterrupted: Ctrl-C; the finished cells were written first.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -985,16 +1014,25 @@ def _run_and_write(config: AttackMatrixConfig, out: Path, *, overwrote: bool, pr
     shown: dict[str, dict[tuple[str, str], _Shown]] = {}
     per_dataset: dict[str, float] = {}
     build: dict[str, float] = {}
-    with _Bar(_cells(config), enabled=progress) as bar:
+    planned = _cells(config)
+    interrupted = False
+    with _Bar(planned, enabled=progress) as bar:
         last = time.perf_counter()
-        for dataset, row, cell, build_seconds in _matrix(config, bar):
-            rows.append(row)
-            if cell is not None:
-                shown.setdefault(dataset, {})[(row.setting, row.attack)] = cell
-            now = time.perf_counter()
-            per_dataset[dataset] = per_dataset.get(dataset, 0.0) + now - last
-            build[dataset] = build.get(dataset, 0.0) + build_seconds
-            last = now
+        try:
+            for dataset, row, cell, build_seconds in _matrix(config, bar):
+                rows.append(row)
+                if cell is not None:
+                    shown.setdefault(dataset, {})[(row.setting, row.attack)] = cell
+                now = time.perf_counter()
+                per_dataset[dataset] = per_dataset.get(dataset, 0.0) + now - last
+                build[dataset] = build.get(dataset, 0.0) + build_seconds
+                last = now
+        except KeyboardInterrupt:
+            # A full matrix takes minutes to hours: the cells that finished are kept and written
+            # below, marked incomplete; the interrupt is raised again once they are on disk.
+            interrupted = True
+    if interrupted and not rows:
+        raise AttackMatrixInterrupted(None, planned)
     seconds = time.perf_counter() - started
 
     files = [out / "results.json", out / "results.md"]
@@ -1007,9 +1045,11 @@ def _run_and_write(config: AttackMatrixConfig, out: Path, *, overwrote: bool, pr
         files.append(path)
 
     result = AttackMatrixResult(config=config, rows=tuple(rows), out_dir=out, files=tuple(files), seconds=seconds,
-                                overwrote=overwrote)
+                                overwrote=overwrote, cells_planned=planned)
     payload = {
         "config": config.to_json(),
+        "complete": not interrupted,
+        "cells": {"finished": len(rows), "planned": planned},
         "rows": [r.to_json() for r in rows],
         "timings": {
             "total_s": seconds,
@@ -1032,11 +1072,16 @@ def _run_and_write(config: AttackMatrixConfig, out: Path, *, overwrote: bool, pr
         "epsilon": "null means not differentially private (infinite epsilon); see each row's privacy field",
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    status = (
+        f"**Interrupted: {len(rows)} of {planned} cells finished; the others did not run.**\n\n" if interrupted else ""
+    )
     (out / "results.md").write_text(
-        f"Attack matrix ({seconds:.0f} s). ε: sample-level epsilon of one DP-SGD step at q = "
+        f"{status}Attack matrix ({seconds:.0f} s). ε: sample-level epsilon of one DP-SGD step at q = "
         f"{config.batch_size}/{config.client_examples}, delta = {config.delta:g}; inf = not DP.\n\n"
         + _markdown(result.rows)
     )
+    if interrupted:
+        raise AttackMatrixInterrupted(result, planned)
     return result
 
 

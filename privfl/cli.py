@@ -80,12 +80,31 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 def _cmd_attack(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from privfl.attack_harness import default_attack_config, load_attack_config, print_attack_summary, run_attack_matrix
+    from privfl.attack_harness import (
+        AttackMatrixInterrupted,
+        default_attack_config,
+        load_attack_config,
+        print_attack_summary,
+        run_attack_matrix,
+    )
 
     config = load_attack_config(args.config) if args.config else default_attack_config()
     console = Console(stderr=True)
     console.print(f"[bold]privfl attack[/bold]: {args.config or 'embedded default'} -> {args.out}")
-    result = run_attack_matrix(config, args.out, progress=not args.quiet)
+    try:
+        result = run_attack_matrix(config, args.out, progress=not args.quiet)
+    except AttackMatrixInterrupted as stop:
+        # The library wrote the finished cells before raising; say what is on disk.
+        if stop.result is None:
+            print(f"privfl: interrupted before any of {stop.cells_planned} cells finished; nothing written", file=sys.stderr)
+        else:
+            print_attack_summary(stop.result, console=Console())
+            print(
+                f"privfl: interrupted; wrote the {len(stop.result.rows)} of {stop.cells_planned} cells that finished "
+                f"to {stop.result.out_dir / 'results.json'} and results.md (marked incomplete)",
+                file=sys.stderr,
+            )
+        return 130
     print_attack_summary(result, console=Console())
     return 0
 

@@ -203,3 +203,64 @@ def test_cli_bad_config_exits_2_naming_the_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "datasets[0].attacks[1]" in err and "gan" in err
     assert not (tmp_path / "o").exists()
+
+
+def _interrupt_at_cell(monkeypatch, stop_at: int) -> None:
+    import privfl.attack_harness as harness
+
+    real = harness._run_cell
+    calls = {"n": 0}
+
+    def run_cell(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(harness, "_run_cell", run_cell)
+
+
+_FOUR_CELLS = '[[datasets]]\nname = "breast_cancer"\nattacks = ["labels", "analytic"]\nprotections = ["none", "ciphertext"]\n'
+
+
+def test_ctrl_c_writes_the_finished_cells_and_says_so(tmp_path, monkeypatch, capsys):
+    from privfl.attack_harness import AttackMatrixInterrupted
+
+    config = tmp_path / "attack.toml"
+    config.write_text('[[datasets]]\nname = "breast_cancer"\nattacks = ["labels", "analytic"]\n'
+                      'protections = ["none", "ciphertext"]\n')
+    out = tmp_path / "out"
+    _interrupt_at_cell(monkeypatch, 3)  # two of the four cells finish
+    assert main(["attack", str(config), "--out", str(out), "--quiet"]) == 130
+    captured = capsys.readouterr()
+    assert f"wrote the 2 of 4 cells that finished to {out / 'results.json'}" in captured.err
+    assert "analytic" in captured.out  # the summary of what finished
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["complete"] is False and payload["cells"] == {"finished": 2, "planned": 4}
+    assert [(r["attack"], r["protection"]) for r in payload["rows"]] == [("labels", "none"), ("analytic", "none")]
+    assert (out / "results.md").read_text().startswith("**Interrupted: 2 of 4 cells finished")
+
+    # the library raises a KeyboardInterrupt that carries the partial result
+    _interrupt_at_cell(monkeypatch, 2)
+    with pytest.raises(AttackMatrixInterrupted) as stop:
+        run_attack_matrix(_config(TINY.split("[[datasets]]")[0] + _FOUR_CELLS), tmp_path / "lib", progress=False)
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert len(stop.value.result.rows) == 1 and stop.value.cells_planned == 4 and not stop.value.result.complete
+
+
+def test_ctrl_c_before_any_cell_writes_nothing_and_keeps_earlier_results(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "attack.toml"
+    config.write_text('[[datasets]]\nname = "breast_cancer"\nattacks = ["labels"]\nprotections = ["none"]\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    _interrupt_at_cell(monkeypatch, 1)
+    assert main(["attack", str(config), "--out", str(out), "--quiet"]) == 130
+    assert "before any of 1 cells finished; nothing written" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+
+
+def test_a_complete_matrix_says_it_is_complete(tiny):
+    payload = json.loads((tiny.out_dir / "results.json").read_text())
+    assert payload["complete"] is True and payload["cells"] == {"finished": 16, "planned": 16}
+    assert tiny.complete and not (tiny.out_dir / "results.md").read_text().startswith("**Interrupted")
