@@ -334,7 +334,7 @@ def export_run(
     federation = json.loads(json.dumps(public_config(config.federation)))
     federation.pop("rounds", None)
     ours = {"training": json.loads(json.dumps(public_config(config.training))), "federation": federation}
-    differ = [key for key in ("training", "federation") if identity.get(key) != ours[key]]
+    differ = [key for key in ("training", "federation") if _differs(identity.get(key), ours[key])]
     split = load_dataset(config)
     if sorted(split_clients(config, split)) != sorted(identity["clients"]):
         differ.append("data (site names)")
@@ -348,6 +348,17 @@ def export_run(
         return build_model(config.model, split.train.input_shape, split.train.num_classes)
 
     return export_model(run, out, model_fn, round=round)
+
+
+def _differs(recorded: Any, ours: Any) -> bool:
+    """Whether a setting the run recorded differs from the config's.
+
+    Only settings both know are compared: a field added to privfl since the run (recorded by
+    neither the run nor its config file) must not make an old run unexportable.
+    """
+    if isinstance(recorded, dict) and isinstance(ours, dict):
+        return any(_differs(recorded[key], ours[key]) for key in recorded.keys() & ours.keys())
+    return recorded != ours
 
 
 def _qualname(model: nn.Module) -> str:

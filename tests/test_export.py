@@ -236,6 +236,12 @@ def test_cli_export_of_a_privfl_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.pt")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
+    # A setting added to privfl after the run (so missing from its run.json) does not block the export.
+    identity = json.loads((run / "run.json").read_text())
+    del identity["federation"]["server_learning_rate"]
+    (run / "run.json").write_text(json.dumps(identity))
+    assert main(["export", str(run), "--out", str(tmp_path / "new.pt"), "--config", str(config)]) == 0
+
 
 def test_version(capsys):
     from importlib.metadata import version
