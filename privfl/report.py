@@ -6,9 +6,21 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from privfl.accounting import LedgerStatus
 from privfl.federation import RunResult
 
-__all__ = ["print_run_report"]
+__all__ = ["interrupted_trainings", "print_run_report"]
+
+
+def interrupted_trainings(result: RunResult) -> dict[str, int]:
+    """Client -> trainings charged in interrupted attempts at a round (redone after a resume)."""
+    counts: dict[str, int] = {}
+    entries = result.ledger.entries
+    for index in result.ledger.superseded():
+        entry = entries[index]
+        if entry.status is LedgerStatus.TRAINED:
+            counts[entry.client] = counts.get(entry.client, 0) + 1
+    return counts
 
 
 def print_run_report(result: RunResult, *, console: Console) -> None:
@@ -24,13 +36,17 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
         title="privacy ledger (sample-level DP per client)", padding=(0, 1), pad_edge=False, collapse_padding=True, box=box.SIMPLE_HEAD
     )
     names = list(s["clients"])
+    interrupted = interrupted_trainings(result)
+    columns = ["n", "sigma", "epsilon", "budget", "delta", "trained", "skipped", "dropped"]
+    if any(interrupted.values()):
+        # A round killed after charging and trained again on resume counts twice in "trained".
+        columns.insert(6, "of which interrupted")
     table.add_column("client", no_wrap=True, min_width=max([6, *map(len, names)]))
-    for col in ("n", "sigma", "epsilon", "budget", "delta", "trained", "skipped", "dropped"):
+    for col in columns:
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for name, c in s["clients"].items():
         budget = "-" if c["epsilon_budget"] is None else f"{c['epsilon_budget']:.2f}"
-        table.add_row(
-            name,
+        cells = [
             str(c["num_examples"]),
             f"{c['noise_multiplier']:.3f}",
             f"{c['epsilon']:.3f}",
@@ -39,8 +55,16 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
             str(c["rounds_trained"]),
             str(c["rounds_skipped"]),
             str(c["rounds_dropped"]),
-        )
+        ]
+        if any(interrupted.values()):
+            cells.insert(6, str(interrupted.get(name, 0)))
+        table.add_row(name, *cells)
     console.print(table)
+    if any(interrupted.values()):
+        console.print(
+            "trained counts every charged training, including interrupted attempts at a round (the run was stopped "
+            "after charging them and the resume trained that round again): their charges stay in the ledger."
+        )
     level = s.get("client_level")
     if level:
         eps = "inf" if level["epsilon"] is None else f"{level['epsilon']:.3f}"

@@ -20,6 +20,7 @@ starting point and the last writer would erase the other's spending). So:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -47,11 +48,14 @@ __all__ = [
     "RUN_TRACES",
     "RunLock",
     "check_ledger_against_history",
+    "check_run_directory",
     "checkpoint_path",
     "durable_write_bytes",
     "durable_write_json",
+    "filesystem_error",
     "fsync_directory",
     "interrupted_run_hint",
+    "is_run_directory_error",
     "load_checkpoint",
     "load_history",
     "load_run_identity",
@@ -73,6 +77,49 @@ RUN_TRACES = (LEGACY_LEDGER_FILE, RUN_FILE, HISTORY_FILE, SUMMARY_FILE, CHECKPOI
 
 _MAX_JSON_BYTES = 256 * 2**20
 """A state file above this size is refused rather than read (history of 10^5 rounds fits)."""
+
+
+# -- filesystem errors ---------------------------------------------------------------------------------
+_ERRNO_ADVICE = {
+    errno.ENOSPC: "the disk is full; free space",
+    errno.EDQUOT: "the disk quota is exhausted; free space",
+    errno.EROFS: "the file system is read-only; choose a directory on a writable one",
+    errno.EACCES: "permission denied; choose a directory you can write to",
+    errno.EPERM: "operation not permitted; choose a directory you can write to",
+    errno.EEXIST: "a file of that name exists; choose a directory path",
+    errno.ENOTDIR: "a component of the path is a file, not a directory; choose a directory path",
+    errno.ENOENT: "nothing can be created at that path (a missing parent, or a file system such as /proc); choose another directory",
+}
+
+
+def filesystem_error(
+    exc: OSError, field: str, path: str | os.PathLike[str], action: str, *, then: str | None = None
+) -> ConfigError:
+    """The typed error for an ``OSError`` met while ``action`` (e.g. "write summary.json") under ``path``.
+
+    The message names the path, the operation, the system's reason and what to do (``then``, e.g.
+    how to resume), so that the command line prints one clear line (exit 2) instead of a traceback.
+    """
+    reason = exc.strerror or str(exc)
+    advice = [a for a in (_ERRNO_ADVICE.get(exc.errno or 0), then) if a]
+    where = f" ({os.fsdecode(exc.filename)})" if exc.filename and os.fsdecode(exc.filename) != str(path) else ""
+    return ConfigError(field, str(path), f"cannot {action}{where}: {reason}" + "".join(f"; {a}" for a in advice))
+
+
+def is_run_directory_error(exc: OSError, run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``exc`` came from writing ``run_dir``: a path inside it, or no path and a storage errno.
+
+    Writes through an open file descriptor (the ledger journal, fsync) carry no file name; the
+    errnos below are the storage failures such writes meet.
+    """
+    if exc.filename is None:
+        return exc.errno in {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+    try:
+        root = Path(run_dir).absolute()
+        path = Path(os.fsdecode(exc.filename)).absolute()
+    except (TypeError, ValueError):
+        return False
+    return path == root or root in path.parents
 
 
 # -- durable writes -----------------------------------------------------------------------------------
@@ -123,6 +170,8 @@ class RunLock:
     Raises on enter:
         RunLockedError: another process (or another open of the lock in this process) holds it;
             the error names the holder's pid, host and start time.
+        ConfigError: the directory or its lock file cannot be created (a file is in the way,
+            a read-only or full file system, no permission).
 
     The lock is ``fcntl.flock`` on ``run.lock``; the kernel drops it when the holder exits, so
     a killed run never leaves a stale lock. The file is never deleted (deleting it would let a
@@ -137,9 +186,12 @@ class RunLock:
     def __enter__(self) -> RunLock:
         import fcntl  # POSIX only; privfl runs on Linux and macOS
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # No O_TRUNC: a process that fails to get the lock must not erase the holder's record.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # No O_TRUNC: a process that fails to get the lock must not erase the holder's record.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise filesystem_error(exc, "out_dir", self.run_dir, f"create the run directory and its {LOCK_FILE}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,6 +235,58 @@ def _read_holder(fd: int) -> str:
 def run_traces(run_dir: Path) -> list[str]:
     """The names in ``run_dir`` that show a run took place there (see :data:`RUN_TRACES`)."""
     return [name for name in RUN_TRACES if (run_dir / name).exists()]
+
+
+def check_run_directory(run_dir: str | os.PathLike[str], *, resume: bool) -> None:
+    """Refuses a run directory that cannot take this run, before any costly work.
+
+    Noise calibration, loading data and building models take seconds to minutes; a run that will be
+    refused for its directory must be refused first. These checks only read: they create nothing.
+    :meth:`privfl.federation.Federation.run` repeats the ledger checks under the run lock, which
+    is what makes them authoritative (a directory can change between the two).
+
+    Args:
+        run_dir: the run directory (``--out``).
+        resume: whether the run resumes the one in ``run_dir``.
+
+    Raises:
+        ConfigError: ``run_dir`` is a file, cannot be created or written, holds a ledger and
+            ``resume`` is False, or holds no ledger and ``resume`` is True.
+        LedgerError: ``run_dir`` holds traces of a run (or a format-1 ledger) but no ledger.
+    """
+    out = Path(run_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out_dir", str(out), "is an existing file, not a directory; choose a directory path")
+    # The nearest existing ancestor is where the directory would be created.
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("out_dir", str(out), f"cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("out_dir", str(out), f"cannot be written: no write permission on {existing}; choose another directory")
+    if (out / LEDGER_FILE).exists():
+        if not resume:
+            raise ConfigError(
+                "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
+            )
+        return
+    traces = run_traces(out) if out.is_dir() else []
+    if LEGACY_LEDGER_FILE in traces:
+        raise LedgerError(
+            str(out / LEGACY_LEDGER_FILE),
+            "is a format-1 ledger (one JSON document, not hash-chained) that this privfl cannot verify; "
+            "finish or audit that run with the privfl version that wrote it, or choose a new run directory",
+        )
+    if traces:
+        raise LedgerError(
+            str(out / LEDGER_FILE),
+            f"is missing, but the run directory holds {', '.join(traces)}: a run took place there and spent "
+            "privacy that a fresh start would forget. Restore the ledger and ledger.key from a backup, or "
+            "choose a new run directory",
+        )
+    if resume:
+        raise ConfigError("out_dir", str(out), f"holds no run to resume (no {LEDGER_FILE}); run it without --resume")
 
 
 # -- typed loaders -------------------------------------------------------------------------------------

@@ -79,8 +79,10 @@ def test_audit_and_lint_commands(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["run", str(config), "--out", str(run_dir), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["audit", str(run_dir), "--format", "json"]) == 0
+    # delta 0.1 >= 1/n is an ERROR finding (PFA002): like lint, the audit fails with exit 1
+    assert main(["audit", str(run_dir), "--format", "json"]) == 1
     report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["error"] >= 1 and "PFA002" in {f["code"] for f in report["findings"]}
     summary = json.loads((run_dir / "summary.json").read_text())
     for name, info in summary["clients"].items():
         assert report["sample_level"][name]["epsilon"] == pytest.approx(info["epsilon"], rel=1e-6)

@@ -216,7 +216,7 @@ def test_kill_9_at_random_points_never_loses_spending(tmp_path, server):
     from privfl.audit.report import audit_run
 
     report = audit_run(out)  # chain, MACs, history cross-check and anchors all verify after the kills
-    assert "PFA011" not in {f.code for f in report.warnings}
+    assert "PFA011" not in {f.code for f in report.findings}
 
 
 def _wait_for_holder(out: Path, pid: int, poll, timeout: float = 90) -> None:

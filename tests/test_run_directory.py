@@ -221,7 +221,7 @@ def test_an_interrupted_round_stays_charged_and_the_run_audits_clean(clients, sp
         charged = sum(1 for e in ledger.entries if e.client == name and e.status.value == "trained")
         assert charged == trained + (name == "site-0")  # never less than what took place
     report = audit_run(out)
-    assert report.ledger.interrupted_entries == 1 and "PFA011" not in {f.code for f in report.warnings}
+    assert report.ledger.interrupted_entries == 1 and "PFA011" not in {f.code for f in report.findings}
 
 
 def test_resume_needs_only_the_ledger_for_the_run_identity(clients, split, tmp_path):

@@ -4,8 +4,11 @@
 ``summary.json`` and ``history.json``, and re-derives every
 client's sample-level epsilon from the ledger's DP-SGD events, round by round, with the ledger's
 accountant; it recomputes the final figure with the other accountant (PRV against RDP) as a cross-check,
-and states the run's client-level epsilon (infinite without client-level DP). Nothing is taken on
-trust from the figures the run wrote: they are compared with the recomputed ones.
+and states the run's client-level epsilon (infinite without client-level DP). The figures the run
+wrote are compared with the recomputed ones. What the audit cannot check: that the training code
+did what the ledger records (clipping, noise, sampling; see the empirical audits), a consistent
+rollback of the whole directory, a ledger re-signed by whoever can read ``ledger.key``, and the
+client sizes, which it takes from ``summary.json``.
 
 Sample-level epsilon bounds what the released updates reveal about one record of a client's data;
 client-level epsilon bounds what they reveal about whether a whole client took part.
@@ -30,15 +33,20 @@ from privfl.rundir import (
     LEDGER_FILE,
     LEDGER_KEY_FILE,
     LEGACY_LEDGER_FILE,
+    RUN_FILE,
     SUMMARY_FILE,
     check_ledger_against_history,
     durable_write_bytes,
+    filesystem_error,
     load_history,
+    load_run_identity,
 )
 
 __all__ = ["AuditReport", "AuditPaths", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "AUDIT_CODES", "audit_run"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""3: ``findings`` (was ``warnings``) with ``counts``; per-client ``rounds_interrupted``; ``interrupted``;
+client-level ``epsilon_against_server``, ``sampling`` and ``description``; ``epsilon_enforced``."""
 CROSS_CHECK_TOLERANCE = 0.01
 """PRV may exceed RDP by at most this fraction before the two are reported as disagreeing."""
 RECORDED_TOLERANCE = 0.01
@@ -58,6 +66,8 @@ AUDIT_CODES: Mapping[str, tuple[Severity, str]] = {
     "PFA011": (Severity.ERROR, "recorded epsilon differs from the recomputed one"),
     "PFA012": (Severity.WARNING, "no client-level DP"),
     "PFA013": (Severity.WARNING, "client sampling reproducible from the config (no amplification against its holders)"),
+    "PFA014": (Severity.INFO, "the requested accountant's epsilon is above a budget the ledger enforced with another"),
+    "PFA015": (Severity.WARNING, "the run is unfinished (no summary.json): what is there was audited"),
 }
 
 
@@ -76,11 +86,16 @@ class ClientAudit:
         epsilon_budget: its cap (``math.inf`` when uncapped).
         epsilon: epsilon spent over the run, recomputed with the ledger's accountant.
         epsilon_cross_check: the same events composed with the other accountant.
+        epsilon_enforced: the same events composed with the accountant the ledger enforced the
+            budget with (equal to ``epsilon`` unless another accountant was requested); budgets and
+            recorded figures are compared with this one, like with like.
         epsilon_by_round: epsilon spent after each round (one value per round of the run).
         noise_multipliers: the distinct noise multipliers it trained with.
         sample_rates: the distinct sampling rates it trained with.
         steps: DP-SGD steps taken in all.
-        rounds_trained: rounds it trained (and was charged).
+        rounds_trained: trainings it was charged for, interrupted attempts included.
+        rounds_interrupted: of those, trainings in an interrupted attempt at a round (the run was
+            stopped after charging them and the resume trained that round again).
         rounds_skipped: rounds it was sampled in but skipped because of its budget.
         rounds_dropped: rounds its update was charged but not aggregated.
     """
@@ -91,18 +106,20 @@ class ClientAudit:
     epsilon_budget: float
     epsilon: float
     epsilon_cross_check: float
+    epsilon_enforced: float
     epsilon_by_round: tuple[float, ...]
     noise_multipliers: tuple[float, ...]
     sample_rates: tuple[float, ...]
     steps: int
     rounds_trained: int
+    rounds_interrupted: int
     rounds_skipped: int
     rounds_dropped: int
 
     @property
     def epsilon_remaining(self) -> float:
-        """Budget left (``math.inf`` when uncapped, never negative)."""
-        return max(self.epsilon_budget - self.epsilon, 0.0)
+        """Budget left under the accountant that enforced it (``math.inf`` when uncapped, never negative)."""
+        return max(self.epsilon_budget - self.epsilon_enforced, 0.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -117,6 +134,11 @@ class ClientLevelAudit:
         sample_rate: the client sampling rate the accountant used.
         rounds: rounds composed.
         explanation: one paragraph saying what is and is not protected.
+        sampling: ``"poisson"`` or ``"fixed"`` client sampling (None without client-level DP).
+        description: the mechanism that ran, e.g. "z = 7.2 on the sum, 6 of 20 sites per round".
+        epsilon_against_server: epsilon without amplification by client sampling (q = 1), the
+            guarantee against anyone who sees who took part: the server, and readers of
+            history.json (docs/client-dp.md, Limits). Equal to ``epsilon`` when q = 1.
     """
 
     enabled: bool
@@ -126,6 +148,9 @@ class ClientLevelAudit:
     sample_rate: float | None
     rounds: int
     explanation: str
+    sampling: str | None = None
+    description: str | None = None
+    epsilon_against_server: float = math.inf
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -170,10 +195,13 @@ class AuditReport:
         aborted_rounds: rounds whose aggregation aborted.
         clients: one entry per client, in ledger order.
         client_level: the client-level guarantee.
-        warnings: findings, errors first (each says why and how to fix).
+        findings: every finding, errors first (each says why and how to fix); :attr:`errors`,
+            :attr:`warnings` and :attr:`notes` select one severity.
         markdown: the report as Markdown (also readable as plain text in a terminal).
         paths: where audit.md, audit.json and audit.png were written.
         ledger: what was verified about the ledger file.
+        interrupted: the run has no summary.json (stopped before finishing): the rounds recorded
+            and the charges of the round in progress were audited, without resuming it.
     """
 
     run_dir: Path
@@ -184,10 +212,26 @@ class AuditReport:
     aborted_rounds: tuple[int, ...]
     clients: tuple[ClientAudit, ...]
     client_level: ClientLevelAudit
-    warnings: tuple[Finding, ...]
+    findings: tuple[Finding, ...]
     markdown: str
     paths: AuditPaths
     ledger: LedgerIntegrity
+    interrupted: bool = False
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        """ERROR findings: the run must not be released under its stated guarantee (CLI exit 1)."""
+        return tuple(f for f in self.findings if f.severity is Severity.ERROR)
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        """WARNING findings only (not errors, not INFO notes)."""
+        return tuple(f for f in self.findings if f.severity is Severity.WARNING)
+
+    @property
+    def notes(self) -> tuple[Finding, ...]:
+        """INFO findings: facts worth knowing, nothing to fix."""
+        return tuple(f for f in self.findings if f.severity is Severity.INFO)
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``audit.json`` (JSON has no infinity: an infinite epsilon or budget is ``null``)."""
@@ -200,9 +244,10 @@ class AuditReport:
             aborted=self.aborted_rounds,
             clients=self.clients,
             client_level=self.client_level,
-            findings=self.warnings,
+            findings=self.findings,
             paths=self.paths,
             ledger=self.ledger,
+            interrupted=self.interrupted,
         )
 
 
@@ -270,10 +315,20 @@ def _epsilon(events: Sequence[DPEvent], delta: float, accountant: Accountant) ->
 
 
 def _client_audits(
-    ledger: PrivacyLedger, summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]], accountant: Accountant, cross: Accountant
+    ledger: PrivacyLedger,
+    summary: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    accountant: Accountant,
+    cross: Accountant,
+    enforced: Accountant,
 ) -> tuple[tuple[ClientAudit, ...], int, dict[tuple[str, int], tuple[float, float]]]:
-    """Per-client audits, the number of rounds, and (client, round) -> (recorded, recomputed) epsilons."""
+    """Per-client audits, the number of rounds, and (client, round) -> (recorded, recomputed) epsilons.
+
+    The recomputed epsilon paired with each recorded one is composed with ``enforced`` (the
+    ledger's accountant), so the comparison is like with like whatever ``accountant`` was asked for.
+    """
     entries = ledger.entries
+    superseded = ledger.superseded()
     round_ids = {int(h["round"]) for h in history if "round" in h} | {e.round for e in entries}
     rounds = max(round_ids) + 1 if round_ids else 0
     summary_clients = _config_section(summary, "clients")
@@ -290,9 +345,12 @@ def _client_audits(
                     events.append(DPEvent(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, steps=entry.steps))
             value = _epsilon(events, budget.delta, accountant)
             by_round.append(value)
-            for entry in (e for e in mine if e.round == r):
-                recorded[(client, r)] = (entry.epsilon, value)
+            if any(e.round == r for e in mine):
+                same = value if enforced is accountant else _epsilon(events, budget.delta, enforced)
+                for entry in (e for e in mine if e.round == r):
+                    recorded[(client, r)] = (entry.epsilon, same)
         final = by_round[-1] if by_round else 0.0
+        cross_value = _epsilon(events, budget.delta, cross)
         info = summary_clients.get(client, {}) if isinstance(summary_clients.get(client), Mapping) else {}
         dropped = info.get("rounds_dropped")
         if dropped is None:
@@ -305,12 +363,16 @@ def _client_audits(
                 delta=budget.delta,
                 epsilon_budget=budget.epsilon,
                 epsilon=final,
-                epsilon_cross_check=_epsilon(events, budget.delta, cross),
+                epsilon_cross_check=cross_value,
+                epsilon_enforced=final if enforced is accountant else cross_value if enforced is cross else _epsilon(events, budget.delta, enforced),
                 epsilon_by_round=tuple(by_round),
                 noise_multipliers=tuple(sorted({e.noise_multiplier for e in events})),
                 sample_rates=tuple(sorted({e.sample_rate for e in events})),
                 steps=sum(e.steps for e in events),
                 rounds_trained=ledger.rounds(client, LedgerStatus.TRAINED),
+                rounds_interrupted=sum(
+                    1 for i in superseded if entries[i].client == client and entries[i].status is LedgerStatus.TRAINED
+                ),
                 rounds_skipped=ledger.rounds(client, LedgerStatus.SKIPPED_BUDGET),
                 rounds_dropped=int(dropped),
             )
@@ -326,7 +388,9 @@ _NO_CLIENT_DP = (
 )
 
 
-def _client_level(summary: Mapping[str, Any], rounds: int, history: Sequence[Mapping[str, Any]] = ()) -> ClientLevelAudit:
+def _client_level(
+    summary: Mapping[str, Any], rounds: int, history: Sequence[Mapping[str, Any]] = (), *, num_clients: int | None = None
+) -> ClientLevelAudit:
     settings = _client_dp_settings(summary)
     if settings is None:
         return ClientLevelAudit(
@@ -335,15 +399,16 @@ def _client_level(summary: Mapping[str, Any], rounds: int, history: Sequence[Map
     from privfl.accounting import noise_multiplier as calibrate
 
     federation = _config_section(summary, "federation")
+    recorded_level = summary.get("client_level") if isinstance(summary.get("client_level"), Mapping) else {}
     try:
         delta = float(settings["delta"])
         kind = Accountant(settings.get("accountant") or Accountant.PRV.value)
         fraction = float(federation.get("client_fraction", 1.0))
+        sampling = "poisson" if (settings.get("sampling") or "poisson") == "poisson" else "fixed"
+        fixed = sampling == "fixed"
         # Fixed-size sampling is accounted without amplification (q = 1), as the federation does.
-        q = fraction if (settings.get("sampling") or "poisson") == "poisson" else 1.0
-        recorded_level = summary.get("client_level")
-        fixed = (settings.get("sampling") or "poisson") != "poisson"
-        if isinstance(recorded_level, Mapping) and recorded_level.get("accounted_noise_multiplier"):
+        q = 1.0 if fixed else fraction
+        if recorded_level.get("accounted_noise_multiplier"):
             # The federation records what it charged per round; accounting it again checks the epsilon.
             z = float(recorded_level["accounted_noise_multiplier"])
         else:
@@ -358,22 +423,61 @@ def _client_level(summary: Mapping[str, Any], rounds: int, history: Sequence[Map
         per_round = [h.get("client_level") for h in history]
         if per_round and all(isinstance(level, Mapping) and "accounted_noise_multiplier" in level for level in per_round):
             # Each round as it was charged (a resumed, extended run changes z between rounds).
+            charged = [float(level["accounted_noise_multiplier"]) for level in per_round]
             events = [
-                DPEvent(noise_multiplier=float(level["accounted_noise_multiplier"]), sample_rate=float(level["sample_rate"]), steps=1)
-                for level in per_round
+                DPEvent(noise_multiplier=z_r, sample_rate=float(level["sample_rate"]), steps=1) for z_r, level in zip(charged, per_round)
             ]
         else:
+            charged = [z] * rounds
             events = [DPEvent(noise_multiplier=z, sample_rate=q, steps=rounds)]
         eps = _epsilon(events, delta, kind)
+        # Against anyone who sees who took part (the server; history.json lists participants) the
+        # sampling does not amplify: the same releases at q = 1.
+        if q >= 1.0 or not charged:
+            against_server = eps
+        else:
+            against_server = _epsilon([DPEvent(noise_multiplier=z_r, sample_rate=1.0, steps=1) for z_r in charged], delta, kind)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError("summary.client_dp", dict(settings), f"cannot be accounted: {exc}") from None
+    # The mechanism that ran: the noise on the sum is z S (z the configured, not the accounted, multiplier).
+    z_run = float(recorded_level.get("noise_multiplier") or (2 * z if fixed else z))
+    sites = f" of {num_clients}" if num_clients else ""
+    if fixed:
+        m = recorded_level.get("expected_clients") or (max(1, round(fraction * num_clients)) if num_clients else None)
+        per_round_sites = f"{int(m)}{sites} sites per round (fixed-size sampling)" if m else "a fixed number of sites per round"
+        description = f"z = {z_run:.4g} on the sum of clipped updates, {per_round_sites}"
+        accounting = (
+            f"Accounted as a Gaussian mechanism with noise multiplier z/2 = {z:.4g} at q = 1: with a fixed number of "
+            "sites, adding one may displace another, moving the sum by 2S, and there is no amplification by sampling."
+        )
+    else:
+        expected = f"{fraction * num_clients:.3g}{sites} sites expected per round" if num_clients else "sites"
+        description = f"z = {z_run:.4g} on the sum of clipped updates, {expected} (Poisson sampling at q = {q:.3g})"
+        accounting = f"Accounted as a Gaussian mechanism with noise multiplier z = {z:.4g}, subsampled at q = {q:.3g}."
     explanation = (
-        f"Client-level DP (DP-FedAvg): each round's aggregate is a Gaussian mechanism with noise multiplier "
-        f"z = {z:.4g} on clipped client updates, clients sampled at rate q = {q:.3g}; composed over {rounds} "
-        f"rounds with {kind.value.upper()}, whether any one client took part is protected at "
-        f"epsilon {eps:.3f}, delta {delta:g}."
+        f"Client-level DP (DP-FedAvg): {description}. {accounting} Composed over {rounds} rounds with "
+        f"{kind.value.upper()}, whether any one client took part is protected at epsilon {eps:.3f}, "
+        f"client-level delta {delta:g}, against anyone who does not see who took part."
     )
-    return ClientLevelAudit(enabled=True, epsilon=eps, delta=delta, noise_multiplier=z, sample_rate=q, rounds=rounds, explanation=explanation)
+    if q < 1.0:
+        explanation += (
+            f" The server sees which sites take part (and history.json lists them): against it the guarantee is "
+            f"the one without amplification, epsilon {against_server:.3f} (q = 1)."
+        )
+    else:
+        explanation += " That includes the server, which sees who took part: there is no amplification to lose."
+    return ClientLevelAudit(
+        enabled=True,
+        epsilon=eps,
+        delta=delta,
+        noise_multiplier=z,
+        sample_rate=q,
+        rounds=rounds,
+        explanation=explanation,
+        sampling=sampling,
+        description=description,
+        epsilon_against_server=against_server,
+    )
 
 
 def _relative_gap(a: float, b: float) -> float:
@@ -386,12 +490,26 @@ def _findings(
     recorded_accountant: str,
     accountant: Accountant,
     cross: Accountant,
+    enforced: Accountant,
     summary: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]],
     recorded: Mapping[tuple[str, int], tuple[float, float]],
     client_level: ClientLevelAudit,
+    interrupted: bool = False,
 ) -> list[Finding]:
     out: list[Finding] = []
+    if interrupted:
+        done = len(history)
+        out.append(
+            _finding(
+                "PFA015",
+                "summary.json",
+                f"the run is unfinished: it has no summary.json. The {done} recorded round(s) and every charge in the "
+                "ledger (including those of a round in progress) were audited as they stand, without resuming; "
+                "client sizes are not recorded outside summary.json, so the delta >= 1/n check (PFA002) was skipped.",
+                "Resume the run to finish it (it will spend more), or treat this audit as the run's final account.",
+            )
+        )
     dp = _config_section(_config_section(summary, "training"), "dp")
     calibrated = dp.get("target_epsilon") is not None
     summary_clients = _config_section(summary, "clients")
@@ -431,13 +549,28 @@ def _findings(
                     "Re-run with training.dp.delta << 1/n for the smallest client (e.g. below 1/(10 n)).",
                 )
             )
-        if c.epsilon > c.epsilon_budget * (1 + 1e-9):
+        if c.epsilon > c.epsilon_budget * (1 + 1e-9) and c.epsilon_enforced <= c.epsilon_budget * (1 + 1e-9):
+            # Another accountant was asked for: the budget was enforced with the ledger's, and holds there.
+            out.append(
+                _finding(
+                    "PFA014",
+                    f"{f}.epsilon",
+                    f"client {c.client!r}: {accountant.value.upper()} gives epsilon {c.epsilon:.4g} on the ledger's events, "
+                    f"above its budget {c.epsilon_budget:.4g}; the ledger enforced that budget with "
+                    f"{enforced.value.upper()}, under which it spent {c.epsilon_enforced:.4g}. Both are upper bounds on the "
+                    "same mechanism; they differ in how tightly they compose.",
+                    f"Quote the budget with the accountant that enforced it ({enforced.value}), or the larger figure if a "
+                    "reader requires this accountant.",
+                )
+            )
+        if c.epsilon_enforced > c.epsilon_budget * (1 + 1e-9):
             out.append(
                 _finding(
                     "PFA003",
                     f"{f}.epsilon",
-                    f"client {c.client!r} spent epsilon {c.epsilon:.4g} > its budget {c.epsilon_budget:.4g}. The ledger "
-                    "refuses such training, so the ledger was edited or a different accountant is being compared.",
+                    f"client {c.client!r} spent epsilon {c.epsilon_enforced:.4g} ({enforced.value.upper()}, the accountant "
+                    f"the ledger enforces budgets with) > its budget {c.epsilon_budget:.4g}. The ledger refuses such "
+                    "training, so the ledger was edited or its events do not match its budgets.",
                     "Do not release this model under the stated budget; investigate how the ledger was produced.",
                 )
             )
@@ -455,7 +588,21 @@ def _findings(
                     "Raise training.dp.noise_multiplier to 0.5 or more, or lower target_epsilon.",
                 )
             )
-        if c.rounds_skipped:
+        if c.rounds_skipped and c.rounds_interrupted:
+            out.append(
+                _finding(
+                    "PFA007",
+                    f"{f}.rounds_skipped",
+                    f"client {c.client!r} was sampled but skipped in {c.rounds_skipped} round(s) because another round "
+                    f"would have exceeded its budget. {c.rounds_interrupted} of its {c.rounds_trained} charged trainings "
+                    "were interrupted attempts at a round: the run was stopped after charging them, and the resume "
+                    "trained that round again. Those charges are real (the update may have left the site) and used "
+                    "budget the calibration had planned for later rounds; its data stopped contributing after that.",
+                    "Nothing to change in the calibration. To finish every round after an interruption, plan headroom "
+                    "(a fixed noise_multiplier with a budget_epsilon above its planned epsilon), or accept the skipped rounds.",
+                )
+            )
+        elif c.rounds_skipped:
             out.append(
                 _finding(
                     "PFA007",
@@ -504,8 +651,8 @@ def _findings(
             if name == c.client and _relative_gap(rec, new) > RECORDED_TOLERANCE and not (rec == 0 and new == 0)
         ]
         summary_eps = (summary_clients.get(c.client) or {}).get("epsilon") if isinstance(summary_clients.get(c.client), Mapping) else None
-        if summary_eps is not None and _relative_gap(float(summary_eps), c.epsilon) > RECORDED_TOLERANCE:
-            bad.append((None, float(summary_eps), c.epsilon))
+        if summary_eps is not None and _relative_gap(float(summary_eps), c.epsilon_enforced) > RECORDED_TOLERANCE:
+            bad.append((None, float(summary_eps), c.epsilon_enforced))
         if bad:
             r, rec, new = bad[0]
             where = f"round {r} of {LEDGER_FILE}" if r is not None else "summary.json"
@@ -520,7 +667,7 @@ def _findings(
             )
 
     if exhausted:
-        spent = ", ".join(f"{c.client!r} {c.epsilon:.3f}/{c.epsilon_budget:g}" for c in exhausted)
+        spent = ", ".join(f"{c.client!r} {c.epsilon_enforced:.3f}/{c.epsilon_budget:g}" for c in exhausted)
         out.append(
             _finding(
                 "PFA004",
@@ -539,7 +686,8 @@ def _findings(
                 "PFA008",
                 "rounds.aborted",
                 f"round(s) {aborted} aborted: their clients were charged epsilon but nothing was aggregated.",
-                "Lower the secure-aggregation threshold or fix the dropouts that took the round below it.",
+                "Lower the secure-aggregation threshold (it must stay above half the share holders, which privfl "
+                "enforces: see lint rule PFL020) or fix the dropouts that took the round below it.",
             )
         )
     if client_level.enabled and (client_level.sample_rate or 1.0) < 1.0 and summary.get("client_sampling_secret") is not True:
@@ -600,6 +748,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+_SCOPE = (
+    "- checked: every ledger line (hash chain; MAC under ledger.key when authenticated); that the ledger and "
+    "history.json record the same trainings and skips, and that the ledger still holds the lines history.json "
+    "and summary.json recorded; every epsilon, recomputed from the ledger's events and compared with the recorded "
+    "ones; budgets, deltas, noise levels and the client-level settings against known pitfalls.",
+    "- not checked: that the training code did what the ledger records (clipping, noise, Poisson sampling: see the "
+    "empirical audits); a consistent rollback (compare the ledger head with a copy kept elsewhere); a ledger "
+    "re-signed by someone who can read ledger.key; client sizes, taken from summary.json; who took part in a "
+    "round, taken from history.json.",
+)
+
+
 def _markdown(
     *,
     run_dir: Path,
@@ -613,23 +773,42 @@ def _markdown(
     findings: Sequence[Finding],
     paths: AuditPaths,
     ledger: LedgerIntegrity,
+    enforced: Accountant,
+    interrupted: bool,
 ) -> str:
     deltas = sorted({c.delta for c in clients})
     worst = max(clients, key=lambda c: c.epsilon) if clients else None
+    requested = (
+        f" (requested; the ledger enforced budgets with {enforced.value}, the cross-check)" if enforced is not accountant else ""
+    )
     out = [
         f"# Privacy audit of {run_dir}",
         "",
         f"- protection: {protection}",
-        f"- accountant: {accountant.value} (cross-check: {cross.value})",
+        f"- accountant: {accountant.value}" + (requested or f" (cross-check: {cross.value})"),
         f"- rounds: {rounds}" + (f" ({len(aborted)} aborted: {list(aborted)})" if aborted else ""),
-        f"- delta: {', '.join(f'{d:g}' for d in deltas) or '-'}",
+    ]
+    if interrupted:
+        out.append("- status: UNFINISHED (no summary.json): audited as it stands, without resuming")
+    out += [
+        f"- sample-level delta (one record of a client): {', '.join(f'{d:g}' for d in deltas) or '-'}",
         f"- ledger: {ledger.lines} lines verified ({'hash chain and MAC' if ledger.authenticated else 'hash chain only'}), "
         f"consistent with history.json; head {ledger.head}"
         + (f"; {ledger.interrupted_entries} entries of interrupted rounds (charged)" if ledger.interrupted_entries else ""),
     ]
     if worst is not None:
         out.append(f"- largest sample-level epsilon: {worst.epsilon:.3f} ({worst.client})")
-    out.append(f"- client-level epsilon: {_num(client_level.epsilon)}")
+    if client_level.enabled:
+        against = (
+            f"; against the server, which sees who took part: {_num(client_level.epsilon_against_server)}"
+            if client_level.epsilon_against_server != client_level.epsilon
+            else ""
+        )
+        out.append(f"- client-level epsilon (a whole client): {_num(client_level.epsilon)} at client-level delta {client_level.delta:g}{against}")
+        if client_level.description:
+            out.append(f"- client-level mechanism: {client_level.description}")
+    else:
+        out.append(f"- client-level epsilon (a whole client): {_num(client_level.epsilon)}")
     counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
     out.append(f"- findings: {counts[Severity.ERROR]} error(s), {counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} info")
     out += [
@@ -640,7 +819,9 @@ def _markdown(
         f"`{cross.value}` is the same events composed with {cross.value.upper()}.",
         "",
     ]
-    header = ["client", "n", "sigma", "q", "steps", "epsilon", cross.value, "budget", "remaining", "delta", "trained", "skipped", "dropped"]
+    any_interrupted = any(c.rounds_interrupted for c in clients)
+    header = ["client", "n", "sigma", "q", "steps", "epsilon", cross.value, "budget", "remaining", "sample delta", "trained"]
+    header += ["interrupted"] * any_interrupted + ["skipped", "dropped"]
     rows = []
     for c in clients:
         rows.append(
@@ -656,16 +837,30 @@ def _markdown(
                 _num(c.epsilon_remaining),
                 f"{c.delta:g}",
                 str(c.rounds_trained),
+                *([str(c.rounds_interrupted)] if any_interrupted else []),
                 str(c.rounds_skipped),
                 str(c.rounds_dropped),
             ]
         )
     out.append(_table(header, rows, [False] + [True] * (len(header) - 1)))
+    if any_interrupted:
+        out += [
+            "",
+            "`trained` counts every charged training; `interrupted` of them were attempts at a round that was stopped "
+            "after the charge and trained again on resume (the ledger's `resume` lines mark them). Their charges stay.",
+        ]
+    if enforced is not accountant:
+        out += [
+            "",
+            f"`remaining` and every comparison with a budget or a recorded figure use {enforced.value.upper()}, the "
+            "accountant the ledger enforced budgets with: like with like.",
+        ]
     out += ["", "### Epsilon after each round", ""]
     header = ["round", *(c.client for c in clients)]
     rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(rounds)]
     out.append(_table(header, rows, [True] * len(header)))
     out += ["", "## Client-level DP (a whole client's participation)", "", client_level.explanation, ""]
+    out += ["## What this audit checks, and what it cannot", "", *_SCOPE, ""]
     out += ["## Findings", ""]
     if not findings:
         out.append("No findings.")
@@ -689,6 +884,7 @@ def _report_json(
     findings: Sequence[Finding],
     paths: AuditPaths,
     ledger: LedgerIntegrity,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     def finite(value: float | None) -> float | None:
         return None if value is None or math.isinf(value) else value
@@ -701,12 +897,14 @@ def _report_json(
         "cross_check_accountant": cross.value,
         "rounds": rounds,
         "aborted_rounds": list(aborted),
+        "interrupted": interrupted,
         "sample_level": {
             c.client: {
                 "num_examples": c.num_examples,
                 "delta": c.delta,
                 "epsilon": c.epsilon,
                 "epsilon_cross_check": c.epsilon_cross_check,
+                "epsilon_enforced": c.epsilon_enforced,
                 "epsilon_budget": finite(c.epsilon_budget),
                 "epsilon_remaining": finite(c.epsilon_remaining),
                 "epsilon_by_round": list(c.epsilon_by_round),
@@ -714,6 +912,7 @@ def _report_json(
                 "sample_rates": list(c.sample_rates),
                 "steps": c.steps,
                 "rounds_trained": c.rounds_trained,
+                "rounds_interrupted": c.rounds_interrupted,
                 "rounds_skipped": c.rounds_skipped,
                 "rounds_dropped": c.rounds_dropped,
             }
@@ -727,9 +926,13 @@ def _report_json(
             "noise_multiplier": client_level.noise_multiplier,
             "sample_rate": client_level.sample_rate,
             "rounds": client_level.rounds,
+            "sampling": client_level.sampling,
+            "description": client_level.description,
+            "epsilon_against_server": finite(client_level.epsilon_against_server) if client_level.enabled else None,
             "explanation": client_level.explanation,
         },
-        "warnings": [f.to_json() for f in findings],
+        "findings": [f.to_json() for f in findings],
+        "counts": {s.value: sum(1 for f in findings if f.severity is s) for s in Severity},
         "files": {"markdown": str(paths.markdown), "json": str(paths.json), "plot": str(paths.plot)},
         "ledger": {
             "lines": ledger.lines,
@@ -780,11 +983,14 @@ def audit_run(
     out_dir: str | os.PathLike[str] | None = None,
     accountant: Accountant | str | None = None,
 ) -> AuditReport:
-    """Audits a finished run directory and writes ``audit.md``, ``audit.json`` and ``audit.png``.
+    """Audits a run directory and writes ``audit.md``, ``audit.json`` and ``audit.png``.
+
+    An unfinished run (no summary.json: interrupted, or still running) is audited as it stands,
+    from its ledger, history and recorded settings, without resuming it; the report says so (PFA015).
 
     Args:
-        run_dir: a directory written by ``privfl run`` (ledger.jsonl and ledger.key, summary.json,
-            history.json).
+        run_dir: a directory written by ``privfl run`` (ledger.jsonl and ledger.key, history.json,
+            and summary.json once finished).
         out_dir: where to write the three files (default: ``run_dir``).
         accountant: compose with this accountant instead of the ledger's (the other one is the
             cross-check). Default: the ledger's.
@@ -798,23 +1004,32 @@ def audit_run(
             key is missing, or it disagrees with history.json (a training the history records has
             no ledger entry, or the other way round) or with the lines history and summary recorded.
         ConfigError: ``run_dir`` is missing or lacks one of the files, a file is not valid,
-            or ``accountant`` is not ``"prv"`` or ``"rdp"``.
+            ``accountant`` is not ``"prv"`` or ``"rdp"``, or the report cannot be written to ``out_dir``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError("run_dir", str(run_dir), "does not exist or is not a directory")
     ledger, recorded_accountant = _load_ledger(run_dir)
-    summary = _read_json(run_dir / SUMMARY_FILE, "written when a run finishes; resume an interrupted run first")
-    _read_json(run_dir / HISTORY_FILE, "the per-round history")  # missing: the same message as the others
-    history = load_history(run_dir / HISTORY_FILE)
+    interrupted = not (run_dir / SUMMARY_FILE).exists()
+    if interrupted:
+        # An unfinished run is audited as it stands: resuming it to get a summary would spend more.
+        summary = _unfinished_summary(ledger, run_dir)
+        history = load_history(run_dir / HISTORY_FILE)
+    else:
+        summary = _read_json(run_dir / SUMMARY_FILE, "written when a run finishes")
+        _read_json(run_dir / HISTORY_FILE, "the per-round history")  # missing: the same message as the others
+        history = load_history(run_dir / HISTORY_FILE)
     if not isinstance(summary, dict):
         raise ConfigError("run_dir", str(run_dir), "summary.json must hold an object")
     # Every training the history records is charged in the ledger and vice versa, and the ledger
     # still holds the lines the history and summary saw: a removed or edited entry is an error.
     check_ledger_against_history(ledger, history, run_dir / LEDGER_FILE)
     _check_summary_anchor(ledger, summary, run_dir / LEDGER_FILE)
+    known = {a.value for a in Accountant}
+    # The accountant the ledger enforced budgets with (PRV stands in for one privfl cannot compose).
+    enforced = Accountant(recorded_accountant) if recorded_accountant in known else Accountant.PRV
     if accountant is None:
-        primary = Accountant(recorded_accountant) if recorded_accountant in {a.value for a in Accountant} else Accountant.PRV
+        primary = enforced
     else:
         try:
             primary = Accountant(accountant)
@@ -822,24 +1037,25 @@ def audit_run(
             raise ConfigError("accountant", accountant, f"must be one of {[a.value for a in Accountant]}") from None
     cross = Accountant.RDP if primary is Accountant.PRV else Accountant.PRV
 
-    clients, rounds, recorded = _client_audits(ledger, summary, history, primary, cross)
-    if primary.value != recorded_accountant:
-        recorded = {}  # the recorded figures used another accountant; comparing them would be meaningless
-    client_level = _client_level(summary, rounds, history)
+    clients, rounds, recorded = _client_audits(ledger, summary, history, primary, cross, enforced)
+    if recorded_accountant not in known:
+        recorded = {}  # the recorded figures used an accountant privfl does not compose; comparing would be meaningless
+    client_level = _client_level(summary, rounds, history, num_clients=len(ledger.clients) or None)
     findings = tuple(
         _findings(
             clients=clients,
             recorded_accountant=recorded_accountant,
             accountant=primary,
             cross=cross,
+            enforced=enforced,
             summary=summary,
             history=history,
             recorded=recorded,
             client_level=client_level,
+            interrupted=interrupted,
         )
     )
     out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
     paths = AuditPaths(markdown=out / "audit.md", json=out / "audit.json", plot=out / "audit.png")
     protection = str(summary.get("protection", "unknown"))
     aborted = tuple(int(h["round"]) for h in history if h.get("aborted"))
@@ -859,7 +1075,7 @@ def audit_run(
         paths=paths,
         ledger=integrity,
     )
-    markdown = _markdown(**common)
+    markdown = _markdown(**common, enforced=enforced, interrupted=interrupted)
     report = AuditReport(
         run_dir=run_dir,
         accountant=primary,
@@ -869,12 +1085,37 @@ def audit_run(
         aborted_rounds=aborted,
         clients=clients,
         client_level=client_level,
-        warnings=findings,
+        findings=findings,
         markdown=markdown,
         paths=paths,
         ledger=integrity,
+        interrupted=interrupted,
     )
-    _write(paths.markdown, markdown)
-    _write(paths.json, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
-    _plot(paths.plot, clients, history, primary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(paths.markdown, markdown)
+        _write(paths.json, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+        _plot(paths.plot, clients, history, primary)
+    except OSError as exc:
+        raise filesystem_error(exc, "out_dir", out, "write the audit report") from None
     return report
+
+
+def _unfinished_summary(ledger: PrivacyLedger, run_dir: Path) -> dict[str, Any]:
+    """What an unfinished run recorded of its settings, in the shape of summary.json.
+
+    The ledger's header holds the run's settings (authenticated with the ledger); run.json is
+    the fallback for ledgers written without them. The number of rounds is not part of a run's
+    identity, and client sizes are only in summary.json: both are left out.
+    """
+    identity = ledger.run_identity
+    if identity is None:
+        identity = load_run_identity(run_dir / RUN_FILE)
+    federation = _config_section(identity, "federation")
+    return {
+        "training": dict(_config_section(identity, "training")),
+        "federation": dict(federation),
+        "protection": str(federation.get("protection", "unknown")),
+        # Secret sampling is recorded by the summary; an unfinished run's follows from noise_seed.
+        "client_sampling_secret": federation.get("noise_seed") is None,
+    }

@@ -52,7 +52,7 @@ def report(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AuditRepo
 
 
 def _codes(report: AuditReport) -> set[str]:
-    return {f.code for f in report.warnings}
+    return {f.code for f in report.findings}
 
 
 def test_writes_the_three_files(report: AuditReport, run_dir: Path) -> None:
@@ -98,7 +98,7 @@ def test_cross_check_uses_the_other_accountant(report: AuditReport) -> None:
 
 def test_skipped_rounds_and_large_delta_are_flagged(report: AuditReport) -> None:
     by_code = {}
-    for f in report.warnings:
+    for f in report.findings:
         by_code.setdefault(f.code, []).append(f)
     assert {f.field for f in by_code["PFA002"]} == {"clients.client-0.delta", "clients.client-1.delta"}
     assert all(f.severity is Severity.ERROR for f in by_code["PFA002"])
@@ -108,8 +108,8 @@ def test_skipped_rounds_and_large_delta_are_flagged(report: AuditReport) -> None
     assert "PFA012" in by_code  # no client-level DP
     for code in ("PFA001", "PFA003", "PFA005", "PFA009", "PFA011"):
         assert code not in by_code
-    assert all(f.fix for f in report.warnings)
-    severities = [f.severity for f in report.warnings]
+    assert all(f.fix for f in report.findings)
+    severities = [f.severity for f in report.findings]
     assert severities == sorted(severities, key=[Severity.ERROR, Severity.WARNING, Severity.INFO].index)
 
 
@@ -221,7 +221,7 @@ def test_a_raised_noise_multiplier_is_caught(run_dir: Path, tmp_path: Path) -> N
     copy = _copy(run_dir, tmp_path / "resigned")
     _edit_ledger(copy, _raise_sigma("client-1"), resign=True)
     _drop_anchors(copy)
-    flagged = [f for f in audit_run(copy).warnings if f.code == "PFA011"]
+    flagged = [f for f in audit_run(copy).findings if f.code == "PFA011"]
     assert [f.field for f in flagged] == ["clients.client-1.epsilon"]
 
 
@@ -288,7 +288,7 @@ def test_seeded_client_sampling_is_flagged(run_dir: Path, tmp_path: Path) -> Non
         _edit(copy / "summary.json", change)
         audited = audit_run(copy)
         assert ("PFA013" in _codes(audited)) is (not secret)
-    (finding,) = [f for f in audited.warnings if f.code == "PFA013"]
+    (finding,) = [f for f in audited.findings if f.code == "PFA013"]
     unamplified = epsilon(noise_multiplier=1.2, sample_rate=1.0, steps=3, delta=1e-3)
     assert f"{unamplified:.3g} (q = 1)" in finding.message
 
@@ -317,9 +317,13 @@ def test_missing_or_broken_run_dir(tmp_path: Path, run_dir: Path) -> None:
     with pytest.raises(ConfigError, match="nowhere"):
         audit_run(tmp_path / "nowhere")
     copy = _copy(run_dir, tmp_path)
+    (copy / "history.json").unlink()
+    with pytest.raises(ConfigError, match="history.json is missing"):
+        audit_run(copy)  # a finished run (it has summary.json) must have its history
+    shutil.copy(run_dir / "history.json", copy / "history.json")
     (copy / "summary.json").unlink()
-    with pytest.raises(ConfigError, match="summary.json is missing"):
-        audit_run(copy)
+    # Without summary.json the run is unfinished: audited as it stands, and the report says so.
+    assert "PFA015" in {f.code for f in audit_run(copy).findings}
     (copy / "ledger.jsonl").write_text("{not json\n")
     with pytest.raises(LedgerError, match="ledger.jsonl: line 1: not a JSON line"):
         audit_run(copy)
