@@ -32,10 +32,23 @@ Where the noise is added depends on the protection:
 
 * ``plaintext`` and ``ckks``: centrally, once, on the aggregate (for CKKS by the key holder, after
   decryption and before the average is released);
-* ``secagg``: distributed. Each client adds N(0, (z_delta S)^2 / t) to its own clipped update before
-  masking, where t is the protocol's threshold, so the server never sees an un-noised sum. The sum
-  over s >= t survivors then carries variance (s / t)(z_delta S)^2 >= (z_delta S)^2: dropouts can
-  only leave more noise than accounted, never less.
+* ``secagg``: distributed. Each of the round's c clients adds N(0, rho (z_delta S)^2 / c) to its own
+  clipped update before masking, so the server never sees an un-noised sum; rho = max over round
+  sizes c' of c' / t(c') >= 1 (t the protocol's threshold) is public and fixed for the run. With
+  everyone surviving, the sum carries rho (z_delta S)^2 whatever c is: the released noise does not
+  reveal how many sites took part (with shares of (z_delta S)^2 / t(c) it would, c / t(c) varying
+  with c, and an observer of a high-dimensional release estimates the variance: issue 13). Any
+  s >= t(c) survivors still leave at least (z_delta S)^2, so the server never sees less than the
+  charged noise; but then the variance would reveal s / c, so a round with a dropout is not
+  released (fail closed, ``SecAggConfig.fail_on_dropout``).
+
+Adjacency (``ClientDPConfig.adjacency``): zero-out with the K sites public by default: neighbouring
+federations differ in one site's contribution, present or replaced by none. The released noise is
+then the same for both, and the release is exactly the Poisson-subsampled Gaussian that is charged
+(the grid's ceil leaves the total variance equal across c to a relative 2 / s_share, s_share the
+share's scale in steps, thousands or more: the Renyi divergence it opens is below d (2 / s_share)^2 / 4
+for d coordinates; below any reported digit). Against the server, which samples and sees who takes
+part, no participation guarantee holds: it gets the un-amplified epsilon (the audit says so).
 
 Secure aggregation clips every coordinate to its ``clip_range`` c: a clipped noise share is no longer
 the accounted noise (bounded support: epsilon is infinite under add/remove). :func:`secagg_range`
@@ -53,6 +66,7 @@ for any epsilon <= 32 (the tail delta, :attr:`SecAggRange.tail_delta`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +86,8 @@ __all__ = [
     "next_clip_norm",
     "delta_noise_multiplier",
     "SecAggRange",
+    "count_free_shares",
+    "secagg_noise_ratio",
     "secagg_range",
     "CLIP_TAIL_FRACTION",
     "TAIL_EPSILON_CEILING",
@@ -207,14 +223,15 @@ def release_noise(
         clip_norm: S this round.
         dim: number of update coordinates (the bit, if any, comes after them).
         adaptive: whether the vector carries the centred bit.
-        shares: t, the number of shares that together make the accounted noise.
+        shares: how many shares together make the accounted noise: t, or c / rho under secure
+            aggregation (:func:`count_free_shares`); a real number >= 1.
         min_grid: a power of two the grid steps must be multiples of (None: no constraint).
 
     Raises:
         ConfigError: ``shares`` < 1, or a grid that cannot hold the noise.
     """
-    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
-        raise ConfigError("threshold", shares, "must be an int >= 1")
+    if isinstance(shares, bool) or not isinstance(shares, (int, float)) or not (math.isfinite(shares) and shares >= 1):
+        raise ConfigError("threshold", shares, "shares must be a number >= 1")
     if min_grid is not None and not (math.isfinite(min_grid) and min_grid > 0 and math.frexp(min_grid)[0] == 0.5):
         raise ConfigError("min_grid", min_grid, "must be None or a power of two")
     blocks = [(plan.delta_noise_multiplier * clip_norm, clip_norm, dim)]
@@ -242,14 +259,15 @@ def distributed_noise(
     plan: ClientDPPlan,
     clip_norm: float,
     adaptive: bool,
-    threshold: int,
+    threshold: float,
     source: RandomSource,
     min_grid: float | None = None,
 ) -> np.ndarray:
     """One client's contribution under secure aggregation: its clipped vector on the grid plus its noise share.
 
-    The share is N_Z(0, s^2 / t) steps per coordinate (see :func:`release_noise`); any
-    ``s >= threshold`` shares sum to at least the accounted noise, so dropouts only add noise.
+    The share is N_Z(0, s^2 / t) steps per coordinate with t = ``threshold`` (see :func:`release_noise`;
+    the federation passes c / rho, :func:`count_free_shares`); any t shares sum to at least the
+    accounted noise.
 
     Raises:
         ConfigError: ``threshold`` < 1 or a value too large for the grid.
@@ -311,7 +329,7 @@ def secagg_range(
     clip_norm: float,
     dim: int,
     adaptive: bool,
-    threshold: int,
+    shares: float,
     max_clients: int,
     rounds: int,
     delta: float,
@@ -330,7 +348,7 @@ def secagg_range(
         clip_norm: S this round.
         dim: update coordinates (the bit, if any, comes after them).
         adaptive: whether the vector carries the centred bit.
-        threshold: t, the shares that together make the accounted noise.
+        shares: how many shares together make the accounted noise (c / rho, :func:`count_free_shares`).
         max_clients: n, the most clients a round can have (the union bound and the modulus use it).
         rounds: T, the planned rounds (the tail is spread over them).
         delta: the client-level delta.
@@ -347,10 +365,10 @@ def secagg_range(
     # log of p = delta 2^-10 / (T (1 + e^32)), kept in logs (p underflows nothing, but stays exact).
     log_p = math.log(delta * CLIP_TAIL_FRACTION / rounds) - (TAIL_EPSILON_CEILING + math.log1p(math.exp(-TAIL_EPSILON_CEILING)))
     k = math.sqrt(2 * (math.log(2 * coordinates) - log_p))
-    natural = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=threshold)
+    natural = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=shares)
     step = min(natural.update.grid, natural.bit.grid if natural.bit is not None else math.inf)
     while True:
-        noise = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=threshold, min_grid=step)
+        noise = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=shares, min_grid=step)
         reach = clip_norm + noise.update.grid * (1 + k * noise.update.sigma_steps)
         if noise.bit is not None:
             reach = max(reach, 0.5 + noise.bit.grid * (1 + k * noise.bit.sigma_steps))
@@ -375,3 +393,38 @@ def secagg_range(
         clip_probability=math.exp(log_p),
         tail_delta=delta * CLIP_TAIL_FRACTION,
     )
+
+
+def secagg_noise_ratio(threshold_of: Callable[[int], int], max_clients: int) -> float:
+    """rho = max over round sizes c in [2, ``max_clients``] of c / t(c): fixed for the run, public.
+
+    Rounds whose size the protocol cannot run (``threshold_of`` raises ConfigError) are skipped: they abort.
+
+    Raises:
+        ConfigError: no round size from 2 to ``max_clients`` can run.
+    """
+    ratios = []
+    for count in range(2, max(2, max_clients) + 1):
+        try:
+            ratios.append(count / threshold_of(count))
+        except ConfigError:
+            continue
+    if not ratios:
+        raise ConfigError("secagg.threshold", max_clients, "no round size can run secure aggregation")
+    return max(1.0, max(ratios))
+
+
+def count_free_shares(participants: int, noise_ratio: float) -> float:
+    """c / rho: each of the round's c shares then carries rho (z_delta S)^2 / c, and their sum rho (z_delta S)^2 for every c.
+
+    Any s >= t(c) >= c / rho of them still sum to at least the accounted (z_delta S)^2.
+
+    Raises:
+        ConfigError: fewer than two participants, or rho < 1.
+    """
+    if not (isinstance(participants, int) and participants >= 2):
+        raise ConfigError("participants", participants, "secure aggregation needs at least 2")
+    if not (math.isfinite(noise_ratio) and noise_ratio >= 1):
+        raise ConfigError("noise_ratio", noise_ratio, "must be >= 1")
+    # c / rho <= t(c) <= c, and >= 1 since rho <= c for c >= 2 (t >= 1)
+    return max(1.0, participants / noise_ratio)

@@ -34,6 +34,7 @@ __all__ = [
     "DatasetKind",
     "ModelKind",
     "ClientSampling",
+    "Adjacency",
     "ClientDPConfig",
     "DPConfig",
     "TrainingConfig",
@@ -236,6 +237,20 @@ class ClientSampling(str, Enum):
     """Exactly round(client_fraction x K) clients (accounted conservatively, without amplification)."""
 
 
+class Adjacency(str, Enum):
+    """Which pairs of federations client-level DP makes indistinguishable (docs/client-dp.md, "Adjacency")."""
+
+    ZERO_OUT = "zero-out"
+    """The K sites are public; one site's contribution is replaced by none (its data, or its taking part in
+    a round, is what is protected). Holds under every protection: the released noise never depends on
+    how many sites took part (distributed shares are scaled for the round's count, and a round with a
+    dropout is not released)."""
+    ADD_REMOVE = "add-remove"
+    """One site is added to or removed from the federation (K itself is protected). Holds for central
+    noise (plaintext, CKKS); refused with secure aggregation, where a withheld round's probability
+    depends on how many sites could drop out."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClientDPConfig:
     """Client-level DP (DP-FedAvg): protects a whole site's participation, not only its records.
@@ -254,6 +269,7 @@ class ClientDPConfig:
         bit_noise_std: sigma_b, noise on the count of unclipped updates (default: expected clients / 20).
         sampling: Poisson (default) or fixed-size client sampling.
         accountant: composition method.
+        adjacency: the neighbouring relation the epsilon is stated for (zero-out with K public by default).
     """
 
     target_epsilon: float | None = None
@@ -266,6 +282,7 @@ class ClientDPConfig:
     bit_noise_std: float | None = None
     sampling: ClientSampling = ClientSampling.POISSON
     accountant: Accountant = Accountant.PRV
+    adjacency: Adjacency = Adjacency.ZERO_OUT
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -288,6 +305,7 @@ class ClientDPConfig:
             _positive("bit_noise_std", self.bit_noise_std)
         _coerce_enum(self, "sampling", ClientSampling)
         _coerce_enum(self, "accountant", Accountant)
+        _coerce_enum(self, "adjacency", Adjacency)
 
 
 # Largest total coefficient-modulus bit count for 128-bit classical security with a ternary
@@ -397,6 +415,16 @@ class FederationConfig:
             raise ConfigError("client_dp", self.client_dp, "must be a ClientDPConfig")
         _unit_interval("client_fraction", self.client_fraction)
         _coerce_enum(self, "protection", ProtectionKind)
+        if (
+            self.client_dp is not None
+            and self.client_dp.adjacency is Adjacency.ADD_REMOVE
+            and self.protection is ProtectionKind.SECAGG
+        ):
+            # Distributed noise is released only when no sampled site drops out; how likely that is
+            # depends on how many sites there are, so K cannot be protected (docs/client-dp.md).
+            raise ConfigError(
+                "client_dp.adjacency", self.client_dp.adjacency.value, "secure aggregation supports zero-out adjacency only"
+            )
         if not isinstance(self.ckks, CkksConfig):
             raise ConfigError("ckks", self.ckks, "must be a CkksConfig")
         if not isinstance(self.secagg, SecAggConfig):

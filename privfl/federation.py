@@ -246,6 +246,8 @@ class Federation:
         self._unclipped_fraction = 0.0
         # The secure-aggregation range derived for the last round (privfl.client_dp.secagg_range).
         self._secagg_range = None
+        # rho of privfl.client_dp.secagg_noise_ratio, computed once per run (secagg only).
+        self._noise_ratio = None
         if client_dp is None:
             return
         self._client_plan = plan_client_dp(
@@ -595,7 +597,15 @@ class Federation:
         plan = self._client_plan
         adaptive = self.config.client_dp.adaptive
         distributed = self.config.protection is ProtectionKind.SECAGG
-        threshold = protection.config.resolve_threshold(len(updates)) if distributed and len(updates) >= 2 else 1
+        threshold = 1.0
+        if distributed and len(updates) >= 2:
+            from privfl.client_dp import count_free_shares, secagg_noise_ratio
+
+            if self._noise_ratio is None:
+                # rho, fixed for the run: the released noise rho (z_delta S)^2 then does not depend on
+                # how many sites took part (privfl.client_dp, "Adjacency").
+                self._noise_ratio = secagg_noise_ratio(protection.config.resolve_threshold, len(self.clients))
+            threshold = count_free_shares(len(updates), self._noise_ratio)
         min_grid = None
         if distributed:
             # Secure aggregation clips each coordinate to clip_range, which would cut the noise shares:
@@ -608,12 +618,13 @@ class Federation:
 
             dim = next(iter(updates.values())).delta.shape[0] if updates else 1
             derived = client_dp_module.secagg_range(
-                plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, threshold=threshold,
+                plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, shares=threshold,
                 max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self.config.client_dp.delta,
                 bits=protection.config.bits,
             )
             protection.config = replace(
-                protection.config, clip_range=derived.clip_range, fraction_bits=derived.fraction_bits, fail_on_clip=True
+                protection.config, clip_range=derived.clip_range, fraction_bits=derived.fraction_bits,
+                fail_on_clip=True, fail_on_dropout=True,
             )
             self._secagg_range = derived
             # Every noise grid is a multiple of the quantizer's power-of-two step: it maps each share

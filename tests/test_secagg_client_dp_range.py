@@ -43,7 +43,7 @@ def test_range_covers_the_noise_with_the_stated_tail_bound():
     # the docs' example with its noise fixed (1.55 is what its epsilon 2 calibrates to over 50 rounds)
     fixed = dataclasses.replace(DOCS_EXAMPLE, target_epsilon=None, noise_multiplier=1.55)
     plan = plan_client_dp(fixed, num_clients=100, client_fraction=0.1, rounds=50)
-    kw = dict(dim=2818, adaptive=True, threshold=7, max_clients=100, rounds=50, delta=1e-4)
+    kw = dict(dim=2818, adaptive=True, shares=7, max_clients=100, rounds=50, delta=1e-4)
     derived = secagg_range(plan, clip_norm=0.5, **kw)
     update, bit = derived.noise.update, derived.noise.bit
     # c >= bound + grid (1 + k s) in both blocks: a coordinate clips only if its share exceeds k s
@@ -70,21 +70,21 @@ def test_range_covers_the_noise_with_the_stated_tail_bound():
 def test_range_covers_a_large_bit_noise_and_coarsens_to_fit_few_bits():
     # The centred bit's share is clipped by the same c: a large sigma_b must widen the range.
     plan = _plan(1.0, bit_std=50.0)
-    derived = secagg_range(plan, clip_norm=0.1, dim=50, adaptive=True, threshold=3, max_clients=10, rounds=5, delta=1e-5)
+    derived = secagg_range(plan, clip_norm=0.1, dim=50, adaptive=True, shares=3, max_clients=10, rounds=5, delta=1e-5)
     bit = derived.noise.bit
     assert derived.clip_range >= 0.5 + bit.grid * (1 + derived.tail_sigmas * bit.sigma_steps) > 50.0 / math.sqrt(3) * 8
     # few modulus bits: the step is coarsened (the extra rounding folded into the share scale)
-    narrow = secagg_range(_plan(1.0), clip_norm=1.0, dim=10_000, adaptive=False, threshold=5, max_clients=50, rounds=10, delta=1e-5, bits=24)
-    wide = secagg_range(_plan(1.0), clip_norm=1.0, dim=10_000, adaptive=False, threshold=5, max_clients=50, rounds=10, delta=1e-5)
+    narrow = secagg_range(_plan(1.0), clip_norm=1.0, dim=10_000, adaptive=False, shares=5, max_clients=50, rounds=10, delta=1e-5, bits=24)
+    wide = secagg_range(_plan(1.0), clip_norm=1.0, dim=10_000, adaptive=False, shares=5, max_clients=50, rounds=10, delta=1e-5)
     assert narrow.bits_needed <= 24 and narrow.fraction_bits < wide.fraction_bits
     assert narrow.noise.update.sigma_steps * narrow.noise.update.grid * math.sqrt(5) >= 1.0
     with pytest.raises(ConfigError, match="bits"):
-        secagg_range(_plan(1.0), clip_norm=1.0, dim=10_000, adaptive=False, threshold=5, max_clients=50, rounds=10, delta=1e-5, bits=8)
+        secagg_range(_plan(1.0), clip_norm=1.0, dim=10_000, adaptive=False, shares=5, max_clients=50, rounds=10, delta=1e-5, bits=8)
 
 
 def test_shares_never_reach_the_derived_range():
     plan = _plan(2.0, bit_std=3.0)
-    derived = secagg_range(plan, clip_norm=1.0, dim=20_000, adaptive=True, threshold=2, max_clients=4, rounds=1, delta=1e-3)
+    derived = secagg_range(plan, clip_norm=1.0, dim=20_000, adaptive=True, shares=2, max_clients=4, rounds=1, delta=1e-3)
     step = 2.0**-derived.fraction_bits
     worst = 0.0
     for seed in range(4):
@@ -175,10 +175,9 @@ def test_aggregate_noise_is_the_charged_noise_at_the_docs_settings(credit_sites,
         std_update = math.sqrt(n * ((update.sigma_steps * update.grid) ** 2 + update.grid**2 / 4))
         std_bit = math.sqrt(n * ((bit.sigma_steps * bit.grid) ** 2 + bit.grid**2 / 4))
         normalised += list(noise[:-1] / std_update) + [noise[-1] / std_bit]
-        # the charged noise z_delta S: the planned sum carries it times sqrt(n / t), no less
-        t = config.resolve_threshold(len(updates))
+        # the charged noise z_delta S: the sum carries it times sqrt(rho) whatever n is, no less
         charged = plan.delta_noise_multiplier * update.sensitivity  # sensitivity = this round's S
-        charged_ratio.append(math.sqrt(n) * update.sigma_steps * update.grid / (charged * math.sqrt(n / t)))
+        charged_ratio.append(math.sqrt(n) * update.sigma_steps * update.grid / (charged * math.sqrt(fed._noise_ratio)))
     normalised = np.array(normalised)
     assert normalised.size > 2800  # at least one released round
     chi2 = float(np.sum(normalised**2))
@@ -187,7 +186,7 @@ def test_aggregate_noise_is_the_charged_noise_at_the_docs_settings(credit_sites,
           f"{len(rounds)} released rounds, clip ranges {[round(r[4].clip_range, 3) for r in rounds]}")
     assert 1e-4 < p < 1 - 1e-4, (chi2, normalised.size)  # variance as planned, neither less nor more
     assert stats.kstest(normalised, "norm").pvalue > 1e-4  # and Gaussian
-    # the planned sum is the charged noise (z_delta S sqrt(n / t)), inflated only by the grid (< 2^-9)
+    # the planned sum is the charged noise (z_delta S sqrt(rho)), inflated only by the grid (< 2^-9)
     assert all(1.0 <= r < 1 + 2.0**-9 for r in charged_ratio), charged_ratio
 
 

@@ -55,6 +55,9 @@ class SecAggConfig:
         fail_on_clip: abort the round, before anything is masked, when any coordinate of any client
             would be clipped (set by client-level DP, whose noise shares must never be clipped:
             :func:`privfl.client_dp.secagg_range`). False: clip and count, as for plain FedAvg.
+        fail_on_dropout: abort the round after unmasking, so that no client finalizes an average, when
+            any client dropped out (set by client-level DP: with a dropout the sum's noise would reveal
+            how many sites took part). False: the survivors' average, as usual.
         identities: authenticated mode: client id -> its long-term :class:`IdentityKey` (never shown in a
             repr). None generates one per client the first time it takes part and keeps it for later rounds.
     """
@@ -68,6 +71,7 @@ class SecAggConfig:
     graph_seed: bytes | None = None
     authenticated: bool = False
     fail_on_clip: bool = False
+    fail_on_dropout: bool = False
     identities: Mapping[str, IdentityKey] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +101,8 @@ class SecAggConfig:
             raise ConfigError("authenticated", self.authenticated, "must be a bool")
         if not isinstance(self.fail_on_clip, bool):
             raise ConfigError("fail_on_clip", self.fail_on_clip, "must be a bool")
+        if not isinstance(self.fail_on_dropout, bool):
+            raise ConfigError("fail_on_dropout", self.fail_on_dropout, "must be a bool")
         if self.identities is not None:
             if not self.authenticated:
                 raise ConfigError("identities", "given", "identity keys are used only with authenticated=True")
@@ -208,7 +214,8 @@ class SecAggProtection(Protection):
         Raises:
             ProtocolAbort: fewer than ``threshold`` clients complete a step (the message gives the counts),
                 or the settings cannot fit this round's client count (e.g. an int threshold above its
-                share holders), or ``fail_on_clip`` and a coordinate would be clipped (nothing is sent).
+                share holders), or ``fail_on_clip`` and a coordinate would be clipped (nothing is sent),
+                or ``fail_on_dropout`` and a client dropped out (the average is withheld).
             ConfigError: the configuration does not fit this round (e.g. too few bits for this many
                 clients), or its threshold is at or below half of this round's share holders.
         """
@@ -258,6 +265,15 @@ class SecAggProtection(Protection):
         words, transcript = drive(run, encoded, transport)
         survivors = run.server.survivors
         self.max_error = quantizer.max_error(len(survivors))
+        if cfg.fail_on_dropout and len(survivors) < len(ids):
+            # The server has unmasked a sum carrying at least the charged noise; the average is not
+            # released to anyone else, since its noise would reveal how many sites survived.
+            raise ProtocolAbort(
+                f"round {round_index}: {len(ids) - len(survivors)} of {len(ids)} clients dropped out; fail_on_dropout "
+                "withholds the average",
+                survivors=len(survivors),
+                threshold=len(ids),
+            )
 
         # The server sends the unmasked sum back; each client decodes it into the average.
         aggregate = encode_frame(_KIND_AGGREGATE, round_index, SERVER, [words.astype(WORD).tobytes()])
