@@ -201,12 +201,17 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode() + b"\n", 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode() + b"\n", 0)
+            os.fsync(fd)
+        except OSError as exc:
+            # Closing drops the lock: a failed start must not hold the directory until exit.
+            os.close(fd)
+            raise filesystem_error(exc, "out_dir", self.run_dir, f"record the holder in {LOCK_FILE}") from None
+        self._fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
