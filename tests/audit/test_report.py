@@ -332,3 +332,57 @@ def test_missing_or_broken_run_dir(tmp_path: Path, run_dir: Path) -> None:
         audit_run(copy)
     with pytest.raises(ConfigError, match="accountant"):
         audit_run(run_dir, out_dir=tmp_path / "x", accountant="gdp")
+
+
+def test_fixed_size_client_sampling_is_described_as_the_mechanism_that_ran(run_dir: Path, tmp_path: Path) -> None:
+    # Issue 13 item 5: "z = 7.2, m of K sites per round", not only its accounting model (q = 1, z/2).
+    copy = _copy(run_dir, tmp_path)
+    settings = {"noise_multiplier": 7.2, "delta": 1e-3, "sampling": "fixed", "accountant": "prv"}
+
+    def change(s):
+        s["federation"]["client_dp"] = settings
+        s["federation"]["client_fraction"] = 0.5
+
+    _edit(copy / "summary.json", change)
+    level = audit_run(copy).client_level
+    assert level.sampling == "fixed" and level.noise_multiplier == pytest.approx(3.6) and level.sample_rate == 1.0
+    assert level.description == "z = 7.2 on the sum of clipped updates, 1 of 2 sites per round (fixed-size sampling)"
+    assert "z/2 = 3.6 at q = 1" in level.explanation
+    # q = 1: no amplification to lose, so the guarantee against the server is the same figure.
+    assert level.epsilon_against_server == level.epsilon == pytest.approx(
+        epsilon(noise_multiplier=3.6, sample_rate=1.0, steps=3, delta=1e-3)
+    )
+
+
+def test_each_delta_is_labelled_and_the_no_amplification_epsilon_is_reported(run_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(run_dir, tmp_path)
+    settings = {"noise_multiplier": 1.2, "delta": 1e-3, "sampling": "poisson", "accountant": "prv"}
+
+    def change(s):
+        s["federation"]["client_dp"] = settings
+        s["federation"]["client_fraction"] = 0.5
+        s["client_sampling_secret"] = True  # secret: amplified against outsiders, not against the server
+
+    _edit(copy / "summary.json", change)
+    audited = audit_run(copy)
+    level = audited.client_level
+    unamplified = epsilon(noise_multiplier=1.2, sample_rate=1.0, steps=3, delta=1e-3)
+    assert level.epsilon < unamplified and level.epsilon_against_server == pytest.approx(unamplified)
+    assert f"against the server, which sees who took part: {unamplified:.3f}" in audited.markdown
+    assert f"epsilon {unamplified:.3f} (q = 1)" in level.explanation
+    assert audited.to_json()["client_level"]["epsilon_against_server"] == pytest.approx(unamplified)
+    assert f"sample-level delta (one record of a client): {DELTA:g}" in audited.markdown
+    assert "at client-level delta 0.001" in audited.markdown and "| sample delta |" in audited.markdown
+
+
+def test_the_report_says_what_it_checks_and_what_it_cannot(report: AuditReport) -> None:
+    assert "taken on trust" not in report.markdown
+    assert "## What this audit checks, and what it cannot" in report.markdown
+    assert "not checked: that the training code did what the ledger records" in report.markdown
+
+
+def test_the_threshold_advice_keeps_it_above_half_the_share_holders(run_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(run_dir, tmp_path)
+    _edit(copy / "history.json", lambda h: h[0].__setitem__("aborted", "2 survivors < threshold 3"))
+    (finding,) = [f for f in audit_run(copy).findings if f.code == "PFA008" and f.field == "rounds.aborted"]
+    assert "above half the share holders" in finding.fix and "PFL020" in finding.fix
