@@ -100,6 +100,7 @@ RULES: Mapping[str, tuple[Severity, str]] = {
     "PFL020": (Severity.ERROR, "secure-aggregation threshold not above half the share holders"),
     "PFL021": (Severity.ERROR, "rounds that cannot complete"),
     "PFL022": (Severity.WARNING, "noise_seed set: client sampling and DP noise predictable from the config"),
+    "PFL023": (Severity.INFO, "client-level DP under secure aggregation: clip range derived from the noise (ERROR: cannot fit)"),
 }
 
 
@@ -156,6 +157,7 @@ def lint_config(config: RunConfig, *, client_sizes: Mapping[str, int] | None = N
     findings += _client_level_rules(config)
     findings += _round_completion_rules(config)
     findings += _noise_seed_rules(config)
+    findings += _secagg_noise_range_rules(config)
     if plans is None:
         findings.append(
             _finding(
@@ -608,3 +610,58 @@ def _client_level_rules(config: RunConfig) -> list[Finding]:
             )
         ]
     return []
+
+
+REFERENCE_DIM = 100_000
+"""Model size the secure-aggregation range is illustrated for (the federation derives it for the real model)."""
+
+
+def _secagg_noise_range_rules(config: RunConfig) -> list[Finding]:
+    # Secure aggregation clips every coordinate to clip_range; a clipped noise share is not the
+    # charged noise (issue 13). The federation derives the range from the noise every round and aborts
+    # a round that would clip: this rule shows the range, and is an ERROR where no range can fit.
+    from privfl.client_dp import count_free_shares, plan_client_dp, secagg_noise_ratio, secagg_range
+
+    fed = config.federation
+    client_dp = fed.client_dp
+    if client_dp is None or fed.protection is not ProtectionKind.SECAGG:
+        return []
+    num_clients = config.data.num_clients
+    try:
+        plan = plan_client_dp(client_dp, num_clients=num_clients, client_fraction=fed.client_fraction, rounds=fed.rounds)
+        rho = secagg_noise_ratio(fed.secagg.resolve_threshold, num_clients)
+        shares = count_free_shares(max(2, num_clients), rho)
+        ranges = [
+            secagg_range(
+                plan, clip_norm=client_dp.clip_norm, dim=dim, adaptive=client_dp.adaptive, shares=shares,
+                max_clients=max(2, num_clients), rounds=fed.rounds, delta=client_dp.delta, bits=fed.secagg.bits,
+            )
+            for dim in (1, REFERENCE_DIM)
+        ]
+    except ConfigError as exc:
+        return [
+            Finding(
+                severity=Severity.ERROR,
+                code="PFL023",
+                field="federation.secagg.bits",
+                message=f"the client-level noise shares of {num_clients} sites cannot be held by secure aggregation without "
+                f"clipping them ({exc.reason}): clipping would cut the charged noise, so every round would abort.",
+                fix="Raise federation.secagg.bits (at most 32), or use fewer sites per secure-aggregation round.",
+            )
+        ]
+    derived = ranges[1]
+    return [
+        _finding(
+            "PFL023",
+            "federation.secagg.clip_range",
+            f"secure aggregation clips every coordinate to clip_range, which would cut the noise shares: under client-level "
+            f"DP privfl derives the range from the noise each round (S = {client_dp.clip_norm:g}: "
+            f"clip_range {derived.clip_range:.4g} and step 2^-{derived.fraction_bits} for a {REFERENCE_DIM}-parameter model, "
+            f"{derived.tail_sigmas:.1f} share standard deviations), replacing federation.secagg.clip_range/fraction_bits. "
+            f"A round that would clip anyway is aborted, as is one with a dropout; the tail adds "
+            f"{derived.tail_delta:.2g} to the client-level delta. Adjacency: {client_dp.adjacency.value} "
+            f"(the {num_clients} sites are public); against the server, which sees who takes part, no participation "
+            "guarantee holds.",
+            "Nothing to fix; `privfl audit` counts the rounds aborted this way.",
+        )
+    ]

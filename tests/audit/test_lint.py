@@ -269,6 +269,17 @@ def test_lint_counts_the_poisson_rounds_that_will_be_skipped():
     assert f"{p_short:.3g}" in finding.message and f"{p_short * 10:.1f} of 10 rounds" in finding.message
 
 
+def test_secagg_clip_range_derived_from_client_level_noise() -> None:
+    client_dp = {"target_epsilon": 2.0, "delta": 1e-4, "clip_norm": 0.5, "adaptive": True}
+    derived = fired(lint_config(make(**{"federation.protection": "secagg", "federation.client_dp": client_dp})), "PFL023")
+    assert derived.severity is Severity.INFO and "zero-out" in derived.message and "aborted" in derived.message
+    # 8-bit words cannot hold 5 sites' noise shares: clipping would cut the noise, every round would abort
+    narrow = {"federation.protection": "secagg", "federation.secagg": {"bits": 8}, "federation.client_dp": client_dp}
+    (finding,) = [f for f in lint_config(make(**narrow)) if f.code == "PFL023"]
+    assert finding.severity is Severity.ERROR and finding.field == "federation.secagg.bits"
+    assert "PFL023" not in codes(lint_config(make(**{"federation.client_dp": client_dp})))  # central noise
+
+
 def test_every_rule_has_a_test_above() -> None:
     # Guards the rules table in docs/audits.md and this file against silently growing apart.
     import inspect
