@@ -190,7 +190,7 @@ def test_aggregate_noise_is_the_charged_noise_at_the_docs_settings(credit_sites,
     assert all(1.0 <= r < 1 + 2.0**-9 for r in charged_ratio), charged_ratio
 
 
-def test_a_round_forced_to_clip_is_aborted_and_still_charged(credit_sites, monkeypatch):
+def test_a_round_forced_to_clip_is_aborted_and_still_charged(credit_sites, monkeypatch, tmp_path):
     import privfl.client_dp as client_dp_module
 
     real = client_dp_module.secagg_range
@@ -204,7 +204,7 @@ def test_a_round_forced_to_clip_is_aborted_and_still_charged(credit_sites, monke
 
     monkeypatch.setattr(client_dp_module, "secagg_range", too_narrow)
     fed = _federation(credit_sites, rounds=2)
-    result = fed.run()
+    result = fed.run(tmp_path / "run")
     trained = [h for h in result.history if len(h["trained"]) >= 2]
     assert trained
     for h in trained:
@@ -212,3 +212,19 @@ def test_a_round_forced_to_clip_is_aborted_and_still_charged(credit_sites, monke
     # nothing was released, and every round was charged all the same
     level = result.summary["client_level"]
     assert level["rounds_released"] == 2 and level["epsilon"] > 0
+
+    # the audit states the adjacency, against whom it holds, and the rounds aborted this way
+    import json
+
+    from privfl.audit import audit_run
+
+    (finding,) = [f for f in audit_run(tmp_path / "run").findings if f.code == "PFA016"]
+    assert finding.severity.value == "info" and "zero-out" in finding.message and "server" in finding.message
+    assert f"{len(trained)} round(s)" in finding.message
+    # a secagg run from before the derived range (no adjacency recorded) is flagged: its noise could be clipped
+    summary_path = tmp_path / "run" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["federation"]["client_dp"].pop("adjacency")
+    summary_path.write_text(json.dumps(summary))
+    (old,) = [f for f in audit_run(tmp_path / "run").findings if f.code == "PFA016"]
+    assert old.severity.value == "error" and "clip" in old.message

@@ -68,6 +68,7 @@ AUDIT_CODES: Mapping[str, tuple[Severity, str]] = {
     "PFA013": (Severity.WARNING, "client sampling reproducible from the config (no amplification against its holders)"),
     "PFA014": (Severity.INFO, "the requested accountant's epsilon is above a budget the ledger enforced with another"),
     "PFA015": (Severity.WARNING, "the run is unfinished (no summary.json): what is there was audited"),
+    "PFA016": (Severity.INFO, "client-level adjacency and against whom it holds (ERROR: secagg noise could be clipped)"),
 }
 
 
@@ -714,6 +715,8 @@ def _findings(
                 "Leave federation.noise_seed unset outside simulations: privfl then samples clients from OS entropy.",
             )
         )
+    if client_level.enabled:
+        out.append(_adjacency_finding(summary, history, client_level))
     if not client_level.enabled:
         out.append(
             _finding(
@@ -726,6 +729,49 @@ def _findings(
         )
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
     return sorted(out, key=lambda f: (order[f.severity], f.code, f.field))
+
+
+def _adjacency_finding(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]], client_level: ClientLevelAudit) -> Finding:
+    """PFA016: which adjacency the client-level epsilon is stated for, against whom it holds, and (secagg) whether noise could be clipped."""
+    settings = _client_dp_settings(summary) or {}
+    secagg = str(_config_section(summary, "federation").get("protection", "")) == "secagg"
+    adjacency = settings.get("adjacency")
+    if secagg and adjacency is None:
+        # Written before the range was derived from the noise (issue 13): a fixed clip_range clipped the
+        # noise shares (bounded noise: epsilon is infinite under add/remove), and the shares' variance
+        # varied with the number of sites that took part.
+        return _finding(
+            "PFA016",
+            "federation.secagg.clip_range",
+            f"this secure-aggregation run predates the noise-derived clip range: a fixed clip_range could clip the "
+            f"client-level noise shares, and their variance varied with how many sites took part, so the recorded "
+            f"client-level epsilon {client_level.epsilon:.3g} is not supported by the mechanism that ran.",
+            "Rerun with this privfl version: it derives the range from the noise, aborts a round that would clip "
+            "and states the adjacency (docs/client-dp.md).",
+            severity=Severity.ERROR,
+        )
+    aborted = [
+        h.get("round") for h in history if "fail_on_clip" in str(h.get("aborted") or "") or "fail_on_dropout" in str(h.get("aborted") or "")
+    ]
+    against_server = (
+        f"against the server, which samples the sites and sees who takes part, no participation guarantee holds "
+        f"(epsilon {client_level.epsilon_against_server:.3g}, q = 1, protects a participating site's update)"
+    )
+    message = (
+        f"client-level epsilon {client_level.epsilon:.3g} is stated for {adjacency or 'zero-out'} adjacency "
+        f"({'the sites are public; a site contributes or is replaced by none' if (adjacency or 'zero-out') == 'zero-out' else 'a site is added or removed'}); "
+        f"it holds against anyone who sees only the released models; {against_server}."
+    )
+    if secagg:
+        from privfl.client_dp import CLIP_TAIL_FRACTION
+
+        tail = float(settings.get("delta", 0.0)) * CLIP_TAIL_FRACTION
+        message += (
+            f" Secure aggregation's clip range was derived from the noise each round: a round that would clip "
+            f"a noise share, or that lost a site, was aborted ({len(aborted)} round(s): {aborted[:10]}); the chance "
+            f"of clipping adds at most {tail:.2g} to the client-level delta."
+        )
+    return _finding("PFA016", "federation.client_dp.adjacency", message, "Nothing to fix; docs/client-dp.md, Adjacency.")
 
 
 # -- rendering ---------------------------------------------------------------------------------------
