@@ -17,7 +17,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from privfl.config import default_config, load_config
-    from privfl.report import print_run_report
     from privfl.runner import run
 
     config = load_config(args.config) if args.config else default_config()
@@ -33,6 +32,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # The hint depends on what the run left in the directory; the library says which is true.
         print(f"privfl: interrupted; {interrupted_run_hint(out)}", file=sys.stderr)
         return 130
+    from privfl.report import print_run_report  # torch-heavy: not imported on the path of a refusal
+
     print_run_report(result, console=Console())
     if result.history and all(record.get("aborted") for record in result.history):
         # The run did no useful work: a script must not read it as a success.

@@ -370,11 +370,11 @@ class Federation:
         out = Path(out_dir) if out_dir is not None else None
         if out is None:
             return self._run(None, resume)
+        # Refuse for the directory before calibrating noise or building models (seconds to minutes
+        # of work); under the lock, _restore repeats these checks as it opens the ledger.
+        check_run_directory(out, resume=resume)
         # One run per directory: two would charge budgets from the same starting point.
         with RunLock(out):
-            # Refuse for the directory before calibrating noise or building models (seconds to
-            # minutes of work); _restore repeats these checks as it opens the ledger.
-            check_run_directory(out, resume=resume)
             try:
                 return self._run(out, resume)
             except OSError as exc:

@@ -227,6 +227,24 @@ class RunLock:
             os.close(fd)
 
 
+def _probe_lock(run_dir: Path) -> None:
+    """Raises RunLockedError if a run holds ``run_dir``'s lock now; takes and drops it otherwise, writing nothing."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # unreadable or gone: RunLock itself will say what is wrong
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLockedError(str(run_dir), _read_holder(fd)) from None
+    except OSError:
+        return
+    finally:
+        os.close(fd)  # closing drops a lock we took
+
+
 def _read_holder(fd: int) -> str:
     try:
         raw = os.pread(fd, 4096, 0)
@@ -258,6 +276,7 @@ def check_run_directory(run_dir: str | os.PathLike[str], *, resume: bool) -> Non
         ConfigError: ``run_dir`` is a file, cannot be created or written, holds a ledger and
             ``resume`` is False, or holds no ledger and ``resume`` is True.
         LedgerError: ``run_dir`` holds traces of a run (or a format-1 ledger) but no ledger.
+        RunLockedError: a run holds ``run_dir`` now.
     """
     out = Path(run_dir)
     if out.exists() and not out.is_dir():
@@ -270,6 +289,9 @@ def check_run_directory(run_dir: str | os.PathLike[str], *, resume: bool) -> Non
         raise ConfigError("out_dir", str(out), f"cannot be created: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("out_dir", str(out), f"cannot be written: no write permission on {existing}; choose another directory")
+    if (out / LOCK_FILE).is_file():
+        # A run in progress is the first thing to say: its ledger may not exist yet.
+        _probe_lock(out)
     if (out / LEDGER_FILE).exists():
         if not resume:
             raise ConfigError(

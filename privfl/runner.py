@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 from privfl.config import DatasetKind, PartitionKind, RunConfig
-from privfl.data import (
-    DatasetSplit,
-    dirichlet_partition,
-    group_partition,
-    iid_partition,
-    labels_of,
-    load_breast_cancer,
-    load_digits,
-    make_credit,
-    subsets,
-)
 from privfl.errors import ConfigError
-from privfl.federation import Federation, RunResult
-from privfl.models import build_model
+from privfl.rundir import check_run_directory
+
+if TYPE_CHECKING:
+    from privfl.data import DatasetSplit
+    from privfl.federation import RunResult
+
+# privfl.data, privfl.federation and privfl.models import torch (seconds of CPU): they are imported
+# where used, so that a run refused for its directory does not pay for them.
 
 __all__ = ["load_dataset", "split_clients", "run"]
 
 
 def load_dataset(config: RunConfig) -> DatasetSplit:
     """The bundled dataset a run config names."""
+    from privfl.data import load_breast_cancer, load_digits, make_credit
+
     seed = config.federation.seed
     if config.data.dataset is DatasetKind.BREAST_CANCER:
         return load_breast_cancer(test_fraction=config.data.test_fraction, seed=seed)
@@ -35,6 +34,8 @@ def load_dataset(config: RunConfig) -> DatasetSplit:
 
 def split_clients(config: RunConfig, split: DatasetSplit) -> dict:
     """Client name -> training subset, as the config's partition says."""
+    from privfl.data import dirichlet_partition, group_partition, iid_partition, labels_of, subsets
+
     data = config.data
     seed = config.federation.seed
     if data.partition is PartitionKind.GROUP:
@@ -67,7 +68,17 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None, *, resume: bo
 
     Returns:
         The federation's result.
+
+    Raises:
+        ConfigError, LedgerError, RunLockedError: ``out_dir`` cannot take this run (see
+            :func:`privfl.rundir.check_run_directory`); raised before the dataset is loaded.
     """
+    if out_dir is not None:
+        # A refusal for the directory must not wait for data loading and noise calibration.
+        check_run_directory(out_dir, resume=resume)
+    from privfl.federation import Federation
+    from privfl.models import build_model
+
     split = load_dataset(config)
     clients = split_clients(config, split)
     input_shape = split.train.input_shape

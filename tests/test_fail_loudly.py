@@ -114,6 +114,29 @@ def test_refusals_for_the_directory_come_before_noise_calibration(clients, split
     assert no_calibration == []
 
 
+def test_the_runner_refuses_before_loading_data(tmp_path, monkeypatch):
+    import privfl.runner as runner
+    from privfl.config import load_config
+
+    config = load_config(_tiny_config(tmp_path))
+
+    def load(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the run directory was checked")
+
+    monkeypatch.setattr(runner, "load_dataset", load)
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / LEDGER_FILE).write_text("")
+    with pytest.raises(ConfigError, match="already holds"):
+        runner.run(config, held, progress=False)
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        runner.run(config, tmp_path / "empty", resume=True, progress=False)
+    with RunLock(tmp_path / "locked"):
+        # A run in progress may not have written its ledger yet: "in use" is the true refusal.
+        with pytest.raises(RunLockedError):
+            runner.run(config, tmp_path / "locked", resume=True, progress=False)
+
+
 def test_an_unwritable_directory_is_refused_before_anything_is_created(tmp_path, monkeypatch):
     from privfl.rundir import check_run_directory
 
