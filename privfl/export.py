@@ -162,7 +162,7 @@ def _resolve_round(run_dir: Path, round_index: int | None) -> int:
     return round_index
 
 
-def _build(run_dir: Path, model_fn: Callable[[], nn.Module], identity: dict[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
+def _build(model_fn: Callable[[], nn.Module], identity: dict[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
     """``model_fn()`` initialised as the run's initial model was, then converted for DP-SGD."""
     from privfl.training import convert_for_dp, warn_conversion
 
@@ -191,7 +191,7 @@ def _load(
     run = Path(run_dir)
     chosen = _resolve_round(run, round_index)
     identity = load_run_identity(run / RUN_FILE)
-    model, changes = _build(run, model_fn, identity)
+    model, changes = _build(model_fn, identity)
     name = type(model).__name__
     recorded = _read_architecture(run)
     if recorded is not None:
@@ -200,6 +200,8 @@ def _load(
     try:
         flat = load_checkpoint(run, chosen, num_parameters)
     except ConfigError as exc:
+        # Only a size mismatch is the model's fault (and, without model.json, the only check
+        # there is); a corrupt or missing checkpoint stays the checkpoint's error.
         if "parameters; the model has" in exc.reason:
             raise ConfigError(
                 "model_fn", name, f"has {num_parameters} trainable parameters; the run in {run} trained another model ({exc.reason})"
