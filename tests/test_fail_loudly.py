@@ -168,6 +168,20 @@ def test_run_and_audit_with_an_impossible_out_exit_2(tmp_path, capsys, where, au
     _no_traceback(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_attack_on_a_read_only_or_full_disk_exits_2(tmp_path, capsys, monkeypatch, code):
+    import privfl.attack_harness as harness
+
+    def fails(config, out, **kwargs):
+        raise OSError(code, os.strerror(code), str(Path(out) / "results.json"))
+
+    monkeypatch.setattr(harness, "run_attack_matrix", fails)
+    assert main(["attack", "--out", str(tmp_path / "attacks"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert os.strerror(code) in err and "results.json" in err
+
+
 def test_lint_of_an_unreadable_file_exits_2(tmp_path, capsys, monkeypatch):
     config = _tiny_config(tmp_path)
     real_read_text = Path.read_text
