@@ -303,6 +303,9 @@ class Federation:
         if not isinstance(model, nn.Module):
             raise ConfigError("model_fn", type(model).__name__, "must return a torch.nn.Module")
         fixed = make_private_compatible(model)
+        # Every client and evaluation model starts from this model's full state: parameters that are
+        # not trained (frozen layers) and buffers are not in the flat vector the rounds exchange.
+        self._initial_state = {name: value.detach().clone() for name, value in fixed.state_dict().items()}
         return fixed, fixed is not model
 
     def _fresh_model(self, needs_fix: bool) -> nn.Module:
@@ -312,6 +315,7 @@ class Federation:
                 # The user was warned once, when the initial model was fixed.
                 warnings.simplefilter("ignore", UserWarning)
                 model = make_private_compatible(model)
+        model.load_state_dict(self._initial_state)
         return model
 
     def _plans(self) -> list[_ClientPlan]:

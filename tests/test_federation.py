@@ -205,3 +205,35 @@ def test_resume_with_secret_sampling_keeps_the_recorded_samples(clients, split, 
     for name in clients:
         trained = sum(name in h["trained"] for h in resumed.history)
         assert resumed.summary["clients"][name]["rounds_trained"] == trained
+
+
+def test_frozen_random_layers_are_the_same_in_every_client_and_evaluation_model():
+    # A frozen, randomly initialised layer is not in the exchanged parameter vector: every model the
+    # run builds must still carry the first model's values, or the recorded accuracy describes
+    # another model than the one returned.
+    import torch
+    from torch import nn
+
+    from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+    from privfl.data import iid_partition, load_breast_cancer, subsets
+    from privfl.federation import Federation
+    from privfl.training import evaluate
+
+    def model_fn():
+        frozen = nn.Linear(30, 30)
+        frozen.requires_grad_(False)
+        return nn.Sequential(frozen, nn.Tanh(), nn.Linear(30, 2))
+
+    split = load_breast_cancer()
+    parts = iid_partition(len(split.train), 3, seed=0)
+    fed = Federation(
+        model_fn=model_fn,
+        clients={f"s{i}": d for i, d in enumerate(subsets(split.train, parts))},
+        test_set=split.test,
+        training=TrainingConfig(batch_size=32, learning_rate=0.5, dp=DPConfig(noise_multiplier=0.5)),
+        federation=FederationConfig(rounds=2, protection=ProtectionKind.PLAINTEXT, noise_seed=0),
+        progress=False,
+    )
+    result = fed.run()
+    _, accuracy = evaluate(result.model, split.test, device=torch.device("cpu"))
+    assert result.history[-1]["test_accuracy"] == accuracy
