@@ -151,13 +151,15 @@ _PLD_LARGE_EPSILON = 1000.0
 # cost a second each per distinct (sigma, q) and add nothing above epsilon ~0.003.
 _RDP_ORDERS: tuple[float, ...] = tuple(
     sorted(
-        {1.001, 1.002, 1.005, 1.01, 1.02, 1.03, 1.05, 1.075, 1.1, 1.15, 1.2, 1.3, 1.4, 1.6, 1.8}
-        | {1.25, 1.5, 1.75, 2.25, 2.5, 2.75, 3.5, 4.5, 5.5}  # dp-accounting's own fractional orders, and a few
+        {1.001, 1.002, 1.005, 1.01, 1.02, 1.03, 1.05, 1.075, 1.15, 1.25, 1.75}  # 1.25, 1.75: dp-accounting's
+        | {round(1 + x / 10, 1) for x in range(1, 30)}
+        | {round(4 + x / 4, 2) for x in range(16)}
+        | {round(8 + x / 2, 1) for x in range(7)}
         | {float(a) for a in range(2, 64)}
         | {64.0, 80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 384.0, 512.0, 768.0, 1024.0, 1536.0, 2048.0, 3072.0, 4096.0}
     )
 )
-"""Fractional orders cost ~5 ms each per distinct (sigma, q); 24 of them keep a call near 0.1 s."""
+"""Fractional orders cost ~5 ms each per distinct (sigma, q); these ~60 keep a call near 0.3 s."""
 
 _RDP_TAIL_ORDERS: tuple[float, ...] = (1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0, 512.0)
 """Orders for the PRV mesh's tail bounds: any valid bound serves, a looser one only widens the mesh."""
