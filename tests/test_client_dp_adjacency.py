@@ -125,3 +125,42 @@ def test_a_round_with_a_dropout_is_withheld_under_fail_on_dropout():
     assert strict.run_round(0, updates, _Losing(())).contributors  # nobody lost: released
     lenient = SecAggProtection(SecAggConfig(threshold=3))
     assert "c2" in lenient.run_round(0, updates, _Losing(lossy)).dropped
+
+
+def test_a_federation_round_that_loses_a_site_is_withheld_and_charged():
+    from privfl.config import DPConfig, TrainingConfig
+    from privfl.data import iid_partition, make_credit, subsets
+    from privfl.federation import Federation
+    from privfl.models import LogisticRegression
+
+    split = make_credit(num_rows=600, seed=3)
+    clients = {f"s{i}": s for i, s in enumerate(subsets(split.train, iid_partition(len(split.train), 6, seed=0)))}
+
+    class LoseOnce(DirectTransport):
+        """Loses site s2's masked input in the first round only."""
+
+        def __init__(self):
+            self.lost = False
+
+        def deliver(self, sender, receiver, step, payload):
+            if sender == "s2" and step == "masked_input" and not self.lost:
+                self.lost = True
+                return None
+            return payload
+
+    fed = Federation(
+        model_fn=lambda: LogisticRegression(8, 2),
+        clients=clients,
+        training=TrainingConfig(batch_size=32, learning_rate=1.0, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(
+            rounds=2, client_fraction=1.0, protection=ProtectionKind.SECAGG, noise_seed=5,
+            client_dp=ClientDPConfig(noise_multiplier=1.0, clip_norm=0.5),
+        ),
+        transport=LoseOnce(),
+        progress=False,
+    )
+    result = fed.run()
+    first, second = result.history
+    assert "fail_on_dropout" in first["aborted"] and first["contributors"] == []
+    assert second["aborted"] is None and len(second["contributors"]) == 6
+    assert result.summary["client_level"]["rounds_released"] == 2  # the withheld round is charged too
