@@ -601,7 +601,7 @@ class Federation:
         plan = self._client_plan
         adaptive = self.config.client_dp.adaptive
         distributed = self.config.protection is ProtectionKind.SECAGG
-        threshold = 1.0
+        shares = 1.0  # how many noise shares make the charged noise (c / rho under secagg)
         if distributed and len(updates) >= 2:
             from privfl.client_dp import count_free_shares, secagg_noise_ratio
 
@@ -609,7 +609,7 @@ class Federation:
                 # rho, fixed for the run: the released noise rho (z_delta S)^2 then does not depend on
                 # how many sites took part (privfl.client_dp, "Adjacency").
                 self._noise_ratio = secagg_noise_ratio(protection.config.resolve_threshold, len(self.clients))
-            threshold = count_free_shares(len(updates), self._noise_ratio)
+            shares = count_free_shares(len(updates), self._noise_ratio)
         min_grid = None
         if distributed:
             # Secure aggregation clips each coordinate to clip_range, which would cut the noise shares:
@@ -622,7 +622,7 @@ class Federation:
 
             dim = next(iter(updates.values())).delta.shape[0] if updates else 1
             derived = client_dp_module.secagg_range(
-                plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, shares=threshold,
+                plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, shares=shares,
                 max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self.config.client_dp.delta,
                 bits=protection.config.bits,
             )
@@ -647,7 +647,7 @@ class Federation:
                 # float bit of what is summed depends on the update (Mironov 2012).
                 seed = None if self.config.noise_seed is None else self._noise_seed(round_index, self._plans_by_name[name].index, 1)
                 vector = distributed_noise(
-                    vector, plan=plan, clip_norm=self._clip_norm, adaptive=adaptive, threshold=threshold,
+                    vector, plan=plan, clip_norm=self._clip_norm, adaptive=adaptive, threshold=shares,
                     source=random_source(seed), min_grid=min_grid,
                 )
             # Uniform weights: with client-level DP every site counts once, whatever its size.
