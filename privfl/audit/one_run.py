@@ -75,6 +75,24 @@ class OneRunLowerBound:
     analysis: OneRunAnalysis
     grid_size: int
 
+    def describe(self) -> str:
+        """One line for a report: the bound, its confidence and the ceiling for this m.
+
+        The ceiling is part of every statement because a bound far below the claim says little
+        when the claim is above what m canaries could ever certify.
+        """
+        name = "eps-DP (Steinke et al. 2023)" if self.analysis is OneRunAnalysis.EPSILON_DP else (
+            "f-DP, Gaussian trade-off (Mahloujifar et al. 2024)"
+        )
+        mu = f" (mu >= {self.mu:.3f})" if self.mu is not None else ""
+        grid = f", best of {self.grid_size} pre-declared guess counts" if self.grid_size > 1 else ""
+        return (
+            f"one-run {name} audit: epsilon >= {self.epsilon:.3f}{mu} at delta={self.delta:g} with "
+            f"{1 - self.alpha:.0%} confidence, {self.correct} of {self.guesses} guesses right "
+            f"({self.k_plus} IN, {self.k_minus} OUT){grid}; ceiling for m={self.num_canaries} canaries: "
+            f"{self.ceiling:.3f} (a perfect attack could certify no more)"
+        )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CanaryTrial:
@@ -476,6 +494,8 @@ class InputSpaceAuditConfig:
         canary_scale: Magnitude of each canary's private marker feature.
         delta: Delta of the claimed and the empirical epsilon.
         alpha: One minus the confidence level of the empirical bound.
+        analysis: The one-run analysis: eps-DP (default) or the f-DP (Gaussian trade-off)
+            analysis, which certifies more when the privacy curve is Gaussian-shaped.
         seed: Seeds data split, canaries, model init, sampling and noise (simulation only).
     """
 
@@ -489,9 +509,15 @@ class InputSpaceAuditConfig:
     canary_scale: float = 20.0
     delta: float = 1e-5
     alpha: float = 0.05
+    analysis: OneRunAnalysis = OneRunAnalysis.EPSILON_DP
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.analysis, OneRunAnalysis):
+            try:
+                object.__setattr__(self, "analysis", OneRunAnalysis(self.analysis))
+            except ValueError:
+                raise ConfigError("analysis", self.analysis, f"must be one of {[a.value for a in OneRunAnalysis]}") from None
         if self.num_canaries < 2:
             raise ConfigError("num_canaries", self.num_canaries, "must be at least 2")
         if not self.noise_multiplier > 0:
@@ -519,7 +545,7 @@ class InputSpaceAuditResult:
     Attributes:
         trial: Canary scores (negative loss under the trained model) and true inclusion.
         claimed_epsilon: Opacus' RDP accountant epsilon at ``config.delta``.
-        bound: The one-run eps-DP lower bound from the canary scores.
+        bound: The one-run lower bound from the canary scores (``config.analysis``).
         steps: DP-SGD steps taken.
     """
 
@@ -604,5 +630,5 @@ def run_input_space_canary_audit(config: InputSpaceAuditConfig) -> InputSpaceAud
         model, torch.tensor(canary_x, dtype=torch.float32), torch.tensor(canary_y, dtype=torch.int64)
     )
     trial = CanaryTrial(scores=scores, included=included)
-    bound = one_run_epsilon_lower_bound(scores, included, delta=config.delta, alpha=config.alpha)
+    bound = one_run_epsilon_lower_bound(scores, included, delta=config.delta, alpha=config.alpha, analysis=config.analysis)
     return InputSpaceAuditResult(trial=trial, claimed_epsilon=claimed, bound=bound, steps=steps)

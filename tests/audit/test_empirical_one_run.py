@@ -177,3 +177,36 @@ def test_opacus_input_space_canary_audit_longer_training() -> None:
     assert result.steps == 100
     assert result.bound.epsilon > 0.1  # measured 0.32
     assert compare_to_claim(result.bound, result.claimed_epsilon).passed
+
+
+def test_f_dp_analysis_certifies_more_than_eps_dp_at_m_1000() -> None:
+    # benchmarks/audit_power.py measures this over 50 seeds (docs/audits-empirical.md); 10 here.
+    sigma, m = 1.0, 1000
+    theoretical = gaussian_mechanism_epsilon(sigma, DELTA)
+    shares = {a: [] for a in OneRunAnalysis}
+    for seed in range(10):
+        trial = simulate_dirac_canaries(dimension=m, num_canaries=m, noise_multiplier=sigma, seed=seed)
+        for analysis in OneRunAnalysis:
+            bound = one_run_epsilon_lower_bound(
+                trial.scores, trial.included, delta=DELTA, alpha=ALPHA, k_plus=50, k_minus=50, analysis=analysis
+            )
+            assert bound.epsilon <= bound.ceiling
+            shares[analysis].append(bound.epsilon / theoretical)
+    assert np.mean(shares[OneRunAnalysis.GAUSSIAN_DP]) > 0.45
+    assert np.mean(shares[OneRunAnalysis.GAUSSIAN_DP]) > np.mean(shares[OneRunAnalysis.EPSILON_DP]) + 0.1
+
+
+@pytest.mark.parametrize("analysis", list(OneRunAnalysis))
+def test_every_one_run_report_states_the_ceiling_for_its_m(analysis: OneRunAnalysis) -> None:
+    trial = simulate_dirac_canaries(dimension=400, num_canaries=400, noise_multiplier=1.0, seed=3)
+    bound = one_run_epsilon_lower_bound(trial.scores, trial.included, delta=DELTA, k_plus=20, k_minus=20, analysis=analysis)
+    line = bound.describe()
+    assert f"ceiling for m=400 canaries: {bound.ceiling:.3f}" in line
+    assert f"epsilon >= {bound.epsilon:.3f}" in line and "95% confidence" in line
+
+
+def test_input_space_audit_takes_the_analysis_option() -> None:
+    assert InputSpaceAuditConfig(analysis="gaussian-dp").analysis is OneRunAnalysis.GAUSSIAN_DP
+    with pytest.raises(ConfigError) as info:
+        InputSpaceAuditConfig(analysis="renyi")
+    assert info.value.field == "analysis"
