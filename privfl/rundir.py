@@ -81,8 +81,8 @@ _MAX_JSON_BYTES = 256 * 2**20
 
 # -- filesystem errors ---------------------------------------------------------------------------------
 _ERRNO_ADVICE = {
-    errno.ENOSPC: "the disk is full; free space",
-    errno.EDQUOT: "the disk quota is exhausted; free space",
+    errno.ENOSPC: "free space first",
+    errno.EDQUOT: "the disk quota is exhausted; free space first",
     errno.EROFS: "the file system is read-only; choose a directory on a writable one",
     errno.EACCES: "permission denied; choose a directory you can write to",
     errno.EPERM: "operation not permitted; choose a directory you can write to",

@@ -213,9 +213,10 @@ def _disk_fills_after(monkeypatch, writes: int, *, target=os, name="fsync"):
     return count
 
 
-@pytest.mark.parametrize("writes", [1, 3, 6, 12])
+@pytest.mark.parametrize("writes", [1, 3, 6, 12, 20])
 def test_disk_full_during_a_run_exits_2_leaves_no_temp_files_and_resumes(tmp_path, capsys, monkeypatch, writes):
-    # fsync number 1 is the run lock's, 2-3 the key and the ledger's creation, then journal lines and state files.
+    # A 2-round run fsyncs 28 times: 1 the run lock, 2-5 the key and the ledger's creation (file and
+    # directory), then run.json, journal lines, history, checkpoints and summary.
     config = _tiny_config(tmp_path)
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
