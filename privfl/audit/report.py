@@ -458,15 +458,16 @@ def _client_level(
     explanation = (
         f"Client-level DP (DP-FedAvg): {description}. {accounting} Composed over {rounds} rounds with "
         f"{kind.value.upper()}, whether any one client took part is protected at epsilon {eps:.3f}, "
-        f"client-level delta {delta:g}, against anyone who does not see who took part."
+        f"client-level delta {delta:g}"
     )
     if q < 1.0:
         explanation += (
-            f" The server sees which sites take part (and history.json lists them): against it the guarantee is "
-            f"the one without amplification, epsilon {against_server:.3f} (q = 1)."
+            ", against anyone who does not see who took part. The server sees which sites take part (and "
+            f"history.json lists them): against it the guarantee is the one without amplification, epsilon "
+            f"{against_server:.3f} (q = 1)."
         )
     else:
-        explanation += " That includes the server, which sees who took part: there is no amplification to lose."
+        explanation += ", against anyone, the server included: it sees who took part, but at q = 1 there is no amplification to lose."
     return ClientLevelAudit(
         enabled=True,
         epsilon=eps,
