@@ -240,6 +240,15 @@ class Federation:
         self.device = resolve_device(federation.device)
 
     # -- set-up -----------------------------------------------------------------------------------
+    def _client_level_delta(self) -> float:
+        """The client-level delta the recorded epsilon holds at: the configured delta, plus, under
+        secure aggregation, the tail in which a noise share could have been clipped (the derived
+        range's ``tail_delta``; epsilon itself is computed at the configured delta)."""
+        delta = self.config.client_dp.delta
+        if self._secagg_range is not None:
+            delta += self._secagg_range.tail_delta
+        return delta
+
     def _setup_client_dp(self, num_clients: int, history: list[dict[str, Any]]) -> None:
         client_dp = self.config.client_dp
         self._client_events: list[DPEvent] = []
@@ -542,7 +551,7 @@ class Federation:
                 "epsilon": _finite_or_none(
                     epsilon_of_events(self._client_events, delta=client_dp.delta, accountant=client_dp.accountant)
                 ),
-                "delta": client_dp.delta,
+                "delta": self._client_level_delta(),
                 "accounted_noise_multiplier": plan.accounted_noise_multiplier,
                 "sample_rate": plan.sample_rate,
                 "clip_norm": self._clip_norm,
@@ -834,7 +843,7 @@ class Federation:
                 "epsilon": _finite_or_none(
                     epsilon_of_events(self._client_events, delta=self.config.client_dp.delta, accountant=self.config.client_dp.accountant)
                 ),
-                "delta": self.config.client_dp.delta,
+                "delta": self._client_level_delta(),
                 "noise_multiplier": plan.noise_multiplier,
                 "accounted_noise_multiplier": plan.accounted_noise_multiplier,
                 "delta_noise_multiplier": plan.delta_noise_multiplier,

@@ -212,6 +212,10 @@ def test_a_round_forced_to_clip_is_aborted_and_still_charged(credit_sites, monke
     # nothing was released, and every round was charged all the same
     level = result.summary["client_level"]
     assert level["rounds_released"] == 2 and level["epsilon"] > 0
+    # the recorded delta includes the clipping tail the derived range allows (delta 2^-10)
+    configured = fed.config.client_dp.delta
+    assert level["delta"] == configured + configured * 2.0**-10
+    assert all(h["client_level"]["delta"] == level["delta"] for h in result.history)
 
     # the audit states the adjacency, against whom it holds, and the rounds aborted this way
     import json
