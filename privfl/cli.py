@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("run_dir", help="a directory written by privfl run (an interrupted one is audited as it stands)")
     audit.add_argument("--out", help="where to write the report (default: the run directory)")
     audit.add_argument("--format", choices=["md", "json"], default="md", help="what to print (default: md)")
-    audit.add_argument("--accountant", choices=["prv", "rdp"], help="recompute with this accountant (default: the run's)")
+    audit.add_argument(
+        "--accountant",
+        choices=["prv", "rdp", "pld"],
+        help="recompute with this accountant (default: the run's); budgets are still compared with the run's",
+    )
     audit.set_defaults(func=_cmd_audit)
 
     lint = sub.add_parser("lint", help="check a run config for privacy pitfalls")

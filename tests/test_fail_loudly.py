@@ -348,3 +348,13 @@ def test_findings_are_split_by_severity(interrupted):
 
 def test_the_accountant_enum_is_what_the_audit_reports(audited_run):
     assert audit_run(audited_run, out_dir=audited_run / "again").accountant is Accountant.PRV
+
+
+def test_a_third_accountant_is_cross_checked_against_the_ledgers_own(audited_run, tmp_path, capsys):
+    # A PRV ledger audited with PLD: the cross-check column must be PRV (the enforcing one), not RDP.
+    assert main(["audit", str(audited_run), "--out", str(tmp_path / "pld"), "--accountant", "pld", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accountant"] == "pld" and report["cross_check_accountant"] == "prv"
+    assert report["counts"]["error"] == 0, report["findings"]
+    for c in report["sample_level"].values():
+        assert c["epsilon_enforced"] == c["epsilon_cross_check"] <= c["epsilon_budget"] * (1 + 1e-9)

@@ -1082,7 +1082,8 @@ def audit_run(
             primary = Accountant(accountant)
         except ValueError:
             raise ConfigError("accountant", accountant, f"must be one of {[a.value for a in Accountant]}") from None
-    cross = Accountant.RDP if primary is Accountant.PRV else Accountant.PRV
+    # Another accountant than the ledger's is cross-checked against the ledger's own: like with like.
+    cross = enforced if primary is not enforced else Accountant.RDP if primary is Accountant.PRV else Accountant.PRV
 
     clients, rounds, recorded = _client_audits(ledger, summary, history, primary, cross, enforced)
     if recorded_accountant not in known:
