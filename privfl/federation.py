@@ -802,7 +802,15 @@ class Federation:
             check_ledger_against_history(ledger, history, ledger_path)
             # Entries already written for round `done` or later belong to an interrupted attempt:
             # they stay charged, and the marker keeps them apart from the rerun's entries.
+            interrupted = {e.client: e for e in ledger.entries if e.round >= done}
             ledger.mark_resume(done)
+            for client, entry in interrupted.items():
+                if entry.status is LedgerStatus.TRAINED:
+                    # Whoever reads the ledger sees why this client is charged twice for a round.
+                    ledger.annotate_last(
+                        client, f"interrupted attempt at round {entry.round}: charged (its update may have left "
+                        f"the site) and not recorded; the run resumed at round {done}"
+                    )
         except BaseException:
             ledger.close()
             raise

@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 import privfl.federation as federation_module
-from privfl.accounting import Accountant, PrivacyLedger
+from privfl.accounting import Accountant, LedgerKey, PrivacyLedger
 from privfl.audit.report import audit_run
 from privfl.cli import main
 from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
@@ -331,6 +331,11 @@ def test_a_charge_of_an_interrupted_attempt_is_explained(interrupted):
     assert "interrupted attempts" in pfa007.message and "Nothing to change in the calibration" in pfa007.fix
     assert "| interrupted |" in report.markdown  # a column of the sample-level table
     assert interrupted_trainings(result) == {"site-0": 1}
+    # The interrupted charge carries a note in the ledger itself (and survives a reload).
+    reloaded = PrivacyLedger.load(out / LEDGER_FILE, key=LedgerKey.read(out / "ledger.key"))
+    (index,) = reloaded.superseded()
+    assert reloaded.entries[index].client == "site-0"
+    assert "interrupted attempt at round 1" in reloaded.entries[index].note
     console = Console(record=True, width=200)
     print_run_report(result, console=console)
     text = console.export_text()
