@@ -114,3 +114,10 @@ def test_pld_ledger_round_trip(tmp_path):
     again = PrivacyLedger.load(tmp_path / "ledger.jsonl")
     assert again.accountant is Accountant.PLD
     assert again.epsilon("a") == pytest.approx(ledger.epsilon("a"))
+
+
+def test_dropped_renyi_orders_are_not_logged(caplog):
+    accounting._composed_epsilon.cache_clear()
+    with caplog.at_level("WARNING"):
+        epsilon(noise_multiplier=0.5, sample_rate=0.5, steps=50, delta=1e-5, accountant="rdp")
+    assert not [r for r in caplog.records if "converge" in r.getMessage()]
