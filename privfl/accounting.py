@@ -696,6 +696,15 @@ class PrivacyLedger:
         """
         return frozenset(i for count, start in self._resumes for i in range(count) if self._entries[i].round >= start)
 
+    def interrupted_trainings(self) -> dict[str, int]:
+        """Client -> trainings charged in interrupted attempts at a round (redone after a resume)."""
+        counts: dict[str, int] = {}
+        for index in self.superseded():
+            entry = self._entries[index]
+            if entry.status is LedgerStatus.TRAINED:
+                counts[entry.client] = counts.get(entry.client, 0) + 1
+        return counts
+
     def _account(self, client: str) -> _ClientAccount:
         try:
             return self._accounts[client]

@@ -829,6 +829,7 @@ class Federation:
         uploads = [u for plan in plans for u in plan.uploads]
         upload_mean = float(np.mean(uploads)) if uploads else None
         plaintext_bytes = 4 * num_parameters
+        interrupted = ledger.interrupted_trainings()
         final = history[-1] if history else {}
         clients = {}
         for plan in plans:
@@ -838,6 +839,8 @@ class Federation:
                 "epsilon_budget": _finite_or_none(ledger.budget(plan.name).epsilon),
                 "rounds_trained": ledger.rounds(plan.name, LedgerStatus.TRAINED),
                 "rounds_skipped": ledger.rounds(plan.name, LedgerStatus.SKIPPED_BUDGET),
+                # charged trainings of interrupted attempts at a round, counted in rounds_trained too
+                "rounds_interrupted": interrupted.get(plan.name, 0),
                 "rounds_dropped": sum(1 for h in history if plan.name in h["dropped"]),
                 "num_examples": plan.num_examples,
                 "noise_multiplier": plan.noise_multiplier,

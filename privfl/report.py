@@ -6,7 +6,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from privfl.accounting import LedgerStatus
 from privfl.federation import RunResult
 
 __all__ = ["interrupted_trainings", "print_run_report"]
@@ -14,13 +13,7 @@ __all__ = ["interrupted_trainings", "print_run_report"]
 
 def interrupted_trainings(result: RunResult) -> dict[str, int]:
     """Client -> trainings charged in interrupted attempts at a round (redone after a resume)."""
-    counts: dict[str, int] = {}
-    entries = result.ledger.entries
-    for index in result.ledger.superseded():
-        entry = entries[index]
-        if entry.status is LedgerStatus.TRAINED:
-            counts[entry.client] = counts.get(entry.client, 0) + 1
-    return counts
+    return result.ledger.interrupted_trainings()
 
 
 def print_run_report(result: RunResult, *, console: Console) -> None:

@@ -331,6 +331,8 @@ def test_a_charge_of_an_interrupted_attempt_is_explained(interrupted):
     assert "interrupted attempts" in pfa007.message and "Nothing to change in the calibration" in pfa007.fix
     assert "| interrupted |" in report.markdown  # a column of the sample-level table
     assert interrupted_trainings(result) == {"site-0": 1}
+    assert result.summary["clients"]["site-0"]["rounds_interrupted"] == 1
+    assert result.summary["clients"]["site-1"]["rounds_interrupted"] == 0
     # The interrupted charge carries a note in the ledger itself (and survives a reload).
     reloaded = PrivacyLedger.load(out / LEDGER_FILE, key=LedgerKey.read(out / "ledger.key"))
     (index,) = reloaded.superseded()
