@@ -266,7 +266,8 @@ class ClientDPConfig:
         adaptive: adapt S to the ``target_quantile`` of update norms (Andrew et al. 2021).
         target_quantile: gamma, the fraction of updates that should be unclipped.
         clip_learning_rate: eta of the geometric clip update.
-        bit_noise_std: sigma_b, noise on the count of unclipped updates (default: expected clients / 20).
+        bit_noise_std: sigma_b, noise on the count of unclipped updates (default: max(expected clients / 20, 0.51 z), the
+            smallest that keeps the noise split of Andrew et al. defined).
         sampling: Poisson (default) or fixed-size client sampling.
         accountant: composition method.
         adjacency: the neighbouring relation the epsilon is stated for (zero-out with K public by default).
