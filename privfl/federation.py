@@ -39,11 +39,11 @@ from privfl.rundir import (
     HISTORY_FILE,
     LEDGER_FILE,
     LEDGER_KEY_FILE,
-    LEGACY_LEDGER_FILE,
     RUN_FILE,
     SUMMARY_FILE,
     RunLock,
     check_ledger_against_history,
+    check_ledger_presence,
     check_run_directory,
     durable_write_json,
     filesystem_error,
@@ -52,7 +52,6 @@ from privfl.rundir import (
     load_checkpoint,
     load_history,
     load_run_identity,
-    run_traces,
     save_checkpoint,
 )
 from privfl.training import (
@@ -747,23 +746,8 @@ class Federation:
             return PrivacyLedger(accountant=accountant), [], 0
         ledger_path = out / LEDGER_FILE
         identity = json.loads(json.dumps(fingerprint, default=_json_default))
-        if not ledger_path.exists():
-            traces = run_traces(out)
-            if LEGACY_LEDGER_FILE in traces:
-                raise LedgerError(
-                    str(out / LEGACY_LEDGER_FILE),
-                    "is a format-1 ledger (one JSON document, not hash-chained) that this privfl cannot verify; "
-                    "finish or audit that run with the privfl version that wrote it, or choose a new run directory",
-                )
-            if traces:
-                raise LedgerError(
-                    str(ledger_path),
-                    f"is missing, but the run directory holds {', '.join(traces)}: a run took place there and spent "
-                    "privacy that a fresh start would forget. Restore the ledger and ledger.key from a backup, or "
-                    "choose a new run directory",
-                )
-            if resume:
-                raise ConfigError("out_dir", str(out), f"holds no run to resume (no {LEDGER_FILE}); run it without --resume")
+        # Checked again here, under the run lock: another process may have changed the directory.
+        if not check_ledger_presence(out, resume):
             out.mkdir(parents=True, exist_ok=True)
             key = LedgerKey.generate()
             key.write(out / LEDGER_KEY_FILE)
@@ -772,10 +756,6 @@ class Federation:
             ledger = PrivacyLedger.create(ledger_path, accountant=accountant, key=key, run_identity=identity)
             _atomic_write_json(out / RUN_FILE, fingerprint)
             return ledger, [], 0
-        if not resume:
-            raise ConfigError(
-                "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
-            )
         ledger = PrivacyLedger.open(ledger_path, key=LedgerKey.read(out / LEDGER_KEY_FILE))
         try:
             # The header's copy of the run identity is authenticated; run.json is for people.

@@ -48,6 +48,7 @@ __all__ = [
     "RUN_TRACES",
     "RunLock",
     "check_ledger_against_history",
+    "check_ledger_presence",
     "check_run_directory",
     "checkpoint_path",
     "durable_write_bytes",
@@ -292,12 +293,28 @@ def check_run_directory(run_dir: str | os.PathLike[str], *, resume: bool) -> Non
     if (out / LOCK_FILE).is_file():
         # A run in progress is the first thing to say: its ledger may not exist yet.
         _probe_lock(out)
+    check_ledger_presence(out, resume)
+
+
+def check_ledger_presence(out: Path, resume: bool) -> bool:
+    """Whether ``out`` holds a ledger to resume; refuses every state in which a run would lose spending.
+
+    Called before any work (by :func:`check_run_directory`) and again under the run lock, where the
+    answer decides between creating a ledger and opening one.
+
+    Returns:
+        True when a ledger exists and ``resume`` is set; False when a fresh run may start.
+
+    Raises:
+        ConfigError: a fresh run where a ledger exists, or ``resume`` with nothing to resume.
+        LedgerError: traces of a run without its ledger, or an old-format ledger.
+    """
     if (out / LEDGER_FILE).exists():
         if not resume:
             raise ConfigError(
                 "out_dir", str(out), "already holds a run's privacy ledger; resume it (--resume) or choose a new directory"
             )
-        return
+        return True
     traces = run_traces(out) if out.is_dir() else []
     if LEGACY_LEDGER_FILE in traces:
         raise LedgerError(
@@ -314,6 +331,7 @@ def check_run_directory(run_dir: str | os.PathLike[str], *, resume: bool) -> Non
         )
     if resume:
         raise ConfigError("out_dir", str(out), f"holds no run to resume (no {LEDGER_FILE}); run it without --resume")
+    return False
 
 
 # -- typed loaders -------------------------------------------------------------------------------------
