@@ -453,6 +453,7 @@ class Federation:
                     _atomic_write_json(out / HISTORY_FILE, history)
                     save_checkpoint(out, round_index, global_params)
                 progress.advance(record)
+                log.info("%s", _round_log_line(record))
 
         load_flat_parameters(model, global_params)
         summary = self._summary(plans, ledger, history, protection, len(global_params), time.perf_counter() - started)
@@ -823,7 +824,11 @@ class Federation:
                 "rounds_interrupted": interrupted.get(plan.name, 0),
                 "rounds_dropped": sum(1 for h in history if plan.name in h["dropped"]),
                 "num_examples": plan.num_examples,
-                "noise_multiplier": plan.noise_multiplier,
+                # What the site's trainings really used (the ledger), not a plan recalibrated on
+                # resume for rounds it may never train in.
+                "noise_multiplier": used[-1] if (used := [e.noise_multiplier for e in ledger.events(plan.name)]) else None,
+                "noise_multipliers_used": sorted(set(used)),
+                "planned_noise_multiplier": plan.noise_multiplier,
                 "sample_rate": plan.sample_rate,
                 "steps_per_round": plan.steps_per_round,
             }
@@ -877,6 +882,25 @@ class Federation:
             "training": public_config(self.training),
             "federation": public_config(self.config),
         }
+
+
+def _round_log_line(record: dict[str, Any]) -> str:
+    """One line per round for ``privfl -v``: what happened, who trained, who was skipped or dropped."""
+    accuracy = record.get("test_accuracy")
+    parts = [
+        f"round {record['round']}:",
+        f"{len(record['trained'])} of {len(record['sampled'])} sampled sites trained,",
+        f"{len(record['contributors'])} aggregated,",
+        f"test accuracy {accuracy:.4f}," if accuracy is not None else "no test set,",
+        f"max epsilon {record['max_epsilon']:.3f}" if record.get("max_epsilon") is not None else "max epsilon inf",
+    ]
+    if record.get("aborted"):
+        parts.append(f"; aborted: {record['aborted']}")
+    if record.get("skipped"):
+        parts.append(f"; skipped (budget): {', '.join(record['skipped'])}")
+    if record.get("dropped") and not record.get("aborted"):
+        parts.append(f"; dropped: {', '.join(f'{c} ({why})' for c, why in record['dropped'].items())}")
+    return " ".join(parts)
 
 
 class _Progress:

@@ -41,7 +41,7 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
         budget = "-" if c["epsilon_budget"] is None else f"{c['epsilon_budget']:.2f}"
         cells = [
             str(c["num_examples"]),
-            f"{c['noise_multiplier']:.3f}",
+            f"{c['noise_multiplier']:.3f}" if c["noise_multiplier"] is not None else "-",
             f"{c['epsilon']:.3f}",
             budget,
             f"{c['delta']:.0e}",

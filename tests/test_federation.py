@@ -237,3 +237,38 @@ def test_frozen_random_layers_are_the_same_in_every_client_and_evaluation_model(
     result = fed.run()
     _, accuracy = evaluate(result.model, split.test, device=torch.device("cpu"))
     assert result.history[-1]["test_accuracy"] == accuracy
+
+
+def test_summary_sigma_is_what_the_sites_trained_with_after_a_resume_with_more_rounds(tmp_path, caplog):
+    # Resuming a finished 2-round run as a 4-round one recalibrates sigma for 4 rounds; the budget
+    # is already spent, so no site trains again: the summary must report the sigma that ran.
+    import logging
+
+    from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+    from privfl.data import iid_partition, load_breast_cancer, subsets
+    from privfl.federation import Federation
+    from privfl.models import LogisticRegression
+
+    split = load_breast_cancer()
+    clients = dict(zip(["a", "b"], subsets(split.train, iid_partition(len(split.train), 2, seed=0))))
+
+    def federation(rounds):
+        return Federation(
+            model_fn=lambda: LogisticRegression(30, 2),
+            clients=clients,
+            test_set=split.test,
+            training=TrainingConfig(batch_size=64, learning_rate=0.5, dp=DPConfig(target_epsilon=1.0)),
+            federation=FederationConfig(rounds=rounds, protection=ProtectionKind.PLAINTEXT, noise_seed=0),
+            progress=False,
+        )
+
+    with caplog.at_level(logging.INFO, logger="privfl"):
+        first = federation(2).run(tmp_path / "run")
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("round ")] == ["round 0", "round 1"]
+    resumed = federation(4).run(tmp_path / "run", resume=True)
+    for name in clients:
+        used = first.summary["clients"][name]["noise_multiplier"]
+        info = resumed.summary["clients"][name]
+        assert info["rounds_trained"] == 2 and info["rounds_skipped"] == 2
+        assert info["noise_multiplier"] == used and info["noise_multipliers_used"] == [used]
+        assert info["planned_noise_multiplier"] > used  # recalibrated for 4 rounds, never run
