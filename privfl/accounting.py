@@ -219,18 +219,22 @@ def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
 
     dp-accounting's pessimistic PLD is an upper bound at any grid; a coarse grid only makes it
     looser. A grid of 1e-2 is cheap everywhere (<= 0.2 s at 50k steps) and bounds the answer;
-    the grid is then refined to about epsilon / 10 000 (between 1e-5 and 1e-3): the pessimistic
-    rounding accumulates over the steps, and at epsilon / 1000 it still added 19% at sigma 5,
-    q 0.001, 50k steps. Cost stays bounded (<= 2.5 s over the benchmark grid) because a loss grid
-    is only fine where the losses, and so the answer, are small. The smallest answer is kept:
+    the grid is then refined to about epsilon / 10 000 beyond 1000 steps, epsilon / 1000 up to
+    them (between 1e-5 and 1e-3): the pessimistic rounding accumulates over the steps, and at
+    epsilon / 1000 it still added 19% at sigma 5, q 0.001, 50k steps. Cost stays bounded (about
+    2 s at most over benchmarks/accountant_limits.py's grid) because a loss grid is only fine
+    where the losses, and so the answer, are small. The smallest answer is kept:
     each is a valid bound.
     """
     interval = _PLD_COARSE_INTERVAL
     eps = _pld_at(history, delta, interval)
+    # The rounding error grows with the number of compositions; a few steps need no finer grid
+    # than epsilon / 1000, and one that fine at sigma ~1 costs seconds (a wide per-step loss range).
+    relative = 1e-4 if sum(steps for _, _, steps in history) > 1000 else 1e-3
     for _ in range(3):
         if not eps < _PLD_LARGE_EPSILON:
             break
-        finer = min(_PLD_FINE_INTERVAL, max(_PLD_FINEST_INTERVAL, eps / 10_000.0))
+        finer = min(_PLD_FINE_INTERVAL, max(_PLD_FINEST_INTERVAL, eps * relative))
         if finer > interval / 2:
             break
         interval = finer
