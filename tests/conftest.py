@@ -1,4 +1,4 @@
-"""Shared pytest configuration: GPU tests skip without CUDA."""
+"""Shared pytest configuration: GPU tests skip without CUDA; the breast-cancer split over three sites."""
 
 from __future__ import annotations
 
@@ -17,3 +17,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def split():
+    """The bundled breast-cancer data, split into train and test."""
+    from privfl.data import load_breast_cancer
+
+    return load_breast_cancer()
+
+
+@pytest.fixture(scope="module")
+def clients(split):
+    """Three sites with IID shares of the training split."""
+    from privfl.data import iid_partition, subsets
+
+    parts = iid_partition(len(split.train), 3, seed=0)
+    return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}

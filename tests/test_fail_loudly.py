@@ -20,23 +20,11 @@ from privfl.accounting import Accountant, LedgerKey, PrivacyLedger
 from privfl.audit.report import audit_run
 from privfl.cli import main
 from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
-from privfl.data import iid_partition, load_breast_cancer, subsets
 from privfl.errors import ConfigError, LedgerError, RunLockedError
 from privfl.federation import Federation
 from privfl.models import LogisticRegression
 from privfl.report import interrupted_trainings, print_run_report
 from privfl.rundir import LEDGER_FILE, RunLock
-
-
-@pytest.fixture(scope="module")
-def split():
-    return load_breast_cancer()
-
-
-@pytest.fixture(scope="module")
-def clients(split):
-    parts = iid_partition(len(split.train), 3, seed=0)
-    return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}
 
 
 def _federation(clients, split, *, rounds=2, dp=None):

@@ -6,15 +6,10 @@ import pytest
 
 from privfl.accounting import LedgerStatus
 from privfl.config import ClientDPConfig, ClientSampling, CkksConfig, DPConfig, FederationConfig, ProtectionKind, TrainingConfig
-from privfl.data import iid_partition, load_breast_cancer, subsets
+from privfl.data import iid_partition, subsets
 from privfl.errors import ConfigError
 from privfl.federation import Federation
 from privfl.models import LogisticRegression
-
-
-@pytest.fixture(scope="module")
-def split():
-    return load_breast_cancer()
 
 
 def _federation(split, num_clients, **federation):

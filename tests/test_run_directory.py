@@ -11,21 +11,9 @@ import pytest
 import privfl.federation as federation_module
 from privfl.cli import main
 from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
-from privfl.data import iid_partition, load_breast_cancer, subsets
 from privfl.errors import ConfigError, LedgerError, PrivflError, RunLockedError
 from privfl.federation import CHECKPOINT_DIR, HISTORY_FILE, LEDGER_FILE, RUN_FILE, SUMMARY_FILE, Federation
 from privfl.models import LogisticRegression
-
-
-@pytest.fixture(scope="module")
-def split():
-    return load_breast_cancer()
-
-
-@pytest.fixture(scope="module")
-def clients(split):
-    parts = iid_partition(len(split.train), 3, seed=0)
-    return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}
 
 
 def _federation(clients, split, *, rounds=2):
