@@ -13,7 +13,7 @@ from torch import nn
 import privfl
 from privfl.cli import main
 from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
-from privfl.data import iid_partition, load_breast_cancer, subsets
+from privfl.data import iid_partition, subsets
 from privfl.errors import ConfigError
 from privfl.export import EXPORT_FORMAT, MODEL_FILE, export_model, load_model
 from privfl.federation import Federation
@@ -41,11 +41,6 @@ def group_norm_net() -> nn.Module:
 def batch_norm_net() -> nn.Module:
     # Same parameter count as group_norm_net; converted, its BatchNorm1d becomes GroupNorm(1, 16), not (4, 16).
     return nn.Sequential(nn.Linear(30, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
-
-
-@pytest.fixture(scope="module")
-def split():
-    return load_breast_cancer()
 
 
 def _run(split, model_fn, out, *, seed=3):
