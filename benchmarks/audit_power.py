@@ -22,7 +22,7 @@ import numpy as np
 from scipy import optimize
 
 from privfl.audit.empirical import gaussian_mechanism_epsilon
-from privfl.audit.one_run import OneRunAnalysis, one_run_epsilon_lower_bound, simulate_dirac_canaries
+from privfl.audit.one_run import OneRunAnalysis, f_dp_guess_grid, one_run_epsilon_lower_bound, simulate_dirac_canaries
 
 DELTA = 1e-5
 ALPHA = 0.05
@@ -40,7 +40,7 @@ def analyses(m: int) -> list[tuple[str, OneRunAnalysis, dict]]:
         (f"eps-DP (Steinke et al.), k = ({k}, {k})", EPS_DP, dict(k_plus=k, k_minus=k)),
         (f"f-DP / GDP (Mahloujifar et al.), k = ({k}, {k})", F_DP, dict(k_plus=k, k_minus=k)),
         (f"f-DP / GDP, k = ({2 * k}, {2 * k})", F_DP, dict(k_plus=2 * k, k_minus=2 * k)),
-        ("f-DP / GDP, default grid (Bonferroni)", F_DP, {}),
+        (f"f-DP / GDP, f_dp_guess_grid (Bonferroni over {len(f_dp_guess_grid(m))})", F_DP, {}),
     ]
 
 
