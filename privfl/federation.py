@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -33,6 +31,7 @@ from privfl.accounting import ClientBudget, DPEvent, LedgerKey, LedgerStatus, Pr
 from privfl.client_dp import clip_update, distributed_noise, next_clip_norm, plan_client_dp
 from privfl.config import ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
+from privfl.plan import derive_seed, plan_site, planned_rounds, round_size, sample_sites
 from privfl.protocols.base import ClientUpdate, DirectTransport, Protection, Transport
 from privfl.rundir import (
     CHECKPOINT_DIR,
@@ -76,21 +75,6 @@ __all__ = [
 
 log = logging.getLogger("privfl")
 
-_SAMPLING_PURPOSE = 3
-"""Stream index of client sampling under ``noise_seed`` (0: DP-SGD, 1: noise shares, 2: central noise)."""
-
-
-def round_size(config: FederationConfig, num_clients: int) -> int | None:
-    """Sites sampled per round: a fixed count, or None under Poisson client sampling (the count varies).
-
-    The run, ``privfl lint`` and the audit all read the round size from here.
-    """
-    client_dp = config.client_dp
-    if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
-        return None
-    return max(1, round(config.client_fraction * num_clients))
-
-
 def build_protection(config: FederationConfig) -> Protection:
     """The protection protocol named by ``config.protection``."""
     if config.protection is ProtectionKind.PLAINTEXT:
@@ -104,20 +88,6 @@ def build_protection(config: FederationConfig) -> Protection:
     from privfl.protocols.secagg import SecAggProtection
 
     return SecAggProtection(config.secagg)
-
-
-def planned_rounds(rounds: int, client_fraction: float, quantile: float, num_clients: int | None = None) -> int:
-    """Rounds a client is planned to train in: a quantile of Binomial(rounds, p).
-
-    p is the chance a client is sampled in a round: ``client_fraction``, or, for fixed-size
-    sampling of ``num_clients``, max(1, round(client_fraction * num_clients)) / num_clients.
-    """
-    p = client_fraction
-    if num_clients is not None:
-        p = max(1, round(client_fraction * num_clients)) / num_clients
-    if p >= 1.0:
-        return rounds
-    return max(1, int(stats.binom.ppf(quantile, rounds, p)))
 
 
 def public_config(config: Any) -> Any:
@@ -274,36 +244,17 @@ class Federation:
             last = history[-1]["client_level"]
             self._clip_norm = last.get("next_clip_norm", last["clip_norm"])
 
-    def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int | None:
-        """Seed of a DP noise stream: from ``noise_seed`` in simulations, else fresh OS entropy."""
-        if self.config.noise_seed is None:
-            return secrets.randbits(63)
-        state = np.random.SeedSequence([self.config.noise_seed, round_index, client_index, purpose]).generate_state(2)
-        return int(state[0]) << 31 ^ int(state[1])
+    def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int:
+        """Seed of a DP noise stream (:func:`privfl.plan.derive_seed`)."""
+        return derive_seed(self.config.noise_seed, round_index, client_index, purpose)
 
     def _sample(self, round_index: int, plans: list[_ClientPlan]) -> list[_ClientPlan]:
-        """The clients taking part in a round: secret by default, reproducible only under ``noise_seed``.
+        """The clients taking part in a round (:func:`privfl.plan.sample_sites`).
 
-        Who takes part must be unpredictable: the amplification by client sampling that the
-        client-level accountant counts on, and the hiding of a site's participation, hold only
-        against someone who cannot recompute the sample. Anyone holding the config could from the
-        public ``seed``; so the sample comes from OS entropy (``secrets``), or from ``noise_seed``
-        in simulations, and summary.json and the audit then say the guarantee does not hold.
         The sample is recorded in history.json, so a resumed run never recomputes it.
         """
-        fraction = self.config.client_fraction
-        count = round_size(self.config, len(plans))
-        poisson = count is None
-        if self.config.noise_seed is None:
-            secret = secrets.SystemRandom()
-            if poisson:
-                return [plan for plan in plans if secret.random() < fraction]
-            return [plans[i] for i in sorted(secret.sample(range(len(plans)), count))]
-        rng = np.random.default_rng([self.config.noise_seed, round_index, _SAMPLING_PURPOSE])
-        if poisson:
-            # Poisson client sampling: the amplification the client-level accountant relies on.
-            return [plan for plan, keep in zip(plans, rng.random(len(plans)) < fraction) if keep]
-        return [plans[i] for i in sorted(rng.choice(len(plans), size=count, replace=False))]
+        by_name = {plan.name: plan for plan in plans}
+        return [by_name[name] for name in sample_sites(self.config, round_index, [plan.name for plan in plans])]
 
     def _initial_model(self) -> tuple[nn.Module, bool]:
         torch.manual_seed(self.config.seed)
@@ -327,34 +278,11 @@ class Federation:
         return model
 
     def _plans(self) -> list[_ClientPlan]:
-        dp = self.training.dp
-        fixed_size = self.config.client_dp is None or self.config.client_dp.sampling is ClientSampling.FIXED
-        rounds = planned_rounds(
-            self.config.rounds,
-            self.config.client_fraction,
-            dp.planned_participation_quantile,
-            num_clients=len(self.clients) if fixed_size else None,
-        )
-        cache: dict[tuple[float, int], float] = {}
         plans = []
         for index, (name, dataset) in enumerate(self.clients.items()):
             n = len(dataset)
-            q, steps = sampling_plan(n, self.training)
-            if dp.noise_multiplier is not None:
-                sigma = dp.noise_multiplier
-            else:
-                key = (q, steps * rounds)
-                if key not in cache:
-                    # Calibrated once for every step the client may take over the whole run.
-                    cache[key] = noise_multiplier(
-                        target_epsilon=dp.target_epsilon,
-                        sample_rate=q,
-                        steps=steps * rounds,
-                        delta=dp.delta,
-                        accountant=dp.accountant,
-                    )
-                sigma = cache[key]
-            plans.append(_ClientPlan(name, dataset, n, q, steps, sigma, index))
+            plan = plan_site(n, self.training, self.config, len(self.clients))
+            plans.append(_ClientPlan(name, dataset, n, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier, index))
         return plans
 
     # -- the run -----------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 KEY_HOLDER = "key-holder"
+_KIND_KEY_HOLDER_STATE = 30
 
 
 def require_tenseal():
@@ -209,6 +210,61 @@ class CkksKeyHolder:
             f"CkksKeyHolder(config={self.config!r}, min_contributors={self.min_contributors}, "
             f"sites={len(self._keys)}, secret_key=<hidden>)"
         )
+
+    def to_bytes(self) -> bytes:
+        """The key holder's whole state, secret key included: for its own state directory only.
+
+        A networked key holder answers each request in a fresh process; this is what it reloads.
+        Never send it anywhere (it is not the default serialization of anything, and no repr shows it).
+        """
+        import json
+
+        secret = self._secret_context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+        meta = json.dumps(
+            {
+                "run_id": self.run_id.hex(),
+                "fresh_error": self.fresh_error,
+                "sites": {site: key.hex() for site, key in sorted(self._public_keys.items())},
+                "decrypted_rounds": sorted(self._decrypted_rounds),
+            }
+        ).encode()
+        return encode_frame(_KIND_KEY_HOLDER_STATE, 0, KEY_HOLDER, [meta, secret, self._public_bytes])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: CkksConfig) -> CkksKeyHolder:
+        """Reloads :meth:`to_bytes` (from the key holder's own state directory).
+
+        Raises:
+            ConfigError: the state is malformed, or was made with other CKKS parameters.
+        """
+        import json
+
+        ts = require_tenseal()
+        try:
+            frame = decode_frame(data, kind=_KIND_KEY_HOLDER_STATE, round_index=0, sender=KEY_HOLDER, max_parts=3)
+            meta = json.loads(frame.parts[0])
+            holder = cls.__new__(cls)
+            holder.config = config
+            holder.min_contributors = config.min_contributors
+            holder._secret_context = ts.context_from(frame.parts[1])
+            holder._secret_context.global_scale = 2.0**config.scale_bits
+            holder._public_bytes = frame.parts[2]
+            holder.run_id = bytes.fromhex(meta["run_id"])
+            public = _load_context(holder._public_bytes)
+            holder.layout = CiphertextLayout.from_context(public, config.scale_bits)
+            if holder.layout.poly_modulus_degree != config.poly_modulus_degree or holder.layout.modulus.bit_length() != config.data_bits:
+                raise ConfigError("ckks", "state", "was made with other CKKS parameters")
+            holder.fresh_error = float(meta["fresh_error"])
+            holder._keys = {}
+            holder._public_keys = {}
+            holder._decrypted_rounds = {int(r) for r in meta["decrypted_rounds"]}
+            for site, key in meta["sites"].items():
+                holder.register_site(site, bytes.fromhex(key))
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt state file is one error, whatever broke
+            raise ConfigError("key holder state", "<corrupt>", f"cannot be loaded: {exc}") from exc
+        return holder
 
     def public_context(self) -> bytes:
         """The serialized public context (no secret key) to hand to clients and the server."""

@@ -21,9 +21,14 @@ from privfl.protocols.oneshot import (
 )
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["PlaintextProtection", "PlaintextServer"]
+__all__ = ["PlaintextProtection", "PlaintextServer", "encode_update"]
 
 _WEIGHT = struct.Struct(">d")
+
+
+def encode_update(round_index: int, client: str, update: ClientUpdate) -> bytes:
+    """Client side: the update message, n_k and delta_k (float32) in the clear."""
+    return encode_frame(KIND_UPDATE, round_index, client, [_WEIGHT.pack(update.weight), update.delta.astype("<f4").tobytes()])
 
 
 class PlaintextServer(OneShotServer):
@@ -63,6 +68,11 @@ class PlaintextServer(OneShotServer):
         self._sum += weighted
         self._weight += weight
 
+    @property
+    def weighted_sum(self) -> tuple[np.ndarray, float]:
+        """The accepted updates' weighted sum and total weight (before any release noise)."""
+        return self._sum, self._weight
+
     def _payload(self, round_index: int) -> bytes:
         total = self._sum if self.release_noise is None else self.release_noise(self._sum)
         return encode_frame(KIND_AGGREGATE, round_index, SERVER, [_WEIGHT.pack(self._weight), total.astype("<f8").tobytes()])
@@ -74,9 +84,7 @@ class PlaintextProtection(OneShotProtection):
     name: ClassVar[str] = "plaintext"
 
     def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
-        return encode_frame(
-            KIND_UPDATE, round_index, client, [_WEIGHT.pack(update.weight), update.delta.astype("<f4").tobytes()]
-        )
+        return encode_update(round_index, client, update)
 
     def _server(self, dim: int) -> PlaintextServer:
         # Central DP noise, when set, is added by the server to the sum before it leaves.

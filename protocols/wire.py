@@ -57,7 +57,7 @@ def decode_frame(
     data: bytes,
     *,
     kind: int,
-    round_index: int,
+    round_index: int | None,
     sender: str | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
     max_parts: int = 1 << 20,
@@ -67,7 +67,7 @@ def decode_frame(
     Args:
         data: the received bytes.
         kind: the message type expected at this step.
-        round_index: the round expected.
+        round_index: the round expected (None: any round; the caller checks it against its state).
         sender: if given, the sender id the transport says it came from; must match the frame's.
         max_bytes: reject anything longer.
         max_parts: reject a frame that claims more parts.
@@ -91,7 +91,7 @@ def decode_frame(
         raise MessageError("not a privfl message (bad magic)", sender=sender)
     if got_kind != kind:
         raise MessageError(f"wrong message kind {got_kind}, expected {kind}", sender=sender)
-    if got_round != round_index:
+    if round_index is not None and got_round != round_index:
         raise MessageError(f"message for round {got_round}, expected round {round_index}", sender=sender)
     offset = _HEADER.size
     if offset + sender_len + _PART_COUNT.size > len(data):

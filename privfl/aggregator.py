@@ -1,0 +1,558 @@
+"""The Aggregator: client sampling, the protection protocol's server half, the global model and the run
+history, talking to Sites only through request/reply bytes over a :class:`SiteChannel`.
+
+The same Aggregator runs in one process over :class:`LocalSites` (every Site an object in memory) and
+across machines over Flower (``privfl.flower``), where each Site is a separate process at its own
+site. It never holds a site's data, ledger, identity key or (under CKKS or secure aggregation) any
+single site's update: under CKKS it holds ciphertexts it cannot decrypt and forwards the checked ones
+to the key-holder site; under secure aggregation it holds masked vectors and unmasks only their sum.
+What each site spent is what the site reported from its own ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from privfl.config import ProtectionKind, RunConfig
+from privfl.envelope import Request, Status, Step, decode_reply, encode_request
+from privfl.errors import ConfigError, MessageError, ProtocolAbort
+from privfl.plan import sample_sites
+from privfl.site import SiteRole, quantizer_for
+
+__all__ = ["Aggregator", "SiteChannel", "LocalSites", "DeploymentResult"]
+
+log = logging.getLogger("privfl")
+
+
+class SiteChannel(Protocol):
+    """Carries the aggregator's requests to sites and their replies back.
+
+    ``nodes`` lists opaque node addresses; ``exchange`` sends each addressed node its request and
+    returns the replies that arrived within ``timeout`` seconds (a node missing from the result has
+    dropped out at that step).
+    """
+
+    def nodes(self) -> list[str]: ...
+
+    def exchange(self, requests: Mapping[str, bytes], *, timeout: float) -> dict[str, bytes]: ...
+
+
+class LocalSites:
+    """The in-memory channel: every Site is an object in this process (node address = site name).
+
+    Args:
+        sites: the sites.
+        alter: optional ``f(node, step_bytes_in, reply) -> reply | None`` to lose or corrupt replies
+            (tests, fault injection).
+    """
+
+    def __init__(self, sites, *, alter: Callable[[str, bytes, bytes], bytes | None] | None = None) -> None:
+        self.sites = {site.name: site for site in sites}
+        self.alter = alter
+
+    def nodes(self) -> list[str]:
+        return list(self.sites)
+
+    def exchange(self, requests: Mapping[str, bytes], *, timeout: float) -> dict[str, bytes]:
+        replies = {}
+        for node, payload in requests.items():
+            reply = self.sites[node].handle(payload)
+            if self.alter is not None:
+                reply = self.alter(node, payload, reply)
+            if reply is not None:
+                replies[node] = reply
+        return replies
+
+
+@dataclass(slots=True)
+class DeploymentResult:
+    """What :meth:`Aggregator.run` returns.
+
+    Attributes:
+        parameters: the final global model, flattened (float32).
+        history: one record per round (who was sampled, trained, skipped, dropped; accuracy; epsilons reported).
+        summary: the run summary (also written to ``summary.json``).
+        out_dir: where files were written (None if nowhere).
+    """
+
+    parameters: np.ndarray
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+
+
+@dataclass(slots=True)
+class _SiteInfo:
+    node: str
+    name: str
+    role: str
+    identity: str
+    epsilon: float | None
+    budget: float | None
+    exhausted: bool = False
+    rounds_trained: int = 0
+    rounds_skipped: int = 0
+    rounds_dropped: int = 0
+    uploads: list[int] = field(default_factory=list)
+
+
+class Aggregator:
+    """Runs a federation's server side against sites reached through a :class:`SiteChannel`.
+
+    Args:
+        config_text: the run config as TOML (the schema of ``privfl run``); it is sent to every site.
+        model_fn: builds the model (seeded by ``federation.seed``); None builds the config's bundled
+            model for ``input_shape`` and ``num_classes``.
+        input_shape, num_classes: the model's input shape and class count (announced to the sites).
+        test_set: public held-out data the global model is evaluated on after every round (optional).
+        step_timeout: seconds a site has to answer one protocol step before it counts as dropped.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigError: the config is invalid or asks for something deployments do not support yet.
+    """
+
+    def __init__(
+        self,
+        config_text: str,
+        *,
+        model_fn: Callable[[], Any] | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+        test_set=None,
+        step_timeout: float = 600.0,
+        progress: bool = True,
+    ) -> None:
+        from privfl.site import _parse_config
+
+        try:
+            self.config: RunConfig = _parse_config(config_text)
+        except MessageError as exc:
+            raise ConfigError("config", "<toml>", exc.reason) from exc
+        if self.config.federation.client_dp is not None:
+            raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
+        if model_fn is None and (input_shape is None or num_classes is None):
+            raise ConfigError("input_shape", input_shape, "give model_fn, or input_shape and num_classes for the bundled model")
+        if not (isinstance(step_timeout, (int, float)) and step_timeout > 0):
+            raise ConfigError("step_timeout", step_timeout, "must be a number of seconds > 0")
+        self.config_text = config_text
+        self.model_fn = model_fn
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        self.num_classes = num_classes
+        self.test_set = test_set
+        self.step_timeout = float(step_timeout)
+        self.progress = progress
+        self.run_id = secrets.token_hex(16)
+
+    # -- model ---------------------------------------------------------------------------------------
+    def _initial_model(self):
+        import torch
+
+        from privfl.models import build_model
+        from privfl.training import make_private_compatible
+
+        torch.manual_seed(self.config.federation.seed)
+        model = self.model_fn() if self.model_fn is not None else build_model(self.config.model, self.input_shape, self.num_classes)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return make_private_compatible(model)
+
+    def _model_fields(self) -> dict[str, Any]:
+        if self.input_shape is None:
+            return {}
+        return {"input_shape": list(self.input_shape), "num_classes": int(self.num_classes)}
+
+    # -- messaging -----------------------------------------------------------------------------------
+    def _exchange(
+        self, channel: SiteChannel, step: Step, round_index: int, requests: Mapping[str, tuple[dict[str, Any], tuple[bytes, ...]]]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Sends each site (by name) its request; returns (name -> Reply, name -> reason it dropped)."""
+        by_name = {info.name: info for info in self._sites.values()}
+        payloads = {
+            by_name[name].node: encode_request(Request(self.run_id, step, round_index, name, fields, parts))
+            for name, (fields, parts) in requests.items()
+        }
+        raw = channel.exchange(payloads, timeout=self.step_timeout)
+        replies, dropped = {}, {}
+        for name in requests:
+            node = by_name[name].node
+            if node not in raw:
+                dropped[name] = f"{step.value}: no reply within {self.step_timeout:g} s"
+                continue
+            try:
+                reply = decode_reply(raw[node], run=self.run_id, step=step, round_index=round_index, site=name)
+            except MessageError as exc:
+                dropped[name] = f"{step.value}: malformed reply ({exc.reason})"
+                continue
+            if reply.status is Status.REFUSED:
+                dropped[name] = f"{step.value}: refused ({reply.reason})"
+                continue
+            replies[name] = reply
+            self._upload[name] = self._upload.get(name, 0) + len(raw[node])
+        return replies, dropped
+
+    def _hello(self, channel: SiteChannel) -> None:
+        nodes = channel.nodes()
+        if not nodes:
+            raise ConfigError("sites", 0, "no site is connected")
+        payloads = {
+            node: encode_request(Request(self.run_id, Step.HELLO, 0, f"node:{node}", {"config": self.config_text}, ()))
+            for node in nodes
+        }
+        # The site's name is not known before it answers: hello is addressed to any name, and the
+        # site answers with its own; the aggregator then addresses it by that name.
+        raw = channel.exchange(payloads, timeout=self.step_timeout)
+        self._sites: dict[str, _SiteInfo] = {}
+        for node, reply in raw.items():
+            try:
+                name = _reply_name(reply)
+                parsed = decode_reply(reply, run=self.run_id, step=Step.HELLO, round_index=0, site=name)
+            except MessageError as exc:
+                log.warning("node %s: malformed hello reply (%s); left out of the run", node, exc.reason)
+                continue
+            if parsed.status is not Status.OK:
+                log.warning("node %s (%s) refused the run: %s", node, name, parsed.reason)
+                continue
+            if any(info.name == name for info in self._sites.values()):
+                raise ConfigError("sites", name, "two nodes claim the same site name")
+            f = parsed.fields
+            self._sites[node] = _SiteInfo(
+                node=node, name=name, role=str(f.get("role", "site")), identity=str(f.get("identity", "")),
+                epsilon=_number(f.get("epsilon")), budget=_number(f.get("budget")),
+            )
+        if not self._sites:
+            raise ConfigError("sites", len(nodes), "no site accepted the run")
+
+    def _ckks_setup(self, channel: SiteChannel) -> None:
+        holders = [info for info in self._sites.values() if info.role == SiteRole.KEY_HOLDER.value]
+        if len(holders) != 1:
+            raise ConfigError("role", len(holders), "CKKS needs exactly one site with role = \"key-holder\"")
+        self._key_holder = holders[0].name
+        registry = {info.name: info.identity for info in self._sites.values()}
+        replies, dropped = self._exchange(channel, Step.CKKS_SETUP, 0, {self._key_holder: ({"sites": registry}, ())})
+        if self._key_holder not in replies or len(replies[self._key_holder].parts) != 2:
+            raise ProtocolAbort(f"the CKKS key holder did not set up: {dropped.get(self._key_holder, 'malformed reply')}")
+        self._ckks_public, self._ckks_run_id = replies[self._key_holder].parts
+        from privfl.protocols.ckks import _load_context
+
+        if _load_context(self._ckks_public).has_secret_key():
+            raise ProtocolAbort("the key holder sent a context holding its secret key; refusing to hold it")
+        names = [info.name for info in self._sites.values()]
+        _, dropped = self._exchange(channel, Step.CKKS_CONTEXT, 0, {n: ({}, (self._ckks_public, self._ckks_run_id)) for n in names})
+        for name, reason in dropped.items():
+            log.warning("site %s did not take the CKKS context: %s", name, reason)
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self, channel: SiteChannel, out_dir: str | Path | None = None) -> DeploymentResult:
+        """Runs every round of the config against the sites on ``channel``.
+
+        Raises:
+            ConfigError: no site joined, two claim one name, CKKS without exactly one key holder, or
+                ``out_dir`` already holds a run.
+        """
+        from privfl.federation import _Progress, _round_log_line
+        from privfl.rundir import HISTORY_FILE, SUMMARY_FILE, durable_write_json, save_checkpoint
+        from privfl.training import evaluate, flatten_parameters, load_flat_parameters, resolve_device
+
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            if (out / SUMMARY_FILE).exists() or (out / HISTORY_FILE).exists():
+                raise ConfigError("out_dir", str(out), "already holds a run; choose a new directory")
+            out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        fed = self.config.federation
+        self._upload: dict[str, int] = {}
+        self._hello(channel)
+        if fed.protection is ProtectionKind.CKKS:
+            self._ckks_setup(channel)
+        names = sorted(info.name for info in self._sites.values())
+        model = self._initial_model()
+        params = flatten_parameters(model)
+        history: list[dict[str, Any]] = []
+        device = resolve_device(fed.device)
+        progress = _Progress(fed.rounds, enabled=self.progress, start=0)
+        with progress:
+            for r in range(fed.rounds):
+                record, params = self._round(channel, r, names, params)
+                if self.test_set is not None:
+                    load_flat_parameters(model, params)
+                    loss, accuracy = evaluate(model, self.test_set, device=device)
+                    record["test_loss"], record["test_accuracy"] = _finite(loss), _finite(accuracy)
+                history.append(record)
+                if out is not None:
+                    durable_write_json(out / HISTORY_FILE, history)
+                    save_checkpoint(out, r, params)
+                progress.advance(record)
+                log.info("%s", _round_log_line(record))
+        summary = self._summary(history, len(params), time.perf_counter() - started, device)
+        if out is not None:
+            durable_write_json(out / SUMMARY_FILE, summary)
+        return DeploymentResult(parameters=params, history=history, summary=summary, out_dir=out)
+
+    def _round(self, channel: SiteChannel, r: int, names: list[str], params: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        t0 = time.perf_counter()
+        fed = self.config.federation
+        by_name = {info.name: info for info in self._sites.values()}
+        sampled = sample_sites(fed, r, names)
+        record: dict[str, Any] = {
+            "round": r, "sampled": sampled, "trained": [], "contributors": [], "skipped": {}, "dropped": {},
+            "aborted": None, "train_loss": None, "test_loss": None, "test_accuracy": None, "upload_bytes": {},
+        }
+        self._upload = {}
+        needed = _min_participants(self.config)
+        hopeful = [n for n in sampled if not by_name[n].exhausted]
+        if len(hopeful) < needed:
+            record["aborted"] = (
+                f"round skipped before training: {len(hopeful)} of {len(sampled)} sampled sites can train, "
+                f"{fed.protection.value} needs at least {needed}; nobody was asked to train"
+            )
+            return self._close(record, t0), params
+        sampled = hopeful
+        base = {"index": None, "num_sites": len(names), "participants": len(sampled), **self._model_fields()}
+        secagg = None
+        protocol_part = b""
+        if fed.protection is ProtectionKind.SECAGG:
+            secagg = _SecAggRound(self.config, r, sampled, len(params))
+            protocol_part = secagg.params_bytes
+        requests = {n: ({**base, "index": names.index(n)}, (params.astype("<f4").tobytes(), protocol_part)) for n in sampled}
+        replies, dropped = self._exchange(channel, Step.TRAIN, r, requests)
+        record["dropped"].update(dropped)
+        losses = []
+        messages: dict[str, bytes] = {}
+        for name, reply in replies.items():
+            info = by_name[name]
+            info.epsilon = _number(reply.fields.get("epsilon"))
+            info.budget = _number(reply.fields.get("budget"))
+            info.exhausted = bool(reply.fields.get("exhausted"))
+            if reply.status is Status.SKIPPED:
+                record["skipped"][name] = reply.reason
+                info.rounds_skipped += 1
+                continue
+            if len(reply.parts) != 1:
+                record["dropped"][name] = "train: reply carries no protocol message"
+                continue
+            info.rounds_trained += 1
+            record["trained"].append(name)
+            messages[name] = reply.parts[0]
+            if isinstance(reply.fields.get("train_loss"), (int, float)):
+                losses.append(float(reply.fields["train_loss"]))
+        record["train_loss"] = _finite(float(np.mean(losses))) if losses else None
+        try:
+            if fed.protection is ProtectionKind.PLAINTEXT:
+                average, contributors, rejected = self._plaintext(r, messages, len(params))
+            elif fed.protection is ProtectionKind.CKKS:
+                average, contributors, rejected = self._ckks(channel, r, messages, len(params))
+            else:
+                average, contributors, rejected = secagg.finish(self, channel, messages)
+            record["dropped"].update(rejected)
+            record["contributors"] = list(contributors)
+            params = (params + fed.server_learning_rate * average).astype(np.float32)
+        except ProtocolAbort as exc:
+            record["aborted"] = str(exc)
+            for name in record["trained"]:
+                record["dropped"].setdefault(name, "round aborted")
+            log.warning("round %d aborted: %s", r, exc)
+        for name in record["dropped"]:
+            if name in by_name:
+                by_name[name].rounds_dropped += 1
+        record["upload_bytes"] = dict(self._upload)
+        for name, count in self._upload.items():
+            by_name[name].uploads.append(count)
+        return self._close(record, t0), params
+
+    def _close(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
+        epsilons = {info.name: info.epsilon for info in self._sites.values()}
+        record["epsilon"] = epsilons
+        known = [e for e in epsilons.values() if e is not None]
+        record["max_epsilon"] = max(known) if known else None
+        record["seconds"] = time.perf_counter() - t0
+        return record
+
+    # -- protocol server halves ------------------------------------------------------------------------
+    def _plaintext(self, r: int, messages: dict[str, bytes], dim: int):
+        from privfl.protocols.plaintext import PlaintextServer
+
+        server = PlaintextServer(dim)
+        result = server.aggregate(r, messages)
+        rejected = {c: f"update rejected by the server: {why}" for c, why in result.rejected.items()}
+        if not result.accepted:
+            raise ProtocolAbort(f"round {r}: no valid update among {len(messages)} sites", survivors=0, threshold=1)
+        total, weight = server.weighted_sum
+        return total / weight, result.accepted, rejected
+
+    def _ckks(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int):
+        from privfl.protocols.ckks import CkksServer
+        from privfl.protocols.oneshot import decode_average
+
+        cfg = self.config.federation.ckks
+        registry = {info.name: bytes.fromhex(info.identity) for info in self._sites.values()}
+        server = CkksServer(self._ckks_public, cfg, dim, run_id=self._ckks_run_id, sites=registry)
+        result = server.aggregate(r, messages)
+        rejected = {c: f"update rejected by the server: {why}" for c, why in result.rejected.items()}
+        if len(result.accepted) < cfg.min_contributors:
+            raise ProtocolAbort(
+                f"round {r}: {len(result.accepted)} valid updates < min_contributors {cfg.min_contributors}; "
+                "the key holder decrypts no smaller sum",
+                survivors=len(result.accepted), threshold=cfg.min_contributors,
+            )
+        replies, dropped = self._exchange(channel, Step.CKKS_DECRYPT, r, {self._key_holder: ({"dim": dim}, (result.payload,))})
+        reply = replies.get(self._key_holder)
+        if reply is None or len(reply.parts) != 1:
+            raise ProtocolAbort(f"round {r}: the key holder did not decrypt: {dropped.get(self._key_holder, 'malformed reply')}")
+        if tuple(reply.fields.get("contributors", ())) != tuple(result.accepted):
+            raise ProtocolAbort(f"round {r}: the key holder summed other sites than the server accepted")
+        try:
+            average, _ = decode_average(r, reply.parts[0], dim)
+        except MessageError as exc:
+            raise ProtocolAbort(f"round {r}: the key holder's release is malformed ({exc.reason})") from exc
+        return average, result.accepted, rejected
+
+    # -- summary -------------------------------------------------------------------------------------
+    def _summary(self, history: list[dict[str, Any]], num_parameters: int, seconds: float, device) -> dict[str, Any]:
+        from privfl.federation import public_config
+
+        uploads = [u for info in self._sites.values() for u in info.uploads]
+        upload_mean = float(np.mean(uploads)) if uploads else None
+        final = history[-1] if history else {}
+        clients = {
+            info.name: {
+                "epsilon": info.epsilon,
+                "epsilon_budget": info.budget,
+                "epsilon_source": "reported by the site from its own ledger",
+                "role": info.role,
+                "rounds_trained": info.rounds_trained,
+                "rounds_skipped": info.rounds_skipped,
+                "rounds_dropped": info.rounds_dropped,
+            }
+            for info in sorted(self._sites.values(), key=lambda i: i.name)
+        }
+        return {
+            "final_accuracy": final.get("test_accuracy"),
+            "final_loss": final.get("test_loss"),
+            "rounds": len(history),
+            "protection": self.config.federation.protection.value,
+            "accountant": self.config.training.dp.accountant.value,
+            "clients": clients,
+            "dropped_clients": {str(h["round"]): h["dropped"] for h in history if h["dropped"]},
+            "aborted_rounds": [h["round"] for h in history if h["aborted"]],
+            "num_parameters": num_parameters,
+            "upload_bytes_per_client_round": upload_mean,
+            "plaintext_bytes_per_client_round": 4 * num_parameters,
+            "upload_expansion_over_float32": None if upload_mean is None else upload_mean / (4 * num_parameters),
+            "device": str(device),
+            "seconds": seconds,
+            "deployment": {"run_id": self.run_id, "sites": len(self._sites), "ledgers": "kept by each site in its own state directory"},
+            "client_sampling_secret": self.config.federation.noise_seed is None,
+            "training": public_config(self.config.training),
+            "federation": public_config(self.config.federation),
+        }
+
+
+class _SecAggRound:
+    """The aggregator's half of one secure-aggregation round, step by step."""
+
+    def __init__(self, config: RunConfig, round_index: int, sampled: list[str], dim: int) -> None:
+        from privfl.protocols.secagg.keys import KeyPair
+        from privfl.protocols.secagg.params import RoundParams
+        from privfl.protocols.secagg.server import SecAggServer
+        from privfl.protocols.secagg.state import encode_params
+
+        cfg = config.federation.secagg
+        if cfg.weight_bound is None:
+            raise ConfigError(
+                "federation.secagg.weight_bound", None,
+                "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+            )
+        if cfg.authenticated:
+            raise ConfigError("federation.secagg.authenticated", True, "the authenticated mode is not supported in deployments yet")
+        self.config = config
+        self.round_index = round_index
+        self.dim = dim
+        self.sampled = sampled
+        key = KeyPair.generate()
+        self.params = RoundParams(
+            round_index=round_index,
+            client_ids=tuple(sampled),
+            threshold=cfg.resolve_threshold(len(sampled)),
+            neighbours=cfg.round_neighbours(len(sampled)),
+            graph_seed=cfg.graph_seed if cfg.graph_seed is not None else secrets.token_bytes(32),
+            dimension=dim + 1,
+            bits=cfg.bits,
+            server_public_key=key.public,
+        )
+        self.server = SecAggServer(self.params, key)
+        self.params_bytes = encode_params(self.params)
+
+    def _step(self, aggregator: Aggregator, channel: SiteChannel, step: Step, outgoing: dict[str, bytes], receive) -> dict[str, str]:
+        replies, dropped = aggregator._exchange(channel, step, self.round_index, {n: ({}, (m,)) for n, m in outgoing.items()})
+        for name, reason in dropped.items():
+            self.server.drop(name, reason)
+        for name, reply in replies.items():
+            if len(reply.parts) != 1:
+                self.server.drop(name, f"{step.value}: reply carries no protocol message")
+                continue
+            try:
+                receive(name, reply.parts[0])
+            except MessageError:
+                pass  # the server recorded why
+        return dropped
+
+    def finish(self, aggregator: Aggregator, channel: SiteChannel, advertised: dict[str, bytes]):
+        server = self.server
+        for name in self.sampled:
+            if name not in advertised:
+                server.drop(name, "did not train or advertise keys")
+                continue
+            try:
+                server.receive_advertise(name, advertised[name])
+            except MessageError:
+                pass
+        self._step(aggregator, channel, Step.SECAGG_KEYS, server.keys_messages(), server.receive_shares)
+        self._step(aggregator, channel, Step.SECAGG_RELAY, server.relay_messages(), server.receive_masked_input)
+        self._step(aggregator, channel, Step.SECAGG_UNMASK, server.unmask_requests(), server.receive_unmask)
+        words = server.finish()
+        cfg = self.config.federation.secagg
+        quantizer = quantizer_for(self.config, len(self.sampled))
+        decoded = quantizer.decode_sum(words)
+        c = float(cfg.clip_range)
+        ratio_sum = decoded[self.dim] / c
+        if not ratio_sum > 0:
+            raise ProtocolAbort(f"round {self.round_index}: decoded total weight {ratio_sum * cfg.weight_bound} is not positive")
+        survivors = server.survivors
+        rejected = {u: reason for u, reason in server.dropped.items() if u not in survivors and u in advertised}
+        return decoded[: self.dim] / ratio_sum, tuple(sorted(survivors)), rejected
+
+
+def _min_participants(config: RunConfig) -> int:
+    kind = config.federation.protection
+    if kind is ProtectionKind.PLAINTEXT:
+        return 1
+    if kind is ProtectionKind.CKKS:
+        return config.federation.ckks.min_contributors
+    return 2
+
+
+def _reply_name(reply: bytes) -> str:
+    from privfl.protocols.wire import decode_frame
+
+    frame = decode_frame(reply, kind=61, round_index=0, max_bytes=1 << 22, max_parts=4)
+    return frame.sender
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)

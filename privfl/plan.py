@@ -1,0 +1,131 @@
+"""What a site's participation looks like, computed once: round size, client sampling, each site's
+DP-SGD plan (sample rate, steps, noise multiplier) and the seeds of simulation noise streams.
+
+The in-process federation, the networked Aggregator and every Site read these facts from here, so
+a site calibrates its own noise exactly as the simulation of the same run would.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from privfl.config import ClientSampling, FederationConfig, TrainingConfig
+
+__all__ = ["SitePlan", "plan_site", "planned_rounds", "round_size", "sample_sites", "derive_seed", "SAMPLING_PURPOSE"]
+
+SAMPLING_PURPOSE = 3
+"""Stream index of client sampling under ``noise_seed`` (0: DP-SGD, 1: noise shares, 2: central noise)."""
+
+
+def round_size(config: FederationConfig, num_clients: int) -> int | None:
+    """Sites sampled per round: a fixed count, or None under Poisson client sampling (the count varies).
+
+    The run, ``privfl lint`` and the audit all read the round size from here.
+    """
+    client_dp = config.client_dp
+    if client_dp is not None and client_dp.sampling is ClientSampling.POISSON:
+        return None
+    return max(1, round(config.client_fraction * num_clients))
+
+
+def planned_rounds(rounds: int, client_fraction: float, quantile: float, num_clients: int | None = None) -> int:
+    """Rounds a client is planned to train in: a quantile of Binomial(rounds, p).
+
+    p is the chance a client is sampled in a round: ``client_fraction``, or, for fixed-size
+    sampling of ``num_clients``, max(1, round(client_fraction * num_clients)) / num_clients.
+    """
+    from scipy import stats
+
+    p = client_fraction
+    if num_clients is not None:
+        p = max(1, round(client_fraction * num_clients)) / num_clients
+    if p >= 1.0:
+        return rounds
+    return max(1, int(stats.binom.ppf(quantile, rounds, p)))
+
+
+@dataclass(frozen=True, slots=True)
+class SitePlan:
+    """One site's DP-SGD plan for a run.
+
+    Attributes:
+        sample_rate: Poisson sampling rate q of its local batches.
+        steps_per_round: local DP-SGD steps per round it trains in.
+        noise_multiplier: sigma, set or calibrated to the target epsilon over ``planned_rounds``.
+        planned_rounds: rounds the calibration plans for.
+    """
+
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    planned_rounds: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _calibrated(target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    from privfl.accounting import noise_multiplier
+
+    return noise_multiplier(target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant)
+
+
+def plan_site(num_examples: int, training: TrainingConfig, federation: FederationConfig, num_sites: int) -> SitePlan:
+    """The plan of a site holding ``num_examples`` in a federation of ``num_sites``.
+
+    Sites of the same size share one calibration (memoized), so the cost does not grow with the
+    number of sites.
+    """
+    from privfl.training import sampling_plan
+
+    dp = training.dp
+    fixed_size = federation.client_dp is None or federation.client_dp.sampling is ClientSampling.FIXED
+    rounds = planned_rounds(
+        federation.rounds,
+        federation.client_fraction,
+        dp.planned_participation_quantile,
+        num_clients=num_sites if fixed_size else None,
+    )
+    q, steps = sampling_plan(num_examples, training)
+    if dp.noise_multiplier is not None:
+        sigma = dp.noise_multiplier
+    else:
+        # Calibrated once for every step the site may take over the whole run.
+        sigma = _calibrated(dp.target_epsilon, q, steps * rounds, dp.delta, getattr(dp.accountant, "value", dp.accountant))
+    return SitePlan(sample_rate=q, steps_per_round=steps, noise_multiplier=sigma, planned_rounds=rounds)
+
+
+def derive_seed(noise_seed: int | None, round_index: int, site_index: int, purpose: int) -> int:
+    """Seed of a DP noise stream: from ``noise_seed`` in simulations, else fresh OS entropy."""
+    if noise_seed is None:
+        return secrets.randbits(63)
+    state = np.random.SeedSequence([noise_seed, round_index, site_index, purpose]).generate_state(2)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def sample_sites(config: FederationConfig, round_index: int, names: Sequence[str]) -> list[str]:
+    """The sites taking part in a round: secret by default, reproducible only under ``noise_seed``.
+
+    Who takes part must be unpredictable: the amplification by client sampling that the
+    client-level accountant counts on, and the hiding of a site's participation, hold only
+    against someone who cannot recompute the sample. Anyone holding the config could from the
+    public ``seed``; so the sample comes from OS entropy (``secrets``), or from ``noise_seed``
+    in simulations, and summary.json and the audit then say the guarantee does not hold.
+    ``names`` keeps its order (the site index is the position in it).
+    """
+    fraction = config.client_fraction
+    count = round_size(config, len(names))
+    poisson = count is None
+    if config.noise_seed is None:
+        secret = secrets.SystemRandom()
+        if poisson:
+            return [name for name in names if secret.random() < fraction]
+        return [names[i] for i in sorted(secret.sample(range(len(names)), count))]
+    rng = np.random.default_rng([config.noise_seed, round_index, SAMPLING_PURPOSE])
+    if poisson:
+        # Poisson client sampling: the amplification the client-level accountant relies on.
+        return [name for name, keep in zip(names, rng.random(len(names)) < fraction) if keep]
+    return [names[i] for i in sorted(rng.choice(len(names), size=count, replace=False))]

@@ -1,0 +1,598 @@
+"""A Site: one hospital or bank, holding its data, its model copy, its DP-SGD training, its own privacy
+ledger and its protocol keys, answering the Aggregator's requests as bytes.
+
+Threat model: the aggregator may be curious or actively malicious. A site therefore decides for
+itself whether to train (its ledger, in its own state directory, is the budget that counts; a server
+asking again does not change the answer), checks every request (run, round, step, addressee) before
+acting on it, never trains twice in one round of a run, and answers anything malformed with a
+refusal instead of an exception. Everything the site must remember between two requests (its
+ledger, its identity key, the round's secure-aggregation secrets, the CKKS key holder's secret key)
+lives in its state directory, so each request may be served by a fresh process (as Flower does) and
+a restarted site keeps its spent epsilon.
+
+State directory layout::
+
+    site.json           the site's name (a state directory belongs to one site)
+    ledger.jsonl/.key   the privacy ledger (privfl.accounting), authenticated and append-only
+    identity.key        Ed25519 identity (signs CKKS contributions; SecAgg authenticated mode), 0600
+    run.json            the run being served: its id and config
+    round.bin           secure aggregation: this round's private protocol state, 0600, deleted after
+    ckks-public.bin     CKKS: the public context and the key holder's run id
+    ckks-key-holder.bin CKKS key holder only: its secret context, 0600
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privfl.config import ProtectionKind, RunConfig, config_from_dict
+from privfl.envelope import Reply, Request, Status, Step, decode_request, encode_reply
+from privfl.errors import BudgetExceededError, ConfigError, LedgerError, MessageError, PrivflError, ProtocolAbort
+from privfl.rundir import LEDGER_FILE, LEDGER_KEY_FILE, RunLock, durable_write_bytes, durable_write_json
+
+__all__ = ["Site", "SiteRole", "load_site_dataset", "quantizer_for"]
+
+log = logging.getLogger("privfl")
+
+SITE_FILE = "site.json"
+RUN_FILE = "run.json"
+IDENTITY_FILE = "identity.key"
+ROUND_FILE = "round.bin"
+CKKS_PUBLIC_FILE = "ckks-public.bin"
+CKKS_KEY_HOLDER_FILE = "ckks-key-holder.bin"
+_ROUND_STATE = struct.Struct(">I")
+
+
+class SiteRole(str, Enum):
+    """What a site does besides training."""
+
+    SITE = "site"
+    KEY_HOLDER = "key-holder"
+    """Holds the CKKS secret key and decrypts only the round's verified sum (it must not collude with the server)."""
+
+
+def load_site_dataset(source: str, *, label_column: str = "label"):
+    """A site's training data from its node configuration.
+
+    Args:
+        source: a CSV file (header row; numeric columns), a Parquet file (needs pandas and pyarrow),
+            or ``module:function`` naming a function that returns a torch ``Dataset``.
+        label_column: the column holding the class label (CSV and Parquet).
+
+    Raises:
+        ConfigError: the file or function is missing, the label column is absent, or a value is not numeric.
+    """
+    from privfl.data import ArrayDataset
+
+    if ":" in source and not Path(source).exists() and not source.lower().endswith((".csv", ".parquet")):
+        import importlib
+
+        module_name, _, attr = source.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError("data", source, f"cannot import {source}: {exc}") from exc
+        dataset = function()
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ConfigError("data", source, "must return a torch Dataset")
+        return dataset
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError("data", source, "no such file (a CSV or Parquet file, or module:function)")
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("reading Parquet needs pandas and pyarrow: pip install pandas pyarrow") from exc
+        frame = pd.read_parquet(path)
+        columns = list(frame.columns)
+        table = frame.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        import csv
+
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            try:
+                columns = next(reader)
+            except StopIteration:
+                raise ConfigError("data", source, "the CSV file is empty") from None
+            rows = []
+            for number, row in enumerate(reader, start=2):
+                if len(row) != len(columns):
+                    raise ConfigError("data", f"{source}:{number}", f"has {len(row)} fields, the header {len(columns)}")
+                try:
+                    rows.append([float(v) for v in row])
+                except ValueError:
+                    raise ConfigError("data", f"{source}:{number}", "holds a value that is not a number") from None
+        table = np.asarray(rows, dtype=np.float64).reshape(-1, len(columns))
+    if label_column not in columns:
+        raise ConfigError("data.label_column", label_column, f"not a column of {source} (columns: {', '.join(map(str, columns))})")
+    if not np.all(np.isfinite(table)):
+        raise ConfigError("data", source, "holds missing or non-finite values")
+    label_index = columns.index(label_column)
+    labels = table[:, label_index]
+    if np.any(labels != np.round(labels)) or np.any(labels < 0):
+        raise ConfigError("data.label_column", label_column, "labels must be non-negative integers")
+    features = np.delete(table, label_index, axis=1).astype(np.float32)
+    return ArrayDataset(features, labels.astype(np.int64))
+
+
+def quantizer_for(config: RunConfig, num_clients: int):
+    """The secure-aggregation quantizer of a round of ``num_clients`` (both sides build the same one)."""
+    from privfl.protocols.secagg import Quantizer
+
+    cfg = config.federation.secagg
+    return Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
+
+
+class Site:
+    """One site of a federation.
+
+    Args:
+        name: the site's id (unique in the federation).
+        dataset: its training ``Dataset`` (yielding (input, label)); it never leaves the site.
+        state_dir: where the site keeps its ledger, keys and protocol state (created if missing).
+        budget: the site's own epsilon budget; None takes the run config's. The site refuses to
+            train past it, whatever the server asks.
+        role: ``SiteRole.KEY_HOLDER`` for the one site that holds the CKKS secret key.
+        model_fn: builds the model; None builds the run config's bundled model for the input shape
+            and class count the aggregator announces.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+
+    Raises:
+        ConfigError: the state directory belongs to another site, or a setting is invalid.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dataset,
+        state_dir: str | os.PathLike[str],
+        *,
+        budget: float | None = None,
+        role: SiteRole | str = SiteRole.SITE,
+        model_fn: Callable[[], Any] | None = None,
+        device: str = "auto",
+    ) -> None:
+        if not isinstance(name, str) or not name or len(name.encode()) > 256 or name in ("server", "aggregator"):
+            raise ConfigError("site", name, "must be a non-empty name of at most 256 bytes, not 'server' or 'aggregator'")
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise ConfigError("budget", budget, "must be a number > 0")
+        try:
+            self.role = SiteRole(role)
+        except ValueError:
+            raise ConfigError("role", role, "must be 'site' or 'key-holder'") from None
+        self.name = name
+        self.dataset = dataset
+        self.state_dir = Path(state_dir)
+        self.budget = None if budget is None else float(budget)
+        self.model_fn = model_fn
+        self.device = device
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        marker = self.state_dir / SITE_FILE
+        if marker.exists():
+            owner = json.loads(marker.read_text()).get("site")
+            if owner != name:
+                raise ConfigError("state_dir", str(self.state_dir), f"belongs to site {owner!r}, not {name!r}")
+        else:
+            durable_write_json(marker, {"site": name})
+
+    def __repr__(self) -> str:
+        return f"Site(name={self.name!r}, role={self.role.value}, state_dir={str(self.state_dir)!r})"
+
+    # -- entry point -------------------------------------------------------------------------------
+    def handle(self, message: bytes) -> bytes:
+        """Answers one request from the aggregator; never raises for anything the peer sent.
+
+        Returns:
+            The reply bytes (a refusal with its reason when the request is malformed, stale, out of
+            order or unsafe).
+        """
+        try:
+            request = decode_request(message)
+        except MessageError as exc:
+            return encode_reply(Reply("unknown", Step.HELLO, 0, self.name, Status.REFUSED, {"reason": exc.reason}))
+        try:
+            if request.step is not Step.HELLO and request.site != self.name:
+                raise MessageError(f"request is addressed to site {request.site!r}")
+            with RunLock(self.state_dir):
+                return encode_reply(self._dispatch(request))
+        except (PrivflError, ValueError, KeyError, TypeError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            log.warning("site %s refused %s of round %d: %s", self.name, request.step.value, request.round_index, reason)
+            if isinstance(exc, ProtocolAbort | MessageError) and request.step in _SECAGG_STEPS:
+                # The round is over for this site: its secrets are not kept.
+                (self.state_dir / ROUND_FILE).unlink(missing_ok=True)
+            return encode_reply(Reply(request.run, request.step, request.round_index, self.name, Status.REFUSED, {"reason": reason}))
+
+    def _dispatch(self, request: Request) -> Reply:
+        if request.step is Step.HELLO:
+            return self._hello(request)
+        run = self._run_state()
+        if run is None or run["run"] != request.run:
+            raise MessageError("request for a run this site has not joined (no hello for it)")
+        config = _parse_config(run["config"])
+        if request.step is Step.TRAIN:
+            return self._train(request, run, config)
+        if request.step in _SECAGG_STEPS:
+            return self._secagg_step(request, config)
+        if request.step is Step.CKKS_CONTEXT:
+            return self._ckks_context(request)
+        if request.step is Step.CKKS_SETUP:
+            return self._ckks_setup(request, config)
+        if request.step is Step.CKKS_DECRYPT:
+            return self._ckks_decrypt(request, config)
+        raise MessageError(f"step {request.step.value!r} is not served by a site")
+
+    def _reply(self, request: Request, status: Status = Status.OK, parts: tuple[bytes, ...] = (), **fields: Any) -> Reply:
+        return Reply(request.run, request.step, request.round_index, self.name, status, fields, parts)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _run_state(self) -> dict[str, Any] | None:
+        path = self.state_dir / RUN_FILE
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def _identity_raw(self) -> bytes:
+        """The site's long-term Ed25519 private key (made on first use, from the OS CSPRNG)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+        path = self.state_dir / IDENTITY_FILE
+        if path.exists():
+            raw = path.read_bytes()
+            if len(raw) != 32:
+                raise ConfigError("identity.key", str(path), "is not a 32-byte Ed25519 key")
+            return raw
+        raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        _write_secret(path, raw)
+        return raw
+
+    def identity_public(self) -> bytes:
+        """The site's identity public key (to register with the CKKS key holder or the SecAgg registry)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey.from_private_bytes(self._identity_raw()).public_key().public_bytes_raw()
+
+    def _ledger(self, config: RunConfig):
+        from privfl.accounting import ClientBudget, LedgerKey, PrivacyLedger
+
+        path = self.state_dir / LEDGER_FILE
+        key_path = self.state_dir / LEDGER_KEY_FILE
+        accountant = config.training.dp.accountant
+        if path.exists():
+            ledger = PrivacyLedger.open(path, key=LedgerKey.read(key_path))
+        elif key_path.exists():
+            raise LedgerError(f"{self.state_dir}: the ledger key exists but the ledger is gone; refusing to start from zero")
+        else:
+            key = LedgerKey.generate()
+            key.write(key_path)
+            ledger = PrivacyLedger.create(path, accountant=accountant, key=key, run_identity={"site": self.name})
+        budget = self.budget if self.budget is not None else config.training.dp.epsilon_budget
+        try:
+            ledger.register(self.name, ClientBudget(epsilon=budget, delta=config.training.dp.delta))
+        except BaseException:
+            ledger.close()
+            raise
+        return ledger
+
+    def spent(self, config: RunConfig) -> tuple[float, float]:
+        """(epsilon spent so far, budget), from this site's own ledger."""
+        ledger = self._ledger(config)
+        try:
+            return ledger.epsilon(self.name), ledger.budget(self.name).epsilon
+        finally:
+            ledger.close()
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _hello(self, request: Request) -> Reply:
+        text = request.fields.get("config")
+        if not isinstance(text, str):
+            raise MessageError("hello carries no run config")
+        config = _parse_config(text)
+        if len(request.run) != 32 or any(c not in "0123456789abcdef" for c in request.run):
+            raise MessageError("run id must be 32 hex digits")
+        previous = self._run_state()
+        if previous is not None and previous["run"] != request.run:
+            # A new run: any secure-aggregation secrets of the old one are dropped.
+            (self.state_dir / ROUND_FILE).unlink(missing_ok=True)
+        if previous is None or previous["run"] != request.run:
+            durable_write_json(self.state_dir / RUN_FILE, {"run": request.run, "config": text, "trained_rounds": []})
+        spent, budget = self.spent(config)
+        return self._reply(
+            request,
+            role=self.role.value,
+            identity=self.identity_public().hex(),
+            epsilon=spent,
+            budget=budget,
+        )
+
+    def _model(self, config: RunConfig, fields: dict[str, Any]):
+        import torch
+
+        from privfl.models import build_model
+        from privfl.training import make_private_compatible
+
+        torch.manual_seed(config.federation.seed)
+        if self.model_fn is not None:
+            model = self.model_fn()
+        else:
+            shape = fields.get("input_shape")
+            classes = fields.get("num_classes")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(classes, int) and classes > 1):
+                raise MessageError("train request lacks a valid input_shape / num_classes")
+            model = build_model(config.model, tuple(shape), classes)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return make_private_compatible(model)
+
+    def _train(self, request: Request, run: dict[str, Any], config: RunConfig) -> Reply:
+        from privfl.accounting import DPEvent
+        from privfl.plan import derive_seed, plan_site
+        from privfl.protocols.base import ClientUpdate
+
+        fields = request.fields
+        index, num_sites = fields.get("index"), fields.get("num_sites")
+        if not (isinstance(index, int) and isinstance(num_sites, int) and 0 <= index < num_sites):
+            raise MessageError("train request lacks a valid site index / num_sites")
+        r = request.round_index
+        if r >= config.federation.rounds:
+            raise MessageError(f"round {r} is beyond the run's {config.federation.rounds} rounds")
+        if r in run["trained_rounds"] or (run["trained_rounds"] and r < max(run["trained_rounds"])):
+            raise MessageError(f"this site already trained in round {r} of this run (or a later one)")
+        if len(request.parts) != 2:
+            raise MessageError("train request must carry the global model and the protocol part")
+        if config.federation.client_dp is not None:
+            raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
+        plan = plan_site(len(self.dataset), config.training, config.federation, num_sites)
+        event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+        ledger = self._ledger(config)
+        try:
+            after = ledger.epsilon_if(self.name, event)
+            budget = ledger.budget(self.name).epsilon
+            if after > budget:
+                # Decided here, by the site's own ledger: the server cannot talk it into training.
+                reason = f"another round would spend epsilon {after:.3f} > budget {budget:.3f}"
+                ledger.record_skip(r, self.name, reason=f"run {request.run}: {reason}")
+                return self._reply(request, Status.SKIPPED, reason=reason, epsilon=ledger.epsilon(self.name), budget=budget, exhausted=True)
+            model = self._model(config, fields)
+            from privfl.training import flatten_parameters, load_flat_parameters, resolve_device, train_dp_sgd
+
+            size = flatten_parameters(model).size
+            if len(request.parts[0]) != 4 * size:
+                raise MessageError(f"global model has {len(request.parts[0]) // 4} parameters, the site's model {size}")
+            global_params = np.frombuffer(request.parts[0], dtype="<f4").copy()
+            if not np.all(np.isfinite(global_params)):
+                raise MessageError("global model holds non-finite values")
+            load_flat_parameters(model, global_params)
+            seed = derive_seed(config.federation.noise_seed, r, index, 0)
+            result = train_dp_sgd(
+                model, self.dataset, config=config.training, noise_multiplier=plan.noise_multiplier,
+                device=resolve_device(self.device if self.device != "auto" else config.federation.device), seed=seed, site=self.name,
+            )
+            # Charged (one fsynced journal line) before anything derived from the data leaves the site.
+            ledger.charge(r, self.name, result.event, note=f"run {request.run}")
+            run["trained_rounds"].append(r)
+            durable_write_json(self.state_dir / RUN_FILE, run)
+            spent = ledger.epsilon(self.name)
+            exhausted = ledger.epsilon_if(self.name, event) > budget
+        except BudgetExceededError as exc:
+            return self._reply(request, Status.SKIPPED, reason=str(exc), epsilon=ledger.epsilon(self.name), budget=ledger.budget(self.name).epsilon, exhausted=True)
+        finally:
+            ledger.close()
+        update = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
+        message = self._protect(request, config, update, num_sites, request.parts[1])
+        return self._reply(
+            request, parts=(message,), epsilon=spent, budget=budget, exhausted=exhausted, train_loss=result.mean_loss,
+        )
+
+    def _protect(self, request: Request, config: RunConfig, update, num_sites: int, protocol_part: bytes) -> bytes:
+        kind = config.federation.protection
+        r = request.round_index
+        if kind is ProtectionKind.PLAINTEXT:
+            from privfl.protocols.plaintext import encode_update
+
+            return encode_update(r, self.name, update)
+        if kind is ProtectionKind.CKKS:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            from privfl.protocols.ckks import CkksClient
+            from privfl.protocols.ckks_signing import SiteIdentity
+
+            public, run_id = self._ckks_public()
+            identity = SiteIdentity(site=self.name, private_key=Ed25519PrivateKey.from_private_bytes(self._identity_raw()))
+            participants = request.fields.get("participants")
+            if not isinstance(participants, int) or participants < 1:
+                raise MessageError("train request lacks the participant count")
+            return CkksClient(public, config.federation.ckks, run_id=run_id).encrypt(r, self.name, update, participants, identity=identity)
+        return self._secagg_start(request, config, update, protocol_part)
+
+    # -- secure aggregation ----------------------------------------------------------------------------
+    def _secagg_identity(self, config: RunConfig):
+        if not config.federation.secagg.authenticated:
+            return None
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from privfl.protocols.secagg.keys import IdentityKey
+
+        private = Ed25519PrivateKey.from_private_bytes(self._identity_raw())
+        return IdentityKey(private=private, public=private.public_key().public_bytes_raw())
+
+    def _secagg_start(self, request: Request, config: RunConfig, update, params_part: bytes) -> bytes:
+        from privfl.protocols.secagg.client import SecAggClient
+        from privfl.protocols.secagg.simulate import rounding_key
+        from privfl.protocols.secagg.state import decode_params, export_client
+
+        cfg = config.federation.secagg
+        if cfg.weight_bound is None:
+            raise ConfigError(
+                "federation.secagg.weight_bound", None,
+                "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+            )
+        params = decode_params(params_part, round_index=request.round_index)
+        if update.weight > cfg.weight_bound:
+            raise ConfigError("federation.secagg.weight_bound", cfg.weight_bound, f"this site has {update.weight:g} examples, above it")
+        dim = update.delta.shape[0]
+        if params.dimension != dim + 1:
+            raise MessageError(f"round parameters are for {params.dimension - 1} values, the update has {dim}")
+        quantizer = quantizer_for(config, len(params.client_ids))
+        c = float(cfg.clip_range)
+        ratio = update.weight / cfg.weight_bound
+        vector = np.empty(dim + 1)
+        np.multiply(np.clip(update.delta.astype(np.float64), -c, c), ratio, out=vector[:dim])
+        vector[dim] = ratio * c
+        encoded, _ = quantizer.encode(vector, rounding_key())
+        client = SecAggClient(self.name, params, self._secagg_identity(config))
+        message = client.advertise()
+        self._save_round(request.round_index, export_client(client), encoded)
+        return message
+
+    def _save_round(self, round_index: int, state: bytes, encoded: np.ndarray) -> None:
+        from privfl.protocols.wire import encode_frame
+
+        _write_secret(self.state_dir / ROUND_FILE, encode_frame(22, round_index, self.name, [state, encoded.astype("<u4").tobytes()]))
+
+    def _load_round(self, round_index: int) -> tuple[bytes, np.ndarray]:
+        from privfl.protocols.wire import decode_frame
+
+        path = self.state_dir / ROUND_FILE
+        if not path.exists():
+            raise MessageError(f"no secure-aggregation round {round_index} in progress at this site")
+        frame = decode_frame(path.read_bytes(), kind=22, round_index=round_index, sender=self.name, max_parts=2)
+        return frame.parts[0], np.frombuffer(frame.parts[1], dtype="<u4").copy()
+
+    def _secagg_step(self, request: Request, config: RunConfig) -> Reply:
+        from privfl.protocols.secagg.state import export_client, restore_client
+
+        if len(request.parts) != 1:
+            raise MessageError("a secure-aggregation step carries one server message")
+        state, encoded = self._load_round(request.round_index)
+        client = restore_client(state, round_index=request.round_index, client_id=self.name, identity=self._secagg_identity(config))
+        incoming = request.parts[0]
+        if request.step is Step.SECAGG_KEYS:
+            message = client.share_keys(incoming)
+        elif request.step is Step.SECAGG_RELAY:
+            message = client.masked_input(incoming, encoded)
+        elif request.step is Step.SECAGG_CHECK:
+            message = client.sign_survivors(incoming)
+        else:
+            message = client.unmask(incoming)
+        if request.step is Step.SECAGG_UNMASK:
+            (self.state_dir / ROUND_FILE).unlink(missing_ok=True)
+        else:
+            self._save_round(request.round_index, export_client(client), encoded)
+        return self._reply(request, parts=(message,))
+
+    # -- CKKS ----------------------------------------------------------------------------------------
+    def _ckks_public(self) -> tuple[bytes, bytes]:
+        from privfl.protocols.wire import decode_frame
+
+        path = self.state_dir / CKKS_PUBLIC_FILE
+        if not path.exists():
+            raise MessageError("no CKKS public context received for this run")
+        frame = decode_frame(path.read_bytes(), kind=23, round_index=0, sender="key-holder", max_parts=2)
+        return frame.parts[0], frame.parts[1]
+
+    def _ckks_context(self, request: Request) -> Reply:
+        from privfl.protocols.ckks import _load_context
+        from privfl.protocols.wire import encode_frame
+
+        if len(request.parts) != 2 or len(request.parts[1]) != 16:
+            raise MessageError("CKKS context message must carry the public context and a 16-byte run id")
+        context = _load_context(request.parts[0])
+        if context.has_secret_key():
+            raise MessageError("the CKKS context sent to a site holds a secret key")
+        durable_write_bytes(self.state_dir / CKKS_PUBLIC_FILE, encode_frame(23, 0, "key-holder", list(request.parts)))
+        return self._reply(request)
+
+    def _key_holder(self, config: RunConfig, run: str):
+        from privfl.protocols.ckks import CkksKeyHolder
+
+        if self.role is not SiteRole.KEY_HOLDER:
+            raise MessageError("this site is not the CKKS key holder")
+        path = self.state_dir / CKKS_KEY_HOLDER_FILE
+        if path.exists():
+            data = path.read_bytes()
+            tag, body = data[:32], data[32:]
+            if tag.decode("ascii", errors="replace") == run:
+                return CkksKeyHolder.from_bytes(body, config.federation.ckks)
+        return None
+
+    def _save_key_holder(self, holder, run: str) -> None:
+        _write_secret(self.state_dir / CKKS_KEY_HOLDER_FILE, run.encode("ascii") + holder.to_bytes())
+
+    def _ckks_setup(self, request: Request, config: RunConfig) -> Reply:
+        from privfl.protocols.ckks import CkksKeyHolder
+
+        registry = request.fields.get("sites")
+        if not isinstance(registry, dict) or not registry:
+            raise MessageError("CKKS setup carries no site registry")
+        holder = self._key_holder(config, request.run)
+        if holder is None:
+            holder = CkksKeyHolder(config.federation.ckks)
+        for site, key in sorted(registry.items()):
+            if not isinstance(key, str):
+                raise MessageError(f"identity key of {site!r} is not hex")
+            # Registration over the aggregator: trust on first use for this run (docs/deployment.md).
+            holder.register_site(site, bytes.fromhex(key))
+        self._save_key_holder(holder, request.run)
+        return self._reply(request, parts=(holder.public_context(), holder.run_id))
+
+    def _ckks_decrypt(self, request: Request, config: RunConfig) -> Reply:
+        from privfl.errors import DecryptionError
+        from privfl.protocols.oneshot import encode_average
+
+        holder = self._key_holder(config, request.run)
+        if holder is None:
+            raise MessageError("no CKKS key for this run at this site")
+        dim = request.fields.get("dim")
+        if not isinstance(dim, int) or dim < 1 or len(request.parts) != 1:
+            raise MessageError("decryption request must carry the dimension and the aggregate")
+        try:
+            released = holder.decrypt_sum(request.round_index, request.parts[0], dim)
+        except DecryptionError as exc:
+            raise ProtocolAbort("the key holder refused to decrypt the aggregate") from exc
+        finally:
+            # The decrypted round is remembered even if the release fails afterwards.
+            self._save_key_holder(holder, request.run)
+        if not released.total_weight > 0:
+            raise ProtocolAbort(f"decrypted total weight {released.total_weight} is not positive")
+        average = encode_average(request.round_index, released.weighted_sum / released.total_weight, released.total_weight)
+        return self._reply(request, parts=(average,), contributors=list(released.contributors))
+
+
+_SECAGG_STEPS = frozenset({Step.SECAGG_KEYS, Step.SECAGG_RELAY, Step.SECAGG_CHECK, Step.SECAGG_UNMASK})
+
+
+def _parse_config(text: str) -> RunConfig:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise MessageError(f"run config is not TOML: {exc}") from None
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Writes a secret file readable by its owner only (0600), durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
