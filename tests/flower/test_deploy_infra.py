@@ -1,0 +1,164 @@
+"""LocalDeployment on loopback with TLS: a stand-in echo app reaches every SuperNode, survives a killed node, leaks no process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from privfl.errors import ConfigError  # noqa: E402
+from privfl.flower.deploy import LocalDeployment, pid_alive, write_app_dir  # noqa: E402
+from privfl.flower.tls import generate_node_auth_keys, generate_tls_material  # noqa: E402
+
+ECHO_MODULE = Path(__file__).with_name("_echo_app.py")
+PAYLOAD = bytes(range(256)) * 4  # 1 KiB, every byte value
+SITES = ["site-0", "site-1", "site-2"]
+
+
+def _echo_app(directory: Path, out_file: Path) -> Path:
+    """The echo app directory; its module travels in the FAB as ``privfl_echo_app``."""
+    app = directory / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "privfl_echo_app.py").write_text(ECHO_MODULE.read_text())
+    return write_app_dir(
+        app,
+        serverapp="privfl_echo_app:server_app",
+        clientapp="privfl_echo_app:client_app",
+        name="privfl-echo",
+        run_config={
+            "out-file": str(out_file),
+            "payload-hex": PAYLOAD.hex(),
+            "expected-nodes": len(SITES),
+            "wait-nodes-s": 60.0,
+            "rounds": 1,
+            "timeout-s": 60.0,
+            "fail-node-site": "",
+            "pause-file": "",
+        },
+    )
+
+
+def _digest(site: str) -> str:
+    return hashlib.sha256(PAYLOAD + site.encode()).hexdigest()
+
+
+def _assert_all_dead(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    alive = [pid for pid in pids if pid_alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if pid_alive(pid)]
+    assert not alive, f"processes still alive after the deployment closed: {alive}"
+
+
+def test_tls_material_files_and_modes(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    tls = generate_tls_material(tmp_path / "tls", extra_hosts=["superlink.example"])
+    for key in (tls.ca_key, tls.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert "superlink.example" in san.get_values_for_type(x509.DNSName)
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "::1"}
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    keys = generate_node_auth_keys(tmp_path / "keys", "node-0")
+    assert keys.public_key.read_text().startswith("ecdsa-sha2-nistp256 ")
+    assert stat.S_IMODE(keys.private_key.stat().st_mode) == 0o600
+    with pytest.raises(ConfigError):
+        generate_node_auth_keys(tmp_path / "keys", "../evil")
+
+
+def test_write_app_dir_rejects_bad_references(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        write_app_dir(tmp_path, serverapp="privfl.flower.apps", clientapp="m:client_app")
+    with pytest.raises(ConfigError):
+        write_app_dir(tmp_path, serverapp="m:a", clientapp="m:b", run_config={"bad key": 1})
+    app = write_app_dir(
+        tmp_path, serverapp="privfl.flower.apps:server_app", clientapp="privfl.flower.apps:client_app"
+    )
+    text = (app / "pyproject.toml").read_text()
+    assert 'serverapp = "privfl.flower.apps:server_app"' in text
+
+
+@pytest.mark.timeout(240)
+def test_echo_over_tls_reaches_every_node_and_leaves_no_process(tmp_path: Path) -> None:
+    out_file = tmp_path / "echo.json"
+    app = _echo_app(tmp_path, out_file)
+    with LocalDeployment(tmp_path / "dep", [{"site": s, "idx": i} for i, s in enumerate(SITES)]) as dep:
+        assert all(node.node_id is not None for node in dep.supernodes)
+        result = dep.run_app(app, run_config={"rounds": 2}, timeout=150)
+        assert result.ok, result.output
+        pids = dep.started_pids()
+        assert len(pids) >= 1 + len(SITES)
+        node_ids = {node.node_id: node.node_config["site"] for node in dep.supernodes}
+    _assert_all_dead(pids)
+
+    echo = json.loads(out_file.read_text())
+    assert sorted(echo["node_ids"]) == sorted(node_ids)
+    for rnd, round_ in enumerate(echo["rounds"]):
+        replies = {r["src_node_id"]: r for r in round_["replies"]}
+        assert set(replies) == set(node_ids)
+        for node_id, site in node_ids.items():
+            assert replies[node_id]["site"] == site
+            assert replies[node_id]["digest"] == _digest(site)
+            assert replies[node_id]["calls"] == rnd + 1  # context.state survives between messages
+
+
+@pytest.mark.timeout(240)
+def test_killed_supernode_mid_run_leaves_the_others_working(tmp_path: Path) -> None:
+    out_file = tmp_path / "echo.json"
+    pause = tmp_path / "paused"
+    app = _echo_app(tmp_path, out_file)
+    with LocalDeployment(tmp_path / "dep", [{"site": s} for s in SITES]) as dep:
+        handle = dep.start_run(
+            app,
+            run_config={"rounds": 2, "timeout-s": 20.0, "pause-file": str(pause), "fail-node-site": "site-2"},
+        )
+        deadline = time.monotonic() + 120
+        while not pause.exists():
+            assert handle.running(), handle.log_file.read_text()
+            assert time.monotonic() < deadline, "round 0 did not finish"
+            time.sleep(0.2)
+        victim = dep.supernodes[1]
+        dep.kill_supernode(1, signal.SIGKILL)
+        assert not pid_alive(victim.pid)
+        Path(str(pause) + ".resume").write_text("go")
+        result = handle.wait(timeout=120)
+        assert result.ok, result.output
+        pids = dep.started_pids()
+    _assert_all_dead(pids)
+
+    echo = json.loads(out_file.read_text())
+    by_site = {n.node_id: n.node_config["site"] for n in dep.supernodes}
+    first, second = echo["rounds"]
+    ok_first = {by_site[r["src_node_id"]] for r in first["replies"] if "digest" in r}
+    err_first = {by_site[r["src_node_id"]]: r for r in first["replies"] if "error_code" in r}
+    assert ok_first == {"site-0", "site-1"}
+    # A ClientApp exception comes back as an error reply naming the exception.
+    assert "site-2 was told to fail" in err_first["site-2"]["error_reason"]
+    ok_second = {by_site[r["src_node_id"]]: r for r in second["replies"] if "digest" in r}
+    assert set(ok_second) == {"site-0"}
+    assert ok_second["site-0"]["digest"] == _digest("site-0")
+    assert all(by_site.get(r["src_node_id"]) != "site-1" or "error_code" in r for r in second["replies"])
+
+
+@pytest.mark.timeout(120)
+def test_dead_supernode_at_startup_names_its_log(tmp_path: Path) -> None:
+    from privfl.errors import PrivflError
+
+    # A node config value Flower cannot parse makes flower-supernode exit at once.
+    dep = LocalDeployment(tmp_path / "dep", [{"site": "site-0"}], startup_timeout=60)
+    dep._node_config_args = ["this is not key=value"]
+    with pytest.raises(PrivflError, match=r"supernode-0\.log"):
+        dep.start()
+    _assert_all_dead(dep.started_pids())
