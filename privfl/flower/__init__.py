@@ -1,0 +1,1 @@
+"""privfl on Flower: ClientApp/ServerApp hosting Sites and the Aggregator, and local deployment."""

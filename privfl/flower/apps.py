@@ -1,0 +1,176 @@
+"""The Flower ClientApp hosting a privfl Site and the ServerApp hosting the Aggregator.
+
+Each privfl request travels as one Flower message of type ``query.privfl`` whose content holds the
+request bytes (``RecordDict({"privfl": ConfigRecord({"payload": bytes})})``); the reply carries the
+site's reply bytes the same way. Flower handles each message in a fresh ClientApp process, so the
+Site is rebuilt from its node configuration for every message and keeps everything it must remember
+in its state directory.
+
+Node configuration of a SuperNode (``flower-supernode --node-config``):
+
+* ``site``: the site's name; ``state-dir``: its state directory (ledger, keys, protocol state);
+* ``data``: a CSV or Parquet file (with ``label-column``, default ``label``) or ``module:function``;
+* ``budget`` (optional): the site's own epsilon budget; ``role`` (optional): ``key-holder`` for the
+  CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``.
+
+Run configuration of the ServerApp (``flwr run --run-config``):
+
+* ``config``: path of the run's TOML (the schema of ``privfl run``), read by the ServerApp and sent to
+  every site; ``out``: directory for history.json, summary.json and checkpoints;
+* ``input-shape`` (e.g. ``"30"`` or ``"1,8,8"``) and ``num-classes``: the model the bundled kinds build;
+* ``test-data`` (optional): a CSV/Parquet test set the aggregator evaluates on (public data only);
+* ``min-sites`` (default 1), ``wait-seconds`` (default 120): wait for this many connected nodes;
+* ``step-timeout`` (default 600): seconds a site has for one protocol step before it counts as dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+try:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("privfl.flower needs Flower: pip install 'privfl[flower]'") from exc
+
+from privfl.errors import ConfigError
+
+__all__ = ["client_app", "server_app", "FlowerChannel", "MESSAGE_TYPE"]
+
+log = logging.getLogger("privfl")
+
+MESSAGE_TYPE = "query.privfl"
+_RECORD = "privfl"
+_PAYLOAD = "payload"
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+def _node_value(config: Mapping, key: str, default=None):
+    value = config.get(key, default)
+    if value is None:
+        raise ConfigError(f"node_config.{key}", None, "is required (flower-supernode --node-config)")
+    return value
+
+
+def site_from_node_config(config: Mapping):
+    """The Site a SuperNode's node configuration describes."""
+    from privfl.site import Site, load_site_dataset
+
+    budget = config.get("budget")
+    return Site(
+        str(_node_value(config, "site")),
+        load_site_dataset(str(_node_value(config, "data")), label_column=str(config.get("label-column", "label"))),
+        str(_node_value(config, "state-dir")),
+        budget=None if budget in (None, "") else float(budget),
+        role=str(config.get("role", "site")),
+        device=str(config.get("device", "auto")),
+    )
+
+
+def _payload(message: Message) -> bytes:
+    record = message.content[_RECORD]
+    value = record[_PAYLOAD]
+    if not isinstance(value, bytes):
+        raise TypeError("privfl payload is not bytes")
+    return value
+
+
+def _wrap(payload: bytes) -> RecordDict:
+    return RecordDict({_RECORD: ConfigRecord({_PAYLOAD: payload})})
+
+
+@client_app.query("privfl")
+def _site_handle(message: Message, context: Context) -> Message:
+    import torch
+
+    torch.set_num_threads(int(context.node_config.get("threads", 1)))
+    site = site_from_node_config(context.node_config)
+    try:
+        request = _payload(message)
+    except (KeyError, TypeError):
+        request = b""  # the site answers garbage with a refusal, like any malformed request
+    return Message(_wrap(site.handle(request)), reply_to=message)
+
+
+class FlowerChannel:
+    """A :class:`privfl.aggregator.SiteChannel` over Flower's Grid (node address = Flower node id).
+
+    Args:
+        grid: the ServerApp's grid.
+        min_sites: wait for at least this many connected nodes before the run starts.
+        wait_seconds: how long to wait for them.
+    """
+
+    def __init__(self, grid: Grid, *, min_sites: int = 1, wait_seconds: float = 120.0) -> None:
+        self.grid = grid
+        self.min_sites = min_sites
+        self.wait_seconds = wait_seconds
+
+    def nodes(self) -> list[str]:
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            ids = sorted(self.grid.get_node_ids())
+            if len(ids) >= self.min_sites or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if len(ids) < self.min_sites:
+            raise ConfigError("min-sites", self.min_sites, f"only {len(ids)} nodes connected within {self.wait_seconds:g} s")
+        return [str(i) for i in ids]
+
+    def exchange(self, requests: Mapping[str, bytes], *, timeout: float) -> dict[str, bytes]:
+        messages = [
+            Message(_wrap(payload), dst_node_id=int(node), message_type=MESSAGE_TYPE) for node, payload in requests.items()
+        ]
+        replies: dict[str, bytes] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            node = str(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("node %s answered with an error: %s", node, reply.error.reason)
+                continue
+            try:
+                replies[node] = _payload(reply)
+            except (KeyError, TypeError):
+                log.warning("node %s answered without a privfl payload", node)
+        return replies
+
+
+def _shape(value) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in str(value).replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise ConfigError("input-shape", value, "must be comma-separated positive ints, e.g. '30' or '1,8,8'") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ConfigError("input-shape", value, "must be comma-separated positive ints, e.g. '30' or '1,8,8'")
+    return shape
+
+
+@server_app.main()
+def _aggregator_main(grid: Grid, context: Context) -> None:
+    import torch
+
+    from privfl.aggregator import Aggregator
+    from privfl.site import load_site_dataset
+
+    torch.set_num_threads(1)
+    rc = context.run_config
+    config_path = Path(str(_node_value(rc, "config")))
+    if not config_path.is_file():
+        raise ConfigError("config", str(config_path), "no such run config file")
+    test_data = rc.get("test-data")
+    aggregator = Aggregator(
+        config_path.read_text(),
+        input_shape=_shape(_node_value(rc, "input-shape")),
+        num_classes=int(_node_value(rc, "num-classes")),
+        test_set=None if not test_data else load_site_dataset(str(test_data)),
+        step_timeout=float(rc.get("step-timeout", 600)),
+        progress=False,
+    )
+    channel = FlowerChannel(grid, min_sites=int(rc.get("min-sites", 1)), wait_seconds=float(rc.get("wait-seconds", 120)))
+    out = rc.get("out")
+    aggregator.run(channel, None if not out else str(out))

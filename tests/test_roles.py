@@ -1,0 +1,225 @@
+"""Sites and the Aggregator as separate roles exchanging bytes: same results as the in-process
+federation, ledgers kept at the sites, budgets enforced by the sites, bad messages refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privfl.aggregator import Aggregator, LocalSites
+from privfl.envelope import Reply, Request, Status, Step, decode_reply, encode_request
+from privfl.errors import ConfigError
+from privfl.federation import Federation
+from privfl.models import build_model
+from privfl.rundir import LEDGER_FILE
+from privfl.site import Site, SiteRole, _parse_config
+from privfl.training import flatten_parameters
+
+
+def _config(protection: str, rounds: int = 2, extra: str = "") -> str:
+    return f"""
+[model]
+kind = "logistic"
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.5
+[training.dp]
+target_epsilon = 3.0
+delta = 1e-5
+[federation]
+rounds = {rounds}
+protection = "{protection}"
+noise_seed = 7
+[federation.secagg]
+weight_bound = 1000
+{extra}
+"""
+
+
+def _sites(clients, root, **budgets):
+    return [
+        Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE, budget=budgets.get(name.replace("-", "_")))
+        for i, (name, dataset) in enumerate(clients.items())
+    ]
+
+
+def _aggregator(text, split):
+    return Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, test_set=split.test, progress=False)
+
+
+def _federation(text, split, clients):
+    cfg = _parse_config(text)
+    fed = Federation(
+        model_fn=lambda: build_model(cfg.model, split.train.input_shape, split.train.num_classes),
+        clients=clients, test_set=split.test, training=cfg.training, federation=cfg.federation, progress=False,
+    )
+    return flatten_parameters(fed.run().model)
+
+
+@pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg"])
+def test_sites_and_aggregator_give_the_in_process_result(protection, split, clients, tmp_path):
+    text = _config(protection)
+    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    expected = _federation(text, split, clients)
+    assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in result.history)
+    difference = np.max(np.abs(result.parameters - expected))
+    if protection == "plaintext":
+        assert difference <= 1e-5
+    elif protection == "ckks":
+        assert difference <= 1e-6 * np.max(np.abs(expected)) + 1e-7
+    else:
+        cfg = _parse_config(text).federation.secagg
+        from privfl.site import quantizer_for
+
+        # Each round's average is within the quantization error of the sum, over a total weight >= 1 example.
+        bound = quantizer_for(_parse_config(text), 3).max_error(3) * cfg.weight_bound / 1.0
+        assert difference <= 2 * bound
+    assert result.summary["final_accuracy"] >= 0.9
+
+
+def test_each_ledger_lives_only_at_its_site(split, clients, tmp_path):
+    result = _aggregator(_config("secagg"), split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    for name in clients:
+        assert (tmp_path / name / LEDGER_FILE).is_file()
+        assert (tmp_path / name / "ledger.key").stat().st_mode & 0o077 == 0
+    assert not list((tmp_path / "server").rglob("ledger*"))
+    assert not (tmp_path / "server" / "identity.key").exists()
+    # What the server recorded about budgets is what each site reported from its own ledger.
+    for name, entry in result.summary["clients"].items():
+        assert entry["epsilon_source"].startswith("reported by the site")
+        assert 0 < entry["epsilon"] <= 3.0
+
+
+def test_a_restarted_site_keeps_its_spent_epsilon(split, clients, tmp_path):
+    budgets = {"site_0": 10.0, "site_1": 10.0, "site_2": 10.0}
+    _aggregator(_config("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path, **budgets)))
+    # New objects over the same state directories: a new process at each site.
+    again = _sites(clients, tmp_path, **budgets)
+    spent = {site.name: site.spent(_parse_config(_config("plaintext")))[0] for site in again}
+    assert all(value > 0 for value in spent.values())
+    second = _aggregator(_config("plaintext", rounds=1), split).run(LocalSites(again))
+    for name, value in spent.items():
+        assert second.summary["clients"][name]["epsilon"] > value
+
+
+def test_an_exhausted_site_refuses_to_train_even_when_asked(split, clients, tmp_path):
+    sites = _sites(clients, tmp_path, site_2=0.2)
+    aggregator = _aggregator(_config("plaintext", rounds=2), split)
+    result = aggregator.run(LocalSites(sites))
+    assert all("site-2" in h["skipped"] for h in result.history[:1])
+    assert result.summary["clients"]["site-2"]["rounds_trained"] == 0
+    # Ask it directly, as a server ignoring its answer would: it still refuses.
+    params = result.parameters.astype("<f4").tobytes()
+    request = Request(aggregator.run_id, Step.TRAIN, 1, "site-2", {"index": 2, "num_sites": 3, "participants": 3,
+                      "input_shape": list(split.train.input_shape), "num_classes": split.train.num_classes}, (params, b""))
+    reply = decode_reply(sites[2].handle(encode_request(request)), run=aggregator.run_id, step=Step.TRAIN, round_index=1, site="site-2")
+    assert reply.status is Status.SKIPPED and "budget" in reply.reason
+
+
+def _refusal(site, payload, *, run="0" * 32, step=Step.TRAIN, round_index=0):
+    raw = site.handle(payload)
+    from privfl.protocols.wire import decode_frame
+
+    frame = decode_frame(raw, kind=61, round_index=None)
+    import json
+
+    head = json.loads(frame.parts[0])
+    assert head["status"] == "refused", head
+    return head["fields"]["reason"]
+
+
+def test_bad_messages_are_refused_not_crashes(split, clients, tmp_path):
+    sites = _sites(clients, tmp_path)
+    aggregator = _aggregator(_config("secagg", rounds=1), split)
+    aggregator.run(LocalSites(sites))
+    site = sites[1]
+    run = aggregator.run_id
+    assert "magic" in _refusal(site, b"garbage bytes")
+    assert "truncated" in _refusal(site, b"")
+    other_run = encode_request(Request("f" * 32, Step.TRAIN, 0, "site-1", {}, ()))
+    assert "has not joined" in _refusal(site, other_run)
+    other_site = encode_request(Request(run, Step.TRAIN, 0, "site-0", {}, ()))
+    assert "addressed to site" in _refusal(site, other_site)
+    replay = encode_request(Request(run, Step.TRAIN, 0, "site-1", {"index": 1, "num_sites": 3}, (b"", b"")))
+    assert "already trained" in _refusal(site, replay)
+    wrong_step = encode_request(Request(run, Step.SECAGG_RELAY, 0, "site-1", {}, (b"x",)))
+    assert "no secure-aggregation round" in _refusal(site, wrong_step)
+    not_key_holder = encode_request(Request(run, Step.CKKS_DECRYPT, 0, "site-1", {"dim": 3}, (b"x",)))
+    assert "not the CKKS key holder" in _refusal(site, not_key_holder)
+
+
+def test_a_corrupted_reply_drops_that_site_and_the_round_completes(split, clients, tmp_path):
+    from privfl.envelope import decode_request
+
+    def corrupt(node, request, reply):
+        return b"\x00" * 40 if node == "site-1" and decode_request(request).step is Step.TRAIN else reply
+
+    result = _aggregator(_config("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path), alter=corrupt))
+    record = result.history[0]
+    assert record["aborted"] is None
+    assert "site-1" in record["dropped"] and "malformed" in record["dropped"]["site-1"]
+    assert sorted(record["contributors"]) == ["site-0", "site-2"]
+
+
+def _drop_at(step: Step, victims: set[str]):
+    from privfl.envelope import decode_request
+
+    def alter(node, request, reply):
+        return None if node in victims and decode_request(request).step is step else reply
+
+    return alter
+
+
+def test_secagg_recovers_a_site_lost_after_its_masked_input(split, clients, tmp_path):
+    text = _config("secagg", rounds=1)
+    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_at(Step.SECAGG_UNMASK, {"site-2"})))
+    record = result.history[0]
+    assert record["aborted"] is None
+    # Its masked input arrived, so it is in the sum: the result equals the full in-process round.
+    assert sorted(record["contributors"]) == ["site-0", "site-1", "site-2"]
+    expected = _federation(text, split, clients)
+    assert np.max(np.abs(result.parameters - expected)) < 1e-3
+
+
+def test_secagg_below_threshold_aborts_typed_and_the_run_goes_on(split, clients, tmp_path):
+    lost = {"site-1", "site-2"}
+    calls = {"n": 0}
+    first_round_drop = _drop_at(Step.SECAGG_RELAY, lost)
+
+    def alter(node, request, reply):
+        from privfl.envelope import decode_request
+
+        if decode_request(request).round_index == 0:
+            return first_round_drop(node, request, reply)
+        calls["n"] += 1
+        return reply
+
+    result = _aggregator(_config("secagg", rounds=2), split).run(LocalSites(_sites(clients, tmp_path), alter=alter))
+    assert result.history[0]["aborted"] and "threshold" in result.history[0]["aborted"]
+    assert result.history[1]["aborted"] is None and len(result.history[1]["contributors"]) == 3
+
+
+def test_aggregator_refuses_what_deployments_do_not_support(split):
+    with pytest.raises(ConfigError, match="client_dp"):
+        _aggregator(_config("plaintext", extra="[federation.client_dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n"), split)
+    with pytest.raises(ConfigError, match="input_shape"):
+        Aggregator(_config("plaintext"))
+
+
+def test_ckks_needs_exactly_one_key_holder(split, clients, tmp_path):
+    sites = [Site(name, ds, tmp_path / name) for name, ds in clients.items()]
+    with pytest.raises(ConfigError, match="key-holder"):
+        _aggregator(_config("ckks", rounds=1), split).run(LocalSites(sites))
+
+
+def test_the_server_never_holds_a_decryption_key_or_a_single_update(split, clients, tmp_path):
+    aggregator = _aggregator(_config("ckks", rounds=1), split)
+    aggregator.run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    from privfl.protocols.ckks import _load_context
+
+    assert not _load_context(aggregator._ckks_public).has_secret_key()
+    # The key holder's secret stays in its own state directory, readable by its owner only.
+    secret = tmp_path / "site-0" / "ckks-key-holder.bin"
+    assert secret.is_file() and secret.stat().st_mode & 0o077 == 0
+    assert not (tmp_path / "site-1" / "ckks-key-holder.bin").exists()
