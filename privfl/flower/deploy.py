@@ -53,6 +53,7 @@ from privfl.flower.tls import NodeAuthKeys, TlsMaterial, generate_node_auth_keys
 __all__ = [
     "ConfigValue",
     "LocalDeployment",
+    "LocalSimulation",
     "RunHandle",
     "RunResult",
     "SuperNodeProcess",
@@ -531,35 +532,10 @@ class LocalDeployment:
             raise
 
     def _start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.tls = generate_tls_material(self.directory / "tls")
-        ports = _free_ports(1 + len(self.node_configs))
-        self.port = ports[0]
-        self._write_cli_config()
-
-        tls = self.tls
-        cmd = [
-            str(self._exe["flower-superlink"]),
-            "--ssl-ca-certfile", str(tls.ca_cert),
-            "--ssl-certfile", str(tls.server_cert),
-            "--ssl-keyfile", str(tls.server_key),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
-        ]  # fmt: skip
-        if self.node_auth:
-            cmd.append("--enable-supernode-auth")
-        self.superlink = self._spawn(cmd, "superlink", self.directory / "superlink.log")
+        ports = self._start_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
         deadline = time.monotonic() + self.startup_timeout
-        while not _port_open(self.port):
-            self._check_alive(self.superlink, self.directory / "superlink.log", "flower-superlink")
-            if time.monotonic() > deadline:
-                raise PrivflError(
-                    f"flower-superlink did not open 127.0.0.1:{self.port} within {self.startup_timeout:g} s; "
-                    f"see {self.directory / 'superlink.log'}"
-                )
-            time.sleep(0.2)
-
+        tls = self.tls
+        assert tls is not None
         for index, node_args in enumerate(self._node_config_args):
             keys = None
             cmd = [
@@ -589,6 +565,40 @@ class LocalDeployment:
                 )
             )
         self._wait_registered(deadline)
+
+    def _start_superlink(self, num_ports: int, extra_args: list[str]) -> list[int]:
+        """Write TLS material and the CLI connection, start the SuperLink, wait for its port.
+
+        Returns:
+            ``num_ports`` free loopback ports; the first is the SuperLink's.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tls = tls = generate_tls_material(self.directory / "tls")
+        ports = _free_ports(num_ports)
+        self.port = ports[0]
+        self._write_cli_config()
+        cmd = [
+            str(self._exe["flower-superlink"]),
+            "--ssl-ca-certfile", str(tls.ca_cert),
+            "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+            *extra_args,
+        ]  # fmt: skip
+        log_file = self.directory / "superlink.log"
+        self.superlink = self._spawn(cmd, "superlink", log_file)
+        deadline = time.monotonic() + self.startup_timeout
+        while not _port_open(self.port):
+            self._check_alive(self.superlink, log_file, "flower-superlink")
+            if time.monotonic() > deadline:
+                raise PrivflError(
+                    f"flower-superlink did not open 127.0.0.1:{self.port} within {self.startup_timeout:g} s; "
+                    f"see {log_file}"
+                )
+            time.sleep(0.2)
+        return ports
 
     def _wait_registered(self, deadline: float) -> None:
         while True:
@@ -703,6 +713,7 @@ class LocalDeployment:
         cmd = [str(self._exe["flwr"]), "run", str(Path(app_dir).resolve()), _CONNECTION, "--stream"]
         if run_config:
             cmd += ["--run-config", _kv_args(run_config, "run_config")]
+        cmd += self._run_extra_args()
         proc = self._spawn(cmd, "cli", log_file)
         return RunHandle(process=proc, log_file=log_file, started=time.monotonic(), _deployment=self)
 
@@ -746,6 +757,9 @@ class LocalDeployment:
 
     # -- internals ----------------------------------------------------------------------------------
 
+    def _run_extra_args(self) -> list[str]:
+        return []
+
     def _env(self, role: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self._extra_env)
@@ -756,6 +770,7 @@ class LocalDeployment:
         env["FLWR_HOME"] = str(home)
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # no `uv sync`, no network
         env["PYTHONUNBUFFERED"] = "1"
         env["NO_COLOR"] = "1"
         return env
@@ -827,3 +842,59 @@ class LocalDeployment:
             self._tracked.add(child)
             self._tracked.signal(child, signal.SIGKILL)
         _signal_group(pid, signal.SIGKILL)
+
+
+class LocalSimulation(LocalDeployment):
+    """A SuperLink in simulation mode on 127.0.0.1 (TLS): ``flwr run`` executes apps in Flower's Simulation Engine.
+
+    The ClientApps run as ``num_supernodes`` virtual nodes inside one ``flwr-simulation`` process
+    (Ray actors), not as SuperNode processes; each node's ``context.node_config`` holds only
+    ``partition-id`` and ``num-partitions``, so per-site settings must reach the app another way
+    (e.g. a run-config entry the ClientApp indexes by ``partition-id``). Needs Ray:
+    ``pip install "flwr[simulation]==1.42.0"``.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        num_supernodes: int,
+        *,
+        federation_config: Mapping[str, ConfigValue] | None = None,
+        startup_timeout: float = 90.0,
+        stop_grace: float = 5.0,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Describe the simulation; nothing starts before `start` (or ``with``).
+
+        Args:
+            directory: Working directory for TLS files, logs and Flower state.
+            num_supernodes: How many virtual SuperNodes each run gets.
+            federation_config: More ``flwr run --federation-config`` entries, e.g.
+                ``{"client-resources-num-cpus": 1, "init-args-num-cpus": 2}``.
+            startup_timeout: Seconds to wait for the SuperLink.
+            stop_grace: Seconds between SIGTERM and SIGKILL on shutdown.
+            extra_env: More environment variables for every process.
+
+        Raises:
+            ConfigError: If ``num_supernodes`` is below 1 or a key is malformed.
+            ImportError: If Flower's executables are not installed next to ``sys.executable``.
+        """
+        if num_supernodes < 1:
+            raise ConfigError("num_supernodes", num_supernodes, "must be at least 1")
+        super().__init__(
+            directory,
+            [{}],
+            startup_timeout=startup_timeout,
+            stop_grace=stop_grace,
+            extra_env=extra_env,
+        )
+        self.node_configs = []
+        self._node_config_args = []
+        self.num_supernodes = num_supernodes
+        self._federation_args = _kv_args({"num-supernodes": num_supernodes, **(federation_config or {})}, "federation_config")
+
+    def _start(self) -> None:
+        self._start_superlink(1, ["--simulation"])
+
+    def _run_extra_args(self) -> list[str]:
+        return ["--federation-config", self._federation_args]

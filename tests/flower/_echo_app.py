@@ -1,7 +1,7 @@
 """A stand-in Flower app for the deployment tests: the server sends bytes to every node, nodes echo a digest.
 
 The ServerApp reads its run config (``out-file``, ``payload-hex``, ``expected-nodes``, ``wait-nodes-s``,
-``rounds``, ``timeout-s``, ``fail-node-site``, ``pause-file``), waits until ``expected-nodes`` SuperNodes are
+``rounds``, ``timeout-s``, ``fail-node-site``, ``pause-file``, optional ``poll-s``), waits until ``expected-nodes`` SuperNodes are
 connected, then for each round sends one ``query`` message carrying the payload to every node and
 writes what came back (or the error) as JSON to ``out-file``. A node answers with
 ``sha256(payload || site)``, its ``site`` from the node config, and a counter it keeps in
@@ -39,7 +39,8 @@ def query(msg: Message, context: Context) -> Message:
     """Echo a digest of the payload and the node's site; count calls in ``context.state``."""
     cfg = msg.content.config_records["echo"]
     payload = bytes(cfg["payload"])
-    site = str(context.node_config["site"])
+    # Simulation Engine nodes have no "site", only "partition-id".
+    site = str(context.node_config.get("site", f"partition-{context.node_config.get('partition-id')}"))
     if site == str(cfg.get("fail-node-site", "")):
         raise RuntimeError(f"{site} was told to fail")
     counter = context.state.metric_records.get("echo-counter", MetricRecord({"calls": 0}))
@@ -49,6 +50,20 @@ def query(msg: Message, context: Context) -> Message:
         {"digest": reply_digest(payload, site), "site": site, "calls": calls, "node-id": str(context.node_id)}
     )
     return Message(RecordDict({"echo": reply}), reply_to=msg)
+
+
+def _send_and_receive_fast(grid: Grid, messages: list[Message], timeout: float, poll_s: float) -> list[Message]:
+    """``Grid.send_and_receive`` polls every 3 s; this polls every ``poll_s`` seconds instead."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            time.sleep(poll_s)
+    return replies
 
 
 @server_app.main()
@@ -80,7 +95,11 @@ def main(grid: Grid, context: Context) -> None:
             )
             for node_id in node_ids
         ]
-        replies = list(grid.send_and_receive(messages, timeout=float(rc["timeout-s"])))
+        poll_s = float(rc.get("poll-s", 0.0))
+        if poll_s > 0:
+            replies = _send_and_receive_fast(grid, messages, float(rc["timeout-s"]), poll_s)
+        else:
+            replies = list(grid.send_and_receive(messages, timeout=float(rc["timeout-s"])))
         entries = []
         for reply in replies:
             entry: dict[str, object] = {"src_node_id": reply.metadata.src_node_id}

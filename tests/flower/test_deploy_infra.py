@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from privfl.errors import ConfigError  # noqa: E402
-from privfl.flower.deploy import LocalDeployment, pid_alive, write_app_dir  # noqa: E402
+from privfl.flower.deploy import LocalDeployment, LocalSimulation, pid_alive, write_app_dir  # noqa: E402
 from privfl.flower.tls import generate_node_auth_keys, generate_tls_material  # noqa: E402
 
 ECHO_MODULE = Path(__file__).with_name("_echo_app.py")
@@ -162,3 +162,24 @@ def test_dead_supernode_at_startup_names_its_log(tmp_path: Path) -> None:
     with pytest.raises(PrivflError, match=r"supernode-0\.log"):
         dep.start()
     _assert_all_dead(dep.started_pids())
+
+
+@pytest.mark.timeout(240)
+def test_simulation_engine_runs_the_same_app_on_virtual_nodes(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason='the Simulation Engine needs: pip install "flwr[simulation]==1.42.0"')
+    out_file = tmp_path / "echo.json"
+    app = _echo_app(tmp_path, out_file)
+    num_nodes = 20
+    with LocalSimulation(
+        tmp_path / "sim", num_nodes, federation_config={"init-args-num-cpus": 2, "client-resources-num-cpus": 1}
+    ) as sim:
+        result = sim.run_app(app, run_config={"rounds": 2, "expected-nodes": num_nodes}, timeout=200)
+        assert result.ok, result.output
+        pids = sim.started_pids()
+    _assert_all_dead(pids)
+    echo = json.loads(out_file.read_text())
+    assert len(echo["node_ids"]) == num_nodes
+    for rnd, round_ in enumerate(echo["rounds"]):
+        sites = sorted(r["site"] for r in round_["replies"])
+        assert sites == sorted(f"partition-{i}" for i in range(num_nodes))
+        assert all(r["digest"] == _digest(r["site"]) for r in round_["replies"])
