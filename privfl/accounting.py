@@ -1,9 +1,15 @@
 """Privacy accounting: epsilon for DP-SGD events, noise calibration, and the per-client privacy ledger.
 
-What happened is kept apart from how it is counted. A :class:`DPEvent` records a run of
-Poisson-sampled Gaussian steps ("``steps`` steps at sampling rate ``q`` with noise multiplier
-``sigma``"); an accountant (PRV by default, PLD or RDP on request) turns a list of events into
-``epsilon(delta)``. The :class:`PrivacyLedger` stores, for every client and every round, the events
+What happened is kept apart from how it is counted. Events say what happened:
+:class:`PoissonSampledGaussian` (one DP-SGD step) and :class:`FixedSizeSampledGaussian` (a release
+over a sample of exactly m of K); a :class:`DPEvent` is the ledger's record of ``steps`` Poisson-sampled
+steps. A :class:`PrivacyAccountant` (dp-accounting's shape: ``compose(event, count)`` and
+``get_epsilon(delta)``) says how they are counted: :class:`PRVAccountant` (default),
+:class:`PLDAccountant` or :class:`RDPAccountant`, from :func:`make_accountant`. Every answer is a pure
+function of the multiset of events, so a ledger, a reloaded ledger and :func:`epsilon_of_events`
+agree to the last bit; the expensive per-step pieces are cached, so a round that adds one round's
+steps to a client's history costs one self-composition, however many distinct client plans there
+are. The :class:`PrivacyLedger` stores, for every client and every round, the events
 and the epsilon spent so far, refuses training that would exceed a client's budget, and is kept in
 the run directory as an append-only, hash-chained journal so that a restart can never reset a
 budget (format below).
@@ -38,6 +44,8 @@ elsewhere. Someone who can read ``ledger.key`` can forge the whole ledger.
 
 from __future__ import annotations
 
+import abc
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -45,6 +53,7 @@ import json
 import logging
 import math
 import os
+import random
 import secrets
 import stat
 import time
@@ -53,12 +62,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from privfl.errors import BudgetExceededError, ConfigError, LedgerError
 
 __all__ = [
     "Accountant",
+    "PrivacyAccountant",
+    "PRVAccountant",
+    "RDPAccountant",
+    "PLDAccountant",
+    "PoissonSampledGaussian",
+    "FixedSizeSampledGaussian",
+    "PrivacyEvent",
+    "make_accountant",
     "DPEvent",
     "epsilon",
     "epsilon_of_events",
@@ -84,20 +101,87 @@ class Accountant(str, Enum):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PoissonSampledGaussian:
+    """One step of the Poisson-subsampled Gaussian mechanism: one DP-SGD step.
+
+    Every record joins the batch independently with probability ``sample_rate``; the sum of the
+    batch's contributions, each clipped to L2 norm C, gets N(0, (noise_multiplier * C)^2 I) noise.
+    Neighbouring datasets differ by one record added or removed. ``sample_rate = 1`` is the plain
+    Gaussian mechanism.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        _check_noise_multiplier(self.noise_multiplier)
+        _check_sample_rate(self.sample_rate)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FixedSizeSampledGaussian:
+    """One Gaussian release over a sample of exactly ``sample_size`` of ``population_size`` members.
+
+    Each member's contribution is clipped to L2 norm C and the sum gets N(0, (noise_multiplier * C)^2 I).
+    Under add/remove adjacency, adding a member to a fixed-size sample can displace another, so one
+    member moves the sum by up to 2C. privfl counts this as a Gaussian mechanism with noise multiplier
+    ``noise_multiplier / 2`` and no amplification by sampling (q = 1): a valid bound, and a loose one
+    (the amplification that sampling without replacement gives is not claimed).
+    """
+
+    sample_size: int
+    population_size: int
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        _check_noise_multiplier(self.noise_multiplier)
+        if not (_is_int(self.sample_size) and self.sample_size >= 1):
+            raise ConfigError("sample_size", self.sample_size, "must be an integer >= 1")
+        if not (_is_int(self.population_size) and self.population_size >= self.sample_size):
+            raise ConfigError("population_size", self.population_size, f"must be an integer >= sample_size ({self.sample_size})")
+
+
+PrivacyEvent = PoissonSampledGaussian | FixedSizeSampledGaussian
+"""What happened, as an accountant composes it (one mechanism invocation; ``count`` repeats it)."""
+
+
+def _sampled_gaussian(event: PrivacyEvent) -> tuple[float, float]:
+    """(sigma, q) of the Poisson-subsampled Gaussian that ``event`` is counted as."""
+    if isinstance(event, PoissonSampledGaussian):
+        return event.noise_multiplier, event.sample_rate
+    if isinstance(event, FixedSizeSampledGaussian):
+        return event.noise_multiplier / 2, 1.0  # sensitivity 2C (a displaced member), no amplification
+    raise ConfigError("event", type(event).__name__, "must be a PoissonSampledGaussian or a FixedSizeSampledGaussian")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DPEvent:
-    """``steps`` Poisson-sampled Gaussian steps at ``sample_rate`` with ``noise_multiplier``."""
+    """``steps`` Poisson-sampled Gaussian steps at ``sample_rate`` with ``noise_multiplier`` (a ledger record)."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
 
     def __post_init__(self) -> None:
-        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError("noise_multiplier", self.noise_multiplier, "must be a finite number > 0")
-        if not 0 < self.sample_rate <= 1:
-            raise ConfigError("sample_rate", self.sample_rate, "must be in (0, 1]")
+        _check_noise_multiplier(self.noise_multiplier)
+        _check_sample_rate(self.sample_rate)
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise ConfigError("steps", self.steps, "must be an integer >= 0")
+
+    @property
+    def mechanism(self) -> PoissonSampledGaussian:
+        """One of the steps, as an accountant composes it (``steps`` times)."""
+        return PoissonSampledGaussian(sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier)
+
+
+def _check_noise_multiplier(value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError("noise_multiplier", value, "must be a finite number > 0")
+
+
+def _check_sample_rate(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ConfigError("sample_rate", value, "must be in (0, 1]")
 
 
 def _check_delta(delta: float) -> None:
@@ -110,6 +194,104 @@ def _accountant(kind: Accountant | str) -> Accountant:
         return Accountant(kind)
     except ValueError:
         raise ConfigError("accountant", kind, f"must be one of {[a.value for a in Accountant]}") from None
+
+
+class PrivacyAccountant(abc.ABC):
+    """Composes privacy events and answers epsilon at a delta (dp-accounting's ``PrivacyAccountant`` shape).
+
+    What happened (the events) is kept apart from how it is counted (the subclass). Composition is
+    commutative: only the multiset of events matters.
+    """
+
+    @abc.abstractmethod
+    def compose(self, event: PrivacyEvent, count: int = 1) -> PrivacyAccountant:
+        """Adds ``count`` independent runs of ``event``; returns the accountant (for chaining).
+
+        Raises:
+            ConfigError: an event type this accountant cannot count, or a count that is not an integer >= 0.
+        """
+
+    @abc.abstractmethod
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon at ``delta`` of everything composed so far (0.0 when nothing was).
+
+        Raises:
+            ConfigError: delta is not in (0, 1).
+        """
+
+
+class _NumericAccountant(PrivacyAccountant):
+    """Keeps the multiset of events; subclasses name the numerical method that counts them."""
+
+    kind: ClassVar[Accountant]
+
+    def __init__(self) -> None:
+        self._counts: dict[PrivacyEvent, int] = {}
+
+    def compose(self, event: PrivacyEvent, count: int = 1) -> PrivacyAccountant:
+        _sampled_gaussian(event)  # refuses other types
+        if not (_is_int(count) and count >= 0):
+            raise ConfigError("count", count, "must be an integer >= 0")
+        if count:
+            self._counts[event] = self._counts.get(event, 0) + count
+        return self
+
+    @property
+    def events(self) -> tuple[tuple[PrivacyEvent, int], ...]:
+        """(event, count) for every distinct event composed so far, in first-composed order."""
+        return tuple(self._counts.items())
+
+    def get_epsilon(self, delta: float) -> float:
+        _check_delta(delta)
+        merged: dict[tuple[float, float], int] = {}
+        for event, count in self._counts.items():
+            key = _sampled_gaussian(event)
+            merged[key] = merged.get(key, 0) + count
+        history = tuple(sorted((sigma, q, steps) for (sigma, q), steps in merged.items()))
+        if not history:
+            return 0.0
+        return _composed_epsilon(history, delta, self.kind)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self._counts)} distinct events, {sum(self._counts.values())} in all)"
+
+
+class PRVAccountant(_NumericAccountant):
+    """Privacy random variables (Gopi, Lee, Wutschitz 2021, with Opacus' PRVs): an upper bound within 0.01.
+
+    Where the PRV mesh would exceed a million points, the same question is answered by
+    :class:`PLDAccountant` (also an upper bound), so every call takes bounded time and memory.
+    """
+
+    kind = Accountant.PRV
+
+
+class RDPAccountant(_NumericAccountant):
+    """Renyi DP (Mironov 2017) through dp-accounting over a wide order grid: a valid, looser upper bound."""
+
+    kind = Accountant.RDP
+
+
+class PLDAccountant(_NumericAccountant):
+    """Pessimistic privacy loss distributions (dp-accounting; Doroshenko et al. 2022), grid fitted to the answer."""
+
+    kind = Accountant.PLD
+
+
+_ACCOUNTANTS: dict[Accountant, type[_NumericAccountant]] = {
+    Accountant.PRV: PRVAccountant,
+    Accountant.RDP: RDPAccountant,
+    Accountant.PLD: PLDAccountant,
+}
+
+
+def make_accountant(kind: Accountant | str = Accountant.PRV) -> PrivacyAccountant:
+    """A new, empty accountant of this kind.
+
+    Raises:
+        ConfigError: an unknown accountant name.
+    """
+    return _ACCOUNTANTS[_accountant(kind)]()
 
 
 def epsilon_of_events(events: Sequence[DPEvent], *, delta: float, accountant: Accountant | str = Accountant.PRV) -> float:
@@ -127,11 +309,10 @@ def epsilon_of_events(events: Sequence[DPEvent], *, delta: float, accountant: Ac
         ConfigError: a bad delta or accountant name.
     """
     _check_delta(delta)
-    kind = _accountant(accountant)
-    merged = tuple(sorted((e.noise_multiplier, e.sample_rate, e.steps) for e in merge_events(events) if e.steps > 0))
-    if not merged:
-        return 0.0
-    return _composed_epsilon(merged, delta, kind)
+    acc = make_accountant(accountant)
+    for event in events:
+        acc.compose(event.mechanism, event.steps)
+    return acc.get_epsilon(delta)
 
 
 _PRV_MAX_MESH_POINTS = 1_000_000
@@ -159,7 +340,7 @@ _RDP_ORDERS: tuple[float, ...] = tuple(
         | {64.0, 80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 384.0, 512.0, 768.0, 1024.0, 1536.0, 2048.0, 3072.0, 4096.0}
     )
 )
-"""Fractional orders cost ~5 ms each per distinct (sigma, q); these ~55 keep a call near 0.2 s."""
+"""Fractional orders cost ~5 ms each per distinct (sigma, q); the per-step curve is computed once and cached."""
 
 _RDP_TAIL_ORDERS: tuple[float, ...] = (1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0, 512.0)
 """Orders for the PRV mesh's tail bounds: any valid bound serves, a looser one only widens the mesh."""
@@ -190,28 +371,66 @@ def _dp_accounting():
     return dp_accounting
 
 
-def _dp_event(history: Sequence[tuple[float, float, int]]):
+# -- how events are counted ------------------------------------------------------------------------
+# Every answer is a pure function of the merged history (sorted (sigma, q, steps) triples), so a
+# ledger, a reloaded ledger and epsilon_of_events agree to the last bit. What makes a round cheap
+# is that the expensive part of each method depends on one step's (sigma, q) only and is cached:
+# the per-step Renyi curve (RDP), the per-step privacy loss distribution (PLD), and the per-step
+# discretised PRV and its spectrum on a mesh shared by all step counts up to the next power of two
+# (PRV). A client's history grows by one round's steps at a time, so each round's question reuses
+# its previous rounds' pieces and costs one self-composition (an FFT power) and one epsilon search.
+
+
+@functools.lru_cache(maxsize=8192)
+def _rdp_per_step(sigma: float, q: float, orders: tuple[float, ...]):
+    """dp-accounting's Renyi curve of one Poisson-sampled Gaussian step (read-only array)."""
     dpa = _dp_accounting()
-    return dpa.ComposedDpEvent(
-        [
-            dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
-            for sigma, q, steps in history
-        ]
+    acc = dpa.rdp.RdpAccountant(orders=list(orders))
+    acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)))
+    curve = acc.rdp
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(
+    history: Sequence[tuple[float, float, int]], delta: float, orders: Sequence[float] = _RDP_ORDERS
+) -> float:
+    """As dp-accounting's RdpAccountant composing the history (the same sums, in the same order)."""
+    import numpy as np
+
+    dpa = _dp_accounting()
+    orders = tuple(orders)
+    total = np.zeros(len(orders))
+    for sigma, q, steps in history:
+        total += steps * _rdp_per_step(sigma, q, orders)
+    return float(dpa.rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _pld_per_step(sigma: float, q: float, interval: float):
+    """dp-accounting's pessimistic PLD of one Poisson-sampled Gaussian step (add/remove adjacency)."""
+    dpa = _dp_accounting()
+    return dpa.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=sigma,
+        value_discretization_interval=interval,
+        sampling_prob=q,
+        neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
     )
 
 
 def _pld_at(history: Sequence[tuple[float, float, int]], delta: float, interval: float) -> float:
-    dpa = _dp_accounting()
-    acc = dpa.pld.PLDAccountant(
-        neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=interval
-    )
-    acc.compose(_dp_event(history))
+    """As dp-accounting's PLDAccountant composing the history at this loss grid."""
     import numpy as np
 
+    dpa = _dp_accounting()
+    pld = dpa.pld.privacy_loss_distribution.identity(value_discretization_interval=interval)
+    per_step = _pld_per_step if _CACHE_STEPS.get() else _pld_per_step.__wrapped__
+    for sigma, q, steps in history:
+        pld = pld.compose(per_step(sigma, q, interval).self_compose(steps))
     # At epsilons in the thousands dp-accounting's epsilon search divides tiny masses; the
     # overflow it warns about resolves to the right (infinite-ratio) branch.
     with np.errstate(over="ignore", divide="ignore"):
-        return float(acc.get_epsilon(delta))
+        return float(pld.get_epsilon_for_delta(delta))
 
 
 def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
@@ -220,7 +439,8 @@ def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
     dp-accounting's pessimistic PLD is an upper bound at any grid; a coarse grid only makes it
     looser. A grid of 1e-2 is cheap everywhere (<= 0.2 s at 50k steps) and bounds the answer;
     the grid is then refined to about epsilon / 10 000 beyond 1000 steps, epsilon / 1000 up to
-    them (between 1e-5 and 1e-3): the pessimistic rounding accumulates over the steps, and at
+    them (between 1e-5 and 1e-3), rounded down to a power of two so that the rounds of a run share
+    their per-step distributions: the pessimistic rounding accumulates over the steps, and at
     epsilon / 1000 it still added 19% at sigma 5, q 0.001, 50k steps. Cost stays bounded (about
     2 s at most over benchmarks/accountant_limits.py's grid) because a loss grid is only fine
     where the losses, and so the answer, are small. The smallest answer is kept:
@@ -235,6 +455,7 @@ def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
         if not eps < _PLD_LARGE_EPSILON:
             break
         finer = min(_PLD_FINE_INTERVAL, max(_PLD_FINEST_INTERVAL, eps * relative))
+        finer = 2.0 ** math.floor(math.log2(finer))
         if finer > interval / 2:
             break
         interval = finer
@@ -242,44 +463,127 @@ def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
     return eps
 
 
-def _rdp_epsilon(
-    history: Sequence[tuple[float, float, int]], delta: float, orders: Sequence[float] = _RDP_ORDERS
-) -> float:
-    dpa = _dp_accounting()
-    acc = dpa.rdp.RdpAccountant(orders=list(orders))
-    acc.compose(_dp_event(history))
-    return float(acc.get_epsilon(delta))
-
-
 def _prv_domain(history: Sequence[tuple[float, float, int]], eps_error: float, delta_error: float):
-    """Opacus' PRV mesh (Gopi et al. 2021, remark 5.6), with the tail bounds from privfl's RDP grid.
+    """The PRV mesh (Gopi et al. 2021, remark 5.6) for any history of at most the next power of two steps.
 
-    Opacus' own rule asks its RDP accountant for two tail bounds over a fine fractional order grid
-    (most of a small PRV call's time, and the source of its "Optimal order" warnings); any valid
-    RDP upper bound serves, and a tighter one only trims mesh points that carry no mass. Returns
-    the domain, or None when it would exceed the mesh cap.
+    The mesh is sized for ``design`` steps, the power of two at or above the history's total, and
+    its width from Renyi tail bounds for the history scaled up to ``design`` steps: finer and wider
+    than the history needs, so the discretisation error stays within ``eps_error`` and the mass
+    outside within ``delta_error``; and shared by every round until the total doubles, so each
+    step's discretisation is reused. Opacus' own rule asks its RDP accountant for the tail bounds
+    over a fine fractional order grid; any valid RDP upper bound serves. Returns the domain, or
+    None when it would exceed the mesh cap.
     """
     from opacus.accountants.analysis.prv import Domain
+    from scipy.fft import next_fast_len
 
     total = sum(steps for _, _, steps in history)
-    reach = _rdp_epsilon(history, delta_error / 4, _RDP_TAIL_ORDERS)
+    design = 1 << (total - 1).bit_length()
+    scaled = tuple((sigma, q, -(-steps * design // total)) for sigma, q, steps in history)
+    reach = _rdp_epsilon(scaled, delta_error / 4, _RDP_TAIL_ORDERS)
     for sigma, q, _ in history:
-        reach = max(reach, _rdp_epsilon(((sigma, q, 1),), delta_error / (8 * total), _RDP_TAIL_ORDERS))
+        reach = max(reach, _rdp_epsilon(((sigma, q, 1),), delta_error / (8 * design), _RDP_TAIL_ORDERS))
     half_width = max(reach, eps_error) + 3
-    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+    mesh = eps_error / math.sqrt(design * math.log(12 / delta_error) / 2)
     if 2 * half_width / mesh > _PRV_MAX_MESH_POINTS:
         return None
-    return Domain.create_aligned(-half_width, half_width, mesh)
+    # Domain.create_aligned's layout (points -k..k+1 times the mesh, an even count), widened
+    # symmetrically to a size the FFT factors well: an awkward size (2 x a large prime) made
+    # each composition up to 9x slower. Wider only moves less mass outside.
+    size = 2 * math.ceil(half_width / mesh) + 2
+    while (size := next_fast_len(size, real=True)) % 2:
+        size += 1
+    k = size // 2 - 1
+    return Domain(t_min=-k * mesh, t_max=(k + 1) * mesh, size=size)
+
+
+class _StepPRV:
+    """One step's PRV discretised on a domain, with its spectrum (what every self-composition needs)."""
+
+    __slots__ = ("domain", "size", "spectrum", "nbytes")
+
+    def __init__(self, sigma: float, q: float, domain) -> None:
+        import numpy as np
+        from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, TruncatedPrivacyRandomVariable, discretize
+        from scipy.fft import rfft
+
+        from scipy.integrate import IntegrationWarning
+
+        # At q = 1 the PRV's log(1 - q) is -inf by design; numpy's warning about it is noise. A
+        # quadrature warning on the PRV's mean is not: the mean-preserving discretisation would
+        # rest on an inexact mean, so it is raised and the caller answers with PLD instead.
+        with np.errstate(divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("error", IntegrationWarning)
+            prv = TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min, domain.t_max)
+            dprv = discretize(prv, domain)
+        self.domain = dprv.domain  # shifted so that the discrete mean is the continuous one
+        self.size = len(dprv.pmf)
+        self.spectrum = rfft(dprv.pmf)  # the pmf itself is not kept: every use goes through this
+        self.nbytes = self.spectrum.nbytes
+
+    def self_composed(self, count: int):
+        """Opacus' ``_compose_fourier`` from the cached spectrum: ``count`` independent steps."""
+        import numpy as np
+        from opacus.accountants.analysis.prv import DiscretePRV
+        from scipy.fft import irfft
+
+        pmf = irfft(self.spectrum**count, n=self.size)
+        shift = count - 1
+        if count % 2 == 0:
+            shift += self.size // 2
+        domain = self.domain.shift_right(self.domain.shifts * (count - 1))
+        return DiscretePRV(pmf=np.roll(pmf, shift), domain=domain)
+
+
+class _StepPRVCache:
+    """Discretised steps by (sigma, q, domain), within a memory budget.
+
+    A federation asks about every client once per round, so the working set is one entry per
+    distinct client plan. Eviction is random, not least-recently-used: a cycle longer than the
+    cache would miss every time under LRU, while random eviction keeps a share of hits.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: dict[tuple[float, float, float, float, int], _StepPRV] = {}
+        self._bytes = 0
+        self._rng = random.Random(0)  # simulation-grade randomness: only which entry to drop
+        self.hits = self.misses = 0
+
+    def get(self, sigma: float, q: float, domain) -> _StepPRV:
+        if not _CACHE_STEPS.get():
+            return _StepPRV(sigma, q, domain)
+        key = (sigma, q, float(domain.t_min), float(domain.t_max), int(domain.size))
+        step = self._entries.get(key)
+        if step is not None:
+            self.hits += 1
+            return step
+        self.misses += 1
+        step = _StepPRV(sigma, q, domain)
+        while self._entries and self._bytes + step.nbytes > self.max_bytes:
+            victim = self._rng.choice(list(self._entries))
+            self._bytes -= self._entries.pop(victim).nbytes
+        if step.nbytes <= self.max_bytes:
+            self._entries[key] = step
+            self._bytes += step.nbytes
+        return step
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+
+_CACHE_STEPS: contextvars.ContextVar[bool] = contextvars.ContextVar("privfl_cache_steps", default=True)
+"""False while noise calibration probes sigmas no run will use (their pieces are not kept)."""
+
+_STEP_PRVS = _StepPRVCache(max_bytes=1 << 30)
+"""About 0.8 MB per distinct client plan at a typical 100k-point mesh: room for about 1300."""
 
 
 def _prv_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     import numpy as np
-    from opacus.accountants.analysis.prv import (
-        PoissonSubsampledGaussianPRV,
-        TruncatedPrivacyRandomVariable,
-        compose_heterogeneous,
-        discretize,
-    )
+    from scipy.signal import convolve
 
     # eps_error bounds the PRV discretisation error (absolute, 0.01); the result is an upper bound
     # (Opacus' PRVAccountant.get_epsilon, with the domain computed as in _prv_domain). The mesh
@@ -291,15 +595,21 @@ def _prv_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
         log.debug("PRV mesh above %d points for %s; composed with PLD", _PRV_MAX_MESH_POINTS, history)
         return _pld_epsilon(history, delta)
     try:
-        # At q = 1 the PRV's log(1 - q) is -inf by design; numpy's warning about it is noise.
-        with np.errstate(divide="ignore"):
-            dprvs = [
-                discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min, domain.t_max), domain)
-                for sigma, q, _ in history
-            ]
-            composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=[steps for _, _, steps in history])
-            return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
+        composed = [_STEP_PRVS.get(sigma, q, domain).self_composed(steps) for sigma, q, steps in history]
+        # Opacus' compose_heterogeneous: neighbours convolved pairwise until one is left.
+        while len(composed) > 1:
+            paired = [composed.pop()] if len(composed) % 2 == 1 else []
+            for left, right in zip(composed[:-1:2], composed[1::2], strict=True):
+                paired.append(type(left)(pmf=convolve(left.pmf, right.pmf, mode="same"), domain=left.domain.shift_right(right.domain.shifts)))
+            composed = paired
+        with np.errstate(divide="ignore", over="ignore"):
+            return float(composed[0].compute_epsilon(delta, delta_error, eps_error)[2])
     except MemoryError:
+        return _pld_epsilon(history, delta)
+    except (RuntimeError, ValueError, ArithmeticError, Warning) as exc:
+        # Opacus refuses a discretisation whose mean moved, or a delta its floating point cannot
+        # resolve; a quadrature warning is raised above. PLD answers the same question (an upper bound).
+        log.debug("PRV could not compose %s (%s); composed with PLD", history, exc)
         return _pld_epsilon(history, delta)
 
 
@@ -312,6 +622,13 @@ def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
         return _pld_epsilon(history, delta)
     return _prv_epsilon(history, delta)
 
+
+def clear_caches() -> None:
+    """Forgets every cached composition and per-step piece (for benchmarks that time cold calls)."""
+    _composed_epsilon.cache_clear()
+    _rdp_per_step.cache_clear()
+    _pld_per_step.cache_clear()
+    _STEP_PRVS.clear()
 
 def epsilon(
     *,
@@ -351,11 +668,12 @@ def noise_multiplier(
 ) -> float:
     """The smallest noise multiplier whose ``steps`` steps stay within ``target_epsilon``.
 
-    Bisection on log sigma (epsilon falls monotonically as sigma grows). The result always
-    satisfies ``epsilon(noise_multiplier=result, ..., accountant=accountant) <= target_epsilon``.
-    For RDP and PLD it is within 0.1% of the tightest such sigma. For PRV the search runs on PLD
-    (seconds cheaper per step at many steps), then the PRV answer is checked and, if above the
-    target, raised and bisected back: within about 0.2% of the tightest.
+    A safeguarded root search on log sigma against log epsilon (epsilon falls monotonically as
+    sigma grows): bracket by factors of 4, then Illinois steps (regula falsi that halves a stale
+    end's weight; near-linear in log-log, so a handful of evaluations), falling back to bisection
+    whenever a step would not shrink the bracket. Every evaluation uses the requested accountant,
+    so the result always satisfies ``epsilon(noise_multiplier=result, ..., accountant=accountant)
+    <= target_epsilon``, and lies within 0.1% of the tightest such sigma.
 
     Raises:
         ConfigError: a bad target, steps, sample rate or delta, or a target that no sigma up to
@@ -368,59 +686,68 @@ def noise_multiplier(
     _check_delta(delta)
     kind = _accountant(accountant)
     DPEvent(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)  # validates sample_rate
-    search_kind = Accountant.PLD if kind is Accountant.PRV else kind
+    token = _CACHE_STEPS.set(False)  # the probes' per-step pieces would only crowd out the run's
+    try:
+        return _calibrate(target_epsilon, sample_rate, steps, delta, kind)
+    finally:
+        _CACHE_STEPS.reset(token)
 
-    def eps_at(sigma: float, how: Accountant) -> float:
-        return epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=how)
+
+def _calibrate(target: float, q: float, steps: int, delta: float, kind: Accountant) -> float:
+    def eps_at(sigma: float) -> float:
+        return _composed_epsilon(((sigma, q, steps),), delta, kind)
 
     low, high = 0.0, 1.0
-    while eps_at(high, search_kind) > target_epsilon:
-        low, high = high, high * 4
+    eps_low, eps_high = math.inf, eps_at(high)
+    while eps_high > target:
+        low, eps_low, high = high, eps_high, high * 4
         if high > _SIGMA_SEARCH_MAX:
-            floor = eps_at(_SIGMA_SEARCH_MAX, search_kind)
-            if floor > target_epsilon:
+            high = _SIGMA_SEARCH_MAX
+            eps_high = eps_at(high)
+            if eps_high > target:
                 raise ConfigError(
                     "target_epsilon",
-                    target_epsilon,
-                    f"unreachable with the {search_kind.value} accountant at delta={delta:g}: even noise multiplier "
-                    f"{_SIGMA_SEARCH_MAX:g} gives epsilon {floor:.4g} over {steps} steps at sample rate {sample_rate:g}",
+                    target,
+                    f"unreachable with the {kind.value} accountant at delta={delta:g}: even noise multiplier "
+                    f"{_SIGMA_SEARCH_MAX:g} gives epsilon {eps_high:.4g} over {steps} steps at sample rate {q:g}"
+                    + (" (its answer carries an absolute error of 0.01; use accountant='pld' for smaller targets)" if kind is Accountant.PRV else ""),
                 )
-            high = _SIGMA_SEARCH_MAX
             break
+        eps_high = eps_at(high)
     if low == 0.0:
         low = high / 4
-        while eps_at(low, search_kind) <= target_epsilon and low > 1e-3:
-            high, low = low, low / 4
-    # Invariant: eps(low) > target >= eps(high); geometric midpoints keep the step count
-    # independent of the scale of sigma.
-    while high - low > 1e-3 * high:
-        mid = math.sqrt(low * high)
-        if eps_at(mid, search_kind) > target_epsilon:
-            low = mid
+        eps_low = eps_at(low)
+        while eps_low <= target and low > 1e-3:
+            high, eps_high = low, eps_low
+            low = low / 4
+            eps_low = eps_at(low)
+        if eps_low <= target:
+            return low  # epsilon 0 holds: delta exceeds what any sigma this small can leak
+    # Invariant: eps(low) > target >= eps(high). Work in x = log sigma, y = log epsilon - log target.
+    def y_of(eps: float) -> float:
+        return math.log(max(eps, 1e-300) / target)
+
+    a, ya = math.log(low), y_of(eps_low)
+    b, yb = math.log(high), y_of(eps_high)
+    side = 0
+    while b - a > math.log1p(1e-3):
+        x = b - yb * (b - a) / (yb - ya) if math.isfinite(ya) and ya > yb else (a + b) / 2
+        margin = (b - a) / 16
+        if not (a + margin <= x <= b - margin):
+            x = min(max(x, a + margin), b - margin)  # a step that would barely move an end moves it by a sixteenth
+        eps = eps_at(math.exp(x))
+        y = y_of(eps)
+        if eps > target:
+            a, ya = x, y
+            if side == -1:
+                yb /= 2  # Illinois: the end that did not move twice running counts half
+            side = -1
         else:
-            high = mid
-    if kind is Accountant.PRV and eps_at(high, kind) > target_epsilon:
-        # PRV sits up to its eps_error (0.01) above PLD, which matters at small targets (at 0.05 it
-        # needs ~15% more noise): grow the step geometrically, then bisect back to 0.2%.
-        low, factor = high, 1.002
-        high = low * factor
-        while eps_at(high, kind) > target_epsilon:
-            low, factor = high, factor * factor
-            high = low * factor
-            if high > _SIGMA_SEARCH_MAX:
-                raise ConfigError(
-                    "target_epsilon",
-                    target_epsilon,
-                    f"unreachable with the prv accountant at delta={delta:g} below noise multiplier {_SIGMA_SEARCH_MAX:g} "
-                    "(its answer carries an absolute error of 0.01; use accountant='pld' for smaller targets)",
-                )
-        while high > low * 1.002:
-            mid = math.sqrt(low * high)
-            if eps_at(mid, kind) > target_epsilon:
-                low = mid
-            else:
-                high = mid
-    return high
+            b, yb = x, y
+            if side == 1:
+                ya /= 2
+            side = 1
+    return math.exp(b)
 
 
 GENESIS = hashlib.sha256(b"privfl ledger journal, format 2").hexdigest()
@@ -853,6 +1180,56 @@ class PrivacyLedger:
             "entries": [{k: v for k, v in _entry_record(e).items() if k != "kind"} for e in self._entries],
             "resumes": [{"after_entries": count, "round": start} for count, start in self._resumes],
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, accountant: Accountant | str | None = None) -> PrivacyLedger:
+        """An in-memory ledger rebuilt from :meth:`to_json`'s dict (it has no journal; :meth:`load` verifies one).
+
+        Args:
+            data: what :meth:`to_json` returned (after a JSON round trip or not).
+            accountant: compose with this accountant instead of the recorded one (kept in
+                :attr:`recorded_accountant`).
+
+        Raises:
+            LedgerError: the dict is not a ledger of this format, or holds a value no run could write.
+        """
+        where = "ledger JSON"
+        ledger = cls(accountant=Accountant.PRV)
+        try:
+            header = {
+                "kind": "header",
+                "format": "privfl-ledger",
+                "format_version": data["format_version"],
+                "accountant": data["accountant"],
+                "authenticated": False,
+                "run": None,
+                "created": "",
+            }
+            records: list[Mapping[str, Any]] = [header]
+            records += [{"kind": "budget", "client": c, **b} for c, b in data["budgets"].items()]
+            resumes = sorted((r["after_entries"], r["round"]) for r in data["resumes"])
+            entries = list(data["entries"])
+            for index, entry in enumerate(entries):
+                records += [{"kind": "resume", "round": start} for count, start in resumes if count == index]
+                records.append({"kind": "entry", **entry})
+            records += [{"kind": "resume", "round": start} for count, start in resumes if count == len(entries)]
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise LedgerError(where, f"not a privfl ledger dict ({exc!r} missing or malformed)") from None
+        for number, record in enumerate(records, start=1):
+
+            def bad(problem: str, number: int = number) -> LedgerError:
+                return LedgerError(where, f"record {number}: {problem}")
+
+            allowed = _KEYS[record["kind"]]
+            if set(record) != allowed:
+                raise bad(f"fields {sorted(allowed - set(record))} missing or {sorted(set(record) - allowed)} unexpected")
+            try:
+                ledger._apply(dict(record), number, None, accountant, bad)
+            except LedgerError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise bad(f"malformed ({exc})") from None
+        return ledger
 
     @classmethod
     def create(

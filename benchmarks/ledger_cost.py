@@ -1,0 +1,77 @@
+"""Accountant cost of a federation's ledger calls, with many distinct client sizes.
+
+Usage: ``python benchmarks/ledger_cost.py [--clients 20] [--rounds 10] [--accountant prv]``
+
+Simulates what the round driver asks the ledger (privfl/federation.py): at plan time one noise
+calibration per distinct (sample rate, steps) over the whole run, then every round, for every
+client, ``epsilon_if`` (the budget check), ``charge`` and ``epsilon`` (the round record). Every
+client has a different dataset size, so a different sample rate, step count and noise multiplier:
+the case where the accountant had to be evaluated once per client per round (issue 10 item 2).
+Prints process (CPU) time and wall time per phase; one thread for numpy's FFTs is not forced, so
+run it with ``OMP_NUM_THREADS=1`` for CPU figures that compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+from privfl import accounting
+from privfl.accounting import ClientBudget, DPEvent, PrivacyLedger, noise_multiplier
+
+
+def _clock() -> tuple[float, float]:
+    return time.process_time(), time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--target-epsilon", type=float, default=3.0)
+    parser.add_argument("--accountant", default="prv")
+    parser.add_argument("--skip-calibration", action="store_true", help="use sigma = 1.0 + size / 1000 instead")
+    args = parser.parse_args()
+    delta = 1e-5
+    sizes = [200 + 97 * k for k in range(args.clients)]  # all distinct: distinct q, steps, sigma
+    plans = []
+    c0, w0 = _clock()
+    for k, n in enumerate(sizes):
+        batches = math.ceil(n / args.batch_size)
+        q, steps = 1.0 / batches, batches
+        if args.skip_calibration:
+            sigma = 1.0 + n / 1000
+        else:
+            sigma = noise_multiplier(
+                target_epsilon=args.target_epsilon, sample_rate=q, steps=steps * args.rounds, delta=delta, accountant=args.accountant
+            )
+        plans.append((f"site-{k}", DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)))
+    c1, w1 = _clock()
+    ledger = PrivacyLedger(accountant=args.accountant)
+    for name, _ in plans:
+        ledger.register(name, ClientBudget(epsilon=args.target_epsilon * 1.001, delta=delta))
+    per_round = []
+    for round_index in range(args.rounds):
+        r0 = _clock()
+        for name, event in plans:
+            if ledger.epsilon_if(name, event) <= ledger.budget(name).epsilon:
+                ledger.charge(round_index, name, event)
+            else:
+                ledger.record_skip(round_index, name, reason="budget")
+        final = {name: ledger.epsilon(name) for name, _ in plans}
+        r1 = _clock()
+        per_round.append((r1[0] - r0[0], r1[1] - r0[1]))
+    c2, w2 = _clock()
+    print(f"{args.clients} clients of {len(set(sizes))} sizes x {args.rounds} rounds, accountant {args.accountant}")
+    print(f"calibration (plan):  cpu {c1 - c0:8.2f} s  wall {w1 - w0:8.2f} s")
+    print(f"ledger calls (run):  cpu {c2 - c1:8.2f} s  wall {w2 - w1:8.2f} s")
+    print("per round cpu s: " + " ".join(f"{c:.2f}" for c, _ in per_round))
+    print(f"max epsilon after the run: {max(final.values()):.4f} (target {args.target_epsilon})")
+    print("epsilons: " + " ".join(f"{final[name]:.4f}" for name, _ in plans))
+    _ = accounting
+
+
+if __name__ == "__main__":
+    main()
