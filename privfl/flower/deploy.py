@@ -534,37 +534,68 @@ class LocalDeployment:
     def _start(self) -> None:
         ports = self._start_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
         deadline = time.monotonic() + self.startup_timeout
+        for index in range(len(self.node_configs)):
+            self._spawn_supernode(index, ports[1 + index], register_key=self.node_auth)
+        self._wait_registered(deadline)
+
+    def _spawn_supernode(self, index: int, port: int, *, register_key: bool) -> SuperNodeProcess:
         tls = self.tls
         assert tls is not None
-        for index, node_args in enumerate(self._node_config_args):
-            keys = None
-            cmd = [
-                str(self._exe["flower-supernode"]),
-                "--superlink", self.address,
-                "--root-certificates", str(tls.ca_cert),
-                "--host", "127.0.0.1",
-                "--port", str(ports[1 + index]),
-                "--max-retries", "10",
-            ]  # fmt: skip
-            if node_args:
-                cmd += ["--node-config", node_args]
-            if self.node_auth:
-                keys = generate_node_auth_keys(self.directory / "node-keys", f"node-{index}")
+        cmd = [
+            str(self._exe["flower-supernode"]),
+            "--superlink", self.address,
+            "--root-certificates", str(tls.ca_cert),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--max-retries", "10",
+        ]  # fmt: skip
+        if self._node_config_args[index]:
+            cmd += ["--node-config", self._node_config_args[index]]
+        keys = None
+        if self.node_auth:
+            keys = generate_node_auth_keys(self.directory / "node-keys", f"node-{index}")
+            if register_key:
                 self._flwr(["supernode", "register", str(keys.public_key), _CONNECTION], timeout=60, check=True)
-                cmd += ["--auth-supernode-private-key", str(keys.private_key)]
-            log_file = self.directory / f"supernode-{index}.log"
-            proc = self._spawn(cmd, f"node-{index}", log_file)
-            self.supernodes.append(
-                SuperNodeProcess(
-                    index=index,
-                    node_config=self.node_configs[index],
-                    process=proc,
-                    runtime_port=ports[1 + index],
-                    log_file=log_file,
-                    auth_keys=keys,
-                )
-            )
-        self._wait_registered(deadline)
+            cmd += ["--auth-supernode-private-key", str(keys.private_key)]
+        log_file = self.directory / f"supernode-{index}.log"
+        node = SuperNodeProcess(
+            index=index,
+            node_config=self.node_configs[index],
+            process=self._spawn(cmd, f"node-{index}", log_file),
+            runtime_port=port,
+            log_file=log_file,
+            auth_keys=keys,
+        )
+        self.supernodes.append(node)
+        return node
+
+    def add_supernode(
+        self, node_config: Mapping[str, ConfigValue], *, register_key: bool = True, wait: bool = True
+    ) -> SuperNodeProcess:
+        """Start one more SuperNode while the deployment runs (a late joiner).
+
+        Args:
+            node_config: Its node config.
+            register_key: With SuperNode authentication on, register its public key first;
+                False starts a node the SuperLink must refuse (for tests).
+            wait: Return only once it has registered (raises if it exits first).
+
+        Returns:
+            The new node; ``index`` is its position in `supernodes`.
+
+        Raises:
+            PrivflError: If the deployment is not running, or ``wait`` and the node exits or does not
+                register within ``startup_timeout``.
+        """
+        if self.superlink is None or self.superlink.poll() is not None:
+            raise PrivflError("the deployment is not running")
+        index = len(self.node_configs)
+        self.node_configs.append(dict(node_config))
+        self._node_config_args.append(_kv_args(node_config, "node_config"))
+        node = self._spawn_supernode(index, _free_ports(1)[0], register_key=register_key)
+        if wait:
+            self._wait_registered(time.monotonic() + self.startup_timeout)
+        return node
 
     def _start_superlink(self, num_ports: int, extra_args: list[str]) -> list[int]:
         """Write TLS material and the CLI connection, start the SuperLink, wait for its port.

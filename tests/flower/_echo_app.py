@@ -1,7 +1,7 @@
 """A stand-in Flower app for the deployment tests: the server sends bytes to every node, nodes echo a digest.
 
 The ServerApp reads its run config (``out-file``, ``payload-hex``, ``expected-nodes``, ``wait-nodes-s``,
-``rounds``, ``timeout-s``, ``fail-node-site``, ``pause-file``, optional ``poll-s``), waits until ``expected-nodes`` SuperNodes are
+``rounds``, ``timeout-s``, ``fail-node-site``, ``pause-file``, optional ``poll-s``, ``payload-repeat``, ``server-fail``), waits until ``expected-nodes`` SuperNodes are
 connected, then for each round sends one ``query`` message carrying the payload to every node and
 writes what came back (or the error) as JSON to ``out-file``. A node answers with
 ``sha256(payload || site)``, its ``site`` from the node config, and a counter it keeps in
@@ -71,7 +71,9 @@ def main(grid: Grid, context: Context) -> None:
     """Send the payload to every node for ``rounds`` rounds and write the replies to ``out-file``."""
     rc = context.run_config
     out_file = Path(str(rc["out-file"]))
-    payload = bytes.fromhex(str(rc["payload-hex"]))
+    payload = bytes.fromhex(str(rc["payload-hex"])) * int(rc.get("payload-repeat", 1))
+    if bool(rc.get("server-fail", False)):
+        raise RuntimeError("the ServerApp was told to fail")
     expected = int(rc["expected-nodes"])
     deadline = time.monotonic() + float(rc["wait-nodes-s"])
     node_ids = list(grid.get_node_ids())

@@ -22,15 +22,22 @@ PAYLOAD = bytes(range(256)) * 4  # 1 KiB, every byte value
 SITES = ["site-0", "site-1", "site-2"]
 
 
-def _echo_app(directory: Path, out_file: Path) -> Path:
-    """The echo app directory; its module travels in the FAB as ``privfl_echo_app``."""
+def _echo_app(directory: Path, out_file: Path, *, in_fab: bool = True) -> Path:
+    """The echo app directory.
+
+    With ``in_fab`` the module travels in the FAB as ``privfl_echo_app``; without it the directory
+    holds only pyproject.toml and every Flower process imports ``_echo_app`` from its environment
+    (``PYTHONPATH``), as the real app imports ``privfl.flower.apps`` from the installed package.
+    """
     app = directory / "app"
     app.mkdir(parents=True, exist_ok=True)
-    (app / "privfl_echo_app.py").write_text(ECHO_MODULE.read_text())
+    module = "privfl_echo_app" if in_fab else ECHO_MODULE.stem
+    if in_fab:
+        (app / "privfl_echo_app.py").write_text(ECHO_MODULE.read_text())
     return write_app_dir(
         app,
-        serverapp="privfl_echo_app:server_app",
-        clientapp="privfl_echo_app:client_app",
+        serverapp=f"{module}:server_app",
+        clientapp=f"{module}:client_app",
         name="privfl-echo",
         run_config={
             "out-file": str(out_file),
@@ -41,6 +48,9 @@ def _echo_app(directory: Path, out_file: Path) -> Path:
             "timeout-s": 60.0,
             "fail-node-site": "",
             "pause-file": "",
+            "poll-s": 0.0,
+            "payload-repeat": 1,
+            "server-fail": False,
         },
     )
 
@@ -118,8 +128,10 @@ def test_echo_over_tls_reaches_every_node_and_leaves_no_process(tmp_path: Path) 
 def test_killed_supernode_mid_run_leaves_the_others_working(tmp_path: Path) -> None:
     out_file = tmp_path / "echo.json"
     pause = tmp_path / "paused"
-    app = _echo_app(tmp_path, out_file)
-    with LocalDeployment(tmp_path / "dep", [{"site": s} for s in SITES]) as dep:
+    app = _echo_app(tmp_path, out_file, in_fab=False)
+    assert sorted(p.name for p in app.iterdir()) == ["pyproject.toml"]
+    env = {"PYTHONPATH": str(ECHO_MODULE.parent)}
+    with LocalDeployment(tmp_path / "dep", [{"site": s} for s in SITES], extra_env=env) as dep:
         handle = dep.start_run(
             app,
             run_config={"rounds": 2, "timeout-s": 20.0, "pause-file": str(pause), "fail-node-site": "site-2"},
@@ -150,6 +162,26 @@ def test_killed_supernode_mid_run_leaves_the_others_working(tmp_path: Path) -> N
     assert set(ok_second) == {"site-0"}
     assert ok_second["site-0"]["digest"] == _digest("site-0")
     assert all(by_site.get(r["src_node_id"]) != "site-1" or "error_code" in r for r in second["replies"])
+
+
+@pytest.mark.timeout(200)
+def test_node_auth_refuses_unregistered_node_and_failing_serverapp_is_not_ok(tmp_path: Path) -> None:
+    app = _echo_app(tmp_path, tmp_path / "echo.json")
+    with LocalDeployment(tmp_path / "dep", [{"site": "site-0"}], node_auth=True) as dep:
+        assert dep.supernodes[0].node_id is not None  # registered key: admitted
+        rogue = dep.add_supernode({"site": "rogue"}, register_key=False, wait=False)
+        result = dep.run_app(app, run_config={"server-fail": True, "expected-nodes": 1}, timeout=120)
+        deadline = time.monotonic() + 90
+        while rogue.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert rogue.process.poll() not in (None, 0), "an unregistered SuperNode was not refused"
+        assert "Failed to activate SuperNode" in rogue.log_file.read_text()
+        pids = dep.started_pids()
+    _assert_all_dead(pids)
+    # `flwr run --stream` itself exits 0; the failure shows in the run's status and its log.
+    assert result.status == "finished:failed"
+    assert not result.ok
+    assert "the ServerApp was told to fail" in result.output
 
 
 @pytest.mark.timeout(120)
