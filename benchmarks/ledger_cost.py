@@ -1,6 +1,9 @@
 """Accountant cost of a federation's ledger calls, with many distinct client sizes.
 
-Usage: ``python benchmarks/ledger_cost.py [--clients 20] [--rounds 10] [--accountant prv]``
+Usage: ``python benchmarks/ledger_cost.py [--clients 20] [--rounds 10] [--accountant prv] [--module FILE]``
+
+``--module`` times another revision of privfl/accounting.py, e.g. the one before issue 10's fix:
+``git show 3853b09:privfl/accounting.py > /tmp/accounting_before.py`` then ``--module /tmp/accounting_before.py``.
 
 Simulates what the round driver asks the ledger (privfl/federation.py): at plan time one noise
 calibration per distinct (sample rate, steps) over the whole run, then every round, for every
@@ -14,11 +17,10 @@ run it with ``OMP_NUM_THREADS=1`` for CPU figures that compare across machines.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import sys
 import time
-
-from privfl import accounting
-from privfl.accounting import ClientBudget, DPEvent, PrivacyLedger, noise_multiplier
 
 
 def _clock() -> tuple[float, float]:
@@ -29,13 +31,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--distinct", type=int, default=0, help="distinct client sizes (default: one per client)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--target-epsilon", type=float, default=3.0)
     parser.add_argument("--accountant", default="prv")
     parser.add_argument("--skip-calibration", action="store_true", help="use sigma = 1.0 + size / 1000 instead")
+    parser.add_argument("--module", help="load privfl.accounting from this file (another revision)")
     args = parser.parse_args()
+    if args.module:
+        spec = importlib.util.spec_from_file_location("privfl.accounting", args.module)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["privfl.accounting"] = module
+        spec.loader.exec_module(module)
+    from privfl.accounting import ClientBudget, DPEvent, PrivacyLedger, epsilon, noise_multiplier
+
+    epsilon(noise_multiplier=1.0, sample_rate=0.5, steps=3, delta=1e-5, accountant=args.accountant)  # imports, not timed
     delta = 1e-5
-    sizes = [200 + 97 * k for k in range(args.clients)]  # all distinct: distinct q, steps, sigma
+    distinct = args.distinct or args.clients
+    sizes = [200 + 97 * (k % distinct) for k in range(args.clients)]  # distinct sizes: distinct q, steps, sigma
     plans = []
     c0, w0 = _clock()
     for k, n in enumerate(sizes):
@@ -70,7 +83,6 @@ def main() -> None:
     print("per round cpu s: " + " ".join(f"{c:.2f}" for c, _ in per_round))
     print(f"max epsilon after the run: {max(final.values()):.4f} (target {args.target_epsilon})")
     print("epsilons: " + " ".join(f"{final[name]:.4f}" for name, _ in plans))
-    _ = accounting
 
 
 if __name__ == "__main__":
