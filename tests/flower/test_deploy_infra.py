@@ -134,7 +134,13 @@ def test_killed_supernode_mid_run_leaves_the_others_working(tmp_path: Path) -> N
     with LocalDeployment(tmp_path / "dep", [{"site": s} for s in SITES], extra_env=env) as dep:
         handle = dep.start_run(
             app,
-            run_config={"rounds": 2, "timeout-s": 20.0, "pause-file": str(pause), "fail-node-site": "site-2"},
+            run_config={
+                "rounds": 2,
+                "timeout-s": 15.0,
+                "poll-s": 0.2,
+                "pause-file": str(pause),
+                "fail-node-site": "site-2",
+            },
         )
         deadline = time.monotonic() + 120
         while not pause.exists():
