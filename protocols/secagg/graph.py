@@ -7,6 +7,9 @@ public graph seed, so any party can recompute the graph and check it.
 
 With a graph the server learns the sum over each connected component of the surviving clients, so the
 protocol aborts unless the survivors induce a connected subgraph (checked by the server and by each client).
+
+:func:`failure_bound` bounds the probability that a random Harary graph fails a round at stated dropout
+and corruption rates; :func:`privfl.protocols.secagg.params.choose_graph` uses it to pick k and t.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from privfl.errors import ConfigError
 
-__all__ = ["build_graph", "check_neighbours", "suggest_neighbours", "components"]
+__all__ = ["build_graph", "check_neighbours", "suggest_neighbours", "components", "GraphFailureBound", "failure_bound"]
 
 
 def suggest_neighbours(num_clients: int) -> int:
@@ -93,3 +97,94 @@ def components(graph: Mapping[str, Collection[str]], nodes: Collection[str]) -> 
                     remaining.remove(v)
                     stack.append(v)
     return count
+
+
+def _log_comb(a: int, b: int) -> float:
+    if b < 0 or b > a:
+        return -math.inf
+    return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+
+def _hypergeometric_tail(population: int, marked: int, draws: int, at_least: int) -> float:
+    # P[X >= at_least] for X the marked items among `draws` taken without replacement.
+    if at_least <= 0:
+        return 1.0
+    top = min(marked, draws)
+    if at_least > top:
+        return 0.0
+    denominator = _log_comb(population, draws)
+    total = math.fsum(
+        math.exp(_log_comb(marked, j) + _log_comb(population - marked, draws - j) - denominator) for j in range(at_least, top + 1)
+    )
+    return min(1.0, total)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GraphFailureBound:
+    """Union bounds on the ways a SecAgg+ round on a random Harary graph can fail (see :func:`failure_bound`).
+
+    Attributes:
+        recovery: P[some client's secret has fewer than t live share holders] (the round aborts).
+        collusion: P[some honest client has h_c >= 2t - h corrupt share holders] (an active server
+            colluding with them could unmask it: the split-view bound of :mod:`params`).
+        disconnection: P[the honest surviving clients' subgraph is disconnected] (partial sums exposed,
+            or the round aborts).
+    """
+
+    recovery: float
+    collusion: float
+    disconnection: float
+
+    @property
+    def total(self) -> float:
+        """Upper bound on the probability that the round fails in any of the three ways (at most 1)."""
+        return min(1.0, self.recovery + self.collusion + self.disconnection)
+
+    @property
+    def log2(self) -> float:
+        """log2 of :attr:`total` (-inf when the failure is impossible under the stated rates)."""
+        return math.log2(self.total) if self.total > 0 else -math.inf
+
+
+def failure_bound(num_clients: int, neighbours: int, threshold: int, *, dropouts: int, corrupt: int = 0) -> GraphFailureBound:
+    """Bounds the probability that the pseudorandom Harary graph fails a round (after Bell et al. 2020).
+
+    Model: at most ``dropouts`` honest clients leave the round and at most ``corrupt`` clients collude
+    with the server (and may stop answering too); which clients they are does not depend on the graph
+    (the graph seed is fresh and the cycle order is SHA-256 of it, modelled as a uniform random
+    permutation). With m = dropouts + corrupt clients that may be missing and h = k + 1 holders:
+
+    - recovery: a client's neighbours are k of the other n - 1, so the missing ones among them X are
+      hypergeometric (m marked); a secret fails if k - X < t (a dropped owner holds no share of its
+      own; a surviving one does, which only helps). Bound: n * P[X >= k - t + 1].
+    - collusion: the corrupt neighbours Y of an honest client are hypergeometric; it is exposed if
+      2t <= h + Y. Bound: n * P[Y >= 2t - h].
+    - disconnection: on the cycle each node is joined to the k/2 nearest on either side, so the
+      remaining nodes stay connected unless k/2 consecutive positions are all removed (dropped or
+      corrupt). Bound: n * C(n - k/2, m - k/2) / C(n, m).
+
+    Args:
+        num_clients: n.
+        neighbours: k, even, at most n - 2 (the complete graph needs no bound: see ``choose_graph``).
+        threshold: t.
+        dropouts: the most honest clients that may drop.
+        corrupt: the most clients that may collude with the server (counted as possible dropouts too).
+
+    Returns:
+        The three union bounds.
+
+    Raises:
+        ConfigError: k odd or outside [2, n - 2], or counts outside [0, n].
+    """
+    n, k, t = num_clients, neighbours, threshold
+    if not isinstance(k, int) or k % 2 or not 2 <= k <= n - 2:
+        raise ConfigError("neighbours", k, f"must be an even int in [2, {n - 2}] for a bound on {n} clients")
+    for name, value in (("dropouts", dropouts), ("corrupt", corrupt)):
+        if not isinstance(value, int) or not 0 <= value <= n:
+            raise ConfigError(name, value, f"must be an int in [0, {n}]")
+    h, removed, run = k + 1, min(n, dropouts + corrupt), k // 2
+    # Among one client's n - 1 others at most n - 1 are marked.
+    recovery = min(1.0, n * _hypergeometric_tail(n - 1, min(removed, n - 1), k, k - t + 1))
+    collusion = min(1.0, n * _hypergeometric_tail(n - 1, min(corrupt, n - 1), k, 2 * t - h))
+    disconnection = 0.0 if removed < run else min(1.0, n * math.exp(_log_comb(n - run, removed - run) - _log_comb(n, removed)))
+    return GraphFailureBound(recovery=recovery, collusion=collusion, disconnection=disconnection)

@@ -36,6 +36,7 @@ __all__ = [
     "vector_prefix",
     "seal_vector",
     "open_vector",
+    "add_vector",
 ]
 
 ADVERTISE, KEYS, SHARES, RELAY, MASKED_INPUT, UNMASK_REQUEST, UNMASK = 1, 2, 3, 4, 5, 6, 7
@@ -167,8 +168,10 @@ def seal_vector(key: bytes, kind: int, round_index: int, sender: str, length: in
     return bytes(buf)
 
 
-def open_vector(payload: bytes, *, kind: int, round_index: int, sender: str, length: int, key: bytes) -> np.ndarray:
+def open_vector(payload: bytes, *, kind: int, round_index: int, sender: str, length: int, key: bytes | None) -> np.ndarray:
     """Authenticates a vector message and views its words without copying.
+
+    ``key=None`` parses without authenticating (see :func:`add_vector`).
 
     Returns:
         A read-only ``uint32`` view of ``length`` words.
@@ -178,10 +181,37 @@ def open_vector(payload: bytes, *, kind: int, round_index: int, sender: str, len
     """
     prefix = vector_prefix(kind, round_index, sender, 4 * length)
     if isinstance(payload, bytes) and len(payload) == len(prefix) + 4 * length + TAG_BYTES and payload.startswith(prefix):
-        verify_tag(key, memoryview(payload)[:-TAG_BYTES], payload[-TAG_BYTES:], sender=sender)
+        if key is not None:
+            verify_tag(key, memoryview(payload)[:-TAG_BYTES], payload[-TAG_BYTES:], sender=sender)
         return np.frombuffer(payload, dtype=_WORD, count=length, offset=len(prefix))
     # Not the exact expected layout: the general parser says precisely what is wrong (or accepts it).
     frame, _, _ = open_message(payload, kind=kind, round_index=round_index, sender=sender, max_bytes=4 * length + 1024, key=key)
     if len(frame.parts) != 2 or frame.parts[0] != bytes(_padding(kind, round_index, sender)) or len(frame.parts[1]) != 4 * length:
         raise MessageError(f"masked vector must be {4 * length} bytes after its padding", sender=sender)
     return np.frombuffer(frame.parts[1], dtype=_WORD)
+
+
+def add_vector(
+    acc: np.ndarray, payload: bytes, *, kind: int, round_index: int, sender: str, length: int, key: bytes | None
+) -> bytes:
+    """Authenticates a vector message (unless ``key`` is None) and adds its words into ``acc`` (mod 2^32).
+
+    The words are added only once the tag has verified, so a rejected message leaves ``acc`` unchanged.
+    (Fusing the GMAC with the add, slice by slice, was measured slower on the server's path: there the
+    words are still in cache from the transport, and one-shot GMAC runs at about 24 GB/s.)
+
+    Args:
+        acc: 1-D ``uint32`` running sum of ``length`` words, modified in place.
+        key: the one-time GMAC key; None skips authentication (only where the transport itself
+            authenticates the sender to this party and protects the bytes; see docs/secagg.md).
+
+    Returns:
+        The message's 16-byte tag (verified unless ``key`` is None).
+
+    Raises:
+        MessageError: malformed, truncated, oversized, wrong kind/round/sender/length, or failed
+            authentication.
+    """
+    words = open_vector(payload, kind=kind, round_index=round_index, sender=sender, length=length, key=key)
+    np.add(acc, words, out=acc)
+    return bytes(payload[-TAG_BYTES:])

@@ -1,8 +1,15 @@
-"""Pseudorandom mask expansion: AES-256-CTR keystream read as little-endian uint32 words.
+"""Pseudorandom mask expansion: AES-256 counter-mode keystream read as little-endian uint32 words.
 
 A mask seed (32 bytes from ``os.urandom`` or an X25519/HKDF derivation) is turned into an AES key with
-HKDF-SHA256 under a label, and the AES-CTR keystream (counter starting at zero; every key is used for one
-stream only) is viewed as ``uint32`` with :func:`numpy.frombuffer`. No simulation-grade randomness is used here.
+HKDF-SHA256 under a label (every key is used for one stream only), and its keystream is viewed as
+``uint32`` with :func:`numpy.frombuffer`. No simulation-grade randomness is used here.
+
+The stream is cut into segments of :data:`SEGMENT_WORDS` words; block i of segment j is
+AES(key, j as 96 bits || i + 2 as 32 bits), big endian. That is plain AES-CTR over distinct counter
+blocks (a PRF on distinct inputs), and it is exactly the keystream that AES-GCM encryption with nonce j
+produces, which OpenSSL computes with its VAES/AVX-512 GCM code about twice as fast as its AES-CTR code
+(15 against 7.7 GB/s on one core here; the GHASH it also computes is thrown away). A slice that starts
+inside a segment is made with AES-CTR from the same counter block, so any slice can be made alone.
 
 Masks are added in Z_{2^32}; reducing mod 2^k afterwards is exact because 2^k divides 2^32, and a uniform
 word mod 2^32 stays uniform mod 2^k.
@@ -18,13 +25,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from privfl.protocols.secagg.keys import hkdf
 
-__all__ = ["WORD", "CHUNK_WORDS", "PARALLEL_MIN_WORDS", "mask_key", "expand", "apply_masks", "uniform_floats"]
+__all__ = ["WORD", "CHUNK_WORDS", "SEGMENT_WORDS", "PARALLEL_MIN_WORDS", "mask_key", "expand", "apply_masks", "uniform_floats"]
 
 WORD = np.dtype("<u4")
 """The word every mask and masked vector is made of (4 bytes, little endian)."""
 
 CHUNK_WORDS = 1 << 15
 """Words expanded per step: 128 KiB fits in L2, so a keystream chunk is consumed while still cached."""
+
+SEGMENT_WORDS = 1 << 19
+"""Words per keystream segment (one GCM nonce; 2 MiB). A multiple of :data:`CHUNK_WORDS`. Starting a
+segment costs about 3.5 us (a new cipher context), 2.5% of expanding it."""
 
 PARALLEL_MIN_WORDS = 1 << 22
 """Below this many keystream words in total, one thread does the work (threads cost more than they save)."""
@@ -45,10 +56,15 @@ def mask_key(seed: bytes, label: bytes) -> bytes:
     return hkdf(seed, b"prg", label)
 
 
-def _encryptor(key: bytes, first_block: int = 0):
-    # CTR's counter block is a 128-bit big-endian integer; block i of the stream (words 4i..4i+3) is
-    # AES(key, i) whichever block the encryptor starts at, so a slice of the stream can be made alone.
-    return Cipher(algorithms.AES(key), modes.CTR(first_block.to_bytes(16, "big"))).encryptor()
+def _encryptor(key: bytes, word: int):
+    # The encryptor of the keystream from ``word`` (a multiple of 4) to the end of its segment.
+    segment, offset = divmod(word, SEGMENT_WORDS)
+    nonce = segment.to_bytes(12, "big")
+    if offset == 0:
+        # GCM's first keystream block is AES(nonce || 2); its tag is never computed nor used.
+        return Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    block = offset // _BLOCK_WORDS + 2
+    return Cipher(algorithms.AES(key), modes.CTR(nonce + block.to_bytes(4, "big"))).encryptor()
 
 
 def expand(key: bytes, length: int) -> np.ndarray:
@@ -97,7 +113,9 @@ def apply_masks(
         _apply_range(acc, streams, addends, chunk_words, 0, length)
         return
     step = -(-length // threads)
-    step += -step % _BLOCK_WORDS
+    # Slices start on a segment boundary when each thread gets a segment or more (then every
+    # encryptor is a fast GCM one), else on a block boundary (the CTR path for the head).
+    step += -step % (SEGMENT_WORDS if step >= SEGMENT_WORDS else _BLOCK_WORDS)
     bounds = [(start, min(start + step, length)) for start in range(0, length, step)]
     with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
         for future in [pool.submit(_apply_range, acc, streams, addends, chunk_words, a, b) for a, b in bounds]:
@@ -107,24 +125,27 @@ def apply_masks(
 def _apply_range(
     acc: np.ndarray, streams: Sequence[tuple[bytes, int]], addends: Sequence[np.ndarray], chunk_words: int, begin: int, end: int
 ) -> None:
-    encryptors = [(_encryptor(key, begin // _BLOCK_WORDS), sign) for key, sign in streams]
     zeros = bytes(4 * chunk_words)
     # CTR's update_into wants room for one extra block minus a byte.
     buf = bytearray(4 * chunk_words + 15)
-    for start in range(begin, end, chunk_words):
-        stop = min(start + chunk_words, end)
+    adders = [(np.add if sign > 0 else np.subtract) for _, sign in streams]
+    encryptors: list = []
+    start = begin
+    while start < end:
+        if start == begin or start % SEGMENT_WORDS == 0:
+            encryptors = [_encryptor(key, start) for key, _ in streams]
+        # A step never crosses a segment boundary, where the counter blocks jump to the next nonce.
+        stop = min(start + chunk_words, end, (start // SEGMENT_WORDS + 1) * SEGMENT_WORDS)
         count = stop - start
         data = zeros if count == chunk_words else zeros[: 4 * count]
         words = np.frombuffer(buf, dtype=WORD, count=count)
         target = acc[start:stop]
         for vector in addends:
             np.add(target, vector[start:stop], out=target)
-        for encryptor, sign in encryptors:
+        for encryptor, add in zip(encryptors, adders):
             encryptor.update_into(data, buf)
-            if sign > 0:
-                np.add(target, words, out=target)
-            else:
-                np.subtract(target, words, out=target)
+            add(target, words, out=target)
+        start = stop
 
 
 def uniform_floats(key: bytes, length: int) -> np.ndarray:

@@ -163,6 +163,35 @@ def test_threaded_application_matches_one_thread(length, monkeypatch):
         assert np.array_equal(acc, expected), (threads, chunk)
 
 
+def _reference_stream(key: bytes, length: int, segment_words: int) -> np.ndarray:
+    # The documented definition, block by block with AES-ECB: block i of segment j is
+    # AES(key, j as 96 bits || i + 2 as 32 bits).
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    blocks = []
+    for b in range(-(-length // 4)):
+        segment, block = divmod(4 * b, segment_words)
+        blocks.append(segment.to_bytes(12, "big") + (block // 4 + 2).to_bytes(4, "big"))
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return np.frombuffer(ecb.update(b"".join(blocks)), dtype=WORD)[:length]
+
+
+def test_prg_matches_its_documented_counter_blocks(monkeypatch):
+    import privfl.protocols.secagg.prg as prg
+
+    key = mask_key(secrets.token_bytes(32), b"kat")
+    length = 2 * prg.SEGMENT_WORDS + 1003
+    assert np.array_equal(expand(key, length), _reference_stream(key, length, prg.SEGMENT_WORDS))
+    # Small segments: every slice start (GCM at a segment boundary, CTR inside one) gives the same words.
+    monkeypatch.setattr(prg, "SEGMENT_WORDS", 256)
+    monkeypatch.setattr(prg, "PARALLEL_MIN_WORDS", 1)
+    reference = _reference_stream(key, 5000, 256)
+    for threads, chunk in [(1, 7), (1, 256), (2, 100), (3, 64), (5, 1000)]:
+        acc = np.zeros(5000, dtype=WORD)
+        apply_masks(acc, [(key, 1)], chunk_words=chunk, threads=threads)
+        assert np.array_equal(acc, reference), (threads, chunk)
+
+
 def test_prg_bytes_look_uniform():
     words = expand(mask_key(secrets.token_bytes(32), b"u"), 1 << 14)
     counts = np.bincount(words.view(np.uint8), minlength=256)
@@ -299,3 +328,66 @@ def test_protocol_runs_with_simulation_randomness_disabled(monkeypatch):
         monkeypatch.setattr(random, name, forbidden)
     result = run_secure_sum(inputs, threshold=2, neighbours=2, drop_after={"share": {"c1"}})
     assert np.allclose(result.total, sum(inputs[u] for u in result.survivors), atol=result.max_error)
+
+
+# -- masked-vector messages -----------------------------------------------------------------------
+def _sealed_vector(key: bytes, words: np.ndarray) -> bytes:
+    from privfl.protocols.secagg import messages as m
+
+    def fill(out: np.ndarray) -> None:
+        out[:] = words
+
+    return m.seal_vector(key, m.MASKED_INPUT, 3, "alice", words.shape[0], fill)
+
+
+def test_add_vector_authenticates_before_adding():
+    from privfl.errors import MessageError
+    from privfl.protocols.secagg import messages as m
+
+    key = secrets.token_bytes(32)
+    words = np.arange(1000, dtype=WORD) * np.uint32(2654435761)
+    payload = _sealed_vector(key, words)
+    acc = np.full(1000, 7, dtype=WORD)
+    layout = dict(kind=m.MASKED_INPUT, round_index=3, sender="alice", length=1000)
+    assert m.add_vector(acc, payload, key=key, **layout) == payload[-16:]
+    assert np.array_equal(acc, words + np.uint32(7))
+    tampered = bytearray(payload)
+    tampered[-100] ^= 1
+    before = acc.copy()
+    with pytest.raises(MessageError, match="authentication"):
+        m.add_vector(acc, bytes(tampered), key=key, **layout)
+    with pytest.raises(MessageError, match="authentication"):
+        m.add_vector(acc, payload, key=secrets.token_bytes(32), **layout)
+    assert np.array_equal(acc, before)  # a rejected vector is never added
+    # Without a key (the transport authenticates the sender) the words are added as they are,
+    # but the frame is still checked.
+    m.add_vector(acc, bytes(tampered), key=None, **layout)
+    assert not np.array_equal(acc, before)
+    with pytest.raises(MessageError):
+        m.add_vector(acc, payload, key=None, **{**layout, "sender": "bob"})
+    with pytest.raises(MessageError):
+        m.add_vector(acc, payload[:-1], key=None, **layout)
+
+
+@pytest.mark.parametrize("authenticate_vectors", [True, False])
+def test_round_sums_with_and_without_vector_authentication(authenticate_vectors):
+    from privfl.protocols.base import DirectTransport
+    from privfl.protocols.secagg.simulate import drive, new_round
+
+    ids = [f"c{i}" for i in range(8)]
+    run = new_round(ids, round_index=1, threshold=4, neighbours=4, dimension=300, bits=32, graph_seed=bytes(16))
+    run.server.authenticate_vectors = authenticate_vectors
+    rng = np.random.default_rng(0)  # test inputs only
+    encoded = {u: rng.integers(0, 1 << 32, 300, dtype=np.uint64).astype(WORD) for u in ids}
+    total, _ = drive(run, encoded, DirectTransport(), stop_after={"c3": "share"})
+    expected = sum(encoded[u].astype(np.uint64) for u in ids if u != "c3") % (1 << 32)
+    assert np.array_equal(total, expected.astype(WORD))
+
+
+def test_server_refuses_a_non_bool_authenticate_flag():
+    from privfl.protocols.secagg.simulate import new_round
+    from privfl.protocols.secagg.server import SecAggServer
+
+    run = new_round(["a", "b", "c"], round_index=0, threshold=2, neighbours=None, dimension=4, bits=32, graph_seed=bytes(16))
+    with pytest.raises(ProtocolError):
+        SecAggServer(run.params, run.server._key, authenticate_vectors=1)
