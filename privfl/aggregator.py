@@ -183,7 +183,9 @@ class Aggregator:
             by_name[name].node: encode_request(Request(self.run_id, step, round_index, name, fields, parts))
             for name, (fields, parts) in requests.items()
         }
+        t0 = time.perf_counter()
         raw = channel.exchange(payloads, timeout=self.step_timeout)
+        self._step_seconds[step.value] = self._step_seconds.get(step.value, 0.0) + time.perf_counter() - t0
         replies, dropped = {}, {}
         for name in requests:
             node = by_name[name].node
@@ -200,6 +202,10 @@ class Aggregator:
                 continue
             replies[name] = reply
             self._upload[name] = self._upload.get(name, 0) + len(raw[node])
+            seconds = reply.fields.get("site_seconds")
+            if isinstance(seconds, (int, float)):
+                key = f"{step.value}@sites(max)"
+                self._step_seconds[key] = max(self._step_seconds.get(key, 0.0), float(seconds))
         return replies, dropped
 
     def _hello(self, channel: SiteChannel) -> None:
@@ -273,6 +279,7 @@ class Aggregator:
         started = time.perf_counter()
         fed = self.config.federation
         self._upload: dict[str, int] = {}
+        self._step_seconds: dict[str, float] = {}
         self._hello(channel)
         if fed.protection is ProtectionKind.CKKS:
             self._ckks_setup(channel)
@@ -310,6 +317,7 @@ class Aggregator:
             "aborted": None, "train_loss": None, "test_loss": None, "test_accuracy": None, "upload_bytes": {},
         }
         self._upload = {}
+        self._step_seconds = {}
         needed = _min_participants(self.config)
         hopeful = [n for n in sampled if not by_name[n].exhausted]
         if len(hopeful) < needed:
@@ -376,6 +384,8 @@ class Aggregator:
         record["epsilon"] = epsilons
         known = [e for e in epsilons.values() if e is not None]
         record["max_epsilon"] = max(known) if known else None
+        # Wall seconds of each exchange with the sites (a site's work plus the transport's latency).
+        record["step_seconds"] = {step: round(value, 3) for step, value in self._step_seconds.items()}
         record["seconds"] = time.perf_counter() - t0
         return record
 

@@ -119,6 +119,38 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy_local(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from rich.console import Console
+
+    from privfl.flower.local import deploy_local
+
+    if args.config:
+        text = Path(args.config).read_text()
+    else:
+        text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("deploy-%Y%m%d-%H%M%S")
+    console = Console(stderr=True)
+    console.print(
+        f"[bold]privfl deploy local[/bold]: {args.config or 'embedded default'}, {args.sites} sites -> {out} "
+        "(TLS SuperLink and one SuperNode per site on 127.0.0.1)"
+    )
+    result = deploy_local(text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout)
+    summary = result.summary
+    accuracy = summary.get("final_accuracy")
+    print(f"final accuracy: {accuracy:.4f}" if accuracy is not None else "final accuracy: - (no test set)")
+    for name, entry in summary["clients"].items():
+        eps = entry["epsilon"]
+        print(f"  {name:16} epsilon {eps:.3f} of {entry['epsilon_budget']:.3f} (its own ledger: {result.site_dirs[name] / 'state'})"
+              if eps is not None else f"  {name:16} epsilon -")
+    print(f"wall time {result.seconds:.1f} s; summary: {result.out_dir / 'summary.json'}")
+    if summary["rounds"] and len(summary["aborted_rounds"]) == summary["rounds"]:
+        print(f"privfl: error: all {summary['rounds']} rounds aborted; the model was never updated", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="privfl", description="Privacy-preserving federated learning.")
@@ -164,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", help="the TOML config the run was made with (default: the embedded demo)")
     export.add_argument("--round", type=int, help="the 0-based round to export (default: the last finished one)")
     export.set_defaults(func=_cmd_export)
+
+    deploy = sub.add_parser("deploy", help="run a federation as separate processes over Flower (needs privfl[flower])")
+    targets = deploy.add_subparsers(dest="target", required=True)
+    local = targets.add_parser(
+        "local", help="a TLS SuperLink and one SuperNode per site on this machine (the bundled data split over them)"
+    )
+    local.add_argument("config", nargs="?", help="a TOML run config (default: the embedded healthcare demo)")
+    local.add_argument("--sites", type=int, default=3, help="number of sites (SuperNodes) to start (default: 3)")
+    local.add_argument("--out", help="a new directory for the deployment (default: runs/deploy-<timestamp>)")
+    local.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take (default: 3600)")
+    local.add_argument("--quiet", action="store_true", help="no progress bar")
+    local.set_defaults(func=_cmd_deploy_local)
     return parser
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -205,7 +206,11 @@ class Site:
             if request.step is not Step.HELLO and request.site != self.name:
                 raise MessageError(f"request is addressed to site {request.site!r}")
             with RunLock(self.state_dir):
-                return encode_reply(self._dispatch(request))
+                started = time.perf_counter()
+                reply = self._dispatch(request)
+                # The site's own time on the request: the rest of an exchange is the transport's.
+                reply.fields.setdefault("site_seconds", round(time.perf_counter() - started, 4))
+                return encode_reply(reply)
         except (PrivflError, ValueError, KeyError, TypeError, OSError) as exc:
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             log.warning("site %s refused %s of round %d: %s", self.name, request.step.value, request.round_index, reason)
@@ -368,6 +373,7 @@ class Site:
                 ledger.record_skip(r, self.name, reason=f"run {request.run}: {reason}")
                 return self._reply(request, Status.SKIPPED, reason=reason, epsilon=ledger.epsilon(self.name), budget=budget, exhausted=True)
             model = self._model(config, fields)
+            dataset = _shaped(self.dataset, fields.get("input_shape"))
             from privfl.training import flatten_parameters, load_flat_parameters, resolve_device, train_dp_sgd
 
             size = flatten_parameters(model).size
@@ -379,7 +385,7 @@ class Site:
             load_flat_parameters(model, global_params)
             seed = derive_seed(config.federation.noise_seed, r, index, 0)
             result = train_dp_sgd(
-                model, self.dataset, config=config.training, noise_multiplier=plan.noise_multiplier,
+                model, dataset, config=config.training, noise_multiplier=plan.noise_multiplier,
                 device=resolve_device(self.device if self.device != "auto" else config.federation.device), seed=seed, site=self.name,
             )
             # Charged (one fsynced journal line) before anything derived from the data leaves the site.
@@ -574,6 +580,18 @@ class Site:
 
 
 _SECAGG_STEPS = frozenset({Step.SECAGG_KEYS, Step.SECAGG_RELAY, Step.SECAGG_CHECK, Step.SECAGG_UNMASK})
+
+
+def _shaped(dataset, input_shape):
+    """A CSV-loaded (flat) dataset reshaped to the model's input shape (e.g. images), when it differs."""
+    from privfl.data import ArrayDataset
+
+    if not isinstance(dataset, ArrayDataset) or not isinstance(input_shape, list):
+        return dataset
+    shape = tuple(input_shape)
+    if tuple(dataset.features.shape[1:]) == shape or int(np.prod(shape)) != int(np.prod(dataset.features.shape[1:])):
+        return dataset
+    return ArrayDataset(dataset.features.numpy().reshape((len(dataset), *shape)), dataset.targets.numpy())
 
 
 def _parse_config(text: str) -> RunConfig:

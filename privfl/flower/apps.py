@@ -11,7 +11,9 @@ Node configuration of a SuperNode (``flower-supernode --node-config``):
 * ``site``: the site's name; ``state-dir``: its state directory (ledger, keys, protocol state);
 * ``data``: a CSV or Parquet file (with ``label-column``, default ``label``) or ``module:function``;
 * ``budget`` (optional): the site's own epsilon budget; ``role`` (optional): ``key-holder`` for the
-  CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``.
+  CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``;
+* ``worker`` (optional): the Unix socket of the site's long-lived worker (``privfl.flower.worker``);
+  the ClientApp then only forwards bytes to it, and the keys above are the worker's business.
 
 Run configuration of the ServerApp (``flwr run --run-config``):
 
@@ -87,15 +89,19 @@ def _wrap(payload: bytes) -> RecordDict:
 
 @client_app.query("privfl")
 def _site_handle(message: Message, context: Context) -> Message:
-    import torch
-
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
-    site = site_from_node_config(context.node_config)
     try:
         request = _payload(message)
     except (KeyError, TypeError):
         request = b""  # the site answers garbage with a refusal, like any malformed request
-    return Message(_wrap(site.handle(request)), reply_to=message)
+    worker = context.node_config.get("worker")
+    if worker:
+        # The site's long-lived worker (privfl.flower.worker) holds the Site: no torch import here.
+        from privfl.flower.worker import call
+
+        reply = call(str(worker), request, timeout=float(context.node_config.get("worker-timeout", 3600)))
+    else:
+        reply = site_from_node_config(context.node_config).handle(request)
+    return Message(_wrap(reply), reply_to=message)
 
 
 class FlowerChannel:
@@ -127,16 +133,25 @@ class FlowerChannel:
         messages = [
             Message(_wrap(payload), dst_node_id=int(node), message_type=MESSAGE_TYPE) for node, payload in requests.items()
         ]
+        # Grid.send_and_receive polls every 3 s; a protocol round is several exchanges, so poll faster.
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
         replies: dict[str, bytes] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            node = str(reply.metadata.src_node_id)
-            if reply.has_error():
-                log.warning("node %s answered with an error: %s", node, reply.error.reason)
-                continue
-            try:
-                replies[node] = _payload(reply)
-            except (KeyError, TypeError):
-                log.warning("node %s answered without a privfl payload", node)
+        pause = 0.05
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                node = str(reply.metadata.src_node_id)
+                if reply.has_error():
+                    log.warning("node %s answered with an error: %s", node, reply.error.reason)
+                    continue
+                try:
+                    replies[node] = _payload(reply)
+                except (KeyError, TypeError):
+                    log.warning("node %s answered without a privfl payload", node)
+            if pending:
+                time.sleep(pause)
+                pause = min(0.5, pause * 1.5)
         return replies
 
 
