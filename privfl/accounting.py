@@ -77,6 +77,7 @@ __all__ = [
     "FixedSizeSampledGaussian",
     "PrivacyEvent",
     "make_accountant",
+    "clear_caches",
     "DPEvent",
     "epsilon",
     "epsilon_of_events",
@@ -872,6 +873,23 @@ class LedgerEntry:
 class _ClientAccount:
     budget: ClientBudget
     events: list[DPEvent] = field(default_factory=list)
+    steps: dict[tuple[float, float], int] = field(default_factory=dict)
+    """Steps per (noise_multiplier, sample_rate): the merged history, kept so a question costs no replay."""
+
+    def add(self, event: DPEvent) -> None:
+        self.events.append(event)
+        key = (event.noise_multiplier, event.sample_rate)
+        self.steps[key] = self.steps.get(key, 0) + event.steps
+
+    def epsilon(self, kind: Accountant, extra: DPEvent | None = None) -> float:
+        """As :func:`epsilon_of_events` over the events (and ``extra``): the same history, so the same bits."""
+        steps = self.steps
+        if extra is not None:
+            steps = dict(steps)
+            key = (extra.noise_multiplier, extra.sample_rate)
+            steps[key] = steps.get(key, 0) + extra.steps
+        history = tuple(sorted((sigma, q, n) for (sigma, q), n in steps.items() if n > 0))
+        return _composed_epsilon(history, self.budget.delta, kind) if history else 0.0
 
 
 class LedgerKey:
@@ -1145,13 +1163,11 @@ class PrivacyLedger:
     # -- accounting ---------------------------------------------------------------------------
     def epsilon(self, client: str) -> float:
         """Epsilon the client has spent so far, at its budget's delta."""
-        account = self._account(client)
-        return epsilon_of_events(account.events, delta=account.budget.delta, accountant=self.accountant)
+        return self._account(client).epsilon(self.accountant)
 
     def epsilon_if(self, client: str, event: DPEvent) -> float:
         """Epsilon the client would have spent after ``event``."""
-        account = self._account(client)
-        return epsilon_of_events([*account.events, event], delta=account.budget.delta, accountant=self.accountant)
+        return self._account(client).epsilon(self.accountant, event)
 
     def can_afford(self, client: str, event: DPEvent) -> bool:
         """Whether ``event`` keeps the client within its epsilon budget."""
@@ -1183,7 +1199,7 @@ class PrivacyLedger:
             note=note,
         )
         self._write(_entry_record(entry))
-        account.events.append(event)
+        account.add(event)
         self._entries.append(entry)
         return entry
 
@@ -1587,7 +1603,7 @@ class PrivacyLedger:
             note=record["note"],
         )
         if event is not None:
-            account.events.append(event)
+            account.add(event)
         self._entries.append(entry)
 
 
