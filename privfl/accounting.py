@@ -741,7 +741,7 @@ def noise_multiplier(
     """The smallest noise multiplier whose ``steps`` steps stay within ``target_epsilon``.
 
     A safeguarded root search on log sigma against log epsilon (epsilon falls monotonically as
-    sigma grows): bracket by factors of 4, then Illinois steps (regula falsi that halves a stale
+    sigma grows): bracket around a guess from the central limit theorem (mu-GDP), then Illinois steps (regula falsi that halves a stale
     end's weight; near-linear in log-log, so a handful of evaluations), falling back to bisection
     whenever a step would not shrink the bracket. Every evaluation uses the requested accountant,
     so the result always satisfies ``epsilon(noise_multiplier=result, ..., accountant=accountant)
@@ -765,36 +765,75 @@ def noise_multiplier(
         _CACHE_STEPS.reset(token)
 
 
+def _gdp_guess(target: float, q: float, steps: int, delta: float) -> float:
+    """A starting sigma from the central limit theorem for composition (Dong, Roth, Su 2022).
+
+    Many steps of the Poisson-subsampled Gaussian are close to mu-GDP with mu = q sqrt(T (e^(1/sigma^2) - 1))
+    (exactly mu = sqrt(T) / sigma at q = 1), and mu-GDP gives delta(eps) = Phi(-eps/mu + mu/2) -
+    e^eps Phi(-eps/mu - mu/2). Only a starting point: the search then evaluates the real accountant.
+    Returns 1.0 where the approximation has no answer.
+    """
+
+    def phi(x: float) -> float:
+        return math.erfc(-x / math.sqrt(2)) / 2
+
+    def delta_at(mu: float) -> float:
+        return phi(-target / mu + mu / 2) - math.exp(target) * phi(-target / mu - mu / 2)
+
+    try:
+        low, high = 1e-6, 1.0
+        while delta_at(high) < delta:
+            low, high = high, high * 2
+            if high > 1e4:
+                return 1.0
+        for _ in range(60):  # delta grows with mu
+            mid = math.sqrt(low * high)
+            low, high = (mid, high) if delta_at(mid) < delta else (low, mid)
+        mu = high
+        if q >= 1.0:
+            return math.sqrt(steps) / mu
+        return 1 / math.sqrt(math.log1p(mu * mu / (q * q * steps)))
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return 1.0
+
+
 def _calibrate(target: float, q: float, steps: int, delta: float, kind: Accountant) -> float:
     def eps_at(sigma: float) -> float:
         return _composed_epsilon(((sigma, q, steps),), delta, kind)
 
-    low, high = 0.0, 1.0
-    eps_low, eps_high = math.inf, eps_at(high)
-    while eps_high > target:
-        low, eps_low, high = high, eps_high, high * 4
-        if high > _SIGMA_SEARCH_MAX:
-            high = _SIGMA_SEARCH_MAX
+    def unreachable(eps: float) -> ConfigError:
+        return ConfigError(
+            "target_epsilon",
+            target,
+            f"unreachable with the {kind.value} accountant at delta={delta:g}: even noise multiplier "
+            f"{_SIGMA_SEARCH_MAX:g} gives epsilon {eps:.4g} over {steps} steps at sample rate {q:g}"
+            + (" (its answer carries an absolute error of 0.01; use accountant='pld' for smaller targets)" if kind is Accountant.PRV else ""),
+        )
+
+    # Bracket around the guess, the step squaring each time (1.05, 1.1, 1.22, 1.48, 2.2, 4.8, ...).
+    start = min(max(_gdp_guess(target, q, steps, delta), 1e-3), _SIGMA_SEARCH_MAX)
+    factor = 1.05
+    eps_start = eps_at(start)
+    if eps_start > target:
+        low, eps_low = start, eps_start
+        while True:
+            high = min(low * factor, _SIGMA_SEARCH_MAX)
             eps_high = eps_at(high)
-            if eps_high > target:
-                raise ConfigError(
-                    "target_epsilon",
-                    target,
-                    f"unreachable with the {kind.value} accountant at delta={delta:g}: even noise multiplier "
-                    f"{_SIGMA_SEARCH_MAX:g} gives epsilon {eps_high:.4g} over {steps} steps at sample rate {q:g}"
-                    + (" (its answer carries an absolute error of 0.01; use accountant='pld' for smaller targets)" if kind is Accountant.PRV else ""),
-                )
-            break
-        eps_high = eps_at(high)
-    if low == 0.0:
-        low = high / 4
-        eps_low = eps_at(low)
-        while eps_low <= target and low > 1e-3:
-            high, eps_high = low, eps_low
-            low = low / 4
+            if eps_high <= target:
+                break
+            if high >= _SIGMA_SEARCH_MAX:
+                raise unreachable(eps_high)
+            low, eps_low, factor = high, eps_high, factor * factor
+    else:
+        high, eps_high = start, eps_start
+        while True:
+            low = high / factor
             eps_low = eps_at(low)
-        if eps_low <= target:
-            return low  # epsilon 0 holds: delta exceeds what any sigma this small can leak
+            if eps_low > target:
+                break
+            if low <= 1e-3:
+                return low  # epsilon 0 holds: delta exceeds what any sigma this small can leak
+            high, eps_high, factor = low, eps_low, factor * factor
     # Invariant: eps(low) > target >= eps(high). Work in x = log sigma, y = log epsilon - log target.
     def y_of(eps: float) -> float:
         return math.log(max(eps, 1e-300) / target)
