@@ -408,8 +408,7 @@ def _rdp_epsilon(
     return float(dpa.rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
 
 
-@functools.lru_cache(maxsize=64)
-def _pld_per_step(sigma: float, q: float, interval: float):
+def _pld_step(sigma: float, q: float, interval: float):
     """dp-accounting's pessimistic PLD of one Poisson-sampled Gaussian step (add/remove adjacency)."""
     dpa = _dp_accounting()
     return dpa.pld.privacy_loss_distribution.from_gaussian_mechanism(
@@ -420,15 +419,49 @@ def _pld_per_step(sigma: float, q: float, interval: float):
     )
 
 
+class _RandomEvictionCache:
+    """At most ``maxsize`` values by key; a full cache drops a random entry, not the least recently used.
+
+    A federation asks about every client once per round, in the same order: a cycle longer than an
+    LRU cache misses every time, while random eviction keeps a share of hits.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: dict[Any, Any] = {}
+        self._rng = random.Random(0)  # simulation-grade randomness: only which entry to drop
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make) -> Any:
+        if not _CACHE_STEPS.get():
+            return make(*key)
+        with self._lock:
+            if key in self._entries:
+                return self._entries[key]
+        value = make(*key)
+        with self._lock:
+            while len(self._entries) >= self.maxsize:
+                del self._entries[self._rng.choice(list(self._entries))]
+            self._entries[key] = value
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_PLD_STEPS = _RandomEvictionCache(maxsize=256)
+"""Per-step PLDs by (sigma, q, loss grid): the coarse grid's is shared by every round of a client."""
+
+
 def _pld_at(history: Sequence[tuple[float, float, int]], delta: float, interval: float) -> float:
     """As dp-accounting's PLDAccountant composing the history at this loss grid."""
     import numpy as np
 
     dpa = _dp_accounting()
     pld = dpa.pld.privacy_loss_distribution.identity(value_discretization_interval=interval)
-    per_step = _pld_per_step if _CACHE_STEPS.get() else _pld_per_step.__wrapped__
     for sigma, q, steps in history:
-        pld = pld.compose(per_step(sigma, q, interval).self_compose(steps))
+        pld = pld.compose(_PLD_STEPS.get((sigma, q, interval), _pld_step).self_compose(steps))
     # At epsilons in the thousands dp-accounting's epsilon search divides tiny masses; the
     # overflow it warns about resolves to the right (infinite-ratio) branch.
     with np.errstate(over="ignore", divide="ignore"):
@@ -441,8 +474,7 @@ def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
     dp-accounting's pessimistic PLD is an upper bound at any grid; a coarse grid only makes it
     looser. A grid of 1e-2 is cheap everywhere (<= 0.2 s at 50k steps) and bounds the answer;
     the grid is then refined to about epsilon / 10 000 beyond 1000 steps, epsilon / 1000 up to
-    them (between 1e-5 and 1e-3), rounded down to a power of two so that the rounds of a run share
-    their per-step distributions: the pessimistic rounding accumulates over the steps, and at
+    them (between 1e-5 and 1e-3): the pessimistic rounding accumulates over the steps, and at
     epsilon / 1000 it still added 19% at sigma 5, q 0.001, 50k steps. Cost stays bounded (about
     2 s at most over benchmarks/accountant_limits.py's grid) because a loss grid is only fine
     where the losses, and so the answer, are small. The smallest answer is kept:
@@ -457,7 +489,6 @@ def _pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
         if not eps < _PLD_LARGE_EPSILON:
             break
         finer = min(_PLD_FINE_INTERVAL, max(_PLD_FINEST_INTERVAL, eps * relative))
-        finer = 2.0 ** math.floor(math.log2(finer))
         if finer > interval / 2:
             break
         interval = finer
@@ -699,7 +730,7 @@ def clear_caches() -> None:
     """Forgets every cached composition and per-step piece (for benchmarks that time cold calls)."""
     _composed_epsilon.cache_clear()
     _rdp_per_step.cache_clear()
-    _pld_per_step.cache_clear()
+    _PLD_STEPS.clear()
     _STEP_PRVS.clear()
 
 def epsilon(

@@ -75,11 +75,15 @@ class AccountantContract:
         assert self.make().get_epsilon(DELTA) == 0.0
         assert self.make().compose(PoissonSampledGaussian(sample_rate=0.1, noise_multiplier=1.0), count=0).get_epsilon(DELTA) == 0.0
 
-    @pytest.mark.parametrize(("sigma", "q", "steps"), [(1.1, 256 / 60000, 60 * 235), (2.0, 0.2, 50), (1.0, 0.05, 300)])
+    @pytest.mark.parametrize(("sigma", "q", "steps"), [(1.1, 256 / 60000, 2350), (2.0, 0.2, 50), (1.0, 0.05, 300)])
     def test_matches_dp_accounting_directly(self, sigma, q, steps):
         ours = self.make().compose(PoissonSampledGaussian(sample_rate=q, noise_multiplier=sigma), steps).get_epsilon(DELTA)
         theirs = self.reference(sigma, q, steps)
-        assert ours == pytest.approx(theirs, rel=0.01)
+        if self.tight:
+            # Both upper bounds: PRV within its eps_error (0.01) of the truth, PLD on a grid fitted to the answer.
+            assert abs(ours - theirs) <= 0.02 + 1e-3 * theirs
+        else:
+            assert ours == pytest.approx(theirs, rel=0.01)  # a wider order grid than dp-accounting's default
 
     @pytest.mark.parametrize(("sigma", "steps"), [(2.0, 1), (4.0, 16), (10.0, 100)])
     def test_gaussian_known_answer(self, sigma, steps):
