@@ -22,7 +22,7 @@ import numpy as np
 from privfl.config import ProtectionKind, RunConfig
 from privfl.errors import ConfigError, PrivflError
 
-__all__ = ["LocalDeploymentResult", "deploy_local", "write_site_data"]
+__all__ = ["LocalDeploymentResult", "LocalFederation", "deploy_local", "write_site_data"]
 
 log = logging.getLogger("privfl")
 
@@ -89,6 +89,153 @@ def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict
     return folders, test, tuple(split.train.input_shape), int(split.train.num_classes)
 
 
+class LocalFederation:
+    """Sites, their workers, a TLS SuperLink and their SuperNodes on 127.0.0.1, as a context manager.
+
+    :func:`deploy_local` is this with one run; tests use it to run several configs on one deployment,
+    to stop a site mid-run or to inject faults.
+
+    Args:
+        config_text: the run config whose bundled dataset is split over the sites.
+        sites: how many sites.
+        out: a new (or empty) directory for everything.
+        budgets: site name -> its own epsilon budget (node configuration); default: the run config's.
+        worker_faults: site name -> ``STEP@ROUND`` list: that site's worker closes the connection
+            instead of answering (fault injection for tests; see ``privfl.flower.worker``).
+        key_holder: the site holding the CKKS key (default: the first).
+    """
+
+    def __init__(
+        self,
+        config_text: str,
+        *,
+        sites: int,
+        out: str | Path,
+        budgets: dict[str, float] | None = None,
+        worker_faults: dict[str, list[str]] | None = None,
+        key_holder: int = 0,
+    ) -> None:
+        from privfl.errors import MessageError
+        from privfl.site import _parse_config
+
+        try:
+            self.config = _parse_config(config_text)
+        except MessageError as exc:
+            raise ConfigError("config", "<toml>", exc.reason) from exc
+        self.config_text = config_text
+        if not isinstance(sites, int) or isinstance(sites, bool) or sites < 1:
+            raise ConfigError("sites", sites, "must be an int >= 1")
+        config = self.config
+        if config.federation.protection is ProtectionKind.CKKS and sites < config.federation.ckks.min_contributors:
+            raise ConfigError("sites", sites, f"CKKS needs at least ckks.min_contributors = {config.federation.ckks.min_contributors} sites")
+        self.root = Path(out).resolve()
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ConfigError("out", str(self.root), "must be a new or empty directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.site_dirs, self.test_csv, self.input_shape, self.num_classes = write_site_data(config, sites, self.root)
+        self.names = list(self.site_dirs)
+        self.node_configs = []
+        self._worker_args = []
+        for i, (name, folder) in enumerate(self.site_dirs.items()):
+            socket_path = folder / "state" / "site.sock"
+            args = ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"),
+                    "--role", "key-holder" if i == key_holder else "site", "--socket", str(socket_path)]
+            if budgets and name in budgets:
+                args += ["--budget", str(float(budgets[name]))]
+            for fault in (worker_faults or {}).get(name, []):
+                args += ["--fault", fault]
+            self._worker_args.append(args)
+            self.node_configs.append({"site": name, "worker": str(socket_path)})
+        self.workers = _Workers(self.root / "workers")
+        self.deployment = None
+        self._runs = 0
+
+    def __enter__(self) -> LocalFederation:
+        from privfl.flower.deploy import LocalDeployment
+
+        self.started = time.perf_counter()
+        try:
+            self.workers.start(self._worker_args)
+            self.deployment = LocalDeployment(self.root / "flower", self.node_configs)
+            self.deployment.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stops every process started here (SuperNodes, SuperLink, workers)."""
+        try:
+            if self.deployment is not None:
+                self.deployment.stop()
+        finally:
+            self.workers.stop()
+
+    def started_pids(self) -> list[int]:
+        """Every process this federation started (for checks that none is left)."""
+        pids = list(self.workers.pids)
+        if self.deployment is not None:
+            pids += self.deployment.started_pids()
+        return pids
+
+    def run(
+        self,
+        config_text: str | None = None,
+        *,
+        progress: bool = False,
+        timeout: float = 3600.0,
+        step_timeout: float = 600.0,
+        on_round=None,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+        """Runs one config (default: the one the federation was made with) to completion.
+
+        Returns:
+            (summary, history, the run's directory).
+
+        Raises:
+            PrivflError: the run failed (the message names Flower's log and quotes its end).
+        """
+        from privfl.flower.deploy import write_app_dir
+
+        self._runs += 1
+        run_dir = self.root / ("run" if self._runs == 1 else f"run-{self._runs}")
+        run_dir.mkdir(parents=True, exist_ok=False)
+        config_path = run_dir / "config.toml"
+        config_path.write_text(config_text if config_text is not None else self.config_text)
+        rounds = _rounds_of(config_path.read_text())
+        run_config = {
+            "config": str(config_path),
+            "out": str(run_dir),
+            "input-shape": ",".join(str(d) for d in self.input_shape),
+            "num-classes": self.num_classes,
+            "test-data": str(self.test_csv),
+            "min-sites": len(self.names),
+            "wait-seconds": 120,
+            "step-timeout": float(step_timeout),
+        }
+        app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
+        handle = self.deployment.start_run(app, run_config=run_config)
+        _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round)
+        result = handle.wait(timeout=120)
+        summary_path = run_dir / "summary.json"
+        if not result.ok or not summary_path.exists():
+            tail = "\n".join(result.output.strip().splitlines()[-15:])
+            raise PrivflError(f"the deployment's run ended with status {result.status}; see {result.log_file}\n{tail}")
+        summary = json.loads(summary_path.read_text())
+        summary["deployment"].update({"mode": "local", "tls": True, "flower_log": str(result.log_file)})
+        summary_path.write_text(json.dumps(summary, indent=2))
+        return summary, json.loads((run_dir / "history.json").read_text()), run_dir
+
+
+def _rounds_of(text: str) -> int:
+    from privfl.site import _parse_config
+
+    return _parse_config(text).federation.rounds
+
+
 def deploy_local(
     config_text: str,
     *,
@@ -103,7 +250,8 @@ def deploy_local(
     Args:
         config_text: a run config (TOML, the schema of ``privfl run``).
         sites: how many SuperNodes (sites) to start; the bundled dataset is split over them.
-        out: a new (or empty) directory for everything the deployment writes.
+        out: a new (or empty) directory for everything the deployment writes; the run's
+            history.json and summary.json go to ``out/run``.
         progress: show a progress bar over rounds.
         timeout: seconds the whole run may take before it is stopped.
         step_timeout: seconds a site has for one protocol step before it counts as dropped.
@@ -113,65 +261,13 @@ def deploy_local(
         PrivflError: the deployment did not start, or the run failed (the message names the log).
         ImportError: Flower is not installed (``pip install 'privfl[flower]'``).
     """
-    from privfl.flower.deploy import LocalDeployment, write_app_dir
-    from privfl.site import _parse_config
-    from privfl.errors import MessageError
-
-    try:
-        config = _parse_config(config_text)
-    except MessageError as exc:
-        raise ConfigError("config", "<toml>", exc.reason) from exc
-    if not isinstance(sites, int) or isinstance(sites, bool) or sites < 1:
-        raise ConfigError("sites", sites, "must be an int >= 1")
-    if config.federation.protection is ProtectionKind.CKKS and sites < config.federation.ckks.min_contributors:
-        raise ConfigError("sites", sites, f"CKKS needs at least ckks.min_contributors = {config.federation.ckks.min_contributors} sites")
-    root = Path(out).resolve()
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError("out", str(root), "must be a new or empty directory")
-    root.mkdir(parents=True, exist_ok=True)
-    folders, test_csv, input_shape, num_classes = write_site_data(config, sites, root)
-    (root / "config.toml").write_text(config_text)
-    node_configs = []
-    worker_args = []
-    for i, (name, folder) in enumerate(folders.items()):
-        role = "key-holder" if i == 0 and config.federation.protection is ProtectionKind.CKKS else "site"
-        socket_path = folder / "state" / "site.sock"
-        worker_args.append(
-            ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"), "--role", role,
-             "--socket", str(socket_path)]
-        )
-        node_configs.append({"site": name, "worker": str(socket_path)})
-    run_config = {
-        "config": str(root / "config.toml"),
-        "out": str(root),
-        "input-shape": ",".join(str(d) for d in input_shape),
-        "num-classes": num_classes,
-        "test-data": str(test_csv),
-        "min-sites": sites,
-        "wait-seconds": 120,
-        "step-timeout": float(step_timeout),
-    }
-    app = write_app_dir(root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
-    started = time.perf_counter()
-    workers = _Workers(root / "workers")
-    try:
-        workers.start(worker_args)
-        with LocalDeployment(root / "flower", node_configs) as deployment:
-            handle = deployment.start_run(app, run_config=run_config)
-            _follow(handle, root / "history.json", config.federation.rounds, progress=progress, timeout=timeout)
-            result = handle.wait(timeout=60)
-    finally:
-        workers.stop()
-    seconds = time.perf_counter() - started
-    summary_path = root / "summary.json"
-    if not result.ok or not summary_path.exists():
-        tail = "\n".join(result.output.strip().splitlines()[-15:])
-        raise PrivflError(f"the deployment's run ended with status {result.status}; see {result.log_file}\n{tail}")
-    summary = json.loads(summary_path.read_text())
-    summary["deployment"].update({"mode": "local", "tls": True, "wall_seconds": seconds, "flower_log": str(result.log_file)})
-    summary_path.write_text(json.dumps(summary, indent=2))
-    history = json.loads((root / "history.json").read_text())
-    return LocalDeploymentResult(summary=summary, history=history, out_dir=root, site_dirs=folders, seconds=seconds)
+    federation = LocalFederation(config_text, sites=sites, out=out)
+    with federation:
+        summary, history, run_dir = federation.run(progress=progress, timeout=timeout, step_timeout=step_timeout)
+    seconds = time.perf_counter() - federation.started
+    summary["deployment"]["wall_seconds"] = seconds
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return LocalDeploymentResult(summary=summary, history=history, out_dir=run_dir, site_dirs=federation.site_dirs, seconds=seconds)
 
 
 class _Workers:
@@ -238,7 +334,7 @@ class _Workers:
         return [process.pid for process, _, _ in self.processes]
 
 
-def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout: float) -> None:
+def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout: float, on_round=None) -> None:
     """Shows the rounds as the ServerApp records them, until the run ends or ``timeout``."""
     from privfl.federation import _Progress
 
@@ -254,6 +350,8 @@ def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout:
                 history = []  # being replaced right now: read it next time
             for record in history[shown:]:
                 bar.advance(_for_bar(record))
+                if on_round is not None:
+                    on_round(record)
             shown = max(shown, len(history))
             time.sleep(0.5)
 

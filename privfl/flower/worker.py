@@ -64,8 +64,12 @@ def call(socket_path: str | os.PathLike[str], payload: bytes, *, timeout: float 
         return _read_message(sock)
 
 
-def serve(site, socket_path: str | os.PathLike[str]) -> None:
+def serve(site, socket_path: str | os.PathLike[str], *, faults: frozenset[tuple[str, int]] = frozenset()) -> None:
     """Serves ``site`` on a Unix socket until interrupted (SIGTERM or Ctrl-C).
+
+    Args:
+        faults: (step, round) pairs at which the worker closes the connection without an answer,
+            as a site that died at that step would (fault injection for tests).
 
     Raises:
         OSError: the socket cannot be created (e.g. another worker holds it).
@@ -85,6 +89,9 @@ def serve(site, socket_path: str | os.PathLike[str]) -> None:
                 request = _read_message(self.request)
             except (ConnectionError, OSError) as exc:
                 log.warning("site worker: bad connection: %s", exc)
+                return
+            if faults and _step_of(request) in faults:
+                log.warning("site worker: fault injected, no answer to %s", _step_of(request))
                 return
             _send_message(self.request, site.handle(request))
 
@@ -106,6 +113,24 @@ def serve(site, socket_path: str | os.PathLike[str]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _step_of(request: bytes) -> tuple[str, int] | None:
+    from privfl.envelope import decode_request
+    from privfl.errors import MessageError
+
+    try:
+        parsed = decode_request(request)
+    except MessageError:
+        return None
+    return parsed.step.value, parsed.round_index
+
+
+def _fault(value: str) -> tuple[str, int]:
+    step, _, round_index = value.partition("@")
+    if not step or not round_index.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected STEP@ROUND, e.g. secagg-unmask@0")
+    return step, int(round_index)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m privfl.flower.worker --site NAME --data SRC --state-dir DIR [...]``."""
     parser = argparse.ArgumentParser(prog="python -m privfl.flower.worker", description=__doc__.splitlines()[0])
@@ -118,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--socket", help="default: STATE_DIR/site.sock")
+    parser.add_argument(
+        "--fault", action="append", type=_fault, default=[], metavar="STEP@ROUND",
+        help="for tests: close the connection without answering this step of this round (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
@@ -133,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         role=args.role,
         device=args.device,
     )
-    serve(site, args.socket or Path(args.state_dir) / "site.sock")
+    serve(site, args.socket or Path(args.state_dir) / "site.sock", faults=frozenset(args.fault))
     return 0
 
 

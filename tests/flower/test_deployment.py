@@ -1,0 +1,197 @@
+"""privfl over Flower as real processes: a TLS SuperLink, one SuperNode and one worker per site, all on
+127.0.0.1. The averaged model equals the in-process run; ledgers stay at the sites; the server side
+never holds a site's update; dropouts and faults end as the protocols promise; every process stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from privfl.flower.deploy import pid_alive  # noqa: E402
+from privfl.flower.local import LocalFederation  # noqa: E402
+
+
+def _config(protection: str, rounds: int = 2) -> str:
+    return f"""
+[data]
+dataset = "breast_cancer"
+num_clients = 3
+partition = "iid"
+[model]
+kind = "logistic"
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.5
+[training.dp]
+target_epsilon = 3.0
+delta = 1e-5
+[federation]
+rounds = {rounds}
+protection = "{protection}"
+noise_seed = 11
+[federation.secagg]
+weight_bound = 1000
+"""
+
+
+def _in_process(text: str, out: Path | None = None, round_index: int | None = None):
+    """The same federation in one process (the same partitions, names and seeds); the final model, or
+    the model after ``round_index`` (read from the checkpoint in ``out``)."""
+    from privfl.federation import Federation
+    from privfl.models import build_model
+    from privfl.runner import load_dataset, split_clients
+    from privfl.site import _parse_config
+    from privfl.training import flatten_parameters
+
+    config = _parse_config(text)
+    split = load_dataset(config)
+    clients = split_clients(config, split)
+    federation = Federation(
+        model_fn=lambda: build_model(config.model, split.train.input_shape, split.train.num_classes),
+        clients=clients, test_set=split.test, training=config.training, federation=config.federation, progress=False,
+    )
+    result = federation.run(out)
+    params = flatten_parameters(result.model)
+    if round_index is not None:
+        from privfl.rundir import load_checkpoint
+
+        params = load_checkpoint(out, round_index, params.size)
+    return params, clients, split
+
+
+def _known_update(text: str, clients, split) -> bytes:
+    """client-0's round-0 update, recomputed exactly as the site computed it (its seed comes from noise_seed)."""
+    import torch
+
+    from privfl.models import build_model
+    from privfl.plan import derive_seed, plan_site
+    from privfl.site import _parse_config
+    from privfl.training import make_private_compatible, resolve_device, train_dp_sgd
+
+    config = _parse_config(text)
+    torch.manual_seed(config.federation.seed)
+    model = make_private_compatible(build_model(config.model, split.train.input_shape, split.train.num_classes))
+    plan = plan_site(len(clients["client-0"]), config.training, config.federation, 3)
+    result = train_dp_sgd(model, clients["client-0"], config=config.training, noise_multiplier=plan.noise_multiplier,
+                          device=resolve_device("cpu"), seed=derive_seed(config.federation.noise_seed, 0, 0, 0), site="client-0")
+    return result.delta.astype("<f4").tobytes()[:64]
+
+
+def _files_holding(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def _all_stopped(pids: list[int], within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(pid_alive(pid) for pid in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.timeout(1200)
+def test_tls_deployment_matches_in_process_for_every_protection(tmp_path):
+    budgets = {name: 100.0 for name in ("client-0", "client-1", "client-2")}
+    federation = LocalFederation(_config("plaintext"), sites=3, out=tmp_path / "dep", budgets=budgets)
+    results = {}
+    with federation:
+        pids = federation.started_pids()
+        assert pids and all(pid_alive(pid) for pid in pids)
+        for protection in ("plaintext", "ckks", "secagg"):
+            results[protection] = federation.run(_config(protection), step_timeout=120)
+    assert _all_stopped(pids), "a process started by the deployment is still alive"
+
+    from privfl.site import _parse_config, quantizer_for
+
+    for protection, (summary, history, run_dir) in results.items():
+        expected, clients, split = _in_process(_config(protection))
+        from privfl.rundir import load_checkpoint
+
+        got = load_checkpoint(run_dir, 1, expected.size)
+        assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in history), (protection, history)
+        difference = float(np.max(np.abs(got - expected)))
+        if protection == "plaintext":
+            assert difference <= 1e-5
+        elif protection == "ckks":
+            assert difference <= 1e-6 * float(np.max(np.abs(expected))) + 1e-7
+        else:
+            config = _parse_config(_config(protection))
+            assert difference <= 2 * quantizer_for(config, 3).max_error(3) * config.federation.secagg.weight_bound
+        assert summary["deployment"]["tls"] is True and summary["final_accuracy"] >= 0.9
+
+    # Each ledger exists only in its own site's state directory; the server side has none.
+    for name, folder in federation.site_dirs.items():
+        assert (folder / "state" / "ledger.jsonl").is_file()
+    server_side = [tmp_path / "dep" / "flower", *(r[2] for r in results.values())]
+    assert not [p for root in server_side for p in root.rglob("ledger*")]
+
+    # No file of the SuperLink's or the ServerApp's holds client-0's update (CKKS and secure
+    # aggregation runs); the search itself finds those bytes where they are.
+    for protection in ("ckks", "secagg"):
+        expected, clients, split = _in_process(_config(protection))
+        needle = _known_update(_config(protection), clients, split)
+        probe = tmp_path / "probe.bin"
+        probe.write_bytes(b"x" * 100 + needle + b"y")
+        assert _files_holding(tmp_path, needle) == [probe]
+        probe.unlink()
+        for root in (tmp_path / "dep" / "flower", results[protection][2]):
+            assert _files_holding(root, needle) == []
+
+
+@pytest.mark.timeout(1200)
+def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tmp_path):
+    budgets = {name: 100.0 for name in ("client-0", "client-1", "client-2")}
+    faults = {
+        # Round 0: client-2 sends its masked input, then never answers again in that round.
+        "client-2": ["secagg-unmask@0", "secagg-relay@1"],
+        # Round 1: two of three sites are gone before their masked input: below the threshold.
+        "client-1": ["secagg-relay@1"],
+    }
+    text = _config("secagg", rounds=4)
+    federation = LocalFederation(text, sites=3, out=tmp_path / "dep", budgets=budgets, worker_faults=faults)
+    killed = {}
+
+    def kill_after_round_2(record):
+        if record["round"] == 2 and not killed:
+            # A real crash: client-2's SuperNode and worker die; round 3 goes on without it.
+            index = federation.names.index("client-2")
+            node = federation.deployment.supernodes[index]
+            killed["pids"] = [node.pid, federation.workers.pids[index]]
+            federation.deployment.kill_supernode(index)
+            os.killpg(federation.workers.pids[index], signal.SIGKILL)
+
+    with federation:
+        pids = federation.started_pids()
+        summary, history, _ = federation.run(step_timeout=20, on_round=kill_after_round_2)
+    assert _all_stopped(pids)
+
+    first, second, third, fourth = history
+    # Exact over the survivors: client-2's masked input arrived, so it is in the sum.
+    assert first["aborted"] is None and sorted(first["contributors"]) == ["client-0", "client-1", "client-2"]
+    # (a site whose masked input arrived is a contributor, not a dropout, even if it never unmasks)
+    worker_log = (tmp_path / "dep" / "workers" / f"worker-{federation.names.index('client-2')}.log").read_text()
+    assert "no answer to ('secagg-unmask', 0)" in worker_log
+    # Below the threshold: a typed abort naming the counts, and the run goes on.
+    assert second["aborted"] and "threshold" in second["aborted"]
+    assert third["aborted"] is None and len(third["contributors"]) == 3
+    assert killed, "the kill hook did not run"
+    assert fourth["aborted"] is None and sorted(fourth["contributors"]) == ["client-0", "client-1"]
+    assert "client-2" in fourth["dropped"]
+    # Round 0's update equals the in-process round with every site (quantization aside).
+    from privfl.site import _parse_config, quantizer_for
+
+    expected, _, _ = _in_process(text, tmp_path / "in-process", round_index=0)
+    from privfl.rundir import load_checkpoint
+
+    got = load_checkpoint(tmp_path / "dep" / "run", 0, expected.size)
+    config = _parse_config(text)
+    assert np.max(np.abs(got - expected)) <= 2 * quantizer_for(config, 3).max_error(3) * 1000
