@@ -156,7 +156,8 @@ class LocalFederation:
         self.started = time.perf_counter()
         try:
             self.workers.start(self._worker_args)
-            self.deployment = LocalDeployment(self.root / "flower", self.node_configs)
+            # SuperNode authentication on: only nodes whose keys were registered may join.
+            self.deployment = LocalDeployment(self.root / "flower", self.node_configs, node_auth=True)
             self.deployment.start()
         except BaseException:
             self.stop()
