@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "DeploymentError",
     "PrivflError",
     "ConfigError",
     "BudgetExceededError",
@@ -85,6 +86,10 @@ class LedgerError(PrivflError):
         self.path = path
         self.problem = problem
         super().__init__(f"ledger {path}: {problem}")
+
+
+class DeploymentError(PrivflError):
+    """A deployment's process did not start or died, or its run failed (the message names the log file)."""
 
 
 class RunLockedError(PrivflError):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from privfl.aggregator import Aggregator, LocalSites
-from privfl.envelope import Reply, Request, Status, Step, decode_reply, encode_request
+from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError
 from privfl.federation import Federation
 from privfl.models import build_model

@@ -52,7 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from privfl.errors import ConfigError, PrivflError
+from privfl.errors import ConfigError, DeploymentError
 from privfl.flower.tls import NodeAuthKeys, TlsMaterial, generate_node_auth_keys, generate_tls_material
 
 __all__ = [
@@ -350,7 +350,7 @@ class RunHandle:
             The run's result; check `RunResult.ok`.
 
         Raises:
-            PrivflError: If the command runs past ``timeout`` (it is killed and the run stopped).
+            DeploymentError: If the command runs past ``timeout`` (it is killed and the run stopped).
         """
         try:
             returncode = self.process.wait(timeout=timeout)
@@ -360,7 +360,7 @@ class RunHandle:
             run_id = self._run_id()
             if run_id is not None:
                 self._deployment._flwr(["stop", str(run_id), _CONNECTION], timeout=30)
-            raise PrivflError(
+            raise DeploymentError(
                 f"flwr run did not finish within {timeout:g} s (run {run_id}); see {self.log_file}"
             ) from None
         seconds = time.monotonic() - self.started
@@ -517,19 +517,19 @@ class LocalDeployment:
     def address(self) -> str:
         """The SuperLink's address, ``127.0.0.1:PORT`` (Fleet, Control and Runtime APIs)."""
         if self.port is None:
-            raise PrivflError("the deployment has not been started")
+            raise DeploymentError("the deployment has not been started")
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
         """Start the SuperLink and every SuperNode; return once all nodes have registered.
 
         Raises:
-            PrivflError: If a process exits or the nodes do not all register within
+            DeploymentError: If a process exits or the nodes do not all register within
                 ``startup_timeout``; the message names the log file to read. Everything already
                 started is stopped first.
         """
         if self.superlink is not None:
-            raise PrivflError("the deployment is already started")
+            raise DeploymentError("the deployment is already started")
         try:
             self._start()
         except BaseException:
@@ -589,11 +589,11 @@ class LocalDeployment:
             The new node; ``index`` is its position in `supernodes`.
 
         Raises:
-            PrivflError: If the deployment is not running, or ``wait`` and the node exits or does not
+            DeploymentError: If the deployment is not running, or ``wait`` and the node exits or does not
                 register within ``startup_timeout``.
         """
         if self.superlink is None or self.superlink.poll() is not None:
-            raise PrivflError("the deployment is not running")
+            raise DeploymentError("the deployment is not running")
         index = len(self.node_configs)
         self.node_configs.append(dict(node_config))
         self._node_config_args.append(_kv_args(node_config, "node_config"))
@@ -629,7 +629,7 @@ class LocalDeployment:
         while not _port_open(self.port):
             self._check_alive(self.superlink, log_file, "flower-superlink")
             if time.monotonic() > deadline:
-                raise PrivflError(
+                raise DeploymentError(
                     f"flower-superlink did not open 127.0.0.1:{self.port} within {self.startup_timeout:g} s; "
                     f"see {log_file}"
                 )
@@ -653,7 +653,7 @@ class LocalDeployment:
                 return
             if time.monotonic() > deadline:
                 logs = ", ".join(str(self.supernodes[i].log_file) for i in pending)
-                raise PrivflError(
+                raise DeploymentError(
                     f"SuperNodes {pending} did not register within {self.startup_timeout:g} s; see {logs}"
                 )
             time.sleep(0.3)
@@ -740,10 +740,10 @@ class LocalDeployment:
             A handle to `RunHandle.wait` on.
 
         Raises:
-            PrivflError: If the deployment is not running.
+            DeploymentError: If the deployment is not running.
         """
         if self.superlink is None or self.superlink.poll() is not None:
-            raise PrivflError("the deployment is not running")
+            raise DeploymentError("the deployment is not running")
         self._runs += 1
         log_file = self.directory / f"run-{self._runs}.log"
         cmd = [str(self._exe["flwr"]), "run", str(Path(app_dir).resolve()), _CONNECTION, "--stream"]
@@ -771,7 +771,7 @@ class LocalDeployment:
             The run's result; check `RunResult.ok`.
 
         Raises:
-            PrivflError: If the deployment is not running or the run exceeds ``timeout``.
+            DeploymentError: If the deployment is not running or the run exceeds ``timeout``.
         """
         return self.start_run(app_dir, run_config=run_config).wait(timeout)
 
@@ -851,14 +851,14 @@ class LocalDeployment:
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as err:
-            raise PrivflError(f"flwr {' '.join(args)} did not finish within {timeout:g} s") from err
+            raise DeploymentError(f"flwr {' '.join(args)} did not finish within {timeout:g} s") from err
         if check and proc.returncode != 0:
-            raise PrivflError(f"flwr {' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+            raise DeploymentError(f"flwr {' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
 
     def _check_alive(self, proc: subprocess.Popen[bytes] | None, log_file: Path, what: str) -> None:
         if proc is not None and proc.poll() is not None:
-            raise PrivflError(
+            raise DeploymentError(
                 f"{what} exited with code {proc.returncode}; see {log_file}:\n{_log_tail(log_file)}"
             )
 

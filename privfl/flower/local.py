@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from privfl.config import ProtectionKind, RunConfig
-from privfl.errors import ConfigError, PrivflError
+from privfl.errors import ConfigError, DeploymentError
 
 __all__ = ["LocalDeploymentResult", "LocalFederation", "deploy_local", "write_site_data"]
 
@@ -197,7 +197,7 @@ class LocalFederation:
             (summary, history, the run's directory).
 
         Raises:
-            PrivflError: the run failed (the message names Flower's log and quotes its end).
+            DeploymentError: the run failed (the message names Flower's log and quotes its end).
         """
         from privfl.flower.deploy import write_app_dir
 
@@ -224,7 +224,7 @@ class LocalFederation:
         summary_path = run_dir / "summary.json"
         if not result.ok or not summary_path.exists():
             tail = "\n".join(result.output.strip().splitlines()[-15:])
-            raise PrivflError(f"the deployment's run ended with status {result.status}; see {result.log_file}\n{tail}")
+            raise DeploymentError(f"the deployment's run ended with status {result.status}; see {result.log_file}\n{tail}")
         summary = json.loads(summary_path.read_text())
         summary["deployment"].update({"mode": "local", "tls": True, "flower_log": str(result.log_file)})
         summary_path.write_text(json.dumps(summary, indent=2))
@@ -259,7 +259,7 @@ def deploy_local(
 
     Raises:
         ConfigError: a bad config or site count, or ``out`` is not empty.
-        PrivflError: the deployment did not start, or the run failed (the message names the log).
+        DeploymentError: the deployment did not start, or the run failed (the message names the log).
         ImportError: Flower is not installed (``pip install 'privfl[flower]'``).
     """
     federation = LocalFederation(config_text, sites=sites, out=out)
@@ -298,7 +298,7 @@ class _Workers:
         for process, socket_path, log_path in self.processes:
             while True:
                 if process.poll() is not None:
-                    raise PrivflError(f"a site worker exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+                    raise DeploymentError(f"a site worker exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
                 if socket_path.exists():
                     try:
                         call(socket_path, b"", timeout=10)
@@ -306,7 +306,7 @@ class _Workers:
                     except OSError:
                         pass
                 if time.monotonic() > deadline:
-                    raise PrivflError(f"a site worker did not start within {timeout:g} s; see {log_path}")
+                    raise DeploymentError(f"a site worker did not start within {timeout:g} s; see {log_path}")
                 time.sleep(0.2)
 
     def stop(self, grace: float = 5.0) -> None:
@@ -344,7 +344,7 @@ def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout:
     with _Progress(rounds, enabled=progress, start=0) as bar:
         while handle.running():
             if time.monotonic() > deadline:
-                raise PrivflError(f"the deployment did not finish within {timeout:g} s; see {handle.log_file}")
+                raise DeploymentError(f"the deployment did not finish within {timeout:g} s; see {handle.log_file}")
             try:
                 history = json.loads(history_path.read_text()) if history_path.exists() else []
             except (OSError, ValueError):

@@ -192,12 +192,12 @@ def test_node_auth_refuses_unregistered_node_and_failing_serverapp_is_not_ok(tmp
 
 @pytest.mark.timeout(120)
 def test_dead_supernode_at_startup_names_its_log(tmp_path: Path) -> None:
-    from privfl.errors import PrivflError
+    from privfl.errors import DeploymentError
 
     # A node config value Flower cannot parse makes flower-supernode exit at once.
     dep = LocalDeployment(tmp_path / "dep", [{"site": "site-0"}], startup_timeout=60)
     dep._node_config_args = ["this is not key=value"]
-    with pytest.raises(PrivflError, match=r"supernode-0\.log"):
+    with pytest.raises(DeploymentError, match=r"supernode-0\.log"):
         dep.start()
     _assert_all_dead(dep.started_pids())
 
