@@ -22,11 +22,16 @@ Run configuration of the ServerApp (``flwr run --run-config``):
 * ``input-shape`` (e.g. ``"30"`` or ``"1,8,8"``) and ``num-classes``: the model the bundled kinds build;
 * ``test-data`` (optional): a CSV/Parquet test set the aggregator evaluates on (public data only);
 * ``min-sites`` (default 1), ``wait-seconds`` (default 120): wait for this many connected nodes;
-* ``step-timeout`` (default 600): seconds a site has for one protocol step before it counts as dropped.
+* ``step-timeout`` (default 600): seconds a site has for one protocol step before it counts as dropped;
+* ``sim-state-root``: under Flower's Simulation Engine, where the virtual sites keep their state.
+
+Under the Simulation Engine, virtual nodes carry only ``partition-id`` and ``num-partitions``: the
+ClientApp then plays site k on partition k of the run config's bundled dataset (:func:`simulated_site`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -75,6 +80,44 @@ def site_from_node_config(config: Mapping):
     )
 
 
+def simulated_site(node_config: Mapping, run_config: Mapping):
+    """The Site a virtual node of Flower's Simulation Engine plays.
+
+    Virtual nodes carry only ``partition-id`` and ``num-partitions``: partition k of the run config's
+    bundled dataset (split as its ``[data]`` section says, over ``num-partitions`` sites named
+    ``site-0000``, ...) is site k's data, and its state directory is ``sim-state-root``/its name.
+    The first site holds the CKKS key.
+    """
+    from privfl.site import Site
+
+    k, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    root = run_config.get("sim-state-root")
+    if not root:
+        raise ConfigError("sim-state-root", root, "a simulation needs a directory for the virtual sites' state")
+    name, dataset, key_holder = _simulated_partition(str(_node_value(run_config, "config")), n, k)
+    return Site(name, dataset, Path(str(root)) / name, role="key-holder" if key_holder else "site")
+
+
+@functools.lru_cache(maxsize=4)
+def _simulated_partitions(config_path: str, num_sites: int):
+    from dataclasses import replace
+
+    from privfl.config import ProtectionKind
+    from privfl.runner import load_dataset, split_clients
+    from privfl.site import _parse_config
+
+    config = _parse_config(Path(config_path).read_text())
+    names = [f"site-{i:04d}" for i in range(num_sites)]
+    config = replace(config, data=replace(config.data, num_clients=num_sites, client_names=names))
+    return list(split_clients(config, load_dataset(config)).items()), config.federation.protection is ProtectionKind.CKKS
+
+
+def _simulated_partition(config_path: str, num_sites: int, index: int):
+    partitions, ckks = _simulated_partitions(config_path, num_sites)
+    name, dataset = partitions[index]
+    return name, dataset, ckks and index == 0
+
+
 def _payload(message: Message) -> bytes:
     record = message.content[_RECORD]
     value = record[_PAYLOAD]
@@ -99,6 +142,9 @@ def _site_handle(message: Message, context: Context) -> Message:
         from privfl.flower.worker import call
 
         reply = call(str(worker), request, timeout=float(context.node_config.get("worker-timeout", 3600)))
+    elif "site" not in context.node_config and "partition-id" in context.node_config:
+        # A virtual node of Flower's Simulation Engine.
+        reply = simulated_site(context.node_config, context.run_config).handle(request)
     else:
         reply = site_from_node_config(context.node_config).handle(request)
     return Message(_wrap(reply), reply_to=message)

@@ -195,3 +195,34 @@ def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tm
     got = load_checkpoint(tmp_path / "dep" / "run", 0, expected.size)
     config = _parse_config(text)
     assert np.max(np.abs(got - expected)) <= 2 * quantizer_for(config, 3).max_error(3) * 1000
+
+
+@pytest.mark.timeout(600)
+def test_the_same_apps_run_20_virtual_sites_under_the_simulation_engine(tmp_path):
+    pytest.importorskip("ray", reason='the Simulation Engine needs: pip install "flwr[simulation]~=1.42.0"')
+    from privfl.flower.deploy import LocalSimulation, write_app_dir
+    from privfl.flower.local import CLIENT_APP, SERVER_APP
+
+    text = _config("secagg").replace("num_clients = 3", "num_clients = 20")
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(text)
+    run_config = {
+        "config": str(config_path), "out": str(tmp_path / "run"), "input-shape": "30", "num-classes": 2,
+        "test-data": "", "min-sites": 20, "wait-seconds": 120, "step-timeout": 300.0,
+        "sim-state-root": str(tmp_path / "sites"),
+    }
+    app = write_app_dir(tmp_path / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
+    with LocalSimulation(tmp_path / "sim", 20, federation_config={"init-args-num-cpus": 2, "client-resources-num-cpus": 1}) as sim:
+        result = sim.run_app(app, run_config=run_config, timeout=540)
+        pids = sim.started_pids()
+    assert result.ok, result.output[-3000:]
+    assert _all_stopped(pids)
+    import json
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert summary["deployment"]["sites"] == 20 and summary["rounds"] == 2
+    assert all(h["aborted"] is None and len(h["contributors"]) == 20 for h in history)
+    # Every virtual site kept its own ledger in its own state directory.
+    ledgers = sorted(p.parent.name for p in (tmp_path / "sites").glob("*/ledger.jsonl"))
+    assert ledgers == [f"site-{i:04d}" for i in range(20)]
