@@ -171,6 +171,9 @@ class Federation:
         training: local DP-SGD settings, shared by all clients.
         federation: rounds, sampling, protection, seed, device.
         transport: carries messages between clients and server (default: in-process, lossless).
+        protection: your own :class:`~privfl.protocols.base.Protection` (default: the one
+            ``federation.protection`` names). Client-level DP needs one of privfl's, whose noise
+            placement the driver knows.
         progress: show a progress bar.
 
     Example:
@@ -188,6 +191,7 @@ class Federation:
         training: TrainingConfig,
         federation: FederationConfig,
         transport: Transport | None = None,
+        protection: Protection | None = None,
         progress: bool = True,
     ) -> None:
         if not callable(model_fn):
@@ -205,6 +209,12 @@ class Federation:
         self.training = training
         self.config = federation
         self.transport = transport or DirectTransport()
+        if protection is not None:
+            if not isinstance(protection, Protection):
+                raise ConfigError("protection", type(protection).__name__, "must be a privfl.protocols.base.Protection")
+            if federation.client_dp is not None:
+                raise ConfigError("protection", protection.name, "client-level DP runs with privfl's own protections only")
+        self._protection = protection
         self.progress = progress
         self.device = resolve_device(federation.device)
 
@@ -327,7 +337,7 @@ class Federation:
         model, needs_fix = self._initial_model()
         global_params = flatten_parameters(model)
         plans = self._plans()
-        protection = build_protection(self.config)
+        protection = self._protection if self._protection is not None else build_protection(self.config)
         dp = self.training.dp
 
         self._check_protection(protection, len(plans))
@@ -629,9 +639,9 @@ class Federation:
                 f"rounds sample at most {largest} of {num_clients} sites but {protection.name} needs at least {needed} "
                 "per round: every round would abort; sample more sites (or use more sites)",
             )
-        if self.config.protection is ProtectionKind.SECAGG:
-            from privfl.protocols.secagg import Quantizer
+        from privfl.protocols.secagg import Quantizer, SecAggProtection
 
+        if isinstance(protection, SecAggProtection):
             cfg = protection.config
             # Every round size, not just the largest: the threshold must exceed half the share holders
             # in each round, and with an odd SecAgg+ degree a smaller round can have more holders.

@@ -272,3 +272,34 @@ def test_summary_sigma_is_what_the_sites_trained_with_after_a_resume_with_more_r
         assert info["rounds_trained"] == 2 and info["rounds_skipped"] == 2
         assert info["noise_multiplier"] == used and info["noise_multipliers_used"] == [used]
         assert info["planned_noise_multiplier"] > used  # recalibrated for 4 rounds, never run
+
+
+def test_federation_takes_a_users_own_protection(split, clients):
+    """Any Protection plugs in: here one that records what it was asked to aggregate."""
+    from privfl.protocols.plaintext import PlaintextProtection
+
+    class Counting(PlaintextProtection):
+        name = "counting"
+
+        def __init__(self):
+            self.rounds = []
+
+        def run_round(self, round_index, updates, transport):
+            self.rounds.append((round_index, sorted(updates)))
+            return super().run_round(round_index, updates, transport)
+
+    protection = Counting()
+    federation = Federation(
+        model_fn=lambda: nn.Linear(30, 2),
+        clients=clients,
+        training=TrainingConfig(dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=2, noise_seed=1),
+        protection=protection,
+        progress=False,
+    )
+    result = federation.run()
+    assert protection.rounds == [(0, sorted(clients)), (1, sorted(clients))]
+    assert result.summary["protection"] == "counting"
+    with pytest.raises(ConfigError, match="Protection"):
+        Federation(model_fn=lambda: nn.Linear(30, 2), clients=clients, training=TrainingConfig(),
+                   federation=FederationConfig(), protection=object())
