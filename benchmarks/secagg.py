@@ -1,27 +1,48 @@
 """Secure aggregation cost against a plaintext numpy sum: client and server time, upload, mask expansion rate.
 
-Usage: python benchmarks/secagg.py [--clients 100] [--dim 1000000] [--dropouts 0,0.1] [--neighbours K]
-                                  [--server-threads 1,all] [--repeats 3]
+Usage: python benchmarks/secagg.py [--clients 100] [--dim 1000000] [--dropouts 0,0.1]
+                                  [--neighbours auto|heuristic|complete|K] [--corruption-rate 0]
+                                  [--server-threads 1,all] [--authenticate-vectors on,off] [--repeats 3]
 
-Each row is the fastest of ``--repeats`` protocol runs (the plaintext baseline is likewise the fastest of
-3), so that other work on a shared machine inflates neither side. ``server threads`` is how many threads
-the server may use to remove the masks; the plaintext baseline always uses one.
+Every variant (dropout x server threads x vector authentication) runs once per repeat, the variants
+taking turns, and the plaintext baseline (numpy summing the same float32 vectors, one in-place add
+each; one thread) is timed right before each protocol run, so that other work on a shared machine
+weighs on both sides alike. Each row gives the median and the min over the repeats of the ratio
+server / plaintext, in CPU time (``time.process_time``, the process's CPU; with one server thread,
+the server's own) and in wall time. BLAS/OpenMP pools are pinned to one thread; ``server threads`` is
+how many threads the server may use to remove the masks.
+
+``--neighbours auto`` takes the degree and threshold from :func:`choose_graph` for the largest
+``--dropouts`` rate, ``--corruption-rate`` and ``--target-log2``; ``heuristic`` is 2 ceil(log2 n)
+with ``--threshold-fraction``; ``complete`` is classic SecAgg.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
-import time
 
-import numpy as np
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from privfl.protocols.base import DirectTransport
-from privfl.protocols.secagg.graph import suggest_neighbours
-from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
-from privfl.protocols.secagg.quantize import Quantizer
-from privfl.protocols.secagg.simulate import drive, new_round, rounding_key
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from privfl.protocols.base import DirectTransport  # noqa: E402
+from privfl.protocols.secagg.graph import suggest_neighbours  # noqa: E402
+from privfl.protocols.secagg.params import choose_graph  # noqa: E402
+from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key  # noqa: E402
+from privfl.protocols.secagg.quantize import Quantizer  # noqa: E402
+from privfl.protocols.secagg.simulate import drive, new_round, rounding_key  # noqa: E402
+
+
+def _clock() -> complex:
+    # Wall time in the real part, process CPU time in the imaginary part: one clock for drive()'s
+    # per-phase sums that keeps both.
+    return complex(time.perf_counter(), time.process_time())
 
 
 def _best(fn, repeats: int) -> float:
@@ -33,15 +54,17 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def plaintext_sum_seconds(vectors: list[np.ndarray], repeats: int = 3) -> float:
-    """Time of the baseline: summing the float32 vectors with numpy, one in-place add each."""
-
-    def run() -> None:
+def plaintext_sum_seconds(vectors: list[np.ndarray], repeats: int = 3) -> complex:
+    """The baseline: summing the float32 vectors with numpy, one in-place add each (fastest of ``repeats``, wall + 1j * CPU)."""
+    best = complex(math.inf, math.inf)
+    for _ in range(repeats):
+        start = _clock()
         acc = np.zeros_like(vectors[0])
         for v in vectors:
             np.add(acc, v, out=acc)
-
-    return _best(run, repeats)
+        took = _clock() - start
+        best = complex(min(best.real, took.real), min(best.imag, took.imag))
+    return best
 
 
 def expansion_rate(dim: int, streams: int, repeats: int = 3) -> float:
@@ -52,24 +75,30 @@ def expansion_rate(dim: int, streams: int, repeats: int = 3) -> float:
 
 
 def run_case(
-    vectors: dict[str, np.ndarray], *, dropout: float, threshold_fraction: float, neighbours: int | None, bits: int, server_threads: int
+    vectors: dict[str, np.ndarray],
+    *,
+    dropout: float,
+    threshold: int,
+    neighbours: int | None,
+    bits: int,
+    server_threads: int,
+    authenticate_vectors: bool = True,
 ) -> dict[str, float]:
     """One protocol run; 'dropout' of the clients go silent after sharing keys (the costliest point)."""
     ids = sorted(vectors)
     n, dim = len(ids), next(iter(vectors.values())).shape[0]
-    k = n - 1 if neighbours is None else neighbours
-    threshold = max(2, math.ceil(threshold_fraction * (k + 1)))
     quantizer = Quantizer(clip_range=1.0, bits=bits, num_clients=n)
     start = time.perf_counter()
     # Building the round makes every client's two X25519 pairs (and the public graph).
     run = new_round(ids, round_index=0, threshold=threshold, neighbours=neighbours, dimension=dim, bits=bits, graph_seed=b"benchmark-graph-seed")
     keygen_s = time.perf_counter() - start
     run.server.threads = server_threads
+    run.server.authenticate_vectors = authenticate_vectors
     start = time.perf_counter()
     encoded = {u: quantizer.encode(vectors[u], rounding_key())[0] for u in ids}
     encode_s = time.perf_counter() - start
     dropping = ids[:: max(1, round(1 / dropout))][: round(dropout * n)] if dropout > 0 else []
-    words, transcript = drive(run, encoded, DirectTransport(), stop_after={u: "share" for u in dropping})
+    words, transcript = drive(run, encoded, DirectTransport(), stop_after={u: "share" for u in dropping}, clock=_clock)
     total = quantizer.decode_sum(words)
     survivors = run.server.survivors
     truth = sum(np.clip(vectors[u].astype(np.float64), -1, 1) for u in survivors)
@@ -77,16 +106,19 @@ def run_case(
     assert error <= quantizer.max_error(len(survivors)), "decoded sum outside the error bound"
     seconds = transcript.seconds
     upload = np.mean([sum(transcript.bytes_up[u].values()) for u in survivors])
+    small_upload = np.mean([sum(b for step, b in transcript.bytes_up[u].items() if step != "masked_input") for u in survivors])
+    server = seconds.get("server", 0j)
     return {
-        "threshold": threshold,
         "survivors": len(survivors),
-        "client_keys_s": (keygen_s + seconds.get("client_advertise", 0.0)) / n,
-        "client_share_s": seconds.get("client_share", 0.0) / n,
+        "client_keys_s": (keygen_s + seconds.get("client_advertise", 0j).real) / n,
+        "client_share_s": seconds.get("client_share", 0j).real / n,
         "client_encode_s": encode_s / n,
-        "client_mask_s": seconds.get("client_masked_input", 0.0) / len(transcript.bytes_up),
-        "client_unmask_s": seconds.get("client_unmask", 0.0) / max(1, len(survivors)),
-        "server_s": seconds.get("server", 0.0),
+        "client_mask_s": seconds.get("client_masked_input", 0j).real / len(transcript.bytes_up),
+        "client_unmask_s": seconds.get("client_unmask", 0j).real / max(1, len(survivors)),
+        "server_s": server.real,
+        "server_cpu_s": server.imag,
         "upload_bytes": float(upload),
+        "small_upload_bytes": float(small_upload),
         "max_error": error,
         "error_bound": quantizer.max_error(len(survivors)),
     }
@@ -97,46 +129,74 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--dim", type=int, default=1_000_000)
     parser.add_argument("--dropouts", default="0,0.1", help="comma-separated dropout fractions")
-    parser.add_argument("--neighbours", default="auto", help="SecAgg+ degree, 'auto' (2 ceil(log2 n)) or 'complete'")
-    parser.add_argument("--threshold-fraction", type=float, default=2 / 3)
+    parser.add_argument("--neighbours", default="auto", help="'auto' (choose_graph), 'heuristic' (2 ceil(log2 n)), 'complete' or an int")
+    parser.add_argument("--threshold-fraction", type=float, default=2 / 3, help="t / (k + 1) unless --neighbours auto")
+    parser.add_argument("--corruption-rate", type=float, default=0.0, help="for --neighbours auto")
+    parser.add_argument("--target-log2", type=float, default=-40.0, help="failure probability target for --neighbours auto")
     parser.add_argument("--bits", type=int, default=32)
     parser.add_argument("--server-threads", default="1,all", help="comma-separated thread counts for the server ('all' = every CPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="protocol runs per row; the fastest server time is reported")
+    parser.add_argument("--authenticate-vectors", default="on", help="comma-separated 'on'/'off': the server verifies each masked vector's GMAC")
+    parser.add_argument("--repeats", type=int, default=3, help="protocol runs per variant, variants taking turns")
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    thread_counts = [cpus if x == "all" else int(x) for x in args.server_threads.split(",")]
+    thread_counts = sorted({cpus if x == "all" else int(x) for x in args.server_threads.split(",")})
+    auth_modes = [{"on": True, "off": False}[x.strip()] for x in args.authenticate_vectors.split(",")]
+    dropouts = [float(x) for x in args.dropouts.split(",")]
 
     n, dim = args.clients, args.dim
-    neighbours = {"auto": suggest_neighbours(n), "complete": None}.get(args.neighbours)
-    if neighbours is None and args.neighbours not in ("complete",):
-        neighbours = int(args.neighbours)
+    if args.neighbours == "auto":
+        choice = choose_graph(n, dropout_rate=max(dropouts), corruption_rate=args.corruption_rate, target_failure_log2=args.target_log2)
+        neighbours, threshold = choice.neighbours, choice.threshold
+        how = f"choose_graph(dropout_rate={max(dropouts):g}, corruption_rate={args.corruption_rate:g}): bound 2^{choice.bound.log2:.1f}"
+    else:
+        neighbours = {"heuristic": suggest_neighbours(n), "complete": None}.get(args.neighbours, None)
+        if args.neighbours not in ("heuristic", "complete"):
+            neighbours = int(args.neighbours)
+        k = n - 1 if neighbours is None else neighbours
+        threshold = max(2, math.ceil(args.threshold_fraction * (k + 1)), (k + 1) // 2 + 1)
+        how = f"threshold fraction {args.threshold_fraction:.3g}"
     rng = np.random.default_rng(0)  # benchmark data only
     vectors = {f"client-{i:04d}": rng.uniform(-1, 1, dim).astype(np.float32) for i in range(n)}
-    plain = plaintext_sum_seconds(list(vectors.values()))
+    plain_list = list(vectors.values())
     rate1 = expansion_rate(min(dim, 1 << 20), 1)
     rate16 = expansion_rate(min(dim, 1 << 20), 16)
     degree = "complete" if neighbours is None else str(neighbours)
-    print(f"secure aggregation: {n} clients x {dim} params, neighbours={degree}, bits={args.bits}, {cpus} CPUs, best of {args.repeats}")
-    print(f"plaintext numpy sum of the float32 vectors: {plain * 1e3:.1f} ms")
-    print(f"mask expansion (AES-256-CTR -> uint32, add in place): {rate1 / 1e9:.2f} G words/s (1 stream), {rate16 / 1e9:.2f} G words/s (16 streams fused)")
+    print(
+        f"secure aggregation: {n} clients x {dim} params, neighbours={degree}, t={threshold} ({how}), bits={args.bits}, "
+        f"{cpus} CPUs, {args.repeats} repeats, variants interleaved"
+    )
+    print(f"mask expansion (AES-256 keystream -> uint32, add in place): {rate1 / 1e9:.2f} G words/s (1 stream), {rate16 / 1e9:.2f} G words/s (16 streams fused)")
+    variants = [(d, th, auth) for d in dropouts for th in thread_counts for auth in auth_modes]
+    results: dict[tuple[float, int, bool], list[tuple[dict[str, float], complex]]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for variant in variants:
+            dropout, threads, auth = variant
+            plain = plaintext_sum_seconds(plain_list)
+            r = run_case(
+                vectors, dropout=dropout, threshold=threshold, neighbours=neighbours, bits=args.bits, server_threads=threads, authenticate_vectors=auth
+            )
+            results[variant].append((r, plain))
     header = (
-        "| dropout | t | survivors | client keygen ms | client share ms | client encode ms | client mask ms | "
-        "server threads | server ms | server / plaintext | upload / float32 | max error (bound) |"
+        "| dropout | t | survivors | client keygen ms | client share ms | client encode ms | client mask ms | client unmask ms | "
+        "server threads | vector GMAC | plaintext CPU ms | server CPU ms | server / plaintext CPU (median, min) | "
+        "server / plaintext wall (median, min) | upload / float32 | other upload kB | max error (bound) |"
     )
     print(header)
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
-    for dropout in (float(x) for x in args.dropouts.split(",")):
-        for threads in thread_counts:
-            runs = [
-                run_case(vectors, dropout=dropout, threshold_fraction=args.threshold_fraction, neighbours=neighbours, bits=args.bits, server_threads=threads)
-                for _ in range(args.repeats)
-            ]
-            r = min(runs, key=lambda x: x["server_s"])
-            print(
-                f"| {dropout:.0%} | {r['threshold']} | {r['survivors']} | {r['client_keys_s'] * 1e3:.2f} | {r['client_share_s'] * 1e3:.2f} | "
-                f"{r['client_encode_s'] * 1e3:.1f} | {r['client_mask_s'] * 1e3:.1f} | {threads} | {r['server_s'] * 1e3:.1f} | "
-                f"{r['server_s'] / plain:.2f}x | {r['upload_bytes'] / (4 * dim):.4f}x | {r['max_error']:.2e} ({r['error_bound']:.2e}) |"
-            )
+    for variant in variants:
+        dropout, threads, auth = variant
+        runs = results[variant]
+        cpu_ratios = [r["server_cpu_s"] / p.imag for r, p in runs]
+        wall_ratios = [r["server_s"] / p.real for r, p in runs]
+        med = lambda key: statistics.median(r[key] for r, _ in runs)  # noqa: E731
+        r0 = runs[0][0]
+        print(
+            f"| {dropout:.0%} | {threshold} | {r0['survivors']} | {med('client_keys_s') * 1e3:.2f} | {med('client_share_s') * 1e3:.2f} | "
+            f"{med('client_encode_s') * 1e3:.1f} | {med('client_mask_s') * 1e3:.1f} | {med('client_unmask_s') * 1e3:.2f} | {threads} | "
+            f"{'on' if auth else 'off'} | {statistics.median(p.imag for _, p in runs) * 1e3:.1f} | {med('server_cpu_s') * 1e3:.1f} | "
+            f"{statistics.median(cpu_ratios):.2f}x, {min(cpu_ratios):.2f}x | {statistics.median(wall_ratios):.2f}x, {min(wall_ratios):.2f}x | "
+            f"{r0['upload_bytes'] / (4 * dim):.4f}x | {r0['small_upload_bytes'] / 1e3:.1f} | {max(r['max_error'] for r, _ in runs):.2e} ({r0['error_bound']:.2e}) |"
+        )
 
 
 if __name__ == "__main__":
