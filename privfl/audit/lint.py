@@ -117,20 +117,24 @@ class _Plan:
     sample_rate: float
     steps_per_round: int
     total_steps: int
+    noise_multiplier: float | None = None
 
 
 def _plans(config: RunConfig, client_sizes: Mapping[str, int]) -> list[_Plan]:
-    from privfl.federation import planned_rounds
-    from privfl.training import sampling_plan
+    """Each client's plan from :func:`privfl.plan.plan_site`: the very computation the run makes."""
+    from privfl.plan import plan_site
 
-    fed, dp = config.federation, config.training.dp
-    rounds = planned_rounds(fed.rounds, fed.client_fraction, dp.planned_participation_quantile)
     plans = []
     for client, n in client_sizes.items():
         if not (isinstance(n, int) and n >= 1):
             raise ConfigError(f"client_sizes[{client}]", n, "must be an integer >= 1")
-        q, steps = sampling_plan(n, config.training)
-        plans.append(_Plan(client=client, num_examples=n, sample_rate=q, steps_per_round=steps, total_steps=steps * rounds))
+        site = plan_site(n, config.training, config.federation, len(client_sizes))
+        plans.append(
+            _Plan(
+                client=client, num_examples=n, sample_rate=site.sample_rate, steps_per_round=site.steps_per_round,
+                total_steps=site.steps_per_round * site.planned_rounds, noise_multiplier=site.noise_multiplier,
+            )
+        )
     return plans
 
 
@@ -386,6 +390,8 @@ def _sampling_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Findin
 
 
 def _calibrated_sigma(config: RunConfig, plan: _Plan) -> float:
+    if plan.noise_multiplier is not None:
+        return plan.noise_multiplier
     dp = config.training.dp
     if dp.noise_multiplier is not None:
         return dp.noise_multiplier
