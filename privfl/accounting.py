@@ -571,7 +571,13 @@ def _truncated_prv_mean(q: float, sigma: float, t_min: float, t_max: float) -> f
     lower_exponent = int(np.log10(np.abs(t_min)))
     upper_exponent = int(np.log10(t_max))
     points = np.concatenate(
-        [[t_min], -np.logspace(start=lower_exponent, stop=-5, num=10), [0], np.logspace(start=-5, stop=upper_exponent, num=10), [t_max]]
+        [
+            [t_min],
+            -np.logspace(start=lower_exponent, stop=-5, num=10),
+            [0],
+            np.logspace(start=-5, stop=upper_exponent, num=10),
+            [t_max],
+        ]
     )
     mean = 0.0
     for left, right in zip(points[:-1], points[1:], strict=True):
@@ -703,7 +709,8 @@ def _prv_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
         while len(composed) > 1:
             paired = [composed.pop()] if len(composed) % 2 == 1 else []
             for left, right in zip(composed[:-1:2], composed[1::2], strict=True):
-                paired.append(type(left)(pmf=convolve(left.pmf, right.pmf, mode="same"), domain=left.domain.shift_right(right.domain.shifts)))
+                pmf = convolve(left.pmf, right.pmf, mode="same")
+                paired.append(type(left)(pmf=pmf, domain=left.domain.shift_right(right.domain.shifts)))
             composed = paired
         with np.errstate(divide="ignore", over="ignore"):
             return float(composed[0].compute_epsilon(delta, delta_error, eps_error)[2])
@@ -772,11 +779,12 @@ def noise_multiplier(
     """The smallest noise multiplier whose ``steps`` steps stay within ``target_epsilon``.
 
     A safeguarded root search on log sigma against log epsilon (epsilon falls monotonically as
-    sigma grows): bracket around a guess from the central limit theorem (mu-GDP), then Illinois steps (regula falsi that halves a stale
-    end's weight; near-linear in log-log, so a handful of evaluations), falling back to bisection
-    whenever a step would not shrink the bracket. Every evaluation uses the requested accountant,
-    so the result always satisfies ``epsilon(noise_multiplier=result, ..., accountant=accountant)
-    <= target_epsilon``, and lies within 0.1% of the tightest such sigma.
+    sigma grows): bracket around a guess from the central limit theorem (mu-GDP), then Illinois
+    steps (regula falsi that halves a stale end's weight; near-linear in log-log, so a handful of
+    evaluations, about 7 where bisection took 15 to 25), moving an end by at least a sixteenth of
+    the bracket each time. Every evaluation uses the requested accountant, so the result always
+    satisfies ``epsilon(noise_multiplier=result, ..., accountant=accountant) <= target_epsilon``,
+    and lies within 0.1% of the tightest such sigma. The probes' per-step pieces are not cached.
 
     Raises:
         ConfigError: a bad target, steps, sample rate or delta, or a target that no sigma up to
