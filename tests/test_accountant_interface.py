@@ -259,3 +259,20 @@ def test_ledger_from_json_refuses_what_no_run_writes(edit):
     edit(data)
     with pytest.raises(LedgerError):
         PrivacyLedger.from_json(data)
+
+
+def test_ledger_answers_are_the_interface_answers_bit_for_bit():
+    # The ledger keeps a merged history per client; it must ask exactly what epsilon_of_events asks.
+    ledger = PrivacyLedger()
+    ledger.register("a", ClientBudget(epsilon=math.inf, delta=DELTA))
+    events = [DPEvent(noise_multiplier=1.3, sample_rate=1 / 25, steps=25), DPEvent(noise_multiplier=0.9, sample_rate=1 / 25, steps=25)]
+    for round_index in range(4):
+        event = events[round_index % 2]
+        would = ledger.epsilon_if("a", event)
+        assert would == epsilon_of_events([*ledger.events("a"), event], delta=DELTA)
+        ledger.charge(round_index, "a", event)
+        assert ledger.epsilon("a") == would == ledger.entries[-1].epsilon
+        acc = PRVAccountant()
+        for e in ledger.events("a"):
+            acc.compose(e.mechanism, e.steps)
+        assert acc.get_epsilon(DELTA) == would
