@@ -155,18 +155,9 @@ class Aggregator:
 
     # -- model ---------------------------------------------------------------------------------------
     def _initial_model(self):
-        import torch
+        from privfl.site import seeded_model
 
-        from privfl.models import build_model
-        from privfl.training import make_private_compatible
-
-        torch.manual_seed(self.config.federation.seed)
-        model = self.model_fn() if self.model_fn is not None else build_model(self.config.model, self.input_shape, self.num_classes)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return make_private_compatible(model)
+        return seeded_model(self.config, self.model_fn, self.input_shape, self.num_classes)
 
     def _model_fields(self) -> dict[str, Any]:
         if self.input_shape is None:

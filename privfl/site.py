@@ -323,25 +323,13 @@ class Site:
         )
 
     def _model(self, config: RunConfig, fields: dict[str, Any]):
-        import torch
-
-        from privfl.models import build_model
-        from privfl.training import make_private_compatible
-
-        torch.manual_seed(config.federation.seed)
-        if self.model_fn is not None:
-            model = self.model_fn()
-        else:
-            shape = fields.get("input_shape")
-            classes = fields.get("num_classes")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(classes, int) and classes > 1):
-                raise MessageError("train request lacks a valid input_shape / num_classes")
-            model = build_model(config.model, tuple(shape), classes)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return make_private_compatible(model)
+        shape = fields.get("input_shape")
+        classes = fields.get("num_classes")
+        if self.model_fn is None and not (
+            isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(classes, int) and classes > 1
+        ):
+            raise MessageError("train request lacks a valid input_shape / num_classes")
+        return seeded_model(config, self.model_fn, None if shape is None else tuple(shape), classes)
 
     def _train(self, request: Request, run: dict[str, Any], config: RunConfig) -> Reply:
         from privfl.accounting import DPEvent
@@ -580,6 +568,26 @@ class Site:
 
 
 _SECAGG_STEPS = frozenset({Step.SECAGG_KEYS, Step.SECAGG_RELAY, Step.SECAGG_CHECK, Step.SECAGG_UNMASK})
+
+
+def seeded_model(config: RunConfig, model_fn, input_shape: tuple[int, ...] | None, num_classes: int | None):
+    """The run's initial model, as every party builds it: seeded by ``federation.seed``, made DP-compatible.
+
+    The Aggregator and every Site call this, so all start from bit-identical parameters and buffers.
+    """
+    import warnings
+
+    import torch
+
+    from privfl.models import build_model
+    from privfl.training import make_private_compatible
+
+    torch.manual_seed(config.federation.seed)
+    model = model_fn() if model_fn is not None else build_model(config.model, input_shape, num_classes)
+    with warnings.catch_warnings():
+        # The model's owner is told about DP conversions once, where the run starts.
+        warnings.simplefilter("ignore", UserWarning)
+        return make_private_compatible(model)
 
 
 def _shaped(dataset, input_shape):
