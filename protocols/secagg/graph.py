@@ -14,6 +14,7 @@ and corruption rates; :func:`privfl.protocols.secagg.params.choose_graph` uses i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Collection, Mapping, Sequence
@@ -59,28 +60,34 @@ def build_graph(client_ids: Sequence[str], neighbours: int | None, seed: bytes) 
         seed: public graph seed (at least 16 bytes).
 
     Returns:
-        id -> its neighbours (never itself); symmetric.
+        id -> its neighbours (never itself); symmetric. A fresh dict (its frozensets may be shared
+        with other calls on the same arguments: the result is cached, since every client of a round
+        rebuilds the graph to check it).
 
     Raises:
         ConfigError: invalid degree (see :func:`check_neighbours`).
     """
+    k = check_neighbours(neighbours, len(client_ids))
+    return dict(_build_graph(tuple(client_ids), k, bytes(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _build_graph(client_ids: tuple[str, ...], k: int, seed: bytes) -> dict[str, frozenset[str]]:
     n = len(client_ids)
-    k = check_neighbours(neighbours, n)
     if k == n - 1:
         everyone = frozenset(client_ids)
         return {u: everyone - {u} for u in client_ids}
     order = sorted(client_ids, key=lambda u: (hashlib.sha256(seed + b"|" + u.encode("utf-8")).digest(), u))
-    graph: dict[str, set[str]] = {u: set() for u in client_ids}
-    for position, u in enumerate(order):
-        for offset in range(1, k // 2 + 1):
-            v = order[(position + offset) % n]
-            graph[u].add(v)
-            graph[v].add(u)
-        if k % 2 == 1:
-            v = order[(position + n // 2) % n]
-            graph[u].add(v)
-            graph[v].add(u)
-    return {u: frozenset(vs) for u, vs in graph.items()}
+    # Each client is joined to the k/2 nearest on either side of the cycle: a window of the cycle
+    # (unrolled by k/2 at each end) without its centre. 2 * (k/2) + 1 <= n, so a window has no repeats.
+    half = k // 2
+    ring = order[n - half :] + order + order[:half]
+    graph = {u: ring[p : p + half] + ring[p + half + 1 : p + 2 * half + 1] for p, u in enumerate(order)}
+    if k % 2 == 1:
+        # Odd k (n even): also the opposite client, which is symmetric since n/2 + n/2 = n.
+        for p, u in enumerate(order):
+            graph[u].append(order[(p + n // 2) % n])
+    return {u: frozenset(graph[u]) for u in client_ids}
 
 
 def components(graph: Mapping[str, Collection[str]], nodes: Collection[str]) -> int:

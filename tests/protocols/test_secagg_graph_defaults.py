@@ -135,3 +135,14 @@ def test_failure_bound_rejects_odd_or_complete_degrees():
         failure_bound(100, 7, 5, dropouts=0)
     with pytest.raises(ConfigError):
         failure_bound(100, 99, 60, dropouts=0)
+
+
+def test_build_graph_is_cached_but_hands_out_fresh_dicts():
+    ids = [f"c{i:03d}" for i in range(200)]
+    first = build_graph(ids, 20, b"s" * 16)
+    first.pop(ids[0])
+    second = build_graph(ids, 20, b"s" * 16)
+    assert len(second) == 200 and all(len(vs) == 20 and u not in vs for u, vs in second.items())
+    assert all(u in second[v] for u, vs in second.items() for v in vs)  # symmetric
+    assert components(second, ids) == 1
+    assert build_graph(ids, 20, b"t" * 16) != second
