@@ -175,6 +175,10 @@ class LocalFederation:
         finally:
             self.workers.stop()
 
+    def restart_site(self, name: str) -> None:
+        """Kills a site's worker (SIGKILL, as a crash would) and starts it again on the same state directory."""
+        self.workers.restart(self.names.index(name))
+
     def started_pids(self) -> list[int]:
         """Every process this federation started (for checks that none is left)."""
         pids = list(self.workers.pids)
@@ -276,51 +280,75 @@ class _Workers:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.processes: list = []
+        self.processes: list = []  # (Popen, socket path, log path, arguments)
+        self._all: list = []  # every Popen ever started, for stop()
 
-    def start(self, arguments: list[list[str]], *, timeout: float = 180.0) -> None:
+    def _spawn(self, index: int, args: list[str]):
         import os
         import subprocess
         import sys
 
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i, args in enumerate(arguments):
-            log_file = (self.log_dir / f"worker-{i}.log").open("wb")
+        log_path = self.log_dir / f"worker-{index}.log"
+        with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "privfl.flower.worker", *args], stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-            log_file.close()
-            self.processes.append((process, Path(args[args.index("--socket") + 1]), self.log_dir / f"worker-{i}.log"))
+        self._all.append(process)
+        return (process, Path(args[args.index("--socket") + 1]), log_path, args)
+
+    def start(self, arguments: list[list[str]], *, timeout: float = 180.0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i, args in enumerate(arguments):
+            self.processes.append(self._spawn(i, args))
+        deadline = time.monotonic() + timeout
+        for entry in self.processes:
+            self._wait_ready(entry, deadline, timeout)
+
+    def restart(self, index: int, *, timeout: float = 180.0) -> None:
+        """Kills worker ``index`` (SIGKILL, as a crash would) and starts it again on the same state directory."""
+        import os
+        import signal
+
+        process = self.processes[index][0]
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+        self.processes[index] = self._spawn(index, self.processes[index][3])
+        self._wait_ready(self.processes[index], time.monotonic() + timeout, timeout)
+
+    @staticmethod
+    def _wait_ready(entry, deadline: float, timeout: float) -> None:
         from privfl.flower.worker import call
 
-        deadline = time.monotonic() + timeout
-        for process, socket_path, log_path in self.processes:
-            while True:
-                if process.poll() is not None:
-                    raise DeploymentError(f"a site worker exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-                if socket_path.exists():
-                    try:
-                        call(socket_path, b"", timeout=10)
-                        break
-                    except OSError:
-                        pass
-                if time.monotonic() > deadline:
-                    raise DeploymentError(f"a site worker did not start within {timeout:g} s; see {log_path}")
-                time.sleep(0.2)
+        process, socket_path, log_path, _ = entry
+        while True:
+            if process.poll() is not None:
+                raise DeploymentError(f"a site worker exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+            if socket_path.exists():
+                try:
+                    call(socket_path, b"", timeout=10)
+                    return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"a site worker did not start within {timeout:g} s; see {log_path}")
+            time.sleep(0.2)
 
     def stop(self, grace: float = 5.0) -> None:
         import os
         import signal
 
-        for process, _, _ in self.processes:
+        for process in self._all:
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace
-        for process, _, _ in self.processes:
+        for process in self._all:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - still alive after the grace period: kill it
@@ -332,7 +360,7 @@ class _Workers:
 
     @property
     def pids(self) -> list[int]:
-        return [process.pid for process, _, _ in self.processes]
+        return [entry[0].pid for entry in self.processes]
 
 
 def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout: float, on_round=None) -> None:
