@@ -13,6 +13,7 @@ from .base import (
     UpdateObservation,
 )
 from .dlg import DLG
+from .fedavg import FedAvgInversion, update_label_counts
 from .imprint import (
     ImprintAttack,
     ImprintBlock,
@@ -41,6 +42,8 @@ __all__ = [
     "AnalyticLinear",
     "DLG",
     "InvertingGradients",
+    "FedAvgInversion",
+    "update_label_counts",
     "recover_labels",
     "ImprintAttack",
     "ImprintBlock",

@@ -12,6 +12,7 @@ from privfl.attacks import (
     AnalyticLinear,
     CiphertextObservation,
     DPGradientObservation,
+    FedAvgInversion,
     GradientObservation,
     InvertingGradients,
     Reconstruction,
@@ -57,6 +58,7 @@ ALL_ATTACKS = [
     InvertingGradients(max_iterations=5, restarts=1),
     DLG(max_iterations=1, inner_iterations=2),
     AnalyticLinear(),
+    FedAvgInversion(max_iterations=5, restarts=1),
 ]
 
 

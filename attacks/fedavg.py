@@ -1,0 +1,503 @@
+"""FedAvg-update inversion: replay the client's local SGD steps differentiably and match the observed update.
+
+A FedAvg client starts from the global parameters ``w_0``, takes ``K = local_steps`` plain SGD steps
+``w_{k+1} = w_k - lr * grad L(w_k; x_{b_k}, y_{b_k})`` on the mini-batches ``b_k`` (its inputs in order,
+``batch_size`` at a time, wrapping around) and sends ``delta = w_K - w_0``. The attacker (the
+honest-but-curious server) knows ``w_0``, ``K``, ``lr``, ``batch_size`` and ``num_samples`` (it chose or is
+told them) and, where known, the labels. It optimizes candidate inputs for all local steps jointly so that
+the simulated update, computed by a functional unroll of the same K steps with ``create_graph=True``, points
+the same way as the observed one (Geiping et al. 2020, Sec. 6; Dimitrov et al. 2022). One objective
+evaluation costs K forward passes and K double backward passes.
+
+Label counts for an unknown batch are read from the update of the classifier's bias (or weight row sums):
+averaged over the K steps, ``-delta_b / (lr K) = mean_k (mean_i p^(k)_i - n^(k) / B)``; the mean softmax
+along the trajectory is estimated on probe inputs at K points between ``w_0`` and ``w_0 + delta``, the two
+ends the server holds (Geng et al. 2021, FedAvg variant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.func import functional_call
+
+from privfl.errors import AttackError, ConfigError
+
+from ._matching import total_variation
+from ._model import ModelView, check_alignment
+from .base import (
+    AggregateObservation,
+    Attack,
+    GradientObservation,
+    Observation,
+    Reconstruction,
+    UpdateObservation,
+    _check_positive_int,
+    _check_positive_number,
+)
+from .inverting import check_bounds
+from .labels import observed_mean_gradient
+
+__all__ = ["FedAvgInversion", "LocalTraining", "as_update", "update_label_counts", "step_indices"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LocalTraining:
+    """The client's local training as the attacker replays it.
+
+    Attributes:
+        num_samples: Inputs the client holds.
+        local_steps: SGD steps taken.
+        batch_size: Inputs per step.
+        lr: Local learning rate.
+    """
+
+    num_samples: int
+    local_steps: int
+    batch_size: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "local_steps", "batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.batch_size > self.num_samples:
+            raise ConfigError("batch_size", self.batch_size, f"must be <= num_samples={self.num_samples}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
+            self.lr > 0 and math.isfinite(self.lr)
+        ):
+            raise ConfigError("lr", self.lr, "must be a finite float > 0")
+
+    def batches(self) -> list[list[int]]:
+        """Indices of the inputs each local step used (in order, ``batch_size`` at a time, wrapping around)."""
+        return step_indices(self.num_samples, self.local_steps, self.batch_size)
+
+    def uses(self) -> torch.Tensor:
+        """How many local steps used each input, shape ``(num_samples,)``."""
+        counts = torch.zeros(self.num_samples, dtype=torch.long)
+        for batch in self.batches():
+            for i in batch:
+                counts[i] += 1
+        return counts
+
+
+def step_indices(num_samples: int, local_steps: int, batch_size: int) -> list[list[int]]:
+    """Which inputs each local step takes: in order, ``batch_size`` at a time, wrapping around (FedAvg)."""
+    return [[(k * batch_size + j) % num_samples for j in range(batch_size)] for k in range(local_steps)]
+
+
+def as_update(observation: Observation) -> tuple[UpdateObservation, bool]:
+    """Expresses a readable observation as a FedAvg update.
+
+    A one-step mean-loss gradient ``g`` over ``n`` inputs is the update of one full-batch step at learning
+    rate 1: ``delta = -g``. That lets one attack compare what gradients and updates leak at equal budgets.
+
+    Args:
+        observation: An ``UpdateObservation``, or a (DP, aggregate) gradient observation.
+
+    Returns:
+        The update, and whether it was converted from a gradient.
+
+    Raises:
+        AttackError: For anything without a plaintext gradient or update (e.g. a ciphertext).
+    """
+    if isinstance(observation, UpdateObservation):
+        return observation, False
+    if isinstance(observation, (GradientObservation, AggregateObservation)):
+        gradients = observed_mean_gradient(observation)
+        update = UpdateObservation(
+            delta=tuple(-g for g in gradients),
+            input_shape=observation.input_shape,
+            num_samples=observation.num_samples,
+            local_steps=1,
+            lr=1.0,
+            batch_size=observation.num_samples,
+            labels=observation.labels,
+        )
+        return update, True
+    raise AttackError(f"FedAvg inversion needs an update or a gradient, not a {type(observation).__name__}")
+
+
+def _check_update(view: ModelView, observation: UpdateObservation) -> None:
+    # The dataclass validated each field; here the fields must agree with each other and with the model.
+    check_alignment(view, observation.delta)
+    if observation.labels is not None and observation.labels.shape != (observation.num_samples,):
+        raise ConfigError("labels", tuple(observation.labels.shape), f"must have shape ({observation.num_samples},)")
+    if all(float(d.abs().max()) == 0.0 for d in observation.delta):
+        raise AttackError("the update is all zeros: the client's data left no trace to invert")
+
+
+def update_label_counts(
+    model: torch.nn.Module,
+    observation: UpdateObservation,
+    *,
+    seed: int = 0,
+    probes: int = 64,
+) -> torch.Tensor:
+    """Estimates how many of the client's inputs carry each label, from a FedAvg update.
+
+    The classifier bias changes by ``delta_b = -lr * sum_k (mean_{i in b_k} p^(k)_i - n^(k) / B)`` over the
+    K steps, where ``n^(k)`` counts each label in step k's batch. Solving for ``sum_k n^(k)`` (label counts
+    over all input *uses*) needs the mean softmax along the trajectory, estimated on random probe inputs
+    at the parameters ``w_0 + (k / K) delta`` for ``k = 0..K-1`` (the server holds both ends). Dividing by
+    how often each input was used (``K B / num_samples``, exact when every input was used equally often)
+    gives counts per input. Exact for one full-batch step; an estimate otherwise.
+
+    Args:
+        model: The global model the client started from; its last ``nn.Linear`` produces the logits.
+        observation: The update.
+        seed: Seed of the probe inputs.
+        probes: Number of probe inputs per point of the trajectory.
+
+    Returns:
+        Integer counts, shape ``(num_classes,)``, summing to ``num_samples``.
+
+    Raises:
+        AttackError: If the model has no final ``nn.Linear`` or the update does not fit the model, or the
+            estimate is not finite (the update is too far from the model for the linearization).
+    """
+    view = ModelView(model)
+    check_alignment(view, observation.delta)
+    w_idx, b_idx, num_classes = view.last_linear()
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.rand((probes, *observation.input_shape), generator=generator).to(view.device, view.dtype)
+    k_steps = observation.local_steps
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    probs, feature_sums = [], []
+    with torch.no_grad():
+        for k in range(k_steps):
+            # The parameters step k started from, approximated on the straight line from w_0 to w_K.
+            point = {n: view.params[n] + (k / k_steps) * d.to(view.device, view.dtype)
+                     for n, d in zip(view.names, observation.delta)}
+            features: list[torch.Tensor] = []
+            handle = linear.register_forward_hook(lambda _m, inp, _out: features.append(inp[0].detach()))
+            try:
+                probs.append(torch.softmax(view.logits(probe, point), dim=1).mean(dim=0))
+            finally:
+                handle.remove()
+            feature_sums.append(features[0].sum(dim=1).mean())
+    mean_prob = torch.stack(probs).mean(dim=0).double()
+    mean_grad = observed_mean_gradient(observation)  # -delta / (lr K): the gradient averaged over the steps
+    if b_idx is not None:
+        signal = mean_grad[b_idx].double()
+    else:
+        scale = torch.stack(feature_sums).mean().double()
+        if not float(scale.abs()) > 1e-12:
+            raise AttackError("label counts need a classifier bias or non-zero features; this model has neither")
+        signal = mean_grad[w_idx].double().sum(dim=1) / scale
+    if signal.shape != (num_classes,) or not torch.isfinite(signal).all():
+        raise AttackError("label counts could not be estimated from this update (non-finite or misshapen signal)")
+    per_step = observation.batch_size * (mean_prob.cpu() - signal.cpu())  # expected counts in one step's batch
+    uses_per_input = k_steps * observation.batch_size / observation.num_samples
+    estimate = per_step * k_steps / uses_per_input
+    # A class whose averaged gradient is negative was certainly trained on.
+    return _round_counts(estimate, observation.num_samples, present=signal.cpu() < 0)
+
+
+def _round_assignment(log_probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Hard labels with exactly ``counts`` of each class, maximizing the summed log-probabilities."""
+    from scipy.optimize import linear_sum_assignment
+
+    slots = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    cost = -log_probs[:, slots].detach().cpu().double().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    labels = torch.empty(log_probs.shape[0], dtype=torch.long)
+    labels[torch.as_tensor(rows)] = slots.cpu()[torch.as_tensor(cols)]
+    return labels.to(counts.device)
+
+
+def _round_counts(estimate: torch.Tensor, total: int, *, present: torch.Tensor) -> torch.Tensor:
+    estimate = estimate.clamp_min(0.0)
+    counts = torch.floor(estimate).long()
+    counts = torch.where(present & (counts == 0), torch.ones_like(counts), counts)
+    while int(counts.sum()) < total:
+        counts[int(torch.argmax(estimate - counts.to(estimate)))] += 1
+    while int(counts.sum()) > total:
+        excess = counts.to(estimate) - estimate
+        excess[counts <= 0] = -float("inf")
+        counts[int(torch.argmax(excess))] -= 1
+    return counts
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FedAvgInversion(Attack):
+    """Recovers a FedAvg client's inputs by replaying all its local steps and matching the update's direction.
+
+    Minimizes ``1 - cos(delta(x), delta*) + tv_weight * TV(x)``, where ``delta(x)`` replays the client's
+    ``local_steps`` SGD steps on the candidate inputs ``x`` (one candidate per client input; the steps share
+    them exactly as the client's epochs did). A gradient observation is treated as one full-batch step, so
+    the same attack measures gradients and updates at equal budgets.
+
+    Optimization: Adam on the sign of the gradient, step size warmed up linearly over the first
+    ``warmup`` fraction and then cosine-annealed to zero; candidates are projected into ``bounds``.
+    When every local step used the same inputs (``batch_size == num_samples``: several epochs of one batch),
+    the first ``continuation`` fraction of iterations does not chain the steps: step k's gradient is taken
+    at ``w_0 + (k / K) delta*``, on the straight line to the parameters the client sent back, which the
+    server holds. That anchored problem is smoother (each term is a plain gradient, as in one-step
+    inversion) and its solution is a good start for the faithful replay, which from a random start often
+    stalls in a local minimum once the client's steps move the model far. With distinct batches the
+    trajectory zigzags and anchoring measured worse than none, so it is skipped there. The rest of the run,
+    and the objective that ranks restarts, is always the faithful replay.
+
+    Labels: those the observation carries, in order; otherwise counts from ``update_label_counts``. When
+    the steps used distinct batches, which input carries which label changes the update: a first third of
+    the budget optimizes one soft label per input jointly with throwaway inputs (soft totals held to the
+    counts), rounds them to the counted multiset by an optimal assignment and tries every swap of two
+    labels, keeping those that lower the objective; the remaining two thirds recover the inputs with
+    those labels from a fresh start. This assignment is not always found (see docs/attacks.md); known
+    labels or more ``restarts`` help.
+
+    Attributes:
+        max_iterations: Optimizer steps per restart; the cost is ``max_iterations * local_steps`` double
+            backward passes.
+        restarts: Random starts (and, with unknown labels, label assignment searches); the lowest final
+            objective wins.
+        lr: Peak Adam step size, in input units per step.
+        tv_weight: Total-variation prior weight (images only).
+        warmup: Fraction of iterations over which the step size warms up.
+        continuation: Fraction of iterations that match the anchored (unchained) replay first, when every
+            step used the same inputs (0 disables).
+        bounds: ``(low, high)`` box for the inputs, or ``None``.
+        signed: Use the sign of the gradient (as Inverting Gradients does).
+        seed: Seed of the random starts, probes and label assignments.
+    """
+
+    max_iterations: int = 1000
+    restarts: int = 1
+    lr: float = 0.1
+    tv_weight: float = 1e-2
+    warmup: float = 0.05
+    continuation: float = 0.5
+    bounds: tuple[float, float] | None = (0.0, 1.0)
+    signed: bool = True
+    seed: int = 0
+    name: ClassVar[str] = "fedavg-inversion"
+
+    def __post_init__(self) -> None:
+        for field_name in ("max_iterations", "restarts"):
+            _check_positive_int(field_name, getattr(self, field_name))
+        _check_positive_number("lr", self.lr)
+        if isinstance(self.tv_weight, bool) or not isinstance(self.tv_weight, (int, float)) or not self.tv_weight >= 0:
+            raise ConfigError("tv_weight", self.tv_weight, "must be >= 0")
+        for field_name in ("warmup", "continuation"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(field_name, value, "must be a fraction in [0, 1)")
+        check_bounds(self.bounds)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError("seed", self.seed, "must be an int")
+
+    def _reconstruct(self, model: torch.nn.Module, observation: Observation) -> Reconstruction:
+        update, _ = as_update(observation)
+        view = ModelView(model)
+        _check_update(view, update)
+        training = LocalTraining(
+            num_samples=update.num_samples,
+            local_steps=update.local_steps,
+            batch_size=update.batch_size,
+            lr=update.lr,
+        )
+        replay = _Replay(view, training, update)
+        generator = torch.Generator().manual_seed(self.seed)
+        counts: torch.Tensor | None = None
+        if update.labels is None:
+            counts = update_label_counts(model, update, seed=self.seed).to(view.device)
+            if training.local_steps == 1 or training.batch_size == training.num_samples:
+                # Every step saw every input: which input carries which label does not change the update.
+                labels = torch.repeat_interleave(torch.arange(counts.numel(), device=view.device), counts)
+                counts = None
+            else:
+                labels = None
+        else:
+            labels = update.labels.to(view.device)
+
+        shape = (update.num_samples, *update.input_shape)
+        best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        for _ in range(self.restarts):
+            start = torch.randn(shape, generator=generator, dtype=view.dtype)
+            if self.bounds is not None:
+                low, high = self.bounds
+                start = ((low + high) / 2 + (high - low) / 4 * start).clamp(low, high)
+            start = start.to(view.device)
+            found = labels
+            iterations = self.max_iterations
+            if found is None:
+                assert counts is not None
+                # Half the budget searches the assignment (LABEL_SEARCHES short tries, the best by objective),
+                # half recovers the inputs with it.
+                search = max(1, self.max_iterations // (2 * LABEL_SEARCHES))
+                tries = []
+                for _ in range(LABEL_SEARCHES):
+                    init_logits = torch.randn((update.num_samples, counts.numel()), generator=generator,
+                                              dtype=view.dtype).to(view.device)
+                    tries.append(self._assign_labels(replay, start, counts, init_logits, search))
+                found = min(tries, key=lambda t: t[0])[1]
+                iterations = max(1, self.max_iterations - LABEL_SEARCHES * search)
+            inputs, found = self._optimize(replay, start, found, iterations, swaps=labels is None)
+            final = float(self._objective(replay, inputs, found).detach())
+            if best is None or final < best[0]:
+                best = (final, inputs, found)
+        assert best is not None  # restarts >= 1 is validated
+        objective, inputs, found = best
+        note = "" if update.labels is not None else "labels: counts estimated from the update"
+        if counts is not None:
+            note += "; which input carries which label optimized jointly with the inputs"
+        return Reconstruction(inputs=inputs.cpu(), labels=found.cpu(), attack=self.name, objective=objective,
+                              note=note)
+
+    def _assign_labels(
+        self, replay: _Replay, start: torch.Tensor, counts: torch.Tensor, init_logits: torch.Tensor, iterations: int
+    ) -> tuple[float, torch.Tensor]:
+        # With unknown labels over several distinct batches, which input (hence which step) carries which
+        # label changes the update. Each input gets a soft label, a softmax over the classes the counts say
+        # are present, optimized jointly with the inputs on the anchored replay while the soft totals are
+        # held to the counts; the soft labels are then rounded to the counted multiset by an optimal
+        # assignment. The inputs of this phase are thrown away.
+        candidate = start.clone().requires_grad_(True)
+        soft = init_logits.to(start.device).requires_grad_(True)
+        mask = torch.where(counts > 0, 0.0, -1e4).to(start)
+        optimizer = torch.optim.Adam([candidate], lr=self.lr)
+        label_optimizer = torch.optim.Adam([soft], lr=0.1)
+        for it in range(iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * it / iterations))
+            targets = torch.softmax(soft + mask, dim=1)
+            objective = self._objective(replay, candidate, targets)
+            objective = objective + ((targets.sum(dim=0) - counts) ** 2).sum() / targets.shape[0]
+            grad, soft.grad = torch.autograd.grad(objective, [candidate, soft])
+            candidate.grad = grad.sign() if self.signed else grad
+            optimizer.step()
+            label_optimizer.step()
+            if self.bounds is not None:
+                with torch.no_grad():
+                    candidate.clamp_(*self.bounds)
+        labels = _round_assignment(torch.log_softmax(soft.detach() + mask, dim=1), counts)
+        best, order = self._improve_by_swaps(replay, candidate.detach(), labels)
+        return best, labels[order]
+
+    def _improve_by_swaps(
+        self, replay: _Replay, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        # Rounding, or an early wrong guess, can put an (input, label) pair into the wrong local step. Moving
+        # a pair to another step is a swap of two positions; every swap of two positions with different labels
+        # that lowers the objective (evaluations only, no backward pass) is kept.
+        order = torch.arange(len(labels), device=labels.device)
+        best = float(replay.cosine_distance(inputs, labels).detach())
+        for _ in range(3):
+            improved = False
+            for i in range(len(labels)):
+                for j in range(i + 1, len(labels)):
+                    if labels[order[i]] == labels[order[j]]:
+                        continue
+                    trial = order.clone()
+                    trial[i], trial[j] = order[j], order[i]
+                    value = float(replay.cosine_distance(inputs[trial], labels[trial]).detach())
+                    if value < best:
+                        best, order, improved = value, trial, True
+            if not improved:
+                break
+        return best, order
+
+    def _optimize(
+        self, replay: _Replay, start: torch.Tensor, labels: torch.Tensor, iterations: int, *, swaps: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        candidate = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([candidate], lr=self.lr)
+        total = iterations
+        warm = int(total * self.warmup)
+        # The straight line from w_0 to w_K is a good stand-in for the trajectory when every step descended
+        # the same loss (one batch, several epochs); with distinct batches the path zigzags, and anchoring
+        # to the line measured worse than no anchoring (docs/attacks.md), so it is skipped.
+        same_batch = replay.training.batch_size == replay.training.num_samples
+        cont = int(total * self.continuation) if same_batch else 0
+        # Estimated labels over distinct batches: the swap search reruns as the inputs sharpen.
+        checks = {total // 4, total // 2, 3 * total // 4} if swaps else set()
+        for it in range(total):
+            if it in checks and it > 0:
+                _, order = self._improve_by_swaps(replay, candidate.detach(), labels)
+                if not torch.equal(order, torch.arange(len(order), device=order.device)):
+                    labels = labels[order]
+                    with torch.no_grad():
+                        candidate.copy_(candidate[order])
+                        for state in optimizer.state.values():
+                            for key in ("exp_avg", "exp_avg_sq"):
+                                state[key].copy_(state[key][order])
+            if it < warm:
+                step = self.lr * (it + 1) / warm
+            else:
+                step = self.lr * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, total - warm)))
+            for group in optimizer.param_groups:
+                group["lr"] = step
+            optimizer.zero_grad(set_to_none=True)
+            objective = self._objective(replay, candidate, labels, anchored=it < cont)
+            (grad,) = torch.autograd.grad(objective, [candidate])
+            candidate.grad = grad.sign() if self.signed else grad
+            optimizer.step()
+            if self.bounds is not None:
+                with torch.no_grad():
+                    candidate.clamp_(*self.bounds)
+        return candidate.detach(), labels
+
+    def _objective(self, replay: _Replay, candidate: torch.Tensor, labels: torch.Tensor, *,
+                   anchored: bool = False) -> torch.Tensor:
+        loss = replay.cosine_distance(candidate, labels, anchored=anchored)
+        if self.tv_weight > 0:
+            loss = loss + self.tv_weight * total_variation(candidate)
+        return loss
+
+
+LABEL_SEARCHES = 3  # label-assignment tries per restart, unknown labels over distinct batches only
+
+
+class _Replay:
+    """The client's local training, replayed functionally on candidate inputs and compared with the update."""
+
+    def __init__(self, view: ModelView, training: LocalTraining, update: UpdateObservation) -> None:
+        self.view = view
+        self.training = training
+        self.batches = [torch.tensor(b, device=view.device) for b in training.batches()]
+        self.target = [d.to(view.device, view.dtype) for d in update.delta]
+        self.target_norm = torch.sqrt(sum((t * t).sum() for t in self.target))
+
+    def update(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False) -> list[torch.Tensor]:
+        """The simulated ``w_K - w_0`` on ``inputs``, differentiable with respect to them.
+
+        Faithful: the K SGD steps chained, each at the parameters the previous one produced (K forward and
+        K double backward passes). Anchored: step k's gradient at ``w_0 + (k / K) delta*`` instead.
+        """
+        view = self.view
+        names = view.names
+        lr = self.training.lr
+        params = {n: view.params[n].detach().requires_grad_(True) for n in names}
+        start = dict(params)
+        if anchored:
+            # Each step's gradient at the point the straight line from w_0 to the observed w_K puts it at.
+            total = [torch.zeros_like(params[n]) for n in names]
+            for k, batch in enumerate(self.batches):
+                frac = k / len(self.batches)
+                point = {n: (view.params[n] + frac * t).detach().requires_grad_(True)
+                         for n, t in zip(names, self.target)}
+                state = dict(point)
+                state.update({b: v.clone() for b, v in view.buffers.items()})
+                logits = functional_call(view.model, state, (inputs[batch],))
+                loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+                grads = torch.autograd.grad(loss, [point[n] for n in names], create_graph=True, allow_unused=True)
+                total = [t if g is None else t - lr * g for t, g in zip(total, grads)]
+            return total
+        for batch in self.batches:
+            state = dict(params)
+            state.update({k: v.clone() for k, v in view.buffers.items()})
+            logits = functional_call(view.model, state, (inputs[batch],))
+            loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+            params = {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads)}
+        return [params[n] - start[n] for n in names]
+
+    def cosine_distance(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False) -> torch.Tensor:
+        """``1 - cos(simulated update, observed update)`` over all parameters concatenated."""
+        simulated = self.update(inputs, labels, anchored=anchored)
+        dot = sum((s * t).sum() for s, t in zip(simulated, self.target))
+        norm = torch.sqrt(sum((s * s).sum() for s in simulated))
+        return 1.0 - dot / (norm * self.target_norm).clamp_min(1e-20)
