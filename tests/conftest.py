@@ -34,3 +34,38 @@ def clients(split):
 
     parts = iid_partition(len(split.train), 3, seed=0)
     return {f"site-{i}": s for i, s in enumerate(subsets(split.train, parts))}
+
+
+_RUN_TOML = """
+[data]
+dataset = "breast_cancer"
+num_clients = 3
+partition = "iid"
+[model]
+kind = "logistic"
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.5
+[training.dp]
+target_epsilon = 3.0
+delta = 1e-5
+[federation]
+rounds = {rounds}
+protection = "{protection}"
+noise_seed = 11
+[federation.secagg]
+weight_bound = 1000
+{extra}
+"""
+
+
+@pytest.fixture(scope="session")
+def run_toml():
+    """A small run config as TOML text (breast cancer, 3 IID sites, logistic model, epsilon 3):
+    ``run_toml(protection, rounds=2, extra="")``, ``extra`` appended as further TOML."""
+
+    def make(protection: str, rounds: int = 2, extra: str = "") -> str:
+        return _RUN_TOML.format(protection=protection, rounds=rounds, extra=extra)
+
+    return make

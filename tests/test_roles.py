@@ -16,25 +16,6 @@ from privfl.site import Site, SiteRole, _parse_config
 from privfl.training import flatten_parameters
 
 
-def _config(protection: str, rounds: int = 2, extra: str = "") -> str:
-    return f"""
-[model]
-kind = "logistic"
-[training]
-local_epochs = 1
-batch_size = 16
-learning_rate = 0.5
-[training.dp]
-target_epsilon = 3.0
-delta = 1e-5
-[federation]
-rounds = {rounds}
-protection = "{protection}"
-noise_seed = 7
-[federation.secagg]
-weight_bound = 1000
-{extra}
-"""
 
 
 def _sites(clients, root, **budgets):
@@ -58,8 +39,8 @@ def _federation(text, split, clients):
 
 
 @pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg"])
-def test_sites_and_aggregator_give_the_in_process_result(protection, split, clients, tmp_path):
-    text = _config(protection)
+def test_sites_and_aggregator_give_the_in_process_result(protection, split, clients, tmp_path, run_toml):
+    text = run_toml(protection)
     result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
     expected = _federation(text, split, clients)
     assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in result.history)
@@ -78,8 +59,8 @@ def test_sites_and_aggregator_give_the_in_process_result(protection, split, clie
     assert result.summary["final_accuracy"] >= 0.9
 
 
-def test_each_ledger_lives_only_at_its_site(split, clients, tmp_path):
-    result = _aggregator(_config("secagg"), split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+def test_each_ledger_lives_only_at_its_site(split, clients, tmp_path, run_toml):
+    result = _aggregator(run_toml("secagg"), split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
     for name in clients:
         assert (tmp_path / name / LEDGER_FILE).is_file()
         assert (tmp_path / name / "ledger.key").stat().st_mode & 0o077 == 0
@@ -91,21 +72,21 @@ def test_each_ledger_lives_only_at_its_site(split, clients, tmp_path):
         assert 0 < entry["epsilon"] <= 3.0
 
 
-def test_a_restarted_site_keeps_its_spent_epsilon(split, clients, tmp_path):
+def test_a_restarted_site_keeps_its_spent_epsilon(split, clients, tmp_path, run_toml):
     budgets = {"site_0": 10.0, "site_1": 10.0, "site_2": 10.0}
-    _aggregator(_config("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path, **budgets)))
+    _aggregator(run_toml("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path, **budgets)))
     # New objects over the same state directories: a new process at each site.
     again = _sites(clients, tmp_path, **budgets)
-    spent = {site.name: site.spent(_parse_config(_config("plaintext")))[0] for site in again}
+    spent = {site.name: site.spent(_parse_config(run_toml("plaintext")))[0] for site in again}
     assert all(value > 0 for value in spent.values())
-    second = _aggregator(_config("plaintext", rounds=1), split).run(LocalSites(again))
+    second = _aggregator(run_toml("plaintext", rounds=1), split).run(LocalSites(again))
     for name, value in spent.items():
         assert second.summary["clients"][name]["epsilon"] > value
 
 
-def test_an_exhausted_site_refuses_to_train_even_when_asked(split, clients, tmp_path):
+def test_an_exhausted_site_refuses_to_train_even_when_asked(split, clients, tmp_path, run_toml):
     sites = _sites(clients, tmp_path, site_2=0.2)
-    aggregator = _aggregator(_config("plaintext", rounds=2), split)
+    aggregator = _aggregator(run_toml("plaintext", rounds=2), split)
     result = aggregator.run(LocalSites(sites))
     assert all("site-2" in h["skipped"] for h in result.history[:1])
     assert result.summary["clients"]["site-2"]["rounds_trained"] == 0
@@ -129,9 +110,9 @@ def _refusal(site, payload, *, run="0" * 32, step=Step.TRAIN, round_index=0):
     return head["fields"]["reason"]
 
 
-def test_bad_messages_are_refused_not_crashes(split, clients, tmp_path):
+def test_bad_messages_are_refused_not_crashes(split, clients, tmp_path, run_toml):
     sites = _sites(clients, tmp_path)
-    aggregator = _aggregator(_config("secagg", rounds=1), split)
+    aggregator = _aggregator(run_toml("secagg", rounds=1), split)
     aggregator.run(LocalSites(sites))
     site = sites[1]
     run = aggregator.run_id
@@ -149,13 +130,13 @@ def test_bad_messages_are_refused_not_crashes(split, clients, tmp_path):
     assert "not the CKKS key holder" in _refusal(site, not_key_holder)
 
 
-def test_a_corrupted_reply_drops_that_site_and_the_round_completes(split, clients, tmp_path):
+def test_a_corrupted_reply_drops_that_site_and_the_round_completes(split, clients, tmp_path, run_toml):
     from privfl.envelope import decode_request
 
     def corrupt(node, request, reply):
         return b"\x00" * 40 if node == "site-1" and decode_request(request).step is Step.TRAIN else reply
 
-    result = _aggregator(_config("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path), alter=corrupt))
+    result = _aggregator(run_toml("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path), alter=corrupt))
     record = result.history[0]
     assert record["aborted"] is None
     assert "site-1" in record["dropped"] and "malformed" in record["dropped"]["site-1"]
@@ -171,8 +152,8 @@ def _drop_at(step: Step, victims: set[str]):
     return alter
 
 
-def test_secagg_recovers_a_site_lost_after_its_masked_input(split, clients, tmp_path):
-    text = _config("secagg", rounds=1)
+def test_secagg_recovers_a_site_lost_after_its_masked_input(split, clients, tmp_path, run_toml):
+    text = run_toml("secagg", rounds=1)
     result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_at(Step.SECAGG_UNMASK, {"site-2"})))
     record = result.history[0]
     assert record["aborted"] is None
@@ -182,7 +163,7 @@ def test_secagg_recovers_a_site_lost_after_its_masked_input(split, clients, tmp_
     assert np.max(np.abs(result.parameters - expected)) < 1e-3
 
 
-def test_secagg_below_threshold_aborts_typed_and_the_run_goes_on(split, clients, tmp_path):
+def test_secagg_below_threshold_aborts_typed_and_the_run_goes_on(split, clients, tmp_path, run_toml):
     lost = {"site-1", "site-2"}
     calls = {"n": 0}
     first_round_drop = _drop_at(Step.SECAGG_RELAY, lost)
@@ -195,26 +176,26 @@ def test_secagg_below_threshold_aborts_typed_and_the_run_goes_on(split, clients,
         calls["n"] += 1
         return reply
 
-    result = _aggregator(_config("secagg", rounds=2), split).run(LocalSites(_sites(clients, tmp_path), alter=alter))
+    result = _aggregator(run_toml("secagg", rounds=2), split).run(LocalSites(_sites(clients, tmp_path), alter=alter))
     assert result.history[0]["aborted"] and "threshold" in result.history[0]["aborted"]
     assert result.history[1]["aborted"] is None and len(result.history[1]["contributors"]) == 3
 
 
-def test_aggregator_refuses_what_deployments_do_not_support(split):
+def test_aggregator_refuses_what_deployments_do_not_support(split, run_toml):
     with pytest.raises(ConfigError, match="client_dp"):
-        _aggregator(_config("plaintext", extra="[federation.client_dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n"), split)
+        _aggregator(run_toml("plaintext", extra="[federation.client_dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n"), split)
     with pytest.raises(ConfigError, match="input_shape"):
-        Aggregator(_config("plaintext"))
+        Aggregator(run_toml("plaintext"))
 
 
-def test_ckks_needs_exactly_one_key_holder(split, clients, tmp_path):
+def test_ckks_needs_exactly_one_key_holder(split, clients, tmp_path, run_toml):
     sites = [Site(name, ds, tmp_path / name) for name, ds in clients.items()]
     with pytest.raises(ConfigError, match="key-holder"):
-        _aggregator(_config("ckks", rounds=1), split).run(LocalSites(sites))
+        _aggregator(run_toml("ckks", rounds=1), split).run(LocalSites(sites))
 
 
-def test_the_server_never_holds_a_decryption_key_or_a_single_update(split, clients, tmp_path):
-    aggregator = _aggregator(_config("ckks", rounds=1), split)
+def test_the_server_never_holds_a_decryption_key_or_a_single_update(split, clients, tmp_path, run_toml):
+    aggregator = _aggregator(run_toml("ckks", rounds=1), split)
     aggregator.run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
     from privfl.protocols.ckks import _load_context
 

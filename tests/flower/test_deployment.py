@@ -18,28 +18,6 @@ from privfl.flower.deploy import pid_alive  # noqa: E402
 from privfl.flower.local import LocalFederation  # noqa: E402
 
 
-def _config(protection: str, rounds: int = 2) -> str:
-    return f"""
-[data]
-dataset = "breast_cancer"
-num_clients = 3
-partition = "iid"
-[model]
-kind = "logistic"
-[training]
-local_epochs = 1
-batch_size = 16
-learning_rate = 0.5
-[training.dp]
-target_epsilon = 3.0
-delta = 1e-5
-[federation]
-rounds = {rounds}
-protection = "{protection}"
-noise_seed = 11
-[federation.secagg]
-weight_bound = 1000
-"""
 
 
 def _in_process(text: str, out: Path | None = None, round_index: int | None = None):
@@ -99,15 +77,15 @@ def _all_stopped(pids: list[int], within: float = 15.0) -> bool:
 
 
 @pytest.mark.timeout(1200)
-def test_tls_deployment_matches_in_process_for_every_protection(tmp_path):
+def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_toml):
     budgets = {name: 100.0 for name in ("client-0", "client-1", "client-2")}
-    federation = LocalFederation(_config("plaintext"), sites=3, out=tmp_path / "dep", budgets=budgets)
+    federation = LocalFederation(run_toml("plaintext"), sites=3, out=tmp_path / "dep", budgets=budgets)
     results = {}
     with federation:
         pids = federation.started_pids()
         assert pids and all(pid_alive(pid) for pid in pids)
         for protection in ("plaintext", "ckks", "secagg"):
-            results[protection] = federation.run(_config(protection), step_timeout=120)
+            results[protection] = federation.run(run_toml(protection), step_timeout=120)
             if protection == "plaintext":
                 # client-1's process crashes and comes back on the same state directory.
                 federation.restart_site("client-1")
@@ -122,7 +100,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path):
     from privfl.site import _parse_config, quantizer_for
 
     for protection, (summary, history, run_dir) in results.items():
-        expected, clients, split = _in_process(_config(protection))
+        expected, clients, split = _in_process(run_toml(protection))
         from privfl.rundir import load_checkpoint
 
         got = load_checkpoint(run_dir, 1, expected.size)
@@ -133,7 +111,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path):
         elif protection == "ckks":
             assert difference <= 1e-6 * float(np.max(np.abs(expected))) + 1e-7
         else:
-            config = _parse_config(_config(protection))
+            config = _parse_config(run_toml(protection))
             assert difference <= 2 * quantizer_for(config, 3).max_error(3) * config.federation.secagg.weight_bound
         assert summary["deployment"]["tls"] is True and summary["final_accuracy"] >= 0.9
 
@@ -146,8 +124,8 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path):
     # No file of the SuperLink's or the ServerApp's holds client-0's update (CKKS and secure
     # aggregation runs); the search itself finds those bytes where they are.
     for protection in ("ckks", "secagg"):
-        expected, clients, split = _in_process(_config(protection))
-        needle = _known_update(_config(protection), clients, split)
+        expected, clients, split = _in_process(run_toml(protection))
+        needle = _known_update(run_toml(protection), clients, split)
         probe = tmp_path / "probe.bin"
         probe.write_bytes(b"x" * 100 + needle + b"y")
         assert _files_holding(tmp_path, needle) == [probe]
@@ -157,7 +135,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path):
 
 
 @pytest.mark.timeout(1200)
-def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tmp_path):
+def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tmp_path, run_toml):
     budgets = {name: 100.0 for name in ("client-0", "client-1", "client-2")}
     faults = {
         # Round 0: client-2 sends its masked input, then never answers again in that round.
@@ -165,7 +143,7 @@ def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tm
         # Round 1: two of three sites are gone before their masked input: below the threshold.
         "client-1": ["secagg-relay@1"],
     }
-    text = _config("secagg", rounds=4)
+    text = run_toml("secagg", rounds=4)
     federation = LocalFederation(text, sites=3, out=tmp_path / "dep", budgets=budgets, worker_faults=faults)
     killed = {}
 
@@ -207,12 +185,12 @@ def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tm
 
 
 @pytest.mark.timeout(600)
-def test_the_same_apps_run_20_virtual_sites_under_the_simulation_engine(tmp_path):
+def test_the_same_apps_run_20_virtual_sites_under_the_simulation_engine(tmp_path, run_toml):
     pytest.importorskip("ray", reason='the Simulation Engine needs: pip install "flwr[simulation]~=1.42.0"')
     from privfl.flower.deploy import LocalSimulation, write_app_dir
     from privfl.flower.local import CLIENT_APP, SERVER_APP
 
-    text = _config("secagg").replace("num_clients = 3", "num_clients = 20")
+    text = run_toml("secagg").replace("num_clients = 3", "num_clients = 20")
     config_path = tmp_path / "run.toml"
     config_path.write_text(text)
     run_config = {
