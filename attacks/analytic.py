@@ -27,8 +27,10 @@ class AnalyticLinear(Attack):
     bias applied to the flattened raw input (the usual tabular MLP, or Flatten + Linear on images).
 
     For several samples each row gives a weighted mix of the inputs that activated that unit; rows reached
-    by one input alone (common behind a ReLU) still give that input exactly. The attack returns the
-    ``num_samples`` most distinct row estimates, strongest bias gradient first.
+    by one input alone (common behind a ReLU) still give that input exactly, and several such rows give it
+    identically, while mixtures differ from row to row. The attack returns the row estimates that recur
+    (exact inputs, most repeated first; their number is in the reconstruction's ``note``), then the most
+    distinct remaining rows, strongest bias gradient first.
 
     Attributes:
         layer: Name of the linear layer in ``model.named_modules()``; ``None`` picks the first ``nn.Linear``.
@@ -94,12 +96,27 @@ class AnalyticLinear(Attack):
         usable = usable[torch.argsort(strength[usable], descending=True)]
         estimates = weight_grad[usable] / bias_grad[usable, None]
 
-        chosen: list[torch.Tensor] = []
-        for row in estimates:
-            if all(float((row - c).abs().max()) > self.distinct_tol for c in chosen):
-                chosen.append(row)
+        # A unit that only one input activated gives that input exactly, and every other unit that input
+        # activated alone gives the same row: exact inputs recur. A unit shared by several inputs gives a
+        # mixture weighted by that unit's own dL/dz, different for every unit, so mixtures do not recur
+        # (the separation idea behind binning attacks, Fowl et al. 2022). Recurring rows go first, the
+        # most often repeated first; the rest is filled with the most distinct remaining rows.
+        clusters: list[list[int]] = []
+        for r, row in enumerate(estimates):
+            for members in clusters:
+                if float((row - estimates[members[0]]).abs().max()) <= self.distinct_tol:
+                    members.append(r)
+                    break
+            else:
+                clusters.append([r])
+        recurring = sorted((c for c in clusters if len(c) >= 2), key=len, reverse=True)
+        single = [c for c in clusters if len(c) == 1]
+        chosen = [estimates[c].mean(dim=0) for c in recurring[: observation.num_samples]]
+        exact = len(chosen)
+        for c in single:
             if len(chosen) == observation.num_samples:
                 break
+            chosen.append(estimates[c[0]])
         while len(chosen) < observation.num_samples:
             # Fewer distinct units than samples: repeat the strongest estimate rather than invent one.
             chosen.append(chosen[0])
@@ -109,5 +126,6 @@ class AnalyticLinear(Attack):
             inputs=inputs.to(view.dtype),
             labels=labels,
             attack=self.name,
-            note=f"{len(usable)} usable rows of the linear layer",
+            note=f"{len(usable)} usable rows of the linear layer; {exact} of {observation.num_samples} inputs "
+            "read identically off two or more rows (exact)",
         )

@@ -242,12 +242,13 @@ class FedAvgInversion(Attack):
     and the objective that ranks restarts, is always the faithful replay.
 
     Labels: those the observation carries, in order; otherwise counts from ``update_label_counts``. When
-    the steps used distinct batches, which input carries which label changes the update: a first third of
-    the budget optimizes one soft label per input jointly with throwaway inputs (soft totals held to the
-    counts), rounds them to the counted multiset by an optimal assignment and tries every swap of two
-    labels, keeping those that lower the objective; the remaining two thirds recover the inputs with
-    those labels from a fresh start. This assignment is not always found (see docs/attacks.md); known
-    labels or more ``restarts`` help.
+    the steps used distinct batches, which input carries which label changes the update (the label must
+    sit in the right local step). Half the budget then searches that placement: three short runs each
+    optimize one soft label per input jointly with throwaway inputs (soft totals held to the counts), round
+    them to the counted multiset by an optimal assignment and try every swap of two positions, keeping
+    those that lower the objective; the lowest objective wins. The other half recovers the inputs with that
+    placement from a fresh start, rerunning the swap search (moving an input together with its label to
+    another step) at 1/4, 1/2 and 3/4 of the way. Known labels, or more ``restarts``, make this surer.
 
     Attributes:
         max_iterations: Optimizer steps per restart; the cost is ``max_iterations * local_steps`` double
@@ -352,9 +353,9 @@ class FedAvgInversion(Attack):
     ) -> tuple[float, torch.Tensor]:
         # With unknown labels over several distinct batches, which input (hence which step) carries which
         # label changes the update. Each input gets a soft label, a softmax over the classes the counts say
-        # are present, optimized jointly with the inputs on the anchored replay while the soft totals are
+        # are present, optimized jointly with the inputs on the faithful replay while the soft totals are
         # held to the counts; the soft labels are then rounded to the counted multiset by an optimal
-        # assignment. The inputs of this phase are thrown away.
+        # assignment and improved by swaps. Only the labels and the objective are kept.
         candidate = start.clone().requires_grad_(True)
         soft = init_logits.to(start.device).requires_grad_(True)
         mask = torch.where(counts > 0, 0.0, -1e4).to(start)

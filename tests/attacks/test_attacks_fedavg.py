@@ -170,7 +170,9 @@ def test_inconsistent_update_fields_raise_config_error(change: dict, field: str)
 
 def test_missing_update_fields_are_a_type_error() -> None:
     with pytest.raises(TypeError, match="local_steps"):
-        UpdateObservation(delta=(torch.ones(3),), input_shape=(3,), num_samples=2, lr=0.1, batch_size=2)  # type: ignore[call-arg]
+        UpdateObservation(  # type: ignore[call-arg]
+            delta=(torch.ones(3),), input_shape=(3,), num_samples=2, lr=0.1, batch_size=2
+        )
 
 
 def test_observation_without_gradient_or_update_is_rejected() -> None:
@@ -211,3 +213,24 @@ def test_local_training_batches_wrap_around_in_order() -> None:
     assert training.uses().tolist() == [2, 1, 1, 1, 1]
     with pytest.raises(ConfigError):
         LocalTraining(num_samples=2, local_steps=1, batch_size=3, lr=0.1)
+
+
+# --- analytic recovery of batches (issue 11, item 2) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [0, 8, 16])
+def test_analytic_reads_inputs_alone_in_a_unit_exactly_out_of_a_batch(digits, start: int) -> None:
+    from privfl.attacks import AnalyticLinear
+
+    x, y = digits[0][start : start + 4], digits[1][start : start + 4]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    )
+    obs = GradientObservation(gradients=client_gradient(model, x, y), input_shape=(1, 8, 8), num_samples=4)
+    rec = AnalyticLinear().reconstruct(model, obs)
+    match = best_match(rec.inputs.float(), x, data_range=1.0)
+    errors = (rec.inputs[match.reconstruction_index].float() - x[match.target_index]).abs().flatten(1).max(1).values
+    exact = int((errors < 1e-4).sum())
+    assert exact >= 3, errors
+    assert f"{exact} of 4 inputs" in rec.note
