@@ -211,6 +211,7 @@ class Aggregator:
         # site answers with its own; the aggregator then addresses it by that name.
         raw = channel.exchange(payloads, timeout=self.step_timeout)
         self._sites: dict[str, _SiteInfo] = {}
+        self._hello_parts: dict[str, tuple[bytes, ...]] = {}
         for node, reply in raw.items():
             try:
                 name = _reply_name(reply)
@@ -224,6 +225,7 @@ class Aggregator:
             if any(info.name == name for info in self._sites.values()):
                 raise ConfigError("sites", name, "two nodes claim the same site name")
             f = parsed.fields
+            self._hello_parts[name] = parsed.parts
             self._sites[node] = _SiteInfo(
                 node=node, name=name, role=str(f.get("role", "site")), identity=str(f.get("identity", "")),
                 epsilon=_number(f.get("epsilon")), budget=_number(f.get("budget")),
@@ -231,24 +233,20 @@ class Aggregator:
         if not self._sites:
             raise ConfigError("sites", len(nodes), "no site accepted the run")
 
-    def _ckks_setup(self, channel: SiteChannel) -> None:
+    def _ckks_setup(self) -> None:
         holders = [info for info in self._sites.values() if info.role == SiteRole.KEY_HOLDER.value]
         if len(holders) != 1:
             raise ConfigError("role", len(holders), "CKKS needs exactly one site with role = \"key-holder\"")
         self._key_holder = holders[0].name
-        registry = {info.name: info.identity for info in self._sites.values()}
-        replies, dropped = self._exchange(channel, Step.CKKS_SETUP, 0, {self._key_holder: ({"sites": registry}, ())})
-        if self._key_holder not in replies or len(replies[self._key_holder].parts) != 2:
-            raise ProtocolAbort(f"the CKKS key holder did not set up: {dropped.get(self._key_holder, 'malformed reply')}")
-        self._ckks_public, self._ckks_run_id = replies[self._key_holder].parts
+        if self._key_holder not in self._hello_parts or len(self._hello_parts[self._key_holder]) != 2:
+            raise ProtocolAbort("the CKKS key holder sent no public context")
+        self._ckks_public, self._ckks_run_id = self._hello_parts[self._key_holder]
         from privfl.protocols.ckks import _load_context
 
-        if _load_context(self._ckks_public).has_secret_key():
-            raise ProtocolAbort("the key holder sent a context holding its secret key; refusing to hold it")
-        names = [info.name for info in self._sites.values()]
-        _, dropped = self._exchange(channel, Step.CKKS_CONTEXT, 0, {n: ({}, (self._ckks_public, self._ckks_run_id)) for n in names})
-        for name, reason in dropped.items():
-            log.warning("site %s did not take the CKKS context: %s", name, reason)
+        if len(self._ckks_run_id) != 16 or _load_context(self._ckks_public).has_secret_key():
+            raise ProtocolAbort("the key holder's context holds its secret key or its run id is malformed; refusing it")
+        # Sites get the public context with their first train request (self._has_context).
+        self._has_context: set[str] = set()
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self, channel: SiteChannel, out_dir: str | Path | None = None) -> DeploymentResult:
@@ -273,7 +271,7 @@ class Aggregator:
         self._step_seconds: dict[str, float] = {}
         self._hello(channel)
         if fed.protection is ProtectionKind.CKKS:
-            self._ckks_setup(channel)
+            self._ckks_setup()
         names = sorted(info.name for info in self._sites.values())
         model = self._initial_model()
         params = flatten_parameters(model)
@@ -324,8 +322,16 @@ class Aggregator:
         if fed.protection is ProtectionKind.SECAGG:
             secagg = _SecAggRound(self.config, r, sampled, len(params))
             protocol_part = secagg.params_bytes
-        requests = {n: ({**base, "index": names.index(n)}, (params.astype("<f4").tobytes(), protocol_part)) for n in sampled}
+        model_bytes = params.astype("<f4").tobytes()
+        requests = {}
+        for n in sampled:
+            parts = (model_bytes, protocol_part)
+            if fed.protection is ProtectionKind.CKKS and n not in self._has_context:
+                parts += (self._ckks_public, self._ckks_run_id)
+            requests[n] = ({**base, "index": names.index(n)}, parts)
         replies, dropped = self._exchange(channel, Step.TRAIN, r, requests)
+        if fed.protection is ProtectionKind.CKKS:
+            self._has_context.update(name for name, reply in replies.items() if reply.status is Status.OK)
         record["dropped"].update(dropped)
         losses = []
         messages: dict[str, bytes] = {}
@@ -407,7 +413,9 @@ class Aggregator:
                 "the key holder decrypts no smaller sum",
                 survivors=len(result.accepted), threshold=cfg.min_contributors,
             )
-        replies, dropped = self._exchange(channel, Step.CKKS_DECRYPT, r, {self._key_holder: ({"dim": dim}, (result.payload,))})
+        keys = {name: registry[name] for name in result.accepted}
+        fields = {"dim": dim, "sites": {name: key.hex() for name, key in keys.items()}}
+        replies, dropped = self._exchange(channel, Step.CKKS_DECRYPT, r, {self._key_holder: (fields, (result.payload,))})
         reply = replies.get(self._key_holder)
         if reply is None or len(reply.parts) != 1:
             raise ProtocolAbort(f"round {r}: the key holder did not decrypt: {dropped.get(self._key_holder, 'malformed reply')}")

@@ -33,19 +33,18 @@ class Step(str, Enum):
     """What a request asks of a site."""
 
     HELLO = "hello"
-    """Start of a run: the run config; the site answers with its name, role, identity key and spent epsilon."""
-    CKKS_SETUP = "ckks-setup"
-    """To the CKKS key holder: the sites' identity keys; it answers with the public context and its run id."""
-    CKKS_CONTEXT = "ckks-context"
-    """To every site: the CKKS public context and the key holder's run id."""
+    """Start of a run: the run config; the site answers with its name, role, identity key and spent epsilon
+    (the CKKS key holder also with the run's public context and its run id)."""
     TRAIN = "train"
-    """The global model; the site trains (or refuses, for its budget) and answers with the protocol's first message."""
+    """The global model (and, until the site has it, the CKKS public context); the site trains (or refuses,
+    for its budget) and answers with the protocol's first message."""
     SECAGG_KEYS = "secagg-keys"
     SECAGG_RELAY = "secagg-relay"
     SECAGG_CHECK = "secagg-check"
     SECAGG_UNMASK = "secagg-unmask"
     CKKS_DECRYPT = "ckks-decrypt"
-    """To the key holder: the checked, signed ciphertexts of a round; it answers with the decrypted sum."""
+    """To the key holder: the checked, signed ciphertexts of a round and the contributors' identity keys;
+    it answers with the decrypted sum."""
 
 
 class Status(str, Enum):

@@ -230,10 +230,6 @@ class Site:
             return self._train(request, run, config)
         if request.step in _SECAGG_STEPS:
             return self._secagg_step(request, config)
-        if request.step is Step.CKKS_CONTEXT:
-            return self._ckks_context(request)
-        if request.step is Step.CKKS_SETUP:
-            return self._ckks_setup(request, config)
         if request.step is Step.CKKS_DECRYPT:
             return self._ckks_decrypt(request, config)
         raise MessageError(f"step {request.step.value!r} is not served by a site")
@@ -314,8 +310,15 @@ class Site:
         if previous is None or previous["run"] != request.run:
             durable_write_json(self.state_dir / RUN_FILE, {"run": request.run, "config": text, "trained_rounds": []})
         spent, budget = self.spent(config)
+        parts: tuple[bytes, ...] = ()
+        if self.role is SiteRole.KEY_HOLDER and config.federation.protection is ProtectionKind.CKKS:
+            # The key holder makes this run's CKKS keys now (or reloads them, if it was restarted) and
+            # hands out only the public context.
+            holder = self._key_holder(config, request.run, create=True)
+            parts = (holder.public_context(), holder.run_id)
         return self._reply(
             request,
+            parts=parts,
             role=self.role.value,
             identity=self.identity_public().hex(),
             epsilon=spent,
@@ -345,7 +348,9 @@ class Site:
             raise MessageError(f"round {r} is beyond the run's {config.federation.rounds} rounds")
         if r in run["trained_rounds"] or (run["trained_rounds"] and r < max(run["trained_rounds"])):
             raise MessageError(f"this site already trained in round {r} of this run (or a later one)")
-        if len(request.parts) != 2:
+        if len(request.parts) == 4 and config.federation.protection is ProtectionKind.CKKS:
+            self._store_ckks_context(request.parts[2], request.parts[3])
+        elif len(request.parts) != 2:
             raise MessageError("train request must carry the global model and the protocol part")
         if config.federation.client_dp is not None:
             raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
@@ -499,19 +504,17 @@ class Site:
         frame = decode_frame(path.read_bytes(), kind=23, round_index=0, sender="key-holder", max_parts=2)
         return frame.parts[0], frame.parts[1]
 
-    def _ckks_context(self, request: Request) -> Reply:
+    def _store_ckks_context(self, context_bytes: bytes, run_id: bytes) -> None:
         from privfl.protocols.ckks import _load_context
         from privfl.protocols.wire import encode_frame
 
-        if len(request.parts) != 2 or len(request.parts[1]) != 16:
-            raise MessageError("CKKS context message must carry the public context and a 16-byte run id")
-        context = _load_context(request.parts[0])
-        if context.has_secret_key():
+        if len(run_id) != 16:
+            raise MessageError("the CKKS run id must be 16 bytes")
+        if _load_context(context_bytes).has_secret_key():
             raise MessageError("the CKKS context sent to a site holds a secret key")
-        durable_write_bytes(self.state_dir / CKKS_PUBLIC_FILE, encode_frame(23, 0, "key-holder", list(request.parts)))
-        return self._reply(request)
+        durable_write_bytes(self.state_dir / CKKS_PUBLIC_FILE, encode_frame(23, 0, "key-holder", [context_bytes, run_id]))
 
-    def _key_holder(self, config: RunConfig, run: str):
+    def _key_holder(self, config: RunConfig, run: str, *, create: bool = False):
         from privfl.protocols.ckks import CkksKeyHolder
 
         if self.role is not SiteRole.KEY_HOLDER:
@@ -519,30 +522,16 @@ class Site:
         path = self.state_dir / CKKS_KEY_HOLDER_FILE
         if path.exists():
             data = path.read_bytes()
-            tag, body = data[:32], data[32:]
-            if tag.decode("ascii", errors="replace") == run:
-                return CkksKeyHolder.from_bytes(body, config.federation.ckks)
-        return None
+            if data[:32].decode("ascii", errors="replace") == run:
+                return CkksKeyHolder.from_bytes(data[32:], config.federation.ckks)
+        if not create:
+            return None
+        holder = CkksKeyHolder(config.federation.ckks)
+        self._save_key_holder(holder, run)
+        return holder
 
     def _save_key_holder(self, holder, run: str) -> None:
         _write_secret(self.state_dir / CKKS_KEY_HOLDER_FILE, run.encode("ascii") + holder.to_bytes())
-
-    def _ckks_setup(self, request: Request, config: RunConfig) -> Reply:
-        from privfl.protocols.ckks import CkksKeyHolder
-
-        registry = request.fields.get("sites")
-        if not isinstance(registry, dict) or not registry:
-            raise MessageError("CKKS setup carries no site registry")
-        holder = self._key_holder(config, request.run)
-        if holder is None:
-            holder = CkksKeyHolder(config.federation.ckks)
-        for site, key in sorted(registry.items()):
-            if not isinstance(key, str):
-                raise MessageError(f"identity key of {site!r} is not hex")
-            # Registration over the aggregator: trust on first use for this run (docs/deployment.md).
-            holder.register_site(site, bytes.fromhex(key))
-        self._save_key_holder(holder, request.run)
-        return self._reply(request, parts=(holder.public_context(), holder.run_id))
 
     def _ckks_decrypt(self, request: Request, config: RunConfig) -> Reply:
         from privfl.errors import DecryptionError
@@ -552,8 +541,15 @@ class Site:
         if holder is None:
             raise MessageError("no CKKS key for this run at this site")
         dim = request.fields.get("dim")
-        if not isinstance(dim, int) or dim < 1 or len(request.parts) != 1:
-            raise MessageError("decryption request must carry the dimension and the aggregate")
+        registry = request.fields.get("sites")
+        if not isinstance(dim, int) or dim < 1 or len(request.parts) != 1 or not isinstance(registry, dict):
+            raise MessageError("decryption request must carry the dimension, the contributors' keys and the aggregate")
+        for site, key in sorted(registry.items()):
+            if not isinstance(key, str) or len(key) != 64:
+                raise MessageError(f"identity key of {site!r} is not 32 bytes of hex")
+            # Registration through the aggregator, pinned for the run on first sight: trust on first
+            # use (docs/deployment.md). A site presenting another key later is refused.
+            holder.register_site(site, bytes.fromhex(key))
         try:
             released = holder.decrypt_sum(request.round_index, request.parts[0], dim)
         except DecryptionError as exc:
