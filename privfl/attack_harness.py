@@ -683,6 +683,14 @@ def _run_cell(
     from privfl.attacks.metrics import label_accuracy
 
     attack = _attack(kind, config, data)
+    if kind is AttackKind.INVERTING and setting.kind is MatrixProtection.FEDAVG:
+        # A FedAvg update is attacked with the replay built for it, at the same settings and budget.
+        from privfl.attacks import FedAvgInversion
+
+        i = config.inverting
+        attack = FedAvgInversion(max_iterations=i.max_iterations, restarts=i.restarts, lr=i.lr,
+                                 tv_weight=i.tv_weight, bounds=(0.0, 1.0) if data.is_image else None,
+                                 seed=config.seed)
     seconds = 0.0
     scores: list[Any] = []
     accuracies: list[float] = []
