@@ -42,7 +42,15 @@ class SecAggConfig:
             resolves above half; an int below half of some round's holders is refused (ConfigError).
             Each neighbourhood then tolerates h - t dropouts; against an active server colluding with
             h_c of a client's holders, privacy needs 2t > h + h_c (docs/secagg.md).
-        neighbours: SecAgg+ degree k (O(log n) is the usual choice), or None for the complete graph.
+        neighbours: the masking graph. ``"auto"`` (the default): the complete graph up to
+            :data:`~privfl.protocols.secagg.params.COMPLETE_GRAPH_MAX_CLIENTS` clients per round, and
+            above that the SecAgg+ graph of degree k = O(log n) and threshold t that
+            :func:`~privfl.protocols.secagg.params.choose_graph` picks for ``dropout_rate`` and
+            ``corruption_rate`` (Bell et al. 2020; failure probability at most 2^-40; ``threshold``
+            then applies to complete-graph rounds only). An int k: SecAgg+ of that degree.
+            ``"complete"`` or None: the complete graph (classic SecAgg) whatever the round size.
+        dropout_rate: with ``neighbours="auto"``, the fraction of a round's clients that may drop out.
+        corruption_rate: with ``neighbours="auto"``, the fraction that may collude with the server.
         clip_range: each coordinate of delta is clipped to [-clip_range, clip_range] (clipped counts are
             reported in the dropped/diagnostic data, never wrapped).
         bits: modulus 2^bits of the masked words (<= 32, so the upload is at most float32-sized).
@@ -63,7 +71,9 @@ class SecAggConfig:
     """
 
     threshold: int | float = 2 / 3
-    neighbours: int | None = None
+    neighbours: int | str | None = "auto"
+    dropout_rate: float = 0.1
+    corruption_rate: float = 0.0
     clip_range: float = 1.0
     bits: int = 32
     fraction_bits: int | None = None
@@ -87,8 +97,13 @@ class SecAggConfig:
                 "a fractional threshold must be in (1/2, 1]: at or below half of the share holders, a server "
                 "that lies about who dropped can collect both shares of one client",
             )
-        if self.neighbours is not None and (not isinstance(self.neighbours, int) or self.neighbours < 1):
-            raise ConfigError("neighbours", self.neighbours, "must be None or an int >= 1")
+        k = self.neighbours
+        if not (k is None or k in ("auto", "complete") or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
+            raise ConfigError("neighbours", k, "must be \"auto\", \"complete\" (or None) or an int >= 1")
+        if not (isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1):
+            raise ConfigError("dropout_rate", self.dropout_rate, "must be in [0, 1)")
+        if not (isinstance(self.corruption_rate, (int, float)) and 0 <= self.corruption_rate < 0.5):
+            raise ConfigError("corruption_rate", self.corruption_rate, "must be in [0, 0.5)")
         if not (isinstance(self.clip_range, (int, float)) and math.isfinite(self.clip_range) and self.clip_range > 0):
             raise ConfigError("clip_range", self.clip_range, "must be a finite number > 0")
         if not (isinstance(self.bits, int) and 2 <= self.bits <= 32):
@@ -118,12 +133,23 @@ class SecAggConfig:
         k is capped at n - 1 and, when n is odd, made even (no k-regular graph on an odd number
         of vertices has odd k); ``None`` stays the complete graph.
         """
-        if self.neighbours is None or num_clients < 2:
-            return self.neighbours
+        if self.neighbours in (None, "complete") or num_clients < 2:
+            return None
+        if self.neighbours == "auto":
+            chosen = self._auto(num_clients)
+            return None if chosen is None else chosen.neighbours
         k = min(self.neighbours, num_clients - 1)
         if k % 2 == 1 and num_clients % 2 == 1 and k != num_clients - 1:
             k -= 1
         return k if k >= 1 else None
+
+    def _auto(self, num_clients: int):
+        """choose_graph's (k, t) for a round, when the graph is automatic and the round above the complete-graph size."""
+        from privfl.protocols.secagg.params import COMPLETE_GRAPH_MAX_CLIENTS, choose_graph
+
+        if self.neighbours != "auto" or num_clients <= COMPLETE_GRAPH_MAX_CLIENTS:
+            return None
+        return choose_graph(num_clients, dropout_rate=self.dropout_rate, corruption_rate=self.corruption_rate)
 
     def resolve_threshold(self, num_clients: int) -> int:
         """The integer threshold for a round of ``num_clients``.
@@ -136,6 +162,9 @@ class SecAggConfig:
             ConfigError: the graph degree is invalid for ``num_clients``, or an int threshold is at or
                 below half of this round's share holders.
         """
+        chosen = self._auto(num_clients)
+        if chosen is not None:
+            return chosen.threshold
         holders = check_neighbours(self.round_neighbours(num_clients), num_clients) + 1
         if isinstance(self.threshold, int):
             if self.threshold <= holders:
@@ -154,7 +183,12 @@ class SecAggConfig:
             ConfigError: some round size resolves to a threshold at or below half its share holders;
                 the message names the round size.
         """
-        for n in range(2, max_clients + 1):
+        from privfl.protocols.secagg.params import COMPLETE_GRAPH_MAX_CLIENTS
+
+        # Automatic rounds above the complete-graph size take choose_graph's threshold, which passes
+        # the bound by construction: only the complete-graph sizes need checking.
+        last = min(max_clients, COMPLETE_GRAPH_MAX_CLIENTS) if self.neighbours == "auto" else max_clients
+        for n in range(2, last + 1):
             try:
                 self.resolve_threshold(n)
             except ConfigError as exc:

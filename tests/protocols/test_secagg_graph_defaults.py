@@ -146,3 +146,41 @@ def test_build_graph_is_cached_but_hands_out_fresh_dicts():
     assert all(u in second[v] for u, vs in second.items() for v in vs)  # symmetric
     assert components(second, ids) == 1
     assert build_graph(ids, 20, b"t" * 16) != second
+
+
+def test_secagg_config_defaults_to_the_chosen_graph_above_the_complete_graph_size():
+    from privfl.protocols.secagg import SecAggConfig
+    from privfl.protocols.secagg.params import COMPLETE_GRAPH_MAX_CLIENTS, choose_graph
+
+    config = SecAggConfig()
+    assert config.neighbours == "auto"
+    # Small rounds: the complete graph with the 2/3 threshold, as before.
+    assert config.round_neighbours(10) is None and config.resolve_threshold(10) == 7
+    assert config.round_neighbours(COMPLETE_GRAPH_MAX_CLIENTS) is None
+    # Large rounds: k = O(log n) and the threshold chosen with it for the stated rates.
+    for n in (100, 1000):
+        chosen = choose_graph(n, dropout_rate=0.1)
+        assert config.round_neighbours(n) == chosen.neighbours < n - 1
+        assert config.resolve_threshold(n) == chosen.threshold
+    assert config.round_neighbours(1000) < 3 * config.round_neighbours(100)
+    # The complete graph on request, in Python or TOML.
+    assert SecAggConfig(neighbours="complete").round_neighbours(1000) is None
+    assert SecAggConfig(neighbours=None).round_neighbours(1000) is None
+    config.check_threshold_bound(1000)  # fast: only complete-graph sizes need checking
+
+
+def test_secagg_config_rejects_bad_graph_settings():
+    from privfl.errors import ConfigError
+    from privfl.protocols.secagg import SecAggConfig
+
+    for bad in ({"neighbours": "sparse"}, {"neighbours": 0}, {"neighbours": True}, {"dropout_rate": 1.0}, {"corruption_rate": 0.5}):
+        with pytest.raises(ConfigError):
+            SecAggConfig(**bad)
+
+
+def test_the_run_config_takes_the_graph_settings_from_toml():
+    from privfl.config import config_from_dict
+
+    for value, expected in (("auto", "auto"), ("complete", "complete"), (14, 14)):
+        config = config_from_dict({"federation": {"protection": "secagg", "secagg": {"neighbours": value, "dropout_rate": 0.2}}})
+        assert config.federation.secagg.neighbours == expected and config.federation.secagg.dropout_rate == 0.2
