@@ -232,13 +232,13 @@ class FedAvgInversion(Attack):
 
     Optimization: Adam on the sign of the gradient, step size warmed up linearly over the first
     ``warmup`` fraction and then cosine-annealed to zero; candidates are projected into ``bounds``.
-    When every local step used the same inputs (``batch_size == num_samples``: several epochs of one batch),
-    the first ``continuation`` fraction of iterations does not chain the steps: step k's gradient is taken
+    When the site went over every input at least twice (several local epochs), the first ``continuation``
+    fraction of iterations does not chain the steps: step k's gradient is taken
     at ``w_0 + (k / K) delta*``, on the straight line to the parameters the client sent back, which the
     server holds. That anchored problem is smoother (each term is a plain gradient, as in one-step
     inversion) and its solution is a good start for the faithful replay, which from a random start often
-    stalls in a local minimum once the client's steps move the model far. With distinct batches the
-    trajectory zigzags and anchoring measured worse than none, so it is skipped there. The rest of the run,
+    stalls in a local minimum once the client's steps move the model far. When each input was used
+    once, the trajectory zigzags between batches and anchoring measured worse than none, so it is skipped. The rest of the run,
     and the objective that ranks restarts, is always the faithful replay.
 
     Labels: those the observation carries, in order; otherwise counts from ``update_label_counts``. When
@@ -259,7 +259,7 @@ class FedAvgInversion(Attack):
         tv_weight: Total-variation prior weight (images only).
         warmup: Fraction of iterations over which the step size warms up.
         continuation: Fraction of iterations that match the anchored (unchained) replay first, when every
-            step used the same inputs (0 disables).
+            input was used in two or more steps (0 disables).
         bounds: ``(low, high)`` box for the inputs, or ``None``.
         signed: Use the sign of the gradient (as Inverting Gradients does).
         seed: Seed of the random starts, probes and label assignments.
@@ -408,11 +408,11 @@ class FedAvgInversion(Attack):
         optimizer = torch.optim.Adam([candidate], lr=self.lr)
         total = iterations
         warm = int(total * self.warmup)
-        # The straight line from w_0 to w_K is a good stand-in for the trajectory when every step descended
-        # the same loss (one batch, several epochs); with distinct batches the path zigzags, and anchoring
-        # to the line measured worse than no anchoring (docs/attacks.md), so it is skipped.
-        same_batch = replay.training.batch_size == replay.training.num_samples
-        cont = int(total * self.continuation) if same_batch else 0
+        # The straight line from w_0 to w_K is a good stand-in for the trajectory when the site went over its
+        # inputs several times (epochs); when each input was used once, the path zigzags between batches and
+        # anchoring to the line measured worse than no anchoring (docs/attacks.md), so it is skipped.
+        revisited = int(replay.training.uses().min()) >= 2
+        cont = int(total * self.continuation) if revisited else 0
         # Estimated labels over distinct batches: the swap search reruns as the inputs sharpen.
         checks = {total // 4, total // 2, 3 * total // 4} if swaps else set()
         for it in range(total):
