@@ -238,8 +238,8 @@ class FedAvgInversion(Attack):
     server holds. That anchored problem is smoother (each term is a plain gradient, as in one-step
     inversion) and its solution is a good start for the faithful replay, which from a random start often
     stalls in a local minimum once the client's steps move the model far. When each input was used
-    once, the trajectory zigzags between batches and anchoring measured worse than none, so it is skipped. The rest of the run,
-    and the objective that ranks restarts, is always the faithful replay.
+    once, the trajectory zigzags between batches and anchoring measured worse than none, so it is skipped.
+    The rest of the run, and the objective that ranks restarts, is always the faithful replay.
 
     Labels: those the observation carries, in order; otherwise counts from ``update_label_counts``. When
     the steps used distinct batches, which input carries which label changes the update (the label must

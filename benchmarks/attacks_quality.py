@@ -275,7 +275,8 @@ def analytic_photo_table(*, crop_sets: int) -> None:
                 errors = (rec.inputs[match.reconstruction_index].float() - x[match.target_index]).abs()
                 exact += int((errors.flatten(1).max(dim=1).values < 1e-4).sum())
                 psnrs.append(float(match.psnr.mean()))
-            print(f"| {width} | {batch} | {crop_sets} | {statistics.fmean(psnrs):.1f} | {exact} of {batch * crop_sets} |")
+            mean_psnr = statistics.fmean(psnrs)
+            print(f"| {width} | {batch} | {crop_sets} | {mean_psnr:.1f} | {exact} of {batch * crop_sets} |")
 
 
 def print_photo_table(rows: list[Row]) -> None:
