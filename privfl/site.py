@@ -354,6 +354,9 @@ class Site:
             raise MessageError("train request must carry the global model and the protocol part")
         if config.federation.client_dp is not None:
             raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
+        # Everything the protocol needs is checked before the data is touched: a request refused
+        # after training would have spent budget for nothing.
+        self._check_protocol_inputs(request, config)
         plan = plan_site(len(self.dataset), config.training, config.federation, num_sites)
         event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
         ledger = self._ledger(config)
@@ -396,6 +399,28 @@ class Site:
         return self._reply(
             request, parts=(message,), epsilon=spent, budget=budget, exhausted=exhausted, train_loss=result.mean_loss,
         )
+
+    def _check_protocol_inputs(self, request: Request, config: RunConfig) -> None:
+        kind = config.federation.protection
+        if kind is ProtectionKind.CKKS:
+            self._ckks_public()
+            participants = request.fields.get("participants")
+            if not isinstance(participants, int) or isinstance(participants, bool) or participants < 1:
+                raise MessageError("train request lacks the participant count")
+        elif kind is ProtectionKind.SECAGG:
+            from privfl.protocols.secagg.state import decode_params
+
+            cfg = config.federation.secagg
+            if cfg.weight_bound is None:
+                raise ConfigError(
+                    "federation.secagg.weight_bound", None,
+                    "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+                )
+            if len(self.dataset) > cfg.weight_bound:
+                raise ConfigError("federation.secagg.weight_bound", cfg.weight_bound, f"this site has {len(self.dataset)} examples, above it")
+            params = decode_params(request.parts[1], round_index=request.round_index)
+            if self.name not in params.index:
+                raise MessageError("this site is not among the round's secure-aggregation clients")
 
     def _protect(self, request: Request, config: RunConfig, update, num_sites: int, protocol_part: bytes) -> bytes:
         kind = config.federation.protection

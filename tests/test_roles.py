@@ -204,3 +204,26 @@ def test_the_server_never_holds_a_decryption_key_or_a_single_update(split, clien
     secret = tmp_path / "site-0" / "ckks-key-holder.bin"
     assert secret.is_file() and secret.stat().st_mode & 0o077 == 0
     assert not (tmp_path / "site-1" / "ckks-key-holder.bin").exists()
+
+
+def test_a_request_the_protocol_cannot_serve_is_refused_before_training(split, clients, tmp_path, run_toml):
+    """Refused after training, it would have spent budget for nothing."""
+    sites = _sites(clients, tmp_path)
+    aggregator = _aggregator(run_toml("secagg", rounds=2), split)
+    aggregator.run(LocalSites(sites))
+    site = sites[1]
+    before = site.spent(_parse_config(run_toml("secagg", rounds=2)))[0]
+    import json
+
+    from privfl.protocols.wire import decode_frame
+
+    params = b"\x00" * 64  # not secure-aggregation round parameters
+    # A new run (hello), then a train request whose model is well formed but whose protocol part is not.
+    hello = encode_request(Request("a" * 32, Step.HELLO, 0, "site-1", {"config": run_toml("secagg", rounds=2)}, ()))
+    site.handle(hello)
+    request = Request("a" * 32, Step.TRAIN, 0, "site-1", {"index": 1, "num_sites": 3, "participants": 3,
+                      "input_shape": list(split.train.input_shape), "num_classes": split.train.num_classes}, (b"\x00" * 248, params))
+    frame = decode_frame(site.handle(encode_request(request)), kind=61, round_index=None)
+    head = json.loads(frame.parts[0])
+    assert head["status"] == "refused" and "magic" in head["fields"]["reason"]
+    assert site.spent(_parse_config(run_toml("secagg", rounds=2)))[0] == before
