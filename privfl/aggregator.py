@@ -309,6 +309,11 @@ class Aggregator:
         self._step_seconds = {}
         needed = _min_participants(self.config)
         hopeful = [n for n in sampled if not by_name[n].exhausted]
+        for name in sampled:
+            if by_name[name].exhausted:
+                # Its own ledger said so last time it answered; asking again would change nothing.
+                record["skipped"][name] = "budget exhausted (the site's last answer); not asked"
+                by_name[name].rounds_skipped += 1
         if len(hopeful) < needed:
             record["aborted"] = (
                 f"round skipped before training: {len(hopeful)} of {len(sampled)} sampled sites can train, "
