@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     except PrivflError as exc:
         print(f"privfl: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        # An optional extra that is not installed: the message names the install command.
+        print(f"privfl: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         # The library types the file errors it expects; one it did not still gets one clear line.
         where = f"{exc.filename}: " if exc.filename else ""

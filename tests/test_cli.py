@@ -98,3 +98,16 @@ def test_audit_and_lint_commands(tmp_path, capsys):
     capsys.readouterr()
     assert main(["audit", str(run_dir)]) == 2
     assert f"{ledger}: line 5" in capsys.readouterr().err
+
+
+def test_deploy_without_flower_names_the_install_command(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from privfl.cli import main
+
+    # An interpreter whose directory holds no Flower executables (as when privfl[flower] is not installed).
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    code = main(["deploy", "local", "--sites", "3", "--out", str(tmp_path / "dep"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'privfl[flower]'" in err and "Traceback" not in err
+    assert not (tmp_path / "dep").exists()

@@ -91,7 +91,7 @@ def flower_executable(name: str) -> Path:
     """
     path = Path(sys.executable).parent / name
     if not path.is_file():
-        raise ImportError(f"{name} not found next to {sys.executable}; install Flower with: pip install 'flwr>=1.42'")
+        raise ImportError(f"{name} not found next to {sys.executable}; install Flower with: pip install 'privfl[flower]'")
     return path
 
 

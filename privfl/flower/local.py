@@ -128,6 +128,10 @@ class LocalFederation:
         config = self.config
         if config.federation.protection is ProtectionKind.CKKS and sites < config.federation.ckks.min_contributors:
             raise ConfigError("sites", sites, f"CKKS needs at least ckks.min_contributors = {config.federation.ckks.min_contributors} sites")
+        from privfl.flower.deploy import flower_executable
+
+        for name in ("flower-superlink", "flower-supernode", "flwr"):
+            flower_executable(name)  # ImportError naming the install command, before anything is written
         self.root = Path(out).resolve()
         if self.root.exists() and any(self.root.iterdir()):
             raise ConfigError("out", str(self.root), "must be a new or empty directory")
