@@ -57,16 +57,30 @@ def split(secret: int, threshold: int, xs: Sequence[int], *, prime: int = PRIME)
 def lagrange_at_zero(xs: tuple[int, ...], prime: int = PRIME) -> tuple[int, ...]:
     """Weights w_i with f(0) = sum_i w_i f(x_i) for any polynomial of degree < len(xs).
 
+    w_i = prod_{j != i} x_j / prod_{j != i} (x_j - x_i) = X / (x_i prod_{j != i} (x_j - x_i)) with
+    X = prod_j x_j (every x_j is non-zero). The len(xs) denominators are inverted together with one
+    modular inverse (Montgomery's trick): the inverses, not the products, were the cost.
     Cached: in a round many secrets are rebuilt from the same set of holders.
     """
-    weights = []
+    total = 1
+    for x in xs:
+        total = total * x % prime
+    denominators = []
     for i, xi in enumerate(xs):
-        numerator, denominator = 1, 1
+        d = xi
         for j, xj in enumerate(xs):
             if j != i:
-                numerator = numerator * xj % prime
-                denominator = denominator * (xj - xi) % prime
-        weights.append(numerator * pow(denominator, -1, prime) % prime)
+                d = d * (xj - xi) % prime
+        denominators.append(d)
+    prefix = [1]
+    for d in denominators:
+        prefix.append(prefix[-1] * d % prime)
+    inverse = pow(prefix[-1], -1, prime)  # 1 / (d_0 ... d_{n-1})
+    weights = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        # inverse is 1 / (d_0 ... d_i) here, so 1 / d_i = inverse * (d_0 ... d_{i-1}).
+        weights[i] = total * (inverse * prefix[i] % prime) % prime
+        inverse = inverse * denominators[i] % prime
     return tuple(weights)
 
 

@@ -391,3 +391,23 @@ def test_server_refuses_a_non_bool_authenticate_flag():
     run = new_round(["a", "b", "c"], round_index=0, threshold=2, neighbours=None, dimension=4, bits=32, graph_seed=bytes(16))
     with pytest.raises(ProtocolError):
         SecAggServer(run.params, run.server._key, authenticate_vectors=1)
+
+
+def test_lagrange_weights_equal_the_textbook_formula():
+    """The batched-inverse weights are the textbook ones (each denominator inverted on its own)."""
+    import random
+
+    from privfl.protocols.secagg.shamir import PRIME, lagrange_at_zero
+
+    rng = random.Random(3)
+    for size in (1, 2, 3, 7, 30):
+        xs = tuple(sorted(rng.sample(range(1, 2000), size)))
+        expected = []
+        for i, xi in enumerate(xs):
+            numerator, denominator = 1, 1
+            for j, xj in enumerate(xs):
+                if j != i:
+                    numerator = numerator * xj % PRIME
+                    denominator = denominator * (xj - xi) % PRIME
+            expected.append(numerator * pow(denominator, -1, PRIME) % PRIME)
+        assert lagrange_at_zero.__wrapped__(xs) == tuple(expected)
