@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from privfl.config import CkksConfig
+from privfl.protocols.ckks_params import CkksConfig
 from privfl.errors import ConfigError, DecryptionError, MessageError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, Transport
 from privfl.protocols.ckks_release import FLOOD_FACTOR, flood_and_round, measure_fresh_error

@@ -22,12 +22,12 @@ from enum import Enum
 
 from privfl.accounting import Accountant, epsilon
 from privfl.config import (
-    HE_STANDARD_MAX_LOGQ_128,
     ProtectionKind,
     RunConfig,
     load_config,
 )
 from privfl.errors import ConfigError
+from privfl.protocols.ckks_params import HE_STANDARD_MAX_LOGQ_128
 
 __all__ = ["Severity", "Finding", "RULES", "lint_config", "lint_file"]
 
