@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -170,7 +171,7 @@ class FlowerChannel:
             ids = sorted(self.grid.get_node_ids())
             if len(ids) >= self.min_sites or time.monotonic() > deadline:
                 break
-            time.sleep(1.0)
+            time.sleep(0.1)
         if len(ids) < self.min_sites:
             raise ConfigError("min-sites", self.min_sites, f"only {len(ids)} nodes connected within {self.wait_seconds:g} s")
         return [str(i) for i in ids]
@@ -211,6 +212,15 @@ def _shape(value) -> tuple[int, ...]:
     return shape
 
 
+def _shorten_reply_pulls(grid: Grid) -> None:
+    """A reply is announced before its payload arrives; retry its pull after 50 ms, not 1 s."""
+    module = sys.modules.get(type(grid).__module__)
+    if module is not None:
+        from privfl.flower.node import shorten_object_pulls
+
+        shorten_object_pulls(module, "pull_objects", 0.05)
+
+
 @server_app.main()
 def _aggregator_main(grid: Grid, context: Context) -> None:
     import torch
@@ -219,6 +229,7 @@ def _aggregator_main(grid: Grid, context: Context) -> None:
     from privfl.site import load_site_dataset
 
     torch.set_num_threads(1)
+    _shorten_reply_pulls(grid)
     rc = context.run_config
     config_path = Path(str(_node_value(rc, "config")))
     if not config_path.is_file():

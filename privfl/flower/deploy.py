@@ -458,6 +458,7 @@ class LocalDeployment:
         stop_grace: float = 5.0,
         node_auth: bool = False,
         extra_env: Mapping[str, str] | None = None,
+        fast_nodes: bool = True,
     ) -> None:
         """Describe the deployment; nothing starts before `start` (or ``with``).
 
@@ -471,6 +472,9 @@ class LocalDeployment:
                 ``--enable-supernode-auth``, each node gets an ECDSA P-256 key, and each public key
                 is registered with ``flwr supernode register`` before its node starts.
             extra_env: More environment variables for every process (e.g. ``PYTHONPATH``).
+            fast_nodes: Start each SuperNode as ``python -m privfl.flower.node`` (Flower's SuperNode
+                with 50 ms polls and ClientApp processes forked from a warm parent, see
+                `privfl.flower.node`) instead of the plain ``flower-supernode``.
 
         Raises:
             ConfigError: If ``node_configs`` is empty, a key is malformed, or a timeout is not positive.
@@ -489,6 +493,8 @@ class LocalDeployment:
         self.stop_grace = stop_grace
         self.node_auth = node_auth
         self._extra_env = dict(extra_env or {})
+        self.fast_nodes = fast_nodes
+        self._node_keys: dict[int, NodeAuthKeys] = {}
         self._exe = {name: flower_executable(name) for name in ("flower-superlink", "flower-supernode", "flwr")}
         self.tls: TlsMaterial | None = None
         self.port: int | None = None
@@ -539,15 +545,54 @@ class LocalDeployment:
     def _start(self) -> None:
         ports = self._start_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
         deadline = time.monotonic() + self.startup_timeout
-        for index in range(len(self.node_configs)):
-            self._spawn_supernode(index, ports[1 + index], register_key=self.node_auth)
+        indices = range(len(self.node_configs))
+        if self.node_auth:  # every key registered before any node starts; the registrations run side by side
+            self._register_keys([self._auth_keys(index) for index in indices])
+        for index in indices:
+            self._spawn_supernode(index, ports[1 + index], register_key=False)
         self._wait_registered(self.supernodes, deadline)
+
+    def _auth_keys(self, index: int) -> NodeAuthKeys:
+        """Node ``index``'s key pair, made on first use."""
+        if index not in self._node_keys:
+            self._node_keys[index] = generate_node_auth_keys(self.directory / "node-keys", f"node-{index}")
+        return self._node_keys[index]
+
+    def _register_keys(self, keys: Sequence[NodeAuthKeys], timeout: float = 60.0) -> None:
+        """``flwr supernode register`` for each public key, all at once (each is a CLI process)."""
+        procs = [
+            subprocess.Popen(
+                [str(self._exe["flwr"]), "supernode", "register", str(key.public_key), _CONNECTION],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env("cli"), cwd=self.directory,
+            )
+            for key in keys
+        ]  # fmt: skip
+        deadline = time.monotonic() + timeout
+        failures = []
+        try:
+            for key, proc in zip(keys, procs, strict=True):
+                try:
+                    out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    failures.append(f"{key.public_key.name}: no answer within {timeout:g} s")
+                    continue
+                if proc.returncode != 0:
+                    failures.append(f"{key.public_key.name} ({proc.returncode}): {out.decode(errors='replace').strip()}")
+        finally:  # none outlives this call, also on an error or Ctrl-C
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if failures:
+            raise DeploymentError("flwr supernode register failed: " + "; ".join(failures))
 
     def _spawn_supernode(self, index: int, port: int, *, register_key: bool) -> SuperNodeProcess:
         tls = self.tls
         assert tls is not None
+        launcher = [sys.executable, "-m", "privfl.flower.node"] if self.fast_nodes else [str(self._exe["flower-supernode"])]
         cmd = [
-            str(self._exe["flower-supernode"]),
+            *launcher,
             "--superlink", self.address,
             "--root-certificates", str(tls.ca_cert),
             "--host", "127.0.0.1",
@@ -558,9 +603,9 @@ class LocalDeployment:
             cmd += ["--node-config", self._node_config_args[index]]
         keys = None
         if self.node_auth:
-            keys = generate_node_auth_keys(self.directory / "node-keys", f"node-{index}")
+            keys = self._auth_keys(index)
             if register_key:
-                self._flwr(["supernode", "register", str(keys.public_key), _CONNECTION], timeout=60, check=True)
+                self._register_keys([keys])
             cmd += ["--auth-supernode-private-key", str(keys.private_key)]
         log_file = self.directory / f"supernode-{index}.log"
         node = SuperNodeProcess(

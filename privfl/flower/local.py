@@ -159,10 +159,11 @@ class LocalFederation:
 
         self.started = time.perf_counter()
         try:
-            self.workers.start(self._worker_args)
+            self.workers.spawn(self._worker_args)  # they load torch and their data meanwhile
             # SuperNode authentication on: only nodes whose keys were registered may join.
             self.deployment = LocalDeployment(self.root / "flower", self.node_configs, node_auth=True)
             self.deployment.start()
+            self.workers.wait_ready()
         except BaseException:
             self.stop()
             raise
@@ -301,13 +302,21 @@ class _Workers:
         self._all.append(process)
         return (process, Path(args[args.index("--socket") + 1]), log_path, args)
 
-    def start(self, arguments: list[list[str]], *, timeout: float = 180.0) -> None:
+    def spawn(self, arguments: list[list[str]]) -> None:
+        """Starts one worker per argument list; `wait_ready` waits for them."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, args in enumerate(arguments):
             self.processes.append(self._spawn(i, args))
+
+    def wait_ready(self, *, timeout: float = 180.0) -> None:
+        """Returns once every worker answers on its socket (raises if one exits or times out)."""
         deadline = time.monotonic() + timeout
         for entry in self.processes:
             self._wait_ready(entry, deadline, timeout)
+
+    def start(self, arguments: list[list[str]], *, timeout: float = 180.0) -> None:
+        self.spawn(arguments)
+        self.wait_ready(timeout=timeout)
 
     def restart(self, index: int, *, timeout: float = 180.0) -> None:
         """Kills worker ``index`` (SIGKILL, as a crash would) and starts it again on the same state directory."""

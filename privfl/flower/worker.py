@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         role=args.role,
         device=args.device,
     )
+    site.warm_up()
     serve(site, args.socket or Path(args.state_dir) / "site.sock", faults=frozenset(args.fault))
     return 0
 

@@ -1,0 +1,245 @@
+"""A Flower SuperNode for privfl sites: short polls, ClientApp processes forked warm.
+
+``python -m privfl.flower.node [--poll SECONDS] FLOWER_SUPERNODE_ARGS...`` starts Flower's own
+SuperNode (``flower-supernode``, same arguments, same gRPC/TLS/node-authentication code) with two
+changes that matter for privfl, whose rounds are several message exchanges each:
+
+- **Polls.** Flower 1.42's SuperNode waits a fixed 3 s after asking the SuperLink for a message
+  and finding none, and 0.5 s between looks for the ClientApp's reply. Every privfl protocol step
+  pays the first (the node is idle while the other sites train). Here both waits are capped at
+  ``--poll`` (0.05 s by default): a node then asks the SuperLink up to 20 times a second while
+  idle, which a SuperLink serving tens of sites absorbs easily; raise ``--poll`` for hundreds.
+- **ClientApp processes.** Flower runs every message in a new ``flwr-clientapp`` process, which
+  imports Flower first (1-2 s on a small machine). Here the SuperNode runs in Flower's ``process``
+  isolation mode and this module starts its own task executor next to it: a process that has
+  imported Flower and privfl's ClientApp once and forks one child per message. Each child runs
+  Flower's own ClientApp runtime (``run_clientapp``: pull the message over the local Runtime API,
+  call the ClientApp, push the reply) and exits, as ``flwr-clientapp`` would. What a message can
+  reach is unchanged: the child is a fresh process with nothing of the previous message in it
+  beyond what was imported before the fork (no site data, no keys: a site's state is in its
+  state directory or its long-lived worker).
+
+Both changes touch Flower internals that are not a public API, so this module checks the
+installed Flower version and refuses any other minor version than the one it was written for; the
+plain ``flower-supernode`` always works (slower) and needs nothing from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+__all__ = ["DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "main", "run_executor"]
+
+DEFAULT_POLL_SECONDS = 0.05
+SUPPORTED_FLOWER = "1.42"
+
+
+def _check_flower_version() -> None:
+    from importlib.metadata import version
+
+    installed = version("flwr")
+    if not (installed == SUPPORTED_FLOWER or installed.startswith(SUPPORTED_FLOWER + ".")):
+        raise SystemExit(
+            f"privfl.flower.node is written for Flower {SUPPORTED_FLOWER}.x and found flwr {installed}; "
+            "use the plain flower-supernode command instead"
+        )
+
+
+def _poll(value: str) -> float:
+    seconds = float(value)
+    if not 0.005 <= seconds <= 5.0:
+        raise argparse.ArgumentTypeError("must be between 0.005 and 5 seconds")
+    return seconds
+
+
+def _capped_time(poll: float) -> SimpleNamespace:
+    """A stand-in for the ``time`` module whose ``sleep`` waits at most ``poll`` seconds."""
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        real_sleep(min(float(seconds), poll))
+
+    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("__")}
+    names["sleep"] = sleep
+    return SimpleNamespace(**names)
+
+
+def shorten_object_pulls(module: object, name: str, poll: float) -> bool:
+    """Make Flower's object pulls in ``module`` retry after ``poll`` seconds instead of 1 s.
+
+    A Flower message is announced before its objects (the payload) have arrived; whoever pulls it
+    in that gap retries with an exponential backoff that starts at 1 s (``PULL_INITIAL_BACKOFF``).
+    A SuperNode stores a message before it has pulled its objects, and a reply reaches the
+    SuperLink before its objects, so with fast polls that gap is hit on most exchanges. This wraps
+    the pull function named ``name`` in ``module`` so its backoff starts at ``poll`` (doubling, at
+    most 1 s). Returns False (and changes nothing) if the function is not there or does not take
+    the backoff arguments.
+    """
+    import functools
+    import inspect
+
+    func = getattr(module, name, None)
+    if func is None or isinstance(func, functools.partial):
+        return False
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    if "initial_backoff" not in params or "backoff_cap" not in params:
+        return False
+    setattr(module, name, functools.partial(func, initial_backoff=poll, backoff_cap=1.0))
+    return True
+
+
+def _runtime_address(args: Sequence[str]) -> str:
+    """The SuperNode's Runtime API address, from its ``--host``/``--port`` (Flower's defaults otherwise)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9094)
+    parser.add_argument("--ssl-certfile")
+    parser.add_argument("--isolation")
+    known, _ = parser.parse_known_args(list(args))
+    if known.ssl_certfile:
+        raise SystemExit("privfl.flower.node runs its Runtime API on loopback without TLS; drop --ssl-certfile")
+    if known.isolation not in (None, "process"):
+        raise SystemExit("privfl.flower.node runs Flower's 'process' isolation itself; drop --isolation")
+    host = known.host
+    return f"[{host}]:{known.port}" if ":" in host and not host.startswith("[") else f"{host}:{known.port}"
+
+
+def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> None:
+    """Take ClientApp tasks from the SuperNode's Runtime API; run each in a forked child.
+
+    Returns when the parent SuperNode has gone (or on SIGTERM/SIGINT).
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    import flwr.supernode.runtime.run_clientapp as _rc
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    import importlib
+
+    for module in ("privfl.flower.apps", "privfl.flower.worker"):  # warm: each child finds them imported
+        importlib.import_module(module)
+
+    shorten_object_pulls(_rc, "pull_and_inflate_object_from_tree", poll)
+
+    stopping = False
+
+    def _stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    children: set[int] = set()
+    request = AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)])
+    try:
+        while not stopping and os.getppid() == parent_pid:
+            for pid in list(children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    children.discard(pid)
+            try:
+                reply = client.AcquireTask(request)
+            except Exception as exc:  # noqa: BLE001 - the SuperNode may not be up yet, or be stopping
+                print(f"privfl node executor: Runtime API not answering ({type(exc).__name__})", file=sys.stderr)
+                time.sleep(max(poll, 0.5))
+                continue
+            if reply.HasField("task") and reply.token:
+                pid = os.fork()
+                if pid == 0:  # the child: one ClientApp task, then exit
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    code = 1
+                    try:
+                        run_clientapp(
+                            runtime_api_address=runtime_api_address,
+                            token=reply.token,
+                            insecure=True,
+                            certificates=None,
+                            parent_pid=None,
+                            runtime_dependency_install=False,
+                        )
+                        code = 0
+                    except SystemExit as exc:
+                        code = exc.code if isinstance(exc.code, int) else 1
+                    except BaseException:  # noqa: BLE001 - the child must not return into the loop
+                        import traceback
+
+                        traceback.print_exc()
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                children.add(pid)
+                continue  # there may be another task waiting
+            time.sleep(poll)
+    finally:
+        client.close()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -m privfl.flower.node [--poll S] FLOWER_SUPERNODE_ARGS...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m privfl.flower.node",
+        description="Flower's SuperNode with short polls and warm-forked ClientApp processes "
+        "(all other arguments go to flower-supernode).",
+    )
+    parser.add_argument("--poll", type=_poll, default=DEFAULT_POLL_SECONDS, help="longest idle wait, seconds")
+    parser.add_argument("--executor", metavar="RUNTIME_API_ADDRESS", help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    ours, rest = parser.parse_known_args(argv)
+    _check_flower_version()
+    if ours.executor:
+        run_executor(ours.executor, poll=ours.poll, parent_pid=ours.parent_pid or os.getppid())
+        return
+
+    address = _runtime_address(rest)
+    import flwr.supernode.start_client_internal as internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    internal.time = _capped_time(ours.poll)  # type: ignore[assignment]
+    shorten_object_pulls(internal, "pull_objects", ours.poll)
+    executor = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "privfl.flower.node", "--poll", str(ours.poll),
+         "--executor", address, "--parent-pid", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    sys.argv = ["flower-supernode", *rest, "--isolation", "process"]
+    try:
+        flower_supernode()
+    finally:
+        if executor.poll() is None:
+            executor.terminate()
+
+
+if __name__ == "__main__":
+    main()

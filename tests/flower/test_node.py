@@ -1,0 +1,96 @@
+"""privfl.flower.node: the SuperNode launcher's pieces, without starting any process.
+
+The launcher itself runs in every deployment test (LocalDeployment starts it by default); these
+tests pin what it changes in Flower, so a Flower upgrade that moves those internals fails here by
+name rather than as a slow deployment.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from privfl.flower import node  # noqa: E402
+
+
+def test_capped_sleep_waits_at_most_the_poll(monkeypatch):
+    waits = []
+    monkeypatch.setattr(node.time, "sleep", waits.append)
+    shim = node._capped_time(0.05)
+    shim.sleep(3)
+    shim.sleep(0.01)
+    assert waits == [0.05, 0.01]
+    assert shim.monotonic is node.time.monotonic  # everything else is the real module
+
+
+def test_object_pull_backoff_is_shortened_once():
+    calls = []
+
+    def pull(object_ids, pull_object_fn, initial_backoff=1.0, backoff_cap=10.0):
+        calls.append((initial_backoff, backoff_cap))
+
+    module = types.SimpleNamespace(pull=pull, other=lambda ids: None)
+    assert node.shorten_object_pulls(module, "pull", 0.05)
+    module.pull([], None)
+    assert calls == [(0.05, 1.0)]
+    assert not node.shorten_object_pulls(module, "pull", 0.02)  # already wrapped: left as is
+    assert not node.shorten_object_pulls(module, "other", 0.05)  # no backoff arguments
+    assert not node.shorten_object_pulls(module, "missing", 0.05)
+
+
+@pytest.mark.parametrize(
+    ("module_name", "name"),
+    [
+        ("flwr.supernode.start_client_internal", "pull_objects"),
+        ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree"),
+        ("flwr.superlink.grid.http_grid", "pull_objects"),
+    ],
+)
+def test_the_flower_internals_it_changes_are_where_it_expects(monkeypatch, module_name, name):
+    import importlib
+
+    module = importlib.import_module(module_name)
+    monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    assert node.shorten_object_pulls(module, name, 0.05)
+    assert isinstance(getattr(module, name), functools.partial)
+
+
+def test_the_supernode_loop_sleeps_through_the_module_it_replaces():
+    import inspect
+
+    import flwr.supernode.start_client_internal as internal
+
+    source = inspect.getsource(internal)
+    assert "time.sleep(3)" in source  # the idle poll the launcher caps
+    assert internal.time.__name__ == "time"
+
+
+def test_runtime_address_follows_the_supernode_arguments():
+    assert node._runtime_address(["--superlink", "x:1", "--host", "127.0.0.1", "--port", "5555"]) == "127.0.0.1:5555"
+    assert node._runtime_address([]) == "127.0.0.1:9094"
+    assert node._runtime_address(["--host", "::1", "--port", "7"]) == "[::1]:7"
+    with pytest.raises(SystemExit, match="ssl-certfile"):
+        node._runtime_address(["--ssl-certfile", "c.pem"])
+    with pytest.raises(SystemExit, match="isolation"):
+        node._runtime_address(["--isolation", "subprocess"])
+
+
+def test_refuses_a_flower_it_was_not_written_for(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.43.0")
+    with pytest.raises(SystemExit, match="plain flower-supernode"):
+        node._check_flower_version()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.42.3")
+    node._check_flower_version()
+
+
+def test_poll_argument_is_bounded():
+    with pytest.raises(SystemExit):
+        node.main(["--poll", "0"])
+    with pytest.raises(SystemExit):
+        node.main(["--poll", "nan"])
