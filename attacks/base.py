@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -11,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from privfl import _validate
 from privfl.errors import ConfigError
 
 __all__ = [
@@ -34,14 +34,9 @@ def _check_shape(input_shape: object) -> tuple[int, ...]:
     return input_shape
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(name, value, "must be a positive int")
-
-
-def _check_positive_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(name, value, "must be > 0")
+# The shared numeric checks, under the names the attack modules import from here.
+_check_positive_int = _validate.positive_int
+_check_positive_number = _validate.positive
 
 
 def _check_tensors(name: str, tensors: object) -> None:
@@ -131,10 +126,8 @@ class DPGradientObservation(GradientObservation):
 
     def __post_init__(self) -> None:
         GradientObservation.__post_init__(self)
-        if not isinstance(self.noise_multiplier, (int, float)) or not self.noise_multiplier >= 0:
-            raise ConfigError("noise_multiplier", self.noise_multiplier, "must be a float >= 0")
-        if not isinstance(self.max_grad_norm, (int, float)) or not self.max_grad_norm > 0:
-            raise ConfigError("max_grad_norm", self.max_grad_norm, "must be a float > 0")
+        _validate.positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+        _validate.positive("max_grad_norm", self.max_grad_norm)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -170,8 +163,7 @@ class UpdateObservation(Observation):
         _check_positive_int("batch_size", self.batch_size)
         if self.batch_size > self.num_samples:
             raise ConfigError("batch_size", self.batch_size, f"must be <= num_samples={self.num_samples}")
-        if not isinstance(self.lr, (int, float)) or not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError("lr", self.lr, "must be a finite float > 0")
+        _validate.positive("lr", self.lr)
         _check_labels(self.labels, self.num_samples)
 
     @classmethod

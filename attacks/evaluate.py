@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from privfl import _validate
 from privfl.errors import ConfigError
 
 from ._model import ModelView
@@ -72,18 +73,13 @@ class ObservationSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.protection, Protection):
             raise ConfigError("protection", self.protection, f"must be one of {[p.value for p in Protection]}")
-        if not self.noise_multiplier >= 0:
-            raise ConfigError("noise_multiplier", self.noise_multiplier, "must be >= 0")
-        if not self.max_grad_norm > 0:
-            raise ConfigError("max_grad_norm", self.max_grad_norm, "must be > 0")
+        _validate.positive("noise_multiplier", self.noise_multiplier, allow_zero=True, allow_numpy=True)
+        _validate.positive("max_grad_norm", self.max_grad_norm, allow_numpy=True)
         for name in ("num_clients", "local_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(name, value, "must be a positive int")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ConfigError("batch_size", self.batch_size, "must be None or a positive int")
-        if not self.lr > 0:
-            raise ConfigError("lr", self.lr, "must be > 0")
+            _validate.positive_int(name, getattr(self, name))
+        if self.batch_size is not None:
+            _validate.positive_int("batch_size", self.batch_size, hint="or None")
+        _validate.positive("lr", self.lr, allow_numpy=True)
 
 
 def client_gradient(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from privfl.errors import AttackError, ConfigError, PrivflError
+from privfl import _validate
+from privfl.errors import AttackError, ConfigError, ModelTamperError  # ModelTamperError is re-exported here
 
 from ._model import ModelView, check_alignment
 from .base import AggregateObservation, Attack, GradientObservation, Observation, Reconstruction
@@ -282,8 +283,7 @@ class ImprintAttack(Attack):
     def __post_init__(self) -> None:
         if not (isinstance(self.min_bias_grad, (int, float)) and 0 <= self.min_bias_grad < 1):
             raise ConfigError("min_bias_grad", self.min_bias_grad, "must be in [0, 1)")
-        if not (isinstance(self.match_rtol, (int, float)) and 0 < self.match_rtol < 1):
-            raise ConfigError("match_rtol", self.match_rtol, "must be in (0, 1)")
+        _validate.open_unit_interval("match_rtol", self.match_rtol)
         if self.bounds is not None and not (
             isinstance(self.bounds, tuple) and len(self.bounds) == 2 and self.bounds[0] < self.bounds[1]
         ):
@@ -388,20 +388,6 @@ class ImprintAttack(Attack):
 
 
 # --- the client-side check ---------------------------------------------------------------------------------
-
-
-class ModelTamperError(PrivflError):
-    """A model received from the server differs from the agreed one, or carries an imprint signature.
-
-    Attributes:
-        findings: What the check found.
-    """
-
-    def __init__(self, findings: list[Finding]) -> None:
-        self.findings = list(findings)
-        lines = "; ".join(f"[{f.kind.value}] {f.location}: {f.detail}" for f in self.findings[:5])
-        more = f" (+{len(self.findings) - 5} more)" if len(self.findings) > 5 else ""
-        super().__init__(f"received model rejected: {lines}{more}")
 
 
 class FindingKind(Enum):

@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
+from privfl import _validate
 from privfl.errors import ConfigError
 
 __all__ = [
@@ -78,8 +79,7 @@ def psnr(reconstructed: torch.Tensor, target: torch.Tensor, *, data_range: float
     Raises:
         ConfigError: If the shapes differ or ``data_range`` is not positive.
     """
-    if not data_range > 0:
-        raise ConfigError("data_range", data_range, "must be > 0")
+    _validate.positive("data_range", data_range, allow_numpy=True)
     x, y = _batch(reconstructed, target)
     per_sample = ((x - y) ** 2).flatten(1).mean(dim=1)
     return float(_psnr_from_mse(per_sample, data_range).mean())

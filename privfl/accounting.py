@@ -65,6 +65,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
+from privfl import _validate
 from privfl.errors import BudgetExceededError, ConfigError, LedgerError
 
 __all__ = [
@@ -187,8 +188,7 @@ def _check_sample_rate(value: float) -> None:
 
 
 def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise ConfigError("delta", delta, "must be in (0, 1)")
+    _validate.open_unit_interval("delta", delta, allow_numpy=True)
 
 
 def _accountant(kind: Accountant | str) -> Accountant:

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from privfl import _validate
 from privfl.accounting import Accountant
 from privfl.errors import ConfigError
 from privfl.protocols.ckks_params import CkksConfig
@@ -112,23 +113,10 @@ def _coerce_enum(config: object, name: str, enum: type[Enum]) -> None:
         raise ConfigError(name, value, f"must be one of {[m.value for m in enum]}") from None
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ConfigError(name, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ConfigError(name, value, f"must be an integer >= {minimum}")
-
-
-def _unit_interval(name: str, value: float, *, closed_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and ((0 <= value <= 1) if closed_low else (0 < value <= 1))
-    if not ok:
-        raise ConfigError(name, value, "must be in " + ("[0, 1]" if closed_low else "(0, 1]"))
+# The shared numeric checks, under the names this module (and privfl.attack_harness) has always used.
+_positive = _validate.positive
+_positive_int = _validate.positive_int
+_unit_interval = _validate.unit_interval
 
 
 DEFAULT_TARGET_EPSILON = 3.0

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from privfl import _validate
 from privfl.errors import ConfigError
 
 __all__ = [
@@ -225,8 +226,7 @@ def dirichlet_partition(
         ConfigError: bad arguments, or no draw met ``min_size`` in ``max_tries`` tries.
     """
     labels = np.asarray(labels)
-    if not (alpha > 0):
-        raise ConfigError("alpha", alpha, "must be > 0")
+    _validate.positive("alpha", alpha, allow_numpy=True)
     if not (isinstance(num_clients, int) and num_clients >= 1):
         raise ConfigError("num_clients", num_clients, "must be an integer >= 1")
     if num_clients * min_size > len(labels):

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing these at run time would pull in numpy and torch
+    from privfl.attacks.imprint import Finding
+    from privfl.audit.empirical import AuditOutcome
+
 __all__ = [
     "DeploymentError",
     "PrivflError",
@@ -12,6 +18,8 @@ __all__ = [
     "ProtocolAbort",
     "DecryptionError",
     "AttackError",
+    "ModelTamperError",
+    "AuditFailure",
     "LedgerError",
     "RunLockedError",
 ]
@@ -74,6 +82,37 @@ class DecryptionError(PrivflError):
 
 class AttackError(PrivflError):
     """An attack cannot run on the observation it was given (e.g. a ciphertext)."""
+
+
+class ModelTamperError(PrivflError):
+    """A model received from the server differs from the agreed one, or carries an imprint signature.
+
+    Raised on the client by :func:`privfl.attacks.verify_received_model` and
+    :func:`privfl.attacks.verify_model_architecture`; the client should refuse to train on the model.
+
+    Attributes:
+        findings: What the check found.
+    """
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = list(findings)
+        lines = "; ".join(f"[{f.kind.value}] {f.location}: {f.detail}" for f in self.findings[:5])
+        more = f" (+{len(self.findings) - 5} more)" if len(self.findings) > 5 else ""
+        super().__init__(f"received model rejected: {lines}{more}")
+
+
+class AuditFailure(PrivflError):
+    """An empirical audit certified more privacy loss than the accountant claimed.
+
+    Raised by :func:`privfl.audit.compare_to_claim` unless it is called with ``raise_on_failure=False``.
+
+    Attributes:
+        outcome: The FAILED :class:`~privfl.audit.AuditOutcome`; the message is its message.
+    """
+
+    def __init__(self, outcome: AuditOutcome) -> None:
+        self.outcome = outcome
+        super().__init__(outcome.message)
 
 
 class LedgerError(PrivflError):

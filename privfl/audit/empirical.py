@@ -11,7 +11,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import optimize, special
 
-from privfl.errors import ConfigError, PrivflError
+from privfl import _validate
+from privfl.errors import AuditFailure, ConfigError  # AuditFailure is re-exported here
 
 __all__ = [
     "ThresholdSelection",
@@ -27,14 +28,6 @@ __all__ = [
     "LowerBound",
     "compare_to_claim",
 ]
-
-
-class AuditFailure(PrivflError):
-    """An empirical audit certified more privacy loss than the accountant claimed."""
-
-    def __init__(self, outcome: AuditOutcome) -> None:
-        self.outcome = outcome
-        super().__init__(outcome.message)
 
 
 class ThresholdSelection(enum.Enum):
@@ -169,12 +162,7 @@ def _as_scores(name: str, values: ArrayLike) -> NDArray[np.float64]:
 
 def _check_probability(name: str, value: float) -> float:
     """Validate a probability strictly inside (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-        raise ConfigError(name, value, "must be a real number in (0, 1)")
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ConfigError(name, value, "must lie strictly between 0 and 1")
-    return value
+    return float(_validate.open_unit_interval(name, value, allow_numpy=True))  # type: ignore[arg-type]
 
 
 def _counts_at_thresholds(
@@ -345,8 +333,7 @@ def gaussian_mechanism_epsilon(noise_multiplier: float, delta: float, *, steps: 
     Raises:
         ConfigError: If an argument is out of range.
     """
-    if not noise_multiplier > 0:
-        raise ConfigError("noise_multiplier", noise_multiplier, "must be positive")
+    _validate.positive("noise_multiplier", noise_multiplier, allow_numpy=True)
     if steps < 1:
         raise ConfigError("steps", steps, "must be at least 1")
     delta = _check_probability("delta", delta)
@@ -397,8 +384,8 @@ class AuditOutcome:
         return self.status is AuditStatus.PASSED
 
 
-def compare_to_claim(bound: LowerBound, claimed_epsilon: float, *, raise_on_failure: bool = False) -> AuditOutcome:
-    """Compare an empirical lower bound with the accountant's claimed epsilon.
+def compare_to_claim(bound: LowerBound, claimed_epsilon: float, *, raise_on_failure: bool = True) -> AuditOutcome:
+    """Compare an empirical lower bound with the accountant's claimed epsilon; by default, fail loudly.
 
     A lower bound above the claim means, at the bound's confidence, that the claim is false
     (an accounting bug, a sampling/clipping bug, or a claim for the wrong delta). A lower bound
@@ -407,19 +394,20 @@ def compare_to_claim(bound: LowerBound, claimed_epsilon: float, *, raise_on_fail
     Args:
         bound: Any empirical bound (many-trial, one-run eps-DP or one-run GDP).
         claimed_epsilon: The epsilon the accountant reports at ``bound.delta``.
-        raise_on_failure: Raise :class:`AuditFailure` instead of returning a FAILED outcome.
+        raise_on_failure: Raise :class:`~privfl.errors.AuditFailure` when the claim is violated
+            (the default). Pass False to get the FAILED outcome back instead, e.g. to print it
+            in a report.
 
     Returns:
-        The outcome; ``outcome.passed`` is False when the claim is violated.
+        The outcome. It is always PASSED unless ``raise_on_failure=False``; then
+        ``outcome.passed`` is False when the claim is violated.
 
     Raises:
         ConfigError: If claimed_epsilon is negative or not finite.
-        AuditFailure: If ``raise_on_failure`` and the empirical bound exceeds the claim.
+        AuditFailure: If the empirical bound exceeds the claim, unless ``raise_on_failure=False``;
+            the FAILED outcome is its ``outcome`` attribute.
     """
-    if not (isinstance(claimed_epsilon, (int, float, np.floating)) and math.isfinite(claimed_epsilon)):
-        raise ConfigError("claimed_epsilon", claimed_epsilon, "must be a finite number")
-    if claimed_epsilon < 0:
-        raise ConfigError("claimed_epsilon", claimed_epsilon, "must be non-negative")
+    _validate.positive("claimed_epsilon", claimed_epsilon, allow_zero=True, allow_numpy=True)
     empirical = float(bound.epsilon)
     ceiling = float(bound.ceiling)
     confidence = 1.0 - float(bound.alpha)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from privfl import _validate
 from privfl.accounting import Accountant, epsilon
 from privfl.config import (
     ProtectionKind,
@@ -126,8 +127,7 @@ def _plans(config: RunConfig, client_sizes: Mapping[str, int]) -> list[_Plan]:
 
     plans = []
     for client, n in client_sizes.items():
-        if not (isinstance(n, int) and n >= 1):
-            raise ConfigError(f"client_sizes[{client}]", n, "must be an integer >= 1")
+        _validate.positive_int(f"client_sizes[{client}]", n)
         site = plan_site(n, config.training, config.federation, len(client_sizes))
         plans.append(
             _Plan(

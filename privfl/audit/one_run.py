@@ -12,6 +12,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy import special, stats
 
+from privfl import _validate
 from privfl.audit.empirical import _as_scores, _check_probability, gaussian_mechanism_epsilon
 from privfl.errors import ConfigError
 
@@ -296,8 +297,8 @@ def _resolve_grid(
 ) -> tuple[tuple[int, int], ...]:
     """The (k_plus, k_minus) pairs to try, validated against m (the base grid depends on the analysis)."""
     for name, value in (("k_plus", k_plus), ("k_minus", k_minus)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-            raise ConfigError(name, value, "must be a non-negative integer")
+        if value is not None:
+            _validate.positive_int(name, value, minimum=0, allow_numpy=True)
     if k_plus is not None and k_minus is not None:
         grid: tuple[tuple[int, int], ...] = ((int(k_plus), int(k_minus)),)
     else:
@@ -496,14 +497,11 @@ def simulate_dirac_canaries(
         raise ConfigError("num_canaries", num_canaries, "must be at least 1")
     if dimension < num_canaries:
         raise ConfigError("dimension", dimension, f"must be at least num_canaries={num_canaries}")
-    if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
-        raise ConfigError("noise_multiplier", noise_multiplier, "must be a finite number >= 0")
-    if not max_grad_norm > 0:
-        raise ConfigError("max_grad_norm", max_grad_norm, "must be positive")
+    _validate.positive("noise_multiplier", noise_multiplier, allow_zero=True, allow_numpy=True)
+    _validate.positive("max_grad_norm", max_grad_norm, allow_numpy=True)
     if steps < 1:
         raise ConfigError("steps", steps, "must be at least 1")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ConfigError("sample_rate", sample_rate, "must lie in (0, 1]")
+    _validate.unit_interval("sample_rate", sample_rate, allow_numpy=True)
     rng = np.random.default_rng(seed)
     included = rng.random(num_canaries) < 0.5
     # Per coordinate, T independent steps add up to (#steps sampled) * C + N(0, T sigma^2 C^2).
@@ -555,20 +553,15 @@ class InputSpaceAuditConfig:
                 raise ConfigError("analysis", self.analysis, f"must be one of {[a.value for a in OneRunAnalysis]}") from None
         if self.num_canaries < 2:
             raise ConfigError("num_canaries", self.num_canaries, "must be at least 2")
-        if not self.noise_multiplier > 0:
-            raise ConfigError("noise_multiplier", self.noise_multiplier, "must be positive (the accountant needs noise)")
-        if not self.max_grad_norm > 0:
-            raise ConfigError("max_grad_norm", self.max_grad_norm, "must be positive")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ConfigError("sample_rate", self.sample_rate, "must lie in (0, 1]")
+        _validate.positive("noise_multiplier", self.noise_multiplier, allow_numpy=True, hint="the accountant needs noise")
+        _validate.positive("max_grad_norm", self.max_grad_norm, allow_numpy=True)
+        _validate.unit_interval("sample_rate", self.sample_rate, allow_numpy=True)
         if self.epochs < 1:
             raise ConfigError("epochs", self.epochs, "must be at least 1")
-        if not self.learning_rate > 0:
-            raise ConfigError("learning_rate", self.learning_rate, "must be positive")
+        _validate.positive("learning_rate", self.learning_rate, allow_numpy=True)
         if self.hidden_units < 0:
             raise ConfigError("hidden_units", self.hidden_units, "must be >= 0")
-        if not self.canary_scale > 0:
-            raise ConfigError("canary_scale", self.canary_scale, "must be positive")
+        _validate.positive("canary_scale", self.canary_scale, allow_numpy=True)
         _check_probability("delta", self.delta)
         _check_probability("alpha", self.alpha)
 

@@ -142,7 +142,7 @@ def test_known_leak_without_noise_reaches_ceiling_and_fails_claim() -> None:
     # The ceiling assumes every grid point is guessed right; with exact ties at 0 and 1 the widest
     # symmetric guesses cannot be, so the bound lands just below it (measured 4.30 of 5.00).
     assert 0.8 * bound.ceiling <= bound.epsilon <= bound.ceiling
-    outcome = compare_to_claim(bound, 1.0)
+    outcome = compare_to_claim(bound, 1.0, raise_on_failure=False)
     assert not outcome.passed and "FAILED" in outcome.message
 
 
