@@ -45,6 +45,14 @@ def _timed(command: list[str]) -> tuple[float, float, str]:
     return wall, cpu, proc.stdout
 
 
+def _round_seconds(run_dir: Path) -> tuple[float, float]:
+    """(first round, median of the other rounds) in seconds, from the run's history.json."""
+    import json
+
+    seconds = [float(r["seconds"]) for r in json.loads((run_dir / "history.json").read_text())]
+    return seconds[0], statistics.median(seconds[1:]) if len(seconds) > 1 else float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
@@ -63,10 +71,13 @@ def main() -> int:
                 [privfl, "deploy", "local", str(config), "--sites", str(args.sites), "--quiet", "--out", str(work / f"dep-{repeat}")]
             )
             accuracy = re.search(r"final accuracy: ([0-9.]+)", out_dep)
-            rows.append((wall_in, cpu_in, wall_dep, cpu_dep, accuracy.group(1) if accuracy else "-"))
+            _, round_in = _round_seconds(work / f"in-{repeat}")
+            first_dep, round_dep = _round_seconds(work / f"dep-{repeat}" / "run")
+            rows.append((wall_in, cpu_in, wall_dep, cpu_dep, accuracy.group(1) if accuracy else "-", round_in, round_dep, first_dep))
             print(
                 f"repeat {repeat}: in-process {wall_in:.1f} s wall / {cpu_in:.1f} s CPU; deployment {wall_dep:.1f} s wall / "
-                f"{cpu_dep:.1f} s CPU (accuracy {rows[-1][4]}); load average {os.getloadavg()[0]:.1f}",
+                f"{cpu_dep:.1f} s CPU (accuracy {rows[-1][4]}); a round after the first: in-process {round_in:.2f} s, "
+                f"deployment {round_dep:.2f} s (its first round {first_dep:.2f} s); load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     finally:
@@ -74,13 +85,16 @@ def main() -> int:
     wall_ratios = [r[2] / r[0] for r in rows]
     cpu_ratios = [r[3] / r[1] for r in rows]
     print()
-    print(f"| sites | rounds | in-process wall s | deployment wall s | wall ratio | in-process CPU s | deployment CPU s | CPU ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for wall_in, cpu_in, wall_dep, cpu_dep, _ in rows:
+    round_ratios = [r[6] / r[5] for r in rows]
+    print("| sites | rounds | in-process wall s | deployment wall s | wall ratio | in-process CPU s | deployment CPU s "
+          "| CPU ratio | round s in-process | round s deployment | round ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for wall_in, cpu_in, wall_dep, cpu_dep, _, round_in, round_dep, _ in rows:
         print(f"| {args.sites} | {args.rounds or 'default'} | {wall_in:.1f} | {wall_dep:.1f} | {wall_dep / wall_in:.2f} | "
-              f"{cpu_in:.1f} | {cpu_dep:.1f} | {cpu_dep / cpu_in:.2f} |")
+              f"{cpu_in:.1f} | {cpu_dep:.1f} | {cpu_dep / cpu_in:.2f} | {round_in:.2f} | {round_dep:.2f} | {round_dep / round_in:.2f} |")
     print(f"\nwall ratio: median {statistics.median(wall_ratios):.2f}, min {min(wall_ratios):.2f}; "
-          f"CPU ratio: median {statistics.median(cpu_ratios):.2f}, min {min(cpu_ratios):.2f}")
+          f"CPU ratio: median {statistics.median(cpu_ratios):.2f}, min {min(cpu_ratios):.2f}; "
+          f"round ratio (median round after the first): median {statistics.median(round_ratios):.2f}, min {min(round_ratios):.2f}")
     return 0
 
 
