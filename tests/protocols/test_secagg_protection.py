@@ -8,6 +8,7 @@ import pytest
 from privfl.errors import ConfigError, ProtocolAbort
 from privfl.protocols.base import ClientUpdate, DirectTransport, Protection
 from privfl.protocols.secagg import SecAggConfig, SecAggProtection
+from privfl.protocols.secagg.quantize import Quantizer
 
 
 def _updates(n: int, dim: int, seed: int = 0) -> dict[str, ClientUpdate]:
@@ -81,27 +82,66 @@ def test_abort_below_threshold():
         SecAggProtection(SecAggConfig(threshold=3)).run_round(0, updates, Recording(lose=lose))
 
 
-def test_server_never_holds_an_individual_update():
-    updates = _updates(6, 64)
-    protection = SecAggProtection(SecAggConfig(threshold=4))
-    protection.run_round(0, updates, DirectTransport())
-    server = protection.server
-    assert server is not None
-    held = []
-    stack = [vars(server)]
+def _arrays_in(root) -> list[np.ndarray]:
+    """Every numpy array reachable from ``root`` through containers and object attributes."""
+    found, seen, stack = [], set(), [root]
     while stack:
         obj = stack.pop()
-        if isinstance(obj, dict):
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type(None))):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            found.append(obj)
+        elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(obj)
-        elif isinstance(obj, np.ndarray):
-            held.append(obj.astype(np.float64))
-    for update in updates.values():
-        for array in held:
-            if array.shape[0] >= 64:
-                assert not np.allclose(array[:64], update.delta, atol=1e-3)
-                assert not np.allclose(array[:64] * 1e-9, update.delta, atol=1e-3)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for cls in type(obj).__mro__:
+                stack.extend(getattr(obj, name) for name in getattr(cls, "__slots__", ()) if hasattr(obj, name))
+    return found
+
+
+def _reveals(array: np.ndarray, target: np.ndarray, step: float) -> bool:
+    """Whether ``array`` is ``target`` (floats), or its quantized words (centred lift x step), to 2 steps."""
+    if array.ndim != 1 or array.shape[0] < target.shape[0]:
+        return False
+    head = array[: target.shape[0]]
+    if np.issubdtype(head.dtype, np.floating):
+        return bool(np.allclose(head, target, atol=2 * step))
+    words = head.astype(np.int64) & 0xFFFFFFFF
+    words[words >= 1 << 31] -= 1 << 32
+    return bool(np.allclose(words * step, target, atol=2 * step))
+
+
+def test_server_never_holds_an_individual_update_while_the_round_is_live():
+    dim = 64
+    updates = _updates(6, dim)
+    config = SecAggConfig(threshold=4, bits=32)
+    protection = SecAggProtection(config)
+    bound = max(u.weight for u in updates.values())
+    # What each client encodes: its clipped update scaled by n_k / W (see SecAggProtection).
+    targets = {u: np.clip(up.delta, -1.0, 1.0) * (up.weight / bound) for u, up in updates.items()}
+    step = Quantizer(clip_range=config.clip_range, bits=32, num_clients=len(updates)).step
+    snapshots: list[tuple[str, list[np.ndarray]]] = []
+
+    class Inspecting(DirectTransport):
+        def deliver(self, sender, receiver, step_name, payload):
+            # The server's state at every message of the round, before and after masked inputs arrive.
+            snapshots.append((step_name, [a.copy() for a in _arrays_in(protection.server)]))
+            return payload
+
+    protection.run_round(0, updates, Inspecting())
+    live = [arrays for name, arrays in snapshots if name in ("unmask_request", "unmask")]
+    # The server did hold vectors of the update's length while unmasking: the inspection saw them.
+    assert live and any(a.ndim == 1 and a.shape[0] >= dim for arrays in live for a in arrays)
+    for name, arrays in snapshots:
+        for u, target in targets.items():
+            assert not any(_reveals(a, target, step) for a in arrays), f"server holds {u}'s update at step {name}"
+    # The check can fail: a server that kept one client's encoded words would be caught.
+    words, _ = Quantizer(clip_range=1.0, bits=32, num_clients=len(updates)).encode(np.append(targets["c00"], 0.0), bytes(16))
+    assert _reveals(words, targets["c00"], step)
 
 
 def test_clipping_is_counted_and_bounded():
