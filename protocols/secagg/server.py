@@ -13,7 +13,9 @@ lets honest clients detect an active server; see docs/secagg.md for what that do
 
 from __future__ import annotations
 
+
 import os
+import secrets
 from collections.abc import Iterable
 
 import numpy as np
@@ -448,6 +450,8 @@ class SecAggServer:
             for table in (self._b_shares, self._s_shares):
                 for shares in table.values():
                     shares.pop(x, None)
+            # Nothing more from it is read this round (its input, already in the sum, stays there).
+            self.drop(sender, "unmask: duplicate message")
             raise MessageError("duplicate message", sender=sender)
         if sender not in self._requested:
             raise self._reject(sender, m.UNMASK, "not expected at this step")
@@ -496,17 +500,27 @@ class SecAggServer:
         self._step = -1
         self._require(self._responders, "unmask")
         needs_s = sorted({v for u in self.survivors for v in self._relayed[u] if v not in self.survivors})
+        challenge = 1 + secrets.randbelow(shamir.PRIME - 1)  # one random parity check per round, see shamir.consistent
         for owner in self.survivors:
             got = len(self._b_shares.get(owner, {}))
             if got < t:
                 raise ProtocolAbort(f"client {owner!r}: {got} self-mask shares < threshold {t}", survivors=got, threshold=t)
+            # A self-mask seed has no public commitment to check the rebuilt value against: the only
+            # evidence of a wrong share is shares that do not lie on one polynomial.
+            if not shamir.consistent(self._b_shares[owner], t, challenge=challenge):
+                raise ProtocolAbort(f"client {owner!r}: self-mask shares are inconsistent")
         for owner in needs_s:
             got = len(self._s_shares.get(owner, {}))
             if got < t:
                 raise ProtocolAbort(f"client {owner!r}: {got} mask-key shares < threshold {t}", survivors=got, threshold=t)
+            if not shamir.consistent(self._s_shares[owner], t, challenge=challenge):
+                raise ProtocolAbort(f"client {owner!r}: mask key shares are inconsistent")
         streams: list[tuple[bytes, int]] = []
         for owner in self.survivors:
-            seed = shamir.int_to_secret(shamir.reconstruct(self._b_shares[owner], t))
+            try:
+                seed = shamir.int_to_secret(shamir.reconstruct(self._b_shares[owner], t))
+            except ProtocolError as exc:
+                raise ProtocolAbort(f"client {owner!r}: self-mask shares are inconsistent") from exc
             streams.append((self_mask_key(seed, p.round_index, owner), -1))
         for dropped in needs_s:
             try:

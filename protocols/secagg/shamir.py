@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from privfl.errors import ProtocolError
 
-__all__ = ["PRIME", "SHARE_BYTES", "split", "reconstruct", "lagrange_at_zero", "secret_to_int", "int_to_secret"]
+__all__ = ["PRIME", "SHARE_BYTES", "split", "reconstruct", "consistent", "lagrange_at_zero", "secret_to_int", "int_to_secret"]
 
 PRIME = (1 << 256) + 297
 SHARE_BYTES = 33
@@ -95,6 +95,68 @@ def reconstruct(shares: Mapping[int, int], threshold: int, *, prime: int = PRIME
     xs = tuple(sorted(shares)[:threshold])
     weights = lagrange_at_zero(xs, prime)
     return sum(w * shares[x] for w, x in zip(weights, xs)) % prime
+
+
+def _batch_inverse(values: Sequence[int], prime: int) -> list[int]:
+    """1 / v for every v (all non-zero mod ``prime``) with one modular inverse (Montgomery's trick)."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % prime)
+    inverse = pow(prefix[-1], -1, prime)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inverse * prefix[i] % prime
+        inverse = inverse * values[i] % prime
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _barycentric_weights(xs: tuple[int, ...], prime: int) -> tuple[int, ...]:
+    """w_i = 1 / prod_{j != i} (x_i - x_j): f(x) = l(x) sum_i w_i f(x_i) / (x - x_i), l(x) = prod_i (x - x_i)."""
+    denominators = []
+    for i, xi in enumerate(xs):
+        d = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                d = d * (xi - xj) % prime
+        denominators.append(d)
+    return tuple(_batch_inverse(denominators, prime))
+
+
+def consistent(shares: Mapping[int, int], threshold: int, *, prime: int = PRIME, challenge: int | None = None) -> bool:
+    """Whether all the shares lie on one polynomial of degree < ``threshold`` (a random parity check).
+
+    `reconstruct` uses the ``threshold`` smallest points only; a wrong share among the others would
+    go unnoticed, and a wrong share among those would give a wrong secret with nothing to show for it.
+    The k shares lie on one polynomial of degree < t exactly when sum_i v_i y_i x_i^j = 0 for
+    j = 0 .. k-t-1, with v_i = 1 / prod_{m != i} (x_i - x_m) (Reed-Solomon parity checks). This tests
+    one random combination of those k-t checks, sum_j r^j, which costs k multiplications once the
+    coefficients for a set of points are known (cached: in a round most secrets share holders).
+    Shares that are off the polynomial pass with probability below k / p < 2^-240 over the choice of
+    ``challenge`` (drawn from :mod:`secrets` when not given; a caller checking many secrets of one
+    round draws one and passes it, so their coefficients are computed once).
+
+    As long as at least ``threshold`` of the shares are honest, True means `reconstruct` returns
+    the dealt secret. With ``threshold`` shares or fewer there is nothing to contradict: True.
+    """
+    points = tuple(sorted(shares))
+    if len(points) <= threshold:
+        return True
+    r = challenge if challenge is not None else 1 + secrets.randbelow(prime - 1)
+    coefficients = _parity_coefficients(points, threshold, r % prime, prime)
+    return sum(c * shares[x] for c, x in zip(coefficients, points, strict=True)) % prime == 0
+
+
+@lru_cache(maxsize=4096)
+def _parity_coefficients(xs: tuple[int, ...], threshold: int, r: int, prime: int) -> tuple[int, ...]:
+    """c_i = v_i * g(x_i) with g(x) = sum_{j < k-t} (r x)^j = ((r x)^(k-t) - 1) / (r x - 1)."""
+    m = len(xs) - threshold
+    v = _barycentric_weights(xs, prime)
+    rx = [r * x % prime for x in xs]
+    denominators = [(a - 1) % prime for a in rx]
+    inverses = _batch_inverse([d or 1 for d in denominators], prime)
+    g = [m % prime if d == 0 else (pow(a, m, prime) - 1) * inv % prime for a, d, inv in zip(rx, denominators, inverses, strict=True)]
+    return tuple(vi * gi % prime for vi, gi in zip(v, g, strict=True))
 
 
 def secret_to_int(secret: bytes) -> int:

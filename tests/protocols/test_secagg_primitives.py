@@ -411,3 +411,18 @@ def test_lagrange_weights_equal_the_textbook_formula():
                     denominator = denominator * (xj - xi) % PRIME
             expected.append(numerator * pow(denominator, -1, PRIME) % PRIME)
         assert lagrange_at_zero.__wrapped__(xs) == tuple(expected)
+
+
+def test_shares_consistency_catches_any_single_altered_share():
+    import secrets as _secrets
+
+    from privfl.protocols.secagg import shamir
+
+    secret = _secrets.randbelow(1 << 256)
+    shares = shamir.split(secret, 4, range(1, 8))
+    assert shamir.consistent(shares, 4)
+    assert shamir.consistent({x: shares[x] for x in (2, 5, 7)}, 4)  # too few to check: nothing to contradict
+    for x in shares:
+        altered = dict(shares)
+        altered[x] = (altered[x] + 1) % shamir.PRIME
+        assert not shamir.consistent(altered, 4), f"altered share {x} not caught"
