@@ -32,7 +32,7 @@ from privfl.client_dp import clip_update, distributed_noise, next_clip_norm, pla
 from privfl.config import ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
 from privfl.plan import derive_seed, plan_site, planned_rounds, round_size, sample_sites
-from privfl.protocols.base import ClientUpdate, DirectTransport, Protection, Transport
+from privfl.protocols.base import ClientUpdate, DirectTransport, DistributedNoiseProtection, NoisePlacement, Protection, Transport
 from privfl.rundir import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
@@ -212,8 +212,19 @@ class Federation:
         if protection is not None:
             if not isinstance(protection, Protection):
                 raise ConfigError("protection", type(protection).__name__, "must be a privfl.protocols.base.Protection")
-            if federation.client_dp is not None:
-                raise ConfigError("protection", protection.name, "client-level DP runs with privfl's own protections only")
+            placement = protection.noise_placement
+            if federation.client_dp is not None and (
+                placement is NoisePlacement.NONE
+                or (placement is NoisePlacement.DISTRIBUTED and not isinstance(protection, DistributedNoiseProtection))
+            ):
+                # It would run without the noise the accountant charges for.
+                raise ConfigError(
+                    "federation.client_dp",
+                    "set",
+                    f"protection {protection.name!r} cannot place client-level DP noise (its noise_placement is "
+                    f"{placement.value!r}): declare CENTRAL and apply run_round's release_noise, subclass "
+                    "DistributedNoiseProtection, or run without client_dp",
+                )
         self._protection = protection
         self.progress = progress
         self.device = resolve_device(federation.device)
@@ -383,8 +394,7 @@ class Federation:
         progress = _Progress(self.config.rounds, enabled=self.progress, start=start_round)
         with progress:
             for round_index in range(start_round, self.config.rounds):
-                record = self._round(round_index, plans, protection, ledger, global_params, needs_fix, out)
-                global_params = record.pop("_parameters")
+                record, global_params = self._round(round_index, plans, protection, ledger, global_params, needs_fix, out)
                 history.append(record)
                 if out is not None:
                     # History first: a checkpoint never exists for a round whose record is missing.
@@ -408,7 +418,7 @@ class Federation:
         global_params: np.ndarray,
         needs_fix: bool,
         out: Path | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], np.ndarray]:
         t0 = time.perf_counter()
         client_dp = self.config.client_dp
         sampled = self._sample(round_index, plans)
@@ -463,10 +473,11 @@ class Federation:
         aborted = doomed
         upload: dict[str, int] = {}
         if updates:
-            if client_dp is not None and self.config.protection is not ProtectionKind.SECAGG:
-                protection.release_noise = self._central_noise(round_index, len(global_params))
+            extra = {}
+            if client_dp is not None and protection.noise_placement is NoisePlacement.CENTRAL:
+                extra["release_noise"] = self._central_noise(round_index, len(global_params))
             try:
-                outcome = protection.run_round(round_index, updates, self.transport)
+                outcome = protection.run_round(round_index, updates, self.transport, **extra)
             except ProtocolAbort as exc:
                 aborted = str(exc)
                 dropped = {c: "round aborted" for c in updates}
@@ -535,8 +546,7 @@ class Federation:
             "seconds": time.perf_counter() - t0,
             # Where the ledger stood when the round was recorded (resume and the audit check it).
             "ledger": {"lines": ledger.lines, "head": ledger.head} if ledger.head is not None else None,
-            "_parameters": global_params,
-        }
+        }, global_params
 
     # -- client-level DP (DP-FedAvg) ------------------------------------------------------------------
     def _clip_and_noise(
@@ -547,7 +557,7 @@ class Federation:
 
         plan = self._client_plan
         adaptive = self.config.client_dp.adaptive
-        distributed = self.config.protection is ProtectionKind.SECAGG
+        distributed = isinstance(protection, DistributedNoiseProtection)
         shares = 1.0  # how many noise shares make the charged noise (c / rho under secagg)
         if distributed and len(updates) >= 2:
             from privfl.client_dp import count_free_shares, secagg_noise_ratio
@@ -555,7 +565,7 @@ class Federation:
             if self._noise_ratio is None:
                 # rho, fixed for the run: the released noise rho (z_delta S)^2 then does not depend on
                 # how many sites took part (privfl.client_dp, "Adjacency").
-                self._noise_ratio = secagg_noise_ratio(protection.config.resolve_threshold, len(self.clients))
+                self._noise_ratio = secagg_noise_ratio(protection.share_threshold, len(self.clients))
             shares = count_free_shares(len(updates), self._noise_ratio)
         min_grid = None
         if distributed:
@@ -563,20 +573,15 @@ class Federation:
             # the range and step are derived from the noise, S (re-derived every round, since adaptive
             # clipping moves it) and the client count, and a round that would clip anyway is aborted
             # before anything is sent (fail closed; privfl.client_dp.secagg_range states the tail bound).
-            from dataclasses import replace
-
             from privfl import client_dp as client_dp_module
 
             dim = next(iter(updates.values())).delta.shape[0] if updates else 1
             derived = client_dp_module.secagg_range(
                 plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, shares=shares,
                 max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self.config.client_dp.delta,
-                bits=protection.config.bits,
+                bits=protection.word_bits,
             )
-            protection.config = replace(
-                protection.config, clip_range=derived.clip_range, fraction_bits=derived.fraction_bits,
-                fail_on_clip=True, fail_on_dropout=True,
-            )
+            protection.use_noise_range(derived.clip_range, derived.fraction_bits)
             self._secagg_range = derived
             # Every noise grid is a multiple of the quantizer's power-of-two step: it maps each share
             # to its integer exactly (docs/client-dp.md).
@@ -639,15 +644,7 @@ class Federation:
                 f"rounds sample at most {largest} of {num_clients} sites but {protection.name} needs at least {needed} "
                 "per round: every round would abort; sample more sites (or use more sites)",
             )
-        from privfl.protocols.secagg import Quantizer, SecAggProtection
-
-        if isinstance(protection, SecAggProtection):
-            cfg = protection.config
-            # Every round size, not just the largest: the threshold must exceed half the share holders
-            # in each round, and with an odd SecAgg+ degree a smaller round can have more holders.
-            cfg.check_threshold_bound(num_clients)
-            # Overflow grows with the number of clients: check the largest round possible.
-            Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
+        protection.check_fits(num_clients)
 
     def _fingerprint(self, plans: list[_ClientPlan]) -> dict[str, Any]:
         """What identifies a run: its settings (but the number of rounds) and each client's data.
@@ -786,7 +783,7 @@ class Federation:
                 "expected_clients": plan.expected_clients,
                 "rounds_released": len(self._client_events),
                 "noise": "distributed (each client adds its share before masking)"
-                if self.config.protection is ProtectionKind.SECAGG
+                if protection.noise_placement is NoisePlacement.DISTRIBUTED
                 else "central (added once to the aggregate before release)",
                 "clip_norms": [h["client_level"]["clip_norm"] for h in history if h.get("client_level")],
             }

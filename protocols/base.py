@@ -12,14 +12,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import ClassVar, Protocol
 
 import numpy as np
 
 from privfl.errors import ConfigError
 
-__all__ = ["ClientUpdate", "RoundResult", "Transport", "DirectTransport", "Protection", "SERVER"]
+__all__ = [
+    "ClientUpdate",
+    "RoundResult",
+    "Transport",
+    "DirectTransport",
+    "NoisePlacement",
+    "Protection",
+    "DistributedNoiseProtection",
+    "SERVER",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +96,25 @@ SERVER = "server"
 """The name the server goes by as a sender or receiver on a :class:`Transport`."""
 
 
+class NoisePlacement(str, Enum):
+    """Where client-level DP noise goes under a protection (what the round driver needs to know).
+
+    - ``CENTRAL``: the party that first sees the decoded sum (the plaintext server, the CKKS key
+      holder) adds it before the sum goes anywhere: the driver passes ``release_noise``.
+    - ``DISTRIBUTED``: each site adds a share before it protects its update, and no party ever sees
+      an un-noised sum (secure aggregation); the protection is a `DistributedNoiseProtection`.
+    - ``NONE``: the protection cannot place noise; client-level DP is refused with it.
+    """
+
+    CENTRAL = "central"
+    DISTRIBUTED = "distributed"
+    NONE = "none"
+
+
+ReleaseNoise = Callable[[np.ndarray], np.ndarray]
+"""``f(weighted_sum) -> noised_sum``, applied to the decoded sum before it is released."""
+
+
 class Protection(ABC):
     """A way of turning a round of client updates into their weighted average.
 
@@ -94,6 +124,14 @@ class Protection(ABC):
     """
 
     name: ClassVar[str]
+    noise_placement: ClassVar[NoisePlacement] = NoisePlacement.NONE
+    """Where client-level DP noise goes (a user protection that takes ``release_noise`` says CENTRAL)."""
+
+    def check_fits(self, num_clients: int) -> None:
+        """Raises ConfigError if the settings cannot serve rounds of up to ``num_clients`` sites.
+
+        Called once before anyone trains; the default accepts any size.
+        """
 
     @property
     def min_participants(self) -> int:
@@ -106,7 +144,12 @@ class Protection(ABC):
 
     @abstractmethod
     def run_round(
-        self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport
+        self,
+        round_index: int,
+        updates: Mapping[str, ClientUpdate],
+        transport: Transport,
+        *,
+        release_noise: ReleaseNoise | None = None,
     ) -> RoundResult:
         """Protects each update on its client, aggregates on the server, and finalizes on the clients.
 
@@ -115,10 +158,41 @@ class Protection(ABC):
                 round is rejected).
             updates: client id -> that client's update; every delta has the same length.
             transport: carries each message; may drop or alter it.
+            release_noise: central DP noise for this round (only passed to CENTRAL protections):
+                applied by whoever first sees the decoded sum, before it is released. The driver
+                never passes it to a protection whose ``noise_placement`` is not CENTRAL, so a user
+                protection without client-level DP may leave the keyword out of its signature.
 
         Returns:
             The weighted average over the clients that completed the protocol.
 
         Raises:
             ProtocolAbort: no client (or fewer than the protocol's threshold) completed the round.
+        """
+
+
+class DistributedNoiseProtection(Protection):
+    """A protection under which each site adds its share of client-level DP noise (DISTRIBUTED).
+
+    What the round driver needs from it to size the noise shares and keep them intact.
+    """
+
+    noise_placement: ClassVar[NoisePlacement] = NoisePlacement.DISTRIBUTED
+
+    @abstractmethod
+    def share_threshold(self, num_clients: int) -> int:
+        """The fewest surviving shares a round of ``num_clients`` sites completes with."""
+
+    @property
+    @abstractmethod
+    def word_bits(self) -> int:
+        """Bits per aggregated word (the noise range must fit them)."""
+
+    @abstractmethod
+    def use_noise_range(self, clip_range: float, fraction_bits: int) -> None:
+        """Fixes the value range and grid for noised updates, and fails closed from now on.
+
+        A coordinate beyond ``clip_range`` aborts the round before anything is sent (clipping a noise
+        share would change the mechanism), and a round with a dropout withholds its average (its
+        noise would be below the charged amount).
         """

@@ -14,11 +14,12 @@ import struct
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from privfl.errors import MessageError, PrivflError, ProtocolAbort
-from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
+from privfl.protocols.base import SERVER, ClientUpdate, NoisePlacement, Protection, RoundResult, Transport
 from privfl.protocols.wire import decode_frame, encode_frame
 
 __all__ = ["ServerAggregate", "OneShotServer", "OneShotProtection", "encode_average", "decode_average"]
@@ -119,6 +120,7 @@ class OneShotProtection(Protection):
     """
 
     release_noise: Callable[[np.ndarray], np.ndarray] | None = None
+    noise_placement: ClassVar[NoisePlacement] = NoisePlacement.CENTRAL
 
     @abstractmethod
     def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
@@ -132,8 +134,24 @@ class OneShotProtection(Protection):
     def _finalize(self, round_index: int, aggregate: bytes, dim: int, transport: Transport) -> tuple[np.ndarray, float, int]:
         """Client side: turns the aggregate into (weighted sum, total weight, bytes downloaded per client)."""
 
-    def run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
-        """See :meth:`Protection.run_round`."""
+    def run_round(
+        self,
+        round_index: int,
+        updates: Mapping[str, ClientUpdate],
+        transport: Transport,
+        *,
+        release_noise: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> RoundResult:
+        """See :meth:`Protection.run_round`; ``release_noise`` applies to this round only."""
+        if release_noise is None:
+            return self._run_round(round_index, updates, transport)
+        standing, self.release_noise = self.release_noise, release_noise
+        try:
+            return self._run_round(round_index, updates, transport)
+        finally:
+            self.release_noise = standing
+
+    def _run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
         if not updates:
             raise ProtocolAbort(f"round {round_index}: no client updates", survivors=0, threshold=1)
         dims = {len(u.delta) for u in updates.values()}

@@ -303,3 +303,47 @@ def test_federation_takes_a_users_own_protection(split, clients):
     with pytest.raises(ConfigError, match="Protection"):
         Federation(model_fn=lambda: nn.Linear(30, 2), clients=clients, training=TrainingConfig(),
                    federation=FederationConfig(), protection=object())
+
+
+def test_client_level_dp_reaches_a_users_protection_only_through_its_declared_noise_placement(split, clients):
+    """The driver passes release noise as an argument to a CENTRAL protection and refuses one that cannot place it."""
+    import numpy as np
+
+    from privfl.protocols.base import NoisePlacement, Protection, RoundResult
+
+    class Mean(Protection):
+        """A user protection: averages in the clear; applies release noise when it is given."""
+
+        name = "mean"
+
+        def __init__(self, placement):
+            self.noise_placement = placement
+            self.noised = []
+
+        def run_round(self, round_index, updates, transport, *, release_noise=None):
+            total_weight = sum(u.weight for u in updates.values())
+            total = sum(u.weight * u.delta.astype(np.float64) for u in updates.values())
+            self.noised.append(release_noise is not None)
+            if release_noise is not None:
+                total = release_noise(total)
+            return RoundResult(average=total / total_weight, total_weight=total_weight, contributors=tuple(sorted(updates)))
+
+    def federation(protection):
+        return Federation(
+            model_fn=lambda: nn.Linear(30, 2),
+            clients=clients,
+            training=TrainingConfig(dp=DPConfig(noise_multiplier=1.0)),
+            federation=FederationConfig(rounds=2, noise_seed=1, client_dp=ClientDPConfig(noise_multiplier=1.0, clip_norm=0.5)),
+            protection=protection,
+            progress=False,
+        )
+
+    central = Mean(NoisePlacement.CENTRAL)
+    result = federation(central).run()
+    assert central.noised == [True, True]
+    assert result.summary["client_level"]["noise"].startswith("central")
+    # A protection that cannot place the noise would have run without it: refused before anyone trains.
+    silent = Mean(NoisePlacement.NONE)
+    with pytest.raises(ConfigError, match="cannot place client-level DP noise"):
+        federation(silent)
+    assert silent.noised == []

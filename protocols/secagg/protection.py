@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
-from privfl.protocols.base import SERVER, ClientUpdate, Protection, RoundResult, Transport
+from privfl.protocols.base import SERVER, ClientUpdate, DistributedNoiseProtection, RoundResult, Transport
 from privfl.protocols.secagg.graph import check_neighbours
 from privfl.protocols.secagg.keys import IdentityKey
 from privfl.protocols.secagg.params import check_threshold, min_threshold
@@ -195,7 +195,7 @@ class SecAggConfig:
                 raise ConfigError(exc.field, exc.value, f"in a round of {n} clients, {exc.reason}") from exc
 
 
-class SecAggProtection(Protection):
+class SecAggProtection(DistributedNoiseProtection):
     """Bonawitz et al. secure aggregation (optionally SecAgg+), every message through the transport.
 
     The server learns only the weighted sum over the survivors and the sum of their weights. ``server``
@@ -208,6 +208,33 @@ class SecAggProtection(Protection):
     def min_participants(self) -> int:
         """Secure aggregation needs at least two inputs: the sum of one is that input."""
         return 2
+
+    def check_fits(self, num_clients: int) -> None:
+        """Threshold above half the share holders at every round size, and no overflow at the largest.
+
+        Raises:
+            ConfigError: either does not hold for rounds of up to ``num_clients`` sites.
+        """
+        cfg = self.config
+        # Every round size, not just the largest: with an odd SecAgg+ degree a smaller round can
+        # have more share holders.
+        cfg.check_threshold_bound(num_clients)
+        Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
+
+    def share_threshold(self, num_clients: int) -> int:
+        """See `DistributedNoiseProtection.share_threshold`: the secure-aggregation threshold t."""
+        return self.config.resolve_threshold(num_clients)
+
+    @property
+    def word_bits(self) -> int:
+        """See `DistributedNoiseProtection.word_bits`: the modulus bits k."""
+        return self.config.bits
+
+    def use_noise_range(self, clip_range: float, fraction_bits: int) -> None:
+        """See `DistributedNoiseProtection.use_noise_range`."""
+        self.config = replace(
+            self.config, clip_range=clip_range, fraction_bits=fraction_bits, fail_on_clip=True, fail_on_dropout=True
+        )
 
     def __init__(self, config: SecAggConfig | None = None) -> None:
         self.config = config or SecAggConfig()
@@ -242,8 +269,10 @@ class SecAggProtection(Protection):
         )
         return run
 
-    def run_round(self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport) -> RoundResult:
-        """See :meth:`Protection.run_round`.
+    def run_round(
+        self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport, *, release_noise=None
+    ) -> RoundResult:
+        """See :meth:`Protection.run_round` (``release_noise`` is refused: the noise is distributed).
 
         Raises:
             ProtocolAbort: fewer than ``threshold`` clients complete a step (the message gives the counts),
@@ -253,6 +282,8 @@ class SecAggProtection(Protection):
             ConfigError: the configuration does not fit this round (e.g. too few bits for this many
                 clients), or its threshold is at or below half of this round's share holders.
         """
+        if release_noise is not None:
+            raise ConfigError("release_noise", "given", "secure aggregation has no party that sees the sum before release")
         cfg = self.config
         if len(updates) < 2:
             raise ProtocolAbort(f"round {round_index}: {len(updates)} clients; secure aggregation needs 2", survivors=len(updates), threshold=2)

@@ -103,3 +103,19 @@ def test_framing_refuses_out_of_range_headers():
         encode_frame(1, 2**32, "x", [])
     with pytest.raises(ProtocolError):
         encode_frame(1, 0, "x" * 70000, [])
+
+
+def test_release_noise_is_an_argument_for_one_round():
+    import numpy as np
+
+    from privfl.protocols.base import ClientUpdate, DirectTransport, NoisePlacement
+    from privfl.protocols.plaintext import PlaintextProtection
+
+    protection = PlaintextProtection()
+    assert protection.noise_placement is NoisePlacement.CENTRAL
+    updates = {"a": ClientUpdate(np.ones(3), 1.0), "b": ClientUpdate(np.zeros(3), 1.0)}
+    noised = protection.run_round(0, updates, DirectTransport(), release_noise=lambda total: total + 10.0)
+    assert np.allclose(noised.average, (np.ones(3) + 10.0) / 2)
+    plain = protection.run_round(1, updates, DirectTransport())  # not carried into the next round
+    assert np.allclose(plain.average, np.ones(3) / 2)
+    assert protection.release_noise is None

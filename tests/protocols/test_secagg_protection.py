@@ -173,3 +173,22 @@ def test_config_is_validated():
         SecAggProtection(SecAggConfig(threshold=2, weight_bound=10.0)).run_round(0, _updates(3, 4), DirectTransport())
     with pytest.raises(ConfigError, match="bits"):
         SecAggProtection(SecAggConfig(threshold=2, bits=16, fraction_bits=16)).run_round(0, _updates(3, 4), DirectTransport())
+
+
+def test_secagg_declares_distributed_noise_and_refuses_release_noise():
+    from privfl.protocols.base import DistributedNoiseProtection, NoisePlacement
+
+    protection = SecAggProtection(SecAggConfig(threshold=2))
+    assert isinstance(protection, DistributedNoiseProtection)
+    assert protection.noise_placement is NoisePlacement.DISTRIBUTED
+    assert protection.share_threshold(3) == 2 and protection.word_bits == 32
+    with pytest.raises(ConfigError, match="release_noise"):
+        protection.run_round(0, _updates(3, 5), DirectTransport(), release_noise=lambda total: total)
+    protection.use_noise_range(0.25, 20)
+    assert (protection.config.clip_range, protection.config.fraction_bits) == (0.25, 20)
+    assert protection.config.fail_on_clip and protection.config.fail_on_dropout
+    SecAggProtection(SecAggConfig(threshold=5, bits=8)).check_fits(6)
+    with pytest.raises(ConfigError, match="threshold"):
+        SecAggProtection(SecAggConfig(threshold=3)).check_fits(6)  # not above half of 6 share holders
+    with pytest.raises(ConfigError, match="bits"):
+        SecAggProtection(SecAggConfig(threshold=5, bits=2)).check_fits(6)  # a sum of 6 overflows 2 bits
