@@ -11,7 +11,7 @@ from privfl.errors import AttackError
 from ._model import ModelView, check_alignment
 from .base import AggregateObservation, GradientObservation, Observation, UpdateObservation
 
-__all__ = ["MatchingProblem", "total_variation", "cosine_distance", "l2_distance"]
+__all__ = ["MatchingProblem", "cosine_distance", "l2_distance", "total_variation"]
 
 Simulator = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -64,13 +64,13 @@ class MatchingProblem:
             # The client walks through its data in order, batch_size at a time, wrapping around.
             idx = torch.tensor([(step * obs.batch_size + j) % n for j in range(obs.batch_size)], device=inputs.device)
             grads = self.view.gradients(inputs[idx], targets[idx], params=params, create_graph=True)
-            params = {name: params[name] - obs.lr * g for name, g in zip(self.view.names, grads)}
+            params = {name: params[name] - obs.lr * g for name, g in zip(self.view.names, grads, strict=True)}
         return [params[name] - start[name] for name in self.view.names]
 
 
 def cosine_distance(simulated: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
     """``1 - <g, g*> / (|g| |g*|)`` over all parameters concatenated (Geiping et al. 2020, eq. 4)."""
-    dot = sum((s * t).sum() for s, t in zip(simulated, target))
+    dot = sum((s * t).sum() for s, t in zip(simulated, target, strict=True))
     s_norm = torch.sqrt(sum((s * s).sum() for s in simulated))
     t_norm = torch.sqrt(sum((t * t).sum() for t in target))
     return 1.0 - dot / (s_norm * t_norm).clamp_min(1e-20)
@@ -78,7 +78,7 @@ def cosine_distance(simulated: list[torch.Tensor], target: list[torch.Tensor]) -
 
 def l2_distance(simulated: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
     """``sum ||g - g*||^2`` over all parameters (Zhu et al. 2019)."""
-    return sum(((s - t) ** 2).sum() for s, t in zip(simulated, target))
+    return sum(((s - t) ** 2).sum() for s, t in zip(simulated, target, strict=True))
 
 
 def total_variation(inputs: torch.Tensor) -> torch.Tensor:

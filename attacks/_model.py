@@ -67,7 +67,7 @@ class ModelView:
         live = {n: (t if t.requires_grad else t.detach().requires_grad_(True)) for n, t in base.items()}
         loss = torch.nn.functional.cross_entropy(self.logits(inputs, live), targets)
         grads = torch.autograd.grad(loss, [live[n] for n in self.names], create_graph=create_graph, allow_unused=True)
-        return [torch.zeros_like(live[n]) if g is None else g for n, g in zip(self.names, grads)]
+        return [torch.zeros_like(live[n]) if g is None else g for n, g in zip(self.names, grads, strict=True)]
 
     def last_linear(self) -> tuple[int, int | None, int]:
         """Locates the classifier: the last ``nn.Linear`` registered in the module.
@@ -99,6 +99,6 @@ def check_alignment(view: ModelView, tensors: Sequence[torch.Tensor]) -> None:
             f"observation has {len(tensors)} tensors but the model has {len(params)} parameters; "
             "gradients must follow model.parameters() order"
         )
-    for i, (t, p) in enumerate(zip(tensors, params)):
+    for i, (t, p) in enumerate(zip(tensors, params, strict=True)):
         if t.shape != p.shape:
             raise AttackError(f"observed tensor {i} has shape {tuple(t.shape)}, parameter has {tuple(p.shape)}")

@@ -14,15 +14,15 @@ from privfl import _validate
 from privfl.errors import ConfigError
 
 __all__ = [
-    "Observation",
-    "GradientObservation",
-    "UpdateObservation",
-    "DPGradientObservation",
-    "Reduction",
     "AggregateObservation",
-    "CiphertextObservation",
-    "Reconstruction",
     "Attack",
+    "CiphertextObservation",
+    "DPGradientObservation",
+    "GradientObservation",
+    "Observation",
+    "Reconstruction",
+    "Reduction",
+    "UpdateObservation",
 ]
 
 
@@ -197,10 +197,10 @@ class UpdateObservation(Observation):
         Raises:
             ConfigError: If the two parameter lists do not line up.
         """
-        if len(old) != len(new) or any(a.shape != b.shape for a, b in zip(old, new)):
+        if len(old) != len(new) or any(a.shape != b.shape for a, b in zip(old, new, strict=True)):
             raise ConfigError("new", len(new), f"must match old parameters ({len(old)} tensors, same shapes)")
         return cls(
-            delta=tuple(b.detach() - a.detach() for a, b in zip(old, new)),
+            delta=tuple(b.detach() - a.detach() for a, b in zip(old, new, strict=True)),
             input_shape=input_shape,
             num_samples=num_samples,
             local_steps=local_steps,

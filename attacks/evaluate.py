@@ -25,13 +25,13 @@ from .base import (
 from .metrics import best_match, chance_psnr, label_accuracy, max_abs_error, mse, pairwise_psnr, ssim
 
 __all__ = [
-    "Protection",
     "ObservationSpec",
+    "Protection",
+    "Score",
     "build_observation",
     "client_gradient",
     "dp_sgd_gradient",
     "fedavg_update",
-    "Score",
     "score",
 ]
 
@@ -121,7 +121,7 @@ def dp_sgd_gradient(
         grads = view.gradients(inputs[i : i + 1], labels[i : i + 1])
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
         factor = min(1.0, max_grad_norm / (float(norm) + 1e-12))
-        total = [t + g.detach() * factor for t, g in zip(total, grads)]
+        total = [t + g.detach() * factor for t, g in zip(total, grads, strict=True)]
     std = noise_multiplier * max_grad_norm
     noisy = [
         t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in total
@@ -149,7 +149,7 @@ def fedavg_update(
     for step in range(local_steps):
         idx = torch.tensor([(step * batch_size + j) % n for j in range(batch_size)])
         grads = view.gradients(inputs[idx], labels[idx], params=params)
-        params = {name: (params[name] - lr * g).detach() for name, g in zip(view.names, grads)}
+        params = {name: (params[name] - lr * g).detach() for name, g in zip(view.names, grads, strict=True)}
     return [params[name] - view.params[name] for name in view.names]
 
 
@@ -205,7 +205,7 @@ def build_observation(
             client_gradient(model, inputs[c * per : (c + 1) * per], labels[c * per : (c + 1) * per])
             for c in range(spec.num_clients)
         ]
-        mean = [torch.stack(gs).mean(dim=0) for gs in zip(*client_grads)]
+        mean = [torch.stack(gs).mean(dim=0) for gs in zip(*client_grads, strict=True)]
         return AggregateObservation(
             gradients=mean, input_shape=shape, num_clients=spec.num_clients, samples_per_client=per,
             reduction=Reduction.MEAN,

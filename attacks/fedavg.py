@@ -41,7 +41,7 @@ from .base import (
 from .inverting import check_bounds
 from .labels import observed_mean_gradient
 
-__all__ = ["FedAvgInversion", "LocalTraining", "as_update", "update_label_counts", "step_indices"]
+__all__ = ["FedAvgInversion", "LocalTraining", "as_update", "step_indices", "update_label_counts"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -170,9 +170,9 @@ def update_label_counts(
         for k in range(k_steps):
             # The parameters step k started from, approximated on the straight line from w_0 to w_K.
             point = {n: view.params[n] + (k / k_steps) * d.to(view.device, view.dtype)
-                     for n, d in zip(view.names, observation.delta)}
+                     for n, d in zip(view.names, observation.delta, strict=True)}
             features: list[torch.Tensor] = []
-            handle = linear.register_forward_hook(lambda _m, inp, _out: features.append(inp[0].detach()))
+            handle = linear.register_forward_hook(lambda _m, inp, _out, features=features: features.append(inp[0].detach()))
             try:
                 probs.append(torch.softmax(view.logits(probe, point), dim=1).mean(dim=0))
             finally:
@@ -479,13 +479,13 @@ class _Replay:
             for k, batch in enumerate(self.batches):
                 frac = k / len(self.batches)
                 point = {n: (view.params[n] + frac * t).detach().requires_grad_(True)
-                         for n, t in zip(names, self.target)}
+                         for n, t in zip(names, self.target, strict=True)}
                 state = dict(point)
                 state.update({b: v.clone() for b, v in view.buffers.items()})
                 logits = functional_call(view.model, state, (inputs[batch],))
                 loss = torch.nn.functional.cross_entropy(logits, labels[batch])
                 grads = torch.autograd.grad(loss, [point[n] for n in names], create_graph=True, allow_unused=True)
-                total = [t if g is None else t - lr * g for t, g in zip(total, grads)]
+                total = [t if g is None else t - lr * g for t, g in zip(total, grads, strict=True)]
             return total
         for batch in self.batches:
             state = dict(params)
@@ -493,12 +493,12 @@ class _Replay:
             logits = functional_call(view.model, state, (inputs[batch],))
             loss = torch.nn.functional.cross_entropy(logits, labels[batch])
             grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
-            params = {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads)}
+            params = {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads, strict=True)}
         return [params[n] - start[n] for n in names]
 
     def cosine_distance(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False) -> torch.Tensor:
         """``1 - cos(simulated update, observed update)`` over all parameters concatenated."""
         simulated = self.update(inputs, labels, anchored=anchored)
-        dot = sum((s * t).sum() for s, t in zip(simulated, self.target))
+        dot = sum((s * t).sum() for s, t in zip(simulated, self.target, strict=True))
         norm = torch.sqrt(sum((s * s).sum() for s in simulated))
         return 1.0 - dot / (norm * self.target_norm).clamp_min(1e-20)

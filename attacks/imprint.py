@@ -18,18 +18,18 @@ from ._model import ModelView, check_alignment
 from .base import AggregateObservation, Attack, GradientObservation, Observation, Reconstruction
 
 __all__ = [
-    "Statistic",
-    "Placement",
-    "ImprintConfig",
-    "ImprintBlock",
-    "imprint_model",
-    "ImprintReconstruction",
-    "ImprintAttack",
-    "ModelTamperError",
-    "FindingKind",
     "Finding",
+    "FindingKind",
+    "ImprintAttack",
+    "ImprintBlock",
     "ImprintCheck",
+    "ImprintConfig",
+    "ImprintReconstruction",
+    "ModelTamperError",
+    "Placement",
+    "Statistic",
     "check_model_for_imprint",
+    "imprint_model",
     "verify_model_architecture",
     "verify_received_model",
 ]
@@ -107,7 +107,7 @@ class ImprintBlock(torch.nn.Module):
             self.spread.weight.fill_(1.0 / k)
             self.spread.bias.zero_()
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.linear(inputs.flatten(1)))
         return self.spread(hidden).reshape(inputs.shape[0], *self.input_shape)
 

@@ -15,7 +15,7 @@ from .base import (
     UpdateObservation,
 )
 
-__all__ = ["recover_labels", "observed_mean_gradient", "label_counts"]
+__all__ = ["label_counts", "observed_mean_gradient", "recover_labels"]
 
 
 def observed_mean_gradient(observation: Observation) -> tuple[torch.Tensor, ...]:

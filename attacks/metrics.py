@@ -13,16 +13,16 @@ from privfl import _validate
 from privfl.errors import ConfigError
 
 __all__ = [
-    "mse",
-    "psnr",
-    "ssim",
-    "max_abs_error",
-    "pairwise_psnr",
-    "label_accuracy",
     "Assignment",
     "best_match",
     "chance_baseline",
     "chance_psnr",
+    "label_accuracy",
+    "max_abs_error",
+    "mse",
+    "pairwise_psnr",
+    "psnr",
+    "ssim",
 ]
 
 
@@ -127,7 +127,7 @@ def ssim(reconstructed: torch.Tensor, target: torch.Tensor, *, data_range: float
         structural_similarity(
             a.numpy(), b.numpy(), data_range=data_range, channel_axis=0, win_size=win_size
         )
-        for a, b in zip(x, y)
+        for a, b in zip(x, y, strict=True)
     ]
     return float(np.mean(values))
 

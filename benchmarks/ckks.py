@@ -41,7 +41,7 @@ def raw_tenseal(updates: list[np.ndarray]) -> dict[str, float]:
     def aggregate():
         acc = [ts.ckks_vector_from(ctx, p) for p in blobs[0]]
         for parts in blobs[1:]:
-            acc = [a + ts.ckks_vector_from(ctx, p) for a, p in zip(acc, parts)]
+            acc = [a + ts.ckks_vector_from(ctx, p) for a, p in zip(acc, parts, strict=True)]
         return [a.serialize() for a in acc]
 
     _, agg = _timed(aggregate)

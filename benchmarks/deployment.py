@@ -66,7 +66,7 @@ def main() -> int:
     rows = []
     try:
         for repeat in range(args.repeats):
-            wall_in, cpu_in, out_in = _timed([privfl, "run", str(config), "--quiet", "--out", str(work / f"in-{repeat}")])
+            wall_in, cpu_in, _out_in = _timed([privfl, "run", str(config), "--quiet", "--out", str(work / f"in-{repeat}")])
             wall_dep, cpu_dep, out_dep = _timed(
                 [privfl, "deploy", "local", str(config), "--sites", str(args.sites), "--quiet", "--out", str(work / f"dep-{repeat}")]
             )

@@ -24,19 +24,19 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import math
+import statistics
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from privfl.protocols.base import DirectTransport  # noqa: E402
-from privfl.protocols.secagg.graph import suggest_neighbours  # noqa: E402
-from privfl.protocols.secagg.params import choose_graph  # noqa: E402
-from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key  # noqa: E402
-from privfl.protocols.secagg.quantize import Quantizer  # noqa: E402
-from privfl.protocols.secagg.simulate import drive, new_round, rounding_key  # noqa: E402
+from privfl.protocols.base import DirectTransport
+from privfl.protocols.secagg.graph import suggest_neighbours
+from privfl.protocols.secagg.params import choose_graph
+from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
+from privfl.protocols.secagg.quantize import Quantizer
+from privfl.protocols.secagg.simulate import drive, new_round, rounding_key
 
 
 def _clock() -> complex:
@@ -189,7 +189,7 @@ def main() -> None:
         runs = results[variant]
         cpu_ratios = [r["server_cpu_s"] / p.imag for r, p in runs]
         wall_ratios = [r["server_s"] / p.real for r, p in runs]
-        med = lambda key: statistics.median(r[key] for r, _ in runs)  # noqa: E731
+        med = lambda key, runs=runs: statistics.median(r[key] for r, _ in runs)
         r0 = runs[0][0]
         print(
             f"| {dropout:.0%} | {threshold} | {r0['survivors']} | {med('client_keys_s') * 1e3:.2f} | {med('client_share_s') * 1e3:.2f} | "

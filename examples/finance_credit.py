@@ -25,7 +25,7 @@ def main() -> None:
 
     data = make_credit(num_rows=6000, seed=0)
     regions = group_partition(data.train.groups)
-    branches = dict(zip(regions, subsets(data.train, list(regions.values()))))
+    branches = dict(zip(regions, subsets(data.train, list(regions.values())), strict=True))
 
     federation = Federation(
         model_fn=lambda: MLP(8, 2, hidden=32),

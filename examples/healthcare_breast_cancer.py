@@ -36,7 +36,7 @@ def main() -> None:
 
     data = load_breast_cancer(seed=0)
     parts = dirichlet_partition(labels_of(data.train), 5, alpha=0.5, seed=0, min_size=20)
-    hospitals = dict(zip([f"hospital-{c}" for c in "abcde"], subsets(data.train, parts)))
+    hospitals = dict(zip([f"hospital-{c}" for c in "abcde"], subsets(data.train, parts), strict=True))
 
     federation = Federation(
         model_fn=RiskModel,

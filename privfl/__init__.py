@@ -42,7 +42,15 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from privfl.accounting import ClientBudget, DPEvent, LedgerKey, PrivacyLedger
-    from privfl.config import CkksConfig, ClippingMode, DPConfig, FederationConfig, ProtectionKind, RunConfig, TrainingConfig
+    from privfl.config import (
+        CkksConfig,
+        ClippingMode,
+        DPConfig,
+        FederationConfig,
+        ProtectionKind,
+        RunConfig,
+        TrainingConfig,
+    )
     from privfl.export import export_model, load_model
     from privfl.federation import Federation, RunResult
     from privfl.protocols.secagg import SecAggConfig

@@ -15,7 +15,7 @@ import math
 
 from privfl.errors import ConfigError
 
-__all__ = ["positive", "positive_int", "unit_interval", "open_unit_interval"]
+__all__ = ["open_unit_interval", "positive", "positive_int", "unit_interval"]
 
 
 def _numpy_kind(value: object) -> str | None:

@@ -49,6 +49,7 @@ import contextvars
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -70,25 +71,25 @@ from privfl.errors import BudgetExceededError, ConfigError, LedgerError
 
 __all__ = [
     "Accountant",
-    "PrivacyAccountant",
-    "PRVAccountant",
-    "RDPAccountant",
-    "PLDAccountant",
-    "PoissonSampledGaussian",
-    "FixedSizeSampledGaussian",
-    "PrivacyEvent",
-    "make_accountant",
-    "clear_caches",
+    "ClientBudget",
     "DPEvent",
-    "epsilon",
-    "epsilon_of_events",
-    "noise_multiplier",
+    "FixedSizeSampledGaussian",
     "LedgerEntry",
     "LedgerKey",
-    "ClientBudget",
-    "PrivacyLedger",
     "LedgerStatus",
+    "PLDAccountant",
+    "PRVAccountant",
+    "PoissonSampledGaussian",
+    "PrivacyAccountant",
+    "PrivacyEvent",
+    "PrivacyLedger",
+    "RDPAccountant",
+    "clear_caches",
+    "epsilon",
+    "epsilon_of_events",
+    "make_accountant",
     "merge_events",
+    "noise_multiplier",
 ]
 
 
@@ -580,7 +581,7 @@ def _truncated_prv_mean(q: float, sigma: float, t_min: float, t_max: float) -> f
         ]
     )
     mean = 0.0
-    for left, right in zip(points[:-1], points[1:], strict=True):
+    for left, right in itertools.pairwise(points):
         integral, _ = integrate.quad(truncated_cdf, left, right, limit=500)
         mean += right * truncated_cdf(right) - left * truncated_cdf(left) - integral
     return mean
@@ -605,13 +606,12 @@ def _truncated_prv_class() -> type:
 class _StepPRV:
     """One step's PRV discretised on a domain, with its spectrum (what every self-composition needs)."""
 
-    __slots__ = ("domain", "size", "spectrum", "nbytes")
+    __slots__ = ("domain", "nbytes", "size", "spectrum")
 
     def __init__(self, sigma: float, q: float, domain) -> None:
         import numpy as np
         from opacus.accountants.analysis.prv import discretize
         from scipy.fft import rfft
-
         from scipy.integrate import IntegrationWarning
 
         # At q = 1 the PRV's log(1 - q) is -inf by design; numpy's warning about it is noise. A

@@ -28,7 +28,7 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.site import SiteRole, quantizer_for
 
-__all__ = ["Aggregator", "SiteChannel", "LocalSites", "DeploymentResult"]
+__all__ = ["Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
 
 log = logging.getLogger("privfl")
 

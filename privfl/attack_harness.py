@@ -43,23 +43,23 @@ from privfl.config import DatasetKind, _positive, _positive_int, dataclass_from_
 from privfl.errors import AttackError, ConfigError
 
 __all__ = [
-    "AttackKind",
-    "MatrixProtection",
-    "DatasetMatrix",
-    "DPSettings",
     "AggregateSettings",
+    "AttackKind",
+    "AttackMatrixConfig",
+    "AttackMatrixInterrupted",
+    "AttackMatrixResult",
+    "AttackRow",
+    "DLGSettings",
+    "DPSettings",
+    "DatasetMatrix",
     "FedAvgSettings",
     "InvertingSettings",
-    "DLGSettings",
-    "AttackMatrixConfig",
-    "AttackRow",
-    "AttackMatrixResult",
-    "AttackMatrixInterrupted",
+    "MatrixProtection",
     "attack_config_from_dict",
-    "load_attack_config",
     "default_attack_config",
-    "run_attack_matrix",
+    "load_attack_config",
     "print_attack_summary",
+    "run_attack_matrix",
 ]
 
 logger = logging.getLogger(__name__)
@@ -697,7 +697,7 @@ def _run_cell(
     shown: _Shown | None = None
     recovered_counts: list[int] = []
     note = ""
-    for trial, (obs, (x, y)) in enumerate(zip(observations, victims)):
+    for trial, (obs, (x, y)) in enumerate(zip(observations, victims, strict=True)):
         start = time.perf_counter()
         try:
             if kind is AttackKind.LABELS:

@@ -76,21 +76,21 @@ from privfl.errors import ConfigError
 from privfl.noise import GridNoise, RandomSource, add_grid_noise, choose_grid, plan_grid_noise
 
 __all__ = [
-    "ClientDPPlan",
-    "plan_client_dp",
-    "clip_update",
-    "distributed_noise",
-    "release_noise",
-    "ReleaseNoise",
-    "noisy_average",
-    "next_clip_norm",
-    "delta_noise_multiplier",
-    "SecAggRange",
-    "count_free_shares",
-    "secagg_noise_ratio",
-    "secagg_range",
     "CLIP_TAIL_FRACTION",
     "TAIL_EPSILON_CEILING",
+    "ClientDPPlan",
+    "ReleaseNoise",
+    "SecAggRange",
+    "clip_update",
+    "count_free_shares",
+    "delta_noise_multiplier",
+    "distributed_noise",
+    "next_clip_norm",
+    "noisy_average",
+    "plan_client_dp",
+    "release_noise",
+    "secagg_noise_ratio",
+    "secagg_range",
 ]
 
 CLIP_TAIL_FRACTION = 2.0**-10

@@ -15,13 +15,13 @@ from privfl.errors import ConfigError
 __all__ = [
     "ArrayDataset",
     "DatasetSplit",
+    "dirichlet_partition",
+    "group_partition",
+    "iid_partition",
+    "labels_of",
     "load_breast_cancer",
     "load_digits",
     "make_credit",
-    "iid_partition",
-    "dirichlet_partition",
-    "group_partition",
-    "labels_of",
     "subsets",
 ]
 
@@ -87,7 +87,7 @@ def _split_indices(n: int, test_fraction: float, labels: np.ndarray, rng: np.ran
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
-        test_idx.append(idx[: max(1, int(round(test_fraction * len(idx))))])
+        test_idx.append(idx[: max(1, int(round(test_fraction * len(idx))))])  # noqa: RUF046 (numpy<2 round() gives a float)
     test = np.sort(np.concatenate(test_idx))
     train = np.setdiff1d(np.arange(n), test)
     return train, test

@@ -18,7 +18,7 @@ from typing import Any
 from privfl.errors import MessageError
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["Step", "Status", "Request", "Reply", "encode_request", "decode_request", "encode_reply", "decode_reply", "AGGREGATOR"]
+__all__ = ["AGGREGATOR", "Reply", "Request", "Status", "Step", "decode_reply", "decode_request", "encode_reply", "encode_request"]
 
 _KIND_REQUEST = 60
 _KIND_REPLY = 61

@@ -9,18 +9,18 @@ if TYPE_CHECKING:  # annotations only: importing these at run time would pull in
     from privfl.audit.empirical import AuditOutcome
 
 __all__ = [
-    "DeploymentError",
-    "PrivflError",
-    "ConfigError",
-    "BudgetExceededError",
-    "ProtocolError",
-    "MessageError",
-    "ProtocolAbort",
-    "DecryptionError",
     "AttackError",
-    "ModelTamperError",
     "AuditFailure",
+    "BudgetExceededError",
+    "ConfigError",
+    "DecryptionError",
+    "DeploymentError",
     "LedgerError",
+    "MessageError",
+    "ModelTamperError",
+    "PrivflError",
+    "ProtocolAbort",
+    "ProtocolError",
     "RunLockedError",
 ]
 

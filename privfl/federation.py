@@ -27,12 +27,27 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from privfl.accounting import ClientBudget, DPEvent, LedgerKey, LedgerStatus, PrivacyLedger, epsilon_of_events, noise_multiplier
+from privfl.accounting import (
+    ClientBudget,
+    DPEvent,
+    LedgerKey,
+    LedgerStatus,
+    PrivacyLedger,
+    epsilon_of_events,
+    noise_multiplier,
+)
 from privfl.client_dp import clip_update, distributed_noise, next_clip_norm, plan_client_dp
 from privfl.config import ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
 from privfl.plan import derive_seed, plan_site, planned_rounds, round_size, sample_sites
-from privfl.protocols.base import ClientUpdate, DirectTransport, DistributedNoiseProtection, NoisePlacement, Protection, Transport
+from privfl.protocols.base import (
+    ClientUpdate,
+    DirectTransport,
+    DistributedNoiseProtection,
+    NoisePlacement,
+    Protection,
+    Transport,
+)
 from privfl.rundir import (
     CHECKPOINT_DIR,
     HISTORY_FILE,

@@ -9,7 +9,7 @@ from torch import nn
 from privfl.config import ModelConfig, ModelKind
 from privfl.errors import ConfigError
 
-__all__ = ["LogisticRegression", "MLP", "SmallCNN", "build_model"]
+__all__ = ["MLP", "LogisticRegression", "SmallCNN", "build_model"]
 
 
 class LogisticRegression(nn.Module):
@@ -20,7 +20,7 @@ class LogisticRegression(nn.Module):
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(num_features, num_classes)
 
-    def forward(self, x):  # noqa: D102 - standard forward
+    def forward(self, x):  # standard forward
         return self.linear(self.flatten(x))
 
 
@@ -38,7 +38,7 @@ class MLP(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.net(x)
 
 
@@ -58,7 +58,7 @@ class SmallCNN(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * 16, num_classes))
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.head(self.features(x))
 
 

@@ -42,21 +42,21 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from privfl.errors import ConfigError
 
 __all__ = [
-    "RandomSource",
-    "CryptoRandom",
-    "SeededRandom",
-    "random_source",
-    "uniform_below",
-    "bernoulli_exp",
-    "discrete_laplace",
-    "discrete_gaussian",
-    "round_to_grid",
-    "choose_grid",
-    "GridNoise",
-    "plan_grid_noise",
-    "add_grid_noise",
-    "MAX_SIGMA_STEPS",
     "EXACT_STEPS",
+    "MAX_SIGMA_STEPS",
+    "CryptoRandom",
+    "GridNoise",
+    "RandomSource",
+    "SeededRandom",
+    "add_grid_noise",
+    "bernoulli_exp",
+    "choose_grid",
+    "discrete_gaussian",
+    "discrete_laplace",
+    "plan_grid_noise",
+    "random_source",
+    "round_to_grid",
+    "uniform_below",
 ]
 
 _U64 = np.uint64

@@ -16,7 +16,7 @@ import numpy as np
 
 from privfl.config import ClientSampling, FederationConfig, TrainingConfig
 
-__all__ = ["SitePlan", "plan_site", "planned_rounds", "round_size", "sample_sites", "derive_seed", "SAMPLING_PURPOSE"]
+__all__ = ["SAMPLING_PURPOSE", "SitePlan", "derive_seed", "plan_site", "planned_rounds", "round_size", "sample_sites"]
 
 SAMPLING_PURPOSE = 3
 """Stream index of client sampling under ``noise_seed`` (0: DP-SGD, 1: noise shares, 2: central noise)."""
@@ -127,5 +127,5 @@ def sample_sites(config: FederationConfig, round_index: int, names: Sequence[str
     rng = np.random.default_rng([config.noise_seed, round_index, SAMPLING_PURPOSE])
     if poisson:
         # Poisson client sampling: the amplification the client-level accountant relies on.
-        return [name for name, keep in zip(names, rng.random(len(names)) < fraction) if keep]
+        return [name for name, keep in zip(names, rng.random(len(names)) < fraction, strict=True) if keep]
     return [names[i] for i in sorted(rng.choice(len(names), size=count, replace=False))]

@@ -37,15 +37,15 @@ from privfl.accounting import LedgerStatus, PrivacyLedger
 from privfl.errors import ConfigError, LedgerError, RunLockedError
 
 __all__ = [
-    "RUN_FILE",
+    "CHECKPOINT_DIR",
+    "HISTORY_FILE",
     "LEDGER_FILE",
     "LEDGER_KEY_FILE",
     "LEGACY_LEDGER_FILE",
-    "HISTORY_FILE",
-    "SUMMARY_FILE",
-    "CHECKPOINT_DIR",
     "LOCK_FILE",
+    "RUN_FILE",
     "RUN_TRACES",
+    "SUMMARY_FILE",
     "RunLock",
     "check_ledger_against_history",
     "check_ledger_presence",
@@ -461,7 +461,7 @@ def load_checkpoint(run_dir: Path, round_index: int, num_parameters: int) -> np.
     path = checkpoint_path(run_dir, round_index)
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - torch raises many types (zip, pickle, EOF, Runtime) on corrupt files
+    except Exception as exc:  # torch raises many types (zip, pickle, EOF, Runtime) on corrupt files
         raise ConfigError(path.name, str(path), f"cannot be loaded ({type(exc).__name__}): the checkpoint is corrupt") from None
     if not (isinstance(state, dict) and state.get("round") == round_index and isinstance(state.get("parameters"), torch.Tensor)):
         raise ConfigError(path.name, str(path), f"is not the checkpoint of round {round_index}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from typing import TYPE_CHECKING
 
 from privfl.config import DatasetKind, PartitionKind, RunConfig
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 # privfl.data, privfl.federation and privfl.models import torch (seconds of CPU): they are imported
 # where used, so that a run refused for its directory does not pay for them.
 
-__all__ = ["load_dataset", "split_clients", "run"]
+__all__ = ["load_dataset", "run", "split_clients"]
 
 
 def load_dataset(config: RunConfig) -> DatasetSplit:
@@ -46,7 +45,7 @@ def split_clients(config: RunConfig, split: DatasetSplit) -> dict:
         if data.num_clients != len(groups):
             raise ConfigError("data.num_clients", data.num_clients, f"the group column has {len(groups)} groups")
         names = list(data.client_names or groups)
-        return dict(zip(names, subsets(split.train, list(groups.values()))))
+        return dict(zip(names, subsets(split.train, list(groups.values())), strict=True))
     if data.partition is PartitionKind.IID:
         parts = iid_partition(len(split.train), data.num_clients, seed=seed)
     else:
@@ -54,7 +53,7 @@ def split_clients(config: RunConfig, split: DatasetSplit) -> dict:
             labels_of(split.train), data.num_clients, alpha=data.alpha, seed=seed, min_size=data.min_client_size
         )
     names = list(data.client_names or [f"client-{i}" for i in range(data.num_clients)])
-    return dict(zip(names, subsets(split.train, parts)))
+    return dict(zip(names, subsets(split.train, parts), strict=True))
 
 
 def run(config: RunConfig, out_dir: str | os.PathLike[str] | None, *, resume: bool = False, progress: bool = True) -> RunResult:

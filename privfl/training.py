@@ -27,20 +27,20 @@ from privfl.config import ClippingMode, TrainingConfig
 from privfl.errors import ConfigError, ProtocolError
 
 __all__ = [
-    "LocalResult",
-    "resolve_device",
-    "make_private_compatible",
-    "convert_for_dp",
-    "warn_conversion",
     "DPConversion",
     "LayerChange",
+    "LocalResult",
     "choose_clipping",
-    "sampling_plan",
+    "convert_for_dp",
+    "evaluate",
     "flatten_parameters",
     "load_flat_parameters",
-    "train_dp_sgd",
-    "evaluate",
+    "make_private_compatible",
     "prepare_dataset",
+    "resolve_device",
+    "sampling_plan",
+    "train_dp_sgd",
+    "warn_conversion",
 ]
 
 GHOST_LINEAR_THRESHOLD = 16_384

@@ -11,8 +11,7 @@ the round completes with the others.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar, Protocol
@@ -22,14 +21,14 @@ import numpy as np
 from privfl.errors import ConfigError
 
 __all__ = [
+    "SERVER",
     "ClientUpdate",
-    "RoundResult",
-    "Transport",
     "DirectTransport",
+    "DistributedNoiseProtection",
     "NoisePlacement",
     "Protection",
-    "DistributedNoiseProtection",
-    "SERVER",
+    "RoundResult",
+    "Transport",
 ]
 
 
@@ -127,7 +126,7 @@ class Protection(ABC):
     noise_placement: ClassVar[NoisePlacement] = NoisePlacement.NONE
     """Where client-level DP noise goes (a user protection that takes ``release_noise`` says CENTRAL)."""
 
-    def check_fits(self, num_clients: int) -> None:
+    def check_fits(self, num_clients: int) -> None:  # noqa: B027 (optional hook: the default accepts any size)
         """Raises ConfigError if the settings cannot serve rounds of up to ``num_clients`` sites.
 
         Called once before anyone trains; the default accepts any size.

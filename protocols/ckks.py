@@ -39,9 +39,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from privfl.protocols.ckks_params import CkksConfig
 from privfl.errors import ConfigError, DecryptionError, MessageError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, Transport
+from privfl.protocols.ckks_params import CkksConfig
 from privfl.protocols.ckks_release import FLOOD_FACTOR, flood_and_round, measure_fresh_error
 from privfl.protocols.ckks_signing import (
     RUN_ID_BYTES,
@@ -62,10 +62,10 @@ from privfl.protocols.oneshot import (
 from privfl.protocols.wire import decode_frame, encode_frame
 
 __all__ = [
-    "CkksKeyHolder",
     "CkksClient",
-    "CkksServer",
+    "CkksKeyHolder",
     "CkksProtection",
+    "CkksServer",
     "DecryptedSum",
     "SiteIdentity",
     "require_tenseal",
@@ -92,7 +92,7 @@ def _load_context(data: bytes):
     ts = require_tenseal()
     try:
         return ts.context_from(data)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ConfigError("public_context", f"<{len(data)} bytes>", f"is not a TenSEAL context ({type(exc).__name__})") from None
 
 
@@ -144,7 +144,7 @@ class _Verifier:
         if len(parts) != len(self.sizes):
             raise MessageError(f"{len(parts)} ciphertexts, expected {len(self.sizes)}", sender=site)
         ciphertexts = []
-        for i, (part, size) in enumerate(zip(parts, self.sizes)):
+        for i, (part, size) in enumerate(zip(parts, self.sizes, strict=True)):
             try:
                 ciphertexts.append(parse_vector(part, self.layout, size))
             except MessageError as exc:
@@ -262,7 +262,7 @@ class CkksKeyHolder:
                 holder.register_site(site, bytes.fromhex(key))
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a corrupt state file is one error, whatever broke
+        except Exception as exc:  # a corrupt state file is one error, whatever broke
             raise ConfigError("key holder state", "<corrupt>", f"cannot be loaded: {exc}") from exc
         return holder
 
@@ -305,7 +305,7 @@ class CkksKeyHolder:
             return self._decrypt_sum(round_index, aggregate, dim)
         except DecryptionError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure is reported the same opaque way
+        except Exception as exc:  # every failure is reported the same opaque way
             raise DecryptionError() from exc
 
     def _decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> DecryptedSum:
@@ -335,7 +335,7 @@ class CkksKeyHolder:
             total = (
                 contribution.ciphertexts
                 if total is None
-                else [add_ciphertexts([a, b], self.layout.modulus) for a, b in zip(total, contribution.ciphertexts)]
+                else [add_ciphertexts([a, b], self.layout.modulus) for a, b in zip(total, contribution.ciphertexts, strict=True)]
             )
         if len(sites) < self.min_contributors or total is None:
             raise ProtocolAbort(f"{len(sites)} contributors < min_contributors {self.min_contributors}")
@@ -344,7 +344,7 @@ class CkksKeyHolder:
         values = np.concatenate(
             [
                 np.asarray(ts.ckks_vector_from(self._secret_context, encode_vector(c, self.layout, size)).decrypt())
-                for c, size in zip(total, verifier.sizes)
+                for c, size in zip(total, verifier.sizes, strict=True)
             ]
         )
         if values.shape != (dim + 1,) or not np.all(np.isfinite(values)):

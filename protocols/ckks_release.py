@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-__all__ = ["FLOOD_FACTOR", "measure_fresh_error", "crypto_gaussian", "flood_and_round", "release_grid"]
+__all__ = ["FLOOD_FACTOR", "crypto_gaussian", "flood_and_round", "measure_fresh_error", "release_grid"]
 
 FLOOD_FACTOR = 4.0
 """Flooding noise standard deviation, in units of the sum's own CKKS error standard deviation."""

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from privfl.errors import ConfigError, MessageError
 
-__all__ = ["SiteIdentity", "contribution_statement", "verify_contribution", "load_public_key", "RUN_ID_BYTES", "SIGNATURE_BYTES"]
+__all__ = ["RUN_ID_BYTES", "SIGNATURE_BYTES", "SiteIdentity", "contribution_statement", "load_public_key", "verify_contribution"]
 
 _DOMAIN = b"privfl/ckks/contribution/v1"
 RUN_ID_BYTES = 16

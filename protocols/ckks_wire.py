@@ -49,16 +49,16 @@ import numpy as np
 from privfl.errors import MessageError
 
 __all__ = [
-    "CiphertextLayout",
-    "RawCiphertext",
-    "parse_vector",
-    "encode_vector",
-    "encode_ciphertext",
-    "encode_proto",
-    "add_ciphertexts",
     "COMPR_NONE",
     "COMPR_ZLIB",
     "COMPR_ZSTD",
+    "CiphertextLayout",
+    "RawCiphertext",
+    "add_ciphertexts",
+    "encode_ciphertext",
+    "encode_proto",
+    "encode_vector",
+    "parse_vector",
 ]
 
 _SEAL_MAGIC = 0xA15E
@@ -125,7 +125,7 @@ class CiphertextLayout:
         this TenSEAL build writes; nothing here comes from a peer.
         """
         import tenseal as ts
-        import tenseal.sealapi  # noqa: F401 - registers seal::Modulus with pybind11
+        import tenseal.sealapi  # registers seal::Modulus with pybind11
 
         seal = context.seal_context().data
         first = seal.first_context_data()

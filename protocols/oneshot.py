@@ -22,7 +22,7 @@ from privfl.errors import MessageError, PrivflError, ProtocolAbort
 from privfl.protocols.base import SERVER, ClientUpdate, NoisePlacement, Protection, RoundResult, Transport
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["ServerAggregate", "OneShotServer", "OneShotProtection", "encode_average", "decode_average"]
+__all__ = ["OneShotProtection", "OneShotServer", "ServerAggregate", "decode_average", "encode_average"]
 
 KIND_UPDATE = 1
 KIND_AGGREGATE = 2

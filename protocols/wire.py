@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from privfl.errors import MessageError, ProtocolError
 
-__all__ = ["Frame", "encode_frame", "decode_frame", "MAX_MESSAGE_BYTES"]
+__all__ = ["MAX_MESSAGE_BYTES", "Frame", "decode_frame", "encode_frame"]
 
 _MAGIC = b"PFL1"
 _HEADER = struct.Struct(">4sBIH")  # magic, kind, round, sender length

@@ -43,7 +43,7 @@ def _gaussian_epsilon(sigma: float, delta: float) -> float:
     return brentq(excess, 0.0, 100.0, xtol=1e-12)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dp_accounting_epsilon(sigma: float, q: float, steps: int, method: str) -> float:
     """dp-accounting's own answer: its RDP accountant, or its PLD accountant on a 1e-4 loss grid."""
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)

@@ -154,5 +154,5 @@ def test_ledger_persists_and_restores_spending(tmp_path):
 def test_ledger_load_rejects_garbage(tmp_path):
     path = tmp_path / "ledger.jsonl"
     path.write_text('{"format_version": 1, "entries": 3}\n')
-    with pytest.raises(LedgerError, match="ledger.jsonl"):
+    with pytest.raises(LedgerError, match=r"ledger\.jsonl"):
         PrivacyLedger.load(path)

@@ -15,7 +15,7 @@ from privfl.errors import ConfigError
 dp_accounting = pytest.importorskip("dp_accounting")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fine_pld(sigma: float, q: float, steps: int, delta: float, interval: float = 1e-5) -> float:
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)

@@ -222,7 +222,7 @@ class _Spy:
 
 
 def test_a_round_with_nobody_sampled_passes_under_distributed_noise(credit_clients):
-    split, clients = credit_clients
+    _split, clients = credit_clients
     seed, q = 2, 1e-6  # with 20 clients, nobody is sampled (but with probability 2e-5; noise_seed fixes it)
     fed = Federation(
         model_fn=lambda: LogisticRegression(8, 2),

@@ -68,4 +68,4 @@ def test_group_partition_and_subsets():
     _assert_partition(list(groups.values()), len(credit.train))
     subs = subsets(credit.train, list(groups.values()))
     assert sum(len(s) for s in subs) == len(credit.train)
-    assert (labels_of(subs[0]) == credit.train.targets.numpy()[groups[list(groups)[0]]]).all()
+    assert (labels_of(subs[0]) == credit.train.targets.numpy()[groups[next(iter(groups))]]).all()

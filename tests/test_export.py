@@ -107,7 +107,7 @@ def test_load_model_chooses_a_round(bn_run):
         warnings.simplefilter("ignore", UserWarning)
         first = load_model(out, BatchNormNet, round=0)
         final = load_model(out, BatchNormNet)
-    trainable = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters() if p.requires_grad]).numpy()  # noqa: E731
+    trainable = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters() if p.requires_grad]).numpy()
     np.testing.assert_array_equal(trainable(first), load_checkpoint(out, 0, trainable(first).size))
     assert not np.array_equal(trainable(first), trainable(final))
     with pytest.raises(ConfigError, match=r"round=7: no checkpoint for it .* rounds 0\.\.1 have one"):

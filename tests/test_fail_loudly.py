@@ -79,11 +79,11 @@ def test_refusals_for_the_directory_come_before_noise_calibration(clients, split
     traces = tmp_path / "traces"
     traces.mkdir()
     (traces / "history.json").write_text("[]")
-    with pytest.raises(LedgerError, match="history.json"):
+    with pytest.raises(LedgerError, match=r"history\.json"):
         fed.run(traces)
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    with pytest.raises(ConfigError, match="File exists|existing file"):
+    with pytest.raises(ConfigError, match=r"File exists|existing file"):
         fed.run(a_file)
     with RunLock(tmp_path / "locked"):
         with pytest.raises(RunLockedError):
@@ -245,7 +245,7 @@ def test_an_rdp_cross_check_of_a_clean_prv_run_finds_no_error(audited_run, tmp_p
     report = json.loads(capsys.readouterr().out)
     assert report["counts"]["error"] == 0, report["findings"]
     assert report["accountant"] == "rdp" and report["cross_check_accountant"] == "prv"
-    for name, c in report["sample_level"].items():
+    for c in report["sample_level"].values():
         # The RDP figure is above the budget PRV enforced; the comparison with it is with PRV.
         assert c["epsilon"] > c["epsilon_budget"] >= c["epsilon_enforced"] * (1 - 1e-9)
         assert c["epsilon_enforced"] == pytest.approx(c["epsilon_cross_check"])

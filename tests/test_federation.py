@@ -47,7 +47,7 @@ def test_federation_trains_with_ckks_within_budget(clients, split, tmp_path):
     summary = result.summary
     assert summary["final_accuracy"] >= 0.9
     assert summary["protection"] == "ckks" and summary["rounds"] == 4
-    for name, info in summary["clients"].items():
+    for info in summary["clients"].values():
         assert info["epsilon"] <= 2.0 and info["rounds_trained"] == 4 and info["rounds_skipped"] == 0
         assert info["epsilon"] >= 1.8  # calibrated for the whole run: the budget is used, not wasted
     assert summary["upload_bytes_per_client_round"] > summary["plaintext_bytes_per_client_round"]
@@ -65,7 +65,7 @@ def test_budget_is_enforced_and_skips_are_recorded(clients, split):
     dp = DPConfig(noise_multiplier=1.0, budget_epsilon=1.5)
     result = _federation(clients, split, dp=dp, rounds=6).run()
     skipped_any = False
-    for name, info in result.summary["clients"].items():
+    for info in result.summary["clients"].values():
         assert info["epsilon"] <= 1.5
         assert info["rounds_trained"] + info["rounds_skipped"] == 6
         skipped_any |= info["rounds_skipped"] > 0
@@ -250,7 +250,7 @@ def test_summary_sigma_is_what_the_sites_trained_with_after_a_resume_with_more_r
     from privfl.models import LogisticRegression
 
     split = load_breast_cancer()
-    clients = dict(zip(["a", "b"], subsets(split.train, iid_partition(len(split.train), 2, seed=0))))
+    clients = dict(zip(["a", "b"], subsets(split.train, iid_partition(len(split.train), 2, seed=0)), strict=True))
 
     def federation(rounds):
         return Federation(

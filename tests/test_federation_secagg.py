@@ -19,7 +19,7 @@ from privfl.protocols.secagg import SecAggConfig
 def setting():
     split = load_breast_cancer()
     parts = dirichlet_partition(labels_of(split.train), 5, alpha=0.5, seed=0, min_size=20)
-    clients = {f"hospital-{c}": s for c, s in zip("abcde", subsets(split.train, parts))}
+    clients = {f"hospital-{c}": s for c, s in zip("abcde", subsets(split.train, parts), strict=True)}
     return split, clients
 
 

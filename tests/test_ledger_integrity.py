@@ -22,7 +22,7 @@ from privfl.errors import ConfigError, LedgerError, PrivflError
 from privfl.rundir import checkpoint_path, load_checkpoint, load_history, load_run_identity, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-import ledger_fuzz  # noqa: E402  (the mutations shared with the campaign)
+import ledger_fuzz  # the mutations shared with the campaign
 
 EVENT = DPEvent(noise_multiplier=1.1, sample_rate=0.1, steps=10)
 
@@ -140,7 +140,7 @@ def test_deleted_or_reordered_lines_are_refused(tmp_path, key):
         PrivacyLedger.load(path, key=key)
     records[4], records[5] = records[5], records[4]
     _write(path, records)
-    with pytest.raises(LedgerError, match="line 5 .*does not follow line 4"):
+    with pytest.raises(LedgerError, match=r"line 5 .*does not follow line 4"):
         PrivacyLedger.load(path, key=key)
 
 

@@ -34,7 +34,7 @@ def _chi_squared_p(samples: np.ndarray, pmf: dict[int, float], min_expected: flo
     support = sorted(pmf)
     observed, expected = [], []
     values, counts = np.unique(samples, return_counts=True)
-    found = dict(zip(values.tolist(), counts.tolist()))
+    found = dict(zip(values.tolist(), counts.tolist(), strict=True))
     assert set(found) <= set(support), "a sample outside the support"
     bucket_obs, bucket_exp = 0, 0.0
     for k in support:
@@ -53,7 +53,7 @@ def _chi_squared_p(samples: np.ndarray, pmf: dict[int, float], min_expected: flo
 def _discrete_gaussian_pmf(sigma: float, width: int) -> dict[int, float]:
     ks = np.arange(-width, width + 1)
     weights = np.exp(-(ks.astype(float) ** 2) / (2 * sigma**2))
-    return dict(zip(ks.tolist(), (weights / weights.sum()).tolist()))
+    return dict(zip(ks.tolist(), (weights / weights.sum()).tolist(), strict=True))
 
 
 @pytest.mark.parametrize("sigma", [1, 3])
@@ -83,7 +83,7 @@ def test_discrete_laplace_matches_its_pmf():
     t = 2
     ks = np.arange(-80, 81)
     weights = np.exp(-np.abs(ks) / t)
-    pmf = dict(zip(ks.tolist(), (weights / weights.sum()).tolist()))
+    pmf = dict(zip(ks.tolist(), (weights / weights.sum()).tolist(), strict=True))
     samples = discrete_laplace(t, 200_000, SeededRandom(3))
     assert _chi_squared_p(samples, pmf) > 1e-3
 

@@ -16,8 +16,6 @@ from privfl.site import Site, SiteRole, _parse_config
 from privfl.training import flatten_parameters
 
 
-
-
 def _sites(clients, root, **budgets):
     return [
         Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE, budget=budgets.get(name.replace("-", "_")))
@@ -67,7 +65,7 @@ def test_each_ledger_lives_only_at_its_site(split, clients, tmp_path, run_toml):
     assert not list((tmp_path / "server").rglob("ledger*"))
     assert not (tmp_path / "server" / "identity.key").exists()
     # What the server recorded about budgets is what each site reported from its own ledger.
-    for name, entry in result.summary["clients"].items():
+    for entry in result.summary["clients"].values():
         assert entry["epsilon_source"].startswith("reported by the site")
         assert 0 < entry["epsilon"] <= 3.0
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from privfl.accounting import LedgerStatus
-from privfl.config import ClientDPConfig, ClientSampling, CkksConfig, DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+from privfl.config import (
+    CkksConfig,
+    ClientDPConfig,
+    ClientSampling,
+    DPConfig,
+    FederationConfig,
+    ProtectionKind,
+    TrainingConfig,
+)
 from privfl.data import iid_partition, subsets
 from privfl.errors import ConfigError
 from privfl.federation import Federation

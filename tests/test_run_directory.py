@@ -71,10 +71,10 @@ def test_a_corrupt_history_is_a_typed_error_on_resume(clients, split, tmp_path):
     out = tmp_path / "run"
     _federation(clients, split).run(out)
     (out / HISTORY_FILE).write_text('[{"round": 0, "sampled": ')
-    with pytest.raises(ConfigError, match="history.json"):
+    with pytest.raises(ConfigError, match=r"history\.json"):
         _federation(clients, split, rounds=3).run(out, resume=True)
     (out / HISTORY_FILE).write_text('[{"round": "zero"}]')
-    with pytest.raises(ConfigError, match="history.json"):
+    with pytest.raises(ConfigError, match=r"history\.json"):
         _federation(clients, split, rounds=3).run(out, resume=True)
 
 
@@ -82,7 +82,7 @@ def test_a_corrupt_checkpoint_is_a_typed_error_on_resume(clients, split, tmp_pat
     out = tmp_path / "run"
     _federation(clients, split).run(out)
     (out / CHECKPOINT_DIR / "round-0001.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(ConfigError, match="round-0001.pt"):
+    with pytest.raises(ConfigError, match=r"round-0001\.pt"):
         _federation(clients, split, rounds=3).run(out, resume=True)
 
 

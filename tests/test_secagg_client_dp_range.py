@@ -124,7 +124,7 @@ def credit_sites():
 
 
 def _federation(sites, *, rounds=3, seed=0):
-    split, clients = sites
+    _split, clients = sites
     return Federation(
         model_fn=lambda: MLP(8, 2, hidden=256),  # 2818 parameters: a chi-squared test with power
         clients=clients,
@@ -174,7 +174,7 @@ def test_aggregate_noise_is_the_charged_noise_at_the_docs_settings(credit_sites,
         # the sum of n shares: variance n (s gamma)^2 plus the rounding (at most gamma^2 / 4 per share)
         std_update = math.sqrt(n * ((update.sigma_steps * update.grid) ** 2 + update.grid**2 / 4))
         std_bit = math.sqrt(n * ((bit.sigma_steps * bit.grid) ** 2 + bit.grid**2 / 4))
-        normalised += list(noise[:-1] / std_update) + [noise[-1] / std_bit]
+        normalised += [*(noise[:-1] / std_update), noise[-1] / std_bit]
         # the charged noise z_delta S: the sum carries it times sqrt(rho) whatever n is, no less
         charged = plan.delta_noise_multiplier * update.sensitivity  # sensitivity = this round's S
         charged_ratio.append(math.sqrt(n) * update.sigma_steps * update.grid / (charged * math.sqrt(fed._noise_ratio)))

@@ -12,7 +12,6 @@ from privfl.audit.empirical import (
 )
 from privfl.audit.lint import Finding, Severity, lint_config, lint_file
 from privfl.audit.mia import lira_scores, logit_scaled_confidence, loss_scores
-from privfl.audit.report import AuditReport, audit_run
 from privfl.audit.one_run import (
     CanaryTrial,
     InputSpaceAuditConfig,
@@ -23,26 +22,27 @@ from privfl.audit.one_run import (
     run_input_space_canary_audit,
     simulate_dirac_canaries,
 )
+from privfl.audit.report import AuditReport, audit_run
 
 __all__ = [
-    "AuditReport",
-    "Finding",
-    "Severity",
-    "audit_run",
-    "lint_config",
-    "lint_file",
     "AuditFailure",
     "AuditOutcome",
+    "AuditReport",
     "AuditStatus",
     "CanaryTrial",
     "EpsilonLowerBound",
+    "Finding",
     "InputSpaceAuditConfig",
     "OneRunAnalysis",
     "OneRunLowerBound",
+    "Severity",
     "ThresholdSelection",
+    "audit_run",
     "compare_to_claim",
     "epsilon_lower_bound",
     "gaussian_mechanism_epsilon",
+    "lint_config",
+    "lint_file",
     "lira_scores",
     "logit_scaled_confidence",
     "loss_scores",

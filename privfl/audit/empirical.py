@@ -15,18 +15,18 @@ from privfl import _validate
 from privfl.errors import AuditFailure, ConfigError  # AuditFailure is re-exported here
 
 __all__ = [
-    "ThresholdSelection",
+    "AuditFailure",
+    "AuditOutcome",
+    "AuditStatus",
     "EpsilonLowerBound",
-    "epsilon_lower_bound",
+    "LowerBound",
+    "ThresholdSelection",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
-    "gaussian_mechanism_epsilon",
-    "gaussian_mechanism_delta",
-    "AuditStatus",
-    "AuditOutcome",
-    "AuditFailure",
-    "LowerBound",
     "compare_to_claim",
+    "epsilon_lower_bound",
+    "gaussian_mechanism_delta",
+    "gaussian_mechanism_epsilon",
 ]
 
 

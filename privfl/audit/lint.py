@@ -30,7 +30,7 @@ from privfl.config import (
 from privfl.errors import ConfigError
 from privfl.protocols.ckks_params import HE_STANDARD_MAX_LOGQ_128
 
-__all__ = ["Severity", "Finding", "RULES", "lint_config", "lint_file"]
+__all__ = ["RULES", "Finding", "Severity", "lint_config", "lint_file"]
 
 HIGH_EPSILON = 10.0
 """Above this epsilon the e^epsilon factor (> 22,000) no longer bounds what an attacker learns in practice."""

@@ -15,11 +15,11 @@ from privfl.errors import ConfigError
 
 __all__ = [
     "Classifier",
-    "loss_scores",
-    "torch_loss_scores",
-    "logit_scaled_confidence",
     "LiraScores",
     "lira_scores",
+    "logit_scaled_confidence",
+    "loss_scores",
+    "torch_loss_scores",
 ]
 
 # Probabilities are clipped this far from 0 and 1 so a perfectly confident model gives a large

@@ -17,19 +17,19 @@ from privfl.audit.empirical import _as_scores, _check_probability, gaussian_mech
 from privfl.errors import ConfigError
 
 __all__ = [
+    "CanaryTrial",
+    "InputSpaceAuditConfig",
+    "InputSpaceAuditResult",
     "OneRunAnalysis",
     "OneRunLowerBound",
-    "CanaryTrial",
     "default_guess_grid",
     "f_dp_guess_grid",
-    "one_run_p_value",
     "gdp_guessing_rejects",
     "one_run_epsilon_lower_bound",
     "one_run_gdp_lower_bound",
-    "simulate_dirac_canaries",
-    "InputSpaceAuditConfig",
-    "InputSpaceAuditResult",
+    "one_run_p_value",
     "run_input_space_canary_audit",
+    "simulate_dirac_canaries",
 ]
 
 _EPS_SEARCH_MAX = 60.0

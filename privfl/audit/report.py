@@ -42,7 +42,7 @@ from privfl.rundir import (
     load_run_identity,
 )
 
-__all__ = ["AuditReport", "AuditPaths", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "AUDIT_CODES", "audit_run"]
+__all__ = ["AUDIT_CODES", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "audit_run"]
 
 FORMAT_VERSION = 3
 """3: ``findings`` (was ``warnings``) with ``counts``; per-client ``rounds_interrupted``; ``interrupted``;
@@ -426,7 +426,7 @@ def _client_level(
             # Each round as it was charged (a resumed, extended run changes z between rounds).
             charged = [float(level["accounted_noise_multiplier"]) for level in per_round]
             events = [
-                DPEvent(noise_multiplier=z_r, sample_rate=float(level["sample_rate"]), steps=1) for z_r, level in zip(charged, per_round)
+                DPEvent(noise_multiplier=z_r, sample_rate=float(level["sample_rate"]), steps=1) for z_r, level in zip(charged, per_round, strict=True)
             ]
         else:
             charged = [z] * rounds
@@ -789,9 +789,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right, strict=True)) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 

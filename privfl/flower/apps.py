@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from privfl.errors import ConfigError
 
-__all__ = ["client_app", "server_app", "FlowerChannel", "MESSAGE_TYPE"]
+__all__ = ["MESSAGE_TYPE", "FlowerChannel", "client_app", "server_app"]
 
 log = logging.getLogger("privfl")
 

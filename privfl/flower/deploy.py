@@ -872,7 +872,7 @@ class LocalDeployment:
         )
 
     def _spawn(self, cmd: list[str], role: str, log_file: Path) -> subprocess.Popen[bytes]:
-        handle = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
+        handle = open(log_file, "ab")  # closed in stop()
         self._log_handles.append(handle)
         proc = subprocess.Popen(
             cmd,

@@ -364,7 +364,7 @@ class _Workers:
         for process in self._all:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - still alive after the grace period: kill it
+            except Exception:  # still alive after the grace period: kill it
                 try:
                     os.killpg(process.pid, signal.SIGKILL)
                 except ProcessLookupError:

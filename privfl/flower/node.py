@@ -119,15 +119,15 @@ def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> N
 
     Returns when the parent SuperNode has gone (or on SIGTERM/SIGINT).
     """
+    import importlib
+
+    import flwr.supernode.runtime.run_clientapp as _rc
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    import flwr.supernode.runtime.run_clientapp as _rc
     from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-    import importlib
 
     for module in ("privfl.flower.apps", "privfl.flower.worker"):  # warm: each child finds them imported
         importlib.import_module(module)
@@ -163,7 +163,7 @@ def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> N
                     children.discard(pid)
             try:
                 reply = client.AcquireTask(request)
-            except Exception as exc:  # noqa: BLE001 - the SuperNode may not be up yet, or be stopping
+            except Exception as exc:  # the SuperNode may not be up yet, or be stopping
                 print(f"privfl node executor: Runtime API not answering ({type(exc).__name__})", file=sys.stderr)
                 time.sleep(max(poll, 0.5))
                 continue
@@ -185,7 +185,7 @@ def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> N
                         code = 0
                     except SystemExit as exc:
                         code = exc.code if isinstance(exc.code, int) else 1
-                    except BaseException:  # noqa: BLE001 - the child must not return into the loop
+                    except BaseException:  # the child must not return into the loop
                         import traceback
 
                         traceback.print_exc()
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     internal.time = _capped_time(ours.poll)  # type: ignore[assignment]
     shorten_object_pulls(internal, "pull_objects", ours.poll)
-    executor = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+    executor = subprocess.Popen(  # our own interpreter and module
         [sys.executable, "-m", "privfl.flower.node", "--poll", str(ours.poll),
          "--executor", address, "--parent-pid", str(os.getpid())],
         stdin=subprocess.DEVNULL,

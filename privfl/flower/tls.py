@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privfl.errors import ConfigError
 
-__all__ = ["TlsMaterial", "NodeAuthKeys", "generate_tls_material", "generate_node_auth_keys"]
+__all__ = ["NodeAuthKeys", "TlsMaterial", "generate_node_auth_keys", "generate_tls_material"]
 
 _DEFAULT_HOSTS = ("127.0.0.1", "::1", "localhost")
 

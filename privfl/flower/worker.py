@@ -20,7 +20,7 @@ import struct
 import sys
 from pathlib import Path
 
-__all__ = ["serve", "call", "main"]
+__all__ = ["call", "main", "serve"]
 
 log = logging.getLogger("privfl")
 

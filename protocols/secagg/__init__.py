@@ -3,7 +3,13 @@
 from privfl.protocols.secagg.client import SecAggClient
 from privfl.protocols.secagg.graph import build_graph, suggest_neighbours
 from privfl.protocols.secagg.keys import IdentityKey
-from privfl.protocols.secagg.params import COMPLETE_GRAPH_MAX_CLIENTS, GraphChoice, RoundParams, choose_graph, min_threshold
+from privfl.protocols.secagg.params import (
+    COMPLETE_GRAPH_MAX_CLIENTS,
+    GraphChoice,
+    RoundParams,
+    choose_graph,
+    min_threshold,
+)
 from privfl.protocols.secagg.protection import SecAggConfig, SecAggProtection
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer

@@ -51,13 +51,13 @@ from privfl.protocols.secagg.params import RoundParams, check_threshold
 from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
 
 __all__ = [
+    "SEALED_SHARE_BYTES",
     "SecAggClient",
+    "keys_statement",
     "pairwise_mask_key",
     "self_mask_key",
     "share_key",
-    "keys_statement",
     "survivors_statement",
-    "SEALED_SHARE_BYTES",
 ]
 
 SERVER = "server"

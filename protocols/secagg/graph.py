@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from privfl.errors import ConfigError
 
-__all__ = ["build_graph", "check_neighbours", "suggest_neighbours", "components", "GraphFailureBound", "failure_bound"]
+__all__ = ["GraphFailureBound", "build_graph", "check_neighbours", "components", "failure_bound", "suggest_neighbours"]
 
 
 def suggest_neighbours(num_clients: int) -> int:

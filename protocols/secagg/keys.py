@@ -20,19 +20,19 @@ from privfl.errors import MessageError
 
 __all__ = [
     "KEY_BYTES",
-    "TAG_BYTES",
     "SIGNATURE_BYTES",
-    "KeyPair",
+    "TAG_BYTES",
     "IdentityKey",
-    "verify_signature",
+    "KeyPair",
+    "agree",
     "hkdf",
     "info",
-    "agree",
-    "public_key_from_bytes",
-    "private_key_from_bytes",
-    "seal",
     "open_sealed",
+    "private_key_from_bytes",
+    "public_key_from_bytes",
+    "seal",
     "tag",
+    "verify_signature",
     "verify_tag",
 ]
 

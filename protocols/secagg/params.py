@@ -24,7 +24,7 @@ from privfl.errors import ConfigError
 from privfl.protocols.secagg.graph import GraphFailureBound, build_graph, failure_bound
 from privfl.protocols.secagg.keys import KEY_BYTES
 
-__all__ = ["RoundParams", "check_threshold", "min_threshold", "GraphChoice", "choose_graph", "COMPLETE_GRAPH_MAX_CLIENTS"]
+__all__ = ["COMPLETE_GRAPH_MAX_CLIENTS", "GraphChoice", "RoundParams", "check_threshold", "choose_graph", "min_threshold"]
 
 MAX_ID_BYTES = 256
 

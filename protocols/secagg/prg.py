@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from privfl.protocols.secagg.keys import hkdf
 
-__all__ = ["WORD", "CHUNK_WORDS", "SEGMENT_WORDS", "PARALLEL_MIN_WORDS", "mask_key", "expand", "apply_masks", "uniform_floats"]
+__all__ = ["CHUNK_WORDS", "PARALLEL_MIN_WORDS", "SEGMENT_WORDS", "WORD", "apply_masks", "expand", "mask_key", "uniform_floats"]
 
 WORD = np.dtype("<u4")
 """The word every mask and masked vector is made of (4 bytes, little endian)."""
@@ -142,7 +142,7 @@ def _apply_range(
         target = acc[start:stop]
         for vector in addends:
             np.add(target, vector[start:stop], out=target)
-        for encryptor, add in zip(encryptors, adders):
+        for encryptor, add in zip(encryptors, adders, strict=True):
             encryptor.update_into(data, buf)
             add(target, words, out=target)
         start = stop

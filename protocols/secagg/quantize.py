@@ -19,7 +19,7 @@ import numpy as np
 from privfl.errors import ConfigError
 from privfl.protocols.secagg.prg import WORD, uniform_floats
 
-__all__ = ["Quantizer", "MAX_BITS"]
+__all__ = ["MAX_BITS", "Quantizer"]
 
 MAX_BITS = 32
 """Words are 32 bits on the wire (no more upload than float32)."""

@@ -13,7 +13,6 @@ lets honest clients detect an active server; see docs/secagg.md for what that do
 
 from __future__ import annotations
 
-
 import os
 import secrets
 from collections.abc import Iterable

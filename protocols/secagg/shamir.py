@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from privfl.errors import ProtocolError
 
-__all__ = ["PRIME", "SHARE_BYTES", "split", "reconstruct", "consistent", "lagrange_at_zero", "secret_to_int", "int_to_secret"]
+__all__ = ["PRIME", "SHARE_BYTES", "consistent", "int_to_secret", "lagrange_at_zero", "reconstruct", "secret_to_int", "split"]
 
 PRIME = (1 << 256) + 297
 SHARE_BYTES = 33
@@ -94,7 +94,7 @@ def reconstruct(shares: Mapping[int, int], threshold: int, *, prime: int = PRIME
         raise ProtocolError(f"{len(shares)} shares < threshold {threshold}")
     xs = tuple(sorted(shares)[:threshold])
     weights = lagrange_at_zero(xs, prime)
-    return sum(w * shares[x] for w, x in zip(weights, xs)) % prime
+    return sum(w * shares[x] for w, x in zip(weights, xs, strict=True)) % prime
 
 
 def _batch_inverse(values: Sequence[int], prime: int) -> list[int]:

@@ -19,7 +19,7 @@ from privfl.protocols.secagg.prg import mask_key
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer
 
-__all__ = ["ROUNDS", "CONSISTENCY", "Transcript", "RoundRun", "drive", "new_round", "rounding_key", "run_secure_sum", "SecureSumResult"]
+__all__ = ["CONSISTENCY", "ROUNDS", "RoundRun", "SecureSumResult", "Transcript", "drive", "new_round", "rounding_key", "run_secure_sum"]
 
 ROUNDS = ("advertise", "share", "masked_input", "unmask")
 """The four client rounds, as named in ``drop_after`` and in ``bytes_up``."""

@@ -20,7 +20,7 @@ from privfl.protocols.secagg.keys import IdentityKey, KeyPair, private_key_from_
 from privfl.protocols.secagg.params import RoundParams
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["encode_params", "decode_params", "export_client", "restore_client"]
+__all__ = ["decode_params", "encode_params", "export_client", "restore_client"]
 
 _KIND_PARAMS = 20
 _KIND_CLIENT_STATE = 21

@@ -119,9 +119,9 @@ def test_update_label_counts_need_a_classifier_layer() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 8), torch.nn.Flatten())  # logits from a convolution
     x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
     obs = update_of(model, x, y, local_steps=2, batch_size=2, lr=0.1)
-    with pytest.raises(AttackError, match="nn.Linear"):
+    with pytest.raises(AttackError, match=r"nn\.Linear"):
         update_label_counts(model, obs)
-    with pytest.raises(AttackError, match="nn.Linear"):
+    with pytest.raises(AttackError, match=r"nn\.Linear"):
         FedAvgInversion(max_iterations=1).reconstruct(model, obs)
 
 

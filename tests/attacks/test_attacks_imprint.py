@@ -109,7 +109,7 @@ def test_imprinted_model_trains_in_a_client_loop(digits) -> None:
     honest = agreed_mlp()
     before = [p.detach().clone() for p in honest.parameters()]
     model = imprint_model(honest, input_shape=SHAPE, auxiliary_inputs=digits["aux"])
-    assert all(torch.equal(a, b) for a, b in zip(before, honest.parameters()))  # the agreed model is copied
+    assert all(torch.equal(a, b) for a, b in zip(before, honest.parameters(), strict=True))  # the agreed model is copied
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     logits = model(digits["x"])
     assert logits.shape == (16, 10)
@@ -131,7 +131,7 @@ def test_dp_sgd_brings_imprint_recovery_to_chance(digits) -> None:
                             noise_multiplier=noise_multiplier, max_grad_norm=1.0, generator=generator)
             for c in range(NUM_CLIENTS)
         ]
-        mean = [torch.stack(g).mean(dim=0) for g in zip(*clients)]
+        mean = [torch.stack(g).mean(dim=0) for g in zip(*clients, strict=True)]
         return AggregateObservation(gradients=mean, input_shape=SHAPE, num_clients=NUM_CLIENTS,
                                     samples_per_client=PER_CLIENT)
 

@@ -234,7 +234,7 @@ def test_client_level_rules() -> None:
 def test_bad_client_sizes_and_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="client_sizes"):
         lint_config(make(), client_sizes={"a": 0})
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         lint_file(tmp_path / "missing.toml")
 
 

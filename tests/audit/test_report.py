@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import shutil
@@ -74,7 +75,7 @@ def test_epsilon_series_is_monotone_and_ends_at_the_summary(report: AuditReport,
     for c in report.clients:
         series = c.epsilon_by_round
         assert len(series) == 3
-        assert all(b >= a for a, b in zip(series, series[1:]))
+        assert all(b >= a for a, b in itertools.pairwise(series))
         assert series[0] > 0
         assert c.epsilon == pytest.approx(summary["clients"][c.client]["epsilon"], rel=1e-9)
         # Only round 0 was trained; the skipped rounds add nothing.
@@ -195,7 +196,7 @@ def test_edited_ledger_is_caught(run_dir: Path, tmp_path: Path) -> None:
     # Someone holding ledger.key can re-sign the edit: the lines history.json recorded differ...
     copy = _copy(run_dir, tmp_path / "resigned")
     _edit_ledger(copy, _halve_first_epsilon, resign=True)
-    with pytest.raises(LedgerError, match="not the line history.json recorded after round 0"):
+    with pytest.raises(LedgerError, match=r"not the line history\.json recorded after round 0"):
         audit_run(copy)
     # ...and with those removed too, the recomputed epsilon still disagrees.
     _drop_anchors(copy)
@@ -260,7 +261,7 @@ def test_a_shortened_ledger_is_caught_by_the_anchors(run_dir: Path, tmp_path: Pa
 def test_the_ledger_key_is_needed(run_dir: Path, tmp_path: Path) -> None:
     copy = _copy(run_dir, tmp_path)
     (copy / "ledger.key").unlink()
-    with pytest.raises(LedgerError, match="ledger.key"):
+    with pytest.raises(LedgerError, match=r"ledger\.key"):
         audit_run(copy)
     copy = _copy(run_dir, tmp_path / "loose")
     (copy / "ledger.key").chmod(0o644)
@@ -318,17 +319,17 @@ def test_missing_or_broken_run_dir(tmp_path: Path, run_dir: Path) -> None:
         audit_run(tmp_path / "nowhere")
     copy = _copy(run_dir, tmp_path)
     (copy / "history.json").unlink()
-    with pytest.raises(ConfigError, match="history.json is missing"):
+    with pytest.raises(ConfigError, match=r"history\.json is missing"):
         audit_run(copy)  # a finished run (it has summary.json) must have its history
     shutil.copy(run_dir / "history.json", copy / "history.json")
     (copy / "summary.json").unlink()
     # Without summary.json the run is unfinished: audited as it stands, and the report says so.
     assert "PFA015" in {f.code for f in audit_run(copy).findings}
     (copy / "ledger.jsonl").write_text("{not json\n")
-    with pytest.raises(LedgerError, match="ledger.jsonl: line 1: not a JSON line"):
+    with pytest.raises(LedgerError, match=r"ledger\.jsonl: line 1: not a JSON line"):
         audit_run(copy)
     (copy / "ledger.jsonl").unlink()
-    with pytest.raises(ConfigError, match="ledger.jsonl is missing"):
+    with pytest.raises(ConfigError, match=r"ledger\.jsonl is missing"):
         audit_run(copy)
     with pytest.raises(ConfigError, match="accountant"):
         audit_run(run_dir, out_dir=tmp_path / "x", accountant="gdp")

@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from privfl.errors import ConfigError  # noqa: E402
-from privfl.flower.deploy import LocalDeployment, LocalSimulation, pid_alive, write_app_dir  # noqa: E402
-from privfl.flower.tls import generate_node_auth_keys, generate_tls_material  # noqa: E402
+from privfl.errors import ConfigError
+from privfl.flower.deploy import LocalDeployment, LocalSimulation, pid_alive, write_app_dir
+from privfl.flower.tls import generate_node_auth_keys, generate_tls_material
 
 ECHO_MODULE = Path(__file__).with_name("_echo_app.py")
 PAYLOAD = bytes(range(256)) * 4  # 1 KiB, every byte value
@@ -217,7 +217,7 @@ def test_simulation_engine_runs_the_same_app_on_virtual_nodes(tmp_path: Path) ->
     _assert_all_dead(pids)
     echo = json.loads(out_file.read_text())
     assert len(echo["node_ids"]) == num_nodes
-    for rnd, round_ in enumerate(echo["rounds"]):
+    for round_ in echo["rounds"]:
         sites = sorted(r["site"] for r in round_["replies"])
         assert sites == sorted(f"partition-{i}" for i in range(num_nodes))
         assert all(r["digest"] == _digest(r["site"]) for r in round_["replies"])

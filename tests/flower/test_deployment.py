@@ -14,10 +14,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from privfl.flower.deploy import pid_alive  # noqa: E402
-from privfl.flower.local import LocalFederation  # noqa: E402
-
-
+from privfl.flower.deploy import pid_alive
+from privfl.flower.local import LocalFederation
 
 
 def _in_process(text: str, out: Path | None = None, round_index: int | None = None):
@@ -116,7 +114,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
         assert summary["deployment"]["tls"] is True and summary["final_accuracy"] >= 0.9
 
     # Each ledger exists only in its own site's state directory; the server side has none.
-    for name, folder in federation.site_dirs.items():
+    for folder in federation.site_dirs.values():
         assert (folder / "state" / "ledger.jsonl").is_file()
     server_side = [tmp_path / "dep" / "flower", *(r[2] for r in results.values())]
     assert not [p for root in server_side for p in root.rglob("ledger*")]
@@ -158,7 +156,7 @@ def test_secagg_over_the_network_survives_dropouts_and_aborts_below_threshold(tm
 
     with federation:
         pids = federation.started_pids()
-        summary, history, _ = federation.run(step_timeout=20, on_round=kill_after_round_2)
+        _summary, history, _ = federation.run(step_timeout=20, on_round=kill_after_round_2)
     assert _all_stopped(pids)
 
     first, second, third, fourth = history

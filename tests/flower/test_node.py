@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from privfl.flower import node  # noqa: E402
+from privfl.flower import node
 
 
 def test_capped_sleep_waits_at_most_the_poll(monkeypatch):

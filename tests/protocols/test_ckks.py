@@ -103,7 +103,7 @@ def test_public_context_bytes_carry_no_secret_key():
     with pytest.raises(ConfigError):
         CkksServer(holder._secret_context.serialize(save_secret_key=True), CkksConfig(), 10)
     assert "hidden" in repr(holder) and "secret_key=<hidden>" in repr(holder)
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         pickle.dumps(holder._secret_context)  # no accidental default serialization of the secret
 
 

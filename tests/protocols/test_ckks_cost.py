@@ -60,7 +60,7 @@ def measure(num_clients: int, dim: int, seed: int = 0) -> dict[str, float]:
         acc = None
         for c in updates:
             vectors = [ts.ckks_vector_from(public, p) for p in parts[c]]
-            acc = vectors if acc is None else [a + v for a, v in zip(acc, vectors)]
+            acc = vectors if acc is None else [a + v for a, v in zip(acc, vectors, strict=True)]
         return [a.serialize() for a in acc]
 
     old_sum, out["before: server s"] = _timed(old_server)
@@ -88,12 +88,12 @@ def measure(num_clients: int, dim: int, seed: int = 0) -> dict[str, float]:
 
     # Sandbox question: parsing one client's message here vs in a worker process vs TenSEAL itself.
     layout, sizes = holder.layout, [min(config.slots, dim + 1 - i * config.slots) for i in range(len(parts["c0"]))]
-    _, out["parse one message in process s"] = _timed(lambda: [parse_vector(p, layout, s) for p, s in zip(parts["c0"], sizes)])
+    _, out["parse one message in process s"] = _timed(lambda: [parse_vector(p, layout, s) for p, s in zip(parts["c0"], sizes, strict=True)])
     _, out["TenSEAL deserialize one message s"] = _timed(lambda: [ts.ckks_vector_from(public, p) for p in parts["c0"]])
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pool.map(_parse_in_worker, [(parts["c0"][0], layout, sizes[0])])  # warm the worker
         _, out["parse one message in a worker process s"] = _timed(
-            lambda: pool.map(_parse_in_worker, [(p, layout, s) for p, s in zip(parts["c0"], sizes)])
+            lambda: pool.map(_parse_in_worker, [(p, layout, s) for p, s in zip(parts["c0"], sizes, strict=True)])
         )
     return out
 

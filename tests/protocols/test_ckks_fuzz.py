@@ -281,7 +281,7 @@ def test_key_holder_aggregate_never_crashes(guarded_tenseal, data):
 def test_key_holder_spliced_contributions(guarded_tenseal, data):
     w = world()
     round_index = data.draw(st.integers(0, 3))
-    pool = list(w.messages.values()) + [w.signed(round_index, "bob", [data.draw(structured_vector())])]
+    pool = [*w.messages.values(), w.signed(round_index, "bob", [data.draw(structured_vector())])]
     parts = data.draw(st.lists(st.sampled_from(pool), max_size=4))
     if data.draw(st.booleans()):
         parts = [data.draw(mutated(p)) if data.draw(st.booleans()) else p for p in parts]

@@ -25,13 +25,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_ckks_fuzz import DIM, SITES, _raw_is_valid, as_zlib, flip, splice, truncate, world  # noqa: E402
+from test_ckks_fuzz import DIM, SITES, _raw_is_valid, as_zlib, flip, splice, truncate, world
 
-from privfl.errors import DecryptionError, MessageError, PrivflError  # noqa: E402
-from privfl.protocols.base import SERVER  # noqa: E402
-from privfl.protocols.ckks_wire import encode_ciphertext, encode_proto, parse_vector  # noqa: E402
-from privfl.protocols.oneshot import KIND_AGGREGATE, KIND_AVERAGE, decode_average  # noqa: E402
-from privfl.protocols.wire import encode_frame  # noqa: E402
+from privfl.errors import DecryptionError, MessageError, PrivflError
+from privfl.protocols.base import SERVER
+from privfl.protocols.ckks_wire import encode_ciphertext, encode_proto, parse_vector
+from privfl.protocols.oneshot import KIND_AGGREGATE, KIND_AVERAGE, decode_average
+from privfl.protocols.wire import encode_frame
 
 _U64_EDGES = [0, 1, 2, 3, 4095, 4096, 4097, 8192, 16384, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
 _FLOAT_EDGES = [0.0, 1.0, 2.0**31, 2.0**32, 2.0**33, float("nan"), float("inf"), 5e-324]
@@ -147,7 +147,7 @@ def campaign(inputs: int, seed: int = 2026) -> dict[str, dict[str, float]]:
             return r, w.aggregates[r]
         if rng.random() < 0.5:
             return r, _mutate(w.aggregates[r], rng)
-        pool = list(w.messages.values()) + [w.signed(r, "bob", [_structured(rng)[0]])]
+        pool = [*w.messages.values(), w.signed(r, "bob", [_structured(rng)[0]])]
         parts = [pool[int(rng.integers(len(pool)))] for _ in range(rng.integers(0, 5))]
         parts = [_mutate(p, rng) if rng.random() < 0.3 else p for p in parts]
         return r, encode_frame(KIND_AGGREGATE, r, SERVER, parts)

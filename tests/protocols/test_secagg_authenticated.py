@@ -9,9 +9,8 @@ import pytest
 
 from privfl.errors import ConfigError, MessageError, ProtocolAbort, ProtocolError
 from privfl.protocols.base import ClientUpdate, DirectTransport
-from privfl.protocols.secagg import IdentityKey, SecAggConfig, SecAggProtection, run_secure_sum
+from privfl.protocols.secagg import IdentityKey, SecAggConfig, SecAggProtection, run_secure_sum, simulate
 from privfl.protocols.secagg import messages as m
-from privfl.protocols.secagg import simulate
 from privfl.protocols.secagg.client import SecAggClient, keys_statement, survivors_statement
 from privfl.protocols.secagg.keys import TAG_BYTES, KeyPair, agree, hkdf, verify_signature
 from privfl.protocols.secagg.prg import WORD
@@ -105,7 +104,7 @@ def test_protection_keeps_identities_across_rounds_and_hides_them():
     text = repr(config) + repr(given["client-00"]) + repr(protection.server.params)
     raw = given["client-00"].private.private_bytes_raw()
     assert "private" not in text and raw.hex() not in text and "identities" not in text
-    assert SecAggProtection(config).run_round(0, dict(zip(_ids(5), updates.values())), DirectTransport()).contributors == tuple(_ids(5))
+    assert SecAggProtection(config).run_round(0, dict(zip(_ids(5), updates.values(), strict=True)), DirectTransport()).contributors == tuple(_ids(5))
     for kwargs, field in [
         (dict(identities=given), "identities"),  # identities without authenticated=True
         (dict(authenticated=True, identities={"client-00": b"x" * 32}), "identities"),
@@ -116,7 +115,7 @@ def test_protection_keeps_identities_across_rounds_and_hides_them():
         assert info.value.field == field
     with pytest.raises(ConfigError, match="identities"):
         SecAggProtection(SecAggConfig(threshold=2, authenticated=True, identities={"client-00": given["client-00"]})).run_round(
-            0, dict(zip(_ids(3), list(updates.values())[:3])), DirectTransport()
+            0, dict(zip(_ids(3), list(updates.values())[:3], strict=True)), DirectTransport()
         )
 
 
@@ -145,7 +144,7 @@ def test_server_substituting_a_clients_keys_is_detected_before_any_share(authent
     victims = [u for u in keys if u != "client-00"]
     for u in victims:
         if authenticated:
-            with pytest.raises(ProtocolAbort, match="client-00.*not signed"):
+            with pytest.raises(ProtocolAbort, match=r"client-00.*not signed"):
                 run.clients[u].share_keys(keys[u])
             assert run.clients[u]._self_seed == b""  # nothing was even split, let alone sent
         else:
@@ -227,7 +226,7 @@ def test_split_survivor_views_make_honest_clients_abort_without_revealing_shares
         )
 
     # B sees only two signatures on its set (< t = 4) ...
-    with pytest.raises(ProtocolAbort, match="2 valid signatures.*< threshold 4"):
+    with pytest.raises(ProtocolAbort, match=r"2 valid signatures.*< threshold 4"):
         run.clients["client-03"].unmask(request("client-03", without_late, without_late, [late], group_b))
     # ... and padding with A's signatures fails: they are over another set.
     with pytest.raises(ProtocolAbort, match="consistency check failed"):
@@ -271,7 +270,7 @@ def test_tampered_or_missing_signatures_abort_the_client():
     bad = bytearray(parts[4])
     bad[5] ^= 1
     with pytest.raises(ProtocolAbort, match="consistency check failed"):
-        run.clients["client-00"].unmask(run.server._send("client-00", m.UNMASK_REQUEST, parts[:4] + [bytes(bad)]))
+        run.clients["client-00"].unmask(run.server._send("client-00", m.UNMASK_REQUEST, [*parts[:4], bytes(bad)]))
     assert run.clients["client-01"].unmask(requests["client-01"])  # the honest request is answered
 
 
@@ -306,7 +305,7 @@ def test_server_replaying_last_rounds_keys_is_detected():
     new.server._public_keys["client-00"] = (c_pk, s_pk)
     new.server._key_signatures["client-00"] = signature
     keys = new.server.keys_messages()
-    with pytest.raises(ProtocolAbort, match="client-00.*not signed"):
+    with pytest.raises(ProtocolAbort, match=r"client-00.*not signed"):
         new.clients["client-01"].share_keys(keys["client-01"])
     # And a consistency answer replayed from another round is dropped by the server.
     old_run, _ = _round(4, threshold=3, round_index=1, identities={u: identities[u] for u in _ids(4)})

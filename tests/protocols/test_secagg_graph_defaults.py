@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 
 from privfl.errors import ConfigError
 from privfl.protocols.secagg.graph import build_graph, components, failure_bound
-from privfl.protocols.secagg.params import COMPLETE_GRAPH_MAX_CLIENTS, RoundParams, check_threshold, choose_graph, min_threshold
+from privfl.protocols.secagg.params import (
+    COMPLETE_GRAPH_MAX_CLIENTS,
+    RoundParams,
+    check_threshold,
+    choose_graph,
+    min_threshold,
+)
 
 RATES = [(0.1, 0.0), (0.05, 0.05), (0.2, 0.1)]
 
@@ -51,9 +58,9 @@ def test_degree_grows_logarithmically():
     assert degrees == sorted(degrees)
     # Each tenfold increase in n adds a bounded number of neighbours (about log2(10) per bit of n's
     # share of the union bound), never a multiple: k / log2(n) does not grow.
-    for k_small, k_large in zip(degrees, degrees[1:]):
+    for k_small, k_large in itertools.pairwise(degrees):
         assert k_large - k_small <= 16
-    ratios = [k / math.log2(n) for k, n in zip(degrees, sizes)]
+    ratios = [k / math.log2(n) for k, n in zip(degrees, sizes, strict=True)]
     assert ratios == sorted(ratios, reverse=True)
     assert degrees[-1] <= 8 * math.log2(sizes[-1])
 
@@ -97,7 +104,7 @@ def test_bound_holds_against_sampled_dropouts(n, k, t, dropouts):
     bound = failure_bound(n, k, t, dropouts=dropouts)
     assert 0 < bound.recovery < 1 and 0 < bound.disconnection < 1
     # Observed rate, plus four standard errors of slack for the sampling.
-    slack = lambda p: 4 * math.sqrt(max(p, 1 / trials) / trials)  # noqa: E731
+    slack = lambda p: 4 * math.sqrt(max(p, 1 / trials) / trials)
     assert recovery_failures / trials <= bound.recovery + slack(bound.recovery)
     assert disconnected / trials <= bound.disconnection + slack(bound.disconnection)
     assert recovery_failures > 0  # the case is not vacuous (the bound is loose, about 10x, but not empty)

@@ -87,7 +87,7 @@ def test_t_minus_1_shares_are_consistent_with_every_secret_small_field():
 def _solve_mod(matrix: list[list[int]], rhs: list[int], p: int) -> list[int]:
     """Gaussian elimination mod p (test helper)."""
     n = len(rhs)
-    a = [row[:] + [r] for row, r in zip(matrix, rhs)]
+    a = [[*row, r] for row, r in zip(matrix, rhs, strict=True)]
     for col in range(n):
         pivot = next(r for r in range(col, n) if a[r][col] % p)
         a[col], a[pivot] = a[pivot], a[col]
@@ -96,7 +96,7 @@ def _solve_mod(matrix: list[list[int]], rhs: list[int], p: int) -> list[int]:
         for r in range(n):
             if r != col and a[r][col]:
                 factor = a[r][col]
-                a[r] = [(v - factor * w) % p for v, w in zip(a[r], a[col])]
+                a[r] = [(v - factor * w) % p for v, w in zip(a[r], a[col], strict=True)]
     return [a[r][n] for r in range(n)]
 
 
@@ -385,8 +385,8 @@ def test_round_sums_with_and_without_vector_authentication(authenticate_vectors)
 
 
 def test_server_refuses_a_non_bool_authenticate_flag():
-    from privfl.protocols.secagg.simulate import new_round
     from privfl.protocols.secagg.server import SecAggServer
+    from privfl.protocols.secagg.simulate import new_round
 
     run = new_round(["a", "b", "c"], round_index=0, threshold=2, neighbours=None, dimension=4, bits=32, graph_seed=bytes(16))
     with pytest.raises(ProtocolError):

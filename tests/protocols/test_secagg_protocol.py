@@ -15,8 +15,8 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort, ProtocolErro
 from privfl.protocols.base import DirectTransport
 from privfl.protocols.secagg import build_graph, run_secure_sum
 from privfl.protocols.secagg import messages as m
-from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.params import min_threshold
+from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.server import SecAggServer
 from privfl.protocols.secagg.simulate import ROUNDS, drive, new_round
 
@@ -50,7 +50,7 @@ def scenarios(draw):
     threshold = draw(st.integers(min_threshold(k + 1), k + 1))
     ids = _ids(n)
     fates = draw(st.lists(st.sampled_from(("stay",) * 6 + ROUNDS), min_size=n, max_size=n))
-    drop_after = {r: {u for u, f in zip(ids, fates) if f == r} for r in ROUNDS}
+    drop_after = {r: {u for u, f in zip(ids, fates, strict=True) if f == r} for r in ROUNDS}
     return n, neighbours, threshold, drop_after, draw(st.integers(0, 2**31))
 
 
@@ -394,7 +394,7 @@ def test_client_refuses_to_reveal_both_shares_of_one_client():
 
 
 def test_honest_request_is_answered_once():
-    run, late = _round_until_unmask()
+    run, _late = _round_until_unmask()
     requests = run.server.unmask_requests()
     reply = run.clients["client-00"].unmask(requests["client-00"])
     assert reply

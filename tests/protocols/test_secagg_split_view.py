@@ -25,10 +25,9 @@ import pytest
 
 from privfl.errors import ConfigError, ProtocolAbort, ProtocolError
 from privfl.protocols.base import ClientUpdate, DirectTransport
-from privfl.protocols.secagg import SecAggConfig, SecAggProtection, SecAggServer, run_secure_sum, simulate
+from privfl.protocols.secagg import SecAggConfig, SecAggProtection, SecAggServer, run_secure_sum, shamir, simulate
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import params as params_module
-from privfl.protocols.secagg import shamir
 from privfl.protocols.secagg.client import SecAggClient, pairwise_mask_key, self_mask_key
 from privfl.protocols.secagg.graph import check_neighbours, components
 from privfl.protocols.secagg.keys import IdentityKey, KeyPair, agree, private_key_from_bytes
@@ -241,7 +240,7 @@ def test_split_view_unmasks_a_secagg_plus_victim_below_the_bound(authenticated):
 def test_split_view_fails_at_the_enforced_threshold(n, authenticated):
     threshold = min_threshold(n)
     assert 2 * threshold > n
-    outcome, truth = split_view_attack(n, threshold, authenticated=authenticated)
+    outcome, _truth = split_view_attack(n, threshold, authenticated=authenticated)
     assert outcome.recovered is None
     # One group always falls short: h - t < t holders are left for it.
     assert min(len(outcome.b_shares), len(outcome.s_shares)) < threshold

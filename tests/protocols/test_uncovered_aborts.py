@@ -127,7 +127,7 @@ def test_a_different_second_unmask_is_refused_and_neither_answer_is_counted():
 
 
 def test_a_third_unmask_after_a_duplicate_is_not_counted():
-    run, requests, expected = _to_unmask()
+    run, requests, _expected = _to_unmask()
     server = run.server
     x = run.params.index[LIAR]
     answer = run.clients[LIAR].unmask(requests[LIAR])
@@ -239,7 +239,7 @@ def _forge_to_value(run, kind: bytes, owner: str, target: int) -> int:
     xs = tuple(sorted(points)[:T])  # the server uses the T smallest points
     x_liar = index[LIAR]
     assert x_liar in xs
-    weights = dict(zip(xs, shamir.lagrange_at_zero(xs)))
+    weights = dict(zip(xs, shamir.lagrange_at_zero(xs), strict=True))
     rest = sum(weights[x] * points[x] for x in xs if x != x_liar) % shamir.PRIME
     return (target - rest) * pow(weights[x_liar], -1, shamir.PRIME) % shamir.PRIME
 
