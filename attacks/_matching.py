@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -71,14 +72,14 @@ class MatchingProblem:
 def cosine_distance(simulated: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
     """``1 - <g, g*> / (|g| |g*|)`` over all parameters concatenated (Geiping et al. 2020, eq. 4)."""
     dot = sum((s * t).sum() for s, t in zip(simulated, target, strict=True))
-    s_norm = torch.sqrt(sum((s * s).sum() for s in simulated))
-    t_norm = torch.sqrt(sum((t * t).sum() for t in target))
+    s_norm = torch.sqrt(cast(torch.Tensor, sum((s * s).sum() for s in simulated)))
+    t_norm = torch.sqrt(cast(torch.Tensor, sum((t * t).sum() for t in target)))
     return 1.0 - dot / (s_norm * t_norm).clamp_min(1e-20)
 
 
 def l2_distance(simulated: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
     """``sum ||g - g*||^2`` over all parameters (Zhu et al. 2019)."""
-    return sum(((s - t) ** 2).sum() for s, t in zip(simulated, target, strict=True))
+    return cast(torch.Tensor, sum(((s - t) ** 2).sum() for s, t in zip(simulated, target, strict=True)))
 
 
 def total_variation(inputs: torch.Tensor) -> torch.Tensor:

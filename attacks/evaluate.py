@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import cast
 
 import torch
 
@@ -119,7 +120,7 @@ def dp_sgd_gradient(
     total = [torch.zeros_like(p) for p in view.parameters()]
     for i in range(inputs.shape[0]):
         grads = view.gradients(inputs[i : i + 1], labels[i : i + 1])
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        norm = torch.sqrt(cast(torch.Tensor, sum((g.double() ** 2).sum() for g in grads)))
         factor = min(1.0, max_grad_norm / (float(norm) + 1e-12))
         total = [t + g.detach() * factor for t, g in zip(total, grads, strict=True)]
     std = noise_multiplier * max_grad_norm
@@ -179,7 +180,7 @@ def build_observation(
     shape = tuple(inputs.shape[1:])
     n = int(inputs.shape[0])
     if spec.protection is Protection.PLAINTEXT:
-        return GradientObservation(gradients=client_gradient(model, inputs, labels), input_shape=shape, num_samples=n)
+        return GradientObservation(gradients=tuple(client_gradient(model, inputs, labels)), input_shape=shape, num_samples=n)
     if spec.protection is Protection.DP:
         generator = torch.Generator().manual_seed(spec.seed)
         grads = dp_sgd_gradient(
@@ -191,7 +192,7 @@ def build_observation(
             generator=generator,
         )
         return DPGradientObservation(
-            gradients=grads,
+            gradients=tuple(grads),
             input_shape=shape,
             num_samples=n,
             noise_multiplier=spec.noise_multiplier,
@@ -207,14 +208,14 @@ def build_observation(
         ]
         mean = [torch.stack(gs).mean(dim=0) for gs in zip(*client_grads, strict=True)]
         return AggregateObservation(
-            gradients=mean, input_shape=shape, num_clients=spec.num_clients, samples_per_client=per,
+            gradients=tuple(mean), input_shape=shape, num_clients=spec.num_clients, samples_per_client=per,
             reduction=Reduction.MEAN,
         )
     if spec.protection is Protection.FEDAVG:
         batch = n if spec.batch_size is None else min(spec.batch_size, n)
         delta = fedavg_update(model, inputs, labels, local_steps=spec.local_steps, lr=spec.lr, batch_size=batch)
         return UpdateObservation(
-            delta=delta, input_shape=shape, num_samples=n, local_steps=spec.local_steps, lr=spec.lr, batch_size=batch
+            delta=tuple(delta), input_shape=shape, num_samples=n, local_steps=spec.local_steps, lr=spec.lr, batch_size=batch
         )
     # CIPHERTEXT: stand-in bytes; what matters is that nothing readable reaches the attack.
     generator = torch.Generator().manual_seed(spec.seed)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch.func import functional_call
@@ -460,7 +460,7 @@ class _Replay:
         self.training = training
         self.batches = [torch.tensor(b, device=view.device) for b in training.batches()]
         self.target = [d.to(view.device, view.dtype) for d in update.delta]
-        self.target_norm = torch.sqrt(sum((t * t).sum() for t in self.target))
+        self.target_norm = torch.sqrt(cast(torch.Tensor, sum((t * t).sum() for t in self.target)))
 
     def update(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False) -> list[torch.Tensor]:
         """The simulated ``w_K - w_0`` on ``inputs``, differentiable with respect to them.
@@ -500,5 +500,5 @@ class _Replay:
         """``1 - cos(simulated update, observed update)`` over all parameters concatenated."""
         simulated = self.update(inputs, labels, anchored=anchored)
         dot = sum((s * t).sum() for s, t in zip(simulated, self.target, strict=True))
-        norm = torch.sqrt(sum((s * s).sum() for s in simulated))
+        norm = torch.sqrt(cast(torch.Tensor, sum((s * s).sum() for s in simulated)))
         return 1.0 - dot / (norm * self.target_norm).clamp_min(1e-20)

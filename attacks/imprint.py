@@ -139,10 +139,10 @@ def _sequential_first_linear(model: torch.nn.Module, d: int) -> tuple[torch.nn.L
                 and child.bias is not None
                 and all(not list(c.parameters()) for c in children[:i])
                 and isinstance(children[i + 1], torch.nn.ReLU)
-                and isinstance(children[i + 2], torch.nn.Linear)
             )
-            if ok:
-                return child, children[i + 2]
+            second = children[i + 2] if i + 2 < len(children) else None
+            if ok and isinstance(second, torch.nn.Linear):
+                return child, second
             break
         if list(child.parameters()):
             break

@@ -162,6 +162,7 @@ class Aggregator:
     def _model_fields(self) -> dict[str, Any]:
         if self.input_shape is None:
             return {}
+        assert self.num_classes is not None  # set together with input_shape
         return {"input_shape": list(self.input_shape), "num_classes": int(self.num_classes)}
 
     # -- messaging -----------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ class Aggregator:
         model_bytes = params.astype("<f4").tobytes()
         requests = {}
         for n in sampled:
-            parts = (model_bytes, protocol_part)
+            parts: tuple[bytes, ...] = (model_bytes, protocol_part)
             if fed.protection is ProtectionKind.CKKS and n not in self._has_context:
                 parts += (self._ckks_public, self._ckks_run_id)
             requests[n] = ({**base, "index": names.index(n)}, parts)
@@ -364,6 +365,7 @@ class Aggregator:
             elif fed.protection is ProtectionKind.CKKS:
                 average, contributors, rejected = self._ckks(channel, r, messages, len(params))
             else:
+                assert secagg is not None  # set above for secure-aggregation rounds
                 average, contributors, rejected = secagg.finish(self, channel, messages)
             record["dropped"].update(rejected)
             record["contributors"] = list(contributors)

@@ -1101,14 +1101,18 @@ def print_attack_summary(result: AttackMatrixResult, *, console: Any) -> None:
         console: a ``rich.console.Console``.
     """
     from rich import box
+    from rich.console import JustifyMethod
     from rich.table import Table
 
     colours = {RECOVERED: "red", PARTIAL: "yellow", NOT_ABOVE_CHANCE: "green", NO_ACCESS: "cyan"}
     # One table per dataset, no vertical rules: the summary fits an 80-column terminal or log.
     for dataset in dict.fromkeys(r.dataset for r in result.rows):
         table = Table(title=dataset, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True)
-        for name, justify in (("attack", "left"), ("protection", "left"), ("ε", "right"), ("PSNR dB", "right"),
-                              ("chance", "right"), ("labels", "right"), ("verdict", "left")):
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
+            ("attack", "left"), ("protection", "left"), ("ε", "right"), ("PSNR dB", "right"),
+            ("chance", "right"), ("labels", "right"), ("verdict", "left"),
+        )
+        for name, justify in columns:
             table.add_column(name, justify=justify, no_wrap=True, min_width=len(name))
         for r in (r for r in result.rows if r.dataset == dataset):
             quality = r.attack != AttackKind.LABELS.value and r.verdict != NO_ACCESS

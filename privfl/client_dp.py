@@ -149,6 +149,7 @@ def plan_client_dp(config: ClientDPConfig, *, num_clients: int, client_fraction:
     if config.noise_multiplier is not None:
         z = config.noise_multiplier
     else:
+        assert config.target_epsilon is not None  # ClientDPConfig sets exactly one of noise_multiplier and target_epsilon
         accounted = calibrate(
             target_epsilon=config.target_epsilon, sample_rate=q, steps=rounds, delta=config.delta, accountant=config.accountant
         )
@@ -206,7 +207,7 @@ class ReleaseNoise:
 
 
 def release_noise(
-    plan: ClientDPPlan, *, clip_norm: float, dim: int, adaptive: bool, shares: int = 1, min_grid: float | None = None
+    plan: ClientDPPlan, *, clip_norm: float, dim: int, adaptive: bool, shares: float = 1, min_grid: float | None = None
 ) -> ReleaseNoise:
     """Plans the grid noise of a DP-FedAvg release: central (``shares=1``) or one client's share of it.
 

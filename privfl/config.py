@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import types
 import typing
@@ -457,7 +458,7 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
             return annotation(value)
         except ValueError:
             raise ConfigError(path, value, f"must be one of {[m.value for m in annotation]}") from None
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(path, value, "must be a table")
         return _build(annotation, value, path)
@@ -529,7 +530,7 @@ def dataclass_from_dict(cls: type, table: dict[str, Any], prefix: str = "") -> A
     return _build(cls, table, prefix)
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Reads a TOML file, or raises :class:`ConfigError` naming the file and what is wrong with it."""
     path = Path(path)
     try:
@@ -556,7 +557,7 @@ def config_from_dict(table: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, table, "")
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | os.PathLike[str]) -> RunConfig:
     """Reads a TOML run config.
 
     Raises:

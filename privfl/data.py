@@ -203,7 +203,7 @@ def labels_of(dataset: Dataset) -> np.ndarray:
         return np.asarray(targets)
     if isinstance(dataset, Subset):
         return labels_of(dataset.dataset)[np.asarray(dataset.indices)]
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
 
 
 def iid_partition(num_examples: int, num_clients: int, *, seed: int = 0) -> list[np.ndarray]:

@@ -36,8 +36,15 @@ from privfl.accounting import (
     epsilon_of_events,
     noise_multiplier,
 )
-from privfl.client_dp import clip_update, distributed_noise, next_clip_norm, plan_client_dp
-from privfl.config import ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
+from privfl.client_dp import (
+    ClientDPPlan,
+    SecAggRange,
+    clip_update,
+    distributed_noise,
+    next_clip_norm,
+    plan_client_dp,
+)
+from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
 from privfl.plan import derive_seed, plan_site, planned_rounds, round_size, sample_sites
 from privfl.protocols.base import (
@@ -216,7 +223,7 @@ class Federation:
         for name, dataset in clients.items():
             if not isinstance(name, str) or not name:
                 raise ConfigError("clients", name, "client names must be non-empty strings")
-            if len(dataset) == 0:
+            if len(dataset) == 0:  # type: ignore[arg-type]  # map-style Datasets have __len__
                 raise ConfigError(f"clients[{name}]", 0, "a client needs at least one training example")
         self.model_fn = model_fn
         self.clients = dict(clients)
@@ -249,22 +256,30 @@ class Federation:
         """The client-level delta the recorded epsilon holds at: the configured delta, plus, under
         secure aggregation, the tail in which a noise share could have been clipped (the derived
         range's ``tail_delta``; epsilon itself is computed at the configured delta)."""
-        delta = self.config.client_dp.delta
+        delta = self._client_dp.delta
         if self._secagg_range is not None:
             delta += self._secagg_range.tail_delta
         return delta
+
+    @property
+    def _client_dp(self) -> ClientDPConfig:
+        """The client-level DP settings (only asked for when they are set)."""
+        client_dp = self.config.client_dp
+        if client_dp is None:
+            raise ConfigError("federation.client_dp", None, "client-level DP is not configured")
+        return client_dp
 
     def _setup_client_dp(self, num_clients: int, history: list[dict[str, Any]]) -> None:
         client_dp = self.config.client_dp
         self._client_events: list[DPEvent] = []
         self._unclipped_fraction = 0.0
         # The secure-aggregation range derived for the last round (privfl.client_dp.secagg_range).
-        self._secagg_range = None
+        self._secagg_range: SecAggRange | None = None
         # rho of privfl.client_dp.secagg_noise_ratio, computed once per run (secagg only).
-        self._noise_ratio = None
+        self._noise_ratio: float | None = None
         if client_dp is None:
             return
-        self._client_plan = plan_client_dp(
+        self._client_plan: ClientDPPlan = plan_client_dp(
             client_dp, num_clients=num_clients, client_fraction=self.config.client_fraction, rounds=self.config.rounds
         )
         self._clip_norm = client_dp.clip_norm
@@ -316,7 +331,7 @@ class Federation:
     def _plans(self) -> list[_ClientPlan]:
         plans = []
         for index, (name, dataset) in enumerate(self.clients.items()):
-            n = len(dataset)
+            n = len(dataset)  # type: ignore[arg-type]  # map-style Datasets have __len__
             plan = plan_site(n, self.training, self.config, len(self.clients))
             plans.append(_ClientPlan(name, dataset, n, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier, index))
         return plans
@@ -398,6 +413,8 @@ class Federation:
         self._plans_by_name = {plan.name: plan for plan in plans}
         self._setup_client_dp(len(plans), history)
         if start_round > 0:
+            if out is None:
+                raise ConfigError("resume", True, "needs a run directory")
             global_params = load_checkpoint(out, start_round - 1, len(global_params))
         for plan in plans:
             ledger.register(plan.name, ClientBudget(epsilon=dp.epsilon_budget, delta=dp.delta))
@@ -509,15 +526,15 @@ class Federation:
         if client_dp is not None:
             # Charged every round, released or not (conservative: a round with no participant
             # or an aborted protocol still counts).
-            plan = self._client_plan
-            self._client_events.append(DPEvent(noise_multiplier=plan.accounted_noise_multiplier, sample_rate=plan.sample_rate, steps=1))
+            cplan = self._client_plan
+            self._client_events.append(DPEvent(noise_multiplier=cplan.accounted_noise_multiplier, sample_rate=cplan.sample_rate, steps=1))
             client_level = {
                 "epsilon": _finite_or_none(
                     epsilon_of_events(self._client_events, delta=client_dp.delta, accountant=client_dp.accountant)
                 ),
                 "delta": self._client_level_delta(),
-                "accounted_noise_multiplier": plan.accounted_noise_multiplier,
-                "sample_rate": plan.sample_rate,
+                "accounted_noise_multiplier": cplan.accounted_noise_multiplier,
+                "sample_rate": cplan.sample_rate,
                 "clip_norm": self._clip_norm,
                 # only the noised fraction: the exact count is what the bit noise protects
                 "unclipped_fraction_noised": self._unclipped_fraction if client_dp.adaptive and contributors else None,
@@ -571,19 +588,19 @@ class Federation:
         from privfl.noise import random_source
 
         plan = self._client_plan
-        adaptive = self.config.client_dp.adaptive
-        distributed = isinstance(protection, DistributedNoiseProtection)
+        adaptive = self._client_dp.adaptive
+        distributed = protection if isinstance(protection, DistributedNoiseProtection) else None
         shares = 1.0  # how many noise shares make the charged noise (c / rho under secagg)
-        if distributed and len(updates) >= 2:
+        if distributed is not None and len(updates) >= 2:
             from privfl.client_dp import count_free_shares, secagg_noise_ratio
 
             if self._noise_ratio is None:
                 # rho, fixed for the run: the released noise rho (z_delta S)^2 then does not depend on
                 # how many sites took part (privfl.client_dp, "Adjacency").
-                self._noise_ratio = secagg_noise_ratio(protection.share_threshold, len(self.clients))
+                self._noise_ratio = secagg_noise_ratio(distributed.share_threshold, len(self.clients))
             shares = count_free_shares(len(updates), self._noise_ratio)
         min_grid = None
-        if distributed:
+        if distributed is not None:
             # Secure aggregation clips each coordinate to clip_range, which would cut the noise shares:
             # the range and step are derived from the noise, S (re-derived every round, since adaptive
             # clipping moves it) and the client count, and a round that would clip anyway is aborted
@@ -593,10 +610,10 @@ class Federation:
             dim = next(iter(updates.values())).delta.shape[0] if updates else 1
             derived = client_dp_module.secagg_range(
                 plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, shares=shares,
-                max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self.config.client_dp.delta,
-                bits=protection.word_bits,
+                max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self._client_dp.delta,
+                bits=distributed.word_bits,
             )
-            protection.use_noise_range(derived.clip_range, derived.fraction_bits)
+            distributed.use_noise_range(derived.clip_range, derived.fraction_bits)
             self._secagg_range = derived
             # Every noise grid is a multiple of the quantizer's power-of-two step: it maps each share
             # to its integer exactly (docs/client-dp.md).
@@ -609,7 +626,7 @@ class Federation:
             # The bit is centred (+-1/2): one client then moves the bit sum by 1/2, the
             # sensitivity the noise split of Andrew et al. assumes.
             vector = np.concatenate([clipped, [float(within) - 0.5]]) if adaptive else clipped
-            if distributed:
+            if distributed is not None:
                 # Discrete Gaussian share on a grid the quantizer's step divides (privfl.noise): no
                 # float bit of what is summed depends on the update (Mironov 2012).
                 seed = None if self.config.noise_seed is None else self._noise_seed(round_index, self._plans_by_name[name].index, 1)
@@ -627,7 +644,7 @@ class Federation:
         from privfl.noise import random_source
 
         plan = self._client_plan
-        adaptive = self.config.client_dp.adaptive
+        adaptive = self._client_dp.adaptive
         # Released values lie on a power-of-two grid with exact discrete Gaussian noise drawn from a
         # ChaCha20 keystream (privfl.noise): the low-order float bits carry nothing (Mironov 2012).
         noise = release_noise(plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive)
@@ -642,7 +659,7 @@ class Federation:
         """DP-FedAvg average over the fixed denominator; the sum arrives already noised."""
         plan = self._client_plan
         total = outcome.average * outcome.total_weight
-        if self.config.client_dp.adaptive:
+        if self._client_dp.adaptive:
             self._unclipped_fraction = float(total[dim]) / plan.expected_clients + 0.5
         return total[:dim] / plan.expected_clients
 
@@ -672,7 +689,7 @@ class Federation:
         federation.pop("rounds", None)
         clients = {}
         for plan in plans:
-            digest = hashlib.sha256(str(len(plan.dataset)).encode())
+            digest = hashlib.sha256(str(len(plan.dataset)).encode())  # type: ignore[arg-type]
             indices = getattr(plan.dataset, "indices", None)
             if indices is not None:
                 digest.update(np.asarray(indices, dtype=np.int64).tobytes())
@@ -784,18 +801,18 @@ class Federation:
             }
         client_level: dict[str, Any] | None = None
         if self.config.client_dp is not None:
-            plan = self._client_plan
+            cplan = self._client_plan
             client_level = {
                 "epsilon": _finite_or_none(
                     epsilon_of_events(self._client_events, delta=self.config.client_dp.delta, accountant=self.config.client_dp.accountant)
                 ),
                 "delta": self._client_level_delta(),
-                "noise_multiplier": plan.noise_multiplier,
-                "accounted_noise_multiplier": plan.accounted_noise_multiplier,
-                "delta_noise_multiplier": plan.delta_noise_multiplier,
-                "bit_noise_std": plan.bit_noise_std,
-                "sample_rate": plan.sample_rate,
-                "expected_clients": plan.expected_clients,
+                "noise_multiplier": cplan.noise_multiplier,
+                "accounted_noise_multiplier": cplan.accounted_noise_multiplier,
+                "delta_noise_multiplier": cplan.delta_noise_multiplier,
+                "bit_noise_std": cplan.bit_noise_std,
+                "sample_rate": cplan.sample_rate,
+                "expected_clients": cplan.expected_clients,
                 "rounds_released": len(self._client_events),
                 "noise": "distributed (each client adds its share before masking)"
                 if protection.noise_placement is NoisePlacement.DISTRIBUTED
@@ -860,8 +877,8 @@ class _Progress:
         self.enabled = enabled
         self.total = total
         self.start = start
-        self._progress = None
-        self._task = None
+        self._progress: Any = None  # a rich Progress while shown
+        self._task: Any = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:

@@ -121,7 +121,7 @@ def sample_sites(config: FederationConfig, round_index: int, names: Sequence[str
     poisson = count is None
     if config.noise_seed is None:
         secret = secrets.SystemRandom()
-        if poisson:
+        if count is None:  # poisson
             return [name for name in names if secret.random() < fraction]
         return [names[i] for i in sorted(secret.sample(range(len(names)), count))]
     rng = np.random.default_rng([config.noise_seed, round_index, SAMPLING_PURPOSE])

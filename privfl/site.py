@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -301,7 +302,7 @@ class Site:
         if path.exists():
             ledger = PrivacyLedger.open(path, key=LedgerKey.read(key_path))
         elif key_path.exists():
-            raise LedgerError(f"{self.state_dir}: the ledger key exists but the ledger is gone; refusing to start from zero")
+            raise LedgerError(str(path), "the ledger key exists but the ledger is gone; refusing to start from zero")
         else:
             key = LedgerKey.generate()
             key.write(key_path)
@@ -631,7 +632,11 @@ def seeded_model(config: RunConfig, model_fn, input_shape: tuple[int, ...] | Non
     from privfl.training import make_private_compatible
 
     torch.manual_seed(config.federation.seed)
-    model = model_fn() if model_fn is not None else build_model(config.model, input_shape, num_classes)
+    if model_fn is not None:
+        model = model_fn()
+    else:
+        assert input_shape is not None and num_classes is not None  # callers without model_fn pass both
+        model = build_model(config.model, input_shape, num_classes)
     with warnings.catch_warnings():
         # The model's owner is told about DP conversions once, where the run starts.
         warnings.simplefilter("ignore", UserWarning)
@@ -651,9 +656,9 @@ def _shaped(dataset, input_shape):
 
 
 def _parse_config(text: str) -> RunConfig:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     try:
         return config_from_dict(tomllib.loads(text))

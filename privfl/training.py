@@ -247,7 +247,7 @@ def _poisson_loader(dataset: Dataset, sample_rate: float, steps: int, seed: int)
     from torch.utils.data.dataloader import default_collate
 
     sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset),
+        num_samples=len(dataset),  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
         sample_rate=sample_rate,
         generator=torch.Generator().manual_seed(seed ^ 0x5A5A5A5A),
         steps=steps,
@@ -287,7 +287,7 @@ class _AdaptedDataset(Dataset):
         self.site = site
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, label = _split_example(self.dataset[index], self.site, index)
@@ -362,7 +362,7 @@ def prepare_dataset(dataset: Dataset, model: nn.Module, *, site: str = "dataset"
         ConfigError: the dataset is empty, or an example cannot be used safely (names the site,
             the example and the fix).
     """
-    if len(dataset) == 0:
+    if len(dataset) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
         raise ConfigError(f"dataset[{site}]", 0, "a site needs at least one training example")
     inputs, label = _split_example(dataset[0], site, 0)
     _class_label(label, site, 0)  # raises on a label that cannot be a class id
@@ -430,7 +430,7 @@ def train_dp_sgd(
     from opacus import PrivacyEngine
 
     dataset = prepare_dataset(dataset, model, site=site)
-    num_examples = len(dataset)
+    num_examples = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
     sample_rate, steps = sampling_plan(num_examples, config)
     clipping = choose_clipping(model, config.dp.clipping)
     model = model.to(device)
@@ -509,7 +509,7 @@ def train_dp_sgd(
 def evaluate(model: nn.Module, dataset: Dataset, *, device: torch.device, batch_size: int = 512) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``dataset``."""
     model = model.to(device).eval()
-    if len(dataset):
+    if len(dataset):  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
         dataset = prepare_dataset(dataset, model, site="test_set")
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct, count = 0.0, 0, 0

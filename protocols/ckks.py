@@ -35,7 +35,8 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -75,16 +76,17 @@ KEY_HOLDER = "key-holder"
 _KIND_KEY_HOLDER_STATE = 30
 
 
-def require_tenseal():
+def require_tenseal() -> ModuleType:
     """Imports TenSEAL or raises ImportError naming the install command."""
     try:
         import tenseal
     except ImportError as exc:  # pragma: no cover - tenseal is a core dependency
         raise ImportError("CKKS protection needs TenSEAL: pip install tenseal") from exc
-    return tenseal
+    module: ModuleType = tenseal  # tenseal ships no type hints
+    return module
 
 
-def _load_context(data: bytes):
+def _load_context(data: bytes) -> Any:
     """Deserializes a TenSEAL context, or raises ConfigError (SEAL raises several types).
 
     The public context comes from the key holder at setup, not from an arbitrary peer.
@@ -120,7 +122,7 @@ class _Contribution:
 class _Verifier:
     """Checks one signed update message completely (frame, signature, every ciphertext)."""
 
-    def __init__(self, layout: CiphertextLayout, dim: int, run_id: bytes, keys: Mapping | None) -> None:
+    def __init__(self, layout: CiphertextLayout, dim: int, run_id: bytes, keys: Mapping[str, Any] | None) -> None:
         self.layout = layout
         self.sizes = _chunk_sizes(dim, layout.slots)
         self.run_id = run_id
@@ -201,7 +203,7 @@ class CkksKeyHolder:
         """Public: binds every signed contribution to this key holder's run."""
         self.layout = CiphertextLayout.from_context(public, config.scale_bits)
         self.fresh_error = measure_fresh_error(self._secret_context, public, config.slots)
-        self._keys: dict = {}
+        self._keys: dict[str, Any] = {}
         self._public_keys: dict[str, bytes] = {}
         self._decrypted_rounds: set[int] = set()
 
@@ -405,7 +407,7 @@ class CkksClient:
         return encode_frame(KIND_UPDATE, round_index, client, [signature, *parts])
 
 
-class CkksServer(OneShotServer):
+class CkksServer(OneShotServer[tuple[str, bytes, bytes]]):
     """Server side: checks each signed update and forwards the accepted ones. Holds no secret key.
 
     Args:

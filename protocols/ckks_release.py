@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ FLOOD_FACTOR = 4.0
 """Flooding noise standard deviation, in units of the sum's own CKKS error standard deviation."""
 
 
-def measure_fresh_error(secret_context, public_context, slots: int, samples: int = 4) -> float:
+def measure_fresh_error(secret_context: Any, public_context: Any, slots: int, samples: int = 4) -> float:
     """Per-slot error standard deviation of one fresh public-key encryption, measured.
 
     Args:
@@ -64,7 +65,8 @@ def crypto_gaussian(count: int) -> np.ndarray:
     words = np.frombuffer(os.urandom(16 * count), dtype="<u8").reshape(2, count) >> np.uint64(11)
     u1 = (words[0].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log never sees 0
     u2 = words[1].astype(np.float64) * 2.0**-53
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+    gaussian: np.ndarray = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+    return gaussian
 
 
 def release_grid(fresh_error: float, contributions: int, factor: float = FLOOD_FACTOR) -> tuple[float, float]:

@@ -41,8 +41,10 @@ import ctypes
 import ctypes.util
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +74,12 @@ COMPR_ZLIB = 1
 COMPR_ZSTD = 2
 _ZSTD_CONTENTSIZE_ERROR = 2**64 - 2
 _ZSTD_CONTENTSIZE_UNKNOWN = 2**64 - 1
+
+
+def _parms_id(words: Iterable[int]) -> tuple[int, int, int, int]:
+    """SEAL's parms_id: four u64 words."""
+    a, b, c, d = words
+    return (a, b, c, d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +126,7 @@ class CiphertextLayout:
         return self.max_blob_bytes + 32
 
     @classmethod
-    def from_context(cls, context, scale_bits: int) -> CiphertextLayout:
+    def from_context(cls, context: Any, scale_bits: int) -> CiphertextLayout:
         """Reads the layout from a TenSEAL context (public or secret) and the configured scale.
 
         The SEAL version is read from a ciphertext this process encrypts itself, so it is the one
@@ -138,7 +146,7 @@ class CiphertextLayout:
         if magic != _SEAL_MAGIC or header_size != _SEAL_HEADER.size:
             raise ValueError("this TenSEAL build writes an unknown SEAL serialization header")
         return cls(
-            parms_id=tuple(int(x) for x in seal.first_parms_id()),
+            parms_id=_parms_id(int(x) for x in seal.first_parms_id()),
             poly_modulus_degree=int(first.parms().poly_modulus_degree()),
             modulus=int(moduli[0]),
             scale=2.0**scale_bits,
@@ -210,7 +218,7 @@ def _parse_proto(data: bytes) -> _Proto:
 
 
 @lru_cache(maxsize=1)
-def _libzstd():
+def _libzstd() -> ctypes.CDLL:
     """libzstd through ctypes (Debian's libzstd1, a dependency of apt itself, or the zstandard wheel's)."""
     names = [ctypes.util.find_library("zstd"), "libzstd.so.1", "libzstd.dylib", "libzstd.1.dylib"]
     for name in [n for n in names if n]:
@@ -442,7 +450,7 @@ def add_ciphertexts(ciphertexts: list[np.ndarray], modulus: int) -> np.ndarray:
     if not ciphertexts:
         raise ValueError("nothing to add")
     q = np.uint64(modulus)
-    total = ciphertexts[0].copy()
+    total: np.ndarray = ciphertexts[0].copy()
     for c in ciphertexts[1:]:
         total += c
         total[total >= q] -= q

@@ -14,7 +14,7 @@ import struct
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,8 @@ KIND_AGGREGATE = 2
 KIND_AVERAGE = 3
 _WEIGHT = struct.Struct(">d")
 
+_Parsed = TypeVar("_Parsed")
+
 
 @dataclass(frozen=True, slots=True)
 class ServerAggregate:
@@ -39,15 +41,15 @@ class ServerAggregate:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
-class OneShotServer:
-    """Server side: checks each message, then folds it into the sum."""
+class OneShotServer(Generic[_Parsed]):
+    """Server side: checks each message, then folds it into the sum (``_Parsed``: one checked message)."""
 
     @abstractmethod
-    def _parse(self, round_index: int, sender: str, message: bytes) -> object:
+    def _parse(self, round_index: int, sender: str, message: bytes) -> _Parsed:
         """Decodes and checks one message completely (raises MessageError), without touching the sum."""
 
     @abstractmethod
-    def _add(self, parsed: object) -> None:
+    def _add(self, parsed: _Parsed) -> None:
         """Adds a parsed message to the running sum."""
 
     @abstractmethod
@@ -121,13 +123,15 @@ class OneShotProtection(Protection):
 
     release_noise: Callable[[np.ndarray], np.ndarray] | None = None
     noise_placement: ClassVar[NoisePlacement] = NoisePlacement.CENTRAL
+    server: OneShotServer[Any] | None
+    """The server side of the latest round (set by :meth:`run_round`)."""
 
     @abstractmethod
     def _protect(self, round_index: int, client: str, update: ClientUpdate, num_participants: int) -> bytes:
         """Client side: turns an update into the bytes it uploads."""
 
     @abstractmethod
-    def _server(self, dim: int) -> OneShotServer:
+    def _server(self, dim: int) -> OneShotServer[Any]:
         """The server side for a round with updates of length ``dim``."""
 
     @abstractmethod

@@ -7,6 +7,7 @@ protections cost and to show, with the bundled attacks, what an unprotected upda
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -31,10 +32,10 @@ def encode_update(round_index: int, client: str, update: ClientUpdate) -> bytes:
     return encode_frame(KIND_UPDATE, round_index, client, [_WEIGHT.pack(update.weight), update.delta.astype("<f4").tobytes()])
 
 
-class PlaintextServer(OneShotServer):
+class PlaintextServer(OneShotServer[tuple[float, np.ndarray]]):
     """Sums float32 updates (weighted by n_k) in float64."""
 
-    def __init__(self, dim: int, release_noise=None) -> None:
+    def __init__(self, dim: int, release_noise: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.dim = dim
         self.release_noise = release_noise
         self._sum = np.zeros(dim)

@@ -290,6 +290,7 @@ def _epsilon_rules(config: RunConfig, plans: list[_Plan] | None) -> list[Finding
         # The federation calibrates sigma per client for its planned run; sigma < 0.5 exactly when
         # epsilon(0.5) is already within the target (epsilon falls as sigma grows), which costs one
         # accountant call instead of a bisection.
+        assert dp.target_epsilon is not None  # DPConfig sets exactly one of noise_multiplier and target_epsilon
         low = []
         for plan in {(p.sample_rate, p.total_steps): p for p in plans}.values():
             at_low = epsilon(
@@ -397,6 +398,7 @@ def _calibrated_sigma(config: RunConfig, plan: _Plan) -> float:
         return dp.noise_multiplier
     from privfl.accounting import noise_multiplier
 
+    assert dp.target_epsilon is not None  # DPConfig sets exactly one of noise_multiplier and target_epsilon
     return noise_multiplier(
         target_epsilon=dp.target_epsilon, sample_rate=plan.sample_rate, steps=plan.total_steps, delta=dp.delta, accountant=dp.accountant
     )

@@ -400,7 +400,8 @@ def _client_level(
     from privfl.accounting import noise_multiplier as calibrate
 
     federation = _config_section(summary, "federation")
-    recorded_level = summary.get("client_level") if isinstance(summary.get("client_level"), Mapping) else {}
+    raw_level = summary.get("client_level")
+    recorded_level: Mapping[str, Any] = raw_level if isinstance(raw_level, Mapping) else {}
     try:
         delta = float(settings["delta"])
         kind = Accountant(settings.get("accountant") or Accountant.PRV.value)
@@ -409,6 +410,7 @@ def _client_level(
         fixed = sampling == "fixed"
         # Fixed-size sampling is accounted without amplification (q = 1), as the federation does.
         q = 1.0 if fixed else fraction
+        z: Any
         if recorded_level.get("accounted_noise_multiplier"):
             # The federation records what it charged per round; accounting it again checks the epsilon.
             z = float(recorded_level["accounted_noise_multiplier"])
@@ -421,8 +423,8 @@ def _client_level(
                 # Fixed-size sampling: one client can move the sum by 2S (it may displace another).
                 z = float(z) / 2
         z = float(z)
-        per_round = [h.get("client_level") for h in history]
-        if per_round and all(isinstance(level, Mapping) and "accounted_noise_multiplier" in level for level in per_round):
+        per_round = [level for h in history if isinstance(level := h.get("client_level"), Mapping)]
+        if per_round and len(per_round) == len(history) and all("accounted_noise_multiplier" in level for level in per_round):
             # Each round as it was charged (a resumed, extended run changes z between rounds).
             charged = [float(level["accounted_noise_multiplier"]) for level in per_round]
             events = [
@@ -647,7 +649,7 @@ def _findings(
                         "Quote the larger (RDP) figure for this run, and report the disagreement with the event list.",
                     )
                 )
-        bad = [
+        bad: list[tuple[int | None, float, float]] = [
             (r, rec, new)
             for (name, r), (rec, new) in sorted(recorded.items())
             if name == c.client and _relative_gap(rec, new) > RECORDED_TOLERANCE and not (rec == 0 and new == 0)
@@ -697,6 +699,8 @@ def _findings(
         # run from before samples were secret, which drew them from the public seed) is known to
         # anyone holding the config: against them each round is the Gaussian mechanism at q = 1.
         try:
+            if client_level.noise_multiplier is None or client_level.delta is None:
+                raise TypeError("no client-level noise multiplier or delta recorded")
             unamplified = _epsilon(
                 [DPEvent(noise_multiplier=client_level.noise_multiplier, sample_rate=1.0, steps=client_level.rounds)],
                 client_level.delta,
@@ -1110,7 +1114,7 @@ def audit_run(
     integrity = LedgerIntegrity(
         lines=ledger.lines, head=ledger.head or "", authenticated=ledger.authenticated, interrupted_entries=len(ledger.superseded())
     )
-    common = dict(
+    common: dict[str, Any] = dict(
         run_dir=run_dir,
         accountant=primary,
         cross=cross,

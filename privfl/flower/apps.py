@@ -108,7 +108,7 @@ def _simulated_partitions(config_path: str, num_sites: int):
     from privfl.site import _parse_config
 
     config = _parse_config(Path(config_path).read_text())
-    names = [f"site-{i:04d}" for i in range(num_sites)]
+    names = tuple(f"site-{i:04d}" for i in range(num_sites))
     config = replace(config, data=replace(config.data, num_clients=num_sites, client_names=names))
     return list(split_clients(config, load_dataset(config)).items()), config.federation.protection is ProtectionKind.CKKS
 

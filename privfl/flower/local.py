@@ -15,12 +15,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from privfl.config import ProtectionKind, RunConfig
 from privfl.errors import ConfigError, DeploymentError
+
+if TYPE_CHECKING:
+    from privfl.flower.deploy import LocalDeployment
 
 __all__ = ["LocalDeploymentResult", "LocalFederation", "deploy_local", "write_site_data"]
 
@@ -73,7 +76,7 @@ def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict
 
     from privfl.runner import load_dataset, split_clients
 
-    names = list(config.data.client_names) if config.data.client_names and len(config.data.client_names) == num_sites else None
+    names = tuple(config.data.client_names) if config.data.client_names and len(config.data.client_names) == num_sites else None
     data = replace(config.data, num_clients=num_sites, client_names=names)
     split = load_dataset(config)
     clients = split_clients(replace(config, data=data), split)
@@ -151,7 +154,7 @@ class LocalFederation:
             self._worker_args.append(args)
             self.node_configs.append({"site": name, "worker": str(socket_path)})
         self.workers = _Workers(self.root / "workers")
-        self.deployment = None
+        self.deployment: LocalDeployment | None = None
         self._runs = 0
 
     def __enter__(self) -> LocalFederation:
@@ -216,7 +219,7 @@ class LocalFederation:
         config_path = run_dir / "config.toml"
         config_path.write_text(config_text if config_text is not None else self.config_text)
         rounds = _rounds_of(config_path.read_text())
-        run_config = {
+        run_config: dict[str, str | int | float | bool] = {
             "config": str(config_path),
             "out": str(run_dir),
             "input-shape": ",".join(str(d) for d in self.input_shape),
@@ -227,6 +230,8 @@ class LocalFederation:
             "step-timeout": float(step_timeout),
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
+        if self.deployment is None:
+            raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
         handle = self.deployment.start_run(app, run_config=run_config)
         _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round)
         result = handle.wait(timeout=120)

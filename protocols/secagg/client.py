@@ -49,6 +49,7 @@ from privfl.protocols.secagg.keys import (
 )
 from privfl.protocols.secagg.params import RoundParams, check_threshold
 from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
+from privfl.protocols.wire import Frame
 
 __all__ = [
     "SEALED_SHARE_BYTES",
@@ -142,7 +143,7 @@ class SecAggClient:
             raise ProtocolError(f"client {client_id!r} is not in the round")
         if params.authenticated != (identity is not None):
             raise ProtocolError("an identity key is needed exactly when the round is authenticated")
-        if identity is not None and params.identities[client_id] != identity.public:
+        if identity is not None and params.identity_key(client_id) != identity.public:
             raise ProtocolError(f"client {client_id!r}: identity key differs from the registered one")
         _check_params(params)
         self._identity = identity
@@ -173,7 +174,7 @@ class SecAggClient:
     def _send(self, kind: int, parts: list[bytes]) -> bytes:
         return m.seal_message(self._key(kind, m.UP), kind, self.params.round_index, self.client_id, parts)
 
-    def _receive(self, payload: bytes, kind: int, max_bytes: int):
+    def _receive(self, payload: bytes, kind: int, max_bytes: int) -> Frame:
         frame, _, _ = m.open_message(
             payload,
             kind=kind,
@@ -237,7 +238,7 @@ class SecAggClient:
                 # Bonawitz et al. abort here: an honest server checked this signature on receipt, so a bad
                 # one means the keys were substituted on the way. Aborting before sharing reveals nothing.
                 try:
-                    verify_signature(p.identities[peer], frame.parts[i + 3], keys_statement(p, peer, c_pk, s_pk), signer=peer)
+                    verify_signature(p.identity_key(peer), frame.parts[i + 3], keys_statement(p, peer, c_pk, s_pk), signer=peer)
                 except MessageError as exc:
                     raise ProtocolAbort(f"keys of {peer!r} are not signed by its registered identity: {exc.reason}") from exc
             keys[peer] = (c_pk, s_pk)
@@ -338,6 +339,8 @@ class SecAggClient:
         survivors = set(m.unpack_ids(frame.parts[0], sender=SERVER))
         self._check_survivors(survivors)
         self._signed_survivors = frozenset(survivors)
+        if self._identity is None:  # unreachable: CHECK_REQUEST is a step of authenticated rounds only
+            raise ProtocolError(f"client {self.client_id!r}: signing the survivors needs an identity key")
         signature = self._identity.sign(survivors_statement(self.params, self._signed_survivors))
         self._step = m.UNMASK_REQUEST
         return self._send(m.CHECK, [signature])
@@ -354,7 +357,7 @@ class SecAggClient:
         statement = survivors_statement(p, survivors)
         for i, signer in enumerate(signers):
             try:
-                verify_signature(p.identities[signer], signatures[i * SIGNATURE_BYTES : (i + 1) * SIGNATURE_BYTES], statement, signer=signer)
+                verify_signature(p.identity_key(signer), signatures[i * SIGNATURE_BYTES : (i + 1) * SIGNATURE_BYTES], statement, signer=signer)
             except MessageError as exc:
                 # Someone signed another set (the server showed clients different views), or a forgery.
                 raise ProtocolAbort(f"consistency check failed: {exc.reason}") from exc

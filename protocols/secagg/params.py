@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, ProtocolError
 from privfl.protocols.secagg.graph import GraphFailureBound, build_graph, failure_bound
 from privfl.protocols.secagg.keys import KEY_BYTES
 
@@ -162,6 +162,16 @@ class RoundParams:
     def authenticated(self) -> bool:
         """Whether the round runs the signed (active-server) variant."""
         return self.identities is not None
+
+    def identity_key(self, client: str) -> bytes:
+        """The Ed25519 public key registered for ``client`` (authenticated rounds only).
+
+        Raises:
+            ProtocolError: the round is not authenticated, so no identity keys are registered.
+        """
+        if self.identities is None:
+            raise ProtocolError("the round is not authenticated: no identity keys are registered")
+        return self.identities[client]
 
     @property
     def modulus_mask(self) -> int:

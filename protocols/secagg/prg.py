@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from privfl.protocols.secagg.keys import hkdf
 
@@ -56,7 +56,7 @@ def mask_key(seed: bytes, label: bytes) -> bytes:
     return hkdf(seed, b"prg", label)
 
 
-def _encryptor(key: bytes, word: int):
+def _encryptor(key: bytes, word: int) -> CipherContext:
     # The encryptor of the keystream from ``word`` (a multiple of 4) to the end of its segment.
     segment, offset = divmod(word, SEGMENT_WORDS)
     nonce = segment.to_bytes(12, "big")
@@ -129,7 +129,7 @@ def _apply_range(
     # CTR's update_into wants room for one extra block minus a byte.
     buf = bytearray(4 * chunk_words + 15)
     adders = [(np.add if sign > 0 else np.subtract) for _, sign in streams]
-    encryptors: list = []
+    encryptors: list[CipherContext] = []
     start = begin
     while start < end:
         if start == begin or start % SEGMENT_WORDS == 0:

@@ -16,14 +16,14 @@ from typing import ClassVar
 import numpy as np
 
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
-from privfl.protocols.base import SERVER, ClientUpdate, DistributedNoiseProtection, RoundResult, Transport
+from privfl.protocols.base import SERVER, ClientUpdate, DistributedNoiseProtection, ReleaseNoise, RoundResult, Transport
 from privfl.protocols.secagg.graph import check_neighbours
 from privfl.protocols.secagg.keys import IdentityKey
-from privfl.protocols.secagg.params import check_threshold, min_threshold
+from privfl.protocols.secagg.params import GraphChoice, check_threshold, min_threshold
 from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.quantize import Quantizer
 from privfl.protocols.secagg.server import SecAggServer
-from privfl.protocols.secagg.simulate import drive, new_round, rounding_key
+from privfl.protocols.secagg.simulate import RoundRun, drive, new_round, rounding_key
 from privfl.protocols.wire import decode_frame, encode_frame
 
 __all__ = ["SecAggConfig", "SecAggProtection"]
@@ -138,12 +138,14 @@ class SecAggConfig:
         if self.neighbours == "auto":
             chosen = self._auto(num_clients)
             return None if chosen is None else chosen.neighbours
+        if not isinstance(self.neighbours, int):  # __post_init__ allows no other string
+            raise ConfigError("neighbours", self.neighbours, "must be \"auto\", \"complete\" (or None) or an int >= 1")
         k = min(self.neighbours, num_clients - 1)
         if k % 2 == 1 and num_clients % 2 == 1 and k != num_clients - 1:
             k -= 1
         return k if k >= 1 else None
 
-    def _auto(self, num_clients: int):
+    def _auto(self, num_clients: int) -> GraphChoice | None:
         """choose_graph's (k, t) for a round, when the graph is automatic and the round above the complete-graph size."""
         from privfl.protocols.secagg.params import COMPLETE_GRAPH_MAX_CLIENTS, choose_graph
 
@@ -203,6 +205,7 @@ class SecAggProtection(DistributedNoiseProtection):
     """
 
     name: ClassVar[str] = "secagg"
+    config: SecAggConfig
 
     @property
     def min_participants(self) -> int:
@@ -254,7 +257,7 @@ class SecAggProtection(DistributedNoiseProtection):
                 self._identities[u] = IdentityKey.generate()
         return {u: self._identities[u] for u in ids}
 
-    def _setup_round(self, round_index: int, ids: list[str], dim: int, identities: dict[str, IdentityKey] | None):
+    def _setup_round(self, round_index: int, ids: list[str], dim: int, identities: dict[str, IdentityKey] | None) -> RoundRun:
         """Protocol state for this round (raises ConfigError when the graph or threshold cannot fit)."""
         cfg = self.config
         run = new_round(
@@ -270,7 +273,7 @@ class SecAggProtection(DistributedNoiseProtection):
         return run
 
     def run_round(
-        self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport, *, release_noise=None
+        self, round_index: int, updates: Mapping[str, ClientUpdate], transport: Transport, *, release_noise: ReleaseNoise | None = None
     ) -> RoundResult:
         """See :meth:`Protection.run_round` (``release_noise`` is refused: the noise is distributed).
 

@@ -43,6 +43,7 @@ from privfl.protocols.secagg.keys import (
 )
 from privfl.protocols.secagg.params import RoundParams, check_threshold
 from privfl.protocols.secagg.prg import WORD, apply_masks
+from privfl.protocols.wire import Frame
 
 __all__ = ["SecAggServer"]
 
@@ -130,7 +131,7 @@ class SecAggServer:
             self._channels[client_id] = secret
         return secret
 
-    def _open(self, sender: str, payload: bytes, kind: int, max_bytes: int):
+    def _open(self, sender: str, payload: bytes, kind: int, max_bytes: int) -> Frame:
         if sender not in self.params.index:
             raise MessageError("unknown client id", sender=sender)
         if sender in self.dropped:
@@ -204,7 +205,7 @@ class SecAggServer:
                 # The channel tag is keyed from the advertised key itself; only the signature ties the
                 # keys to the client's registered identity.
                 statement = keys_statement(self.params, sender, keys[0], keys[1])
-                verify_signature(self.params.identities[sender], frame.parts[2], statement, signer=sender)
+                verify_signature(self.params.identity_key(sender), frame.parts[2], statement, signer=sender)
                 self._key_signatures[sender] = frame.parts[2]
         except MessageError as exc:
             self._channels.pop(sender, None)
@@ -314,13 +315,15 @@ class SecAggServer:
             if sender in self.dropped:
                 raise MessageError(f"client already dropped ({self.dropped[sender]})", sender=sender)
         key = m.channel_key(self._channels[sender], self.params.round_index, sender, m.MASKED_INPUT, m.UP) if self.authenticate_vectors else None
-        layout = dict(kind=m.MASKED_INPUT, round_index=self.params.round_index, sender=sender, length=self.params.dimension, key=key)
+        round_index, length = self.params.round_index, self.params.dimension
         try:
             if not repeat:
                 # The words are added only once authenticated: a rejected message leaves the sum as it was.
-                self._masked_tags[sender] = m.add_vector(self._masked_sum, payload, **layout)
+                self._masked_tags[sender] = m.add_vector(
+                    self._masked_sum, payload, kind=m.MASKED_INPUT, round_index=round_index, sender=sender, length=length, key=key
+                )
                 return
-            vector = m.open_vector(payload, **layout)
+            vector = m.open_vector(payload, kind=m.MASKED_INPUT, round_index=round_index, sender=sender, length=length, key=key)
         except MessageError as exc:
             self.drop(sender, f"masked_input: {exc.reason}")
             raise
@@ -390,7 +393,7 @@ class SecAggServer:
             raise self._reject(sender, m.CHECK, "consistency answer must be one signature")
         try:
             statement = survivors_statement(self.params, set(self.survivors))
-            verify_signature(self.params.identities[sender], frame.parts[0], statement, signer=sender)
+            verify_signature(self.params.identity_key(sender), frame.parts[0], statement, signer=sender)
         except MessageError as exc:
             raise self._reject(sender, m.CHECK, exc.reason) from exc
         self._survivor_signatures[sender] = frame.parts[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -208,7 +209,7 @@ def drive(
             arrived = deliver(SERVER, u, request_kind, messages[u])
             if arrived is None:
                 continue
-            payload = client_step(u, reply_kind, lambda u=u, a=arrived: answer(u, a))
+            payload = client_step(u, reply_kind, functools.partial(answer, u, arrived))
             if payload is not None:
                 upload(u, reply_kind, payload, receive)
 
