@@ -2,6 +2,8 @@
 
 ``--photos`` runs the photograph scenario set instead: 16x16 crops of scikit-learn's sample photographs,
 one-step gradients against FedAvg updates, Inverting Gradients against FedAvg inversion at equal budgets.
+``--smooth`` runs Inverting Gradients variants (TV weight, layer weighting, initialisation, warm-up, float64
+cosine) on one photograph through sigmoid and ReLU ConvNets, crop by crop.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from privfl.attacks.evaluate import (
     fedavg_update,
     score,
 )
-from privfl.attacks.metrics import best_match, chance_baseline, label_accuracy, pairwise_psnr
+from privfl.attacks.metrics import best_match, chance_baseline, label_accuracy, pairwise_psnr, psnr
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +179,20 @@ def photo_crops(count: int, *, size: int = 16, seed: int = 0, zoom: int = 4) -> 
     return torch.stack(out)
 
 
-def photo_convnet(size: int = 16, classes: int = 10) -> torch.nn.Module:
-    """ReLU ConvNet for 3-channel size x size inputs (two convolutions, one linear), at its seed-0 initialization."""
+ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid,
+                                                 "tanh": torch.nn.Tanh}
+
+
+def photo_convnet(size: int = 16, classes: int = 10, activation: str = "relu") -> torch.nn.Module:
+    """ConvNet for 3-channel size x size inputs (two convolutions, one linear), at its seed-0 initialization.
+
+    ``activation`` is ``"relu"`` (the default), ``"sigmoid"`` or ``"tanh"``, used after both convolutions.
+    """
+    act = ACTIVATIONS[activation]
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.nn.ReLU(),
+        torch.nn.Conv2d(3, 16, 3, padding=1), act(),
+        torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), act(),
         torch.nn.Flatten(), torch.nn.Linear(32 * (size // 2) ** 2, classes),
     )
 
@@ -197,6 +207,7 @@ class PhotoCase:
     batch_size: int
     lr: float = 0.1
     labels_known: bool = False
+    activation: str = "relu"  # of photo_convnet
 
 
 PHOTO_CASES = (
@@ -208,6 +219,7 @@ PHOTO_CASES = (
     PhotoCase("FedAvg 4 images, 4 steps of batch 2, lr 0.1, labels known", 4, 4, 2, labels_known=True),
     PhotoCase("FedAvg 16 images, 4 steps of batch 4, lr 0.1, labels known", 16, 4, 4, labels_known=True),
     PhotoCase("FedAvg 4 images, 4 steps of batch 4, lr 0.01", 4, 4, 4, lr=0.01),
+    PhotoCase("gradient, 1 image, sigmoid convnet", 1, None, 1, activation="sigmoid"),
 )
 
 
@@ -225,13 +237,13 @@ def photo_observation(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 def photo_rows(*, iterations: int, crop_sets: int, cases: tuple[PhotoCase, ...] = PHOTO_CASES) -> list[Row]:
     """Inverting Gradients and FedAvg inversion on each case, same iterations, same crops, one restart."""
-    model = photo_convnet()
     attacks: list[Attack] = [InvertingGradients(max_iterations=iterations, seed=0),
                              FedAvgInversion(max_iterations=iterations, seed=0)]
     pool = photo_crops(256, seed=12345)
     baseline = chance_baseline(pool)
     rows = []
     for case in cases:
+        model = photo_convnet(activation=case.activation)
         for attack in attacks:
             scores, seconds = [], []
             for crop_set in range(crop_sets):
@@ -243,7 +255,7 @@ def photo_rows(*, iterations: int, crop_sets: int, cases: tuple[PhotoCase, ...] 
                 seconds.append(time.perf_counter() - start)
                 scores.append(score(rec, x, y, baseline=baseline))
             rows.append(Row(
-                attack=attack.name, model="relu convnet 16x16", seen=case.name, trials=crop_sets,
+                attack=attack.name, model=f"{case.activation} convnet 16x16", seen=case.name, trials=crop_sets,
                 psnr=statistics.fmean(s.psnr for s in scores),
                 chance=statistics.fmean(s.chance_psnr for s in scores),
                 best=min(s.psnr for s in scores), best_chance=max(s.psnr for s in scores),
@@ -253,6 +265,41 @@ def photo_rows(*, iterations: int, crop_sets: int, cases: tuple[PhotoCase, ...] 
             ))
             print(f"  done: {attack.name} on {case.name}", flush=True)
     return rows
+
+
+SMOOTH_VARIANTS: dict[str, dict[str, object]] = {
+    "default (tv_weight=None)": {},
+    "tv_weight=1e-2 (old default)": {"tv_weight": 1e-2},
+    "tv_weight=0.2": {"tv_weight": 0.2},
+    "tv_weight=1e-3": {"tv_weight": 1e-3},
+    "tv_weight=1e-4": {"tv_weight": 1e-4},
+    "tv_weight=1e-6": {"tv_weight": 1e-6},
+    "tv_weight=0": {"tv_weight": 0.0},
+    "tv 1e-2, layer_weighting=linear": {"tv_weight": 1e-2, "layer_weighting": "linear"},
+    "tv 1e-2, init=randn": {"tv_weight": 1e-2, "init": "randn"},
+    "tv 1e-2, init=uniform": {"tv_weight": 1e-2, "init": "uniform"},
+    "tv 1e-2, warmup=50": {"tv_weight": 1e-2, "warmup": 50},
+    "tv 1e-2, double=True": {"tv_weight": 1e-2, "double": True},
+}
+
+
+def smooth_table(*, iterations: int, crops: int, activations: tuple[str, ...] = ("sigmoid", "relu")) -> None:
+    """Inverting Gradients variants on one 16x16 photograph through photo_convnet, per crop: PSNR dB and median."""
+    print("| model | variant | " + " | ".join(f"crop {c}" for c in range(crops)) + " | median |")
+    print("|" + "---|" * (crops + 3))
+    for activation in activations:
+        model = photo_convnet(activation=activation)
+        case = PhotoCase("gradient, 1 image", 1, None, 1, activation=activation)
+        for variant, options in SMOOTH_VARIANTS.items():
+            attack = InvertingGradients(max_iterations=iterations, seed=0, **options)  # type: ignore[arg-type]
+            values = []
+            for crop in range(crops):
+                x = photo_crops(1, seed=crop)
+                y = torch.randint(0, 10, (1,), generator=torch.Generator().manual_seed(crop))
+                rec = attack.reconstruct(model, photo_observation(model, x, y, case))
+                values.append(psnr(rec.inputs.float(), x))
+            print(f"| {activation} | {variant} | " + " | ".join(f"{v:.1f}" for v in values)
+                  + f" | {statistics.median(values):.1f} |", flush=True)
 
 
 def analytic_photo_table(*, crop_sets: int) -> None:
@@ -297,9 +344,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--photos", action="store_true", help="run the photograph scenario set instead")
     parser.add_argument("--iterations", type=int, default=500, help="optimizer steps per attack (--photos)")
-    parser.add_argument("--crop-sets", type=int, default=4, help="crop sets per scenario (--photos)")
+    parser.add_argument("--crop-sets", type=int, default=4, help="crop sets per scenario (--photos, --smooth)")
+    parser.add_argument("--smooth", action="store_true",
+                        help="run the Inverting Gradients variant table on sigmoid and ReLU ConvNets instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smooth:
+        smooth_table(iterations=args.iterations, crops=args.crop_sets)
+        return
     if args.photos:
         analytic_photo_table(crop_sets=args.crop_sets)
         print()

@@ -7,8 +7,16 @@ import torch
 from sklearn.datasets import load_digits
 
 from privfl.attacks import DLG, GradientObservation, InvertingGradients, UpdateObservation
+from privfl.attacks._matching import cosine_distance
 from privfl.attacks.evaluate import ObservationSpec, Protection, build_observation, client_gradient, score
+from privfl.attacks.inverting import (
+    DEFAULT_TV_WEIGHT,
+    SMOOTH_TV_WEIGHT,
+    _weighted_cosine_distance,
+    has_smooth_activations,
+)
 from privfl.attacks.metrics import chance_baseline, psnr
+from privfl.errors import ConfigError
 
 FAST_IG = InvertingGradients(max_iterations=300, restarts=1, seed=0)
 
@@ -175,3 +183,73 @@ def test_default_inverting_gradients_reaches_target_on_convnet(digits) -> None:
         values.append(score(InvertingGradients(seed=0).reconstruct(model, obs), x[i : i + 1], y[i : i + 1],
                             baseline=baseline).psnr)
     assert min(values) >= 23.0
+
+
+# --- constructor options and the smooth-model TV default (no attack runs) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"tv_weight": -0.1}, "tv_weight"),
+        ({"tv_weight": True}, "tv_weight"),
+        ({"tv_weight": "0.01"}, "tv_weight"),
+        ({"init": "normal"}, "init"),
+        ({"init": "uniform", "bounds": None}, "init"),
+        ({"layer_weighting": "exponential"}, "layer_weighting"),
+        ({"warmup": -1}, "warmup"),
+        ({"warmup": 2.0}, "warmup"),
+        ({"warmup": True}, "warmup"),
+        ({"double": 1}, "double"),
+    ],
+)
+def test_inverting_gradients_option_validation(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        InvertingGradients(**kwargs)
+    assert info.value.field == field
+
+
+def test_inverting_gradients_accepts_every_option_value() -> None:
+    for init in ("box", "randn", "uniform"):
+        InvertingGradients(init=init)
+    InvertingGradients(init="randn", bounds=None, layer_weighting="linear", warmup=50, double=True, tv_weight=0)
+
+
+def sigmoid_cnn(activation: type[torch.nn.Module] = torch.nn.Sigmoid) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), activation(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 64, 10))
+
+
+def test_tv_weight_default_depends_on_smooth_activations() -> None:
+    attack = InvertingGradients()
+    assert attack.tv_weight is None
+    assert attack.tv_weight_for(small_cnn()) == DEFAULT_TV_WEIGHT == 1e-2
+    assert attack.tv_weight_for(sigmoid_cnn()) == SMOOTH_TV_WEIGHT == 0.0
+    assert attack.tv_weight_for(sigmoid_cnn(torch.nn.Tanh)) == SMOOTH_TV_WEIGHT
+    nested = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sigmoid()), torch.nn.Linear(4, 2))
+    assert has_smooth_activations(nested) and not has_smooth_activations(small_cnn())
+    # Functional activations are not seen: UserNet calls torch.tanh in its forward.
+    assert attack.tv_weight_for(UserNet()) == DEFAULT_TV_WEIGHT
+    # An explicit weight always wins.
+    assert InvertingGradients(tv_weight=0.05).tv_weight_for(sigmoid_cnn()) == 0.05
+    assert InvertingGradients(tv_weight=0).tv_weight_for(small_cnn()) == 0.0
+
+
+def test_layer_weights_and_weighted_cosine() -> None:
+    assert InvertingGradients()._layer_weights(4) is None
+    assert InvertingGradients(layer_weighting="linear")._layer_weights(4) == [1.0, 0.75, 0.5, 0.25]
+    a = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    b = [torch.tensor([2.0, 0.5]), torch.tensor([-1.0])]
+    plain = cosine_distance(a, b)
+    assert torch.allclose(_weighted_cosine_distance(a, b, None, double=True).float(), plain)
+    assert _weighted_cosine_distance(a, b, None, double=True).dtype == torch.float64
+    assert float(_weighted_cosine_distance(a, a, [1.0, 0.5], double=False)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_initialisations_stay_in_bounds() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for init in ("box", "randn", "uniform"):
+        start = InvertingGradients(init=init, bounds=(0.0, 1.0))._start((2, 1, 8, 8), generator, torch.float32)
+        assert start.shape == (2, 1, 8, 8) and start.min() >= 0.0 and start.max() <= 1.0
+    free = InvertingGradients(init="randn", bounds=None)._start((2, 3), generator, torch.float32)
+    assert free.min() < 0.0 or free.max() > 1.0
