@@ -38,7 +38,7 @@ from .base import (
     _check_positive_int,
     _check_positive_number,
 )
-from .inverting import check_bounds
+from .inverting import check_bounds, choose_tv_weight
 from .labels import observed_mean_gradient
 
 __all__ = ["FedAvgInversion", "LocalTraining", "as_update", "step_indices", "update_label_counts"]
@@ -256,7 +256,9 @@ class FedAvgInversion(Attack):
         restarts: Random starts (and, with unknown labels, label assignment searches); the lowest final
             objective wins.
         lr: Peak Adam step size, in input units per step.
-        tv_weight: Total-variation prior weight (images only).
+        tv_weight: Total-variation prior weight (images only). None (the default): 0 for models with an
+            ``nn.Sigmoid`` or ``nn.Tanh`` module, 1e-2 otherwise, as for Inverting Gradients (measured in
+            docs/attacks.md, "Smooth models").
         warmup: Fraction of iterations over which the step size warms up.
         continuation: Fraction of iterations that match the anchored (unchained) replay first, when every
             input was used in two or more steps (0 disables).
@@ -268,7 +270,7 @@ class FedAvgInversion(Attack):
     max_iterations: int = 1000
     restarts: int = 1
     lr: float = 0.1
-    tv_weight: float = 1e-2
+    tv_weight: float | None = None
     warmup: float = 0.05
     continuation: float = 0.5
     bounds: tuple[float, float] | None = (0.0, 1.0)
@@ -280,8 +282,10 @@ class FedAvgInversion(Attack):
         for field_name in ("max_iterations", "restarts"):
             _check_positive_int(field_name, getattr(self, field_name))
         _check_positive_number("lr", self.lr)
-        if isinstance(self.tv_weight, bool) or not isinstance(self.tv_weight, (int, float)) or not self.tv_weight >= 0:
-            raise ConfigError("tv_weight", self.tv_weight, "must be >= 0")
+        if self.tv_weight is not None and (
+            isinstance(self.tv_weight, bool) or not isinstance(self.tv_weight, (int, float)) or not self.tv_weight >= 0
+        ):
+            raise ConfigError("tv_weight", self.tv_weight, "must be None or a number >= 0")
         for field_name in ("warmup", "continuation"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -300,7 +304,7 @@ class FedAvgInversion(Attack):
             batch_size=update.batch_size,
             lr=update.lr,
         )
-        replay = _Replay(view, training, update)
+        replay = _Replay(view, training, update, tv_weight=self.tv_weight_for(model))
         generator = torch.Generator().manual_seed(self.seed)
         counts: torch.Tensor | None = None
         if update.labels is None:
@@ -444,9 +448,13 @@ class FedAvgInversion(Attack):
     def _objective(self, replay: _Replay, candidate: torch.Tensor, labels: torch.Tensor, *,
                    anchored: bool = False) -> torch.Tensor:
         loss = replay.cosine_distance(candidate, labels, anchored=anchored)
-        if self.tv_weight > 0:
-            loss = loss + self.tv_weight * total_variation(candidate)
+        if replay.tv_weight > 0:
+            loss = loss + replay.tv_weight * total_variation(candidate)
         return loss
+
+    def tv_weight_for(self, model: torch.nn.Module) -> float:
+        """The total-variation weight used against ``model`` (see ``tv_weight``)."""
+        return choose_tv_weight(self.tv_weight, model)
 
 
 LABEL_SEARCHES = 3  # label-assignment tries per restart, unknown labels over distinct batches only
@@ -455,8 +463,9 @@ LABEL_SEARCHES = 3  # label-assignment tries per restart, unknown labels over di
 class _Replay:
     """The client's local training, replayed functionally on candidate inputs and compared with the update."""
 
-    def __init__(self, view: ModelView, training: LocalTraining, update: UpdateObservation) -> None:
+    def __init__(self, view: ModelView, training: LocalTraining, update: UpdateObservation, *, tv_weight: float) -> None:
         self.view = view
+        self.tv_weight = tv_weight
         self.training = training
         self.batches = [torch.tensor(b, device=view.device) for b in training.batches()]
         self.target = [d.to(view.device, view.dtype) for d in update.delta]

@@ -13,7 +13,14 @@ from ._matching import MatchingProblem, cosine_distance, total_variation
 from .base import Attack, Observation, Reconstruction, _check_positive_int, _check_positive_number
 from .labels import recover_labels
 
-__all__ = ["DEFAULT_TV_WEIGHT", "SMOOTH_TV_WEIGHT", "InvertingGradients", "check_bounds", "has_smooth_activations"]
+__all__ = [
+    "DEFAULT_TV_WEIGHT",
+    "SMOOTH_TV_WEIGHT",
+    "InvertingGradients",
+    "check_bounds",
+    "choose_tv_weight",
+    "has_smooth_activations",
+]
 
 DEFAULT_TV_WEIGHT = 1e-2
 """TV weight when ``tv_weight=None`` and the model has no smooth activation module (ReLU networks)."""
@@ -28,6 +35,17 @@ _LAYER_WEIGHTINGS = ("uniform", "linear")
 def has_smooth_activations(model: torch.nn.Module) -> bool:
     """Whether ``model`` registers an ``nn.Sigmoid`` or ``nn.Tanh`` module (functional calls are not seen)."""
     return any(isinstance(m, _SMOOTH_ACTIVATIONS) for m in model.modules())
+
+
+def choose_tv_weight(tv_weight: float | None, model: torch.nn.Module) -> float:
+    """``tv_weight`` when set; else `SMOOTH_TV_WEIGHT` for sigmoid/tanh models, `DEFAULT_TV_WEIGHT` otherwise.
+
+    Shared by the optimization attacks (Inverting Gradients, FedAvg inversion); see
+    `InvertingGradients.tv_weight_for` for why smooth models get no prior.
+    """
+    if tv_weight is not None:
+        return float(tv_weight)
+    return SMOOTH_TV_WEIGHT if has_smooth_activations(model) else DEFAULT_TV_WEIGHT
 
 
 def _weighted_cosine_distance(
@@ -185,9 +203,7 @@ class InvertingGradients(Attack):
         prior alone steers most pixels and holds the image away from the solution. Without it, one photograph
         is recovered to float32 precision on a sigmoid ConvNet (docs/attacks.md, "Smooth models").
         """
-        if self.tv_weight is not None:
-            return float(self.tv_weight)
-        return SMOOTH_TV_WEIGHT if has_smooth_activations(model) else DEFAULT_TV_WEIGHT
+        return choose_tv_weight(self.tv_weight, model)
 
     def _start(self, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
         if self.init == "uniform":

@@ -197,19 +197,21 @@ class InvertingSettings:
         max_iterations: signed-Adam steps per restart; the main cost and strength knob.
         restarts: random starts, the best kept.
         lr: step size.
-        tv_weight: total-variation prior weight (images only).
+        tv_weight: total-variation prior weight (images only); None: chosen from the model (0 for
+            sigmoid/tanh networks, 1e-2 otherwise; docs/attacks.md, "Smooth models").
     """
 
     max_iterations: int = 2000
     restarts: int = 1
     lr: float = 0.1
-    tv_weight: float = 1e-2
+    tv_weight: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_iterations", self.max_iterations)
         _positive_int("restarts", self.restarts)
         _positive("lr", self.lr)
-        _positive("tv_weight", self.tv_weight, allow_zero=True)
+        if self.tv_weight is not None:
+            _positive("tv_weight", self.tv_weight, allow_zero=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

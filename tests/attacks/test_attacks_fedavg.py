@@ -234,3 +234,15 @@ def test_analytic_reads_inputs_alone_in_a_unit_exactly_out_of_a_batch(digits, st
     exact = int((errors < 1e-4).sum())
     assert exact >= 3, errors
     assert f"{exact} of 4 inputs" in rec.note
+
+
+def test_total_variation_weight_follows_the_model_unless_set():
+    from torch import nn
+
+    from privfl.attacks import FedAvgInversion
+
+    smooth = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    relu = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert FedAvgInversion().tv_weight_for(smooth) == 0.0
+    assert FedAvgInversion().tv_weight_for(relu) == 1e-2
+    assert FedAvgInversion(tv_weight=0.05).tv_weight_for(smooth) == 0.05
