@@ -38,7 +38,7 @@ from .base import (
     _check_positive_int,
     _check_positive_number,
 )
-from .inverting import check_bounds, choose_tv_weight
+from .inverting import check_bounds, check_tv_weight, choose_tv_weight
 from .labels import observed_mean_gradient
 
 __all__ = ["FedAvgInversion", "LocalTraining", "as_update", "step_indices", "update_label_counts"]
@@ -282,10 +282,7 @@ class FedAvgInversion(Attack):
         for field_name in ("max_iterations", "restarts"):
             _check_positive_int(field_name, getattr(self, field_name))
         _check_positive_number("lr", self.lr)
-        if self.tv_weight is not None and (
-            isinstance(self.tv_weight, bool) or not isinstance(self.tv_weight, (int, float)) or not self.tv_weight >= 0
-        ):
-            raise ConfigError("tv_weight", self.tv_weight, "must be None or a number >= 0")
+        check_tv_weight(self.tv_weight)
         for field_name in ("warmup", "continuation"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from privfl._validate import positive
 from privfl.errors import ConfigError
 
 from ._matching import MatchingProblem, cosine_distance, total_variation
@@ -18,6 +19,7 @@ __all__ = [
     "SMOOTH_TV_WEIGHT",
     "InvertingGradients",
     "check_bounds",
+    "check_tv_weight",
     "choose_tv_weight",
     "has_smooth_activations",
 ]
@@ -35,6 +37,12 @@ _LAYER_WEIGHTINGS = ("uniform", "linear")
 def has_smooth_activations(model: torch.nn.Module) -> bool:
     """Whether ``model`` registers an ``nn.Sigmoid`` or ``nn.Tanh`` module (functional calls are not seen)."""
     return any(isinstance(m, _SMOOTH_ACTIVATIONS) for m in model.modules())
+
+
+def check_tv_weight(tv_weight: float | None) -> None:
+    """Raises ConfigError unless ``tv_weight`` is None (chosen from the model) or a finite number >= 0."""
+    if tv_weight is not None:
+        positive("tv_weight", tv_weight, allow_zero=True, hint="or None to choose it from the model")
 
 
 def choose_tv_weight(tv_weight: float | None, model: torch.nn.Module) -> float:
@@ -133,10 +141,7 @@ class InvertingGradients(Attack):
         for field_name in ("max_iterations", "restarts"):
             _check_positive_int(field_name, getattr(self, field_name))
         _check_positive_number("lr", self.lr)
-        if self.tv_weight is not None and (
-            isinstance(self.tv_weight, bool) or not isinstance(self.tv_weight, (int, float)) or not self.tv_weight >= 0
-        ):
-            raise ConfigError("tv_weight", self.tv_weight, "must be None or a number >= 0")
+        check_tv_weight(self.tv_weight)
         check_bounds(self.bounds)
         if not isinstance(self.seed, int):
             raise ConfigError("seed", self.seed, "must be an int")
