@@ -382,7 +382,7 @@ class Federation:
         dp = self.training.dp
 
         self._check_protection(protection, len(plans))
-        ledger, history, start_round = self._restore(out, resume, global_params, self._fingerprint(plans))
+        ledger, history, start_round, global_params = self._restore(out, resume, global_params, self._fingerprint(plans))
         try:
             if out is not None:
                 from privfl.export import record_architecture
@@ -412,10 +412,6 @@ class Federation:
         dp = self.training.dp
         self._plans_by_name = {plan.name: plan for plan in plans}
         self._setup_client_dp(len(plans), history)
-        if start_round > 0:
-            if out is None:
-                raise ConfigError("resume", True, "needs a run directory")
-            global_params = load_checkpoint(out, start_round - 1, len(global_params))
         for plan in plans:
             ledger.register(plan.name, ClientBudget(epsilon=dp.epsilon_budget, delta=dp.delta))
 
@@ -698,8 +694,11 @@ class Federation:
 
     def _restore(
         self, out: Path | None, resume: bool, params: np.ndarray, fingerprint: dict[str, Any]
-    ) -> tuple[PrivacyLedger, list[dict[str, Any]], int]:
-        """The ledger, the history and the first round to run; the caller holds the run lock.
+    ) -> tuple[PrivacyLedger, list[dict[str, Any]], int, np.ndarray]:
+        """The ledger, the history, the first round to run and the parameters it starts from.
+
+        The caller holds the run lock. Everything a resume needs (the checkpoint included) is checked
+        before the ledger is marked as resumed: a refused resume leaves the directory as it was.
 
         Raises:
             LedgerError: the directory holds traces of a run but no ledger (a fresh start would
@@ -711,7 +710,7 @@ class Federation:
         if out is None:
             if resume:
                 raise ConfigError("resume", True, "needs a run directory")
-            return PrivacyLedger(accountant=accountant), [], 0
+            return PrivacyLedger(accountant=accountant), [], 0, params
         ledger_path = out / LEDGER_FILE
         identity = json.loads(json.dumps(fingerprint, default=_json_default))
         # Checked again here, under the run lock: another process may have changed the directory.
@@ -723,7 +722,7 @@ class Federation:
             # interrupted start leaves either nothing to protect or a ledger to resume from.
             ledger = PrivacyLedger.create(ledger_path, accountant=accountant, key=key, run_identity=identity)
             _atomic_write_json(out / RUN_FILE, fingerprint)
-            return ledger, [], 0
+            return ledger, [], 0, params
         ledger = PrivacyLedger.open(ledger_path, key=LedgerKey.read(out / LEDGER_KEY_FILE))
         try:
             # The header's copy of the run identity is authenticated; run.json is for people.
@@ -748,6 +747,8 @@ class Federation:
             if len(history) != done:
                 raise ConfigError("out_dir", str(out), f"history.json holds {len(history)} of the {done} checkpointed rounds")
             check_ledger_against_history(ledger, history, ledger_path)
+            if done > 0:
+                params = load_checkpoint(out, done - 1, len(params))
             # Entries already written for round `done` or later belong to an interrupted attempt:
             # they stay charged, and the marker keeps them apart from the rerun's entries.
             interrupted = {e.client: e for e in ledger.entries if e.round >= done}
@@ -763,7 +764,7 @@ class Federation:
             ledger.close()
             raise
         log.info("resuming %s after round %d", out, done - 1)
-        return ledger, history, done
+        return ledger, history, done, params
 
     def _summary(
         self,

@@ -195,17 +195,15 @@ def _bad_checkpoint(kind):
     ],
 )
 def test_a_wrong_checkpoint_to_resume_from_is_a_typed_error(clients, split, tmp_path, kind, message):
-    # rundir.py `load_checkpoint`, called by federation.py `_run_rounds` for round start_round - 1
+    # rundir.py `load_checkpoint`, called by federation.py `_restore` for round start_round - 1, before
+    # the ledger is marked as resumed: a refused resume leaves the directory exactly as it was.
     out = tmp_path / "run"
     _federation(clients, split, rounds=2).run(out)
     torch.save(_bad_checkpoint(kind), checkpoint_path(out, 1))
-    ledger_before = (out / LEDGER_FILE).read_text()
+    before = _snapshot(out)
     with pytest.raises(ConfigError, match=message) as info:
         _federation(clients, split, rounds=3).run(out, resume=True)
     assert info.value.field == "round-0001.pt"
-    # nobody trained: the ledger gained no charge (the resume marker _restore wrote may stay)
-    ledger_after = (out / LEDGER_FILE).read_text()
-    assert ledger_after.startswith(ledger_before)
-    assert '"kind":"entry"' not in ledger_after[len(ledger_before):]
+    assert _snapshot(out) == before  # no resume marker, no model.json rewrite, no history, no checkpoint
     assert sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir()) == ["round-0000.pt", "round-0001.pt"]
     assert len(json.loads((out / HISTORY_FILE).read_text())) == 2
