@@ -355,8 +355,11 @@ class Federation:
                 corrupt, edited, or disagrees with history.json (the run refuses to resume).
             RunLockedError: another run holds ``out_dir`` (the lock is held until this run returns).
 
-        Every refusal for the directory comes before noise calibration, and an ``OSError`` writing
-        the run directory (disk full, read-only file system) is a ConfigError naming it.
+        The checks that need only the directory (a ledger where a fresh run starts, nothing to
+        resume, traces without a ledger, the lock) come before noise calibration; those that compare
+        it with this run's settings, history and checkpoint come after, and a refusal of either kind
+        leaves the directory as it was. An ``OSError`` writing the run directory (disk full,
+        read-only file system) is a ConfigError naming it.
         """
         out = Path(out_dir) if out_dir is not None else None
         if out is None:
