@@ -357,8 +357,8 @@ class Federation:
 
         The checks that need only the directory (a ledger where a fresh run starts, nothing to
         resume, traces without a ledger, the lock) come before noise calibration; those that compare
-        it with this run's settings, history and checkpoint come after, and a refusal of either kind
-        leaves the directory as it was. An ``OSError`` writing the run directory (disk full,
+        it with this run's settings, history and checkpoint come after; a refusal of either kind adds
+        nothing to the ledger, the history or the checkpoints. An ``OSError`` writing the run directory (disk full,
         read-only file system) is a ConfigError naming it.
         """
         out = Path(out_dir) if out_dir is not None else None
