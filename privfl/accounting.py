@@ -1154,6 +1154,9 @@ class PrivacyLedger:
         """Whether every line carries a MAC under a :class:`LedgerKey`."""
         self._accounts: dict[str, _ClientAccount] = {}
         self._entries: list[LedgerEntry] = []
+        # Each client's entry indices, in order: per-client questions cost that client's entries, not
+        # the whole ledger's (at 10,000 sites a summary asked 20,000 of them).
+        self._client_entries: dict[str, list[int]] = {}
         self._resumes: list[tuple[int, int]] = []
         self._hashes: list[str] = []
         self._journal: _Journal | None = None
@@ -1278,7 +1281,7 @@ class PrivacyLedger:
         )
         self._write(_entry_record(entry))
         account.add(event)
-        self._entries.append(entry)
+        self._append_entry(entry)
         return entry
 
     def record_skip(self, round_index: int, client: str, *, reason: str) -> LedgerEntry:
@@ -1296,20 +1299,27 @@ class PrivacyLedger:
             note=reason,
         )
         self._write(_entry_record(entry))
-        self._entries.append(entry)
+        self._append_entry(entry)
         return entry
+
+    def _append_entry(self, entry: LedgerEntry) -> None:
+        self._client_entries.setdefault(entry.client, []).append(len(self._entries))
+        self._entries.append(entry)
+
+    def _last_entry_index(self, client: str) -> int | None:
+        indices = self._client_entries.get(client)
+        return indices[-1] if indices else None
 
     def rounds(self, client: str, status: LedgerStatus) -> int:
         """How many rounds the client has with this status."""
-        return sum(1 for e in self._entries if e.client == client and e.status is status)
+        return sum(1 for i in self._client_entries.get(client, ()) if self._entries[i].status is status)
 
     def annotate_last(self, client: str, note: str) -> None:
         """Appends a note to the client's latest entry (e.g. its update was dropped in aggregation)."""
-        for i in range(len(self._entries) - 1, -1, -1):
-            if self._entries[i].client == client:
-                self._write({"kind": "note", "client": client, "note": note})
-                self._annotate(i, note)
-                return
+        index = self._last_entry_index(client)
+        if index is not None:
+            self._write({"kind": "note", "client": client, "note": note})
+            self._annotate(index, note)
 
     def _annotate(self, index: int, note: str) -> None:
         entry = self._entries[index]
@@ -1647,7 +1657,7 @@ class PrivacyLedger:
         if kind == "note":
             if not isinstance(record["note"], str):
                 raise bad("malformed note")
-            last = next((i for i in range(len(self._entries) - 1, -1, -1) if self._entries[i].client == client), None)
+            last = self._last_entry_index(client)
             if last is None:
                 raise bad(f"a note for client {client!r}, which has no entry")
             self._annotate(last, record["note"])
@@ -1682,7 +1692,7 @@ class PrivacyLedger:
         )
         if event is not None:
             account.add(event)
-        self._entries.append(entry)
+        self._append_entry(entry)
 
 
 def merge_events(events: Iterable[DPEvent]) -> list[DPEvent]:
