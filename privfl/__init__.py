@@ -37,6 +37,9 @@ _LAZY = {
     "load_model": "privfl.export",
     "Federation": "privfl.federation",
     "RunResult": "privfl.federation",
+    "RoundRecord": "privfl.results",
+    "RunSummary": "privfl.results",
+    "SiteSummary": "privfl.results",
     "SecAggConfig": "privfl.protocols.secagg",
 }
 
@@ -54,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from privfl.export import export_model, load_model
     from privfl.federation import Federation, RunResult
     from privfl.protocols.secagg import SecAggConfig
+    from privfl.results import RoundRecord, RunSummary, SiteSummary
 
 
 def __getattr__(name: str) -> Any:
@@ -86,9 +90,12 @@ __all__ = [
     "PrivflError",
     "ProtectionKind",
     "ProtocolAbort",
+    "RoundRecord",
     "RunConfig",
     "RunResult",
+    "RunSummary",
     "SecAggConfig",
+    "SiteSummary",
     "TrainingConfig",
     "export_model",
     "load_model",

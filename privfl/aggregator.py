@@ -26,6 +26,7 @@ from privfl.config import ProtectionKind, RunConfig
 from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
+from privfl.results import RoundRecord, RunSummary, SiteSummary
 from privfl.site import SiteRole, quantizer_for
 
 __all__ = ["Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
@@ -85,8 +86,8 @@ class DeploymentResult:
     """
 
     parameters: np.ndarray
-    history: list[dict[str, Any]]
-    summary: dict[str, Any]
+    history: list[RoundRecord]
+    summary: RunSummary
     out_dir: Path | None = None
 
 
@@ -276,7 +277,7 @@ class Aggregator:
         names = sorted(info.name for info in self._sites.values())
         model = self._initial_model()
         params = flatten_parameters(model)
-        history: list[dict[str, Any]] = []
+        history: list[RoundRecord] = []
         device = resolve_device(fed.device)
         progress = _Progress(fed.rounds, enabled=self.progress, start=0)
         with progress:
@@ -297,14 +298,15 @@ class Aggregator:
             durable_write_json(out / SUMMARY_FILE, summary)
         return DeploymentResult(parameters=params, history=history, summary=summary, out_dir=out)
 
-    def _round(self, channel: SiteChannel, r: int, names: list[str], params: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    def _round(self, channel: SiteChannel, r: int, names: list[str], params: np.ndarray) -> tuple[RoundRecord, np.ndarray]:
         t0 = time.perf_counter()
         fed = self.config.federation
         by_name = {info.name: info for info in self._sites.values()}
         sampled = sample_sites(fed, r, names)
-        record: dict[str, Any] = {
+        record: RoundRecord = {
             "round": r, "sampled": sampled, "trained": [], "contributors": [], "skipped": {}, "dropped": {},
             "aborted": None, "train_loss": None, "test_loss": None, "test_accuracy": None, "upload_bytes": {},
+            "epsilon": {}, "max_epsilon": None, "seconds": 0.0,  # set by _close
         }
         self._upload = {}
         self._step_seconds = {}
@@ -383,7 +385,7 @@ class Aggregator:
             by_name[name].uploads.append(count)
         return self._close(record, t0), params
 
-    def _close(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
+    def _close(self, record: RoundRecord, t0: float) -> RoundRecord:
         epsilons = {info.name: info.epsilon for info in self._sites.values()}
         record["epsilon"] = epsilons
         known = [e for e in epsilons.values() if e is not None]
@@ -435,13 +437,13 @@ class Aggregator:
         return average, result.accepted, rejected
 
     # -- summary -------------------------------------------------------------------------------------
-    def _summary(self, history: list[dict[str, Any]], num_parameters: int, seconds: float, device) -> dict[str, Any]:
+    def _summary(self, history: list[RoundRecord], num_parameters: int, seconds: float, device) -> RunSummary:
         from privfl.federation import public_config
 
         uploads = [u for info in self._sites.values() for u in info.uploads]
         upload_mean = float(np.mean(uploads)) if uploads else None
-        final = history[-1] if history else {}
-        clients = {
+        final = history[-1] if history else None
+        clients: dict[str, SiteSummary] = {
             info.name: {
                 "epsilon": info.epsilon,
                 "epsilon_budget": info.budget,
@@ -454,8 +456,8 @@ class Aggregator:
             for info in sorted(self._sites.values(), key=lambda i: i.name)
         }
         return {
-            "final_accuracy": final.get("test_accuracy"),
-            "final_loss": final.get("test_loss"),
+            "final_accuracy": None if final is None else final.get("test_accuracy"),
+            "final_loss": None if final is None else final.get("test_loss"),
             "rounds": len(history),
             "protection": self.config.federation.protection.value,
             "accountant": self.config.training.dp.accountant.value,

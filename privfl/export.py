@@ -273,7 +273,7 @@ def export_model(
     model, chosen, changes, checked, identity = _load(run_dir, model_fn, round)
     run = Path(run_dir)
     history = load_history(run / HISTORY_FILE)
-    record = history[chosen] if chosen < len(history) else {}
+    record = history[chosen] if chosen < len(history) else None
     ledger_head = None
     summary_path = run / SUMMARY_FILE
     if summary_path.exists():
@@ -290,7 +290,7 @@ def export_model(
         "architecture": json.dumps(architecture_of(model)),
         "round": chosen,
         "rounds_finished": len(history),
-        "test_accuracy": record.get("test_accuracy"),
+        "test_accuracy": None if record is None else record.get("test_accuracy"),
         "run_identity": json.dumps(identity, sort_keys=True),
         "ledger_head": ledger_head,
     }

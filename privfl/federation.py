@@ -55,6 +55,7 @@ from privfl.protocols.base import (
     Protection,
     Transport,
 )
+from privfl.results import RoundRecord, RunSummary, SiteSummary
 from privfl.rundir import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
@@ -164,8 +165,8 @@ class RunResult:
     """
 
     model: nn.Module
-    history: list[dict[str, Any]]
-    summary: dict[str, Any]
+    history: list[RoundRecord]
+    summary: RunSummary
     ledger: PrivacyLedger
     out_dir: Path | None = None
 
@@ -269,7 +270,7 @@ class Federation:
             raise ConfigError("federation.client_dp", None, "client-level DP is not configured")
         return client_dp
 
-    def _setup_client_dp(self, num_clients: int, history: list[dict[str, Any]]) -> None:
+    def _setup_client_dp(self, num_clients: int, history: list[RoundRecord]) -> None:
         client_dp = self.config.client_dp
         self._client_events: list[DPEvent] = []
         self._unclipped_fraction = 0.0
@@ -291,8 +292,8 @@ class Federation:
             self._client_events.append(
                 DPEvent(noise_multiplier=level["accounted_noise_multiplier"], sample_rate=level["sample_rate"], steps=1)
             )
-        if history and history[-1].get("client_level"):
-            last = history[-1]["client_level"]
+        last = history[-1].get("client_level") if history else None
+        if last:
             self._clip_norm = last.get("next_clip_norm", last["clip_norm"])
 
     def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int:
@@ -403,7 +404,7 @@ class Federation:
         self,
         out: Path | None,
         ledger: PrivacyLedger,
-        history: list[dict[str, Any]],
+        history: list[RoundRecord],
         start_round: int,
         plans: list[_ClientPlan],
         protection: Protection,
@@ -449,7 +450,7 @@ class Federation:
         global_params: np.ndarray,
         needs_fix: bool,
         out: Path | None,
-    ) -> tuple[dict[str, Any], np.ndarray]:
+    ) -> tuple[RoundRecord, np.ndarray]:
         t0 = time.perf_counter()
         client_dp = self.config.client_dp
         sampled = self._sample(round_index, plans)
@@ -697,7 +698,7 @@ class Federation:
 
     def _restore(
         self, out: Path | None, resume: bool, params: np.ndarray, fingerprint: dict[str, Any]
-    ) -> tuple[PrivacyLedger, list[dict[str, Any]], int, np.ndarray]:
+    ) -> tuple[PrivacyLedger, list[RoundRecord], int, np.ndarray]:
         """The ledger, the history, the first round to run and the parameters it starts from.
 
         The caller holds the run lock. Everything a resume needs (the checkpoint included) is checked
@@ -773,17 +774,17 @@ class Federation:
         self,
         plans: list[_ClientPlan],
         ledger: PrivacyLedger,
-        history: list[dict[str, Any]],
+        history: list[RoundRecord],
         protection: Protection,
         num_parameters: int,
         seconds: float,
-    ) -> dict[str, Any]:
+    ) -> RunSummary:
         uploads = [u for plan in plans for u in plan.uploads]
         upload_mean = float(np.mean(uploads)) if uploads else None
         plaintext_bytes = 4 * num_parameters
         interrupted = ledger.interrupted_trainings()
-        final = history[-1] if history else {}
-        clients = {}
+        final = history[-1] if history else None
+        clients: dict[str, SiteSummary] = {}
         for plan in plans:
             clients[plan.name] = {
                 "epsilon": _finite_or_none(ledger.epsilon(plan.name)),
@@ -821,12 +822,12 @@ class Federation:
                 "noise": "distributed (each client adds its share before masking)"
                 if protection.noise_placement is NoisePlacement.DISTRIBUTED
                 else "central (added once to the aggregate before release)",
-                "clip_norms": [h["client_level"]["clip_norm"] for h in history if h.get("client_level")],
+                "clip_norms": [level["clip_norm"] for h in history if (level := h.get("client_level"))],
             }
         return {
-            "final_accuracy": final.get("test_accuracy"),
+            "final_accuracy": None if final is None else final.get("test_accuracy"),
             "client_level": client_level,
-            "final_loss": final.get("test_loss"),
+            "final_loss": None if final is None else final.get("test_loss"),
             "rounds": len(history),
             "protection": protection.name,
             "accountant": ledger.accountant.value,
@@ -855,7 +856,7 @@ class Federation:
         }
 
 
-def _round_log_line(record: dict[str, Any]) -> str:
+def _round_log_line(record: RoundRecord) -> str:
     """One line per round for ``privfl -v``: what happened, who trained, who was skipped or dropped."""
     accuracy = record.get("test_accuracy")
     parts = [
@@ -900,7 +901,7 @@ class _Progress:
             self._task = self._progress.add_task("rounds", total=self.total, completed=self.start, status="training...")
         return self
 
-    def advance(self, record: dict[str, Any]) -> None:
+    def advance(self, record: Mapping[str, Any]) -> None:
         if self._progress is None:
             return
         acc = record["test_accuracy"]

@@ -76,7 +76,8 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
             f"({s['upload_expansion_over_float32']:.2f}x the {s['plaintext_bytes_per_client_round']:,} bytes "
             f"of a float32 update of {s['num_parameters']:,} parameters)"
         )
-        if s["protection"] == "ckks" and s["upload_expansion_over_float32"] > 8:
+        expansion = s["upload_expansion_over_float32"]
+        if s["protection"] == "ckks" and expansion is not None and expansion > 8:
             console.print(
                 "  (a CKKS ciphertext packs N/2 values, so a model this small still pays for a whole "
                 "ciphertext; the expansion falls to about 7.5x for models of 100k+ parameters)"

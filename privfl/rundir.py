@@ -27,14 +27,15 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from privfl.accounting import LedgerStatus, PrivacyLedger
 from privfl.errors import ConfigError, LedgerError, RunLockedError
+from privfl.results import RoundRecord
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -399,7 +400,7 @@ def _history_problem(index: int, record: Any) -> str | None:
     return None
 
 
-def load_history(path: Path) -> list[dict[str, Any]]:
+def load_history(path: Path) -> list[RoundRecord]:
     """The per-round history of a run directory, checked record by record.
 
     Returns:
@@ -417,7 +418,7 @@ def load_history(path: Path) -> list[dict[str, Any]]:
         problem = _history_problem(index, record)
         if problem is not None:
             raise ConfigError(path.name, str(path), f"record {index} {problem}: the file is corrupt or was edited")
-    return data
+    return cast("list[RoundRecord]", data)
 
 
 def load_run_identity(path: Path) -> dict[str, Any]:
@@ -490,7 +491,7 @@ def interrupted_run_hint(out_dir: str | os.PathLike[str]) -> str:
     return f"nothing was spent; run again with --out {out}"
 
 
-def check_ledger_against_history(ledger: PrivacyLedger, history: list[dict[str, Any]], path: Path) -> None:
+def check_ledger_against_history(ledger: PrivacyLedger, history: list[RoundRecord], path: Path) -> None:
     """Checks that the ledger and the per-round history describe the same trainings.
 
     Every client the history says trained (or skipped) in round r has a ledger entry saying so for
@@ -534,6 +535,6 @@ def check_ledger_against_history(ledger: PrivacyLedger, history: list[dict[str, 
                 )
 
 
-def _is_anchor(anchor: dict[str, Any]) -> bool:
+def _is_anchor(anchor: Mapping[str, Any]) -> bool:
     lines = anchor.get("lines")
     return isinstance(lines, int) and not isinstance(lines, bool) and lines >= 1 and isinstance(anchor.get("head"), str)

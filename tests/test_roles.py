@@ -226,3 +226,28 @@ def test_a_request_the_protocol_cannot_serve_is_refused_before_training(split, c
     head = json.loads(frame.parts[0])
     assert head["status"] == "refused" and "magic" in head["fields"]["reason"]
     assert site.spent(_parse_config(run_toml("secagg", rounds=2)))[0] == before
+
+
+def _conforms(value, shape) -> list[str]:
+    """Keys a JSON-ready dict lacks or has beyond a TypedDict (its required and optional keys)."""
+    missing = sorted(shape.__required_keys__ - value.keys())
+    extra = sorted(value.keys() - shape.__required_keys__ - shape.__optional_keys__)
+    return [f"missing {k}" for k in missing] + [f"undeclared {k}" for k in extra]
+
+
+def test_both_producers_write_the_declared_result_shapes(split, clients, tmp_path, run_toml):
+    """history and summary of the in-process run and of a deployment match RoundRecord / RunSummary / SiteSummary."""
+    from privfl.results import RoundRecord, RunSummary, SiteSummary
+
+    text = run_toml("plaintext", rounds=2)
+    deployed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    cfg = _parse_config(text)
+    in_process = Federation(
+        model_fn=lambda: build_model(cfg.model, split.train.input_shape, split.train.num_classes),
+        clients=clients, test_set=split.test, training=cfg.training, federation=cfg.federation, progress=False,
+    ).run(tmp_path / "in-process")
+    for result in (deployed, in_process):
+        assert result.history and all(_conforms(record, RoundRecord) == [] for record in result.history)
+        assert _conforms(result.summary, RunSummary) == []
+        assert all(_conforms(site, SiteSummary) == [] for site in result.summary["clients"].values())
+    assert "step_seconds" in deployed.history[0] and "ledger" in in_process.history[0]

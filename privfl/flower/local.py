@@ -21,6 +21,7 @@ import numpy as np
 
 from privfl.config import ProtectionKind, RunConfig
 from privfl.errors import ConfigError, DeploymentError
+from privfl.results import RoundRecord, RunSummary
 
 if TYPE_CHECKING:
     from privfl.flower.deploy import LocalDeployment
@@ -45,8 +46,8 @@ class LocalDeploymentResult:
         seconds: wall time from the first process started to the last stopped.
     """
 
-    summary: dict[str, Any]
-    history: list[dict[str, Any]]
+    summary: RunSummary
+    history: list[RoundRecord]
     out_dir: Path
     site_dirs: dict[str, Path]
     seconds: float
@@ -202,7 +203,7 @@ class LocalFederation:
         timeout: float = 3600.0,
         step_timeout: float = 600.0,
         on_round=None,
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    ) -> tuple[RunSummary, list[RoundRecord], Path]:
         """Runs one config (default: the one the federation was made with) to completion.
 
         Returns:
@@ -239,10 +240,11 @@ class LocalFederation:
         if not result.ok or not summary_path.exists():
             tail = "\n".join(result.output.strip().splitlines()[-15:])
             raise DeploymentError(f"the deployment's run ended with status {result.status}; see {result.log_file}\n{tail}")
-        summary = json.loads(summary_path.read_text())
+        summary: RunSummary = json.loads(summary_path.read_text())
         summary["deployment"].update({"mode": "local", "tls": True, "flower_log": str(result.log_file)})
         summary_path.write_text(json.dumps(summary, indent=2))
-        return summary, json.loads((run_dir / "history.json").read_text()), run_dir
+        history: list[RoundRecord] = json.loads((run_dir / "history.json").read_text())
+        return summary, history, run_dir
 
 
 def _rounds_of(text: str) -> int:
