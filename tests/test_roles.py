@@ -251,3 +251,15 @@ def test_both_producers_write_the_declared_result_shapes(split, clients, tmp_pat
         assert _conforms(result.summary, RunSummary) == []
         assert all(_conforms(site, SiteSummary) == [] for site in result.summary["clients"].values())
     assert "step_seconds" in deployed.history[0] and "ledger" in in_process.history[0]
+
+
+def test_a_site_whose_ledger_vanished_refuses_instead_of_starting_from_zero(split, clients, tmp_path, run_toml, caplog):
+    text = run_toml("plaintext", rounds=1)
+    _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)))
+    (tmp_path / "site-1" / LEDGER_FILE).unlink()  # its key is still there: the site has spent before
+    with caplog.at_level("WARNING", logger="privfl"):
+        result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)))
+    # It refuses to join the run (a typed LedgerError, answered as a refusal), so it is never asked to train.
+    assert all("site-1" not in record["sampled"] for record in result.history)
+    assert "site-1" not in result.summary["clients"]
+    assert any("site-1" in r.getMessage() and "the ledger is gone" in r.getMessage() for r in caplog.records)
