@@ -132,11 +132,14 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
         text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
     out = Path(args.out) if args.out else Path("runs") / time.strftime("deploy-%Y%m%d-%H%M%S")
     console = Console(stderr=True)
-    console.print(
-        f"[bold]privfl deploy local[/bold]: {args.config or 'embedded default'}, {args.sites} site{'s' * (args.sites != 1)} -> {out} "
-        "(TLS SuperLink and one SuperNode per site on 127.0.0.1)"
-    )
-    result = deploy_local(text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout)
+
+    def announce() -> None:
+        console.print(
+            f"[bold]privfl deploy local[/bold]: {args.config or 'embedded default'}, {args.sites} "
+            f"site{'s' * (args.sites != 1)} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)"
+        )
+
+    result = deploy_local(text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce)
     summary = result.summary
     accuracy = summary.get("final_accuracy")
     print(f"final accuracy: {accuracy:.4f}" if accuracy is not None else "final accuracy: - (no test set)")

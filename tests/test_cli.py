@@ -111,3 +111,17 @@ def test_deploy_without_flower_names_the_install_command(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'privfl[flower]'" in err and "Traceback" not in err
     assert not (tmp_path / "dep").exists()
+
+
+def test_deploy_refusals_print_one_line_and_start_nothing(tmp_path, capsys):
+    from privfl.cli import main
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    for args, reason in (([ "--sites", "0", "--out", str(tmp_path / "new")], "sites=0"), (["--sites", "3", "--out", str(taken)], "new or empty")):
+        code = main(["deploy", "local", *args, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and reason in err, err
+        assert "privfl deploy local:" not in err  # nothing announced for a run that never starts
+    assert not (tmp_path / "new").exists()

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,6 +262,7 @@ def deploy_local(
     progress: bool = True,
     timeout: float = 3600.0,
     step_timeout: float = 600.0,
+    on_start: Callable[[], None] | None = None,
 ) -> LocalDeploymentResult:
     """Runs the federation ``config_text`` describes as a local Flower deployment with TLS.
 
@@ -272,6 +274,8 @@ def deploy_local(
         progress: show a progress bar over rounds.
         timeout: seconds the whole run may take before it is stopped.
         step_timeout: seconds a site has for one protocol step before it counts as dropped.
+        on_start: called once the settings are checked, before any process starts (e.g. to say
+            what is about to run: a refused setting is then reported alone).
 
     Raises:
         ConfigError: a bad config or site count, or ``out`` is not empty.
@@ -279,6 +283,8 @@ def deploy_local(
         ImportError: Flower is not installed (``pip install 'privfl[flower]'``).
     """
     federation = LocalFederation(config_text, sites=sites, out=out)
+    if on_start is not None:
+        on_start()
     with federation:
         summary, history, run_dir = federation.run(progress=progress, timeout=timeout, step_timeout=step_timeout)
     seconds = time.perf_counter() - federation.started
