@@ -133,6 +133,17 @@ def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> N
         importlib.import_module(module)
 
     shorten_object_pulls(_rc, "pull_and_inflate_object_from_tree", poll)
+    # Flower builds a telemetry payload at every task start and end, even with telemetry off, and
+    # platform.architecture() runs `file -b` on the interpreter each time (uname is cached): two
+    # fork+exec per message. The answer cannot change within this process, so it is computed once,
+    # here, and every forked child inherits it.
+    import functools
+    import platform
+
+    platform.uname()
+    if not hasattr(platform.architecture, "cache_info"):
+        platform.architecture = functools.cache(platform.architecture)  # type: ignore[assignment]
+    platform.architecture()
 
     stopping = False
 
