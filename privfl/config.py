@@ -70,11 +70,13 @@ class ClippingMode(str, Enum):
     """How DP-SGD computes per-example gradient norms."""
 
     AUTO = "auto"
-    """Ghost clipping for models dominated by wide linear layers, per-sample gradients otherwise."""
+    """Book-keeping for models made of wide linear layers, per-sample gradients otherwise."""
     PER_SAMPLE = "per_sample"
     """Materialise every per-example gradient (Opacus hooks)."""
     GHOST = "ghost"
-    """Ghost clipping (Li et al. 2021; Bu et al. 2022): norms without per-example gradients."""
+    """Ghost clipping (Li et al. 2021; Bu et al. 2022): norms without per-example gradients, two backward passes."""
+    BOOKKEEPING = "bookkeeping"
+    """Book-keeping (Bu et al. 2023): ghost norms and the clipped sum from one backward pass (privfl.bookkeeping)."""
 
 
 class PartitionKind(str, Enum):
@@ -142,7 +144,7 @@ class DPConfig:
         delta: the delta every client's guarantee is stated at.
         max_grad_norm: per-example clipping norm C.
         accountant: composition method for the ledger and calibration.
-        clipping: per-sample gradients or ghost clipping.
+        clipping: per-sample gradients, ghost clipping or book-keeping.
         planned_participation_quantile: with client sampling below 1, calibration plans for this
             quantile of the Binomial(rounds, client_fraction) number of rounds a client is
             sampled in; the ledger skips a client in the rare rounds beyond it.

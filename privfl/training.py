@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from privfl.accounting import DPEvent
+from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported
 from privfl.config import ClippingMode, TrainingConfig
 from privfl.errors import ConfigError, ProtocolError
 
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 GHOST_LINEAR_THRESHOLD = 16_384
-"""Under AUTO, ghost clipping is used when a linear layer has at least this many weights.
+"""Under AUTO, book-keeping (or ghost clipping) is used when a linear layer has at least this many weights.
 
 Materialising per-example gradients costs batch x in x out memory traffic per linear layer, which
 dominates on wide layers (a 30x+ slowdown on CPU for 1024-wide MLPs); ghost clipping needs only
@@ -215,14 +216,21 @@ def _replace_batchnorm1d(module: nn.Module) -> nn.Module:
 
 
 def choose_clipping(model: nn.Module, mode: ClippingMode) -> ClippingMode:
-    """Resolves AUTO: ghost clipping when a linear layer is wide, per-sample gradients otherwise."""
+    """Resolves AUTO: the fastest clipping mode for ``model`` that can train it.
+
+    A wide linear layer (:data:`GHOST_LINEAR_THRESHOLD` weights or more) and no convolution:
+    book-keeping when every trainable layer is one it clips, ghost clipping otherwise.
+    Per-sample gradients (Opacus hooks) for everything else. Measured by ``benchmarks/dp_sgd.py``.
+    """
     if mode is not ClippingMode.AUTO:
         return mode
     widest = max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0)
     has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
-    # Ghost norms of convolutions go through unfolded activations, which is slower than hooks
-    # for small images; keep per-sample gradients there.
-    return ClippingMode.GHOST if widest >= GHOST_LINEAR_THRESHOLD and not has_conv else ClippingMode.PER_SAMPLE
+    # Ghost norms of convolutions go through unfolded activations, and book-keeping instantiates
+    # their per-example gradients: both are slower than hooks for small images.
+    if widest < GHOST_LINEAR_THRESHOLD or has_conv:
+        return ClippingMode.PER_SAMPLE
+    return ClippingMode.BOOKKEEPING if bookkeeping_unsupported(model) is None else ClippingMode.GHOST
 
 
 def sampling_plan(num_examples: int, config: TrainingConfig) -> tuple[float, int]:
@@ -427,13 +435,15 @@ def train_dp_sgd(
         ConfigError: the dataset is empty or holds examples that cannot be trained on safely
             (see :func:`prepare_dataset`).
     """
-    from opacus import PrivacyEngine
-
     dataset = prepare_dataset(dataset, model, site=site)
     num_examples = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
     sample_rate, steps = sampling_plan(num_examples, config)
     clipping = choose_clipping(model, config.dp.clipping)
     model = model.to(device)
+    # Checked before any step: a layer book-keeping cannot clip is a ConfigError naming it.
+    keeper = None
+    if clipping is ClippingMode.BOOKKEEPING:
+        keeper = BookKeeping(model, max_grad_norm=config.dp.max_grad_norm)
     start = flatten_parameters(model)
     model.train()
 
@@ -444,6 +454,100 @@ def train_dp_sgd(
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = _poisson_loader(dataset, sample_rate, steps // config.local_epochs, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    if keeper is not None:
+        losses = _train_bookkeeping(
+            model,
+            loader,
+            optimizer,
+            keeper=keeper,
+            epochs=config.local_epochs,
+            steps=steps,
+            noise_multiplier=noise_multiplier,
+            # E[B] exactly as Opacus' make_private computes it, so every mode takes the same step.
+            expected_batch_size=int(num_examples * (1 / len(loader))),
+            generator=generator,
+            device=device,
+        )
+    else:
+        losses = _train_opacus(
+            model,
+            loader,
+            optimizer,
+            mode="ghost" if clipping is ClippingMode.GHOST else "hooks",
+            epochs=config.local_epochs,
+            steps=steps,
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=config.dp.max_grad_norm,
+            generator=generator,
+            device=device,
+        )
+    delta = flatten_parameters(model) - start
+    return LocalResult(
+        delta=delta.astype(np.float32),
+        num_examples=num_examples,
+        event=DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        clipping=clipping,
+    )
+
+
+def _train_bookkeeping(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    keeper: BookKeeping,
+    epochs: int,
+    steps: int,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
+    """DP-SGD steps with book-keeping clipping; returns each non-empty batch's mean loss."""
+    criterion = nn.CrossEntropyLoss(reduction="sum")  # b_i is then the gradient of example i's own loss
+    losses: list[float] = []
+    taken = 0
+    for _ in range(epochs):
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            # An empty Poisson batch still takes a step: noise only, as the analysis assumes.
+            loss = keeper.private_gradients(
+                inputs,
+                labels,
+                criterion,
+                noise_multiplier=noise_multiplier,
+                expected_batch_size=expected_batch_size,
+                generator=generator,
+            )
+            optimizer.step()
+            taken += 1
+            if len(labels):
+                losses.append(float(loss) / len(labels))
+    optimizer.zero_grad(set_to_none=True)
+    if taken != steps:
+        raise ProtocolError(f"DP-SGD took {taken} steps, planned {steps}")
+    return losses
+
+
+def _train_opacus(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    mode: str,
+    epochs: int,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
+    """DP-SGD steps through Opacus (``mode`` "hooks" or "ghost"); returns each non-empty batch's mean loss."""
+    from opacus import PrivacyEngine
+
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # Opacus' secure_mode needs torchcsprng, which is unmaintained; the noise generator is
@@ -452,7 +556,6 @@ def train_dp_sgd(
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         engine = PrivacyEngine(accountant="prv")
-        mode = "ghost" if clipping is ClippingMode.GHOST else "hooks"
         # The loader already samples with probability q for exactly the planned number of steps
         # (poisson_sampling=False keeps Opacus from re-wrapping it); Opacus reads q = 1/len(loader).
         made = engine.make_private(
@@ -461,7 +564,7 @@ def train_dp_sgd(
             criterion=criterion,
             data_loader=loader,
             noise_multiplier=noise_multiplier,
-            max_grad_norm=config.dp.max_grad_norm,
+            max_grad_norm=max_grad_norm,
             poisson_sampling=False,
             noise_generator=generator,
             grad_sample_mode=mode,
@@ -472,8 +575,8 @@ def train_dp_sgd(
             private_model, private_optimizer, private_loader = made
             private_criterion = criterion
 
-        losses = []
-        for _ in range(config.local_epochs):
+        losses: list[float] = []
+        for _ in range(epochs):
             for inputs, labels in private_loader:
                 inputs, labels = inputs.to(device), labels.to(device)
                 private_optimizer.zero_grad(set_to_none=True)
@@ -495,14 +598,7 @@ def train_dp_sgd(
         # must not silently under-charge.
         raise ProtocolError(f"DP-SGD took {taken} steps at {engine.accountant.history}, planned {steps} at q={sample_rate}")
     private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
-    delta = flatten_parameters(model) - start
-    return LocalResult(
-        delta=delta.astype(np.float32),
-        num_examples=num_examples,
-        event=DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
-        clipping=clipping,
-    )
+    return losses
 
 
 @torch.no_grad()

@@ -1,0 +1,260 @@
+"""Book-keeping clipping: the clipped sum, the noise, and DP-SGD through it, against Opacus' per-sample path."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported
+from privfl.config import ClippingMode, DPConfig, TrainingConfig
+from privfl.data import ArrayDataset, load_breast_cancer
+from privfl.errors import ConfigError
+from privfl.models import MLP, LogisticRegression, SmallCNN
+from privfl.training import choose_clipping, train_dp_sgd
+
+CPU = torch.device("cpu")
+SUM = nn.CrossEntropyLoss(reduction="sum")
+
+
+def opacus_clipped_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_grad_norm: float):
+    """Opacus' hooks: every per-example gradient materialised, flat-clipped as its DP optimizer does, summed."""
+    from opacus import GradSampleModule
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = GradSampleModule(model, loss_reduction="sum")
+        SUM(wrapped(inputs), labels).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    samples = [p.grad_sample for p in params]
+    norms = torch.stack([g.reshape(len(inputs), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    sums = [torch.einsum("i,i...->...", factors, g) for g in samples]
+    wrapped._close()
+    for p in params:
+        p.grad = None
+        p.grad_sample = None
+    return sums, norms
+
+
+class Tokens(nn.Module):
+    """Embedding, LayerNorm and a linear layer on (B, T, d) sequences (the Gram form), then a 2-D head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.norm(self.embed(x)))).mean(dim=1))
+
+
+class Narrow(nn.Module):
+    """A linear layer on long sequences of narrow vectors (2 T^2 > d p: per-example gradients instantiated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(2, 3)
+        self.head = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(x)).sum(dim=1))
+
+
+class Twice(nn.Module):
+    """One linear layer called twice in a forward pass: its per-example gradient sums both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(torch.relu(self.shared(x))))
+
+
+CASES = {
+    "mlp with biases": (lambda: MLP(10, 3, hidden=32), lambda b: torch.randn(b, 10)),
+    "layers without bias": (
+        lambda: nn.Sequential(nn.Linear(10, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False)),
+        lambda b: torch.randn(b, 10),
+    ),
+    "cnn with groupnorm": (lambda: SmallCNN(3, channels=4), lambda b: torch.randn(b, 1, 8, 8)),
+    "sequence, gram form": (Tokens, lambda b: torch.randint(0, 20, (b, 5))),
+    "sequence, instantiated": (Narrow, lambda b: torch.randn(b, 9, 2)),
+    "layer called twice": (Twice, lambda b: torch.randn(b, 6)),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 17])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_clipped_sum_equals_opacus_per_sample_clipping(case, batch):
+    build, draw = CASES[case]
+    torch.manual_seed(batch)
+    model = build()
+    inputs, labels = draw(batch), torch.randint(0, 3, (batch,))
+    _, norms = opacus_clipped_sum(model, inputs, labels, 1.0)
+    # C between the smallest and largest norms: with more than one example, some are clipped and some are not.
+    max_grad_norm = float(norms.min() + norms.max()) / 2 if batch > 1 else float(norms[0]) / 2
+    expected, expected_norms = opacus_clipped_sum(model, inputs, labels, max_grad_norm)
+    if batch > 1:
+        assert (expected_norms > max_grad_norm).any() and (expected_norms < max_grad_norm).any()
+
+    got = BookKeeping(model, max_grad_norm=max_grad_norm).clipped_sum(inputs, labels, SUM)
+
+    torch.testing.assert_close(got.norms, expected_norms, rtol=1e-5, atol=1e-6)
+    assert len(got.grads) == len(expected)
+    for mine, theirs in zip(got.grads, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient was computed
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    model = MLP(10, 3, hidden=16)
+    model.net[1].requires_grad_(False)  # the first linear layer is frozen
+    inputs, labels = torch.randn(9, 10), torch.randint(0, 3, (9,))
+    expected, _ = opacus_clipped_sum(model, inputs, labels, 0.3)
+    got = BookKeeping(model, max_grad_norm=0.3).clipped_sum(inputs, labels, SUM)
+    assert len(got.grads) == 4
+    for mine, theirs in zip(got.grads, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_are_removed_and_an_empty_batch_clips_nothing():
+    model = MLP(4, 2, hidden=8)
+    keeper = BookKeeping(model, max_grad_norm=1.0)
+    keeper.clipped_sum(torch.randn(3, 4), torch.tensor([0, 1, 0]), SUM)
+    assert not any(m._forward_hooks for m in model.modules())
+    empty = keeper.clipped_sum(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), SUM)
+    assert empty.norms.shape == (0,) and all(float(g.abs().sum()) == 0 for g in empty.grads)
+
+
+def test_noise_is_opacus_draws_with_std_sigma_c_over_expected_batch():
+    # A layer of 40,000 weights: the sample standard deviation of the noise is within 1% (sd ~0.35%).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 200))
+    inputs, labels = torch.randn(5, 200), torch.randint(0, 3, (5,))
+    sigma, max_grad_norm, expected_batch = 1.7, 0.4, 64
+    keeper = BookKeeping(model, max_grad_norm=max_grad_norm)
+    clipped = keeper.clipped_sum(inputs, labels, SUM).grads
+    keeper.private_gradients(
+        inputs, labels, SUM, noise_multiplier=sigma, expected_batch_size=expected_batch,
+        generator=torch.Generator().manual_seed(11),
+    )
+    noise = [p.grad * expected_batch - c for p, c in zip(model.parameters(), clipped, strict=True)]
+    flat = torch.cat([n.reshape(-1) for n in noise]).double()
+    n = flat.numel()
+    assert abs(float(flat.mean())) < 5 * sigma * max_grad_norm / math.sqrt(n)
+    assert abs(float(flat.std()) / (sigma * max_grad_norm) - 1) < 5 / math.sqrt(2 * n)
+    # The very draws Opacus' optimizer makes from the same generator, parameter by parameter.
+    generator = torch.Generator().manual_seed(11)
+    for p, drawn in zip(model.parameters(), noise, strict=True):
+        opacus = torch.normal(mean=0, std=sigma * max_grad_norm, size=p.shape, generator=generator, dtype=p.dtype)
+        torch.testing.assert_close(drawn, opacus, rtol=0, atol=1e-5)
+
+
+def test_an_empty_batch_is_a_noise_only_step():
+    model = MLP(4, 2, hidden=8)
+    keeper = BookKeeping(model, max_grad_norm=2.0)
+    loss = keeper.private_gradients(
+        torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), SUM, noise_multiplier=3.0, expected_batch_size=4,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert float(loss) == 0.0
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert float(flat.abs().min()) > 0  # every coordinate got noise
+    generator = torch.Generator().manual_seed(5)
+    drawn = torch.cat([torch.normal(0.0, 6.0, size=p.shape, generator=generator).reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(flat, drawn / 4)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_breast_cancer()
+
+
+@pytest.mark.parametrize("sigma", [1e-9, 1.0])
+def test_train_dp_sgd_gives_the_update_of_the_other_modes(data, sigma):
+    # Same seed: same Poisson batches and the same noise draws, so every mode takes the same steps.
+    deltas, results = {}, {}
+    for mode in (ClippingMode.PER_SAMPLE, ClippingMode.GHOST, ClippingMode.BOOKKEEPING):
+        torch.manual_seed(0)
+        model = MLP(30, 2, hidden=32)
+        dp = DPConfig(noise_multiplier=1.0, max_grad_norm=0.1, clipping=mode)
+        cfg = TrainingConfig(batch_size=16, learning_rate=0.1, momentum=0.9, local_epochs=2, dp=dp)
+        results[mode] = train_dp_sgd(model, data.train, config=cfg, noise_multiplier=sigma, device=CPU, seed=3)
+        deltas[mode] = results[mode].delta
+    for mode in (ClippingMode.PER_SAMPLE, ClippingMode.GHOST):
+        np.testing.assert_allclose(deltas[ClippingMode.BOOKKEEPING], deltas[mode], rtol=0, atol=1e-5)
+        assert results[ClippingMode.BOOKKEEPING].event == results[mode].event
+        assert results[ClippingMode.BOOKKEEPING].mean_loss == pytest.approx(results[mode].mean_loss, rel=1e-5)
+    assert results[ClippingMode.BOOKKEEPING].clipping is ClippingMode.BOOKKEEPING
+    assert np.linalg.norm(deltas[ClippingMode.BOOKKEEPING]) > 0.01
+
+
+def test_empty_poisson_batches_take_noise_only_steps_as_with_hooks():
+    # batch_size 1 on 10 examples: about a third of the batches are empty.
+    data = ArrayDataset(np.random.default_rng(0).normal(size=(10, 4)), np.arange(10) % 2)
+    deltas = {}
+    for mode in ("per_sample", "bookkeeping"):
+        torch.manual_seed(0)
+        cfg = TrainingConfig(batch_size=1, learning_rate=0.1, dp=DPConfig(noise_multiplier=1.0, clipping=mode))
+        result = train_dp_sgd(MLP(4, 2, hidden=8), data, config=cfg, noise_multiplier=1.0, device=CPU, seed=0)
+        assert result.event.steps == 10
+        deltas[mode] = result.delta
+    np.testing.assert_allclose(deltas["bookkeeping"], deltas["per_sample"], rtol=0, atol=1e-5)
+
+
+def test_seed_none_draws_fresh_noise(data):
+    cfg = TrainingConfig(batch_size=16, dp=DPConfig(noise_multiplier=1.0, clipping="bookkeeping"))
+    deltas = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        deltas.append(train_dp_sgd(MLP(30, 2, hidden=8), data.train, config=cfg, noise_multiplier=1.0, device=CPU).delta)
+    assert np.abs(deltas[0] - deltas[1]).max() > 1e-3
+
+
+class Scaled(nn.Module):
+    """A layer with its own parameter that book-keeping does not know how to clip."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_an_unsupported_layer_is_a_config_error_naming_it(data):
+    model = nn.Sequential(nn.Linear(30, 200), Scaled(200), nn.ReLU(), nn.Linear(200, 2))
+    with pytest.raises(ConfigError, match=r"layer 1 \(Scaled\)"):
+        BookKeeping(model, max_grad_norm=1.0)
+    cfg = TrainingConfig(batch_size=16, dp=DPConfig(noise_multiplier=1.0, clipping="bookkeeping"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match="Scaled"):
+        train_dp_sgd(model, data.train, config=cfg, noise_multiplier=1.0, device=CPU, seed=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_a_tied_weight_is_refused():
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    assert "shared" in (bookkeeping_unsupported(nn.Sequential(first, nn.ReLU(), second)) or "")
+    with pytest.raises(ConfigError, match="shared"):
+        BookKeeping(nn.Sequential(first, nn.ReLU(), second), max_grad_norm=1.0)
+
+
+def test_auto_picks_bookkeeping_for_wide_linear_models_it_supports():
+    assert choose_clipping(MLP(30, 2, hidden=1024), ClippingMode.AUTO) is ClippingMode.BOOKKEEPING
+    wide_with_custom_layer = nn.Sequential(nn.Linear(30, 1024), Scaled(1024), nn.Linear(1024, 2))
+    assert choose_clipping(wide_with_custom_layer, ClippingMode.AUTO) is ClippingMode.GHOST
+    assert choose_clipping(LogisticRegression(30, 2), ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
+    assert choose_clipping(SmallCNN(10), ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
+    assert DPConfig(noise_multiplier=1.0, clipping="bookkeeping").clipping is ClippingMode.BOOKKEEPING
