@@ -1,4 +1,7 @@
-"""Gradient-inversion and label-recovery attacks, run on exactly what the server observes."""
+"""Gradient-inversion and label-recovery attacks, run on exactly what the server observes.
+
+The check a site runs on a received model (imprint attacks) is client-side code: :mod:`privfl.received_model`.
+"""
 
 from .analytic import AnalyticLinear
 from .base import (
@@ -10,6 +13,7 @@ from .base import (
     Observation,
     Reconstruction,
     Reduction,
+    ServerView,
     UpdateObservation,
 )
 from .dlg import DLG
@@ -21,13 +25,10 @@ from .imprint import (
     ModelTamperError,
     Placement,
     Statistic,
-    check_model_for_imprint,
     imprint_model,
-    verify_model_architecture,
-    verify_received_model,
 )
 from .inverting import InvertingGradients
-from .labels import recover_labels
+from .labels import LabelRecovery, recover_labels
 
 __all__ = [
     "DLG",
@@ -42,17 +43,16 @@ __all__ = [
     "ImprintBlock",
     "ImprintReconstruction",
     "InvertingGradients",
+    "LabelRecovery",
     "ModelTamperError",
     "Observation",
     "Placement",
     "Reconstruction",
     "Reduction",
+    "ServerView",
     "Statistic",
     "UpdateObservation",
-    "check_model_for_imprint",
     "imprint_model",
     "recover_labels",
     "update_label_counts",
-    "verify_model_architecture",
-    "verify_received_model",
 ]

@@ -22,8 +22,33 @@ __all__ = [
     "Observation",
     "Reconstruction",
     "Reduction",
+    "ServerView",
     "UpdateObservation",
 ]
+
+
+class ServerView(Enum):
+    """What an honest-but-curious server observes of a client's update: one value per Observation type.
+
+    This is the attacks' side of a protection (``privfl.protocols``): not how a protocol runs, but what it
+    leaves readable. ``"none"``, the attack matrix's former name for a plaintext gradient, is accepted as
+    ``PLAINTEXT``.
+    """
+
+    PLAINTEXT = "plaintext"
+    """One client's gradient in the clear (a ``GradientObservation``)."""
+    DP_SGD = "dp"
+    """One client's DP-SGD gradient, clipped per sample and noised (a ``DPGradientObservation``)."""
+    AGGREGATE = "aggregate"
+    """The decrypted mean of several clients' gradients, as SecAgg or CKKS reveal it (an ``AggregateObservation``)."""
+    CIPHERTEXT = "ciphertext"
+    """A CKKS ciphertext before decryption: nothing readable (a ``CiphertextObservation``)."""
+    FEDAVG = "fedavg"
+    """One client's FedAvg parameter change after several local SGD steps (an ``UpdateObservation``)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> ServerView | None:
+        return cls.PLAINTEXT if value == "none" else None
 
 
 def _check_shape(input_shape: object) -> tuple[int, ...]:

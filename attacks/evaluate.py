@@ -1,11 +1,10 @@
-"""Evaluation harness: simulate what a client releases under each protection, and score a reconstruction."""
+"""Simulate what the server observes of a client's update (a ``ServerView``), and score a reconstruction."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from enum import Enum
-from typing import cast
 
 import torch
 
@@ -21,13 +20,13 @@ from .base import (
     Observation,
     Reconstruction,
     Reduction,
+    ServerView,
     UpdateObservation,
 )
 from .metrics import best_match, chance_psnr, label_accuracy, max_abs_error, mse, pairwise_psnr, ssim
 
 __all__ = [
     "ObservationSpec",
-    "Protection",
     "Score",
     "build_observation",
     "client_gradient",
@@ -37,32 +36,22 @@ __all__ = [
 ]
 
 
-class Protection(Enum):
-    """What the honest-but-curious server gets to see of the clients' updates."""
-
-    PLAINTEXT = "plaintext"  # one client's gradient, in the clear
-    DP = "dp"  # one client's DP-SGD gradient (clipped per sample, Gaussian noise)
-    AGGREGATE = "aggregate"  # the mean of num_clients gradients (SecAgg, or CKKS after decryption)
-    CIPHERTEXT = "ciphertext"  # a CKKS ciphertext before decryption
-    FEDAVG = "fedavg"  # one client's parameter change after local_steps of SGD
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ObservationSpec:
     """How to turn client data into what the server observes.
 
     Attributes:
-        protection: The threat model.
-        noise_multiplier: DP-SGD sigma (``Protection.DP``).
-        max_grad_norm: DP-SGD clipping bound C (``Protection.DP``).
-        num_clients: Clients in the aggregate (``Protection.AGGREGATE``); the inputs are split evenly.
-        local_steps: Local SGD steps (``Protection.FEDAVG``).
-        lr: Local learning rate (``Protection.FEDAVG``).
-        batch_size: Local batch size (``Protection.FEDAVG``); ``None`` means all inputs at once.
-        seed: Seed of the ``torch.Generator`` for DP noise.
+        view: What the server observes.
+        noise_multiplier: DP-SGD sigma (``ServerView.DP_SGD``).
+        max_grad_norm: DP-SGD clipping bound C (``ServerView.DP_SGD``).
+        num_clients: Clients in the aggregate (``ServerView.AGGREGATE``); the inputs are split evenly.
+        local_steps: Local SGD steps (``ServerView.FEDAVG``).
+        lr: Local learning rate (``ServerView.FEDAVG``).
+        batch_size: Local batch size (``ServerView.FEDAVG``); ``None`` means all inputs at once.
+        seed: Seed of the DP-SGD step's noise (``ServerView.DP_SGD``) and of the stand-in ciphertext.
     """
 
-    protection: Protection = Protection.PLAINTEXT
+    view: ServerView = ServerView.PLAINTEXT
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     num_clients: int = 8
@@ -72,8 +61,8 @@ class ObservationSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.protection, Protection):
-            raise ConfigError("protection", self.protection, f"must be one of {[p.value for p in Protection]}")
+        if not isinstance(self.view, ServerView):
+            raise ConfigError("view", self.view, f"must be one of {[v.value for v in ServerView]}")
         _validate.positive("noise_multiplier", self.noise_multiplier, allow_zero=True, allow_numpy=True)
         _validate.positive("max_grad_norm", self.max_grad_norm, allow_numpy=True)
         for name in ("num_clients", "local_steps"):
@@ -98,36 +87,55 @@ def dp_sgd_gradient(
     *,
     noise_multiplier: float,
     max_grad_norm: float,
-    generator: torch.Generator,
+    seed: int,
 ) -> list[torch.Tensor]:
     """One DP-SGD step's released gradient: ``(sum_i clip(g_i, C) + N(0, (sigma C)^2 I)) / n``.
 
-    Per-sample gradients are computed one input at a time (works for any module) and clipped to total L2
-    norm ``max_grad_norm`` across all parameters, as Opacus does with flat clipping.
+    The step is the one sites run, :func:`privfl.training.train_dp_sgd` (Opacus, flat per-sample clipping),
+    on a copy of the model: one local epoch with ``batch_size = n``, so one step at sample rate 1 takes
+    every input (``sampling_plan``), with learning rate 1 and no momentum. The gradient is read off the
+    parameter change, ``-(new - old) / lr``; Opacus divides the noised sum by the expected batch size ``n``.
 
     Args:
-        model: The client's model.
+        model: The client's model, DP-SGD compatible (see :func:`privfl.training.convert_for_dp`); it is
+            not modified.
         inputs: ``(n, *input_shape)``.
         labels: ``(n,)``.
-        noise_multiplier: sigma.
+        noise_multiplier: sigma, > 0 (the step is charged to a ledger).
         max_grad_norm: C.
-        generator: Source of the Gaussian noise (simulation only; a deployment uses Opacus' secure RNG).
+        seed: Seeds the step's noise (simulation only; a site draws its seed from the OS).
 
     Returns:
-        One tensor per parameter.
+        One tensor per parameter, in ``model.parameters()`` order.
+
+    Raises:
+        ConfigError: If ``noise_multiplier`` is not > 0, or the model is not DP-SGD compatible as it is
+            (the client would train another one).
     """
-    view = ModelView(model)
-    total = [torch.zeros_like(p) for p in view.parameters()]
-    for i in range(inputs.shape[0]):
-        grads = view.gradients(inputs[i : i + 1], labels[i : i + 1])
-        norm = torch.sqrt(cast(torch.Tensor, sum((g.double() ** 2).sum() for g in grads)))
-        factor = min(1.0, max_grad_norm / (float(norm) + 1e-12))
-        total = [t + g.detach() * factor for t, g in zip(total, grads, strict=True)]
-    std = noise_multiplier * max_grad_norm
-    noisy = [
-        t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in total
-    ]
-    return [t / inputs.shape[0] for t in noisy]
+    from torch.utils.data import TensorDataset
+
+    from privfl.config import DPConfig, TrainingConfig
+    from privfl.training import convert_for_dp, train_dp_sgd
+
+    # The step a site runs charges its ledger a DP event, which needs sigma > 0: check before training.
+    _validate.positive("noise_multiplier", noise_multiplier, allow_numpy=True)
+    client = copy.deepcopy(model)
+    conversion = convert_for_dp(client)
+    if conversion.changes:
+        raise ConfigError(
+            "model", ", ".join(str(c) for c in conversion.changes),
+            "is not DP-SGD compatible as given: attack the model clients train, convert_for_dp(model).model",
+        )
+    lr = 1.0  # the gradient is then the parameter change itself, with no rescaling error
+    n = int(inputs.shape[0])
+    # train_dp_sgd takes sigma as an argument and reads only the clipping settings from config.dp.
+    config = TrainingConfig(local_epochs=1, batch_size=n, learning_rate=lr, momentum=0.0,
+                            dp=DPConfig(max_grad_norm=max_grad_norm))
+    device = next(iter(client.parameters())).device
+    before = [p.detach().clone() for p in client.parameters()]
+    train_dp_sgd(client, TensorDataset(inputs.detach().to(device), labels.detach().to(device)), config=config,
+                 noise_multiplier=noise_multiplier, device=device, seed=seed)
+    return [(old - new.detach()) / lr for old, new in zip(before, client.parameters(), strict=True)]
 
 
 def fedavg_update(
@@ -172,24 +180,24 @@ def build_observation(
         spec: The threat model and its parameters.
 
     Returns:
-        The observation for ``spec.protection``.
+        The observation for ``spec.view``.
 
     Raises:
-        ConfigError: If the inputs do not split evenly over ``num_clients``.
+        ConfigError: If the inputs do not split evenly over ``num_clients``, or (DP-SGD) the model is not
+            DP-SGD compatible as given.
     """
     shape = tuple(inputs.shape[1:])
     n = int(inputs.shape[0])
-    if spec.protection is Protection.PLAINTEXT:
+    if spec.view is ServerView.PLAINTEXT:
         return GradientObservation(gradients=tuple(client_gradient(model, inputs, labels)), input_shape=shape, num_samples=n)
-    if spec.protection is Protection.DP:
-        generator = torch.Generator().manual_seed(spec.seed)
+    if spec.view is ServerView.DP_SGD:
         grads = dp_sgd_gradient(
             model,
             inputs,
             labels,
             noise_multiplier=spec.noise_multiplier,
             max_grad_norm=spec.max_grad_norm,
-            generator=generator,
+            seed=spec.seed,
         )
         return DPGradientObservation(
             gradients=tuple(grads),
@@ -198,7 +206,7 @@ def build_observation(
             noise_multiplier=spec.noise_multiplier,
             max_grad_norm=spec.max_grad_norm,
         )
-    if spec.protection is Protection.AGGREGATE:
+    if spec.view is ServerView.AGGREGATE:
         if n % spec.num_clients != 0:
             raise ConfigError("num_clients", spec.num_clients, f"must divide the {n} inputs evenly")
         per = n // spec.num_clients
@@ -211,7 +219,7 @@ def build_observation(
             gradients=tuple(mean), input_shape=shape, num_clients=spec.num_clients, samples_per_client=per,
             reduction=Reduction.MEAN,
         )
-    if spec.protection is Protection.FEDAVG:
+    if spec.view is ServerView.FEDAVG:
         batch = n if spec.batch_size is None else min(spec.batch_size, n)
         delta = fedavg_update(model, inputs, labels, local_steps=spec.local_steps, lr=spec.lr, batch_size=batch)
         return UpdateObservation(

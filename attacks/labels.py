@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from privfl.errors import AttackError
@@ -9,13 +12,15 @@ from privfl.errors import AttackError
 from ._model import ModelView, check_alignment
 from .base import (
     AggregateObservation,
+    Attack,
     CiphertextObservation,
     GradientObservation,
     Observation,
+    Reconstruction,
     UpdateObservation,
 )
 
-__all__ = ["label_counts", "observed_mean_gradient", "recover_labels"]
+__all__ = ["LabelRecovery", "label_counts", "observed_mean_gradient", "recover_labels"]
 
 
 def observed_mean_gradient(observation: Observation) -> tuple[torch.Tensor, ...]:
@@ -155,3 +160,37 @@ def recover_labels(
     probe = torch.rand((64, *observation.input_shape), generator=generator).to(view.device, view.dtype)
     counts = label_counts(view, gradients, n, probe=probe)
     return torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LabelRecovery(Attack):
+    """Label recovery as an :class:`Attack`: the labels behind an observation, and no inputs.
+
+    A one-step gradient (plaintext, DP-SGD or an aggregate) goes to :func:`recover_labels`; a FedAvg update
+    to :func:`~privfl.attacks.fedavg.update_label_counts`, which follows the client's local steps instead of
+    reading the update as one gradient. Labels of a batch are returned sorted by class (their order is not
+    observable). Labels the observation already carries are returned as they are. The returned
+    ``inputs`` are NaN: this attack recovers labels only, so score it on ``labels``.
+
+    Attributes:
+        seed: Seed of the random probe inputs of the batch estimates.
+    """
+
+    seed: int = 0
+    name: ClassVar[str] = "labels"
+
+    def _reconstruct(self, model: torch.nn.Module, observation: Observation) -> Reconstruction:
+        if isinstance(observation, UpdateObservation) and observation.labels is None:
+            from .fedavg import update_label_counts  # fedavg builds on this module
+
+            counts = update_label_counts(model, observation, seed=self.seed)
+            labels = torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu())
+        else:
+            labels = recover_labels(model, observation, seed=self.seed).cpu()
+        n = observation.num_samples
+        return Reconstruction(
+            inputs=torch.full((n, *observation.input_shape), float("nan")),
+            labels=labels.long(),
+            attack=self.name,
+            note="labels only",
+        )

@@ -26,12 +26,12 @@ from privfl.attacks import (
     FedAvgInversion,
     GradientObservation,
     InvertingGradients,
+    ServerView,
     UpdateObservation,
     recover_labels,
 )
 from privfl.attacks.evaluate import (
     ObservationSpec,
-    Protection,
     Score,
     build_observation,
     client_gradient,
@@ -366,9 +366,9 @@ def main() -> None:
     plain = ObservationSpec()
 
     def dp(sigma: float) -> ObservationSpec:
-        return ObservationSpec(protection=Protection.DP, noise_multiplier=sigma, max_grad_norm=1.0)
+        return ObservationSpec(view=ServerView.DP_SGD, noise_multiplier=sigma, max_grad_norm=1.0)
 
-    agg = ObservationSpec(protection=Protection.AGGREGATE, num_clients=8)
+    agg = ObservationSpec(view=ServerView.AGGREGATE, num_clients=8)
     common = {"baseline": img_base, "data_range": 1.0}
     rows = [
         run_row(ig, cnn, "convnet", "plaintext", img, plain, per_trial=1, trials=t, **common),
@@ -389,9 +389,9 @@ def main() -> None:
         run_row(analytic, dmlp, "mlp", "aggregate 8x1", img, agg, per_trial=8, trials=2, **common),
         run_row(ig, cnn, "convnet", "aggregate 8x16", img, agg, per_trial=128, trials=1, **common),
         run_row(ig, cnn, "convnet", "FedAvg 4 inputs, 5 steps", img,
-                ObservationSpec(protection=Protection.FEDAVG, local_steps=5, lr=0.1, batch_size=2),
+                ObservationSpec(view=ServerView.FEDAVG, local_steps=5, lr=0.1, batch_size=2),
                 per_trial=4, trials=2, **common),
-        run_row(ig, cnn, "convnet", "ciphertext", img, ObservationSpec(protection=Protection.CIPHERTEXT),
+        run_row(ig, cnn, "convnet", "ciphertext", img, ObservationSpec(view=ServerView.CIPHERTEXT),
                 per_trial=1, trials=1, **common),
     ]
     header = ("| attack | model | server sees | trials | PSNR dB | chance dB | gain dB | best-match dB | "

@@ -44,7 +44,7 @@ def _alarm(signum, frame):
 
 def campaigns(h) -> dict[str, tuple[Callable[[random.Random], Any], Callable[[Any], object]]]:
     """Decoder name -> (input generator, decoder call)."""
-    from privfl.attack_harness import attack_config_from_dict, load_attack_config
+    from privfl.attacks.matrix import attack_config_from_dict, load_attack_config
     from privfl.config import config_from_dict, dataclass_from_dict, load_config, load_toml
 
     out: dict[str, tuple[Callable[[random.Random], Any], Callable[[Any], object]]] = {}

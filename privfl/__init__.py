@@ -41,6 +41,9 @@ _LAZY = {
     "RunSummary": "privfl.results",
     "SiteSummary": "privfl.results",
     "SecAggConfig": "privfl.protocols.secagg",
+    "check_model_for_imprint": "privfl.received_model",
+    "verify_model_architecture": "privfl.received_model",
+    "verify_received_model": "privfl.received_model",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
@@ -57,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from privfl.export import export_model, load_model
     from privfl.federation import Federation, RunResult
     from privfl.protocols.secagg import SecAggConfig
+    from privfl.received_model import check_model_for_imprint, verify_model_architecture, verify_received_model
     from privfl.results import RoundRecord, RunSummary, SiteSummary
 
 
@@ -97,6 +101,9 @@ __all__ = [
     "SecAggConfig",
     "SiteSummary",
     "TrainingConfig",
+    "check_model_for_imprint",
     "export_model",
     "load_model",
+    "verify_model_architecture",
+    "verify_received_model",
 ]

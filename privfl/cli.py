@@ -81,7 +81,7 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 def _cmd_attack(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from privfl.attack_harness import (
+    from privfl.attacks.matrix import (
         AttackMatrixInterrupted,
         default_attack_config,
         load_attack_config,

@@ -15,11 +15,14 @@ from privfl.attacks import (
     FedAvgInversion,
     GradientObservation,
     InvertingGradients,
+    LabelRecovery,
     Reconstruction,
+    ServerView,
     UpdateObservation,
     recover_labels,
+    update_label_counts,
 )
-from privfl.attacks.evaluate import ObservationSpec, Protection, build_observation, client_gradient
+from privfl.attacks.evaluate import ObservationSpec, build_observation, client_gradient
 from privfl.attacks.metrics import best_match, label_accuracy, max_abs_error
 from privfl.errors import AttackError, ConfigError
 
@@ -59,6 +62,7 @@ ALL_ATTACKS = [
     DLG(max_iterations=1, inner_iterations=2),
     AnalyticLinear(),
     FedAvgInversion(max_iterations=5, restarts=1),
+    LabelRecovery(),
 ]
 
 
@@ -110,7 +114,7 @@ def test_other_observation_validation() -> None:
 
 @pytest.mark.parametrize("attack", ALL_ATTACKS, ids=lambda a: a.name)
 def test_ciphertext_gives_no_access(attack, digits) -> None:
-    obs = build_observation(small_cnn(), digits[0][:2], digits[1][:2], ObservationSpec(protection=Protection.CIPHERTEXT))
+    obs = build_observation(small_cnn(), digits[0][:2], digits[1][:2], ObservationSpec(view=ServerView.CIPHERTEXT))
     assert isinstance(obs, CiphertextObservation)
     rec = attack.reconstruct(small_cnn(), obs)
     assert not rec.accessible
@@ -171,6 +175,23 @@ def test_batch_label_counts(digits) -> None:
     assert min(scores) == 1.0
 
 
+def test_label_recovery_is_an_attack_returning_labels_only(digits) -> None:
+    model = small_cnn()
+    x, y = digits
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:8]
+    obs = build_observation(model, x[idx], y[idx], ObservationSpec())
+    rec = LabelRecovery().reconstruct(model, obs)
+    assert rec.accessible and rec.attack == "labels" and torch.isnan(rec.inputs).all()
+    assert torch.equal(rec.labels, recover_labels(model, obs))  # one implementation behind both
+    assert label_accuracy(rec.labels, y[idx], ordered=False) == 1.0
+    # A FedAvg update is read with the update's own label counts, not as one gradient.
+    update = build_observation(model, x[idx], y[idx], ObservationSpec(view=ServerView.FEDAVG, local_steps=2,
+                                                                      lr=0.1, batch_size=4))
+    counts = update_label_counts(model, update)
+    assert torch.equal(LabelRecovery().reconstruct(model, update).labels,
+                       torch.repeat_interleave(torch.arange(10), counts))
+
+
 def test_known_labels_are_passed_through() -> None:
     model = mlp(4, 3, 2)
     obs = GradientObservation(
@@ -205,7 +226,7 @@ def test_analytic_reads_one_client_out_of_an_aggregate(digits) -> None:
     # client only gives that client's input exactly.
     x, y = digits
     model = mlp(64, 64, 10)
-    obs = build_observation(model, x[:8], y[:8], ObservationSpec(protection=Protection.AGGREGATE, num_clients=8))
+    obs = build_observation(model, x[:8], y[:8], ObservationSpec(view=ServerView.AGGREGATE, num_clients=8))
     rec = AnalyticLinear().reconstruct(model, obs)
     assert float(best_match(rec.inputs, x[:8]).psnr.max()) > 60.0
 

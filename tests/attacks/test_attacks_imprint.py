@@ -1,4 +1,7 @@
-"""The imprint attack recovers inputs through secure aggregation; the client check flags it; DP-SGD stops it."""
+"""The imprint attack recovers inputs through secure aggregation; the client check flags it; DP-SGD stops it.
+
+The check is client-side code (``privfl.received_model``); it is tested here against the attack's models.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,24 @@ from privfl.attacks import (
     ImprintAttack,
     ModelTamperError,
     Placement,
+    ServerView,
     Statistic,
     UpdateObservation,
-    check_model_for_imprint,
     imprint_model,
-    verify_model_architecture,
-    verify_received_model,
 )
 from privfl.attacks.base import AggregateObservation
-from privfl.attacks.evaluate import ObservationSpec, Protection, build_observation, dp_sgd_gradient
-from privfl.attacks.imprint import FindingKind, ImprintCheck, ImprintConfig
+from privfl.attacks.evaluate import ObservationSpec, build_observation, dp_sgd_gradient
+from privfl.attacks.imprint import ImprintConfig
 from privfl.attacks.metrics import best_match, chance_baseline, chance_psnr, pairwise_psnr
 from privfl.data import load_digits
 from privfl.errors import AttackError, ConfigError
+from privfl.received_model import (
+    FindingKind,
+    ImprintCheck,
+    check_model_for_imprint,
+    verify_model_architecture,
+    verify_received_model,
+)
 
 SHAPE = (1, 8, 8)
 NUM_CLIENTS = 4
@@ -51,7 +59,7 @@ def agreed_mlp(seed: int = 0) -> torch.nn.Module:
 
 
 def aggregate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> AggregateObservation:
-    spec = ObservationSpec(protection=Protection.AGGREGATE, num_clients=NUM_CLIENTS)
+    spec = ObservationSpec(view=ServerView.AGGREGATE, num_clients=NUM_CLIENTS)
     obs = build_observation(model, x, y, spec)
     assert isinstance(obs, AggregateObservation)
     return obs
@@ -125,10 +133,10 @@ def test_dp_sgd_brings_imprint_recovery_to_chance(digits) -> None:
     baseline = chance_baseline(digits["aux"])
 
     def dp_aggregate(noise_multiplier: float) -> AggregateObservation:
-        generator = torch.Generator().manual_seed(1)
+        # Each client's released gradient is one step of the DP-SGD training sites run.
         clients = [
             dp_sgd_gradient(model, x[c * PER_CLIENT : (c + 1) * PER_CLIENT], y[c * PER_CLIENT : (c + 1) * PER_CLIENT],
-                            noise_multiplier=noise_multiplier, max_grad_norm=1.0, generator=generator)
+                            noise_multiplier=noise_multiplier, max_grad_norm=1.0, seed=1 + c)
             for c in range(NUM_CLIENTS)
         ]
         mean = [torch.stack(g).mean(dim=0) for g in zip(*clients, strict=True)]
@@ -136,8 +144,9 @@ def test_dp_sgd_brings_imprint_recovery_to_chance(digits) -> None:
                                     samples_per_client=PER_CLIENT)
 
     attack = ImprintAttack(bounds=(0.0, 1.0))
-    # Clipping alone does not stop it: a lone input's scale cancels in the ratio.
-    assert exact_count(attack.reconstruct(model, dp_aggregate(0.0)).inputs, x) >= 8
+    # Clipping alone does not stop it: a lone input's scale cancels in the ratio. (A DP-SGD step needs
+    # sigma > 0 to be charged; 1e-9 adds noise far below the gradients' scale.)
+    assert exact_count(attack.reconstruct(model, dp_aggregate(1e-9)).inputs, x) >= 8
 
     rec = attack.reconstruct(model, dp_aggregate(1.0))
     match = best_match(rec.inputs, x)
@@ -164,7 +173,7 @@ def test_attack_refuses_what_it_cannot_read(digits) -> None:
 
 def test_ciphertext_gives_no_access(digits) -> None:
     model = imprint_model(agreed_mlp(), input_shape=SHAPE, auxiliary_inputs=digits["aux"])
-    obs = build_observation(model, digits["x"], digits["y"], ObservationSpec(protection=Protection.CIPHERTEXT))
+    obs = build_observation(model, digits["x"], digits["y"], ObservationSpec(view=ServerView.CIPHERTEXT))
     assert not ImprintAttack().reconstruct(model, obs).accessible
 
 
@@ -211,6 +220,20 @@ def trained_mlp(digits) -> torch.nn.Module:
             torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
             optimizer.step()
     return model
+
+
+def test_the_check_loads_without_the_attack_package() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, privfl, privfl.received_model; print(any(m.startswith('privfl.attacks') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False"]
+    import privfl
+    import privfl.received_model
+
+    assert privfl.verify_received_model is privfl.received_model.verify_received_model
+    assert privfl.check_model_for_imprint is privfl.received_model.check_model_for_imprint
 
 
 def test_check_passes_honest_models(digits) -> None:

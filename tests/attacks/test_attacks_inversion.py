@@ -6,9 +6,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from privfl.attacks import DLG, GradientObservation, InvertingGradients, UpdateObservation
+from privfl.attacks import DLG, GradientObservation, InvertingGradients, ServerView, UpdateObservation
 from privfl.attacks._matching import cosine_distance
-from privfl.attacks.evaluate import ObservationSpec, Protection, build_observation, client_gradient, score
+from privfl.attacks.evaluate import ObservationSpec, build_observation, client_gradient, score
 from privfl.attacks.inverting import (
     DEFAULT_TV_WEIGHT,
     SMOOTH_TV_WEIGHT,
@@ -78,7 +78,7 @@ def test_inverting_gradients_under_dp_noise_is_at_chance(digits, index: int) -> 
     x, y, baseline = digits
     model = small_cnn()
     sample, label = x[index : index + 1], y[index : index + 1]
-    spec = ObservationSpec(protection=Protection.DP, noise_multiplier=1.0, max_grad_norm=1.0, seed=index)
+    spec = ObservationSpec(view=ServerView.DP_SGD, noise_multiplier=1.0, max_grad_norm=1.0, seed=index)
     result = score(FAST_IG.reconstruct(model, build_observation(model, sample, label, spec)),
                    sample, label, baseline=baseline)
     # Within ~1 dB of what guessing the dataset mean achieves, or worse.
@@ -89,7 +89,7 @@ def test_small_dp_noise_still_leaks(digits) -> None:
     # The noise, not the clipping, is what protects: a tiny noise multiplier leaves the input recoverable.
     x, y, baseline = digits
     model = small_cnn()
-    spec = ObservationSpec(protection=Protection.DP, noise_multiplier=0.001, max_grad_norm=1.0)
+    spec = ObservationSpec(view=ServerView.DP_SGD, noise_multiplier=0.001, max_grad_norm=1.0)
     result = score(FAST_IG.reconstruct(model, build_observation(model, x[:1], y[:1], spec)), x[:1], y[:1],
                    baseline=baseline)
     assert result.psnr >= 20.0
@@ -98,7 +98,7 @@ def test_small_dp_noise_still_leaks(digits) -> None:
 def test_large_aggregate_pushes_reconstruction_towards_chance(digits) -> None:
     x, y, baseline = digits
     model = small_cnn()
-    spec = ObservationSpec(protection=Protection.AGGREGATE, num_clients=8)
+    spec = ObservationSpec(view=ServerView.AGGREGATE, num_clients=8)
     inputs, labels = x[:64], y[:64]  # 8 clients x 8 inputs: more unknowns than the model has parameters
     result = score(FAST_IG.reconstruct(model, build_observation(model, inputs, labels, spec)), inputs, labels,
                    baseline=baseline)
@@ -111,7 +111,7 @@ def test_aggregate_of_eight_single_sample_clients_does_not_protect(digits) -> No
     # (equations) than 8 x 64 pixels (unknowns): secure aggregation alone does not hide these inputs.
     x, y, baseline = digits
     model = small_cnn()
-    spec = ObservationSpec(protection=Protection.AGGREGATE, num_clients=8)
+    spec = ObservationSpec(view=ServerView.AGGREGATE, num_clients=8)
     result = score(FAST_IG.reconstruct(model, build_observation(model, x[:8], y[:8], spec)), x[:8], y[:8],
                    baseline=baseline)
     assert result.psnr >= result.chance_psnr + 10.0
@@ -120,7 +120,7 @@ def test_aggregate_of_eight_single_sample_clients_does_not_protect(digits) -> No
 def test_inverting_gradients_on_fedavg_update(digits) -> None:
     x, y, baseline = digits
     model = small_cnn()
-    spec = ObservationSpec(protection=Protection.FEDAVG, local_steps=3, lr=0.1, batch_size=1)
+    spec = ObservationSpec(view=ServerView.FEDAVG, local_steps=3, lr=0.1, batch_size=1)
     obs = build_observation(model, x[:2], y[:2], spec)
     assert isinstance(obs, UpdateObservation)
     result = score(InvertingGradients(max_iterations=150, restarts=1).reconstruct(model, obs), x[:2], y[:2],
@@ -144,7 +144,7 @@ def test_dlg_unprotected_and_under_dp(digits) -> None:
     clear = score(attack.reconstruct(model, build_observation(model, x[:1], y[:1], ObservationSpec())),
                   x[:1], y[:1], baseline=baseline)
     assert clear.psnr >= 40.0
-    noisy_obs = build_observation(model, x[:1], y[:1], ObservationSpec(protection=Protection.DP))
+    noisy_obs = build_observation(model, x[:1], y[:1], ObservationSpec(view=ServerView.DP_SGD))
     noisy = score(attack.reconstruct(model, noisy_obs), x[:1], y[:1], baseline=baseline)
     assert noisy.psnr <= noisy.chance_psnr + 1.0
 

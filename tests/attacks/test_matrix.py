@@ -8,9 +8,9 @@ import math
 import pytest
 
 from privfl.accounting import epsilon
-from privfl.attack_harness import (
+from privfl.attacks import ServerView
+from privfl.attacks.matrix import (
     AttackKind,
-    MatrixProtection,
     attack_config_from_dict,
     default_attack_config,
     run_attack_matrix,
@@ -41,12 +41,12 @@ max_iterations = 40
 [[datasets]]
 name = "breast_cancer"
 attacks = ["labels", "analytic", "inverting"]
-protections = ["none", "dp", "ciphertext"]
+protections = ["plaintext", "dp", "ciphertext"]
 
 [[datasets]]
 name = "digits"
 attacks = ["labels", "analytic"]
-protections = ["none", "aggregate"]
+protections = ["none", "aggregate"]   # "none": the name configs used for "plaintext" before
 """
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,17 +88,17 @@ def test_files_are_written_with_every_cell(tiny):
 
 
 def test_plaintext_analytic_on_tabular_is_exact(tiny):
-    row = _row(tiny, "breast_cancer", "analytic", "none")
+    row = _row(tiny, "breast_cancer", "analytic", "plaintext")
     assert row.max_abs_error <= 1e-4
     assert row.verdict == "recovered"
     assert row.label_accuracy == 1.0
     # the same attack on the image MLP is exact too, so the verdict is not a tabular special case
-    image = _row(tiny, "digits", "analytic", "none")
+    image = _row(tiny, "digits", "analytic", "plaintext")
     assert image.max_abs_error <= 1e-4 and image.psnr > image.chance_psnr + 40 and image.verdict == "recovered"
 
 
 def test_ciphertext_rows_say_no_access(tiny):
-    rows = [r for r in tiny.rows if r.protection == "ciphertext"]
+    rows = [r for r in tiny.rows if r.view == "ciphertext"]
     assert {r.attack for r in rows} == {"labels", "analytic", "inverting"}
     for row in rows:
         assert row.verdict == "no access"
@@ -117,14 +117,14 @@ def test_dp_with_sigma_at_least_one_is_not_above_chance(tiny):
 
 def test_dp_epsilon_is_the_ledgers_one_step_epsilon(tiny):
     payload = json.loads((tiny.out_dir / "results.json").read_text())
-    dp_rows = [r for r in payload["rows"] if r["protection"] == "dp"]
+    dp_rows = [r for r in payload["rows"] if r["view"] == "dp"]
     assert len(dp_rows) == 2 * 3
     for row in dp_rows:
         expected = epsilon(noise_multiplier=row["noise_multiplier"], sample_rate=1 / 50, steps=1, delta=1e-5)
         assert row["epsilon"] == pytest.approx(expected, rel=1e-12)
     assert dp_rows[0]["epsilon"] > _row(tiny, "breast_cancer", "analytic", "dp sigma=2").epsilon  # more noise, less eps
     for row in payload["rows"]:
-        if row["protection"] in ("none", "aggregate"):
+        if row["view"] in ("plaintext", "aggregate"):
             assert row["epsilon"] is None and row["privacy"] == "not private"
 
 
@@ -148,10 +148,53 @@ def test_default_config_is_the_documented_matrix():
     assert [d.name for d in config.datasets] == [DatasetKind.DIGITS, DatasetKind.BREAST_CANCER]
     for d in config.datasets:
         assert set(d.attacks) == set(AttackKind)
-        assert d.protections == (MatrixProtection.NONE, MatrixProtection.DP, MatrixProtection.AGGREGATE,
-                                 MatrixProtection.CIPHERTEXT)
+        assert d.protections == (ServerView.PLAINTEXT, ServerView.DP_SGD, ServerView.AGGREGATE,
+                                 ServerView.CIPHERTEXT)
     assert config.dp.noise_multipliers == (0.5, 1.0, 2.0)
     assert config.aggregate.num_clients == (1, 4, 16)
+
+
+def test_none_is_read_as_plaintext():
+    old = _config('[[datasets]]\nname = "digits"\nprotections = ["none", "dp"]\n')
+    new = _config('[[datasets]]\nname = "digits"\nprotections = ["plaintext", "dp"]\n')
+    assert old == new and old.datasets[0].protections == (ServerView.PLAINTEXT, ServerView.DP_SGD)
+    with pytest.raises(ConfigError) as info:
+        _config('[[datasets]]\nname = "digits"\nprotections = ["none", "plaintext"]\n')
+    assert info.value.field == "datasets[0].protections"  # the same view twice, under either name
+
+
+def test_label_recovery_runs_as_an_attack_and_fedavg_rows_use_update_counts(tmp_path):
+    config = _config(TINY.split("[[datasets]]")[0] + '[[datasets]]\nname = "digits"\nattacks = ["labels"]\n'
+                     'protections = ["plaintext", "fedavg", "ciphertext"]\n')
+    result = run_attack_matrix(config, tmp_path, progress=False)
+    rows = {r.setting: r for r in result.rows}
+    assert rows["plaintext"].label_accuracy == 1.0 and rows["plaintext"].verdict == "recovered"
+    assert rows["fedavg 5 steps"].label_accuracy == 1.0  # one input: its label comes back from the update
+    assert rows["ciphertext"].verdict == "no access" and "ciphertext" in rows["ciphertext"].note
+
+
+def test_grids_leave_pyplot_and_the_backend_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, matplotlib, torch
+backend = dict.__getitem__(matplotlib.rcParams, "backend")  # get_backend() would itself import pyplot
+from privfl.attacks.matrix.cells import _Shown
+from privfl.attacks.matrix.render import grid_images, grid_rows
+images = {{("plaintext", "dlg"): _Shown(originals=torch.rand(2, 1, 8, 8).double(),
+                                     reconstructions=torch.rand(2, 1, 8, 8).double()),
+          ("ciphertext", "dlg"): _Shown(originals=torch.rand(2, 1, 8, 8).double(), reconstructions=None)}}
+grid_images({str(tmp_path / "a.png")!r}, images, ["plaintext", "ciphertext"], ["dlg"])
+rows = {{("plaintext", "dlg"): _Shown(originals=torch.randn(1, 30).double(), reconstructions=None)}}
+grid_rows({str(tmp_path / "b.png")!r}, rows, ["plaintext"], ["dlg"])
+print("matplotlib.pyplot" in sys.modules, dict.__getitem__(matplotlib.rcParams, "backend") is backend)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["False", "True"]
+    for name in ("a.png", "b.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2_000
 
 
 @pytest.mark.parametrize(
@@ -188,9 +231,9 @@ def test_cli_attack(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "breast_cancer" in printed and "recovered" in printed and "no access" in printed
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["attack"], r["protection"], r["verdict"]) for r in rows] == [
-        ("labels", "none", "recovered"),
-        ("analytic", "none", "recovered"),
+    assert [(r["attack"], r["view"], r["verdict"]) for r in rows] == [
+        ("labels", "plaintext", "recovered"),
+        ("analytic", "plaintext", "recovered"),
         ("labels", "ciphertext", "no access"),
         ("analytic", "ciphertext", "no access"),
     ]
@@ -206,9 +249,9 @@ def test_cli_bad_config_exits_2_naming_the_field(tmp_path, capsys):
 
 
 def _interrupt_at_cell(monkeypatch, stop_at: int) -> None:
-    import privfl.attack_harness as harness
+    import privfl.attacks.matrix.cells as cells
 
-    real = harness._run_cell
+    real = cells._run_cell
     calls = {"n": 0}
 
     def run_cell(**kwargs):
@@ -217,14 +260,14 @@ def _interrupt_at_cell(monkeypatch, stop_at: int) -> None:
             raise KeyboardInterrupt
         return real(**kwargs)
 
-    monkeypatch.setattr(harness, "_run_cell", run_cell)
+    monkeypatch.setattr(cells, "_run_cell", run_cell)
 
 
 _FOUR_CELLS = '[[datasets]]\nname = "breast_cancer"\nattacks = ["labels", "analytic"]\nprotections = ["none", "ciphertext"]\n'
 
 
 def test_ctrl_c_writes_the_finished_cells_and_says_so(tmp_path, monkeypatch, capsys):
-    from privfl.attack_harness import AttackMatrixInterrupted
+    from privfl.attacks.matrix import AttackMatrixInterrupted
 
     config = tmp_path / "attack.toml"
     config.write_text('[[datasets]]\nname = "breast_cancer"\nattacks = ["labels", "analytic"]\n'
@@ -237,7 +280,7 @@ def test_ctrl_c_writes_the_finished_cells_and_says_so(tmp_path, monkeypatch, cap
     assert "analytic" in captured.out  # the summary of what finished
     payload = json.loads((out / "results.json").read_text())
     assert payload["complete"] is False and payload["cells"] == {"finished": 2, "planned": 4}
-    assert [(r["attack"], r["protection"]) for r in payload["rows"]] == [("labels", "none"), ("analytic", "none")]
+    assert [(r["attack"], r["view"]) for r in payload["rows"]] == [("labels", "plaintext"), ("analytic", "plaintext")]
     assert (out / "results.md").read_text().startswith("**Interrupted: 2 of 4 cells finished")
 
     # the library raises a KeyboardInterrupt that carries the partial result
