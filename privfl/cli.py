@@ -43,15 +43,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    import json
-
     from privfl.audit.report import audit_run
 
     report = audit_run(args.run_dir, out_dir=args.out, accountant=args.accountant)
     if args.format == "json":
-        print(json.dumps(report.to_json(), indent=2))
+        print(report.to_json_text(), end="")
     else:
-        print(report.markdown)
+        print(report.to_markdown())
         print(f"\nwrote {report.paths.markdown}, {report.paths.json}, {report.paths.plot}", file=sys.stderr)
     # Like lint: an ERROR finding means the run must not be released under its stated guarantee.
     return 1 if report.errors else 0

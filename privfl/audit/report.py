@@ -26,7 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from privfl.accounting import Accountant, DPEvent, LedgerKey, LedgerStatus, PrivacyLedger, epsilon_of_events
-from privfl.audit.lint import HIGH_EPSILON, LOW_NOISE, Finding, Severity
+from privfl.audit.rules import (
+    SEVERITY_ORDER,
+    ClientFacts,
+    Facts,
+    Finding,
+    Hit,
+    Severity,
+    Tool,
+    apply_rules,
+    audit_code,
+    codes,
+    register,
+)
 from privfl.errors import ConfigError, LedgerError
 from privfl.rundir import (
     HISTORY_FILE,
@@ -42,7 +54,7 @@ from privfl.rundir import (
     load_run_identity,
 )
 
-__all__ = ["AUDIT_CODES", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "audit_run"]
+__all__ = ["AUDIT_CODES", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "RunFacts", "audit_run"]
 
 FORMAT_VERSION = 3
 """3: ``findings`` (was ``warnings``) with ``counts``; per-client ``rounds_interrupted``; ``interrupted``;
@@ -51,29 +63,6 @@ CROSS_CHECK_TOLERANCE = 0.01
 """PRV may exceed RDP by at most this fraction before the two are reported as disagreeing."""
 RECORDED_TOLERANCE = 0.01
 """A recorded epsilon may differ from the recomputed one by at most this fraction."""
-
-AUDIT_CODES: Mapping[str, tuple[Severity, str]] = {
-    "PFA001": (Severity.WARNING, f"epsilon above {HIGH_EPSILON:g}"),
-    "PFA002": (Severity.ERROR, "delta >= 1/n for a client"),
-    "PFA003": (Severity.ERROR, "a client spent more than its budget"),
-    "PFA004": (Severity.WARNING, "a client is at its budget (INFO when the run was calibrated to spend it)"),
-    "PFA005": (Severity.WARNING, f"noise multiplier below {LOW_NOISE:g}"),
-    "PFA006": (Severity.WARNING, "GDP accountant (an approximation, not an upper bound)"),
-    "PFA007": (Severity.WARNING, "rounds skipped for budget"),
-    "PFA008": (Severity.WARNING, "updates dropped or rounds aborted (epsilon spent, nothing aggregated)"),
-    "PFA009": (Severity.WARNING, "uncapped budget"),
-    "PFA010": (Severity.WARNING, "PRV above RDP by more than 1%"),
-    "PFA011": (Severity.ERROR, "recorded epsilon differs from the recomputed one"),
-    "PFA012": (Severity.WARNING, "no client-level DP"),
-    "PFA013": (Severity.WARNING, "client sampling reproducible from the config (no amplification against its holders)"),
-    "PFA014": (Severity.INFO, "the requested accountant's epsilon is above a budget the ledger enforced with another"),
-    "PFA015": (Severity.WARNING, "the run is unfinished (no summary.json): what is there was audited"),
-    "PFA016": (Severity.INFO, "client-level adjacency and against whom it holds (ERROR: secagg noise could be clipped)"),
-}
-
-
-def _finding(code: str, field: str, message: str, fix: str, *, severity: Severity | None = None) -> Finding:
-    return Finding(severity=severity or AUDIT_CODES[code][0], code=code, field=field, message=message, fix=fix)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -185,11 +174,11 @@ class LedgerIntegrity:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AuditReport:
-    """The result of :func:`audit_run`.
+    """The result of :func:`audit_run`; it renders itself as Markdown (:meth:`to_markdown`) and JSON (:meth:`to_json`).
 
     Attributes:
         run_dir: the audited run directory.
-        accountant: the ledger's accountant (the one every figure is computed with).
+        accountant: the accountant every figure is computed with (the ledger's, unless another was requested).
         cross_check_accountant: the other accountant.
         protection: how updates were protected (plaintext, ckks, secagg).
         rounds: rounds the run completed.
@@ -198,11 +187,12 @@ class AuditReport:
         client_level: the client-level guarantee.
         findings: every finding, errors first (each says why and how to fix); :attr:`errors`,
             :attr:`warnings` and :attr:`notes` select one severity.
-        markdown: the report as Markdown (also readable as plain text in a terminal).
         paths: where audit.md, audit.json and audit.png were written.
         ledger: what was verified about the ledger file.
         interrupted: the run has no summary.json (stopped before finishing): the rounds recorded
             and the charges of the round in progress were audited, without resuming it.
+        enforced_accountant: the accountant the ledger enforced budgets with (budgets and recorded
+            figures are compared under it; default: ``accountant``).
     """
 
     run_dir: Path
@@ -214,10 +204,10 @@ class AuditReport:
     clients: tuple[ClientAudit, ...]
     client_level: ClientLevelAudit
     findings: tuple[Finding, ...]
-    markdown: str
     paths: AuditPaths
     ledger: LedgerIntegrity
     interrupted: bool = False
+    enforced_accountant: Accountant | None = None
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -234,22 +224,175 @@ class AuditReport:
         """INFO findings: facts worth knowing, nothing to fix."""
         return tuple(f for f in self.findings if f.severity is Severity.INFO)
 
-    def to_json(self) -> dict[str, Any]:
-        """The content of ``audit.json`` (JSON has no infinity: an infinite epsilon or budget is ``null``)."""
-        return _report_json(
-            run_dir=self.run_dir,
-            accountant=self.accountant,
-            cross=self.cross_check_accountant,
-            protection=self.protection,
-            rounds=self.rounds,
-            aborted=self.aborted_rounds,
-            clients=self.clients,
-            client_level=self.client_level,
-            findings=self.findings,
-            paths=self.paths,
-            ledger=self.ledger,
-            interrupted=self.interrupted,
+    @property
+    def markdown(self) -> str:
+        """The report as Markdown: what ``audit.md`` holds (:meth:`to_markdown`)."""
+        return self.to_markdown()
+
+    def to_markdown(self) -> str:
+        """The report as Markdown, also readable as plain text in a terminal: what ``audit.md`` holds."""
+        accountant, cross, clients, client_level = self.accountant, self.cross_check_accountant, self.clients, self.client_level
+        enforced = self.enforced_accountant or accountant
+        findings, ledger, paths, aborted = self.findings, self.ledger, self.paths, self.aborted_rounds
+        deltas = sorted({c.delta for c in clients})
+        worst = max(clients, key=lambda c: c.epsilon) if clients else None
+        requested = (
+            f" (requested; the ledger enforced budgets with {enforced.value}, the cross-check)" if enforced is not accountant else ""
         )
+        out = [
+            f"# Privacy audit of {self.run_dir}",
+            "",
+            f"- protection: {self.protection}",
+            f"- accountant: {accountant.value}" + (requested or f" (cross-check: {cross.value})"),
+            f"- rounds: {self.rounds}" + (f" ({len(aborted)} aborted: {list(aborted)})" if aborted else ""),
+        ]
+        if self.interrupted:
+            out.append("- status: UNFINISHED (no summary.json): audited as it stands, without resuming")
+        out += [
+            f"- sample-level delta (one record of a client): {', '.join(f'{d:g}' for d in deltas) or '-'}",
+            f"- ledger: {ledger.lines} lines verified ({'hash chain and MAC' if ledger.authenticated else 'hash chain only'}), "
+            f"consistent with history.json; head {ledger.head}"
+            + (f"; {ledger.interrupted_entries} entries of interrupted rounds (charged)" if ledger.interrupted_entries else ""),
+        ]
+        if worst is not None:
+            out.append(f"- largest sample-level epsilon: {worst.epsilon:.3f} ({worst.client})")
+        if client_level.enabled:
+            against = (
+                f"; against the server, which sees who took part: {_num(client_level.epsilon_against_server)}"
+                if client_level.epsilon_against_server != client_level.epsilon
+                else ""
+            )
+            out.append(
+                f"- client-level epsilon (a whole client): {_num(client_level.epsilon)} at client-level delta {client_level.delta:g}{against}"
+            )
+            if client_level.description:
+                out.append(f"- client-level mechanism: {client_level.description}")
+        else:
+            out.append(f"- client-level epsilon (a whole client): {_num(client_level.epsilon)}")
+        counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
+        out.append(f"- findings: {counts[Severity.ERROR]} error(s), {counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} info")
+        out += [
+            "",
+            "## Sample-level DP (each record in a client's data)",
+            "",
+            f"Epsilon is recomputed from the ledger's DP-SGD events with {accountant.value.upper()}; "
+            f"`{cross.value}` is the same events composed with {cross.value.upper()}.",
+            "",
+        ]
+        any_interrupted = any(c.rounds_interrupted for c in clients)
+        header = ["client", "n", "sigma", "q", "steps", "epsilon", cross.value, "budget", "remaining", "sample delta", "trained"]
+        header += ["interrupted"] * any_interrupted + ["skipped", "dropped"]
+        rows = []
+        for c in clients:
+            rows.append(
+                [
+                    c.client,
+                    "-" if c.num_examples is None else str(c.num_examples),
+                    "/".join(f"{s:.3g}" for s in c.noise_multipliers) or "-",
+                    "/".join(f"{q:.3g}" for q in c.sample_rates) or "-",
+                    str(c.steps),
+                    _num(c.epsilon),
+                    _num(c.epsilon_cross_check),
+                    "none" if math.isinf(c.epsilon_budget) else _num(c.epsilon_budget),
+                    _num(c.epsilon_remaining),
+                    f"{c.delta:g}",
+                    str(c.rounds_trained),
+                    *([str(c.rounds_interrupted)] if any_interrupted else []),
+                    str(c.rounds_skipped),
+                    str(c.rounds_dropped),
+                ]
+            )
+        out.append(_table(header, rows, [False] + [True] * (len(header) - 1)))
+        if any_interrupted:
+            out += [
+                "",
+                "`trained` counts every charged training; `interrupted` of them were attempts at a round that was stopped "
+                "after the charge and trained again on resume (the ledger's `resume` lines mark them). Their charges stay.",
+            ]
+        if enforced is not accountant:
+            out += [
+                "",
+                f"`remaining` and every comparison with a budget or a recorded figure use {enforced.value.upper()}, the "
+                "accountant the ledger enforced budgets with: like with like.",
+            ]
+        out += ["", "### Epsilon after each round", ""]
+        header = ["round", *(c.client for c in clients)]
+        rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(self.rounds)]
+        out.append(_table(header, rows, [True] * len(header)))
+        out += ["", "## Client-level DP (a whole client's participation)", "", client_level.explanation, ""]
+        out += ["## What this audit checks, and what it cannot", "", *_SCOPE, ""]
+        out += ["## Findings", ""]
+        if not findings:
+            out.append("No findings.")
+        for f in findings:
+            out.append(f"- **{f.severity.value.upper()} {f.code}** `{f.field}`: {f.message}")
+            out.append(f"  - fix: {f.fix}")
+        out += ["", "## Files", "", f"- {paths.markdown.name}, {paths.json.name}, {paths.plot.name} in {paths.markdown.parent}", ""]
+        return "\n".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of ``audit.json`` as a JSON-ready dict (JSON has no infinity: an infinite epsilon or budget is ``null``)."""
+
+        def finite(value: float | None) -> float | None:
+            return None if value is None or math.isinf(value) else value
+
+        client_level, ledger, paths = self.client_level, self.ledger, self.paths
+        return {
+            "format_version": FORMAT_VERSION,
+            "run_dir": str(self.run_dir),
+            "protection": self.protection,
+            "accountant": self.accountant.value,
+            "cross_check_accountant": self.cross_check_accountant.value,
+            "rounds": self.rounds,
+            "aborted_rounds": list(self.aborted_rounds),
+            "interrupted": self.interrupted,
+            "sample_level": {
+                c.client: {
+                    "num_examples": c.num_examples,
+                    "delta": c.delta,
+                    "epsilon": c.epsilon,
+                    "epsilon_cross_check": c.epsilon_cross_check,
+                    "epsilon_enforced": c.epsilon_enforced,
+                    "epsilon_budget": finite(c.epsilon_budget),
+                    "epsilon_remaining": finite(c.epsilon_remaining),
+                    "epsilon_by_round": list(c.epsilon_by_round),
+                    "noise_multipliers": list(c.noise_multipliers),
+                    "sample_rates": list(c.sample_rates),
+                    "steps": c.steps,
+                    "rounds_trained": c.rounds_trained,
+                    "rounds_interrupted": c.rounds_interrupted,
+                    "rounds_skipped": c.rounds_skipped,
+                    "rounds_dropped": c.rounds_dropped,
+                }
+                for c in self.clients
+            },
+            "client_level": {
+                "enabled": client_level.enabled,
+                "epsilon": finite(client_level.epsilon),
+                "protected": math.isfinite(client_level.epsilon),
+                "delta": client_level.delta,
+                "noise_multiplier": client_level.noise_multiplier,
+                "sample_rate": client_level.sample_rate,
+                "rounds": client_level.rounds,
+                "sampling": client_level.sampling,
+                "description": client_level.description,
+                "epsilon_against_server": finite(client_level.epsilon_against_server) if client_level.enabled else None,
+                "explanation": client_level.explanation,
+            },
+            "findings": [f.to_json() for f in self.findings],
+            "counts": {s.value: sum(1 for f in self.findings if f.severity is s) for s in Severity},
+            "files": {"markdown": str(paths.markdown), "json": str(paths.json), "plot": str(paths.plot)},
+            "ledger": {
+                "lines": ledger.lines,
+                "head": ledger.head,
+                "authenticated": ledger.authenticated,
+                "interrupted_entries": ledger.interrupted_entries,
+            },
+        }
+
+    def to_json_text(self) -> str:
+        """``audit.json`` as text: :meth:`to_json`, indented, with a final newline."""
+        return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
 
 
 # -- reading the run directory ----------------------------------------------------------------------
@@ -488,9 +631,45 @@ def _relative_gap(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def _findings(
+
+# -- the audit's rules ------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunFacts(Facts):
+    """What the audit rules read: the recomputed figures and the run's own records.
+
+    Attributes:
+        audits: each client's recomputed sample-level privacy.
+        client_level: the client-level guarantee.
+        recorded_accountant: the accountant name the ledger records.
+        accountant: the accountant the figures are computed with.
+        cross: the cross-check accountant.
+        enforced: the accountant the ledger enforced budgets with.
+        summary: summary.json (or what an unfinished run recorded, in its shape).
+        history: history.json.
+        recorded: (client, round) -> (recorded, recomputed) epsilons.
+        interrupted: the run is unfinished.
+    """
+
+    audits: tuple[ClientAudit, ...]
+    client_level: ClientLevelAudit
+    recorded_accountant: str
+    accountant: Accountant
+    cross: Accountant
+    enforced: Accountant
+    summary: Mapping[str, Any]
+    history: Sequence[Mapping[str, Any]]
+    recorded: Mapping[tuple[str, int], tuple[float, float]]
+    interrupted: bool = False
+
+    def field(self, client: ClientFacts, attr: str) -> str:
+        """A client's record: ``clients.<name>.<attr>``."""
+        return f"clients.{client.client}.{attr}"
+
+
+def _run_facts(
     *,
-    clients: Sequence[ClientAudit],
+    clients: tuple[ClientAudit, ...],
+    client_level: ClientLevelAudit,
     recorded_accountant: str,
     accountant: Accountant,
     cross: Accountant,
@@ -498,246 +677,325 @@ def _findings(
     summary: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]],
     recorded: Mapping[tuple[str, int], tuple[float, float]],
-    client_level: ClientLevelAudit,
-    interrupted: bool = False,
-) -> list[Finding]:
-    out: list[Finding] = []
-    if interrupted:
-        done = len(history)
-        out.append(
-            _finding(
-                "PFA015",
-                "summary.json",
-                f"the run is unfinished: it has no summary.json. The {done} recorded round(s) and every charge in the "
-                "ledger (including those of a round in progress) were audited as they stand, without resuming; "
-                "client sizes are not recorded outside summary.json, so the delta >= 1/n check (PFA002) was skipped.",
-                "Resume the run to finish it (it will spend more), or treat this audit as the run's final account.",
-            )
+    interrupted: bool,
+) -> RunFacts:
+    shared = tuple(
+        ClientFacts(
+            client=c.client, num_examples=c.num_examples, delta=c.delta,
+            noise_multiplier=min(c.noise_multipliers) if c.noise_multipliers else None,
+            epsilon=c.epsilon, epsilon_basis=f"spent, {accountant.value.upper()}", epsilon_budget=c.epsilon_budget,
         )
-    dp = _config_section(_config_section(summary, "training"), "dp")
-    calibrated = dp.get("target_epsilon") is not None
-    summary_clients = _config_section(summary, "clients")
+        for c in clients
+    )
+    return RunFacts(
+        clients=shared, client_dp=client_level.enabled, audits=clients, client_level=client_level,
+        recorded_accountant=recorded_accountant, accountant=accountant, cross=cross, enforced=enforced,
+        summary=summary, history=history, recorded=recorded, interrupted=interrupted,
+    )
 
-    if recorded_accountant not in {a.value for a in Accountant}:
-        out.append(
-            _finding(
-                "PFA006",
-                "accountant",
-                f"the ledger was accounted with {recorded_accountant!r}. A GDP (central-limit) accountant approximates "
-                "the privacy curve and can under-report epsilon for few steps or large sampling rates; its figures are "
-                "not an upper bound. This audit recomputed every figure with PRV.",
-                'Re-run with training.dp.accountant = "prv" (the default) or "rdp" and quote those figures.',
-            )
+
+def _over_budget(c: ClientAudit) -> bool:
+    """Spent more than the budget under the accountant that enforced it."""
+    return c.epsilon_enforced > c.epsilon_budget * (1 + 1e-9)
+
+
+@register(
+    audit_code(
+        "PFA003",
+        Severity.ERROR,
+        "a client spent more than its budget under the accountant the ledger enforced it with (the ledger refuses this: "
+        "the files were edited)",
+    ),
+    title="a client spent more than its budget",
+    fix="Do not release this model under the stated budget; investigate how the ledger was produced.",
+)
+def _overspent(facts: RunFacts) -> list[Hit]:
+    return [
+        Hit(
+            field=f"clients.{c.client}.epsilon",
+            message=f"client {c.client!r} spent epsilon {c.epsilon_enforced:.4g} ({facts.enforced.value.upper()}, the accountant "
+            f"the ledger enforces budgets with) > its budget {c.epsilon_budget:.4g}. The ledger refuses such "
+            "training, so the ledger was edited or its events do not match its budgets.",
         )
+        for c in facts.audits
+        if _over_budget(c)
+    ]
 
-    exhausted: list[ClientAudit] = []
-    for c in clients:
-        f = f"clients.{c.client}"
-        if c.epsilon > HIGH_EPSILON:
-            out.append(
-                _finding(
-                    "PFA001",
-                    f"{f}.epsilon",
-                    f"client {c.client!r} spent epsilon {c.epsilon:.3g} > {HIGH_EPSILON:g}: a membership-inference "
-                    f"attacker's odds may grow by e^{c.epsilon:.3g}, which does not meaningfully protect a record.",
-                    "Lower target_epsilon (or raise noise_multiplier), train fewer rounds, or use larger batches.",
-                )
-            )
-        if c.num_examples is not None and c.delta >= 1.0 / c.num_examples:
-            out.append(
-                _finding(
-                    "PFA002",
-                    f"{f}.delta",
-                    f"client {c.client!r}: delta {c.delta:g} >= 1/n = {1 / c.num_examples:.3g} (n={c.num_examples}); a "
-                    "guarantee this loose is met by a mechanism that publishes one record outright.",
-                    "Re-run with training.dp.delta << 1/n for the smallest client (e.g. below 1/(10 n)).",
-                )
-            )
-        if c.epsilon > c.epsilon_budget * (1 + 1e-9) and c.epsilon_enforced <= c.epsilon_budget * (1 + 1e-9):
-            # Another accountant was asked for: the budget was enforced with the ledger's, and holds there.
-            out.append(
-                _finding(
-                    "PFA014",
-                    f"{f}.epsilon",
-                    f"client {c.client!r}: {accountant.value.upper()} gives epsilon {c.epsilon:.4g} on the ledger's events, "
-                    f"above its budget {c.epsilon_budget:.4g}; the ledger enforced that budget with "
-                    f"{enforced.value.upper()}, under which it spent {c.epsilon_enforced:.4g}. Both are upper bounds on the "
-                    "same mechanism; they differ in how tightly they compose.",
-                    f"Quote the budget with the accountant that enforced it ({enforced.value}), or the larger figure if a "
-                    "reader requires this accountant.",
-                )
-            )
-        if c.epsilon_enforced > c.epsilon_budget * (1 + 1e-9):
-            out.append(
-                _finding(
-                    "PFA003",
-                    f"{f}.epsilon",
-                    f"client {c.client!r} spent epsilon {c.epsilon_enforced:.4g} ({enforced.value.upper()}, the accountant "
-                    f"the ledger enforces budgets with) > its budget {c.epsilon_budget:.4g}. The ledger refuses such "
-                    "training, so the ledger was edited or its events do not match its budgets.",
-                    "Do not release this model under the stated budget; investigate how the ledger was produced.",
-                )
-            )
-        elif math.isfinite(c.epsilon_budget) and (c.rounds_skipped or c.epsilon_remaining <= 0.01 * c.epsilon_budget):
-            # At budget: within 1% of it, or already unable to afford a round.
-            exhausted.append(c)
-        low = [s for s in c.noise_multipliers if s < LOW_NOISE]
-        if low:
-            out.append(
-                _finding(
-                    "PFA005",
-                    f"{f}.noise_multiplier",
-                    f"client {c.client!r} trained with noise multiplier {min(low):.3g} < {LOW_NOISE:g}: little noise per "
-                    "step, so epsilon grows quickly and the guarantee is weak.",
-                    "Raise training.dp.noise_multiplier to 0.5 or more, or lower target_epsilon.",
-                )
-            )
+
+@register(
+    audit_code("PFA004", Severity.WARNING, "a client is at its budget (info when the run was calibrated to spend it)", also=(Severity.INFO,)),
+    title="a client is at its budget (INFO when the run was calibrated to spend it)",
+    fix="Nothing to fix if the run is final; to train more, plan the extra rounds into a new run's budget.",
+)
+def _at_budget(facts: RunFacts) -> list[Hit]:
+    # At budget: within 1% of it, or already unable to afford a round.
+    exhausted = [
+        c for c in facts.audits
+        if not _over_budget(c) and math.isfinite(c.epsilon_budget) and (c.rounds_skipped or c.epsilon_remaining <= 0.01 * c.epsilon_budget)
+    ]
+    if not exhausted:
+        return []
+    calibrated = _config_section(_config_section(facts.summary, "training"), "dp").get("target_epsilon") is not None
+    spent = ", ".join(f"{c.client!r} {c.epsilon_enforced:.3f}/{c.epsilon_budget:g}" for c in exhausted)
+    return [
+        Hit(
+            field="clients.epsilon_budget",
+            message=f"at budget (spent/budget): {spent}. Any further round for these clients (a resumed or "
+            "extended run, fine-tuning on their data) will skip them."
+            + (" The run was calibrated to spend exactly this budget, so this is expected." if calibrated else ""),
+            severity=Severity.INFO if calibrated else Severity.WARNING,
+        )
+    ]
+
+
+@register(
+    audit_code(
+        "PFA006",
+        Severity.WARNING,
+        "the ledger names a GDP accountant: an approximation, not an upper bound (the audit recomputes with PRV)",
+    ),
+    title="GDP accountant (an approximation, not an upper bound)",
+    fix='Re-run with training.dp.accountant = "prv" (the default) or "rdp" and quote those figures.',
+)
+def _gdp_accountant(facts: RunFacts) -> list[Hit]:
+    if facts.recorded_accountant in {a.value for a in Accountant}:
+        return []
+    return [
+        Hit(
+            field="accountant",
+            message=f"the ledger was accounted with {facts.recorded_accountant!r}. A GDP (central-limit) accountant "
+            "approximates the privacy curve and can under-report epsilon for few steps or large sampling rates; its "
+            "figures are not an upper bound. This audit recomputed every figure with PRV.",
+        )
+    ]
+
+
+@register(
+    audit_code(
+        "PFA007",
+        Severity.WARNING,
+        "rounds skipped because a client's budget could not afford them; when some of its charges were interrupted "
+        "attempts at a round (redone on resume), it says so: those charges, not the calibration, used the budget",
+    ),
+    title="rounds skipped for budget",
+    fix="Give it a budget that covers every round it may be sampled in (target_epsilon calibrates for that), "
+    "or raise planned_participation_quantile when client_fraction < 1.",
+)
+def _skipped_for_budget(facts: RunFacts) -> list[Hit]:
+    out = []
+    for c in facts.audits:
         if c.rounds_skipped and c.rounds_interrupted:
             out.append(
-                _finding(
-                    "PFA007",
-                    f"{f}.rounds_skipped",
-                    f"client {c.client!r} was sampled but skipped in {c.rounds_skipped} round(s) because another round "
-                    f"would have exceeded its budget. {c.rounds_interrupted} of its {c.rounds_trained} charged trainings "
-                    "were interrupted attempts at a round: the run was stopped after charging them, and the resume "
-                    "trained that round again. Those charges are real (the update may have left the site) and used "
+                Hit(
+                    field=f"clients.{c.client}.rounds_skipped",
+                    message=f"client {c.client!r} was sampled but skipped in {c.rounds_skipped} round(s) because another "
+                    f"round would have exceeded its budget. {c.rounds_interrupted} of its {c.rounds_trained} charged "
+                    "trainings were interrupted attempts at a round: the run was stopped after charging them, and the "
+                    "resume trained that round again. Those charges are real (the update may have left the site) and used "
                     "budget the calibration had planned for later rounds; its data stopped contributing after that.",
-                    "Nothing to change in the calibration. To finish every round after an interruption, plan headroom "
+                    fix="Nothing to change in the calibration. To finish every round after an interruption, plan headroom "
                     "(a fixed noise_multiplier with a budget_epsilon above its planned epsilon), or accept the skipped rounds.",
                 )
             )
         elif c.rounds_skipped:
             out.append(
-                _finding(
-                    "PFA007",
-                    f"{f}.rounds_skipped",
-                    f"client {c.client!r} was sampled but skipped in {c.rounds_skipped} round(s) because another round "
-                    "would have exceeded its budget: its data stopped contributing, which can bias the model.",
-                    "Give it a budget that covers every round it may be sampled in (target_epsilon calibrates for that), "
-                    "or raise planned_participation_quantile when client_fraction < 1.",
+                Hit(
+                    field=f"clients.{c.client}.rounds_skipped",
+                    message=f"client {c.client!r} was sampled but skipped in {c.rounds_skipped} round(s) because another "
+                    "round would have exceeded its budget: its data stopped contributing, which can bias the model.",
                 )
             )
-        if c.rounds_dropped:
+    return out
+
+
+@register(
+    audit_code("PFA008", Severity.WARNING, "updates charged but not aggregated (dropouts, aborted rounds)"),
+    title="updates dropped or rounds aborted (epsilon spent, nothing aggregated)",
+    fix="Check the transport and the secure-aggregation threshold; the ledger keeps the charge either way.",
+)
+def _charged_not_aggregated(facts: RunFacts) -> list[Hit]:
+    out = [
+        Hit(
+            field=f"clients.{c.client}.rounds_dropped",
+            message=f"client {c.client!r} trained and was charged epsilon in {c.rounds_dropped} round(s) whose update "
+            "was not aggregated (dropout or abort): privacy was spent for nothing.",
+        )
+        for c in facts.audits
+        if c.rounds_dropped
+    ]
+    aborted = [h.get("round") for h in facts.history if h.get("aborted")]
+    if aborted:
+        out.append(
+            Hit(
+                field="rounds.aborted",
+                message=f"round(s) {aborted} aborted: their clients were charged epsilon but nothing was aggregated.",
+                fix="Lower the secure-aggregation threshold (it must stay above half the share holders, which privfl "
+                "enforces: see lint rule PFL020) or fix the dropouts that took the round below it.",
+            )
+        )
+    return out
+
+
+@register(
+    audit_code("PFA010", Severity.WARNING, "PRV above RDP by more than 1%"),
+    title="PRV above RDP by more than 1%",
+    fix="Quote the larger (RDP) figure for this run, and report the disagreement with the event list.",
+)
+def _prv_above_rdp(facts: RunFacts) -> list[Hit]:
+    out = []
+    for c in facts.audits:
+        if not c.steps or facts.accountant is facts.cross:
+            continue
+        prv, rdp = (c.epsilon, c.epsilon_cross_check) if facts.accountant is Accountant.PRV else (c.epsilon_cross_check, c.epsilon)
+        if prv > rdp * (1 + CROSS_CHECK_TOLERANCE):
             out.append(
-                _finding(
-                    "PFA008",
-                    f"{f}.rounds_dropped",
-                    f"client {c.client!r} trained and was charged epsilon in {c.rounds_dropped} round(s) whose update "
-                    "was not aggregated (dropout or abort): privacy was spent for nothing.",
-                    "Check the transport and the secure-aggregation threshold; the ledger keeps the charge either way.",
+                Hit(
+                    field=f"clients.{c.client}.epsilon",
+                    message=f"client {c.client!r}: PRV gives epsilon {prv:.4g} but RDP, a looser upper bound, gives {rdp:.4g}; "
+                    "PRV should be the tighter figure, so its discretisation error is larger than assumed.",
                 )
             )
-        if math.isinf(c.epsilon_budget):
-            out.append(
-                _finding(
-                    "PFA009",
-                    f"{f}.epsilon_budget",
-                    f"client {c.client!r} has no epsilon cap: the ledger records spending but would never stop it, so "
-                    "resuming or extending the run keeps spending.",
-                    "Set training.dp.budget_epsilon (with a fixed noise_multiplier) or use target_epsilon.",
-                )
-            )
-        if c.steps and accountant is not cross:
-            prv, rdp = (c.epsilon, c.epsilon_cross_check) if accountant is Accountant.PRV else (c.epsilon_cross_check, c.epsilon)
-            if prv > rdp * (1 + CROSS_CHECK_TOLERANCE):
-                out.append(
-                    _finding(
-                        "PFA010",
-                        f"{f}.epsilon",
-                        f"client {c.client!r}: PRV gives epsilon {prv:.4g} but RDP, a looser upper bound, gives {rdp:.4g}; "
-                        "PRV should be the tighter figure, so its discretisation error is larger than assumed.",
-                        "Quote the larger (RDP) figure for this run, and report the disagreement with the event list.",
-                    )
-                )
+    return out
+
+
+@register(
+    audit_code("PFA011", Severity.ERROR, "a recorded epsilon differs from the recomputed one by more than 1%"),
+    title="recorded epsilon differs from the recomputed one",
+    fix="Check that the files come from one run and were not edited; quote the recomputed figures.",
+)
+def _recorded_mismatch(facts: RunFacts) -> list[Hit]:
+    summary_clients = _config_section(facts.summary, "clients")
+    out = []
+    for c in facts.audits:
         bad: list[tuple[int | None, float, float]] = [
             (r, rec, new)
-            for (name, r), (rec, new) in sorted(recorded.items())
+            for (name, r), (rec, new) in sorted(facts.recorded.items())
             if name == c.client and _relative_gap(rec, new) > RECORDED_TOLERANCE and not (rec == 0 and new == 0)
         ]
-        summary_eps = (summary_clients.get(c.client) or {}).get("epsilon") if isinstance(summary_clients.get(c.client), Mapping) else None
+        entry = summary_clients.get(c.client)
+        summary_eps = entry.get("epsilon") if isinstance(entry, Mapping) else None
         if summary_eps is not None and _relative_gap(float(summary_eps), c.epsilon_enforced) > RECORDED_TOLERANCE:
             bad.append((None, float(summary_eps), c.epsilon_enforced))
         if bad:
             r, rec, new = bad[0]
             where = f"round {r} of {LEDGER_FILE}" if r is not None else "summary.json"
             out.append(
-                _finding(
-                    "PFA011",
-                    f"{f}.epsilon",
-                    f"client {c.client!r}: {where} records epsilon {rec:.4g} but its events give {new:.4g} "
+                Hit(
+                    field=f"clients.{c.client}.epsilon",
+                    message=f"client {c.client!r}: {where} records epsilon {rec:.4g} but its events give {new:.4g} "
                     f"({len(bad)} mismatch(es)); the recorded figures cannot be trusted.",
-                    "Check that the files come from one run and were not edited; quote the recomputed figures.",
                 )
             )
+    return out
 
-    if exhausted:
-        spent = ", ".join(f"{c.client!r} {c.epsilon_enforced:.3f}/{c.epsilon_budget:g}" for c in exhausted)
-        out.append(
-            _finding(
-                "PFA004",
-                "clients.epsilon_budget",
-                f"at budget (spent/budget): {spent}. Any further round for these clients (a resumed or "
-                "extended run, fine-tuning on their data) will skip them."
-                + (" The run was calibrated to spend exactly this budget, so this is expected." if calibrated else ""),
-                "Nothing to fix if the run is final; to train more, plan the extra rounds into a new run's budget.",
-                severity=Severity.INFO if calibrated else Severity.WARNING,
-            )
+
+@register(
+    audit_code(
+        "PFA013",
+        Severity.WARNING,
+        "client-level DP with client sampling reproducible from the config (`noise_seed`, or a run that did not record "
+        "its sampling as secret): its amplification by sampling does not hold against anyone holding the config; the "
+        "message gives epsilon at q = 1",
+    ),
+    title="client sampling reproducible from the config (no amplification against its holders)",
+    fix="Leave federation.noise_seed unset outside simulations: privfl then samples clients from OS entropy.",
+)
+def _reproducible_sampling(facts: RunFacts) -> list[Hit]:
+    client_level, summary = facts.client_level, facts.summary
+    if not client_level.enabled or (client_level.sample_rate or 1.0) >= 1.0 or summary.get("client_sampling_secret") is True:
+        return []
+    # The amplification by sampling assumes nobody knows who took part. A seeded sample (or a
+    # run from before samples were secret, which drew them from the public seed) is known to
+    # anyone holding the config: against them each round is the Gaussian mechanism at q = 1.
+    try:
+        if client_level.noise_multiplier is None or client_level.delta is None:
+            raise TypeError("no client-level noise multiplier or delta recorded")
+        unamplified = _epsilon(
+            [DPEvent(noise_multiplier=client_level.noise_multiplier, sample_rate=1.0, steps=client_level.rounds)],
+            client_level.delta,
+            Accountant.PRV,
         )
-    aborted = [h.get("round") for h in history if h.get("aborted")]
-    if aborted:
-        out.append(
-            _finding(
-                "PFA008",
-                "rounds.aborted",
-                f"round(s) {aborted} aborted: their clients were charged epsilon but nothing was aggregated.",
-                "Lower the secure-aggregation threshold (it must stay above half the share holders, which privfl "
-                "enforces: see lint rule PFL020) or fix the dropouts that took the round below it.",
-            )
+    except (ConfigError, TypeError):
+        unamplified = math.inf
+    why = "was drawn from federation.noise_seed" if "client_sampling_secret" in summary else "is not recorded as secret"
+    return [
+        Hit(
+            field="federation.client_sampling",
+            message=f"client sampling {why}: anyone holding the config can recompute which clients took part in each "
+            f"round, so the client-level epsilon {client_level.epsilon:.3g} (amplified by sampling at "
+            f"q = {client_level.sample_rate:.3g}) does not hold against them; against them it is "
+            f"{unamplified:.3g} (q = 1).",
         )
-    if client_level.enabled and (client_level.sample_rate or 1.0) < 1.0 and summary.get("client_sampling_secret") is not True:
-        # The amplification by sampling assumes nobody knows who took part. A seeded sample (or a
-        # run from before samples were secret, which drew them from the public seed) is known to
-        # anyone holding the config: against them each round is the Gaussian mechanism at q = 1.
-        try:
-            if client_level.noise_multiplier is None or client_level.delta is None:
-                raise TypeError("no client-level noise multiplier or delta recorded")
-            unamplified = _epsilon(
-                [DPEvent(noise_multiplier=client_level.noise_multiplier, sample_rate=1.0, steps=client_level.rounds)],
-                client_level.delta,
-                Accountant.PRV,
+    ]
+
+
+@register(
+    audit_code(
+        "PFA014",
+        Severity.INFO,
+        "with `accountant=` another than the ledger's: that accountant's epsilon is above a budget the ledger enforced "
+        "(and kept) with its own",
+    ),
+    title="the requested accountant's epsilon is above a budget the ledger enforced with another",
+    fix="Quote the budget with the accountant that enforced it, or the larger figure if a reader requires this accountant.",
+)
+def _requested_accountant_above_budget(facts: RunFacts) -> list[Hit]:
+    out = []
+    for c in facts.audits:
+        if c.epsilon > c.epsilon_budget * (1 + 1e-9) and not _over_budget(c):
+            # Another accountant was asked for: the budget was enforced with the ledger's, and holds there.
+            out.append(
+                Hit(
+                    field=f"clients.{c.client}.epsilon",
+                    message=f"client {c.client!r}: {facts.accountant.value.upper()} gives epsilon {c.epsilon:.4g} on the "
+                    f"ledger's events, above its budget {c.epsilon_budget:.4g}; the ledger enforced that budget with "
+                    f"{facts.enforced.value.upper()}, under which it spent {c.epsilon_enforced:.4g}. Both are upper bounds "
+                    "on the same mechanism; they differ in how tightly they compose.",
+                    fix=f"Quote the budget with the accountant that enforced it ({facts.enforced.value}), or the larger "
+                    "figure if a reader requires this accountant.",
+                )
             )
-        except (ConfigError, TypeError):
-            unamplified = math.inf
-        why = "was drawn from federation.noise_seed" if "client_sampling_secret" in summary else "is not recorded as secret"
-        out.append(
-            _finding(
-                "PFA013",
-                "federation.client_sampling",
-                f"client sampling {why}: anyone holding the config can recompute which clients took part in each "
-                f"round, so the client-level epsilon {client_level.epsilon:.3g} (amplified by sampling at "
-                f"q = {client_level.sample_rate:.3g}) does not hold against them; against them it is "
-                f"{unamplified:.3g} (q = 1).",
-                "Leave federation.noise_seed unset outside simulations: privfl then samples clients from OS entropy.",
-            )
+    return out
+
+
+@register(
+    audit_code("PFA015", Severity.WARNING, "the run is unfinished (no `summary.json`): what is there was audited, without resuming"),
+    title="the run is unfinished (no summary.json): what is there was audited",
+    fix="Resume the run to finish it (it will spend more), or treat this audit as the run's final account.",
+)
+def _unfinished(facts: RunFacts) -> list[Hit]:
+    if not facts.interrupted:
+        return []
+    return [
+        Hit(
+            field="summary.json",
+            message=f"the run is unfinished: it has no summary.json. The {len(facts.history)} recorded round(s) and every "
+            "charge in the ledger (including those of a round in progress) were audited as they stand, without "
+            "resuming; client sizes are not recorded outside summary.json, so the delta >= 1/n check (PFA002) was skipped.",
         )
-    if client_level.enabled:
-        out.append(_adjacency_finding(summary, history, client_level))
+    ]
+
+
+@register(
+    audit_code(
+        "PFA016",
+        Severity.INFO,
+        "client-level DP: the adjacency the epsilon is stated for (zero-out with the sites public, or add/remove), that "
+        "it holds against readers of the released models, and that against the server (which samples and sees who "
+        "takes part) no participation guarantee holds; under secure aggregation, the rounds aborted because a noise "
+        "share would have been clipped or a site dropped, and the tail delta. ERROR for a secure-aggregation run "
+        "written before the clip range was derived from the noise (no adjacency recorded): a fixed `clip_range` could "
+        "clip the noise shares, so the recorded client-level epsilon is not supported",
+        also=(Severity.ERROR,),
+    ),
+    title="client-level adjacency and against whom it holds (ERROR: secagg noise could be clipped)",
+    fix="Nothing to fix; docs/client-dp.md, Adjacency.",
+)
+def _adjacency(facts: RunFacts) -> list[Hit]:
+    """Which adjacency the client-level epsilon is stated for, against whom it holds, and (secagg) whether noise could be clipped."""
+    client_level, summary, history = facts.client_level, facts.summary, facts.history
     if not client_level.enabled:
-        out.append(
-            _finding(
-                "PFA012",
-                "federation.client_dp",
-                "no client-level DP: a whole site's participation and data distribution are not protected "
-                "(client-level epsilon = infinity); only each record inside a site is.",
-                "Add a [federation.client_dp] section (DP-FedAvg) if a site's participation itself is sensitive.",
-            )
-        )
-    order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
-    return sorted(out, key=lambda f: (order[f.severity], f.code, f.field))
-
-
-def _adjacency_finding(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]], client_level: ClientLevelAudit) -> Finding:
-    """PFA016: which adjacency the client-level epsilon is stated for, against whom it holds, and (secagg) whether noise could be clipped."""
+        return []
     settings = _client_dp_settings(summary) or {}
     secagg = str(_config_section(summary, "federation").get("protection", "")) == "secagg"
     adjacency = settings.get("adjacency")
@@ -745,16 +1003,17 @@ def _adjacency_finding(summary: Mapping[str, Any], history: Sequence[Mapping[str
         # Written before the range was derived from the noise (issue 13): a fixed clip_range clipped the
         # noise shares (bounded noise: epsilon is infinite under add/remove), and the shares' variance
         # varied with the number of sites that took part.
-        return _finding(
-            "PFA016",
-            "federation.secagg.clip_range",
-            f"this secure-aggregation run predates the noise-derived clip range: a fixed clip_range could clip the "
-            f"client-level noise shares, and their variance varied with how many sites took part, so the recorded "
-            f"client-level epsilon {client_level.epsilon:.3g} is not supported by the mechanism that ran.",
-            "Rerun with this privfl version: it derives the range from the noise, aborts a round that would clip "
-            "and states the adjacency (docs/client-dp.md).",
-            severity=Severity.ERROR,
-        )
+        return [
+            Hit(
+                field="federation.secagg.clip_range",
+                message=f"this secure-aggregation run predates the noise-derived clip range: a fixed clip_range could clip "
+                f"the client-level noise shares, and their variance varied with how many sites took part, so the "
+                f"recorded client-level epsilon {client_level.epsilon:.3g} is not supported by the mechanism that ran.",
+                fix="Rerun with this privfl version: it derives the range from the noise, aborts a round that would clip "
+                "and states the adjacency (docs/client-dp.md).",
+                severity=Severity.ERROR,
+            )
+        ]
     aborted = [
         h.get("round") for h in history if "fail_on_clip" in str(h.get("aborted") or "") or "fail_on_dropout" in str(h.get("aborted") or "")
     ]
@@ -776,7 +1035,7 @@ def _adjacency_finding(summary: Mapping[str, Any], history: Sequence[Mapping[str
             f"a noise share, or that lost a site, was aborted ({len(aborted)} round(s): {aborted[:10]}); the chance "
             f"of clipping adds at most {tail:.2g} to the client-level delta."
         )
-    return _finding("PFA016", "federation.client_dp.adjacency", message, "Nothing to fix; docs/client-dp.md, Adjacency.")
+    return [Hit(field="federation.client_dp.adjacency", message=message)]
 
 
 # -- rendering ---------------------------------------------------------------------------------------
@@ -811,187 +1070,6 @@ _SCOPE = (
 )
 
 
-def _markdown(
-    *,
-    run_dir: Path,
-    accountant: Accountant,
-    cross: Accountant,
-    protection: str,
-    rounds: int,
-    aborted: Sequence[int],
-    clients: Sequence[ClientAudit],
-    client_level: ClientLevelAudit,
-    findings: Sequence[Finding],
-    paths: AuditPaths,
-    ledger: LedgerIntegrity,
-    enforced: Accountant,
-    interrupted: bool,
-) -> str:
-    deltas = sorted({c.delta for c in clients})
-    worst = max(clients, key=lambda c: c.epsilon) if clients else None
-    requested = (
-        f" (requested; the ledger enforced budgets with {enforced.value}, the cross-check)" if enforced is not accountant else ""
-    )
-    out = [
-        f"# Privacy audit of {run_dir}",
-        "",
-        f"- protection: {protection}",
-        f"- accountant: {accountant.value}" + (requested or f" (cross-check: {cross.value})"),
-        f"- rounds: {rounds}" + (f" ({len(aborted)} aborted: {list(aborted)})" if aborted else ""),
-    ]
-    if interrupted:
-        out.append("- status: UNFINISHED (no summary.json): audited as it stands, without resuming")
-    out += [
-        f"- sample-level delta (one record of a client): {', '.join(f'{d:g}' for d in deltas) or '-'}",
-        f"- ledger: {ledger.lines} lines verified ({'hash chain and MAC' if ledger.authenticated else 'hash chain only'}), "
-        f"consistent with history.json; head {ledger.head}"
-        + (f"; {ledger.interrupted_entries} entries of interrupted rounds (charged)" if ledger.interrupted_entries else ""),
-    ]
-    if worst is not None:
-        out.append(f"- largest sample-level epsilon: {worst.epsilon:.3f} ({worst.client})")
-    if client_level.enabled:
-        against = (
-            f"; against the server, which sees who took part: {_num(client_level.epsilon_against_server)}"
-            if client_level.epsilon_against_server != client_level.epsilon
-            else ""
-        )
-        out.append(f"- client-level epsilon (a whole client): {_num(client_level.epsilon)} at client-level delta {client_level.delta:g}{against}")
-        if client_level.description:
-            out.append(f"- client-level mechanism: {client_level.description}")
-    else:
-        out.append(f"- client-level epsilon (a whole client): {_num(client_level.epsilon)}")
-    counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
-    out.append(f"- findings: {counts[Severity.ERROR]} error(s), {counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} info")
-    out += [
-        "",
-        "## Sample-level DP (each record in a client's data)",
-        "",
-        f"Epsilon is recomputed from the ledger's DP-SGD events with {accountant.value.upper()}; "
-        f"`{cross.value}` is the same events composed with {cross.value.upper()}.",
-        "",
-    ]
-    any_interrupted = any(c.rounds_interrupted for c in clients)
-    header = ["client", "n", "sigma", "q", "steps", "epsilon", cross.value, "budget", "remaining", "sample delta", "trained"]
-    header += ["interrupted"] * any_interrupted + ["skipped", "dropped"]
-    rows = []
-    for c in clients:
-        rows.append(
-            [
-                c.client,
-                "-" if c.num_examples is None else str(c.num_examples),
-                "/".join(f"{s:.3g}" for s in c.noise_multipliers) or "-",
-                "/".join(f"{q:.3g}" for q in c.sample_rates) or "-",
-                str(c.steps),
-                _num(c.epsilon),
-                _num(c.epsilon_cross_check),
-                "none" if math.isinf(c.epsilon_budget) else _num(c.epsilon_budget),
-                _num(c.epsilon_remaining),
-                f"{c.delta:g}",
-                str(c.rounds_trained),
-                *([str(c.rounds_interrupted)] if any_interrupted else []),
-                str(c.rounds_skipped),
-                str(c.rounds_dropped),
-            ]
-        )
-    out.append(_table(header, rows, [False] + [True] * (len(header) - 1)))
-    if any_interrupted:
-        out += [
-            "",
-            "`trained` counts every charged training; `interrupted` of them were attempts at a round that was stopped "
-            "after the charge and trained again on resume (the ledger's `resume` lines mark them). Their charges stay.",
-        ]
-    if enforced is not accountant:
-        out += [
-            "",
-            f"`remaining` and every comparison with a budget or a recorded figure use {enforced.value.upper()}, the "
-            "accountant the ledger enforced budgets with: like with like.",
-        ]
-    out += ["", "### Epsilon after each round", ""]
-    header = ["round", *(c.client for c in clients)]
-    rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(rounds)]
-    out.append(_table(header, rows, [True] * len(header)))
-    out += ["", "## Client-level DP (a whole client's participation)", "", client_level.explanation, ""]
-    out += ["## What this audit checks, and what it cannot", "", *_SCOPE, ""]
-    out += ["## Findings", ""]
-    if not findings:
-        out.append("No findings.")
-    for f in findings:
-        out.append(f"- **{f.severity.value.upper()} {f.code}** `{f.field}`: {f.message}")
-        out.append(f"  - fix: {f.fix}")
-    out += ["", "## Files", "", f"- {paths.markdown.name}, {paths.json.name}, {paths.plot.name} in {paths.markdown.parent}", ""]
-    return "\n".join(out)
-
-
-def _report_json(
-    *,
-    run_dir: Path,
-    accountant: Accountant,
-    cross: Accountant,
-    protection: str,
-    rounds: int,
-    aborted: Sequence[int],
-    clients: Sequence[ClientAudit],
-    client_level: ClientLevelAudit,
-    findings: Sequence[Finding],
-    paths: AuditPaths,
-    ledger: LedgerIntegrity,
-    interrupted: bool = False,
-) -> dict[str, Any]:
-    def finite(value: float | None) -> float | None:
-        return None if value is None or math.isinf(value) else value
-
-    return {
-        "format_version": FORMAT_VERSION,
-        "run_dir": str(run_dir),
-        "protection": protection,
-        "accountant": accountant.value,
-        "cross_check_accountant": cross.value,
-        "rounds": rounds,
-        "aborted_rounds": list(aborted),
-        "interrupted": interrupted,
-        "sample_level": {
-            c.client: {
-                "num_examples": c.num_examples,
-                "delta": c.delta,
-                "epsilon": c.epsilon,
-                "epsilon_cross_check": c.epsilon_cross_check,
-                "epsilon_enforced": c.epsilon_enforced,
-                "epsilon_budget": finite(c.epsilon_budget),
-                "epsilon_remaining": finite(c.epsilon_remaining),
-                "epsilon_by_round": list(c.epsilon_by_round),
-                "noise_multipliers": list(c.noise_multipliers),
-                "sample_rates": list(c.sample_rates),
-                "steps": c.steps,
-                "rounds_trained": c.rounds_trained,
-                "rounds_interrupted": c.rounds_interrupted,
-                "rounds_skipped": c.rounds_skipped,
-                "rounds_dropped": c.rounds_dropped,
-            }
-            for c in clients
-        },
-        "client_level": {
-            "enabled": client_level.enabled,
-            "epsilon": finite(client_level.epsilon),
-            "protected": math.isfinite(client_level.epsilon),
-            "delta": client_level.delta,
-            "noise_multiplier": client_level.noise_multiplier,
-            "sample_rate": client_level.sample_rate,
-            "rounds": client_level.rounds,
-            "sampling": client_level.sampling,
-            "description": client_level.description,
-            "epsilon_against_server": finite(client_level.epsilon_against_server) if client_level.enabled else None,
-            "explanation": client_level.explanation,
-        },
-        "findings": [f.to_json() for f in findings],
-        "counts": {s.value: sum(1 for f in findings if f.severity is s) for s in Severity},
-        "files": {"markdown": str(paths.markdown), "json": str(paths.json), "plot": str(paths.plot)},
-        "ledger": {
-            "lines": ledger.lines,
-            "head": ledger.head,
-            "authenticated": ledger.authenticated,
-            "interrupted_entries": ledger.interrupted_entries,
-        },
-    }
 
 
 def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[str, Any]], accountant: Accountant) -> None:
@@ -1047,7 +1125,7 @@ def audit_run(
             cross-check). Default: the ledger's.
 
     Returns:
-        The audit; ``report.markdown`` is what ``audit.md`` holds, ``report.to_json()`` what
+        The audit; ``report.to_markdown()`` is what ``audit.md`` holds, ``report.to_json()`` what
         ``audit.json`` holds.
 
     Raises:
@@ -1093,60 +1171,43 @@ def audit_run(
     if recorded_accountant not in known:
         recorded = {}  # the recorded figures used an accountant privfl does not compose; comparing would be meaningless
     client_level = _client_level(summary, rounds, history, num_clients=len(ledger.clients) or None)
-    findings = tuple(
-        _findings(
-            clients=clients,
-            recorded_accountant=recorded_accountant,
-            accountant=primary,
-            cross=cross,
-            enforced=enforced,
-            summary=summary,
-            history=history,
-            recorded=recorded,
-            client_level=client_level,
-            interrupted=interrupted,
-        )
+    facts = _run_facts(
+        clients=clients,
+        client_level=client_level,
+        recorded_accountant=recorded_accountant,
+        accountant=primary,
+        cross=cross,
+        enforced=enforced,
+        summary=summary,
+        history=history,
+        recorded=recorded,
+        interrupted=interrupted,
     )
+    findings = tuple(sorted(apply_rules(Tool.AUDIT, facts), key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.field)))
     out = Path(out_dir) if out_dir is not None else run_dir
     paths = AuditPaths(markdown=out / "audit.md", json=out / "audit.json", plot=out / "audit.png")
-    protection = str(summary.get("protection", "unknown"))
-    aborted = tuple(int(h["round"]) for h in history if h.get("aborted"))
     integrity = LedgerIntegrity(
         lines=ledger.lines, head=ledger.head or "", authenticated=ledger.authenticated, interrupted_entries=len(ledger.superseded())
     )
-    common: dict[str, Any] = dict(
-        run_dir=run_dir,
-        accountant=primary,
-        cross=cross,
-        protection=protection,
-        rounds=rounds,
-        aborted=aborted,
-        clients=clients,
-        client_level=client_level,
-        findings=findings,
-        paths=paths,
-        ledger=integrity,
-    )
-    markdown = _markdown(**common, enforced=enforced, interrupted=interrupted)
     report = AuditReport(
         run_dir=run_dir,
         accountant=primary,
         cross_check_accountant=cross,
-        protection=protection,
+        protection=str(summary.get("protection", "unknown")),
         rounds=rounds,
-        aborted_rounds=aborted,
+        aborted_rounds=tuple(int(h["round"]) for h in history if h.get("aborted")),
         clients=clients,
         client_level=client_level,
         findings=findings,
-        markdown=markdown,
         paths=paths,
         ledger=integrity,
         interrupted=interrupted,
+        enforced_accountant=enforced,
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write(paths.markdown, markdown)
-        _write(paths.json, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+        _write(paths.markdown, report.to_markdown())
+        _write(paths.json, report.to_json_text())
         _plot(paths.plot, clients, history, primary)
     except OSError as exc:
         raise filesystem_error(exc, "out_dir", out, "write the audit report") from None
@@ -1171,3 +1232,7 @@ def _unfinished_summary(ledger: PrivacyLedger, run_dir: Path) -> dict[str, Any]:
         # Secret sampling is recorded by the summary; an unfinished run's follows from noise_seed.
         "client_sampling_secret": federation.get("noise_seed") is None,
     }
+
+
+AUDIT_CODES: Mapping[str, tuple[Severity, str]] = codes(Tool.AUDIT)
+"""``code -> (severity, title)`` of every audit rule, from the registry (:mod:`privfl.audit.rules`)."""
