@@ -31,7 +31,7 @@ from ..labels import LabelRecovery
 from ..metrics import best_match, chance_baseline, label_accuracy, pairwise_psnr
 from .config import AttackKind, AttackMatrixConfig
 
-__all__ = ["NOT_ABOVE_CHANCE", "NO_ACCESS", "PARTIAL", "RECOVERED", "AttackRow"]
+__all__ = ["NOT_ABOVE_CHANCE", "NO_ACCESS", "PARTIAL", "RECOVERED", "AttackRow", "GridCell", "count_cells", "run_cells"]
 
 RECOVERED = "recovered"
 PARTIAL = "partial"
@@ -45,8 +45,6 @@ class Progress(Protocol):
     def show(self, cell: str) -> None: ...
 
     def advance(self) -> None: ...
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +288,7 @@ def _mean(values: list[float]) -> float:
 
 
 @dataclass(slots=True)
-class _Shown:
+class GridCell:
     """The first trial's inputs and matched reconstructions of one cell, for the grids."""
 
     originals: torch.Tensor
@@ -327,12 +325,12 @@ def _run_cell(
     observations: list[Observation],
     victims: list[tuple[torch.Tensor, torch.Tensor]],
     config: AttackMatrixConfig,
-) -> tuple[AttackRow, _Shown | None]:
+) -> tuple[AttackRow, GridCell | None]:
     attack = _attack(kind, setting.view, config, data)
     seconds = 0.0
     scores: list[Score] = []
     accuracies: list[float] = []
-    shown: _Shown | None = None
+    shown: GridCell | None = None
     recovered_counts: list[int] = []
     note = ""
     for trial, (obs, (x, y)) in enumerate(zip(observations, victims, strict=True)):
@@ -365,7 +363,7 @@ def _run_cell(
             aligned, count = _matched(rec.inputs, x, data, config)
             recovered_counts.append(count)
         if trial == 0:
-            shown = _Shown(originals=x.detach().double().cpu(), reconstructions=aligned)
+            shown = GridCell(originals=x.detach().double().cpu(), reconstructions=aligned)
 
     nan = math.nan
     accessible = not isinstance(observations[0], CiphertextObservation)
@@ -422,11 +420,14 @@ def _victims(data: _Data, count: int, trials: int, seed: int) -> list[tuple[torc
     return draws
 
 
-def _cells(config: AttackMatrixConfig) -> int:
+def count_cells(config: AttackMatrixConfig) -> int:
+    """How many cells the config asks for."""
     return sum(len(d.attacks) * len(_settings(config, d.protections)) for d in config.datasets)
 
 
-def _matrix(config: AttackMatrixConfig, bar: Progress) -> Iterator[tuple[str, AttackRow, _Shown | None, float]]:
+def run_cells(
+    config: AttackMatrixConfig, bar: Progress
+) -> Iterator[tuple[str, AttackRow, GridCell | None, float]]:
     """The cells in order: (dataset, row, what the grid shows, seconds spent building observations)."""
     for entry in config.datasets:
         data = _load(entry.name, config.seed)

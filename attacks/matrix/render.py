@@ -16,7 +16,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .cells import NO_ACCESS, NOT_ABOVE_CHANCE, PARTIAL, RECOVERED, AttackRow, _Shown
+from .cells import NO_ACCESS, NOT_ABOVE_CHANCE, PARTIAL, RECOVERED, AttackRow, GridCell
 from .config import AttackKind
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ def markdown_table(rows: tuple[AttackRow, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def grid_images(path: Path, shown: dict[tuple[str, str], _Shown], settings: list[str], attacks: list[str]) -> None:
+def grid_images(
+    path: Path, shown: dict[tuple[str, str], GridCell], settings: list[str], attacks: list[str]
+) -> None:
     """For each setting a row: the original inputs, then each attack's matched reconstructions."""
     per = max(min(4, s.originals.shape[0]) for s in shown.values())  # inputs shown per group
     groups = ["original", *attacks]
@@ -94,7 +96,9 @@ def grid_images(path: Path, shown: dict[tuple[str, str], _Shown], settings: list
     _save(fig, path)
 
 
-def grid_rows(path: Path, shown: dict[tuple[str, str], _Shown], settings: list[str], attacks: list[str]) -> None:
+def grid_rows(
+    path: Path, shown: dict[tuple[str, str], GridCell], settings: list[str], attacks: list[str]
+) -> None:
     """A heatmap of the first victim row: original and each attack's reconstruction, per setting."""
     labels: list[str] = []
     values: list[np.ndarray] = []

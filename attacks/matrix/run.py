@@ -31,7 +31,7 @@ import torch
 
 from privfl.errors import ConfigError
 
-from .cells import NO_ACCESS, NOT_ABOVE_CHANCE, PARTIAL, RECOVERED, AttackRow, _cells, _matrix, _Shown
+from .cells import NO_ACCESS, NOT_ABOVE_CHANCE, PARTIAL, RECOVERED, AttackRow, GridCell, count_cells, run_cells
 from .config import AttackMatrixConfig
 from .render import grid_images, grid_rows, markdown_table
 
@@ -164,15 +164,15 @@ def run_attack_matrix(
 def _run_and_write(config: AttackMatrixConfig, out: Path, *, overwrote: bool, progress: bool) -> AttackMatrixResult:
     started = time.perf_counter()
     rows: list[AttackRow] = []
-    shown: dict[str, dict[tuple[str, str], _Shown]] = {}
+    shown: dict[str, dict[tuple[str, str], GridCell]] = {}
     per_dataset: dict[str, float] = {}
     build: dict[str, float] = {}
-    planned = _cells(config)
+    planned = count_cells(config)
     interrupted = False
     with _Bar(planned, enabled=progress) as bar:
         last = time.perf_counter()
         try:
-            for dataset, row, cell, build_seconds in _matrix(config, bar):
+            for dataset, row, cell, build_seconds in run_cells(config, bar):
                 rows.append(row)
                 if cell is not None:
                     shown.setdefault(dataset, {})[(row.setting, row.attack)] = cell

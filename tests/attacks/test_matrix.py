@@ -180,13 +180,13 @@ def test_grids_leave_pyplot_and_the_backend_alone(tmp_path):
     code = f"""
 import sys, matplotlib, torch
 backend = dict.__getitem__(matplotlib.rcParams, "backend")  # get_backend() would itself import pyplot
-from privfl.attacks.matrix.cells import _Shown
+from privfl.attacks.matrix.cells import GridCell
 from privfl.attacks.matrix.render import grid_images, grid_rows
-images = {{("plaintext", "dlg"): _Shown(originals=torch.rand(2, 1, 8, 8).double(),
+images = {{("plaintext", "dlg"): GridCell(originals=torch.rand(2, 1, 8, 8).double(),
                                      reconstructions=torch.rand(2, 1, 8, 8).double()),
-          ("ciphertext", "dlg"): _Shown(originals=torch.rand(2, 1, 8, 8).double(), reconstructions=None)}}
+          ("ciphertext", "dlg"): GridCell(originals=torch.rand(2, 1, 8, 8).double(), reconstructions=None)}}
 grid_images({str(tmp_path / "a.png")!r}, images, ["plaintext", "ciphertext"], ["dlg"])
-rows = {{("plaintext", "dlg"): _Shown(originals=torch.randn(1, 30).double(), reconstructions=None)}}
+rows = {{("plaintext", "dlg"): GridCell(originals=torch.randn(1, 30).double(), reconstructions=None)}}
 grid_rows({str(tmp_path / "b.png")!r}, rows, ["plaintext"], ["dlg"])
 print("matplotlib.pyplot" in sys.modules, dict.__getitem__(matplotlib.rcParams, "backend") is backend)
 """
