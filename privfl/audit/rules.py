@@ -211,7 +211,7 @@ class Rule(Generic[F]):
 
     def code(self, tool: Tool) -> Code | None:
         """Its code in ``tool``, or None if that tool does not check it."""
-        return next((c for c in self.codes if c.tool is tool), None)
+        return next((c for c in self.codes if c.tool is Tool(tool)), None)
 
     @property
     def shared(self) -> bool:
@@ -236,9 +236,10 @@ def register(*codes: Code, title: str, fix: str, per_client: bool = False) -> Ca
         if not fix.strip():
             raise ValueError(f"rule {codes[0].code} has no fix text")
         rule: Rule[Any] = Rule(codes=tuple(codes), title=title, fix=fix, check=check, per_client=per_client)
+        taken = [c.code for c in codes if c.code in _REGISTRY and _REGISTRY[c.code].check is not check]
+        if taken:
+            raise ValueError(f"rule code {taken[0]} is registered twice")
         for c in codes:
-            if c.code in _REGISTRY and _REGISTRY[c.code].check is not check:
-                raise ValueError(f"rule code {c.code} is registered twice")
             _REGISTRY[c.code] = rule
         return check
 
@@ -257,8 +258,9 @@ def registry() -> tuple[Rule[Any], ...]:
     return tuple(seen.values())
 
 
-def codes(tool: Tool) -> dict[str, tuple[Severity, str]]:
+def codes(tool: Tool | str) -> dict[str, tuple[Severity, str]]:
     """``code -> (default severity, title)`` of every rule ``tool`` checks, in code order."""
+    tool = Tool(tool)
     out = {}
     for rule in registry():
         code = rule.code(tool)
@@ -294,8 +296,9 @@ def apply_rules(tool: Tool, facts: Facts) -> list[Finding]:
     return sorted(kept, key=lambda f: (SEVERITY_ORDER[f.severity], f.code))
 
 
-def rules_table(tool: Tool) -> str:
-    """The Markdown rules table of ``tool`` in ``docs/audits.md`` (a test holds the docs to it)."""
+def rules_table(tool: Tool | str) -> str:
+    """The Markdown rules table of ``tool`` (``"lint"`` or ``"audit"``) in ``docs/audits.md`` (a test holds the docs to it)."""
+    tool = Tool(tool)
     other = Tool.AUDIT if tool is Tool.LINT else Tool.LINT
     lines = ["| code | severity | finding | same check as |", "|---|---|---|---|"]
     rows: list[tuple[str, str]] = []
