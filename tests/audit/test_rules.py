@@ -66,8 +66,11 @@ def test_every_rule_has_a_title_a_fix_and_a_docs_line() -> None:
 
 
 def test_shared_rules_are_one_check_under_two_codes() -> None:
-    shared = {r.code(Tool.LINT).code: r.code(Tool.AUDIT).code for r in rules.registry() if r.shared}  # type: ignore[union-attr]
-    assert shared == SHARED
+    pairs = [(r.code(Tool.LINT), r.code(Tool.AUDIT)) for r in rules.registry() if r.shared]
+    assert {lint.code: audit.code for lint, audit in pairs if lint and audit} == SHARED
+    for lint, audit in SHARED.items():
+        (rule,) = [r for r in rules.registry() if lint in {c.code for c in r.codes}]
+        assert audit in {c.code for c in rule.codes}  # one rule, one check function, both codes
 
 
 def test_docs_name_exactly_the_registered_codes() -> None:
@@ -124,6 +127,12 @@ def _by_code(findings: list[Finding], code: str) -> list[Finding]:
     return [f for f in findings if f.code == code]
 
 
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, (pattern, text)
+    return float(match.group(1))
+
+
 def _client(message: str) -> str:
     match = re.match(r"client '([^']+)'", message)
     assert match, message
@@ -140,9 +149,7 @@ def test_delta_is_the_same_finding(weak: tuple[list[Finding], list[Finding]]) ->
     twin = run_findings[smallest]
     assert (twin.severity, twin.message, twin.fix) == (config_finding.severity, config_finding.message, config_finding.fix)
     assert config_finding.field == "training.dp.delta" and twin.field == f"clients.{smallest}.delta"
-    assert int(re.search(r"n=(\d+)", twin.message).group(1)) == min(  # type: ignore[union-attr]
-        int(re.search(r"n=(\d+)", f.message).group(1)) for f in run_findings.values()  # type: ignore[union-attr]
-    )
+    assert _number(r"n=(\d+)", twin.message) == min(_number(r"n=(\d+)", f.message) for f in run_findings.values())
 
 
 @pytest.mark.parametrize("lint_code_, audit_code_", [("PFL004", "PFA005"), ("PFL006", "PFA009")])
@@ -177,8 +184,8 @@ def test_high_epsilon_is_the_same_finding_with_the_same_figure(loose: tuple[list
     worst = _client(config_finding.message)
     twin = run_findings[worst]
     # The planned epsilon of every round is what the run spent (every site trains in every round).
-    figure = re.compile(r"^client '[^']+': epsilon ([\d.]+) \(")
-    assert figure.match(config_finding.message).group(1) == figure.match(twin.message).group(1)  # type: ignore[union-attr]
-    assert max(run_findings, key=lambda n: float(figure.match(run_findings[n].message).group(1))) == worst  # type: ignore[union-attr]
+    figure = r"^client '[^']+': epsilon ([\d.]+) \("
+    assert _number(figure, config_finding.message) == _number(figure, twin.message)
+    assert max(run_findings, key=lambda name: _number(figure, run_findings[name].message)) == worst
     assert (twin.severity, twin.fix) == (config_finding.severity, config_finding.fix)
     assert config_finding.message.split(") > ")[1] == twin.message.split(") > ")[1]
