@@ -209,7 +209,7 @@ class Rule(Generic[F]):
     check: Callable[[F], list[Hit]]
     per_client: bool = False
 
-    def code(self, tool: Tool) -> Code | None:
+    def code(self, tool: Tool | str) -> Code | None:
         """Its code in ``tool``, or None if that tool does not check it."""
         return next((c for c in self.codes if c.tool is Tool(tool)), None)
 
@@ -276,6 +276,9 @@ def apply_rules(tool: Tool, facts: Facts) -> list[Finding]:
         The findings, errors first, then warnings, then infos (in code order within each, and in
         the order each check found them within a code), less those another finding on the same
         field supersedes.
+
+    Raises:
+        ValueError: a check gave a severity its code does not list (a bug in the rule, not in the input).
     """
     findings: list[Finding] = []
     superseded: set[tuple[str, str]] = set()
@@ -288,6 +291,9 @@ def apply_rules(tool: Tool, facts: Facts) -> list[Finding]:
             # One setting for every client: the finding names the client that binds it.
             hits = [max(hits, key=lambda h: h.rank)]
         for h in hits:
+            if h.severity is not None and h.severity not in (code.severity, *code.also):
+                # The docs table lists every severity a code can take; a check may not add one silently.
+                raise ValueError(f"{code.code} found with severity {h.severity.value}, not one its registry entry lists")
             superseded |= {(other, h.field) for other in h.supersedes}
             findings.append(
                 Finding(severity=h.severity or code.severity, code=code.code, field=h.field, message=h.message, fix=h.fix or rule.fix)

@@ -11,7 +11,7 @@ import pytest
 from privfl.audit import rules
 from privfl.audit.lint import RULES, lint_config
 from privfl.audit.report import AUDIT_CODES, audit_run
-from privfl.audit.rules import Code, Finding, Severity, Tool, lint_code
+from privfl.audit.rules import Code, Finding, Hit, Severity, Tool, lint_code
 from privfl.config import RunConfig, config_from_dict
 from privfl.runner import run
 
@@ -46,6 +46,15 @@ def test_no_code_is_registered_twice() -> None:
     with pytest.raises(ValueError, match="no fix"):
         rules.register(lint_code("PFL999", Severity.INFO, "x"), title="x", fix=" ")(lambda facts: [])
     assert "PFL999" not in {c.code for c in _all_codes()}
+
+
+def test_a_check_cannot_give_a_severity_its_code_does_not_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "_REGISTRY", {})  # this rule alone, and the real registry back afterwards
+    rules.register(lint_code("PFL998", Severity.INFO, "x", also=(Severity.WARNING,)), title="x", fix="x")(
+        lambda facts: [Hit(field="f", message="m", severity=severity) for severity in (Severity.WARNING, Severity.ERROR)]
+    )
+    with pytest.raises(ValueError, match="PFL998 found with severity error"):
+        rules.apply_rules(Tool.LINT, rules.Facts(clients=(), client_dp=True))
 
 
 def test_every_published_code_keeps_its_severity() -> None:
