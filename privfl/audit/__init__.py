@@ -1,4 +1,8 @@
-"""Privacy audits: budget reports, config linting, empirical epsilon lower bounds and membership-inference scores."""
+"""Privacy audits: budget reports, config linting, empirical epsilon lower bounds and membership-inference scores.
+
+Config linting (``lint``, PFL codes) and run audits (``report``, PFA codes) check one rule registry,
+:mod:`privfl.audit.rules`.
+"""
 
 from privfl.audit.empirical import (
     AuditFailure,
