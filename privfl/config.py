@@ -70,7 +70,7 @@ class ClippingMode(str, Enum):
     """How DP-SGD computes per-example gradient norms."""
 
     AUTO = "auto"
-    """Book-keeping for models made of wide linear layers, per-sample gradients otherwise."""
+    """Book-keeping for models of linear layers it supports, ghost or per-sample gradients otherwise."""
     PER_SAMPLE = "per_sample"
     """Materialise every per-example gradient (Opacus hooks)."""
     GHOST = "ghost"

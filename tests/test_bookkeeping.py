@@ -251,10 +251,19 @@ def test_a_tied_weight_is_refused():
         BookKeeping(nn.Sequential(first, nn.ReLU(), second), max_grad_norm=1.0)
 
 
-def test_auto_picks_bookkeeping_for_wide_linear_models_it_supports():
+def test_a_batchnorm_is_refused_even_without_parameters():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=r"layer 1 \(BatchNorm1d\) mixes the examples"):
+        BookKeeping(model, max_grad_norm=1.0)
+
+
+def test_auto_picks_bookkeeping_for_linear_models_it_supports():
     assert choose_clipping(MLP(30, 2, hidden=1024), ClippingMode.AUTO) is ClippingMode.BOOKKEEPING
+    assert choose_clipping(LogisticRegression(30, 2), ClippingMode.AUTO) is ClippingMode.BOOKKEEPING
     wide_with_custom_layer = nn.Sequential(nn.Linear(30, 1024), Scaled(1024), nn.Linear(1024, 2))
     assert choose_clipping(wide_with_custom_layer, ClippingMode.AUTO) is ClippingMode.GHOST
-    assert choose_clipping(LogisticRegression(30, 2), ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
+    narrow_with_custom_layer = nn.Sequential(nn.Linear(30, 8), Scaled(8), nn.Linear(8, 2))
+    assert choose_clipping(narrow_with_custom_layer, ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
     assert choose_clipping(SmallCNN(10), ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
+    assert choose_clipping(LogisticRegression(30, 2), ClippingMode.GHOST) is ClippingMode.GHOST
     assert DPConfig(noise_multiplier=1.0, clipping="bookkeeping").clipping is ClippingMode.BOOKKEEPING

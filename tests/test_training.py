@@ -80,9 +80,9 @@ def test_ghost_clipping_matches_per_sample_clipping(data):
     np.testing.assert_allclose(deltas[ClippingMode.PER_SAMPLE], deltas[ClippingMode.GHOST], rtol=1e-3, atol=1e-5)
 
 
-def test_auto_clipping_picks_bookkeeping_for_wide_linear_layers():
+def test_auto_clipping_picks_bookkeeping_for_linear_models():
     assert choose_clipping(MLP(30, 2, hidden=1024), ClippingMode.AUTO) is ClippingMode.BOOKKEEPING
-    assert choose_clipping(LogisticRegression(30, 2), ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
+    assert choose_clipping(LogisticRegression(30, 2), ClippingMode.AUTO) is ClippingMode.BOOKKEEPING
 
 
 def test_batchnorm_is_fixed_with_a_warning():
