@@ -92,7 +92,7 @@ def bookkeeping_unsupported(model: nn.Module) -> str | None:
     parameters of its own is not detected.
     """
     seen: dict[int, str] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module in model.named_modules():  # a layer registered twice is one layer, called twice
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             # It mixes the examples of a batch: no per-example gradient exists (convert_for_dp replaces it).
             return f"layer {path or '<model>'} ({type(module).__name__}) mixes the examples of a batch"
@@ -137,6 +137,8 @@ class BookKeeping:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("model", type(model).__name__, "has no trainable parameters")
         self._layers = [m for m in model.modules() if _trainable(m)]
 
     def clipped_sum(
@@ -224,12 +226,16 @@ class BookKeeping:
             return inputs.new_zeros((0,)), inputs.new_zeros(())
         records: dict[nn.Module, _Record] = {m: _Record(inputs=[], outputs=[]) for m in self._layers}
 
-        def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             record = records[module]
             record.inputs.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
             record.outputs.append(output)
+            # The model goes on with a copy: an in-place op after the layer (ReLU(inplace=True))
+            # would otherwise rewrite the recorded output, and its gradient with it.
+            return output.clone()
 
-        handles: list[RemovableHandle] = [m.register_forward_hook(keep) for m in self._layers]
+        # Prepended, so the layer's own output is recorded even if a user's hook replaces it.
+        handles: list[RemovableHandle] = [m.register_forward_hook(keep, prepend=True) for m in self._layers]
         try:
             loss = loss_fn(self.model(inputs), labels)
         finally:

@@ -115,6 +115,18 @@ def test_clipped_sum_equals_opacus_per_sample_clipping(case, batch):
     assert all(p.grad is None for p in model.parameters())  # no parameter gradient was computed
 
 
+def test_an_in_place_activation_after_a_layer_does_not_change_its_recorded_output():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    in_place = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    in_place.load_state_dict(plain.state_dict())
+    inputs, labels = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    expected, _ = opacus_clipped_sum(plain, inputs, labels, 0.5)  # Opacus' hooks refuse in-place outputs
+    got = BookKeeping(in_place, max_grad_norm=0.5).clipped_sum(inputs, labels, SUM)
+    for mine, theirs in zip(got.grads, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_parameters_are_left_out():
     torch.manual_seed(0)
     model = MLP(10, 3, hidden=16)
@@ -244,6 +256,8 @@ def test_an_unsupported_layer_is_a_config_error_naming_it(data):
 
 
 def test_a_tied_weight_is_refused():
+    layer = nn.Linear(8, 8)
+    assert bookkeeping_unsupported(nn.Sequential(layer, nn.ReLU(), layer)) is None  # one layer called twice
     first, second = nn.Linear(8, 8), nn.Linear(8, 8)
     second.weight = first.weight
     assert "shared" in (bookkeeping_unsupported(nn.Sequential(first, nn.ReLU(), second)) or "")
