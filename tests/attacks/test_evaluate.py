@@ -18,6 +18,13 @@ def _cnn(seed: int = 0) -> torch.nn.Module:
     )
 
 
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
+
+
 def _victims(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)
@@ -35,8 +42,9 @@ def _clipped_mean(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, c: f
     return [t / x.shape[0] for t in total]
 
 
-def test_dp_observation_without_noise_is_the_clipped_mean_gradient() -> None:
-    model, (x, y) = _cnn(), _victims(6)
+@pytest.mark.parametrize("build", [_cnn, _mlp], ids=["convnet", "mlp"])  # the clipping modes auto picks for each
+def test_dp_observation_without_noise_is_the_clipped_mean_gradient(build) -> None:
+    model, (x, y) = build(), _victims(6)
     # C small enough that every per-example gradient is clipped: a missed or doubled clip shows.
     expected = _clipped_mean(model, x, y, c=0.05)
     observed = dp_sgd_gradient(model, x, y, noise_multiplier=1e-9, max_grad_norm=0.05, seed=0)
@@ -45,7 +53,7 @@ def test_dp_observation_without_noise_is_the_clipped_mean_gradient() -> None:
     for got, want in zip(observed, expected, strict=True):
         assert got.shape == want.shape
         assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)
-    before = [p.detach().clone() for p in _cnn().parameters()]
+    before = [p.detach().clone() for p in build().parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # model untouched
 
 
