@@ -458,6 +458,7 @@ def train_dp_sgd(
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = _poisson_loader(dataset, sample_rate, steps // config.local_epochs, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    expected_batch_size = _expected_batch_size(num_examples, len(loader))
     if keeper is not None:
         losses = _train_bookkeeping(
             model,
@@ -467,8 +468,7 @@ def train_dp_sgd(
             epochs=config.local_epochs,
             steps=steps,
             noise_multiplier=noise_multiplier,
-            # E[B] exactly as Opacus' make_private computes it, so every mode takes the same step.
-            expected_batch_size=int(num_examples * (1 / len(loader))),
+            expected_batch_size=expected_batch_size,
             generator=generator,
             device=device,
         )
@@ -483,6 +483,7 @@ def train_dp_sgd(
             sample_rate=sample_rate,
             noise_multiplier=noise_multiplier,
             max_grad_norm=config.dp.max_grad_norm,
+            expected_batch_size=expected_batch_size,
             generator=generator,
             device=device,
         )
@@ -494,6 +495,15 @@ def train_dp_sgd(
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         clipping=clipping,
     )
+
+
+def _expected_batch_size(num_examples: int, batches: int) -> int:
+    """E[B], what every clipping mode divides the noisy sum by: floor(n / batches) = floor(n q).
+
+    Opacus computes it as ``int(n * (1 / batches))``, which floating point makes one less for some
+    sizes (0 for 49 examples in 49 batches: a NaN update); the integer division does not.
+    """
+    return max(1, num_examples // batches)
 
 
 def _train_bookkeeping(
@@ -546,6 +556,7 @@ def _train_opacus(
     sample_rate: float,
     noise_multiplier: float,
     max_grad_norm: float,
+    expected_batch_size: int,
     generator: torch.Generator,
     device: torch.device,
 ) -> list[float]:
@@ -578,6 +589,7 @@ def _train_opacus(
         else:
             private_model, private_optimizer, private_loader = made
             private_criterion = criterion
+        private_optimizer.expected_batch_size = expected_batch_size  # the same divisor in every mode
 
         losses: list[float] = []
         for _ in range(epochs):

@@ -224,6 +224,20 @@ def test_empty_poisson_batches_take_noise_only_steps_as_with_hooks():
     np.testing.assert_allclose(deltas["bookkeeping"], deltas["per_sample"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("num_examples", "batch_size"), [(49, 1), (98, 2), (569, 16)])
+def test_every_mode_divides_by_the_same_expected_batch_size(num_examples, batch_size):
+    # int(49 * (1 / 49)) == 0 in floating point: the update was NaN with hooks before E[B] was computed exactly.
+    data = ArrayDataset(np.random.default_rng(0).normal(size=(num_examples, 4)), np.arange(num_examples) % 2)
+    deltas = {}
+    for mode in ("per_sample", "bookkeeping"):
+        torch.manual_seed(0)
+        cfg = TrainingConfig(batch_size=batch_size, learning_rate=0.1, dp=DPConfig(noise_multiplier=1.0, clipping=mode))
+        deltas[mode] = train_dp_sgd(MLP(4, 2, hidden=8), data, config=cfg, noise_multiplier=1e-9, device=CPU, seed=0).delta
+    assert np.isfinite(deltas["per_sample"]).all()
+    np.testing.assert_allclose(deltas["bookkeeping"], deltas["per_sample"], rtol=0, atol=1e-5)
+    assert np.linalg.norm(deltas["bookkeeping"]) > 0
+
+
 def test_seed_none_draws_fresh_noise(data):
     cfg = TrainingConfig(batch_size=16, dp=DPConfig(noise_multiplier=1.0, clipping="bookkeeping"))
     deltas = []
