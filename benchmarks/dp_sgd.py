@@ -1,113 +1,180 @@
-"""Cost of one DP-SGD step (Opacus, through privfl's training path) against one non-private step.
+"""Cost of one DP-SGD step through privfl's training path (``train_dp_sgd``) against one non-private step.
 
-Same model, same batch, same optimizer; per-sample clipping (hooks) and ghost clipping are both
-measured, and privfl's AUTO choice is marked. Prints one table of ratios measured in this run:
+Every private variant is a whole ``train_dp_sgd`` call (Poisson loader, clipping, noise, optimizer,
+the DP bookkeeping around it): per-sample gradients (Opacus hooks), ghost clipping (Opacus, two
+backward passes) and book-keeping (privfl, one backward pass). The baseline is a plain PyTorch loop
+(mean cross-entropy, backward, SGD step) over the same Poisson batches from the same loader.
+
+A step's cost is measured by differencing: each variant runs on a dataset of ``short`` and of
+``long`` batches (batch size 64, so ``short`` and ``long`` steps), and the cost of one step is
+``(t(long) - t(short)) / (long - short)``, which cancels the fixed set-up of a call (Opacus'
+make_private, the first parameter copy). The variants take turns within each repeat, so a burst of
+load from elsewhere hits all of them alike; each repeat gives one ratio per variant, and the table
+shows the median and the min of the ratios, for CPU time (``time.process_time``) and wall time.
+The "noise draw" row times only the Gaussian draws of one step (one per parameter, torch's CPU
+generator), the part of a DP-SGD step no clipping method removes. Threads are pinned
+(``--threads``, 1 by default, and OMP_NUM_THREADS). Prints one table:
 
     python benchmarks/dp_sgd.py
-    python benchmarks/dp_sgd.py --steps 20 --batch-size 64
+    python benchmarks/dp_sgd.py --models wide-mlp --repeats 7 --short 4 --long 24
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
 import warnings
+from collections.abc import Callable
 
-import torch
-from torch import nn
-
-from privfl.config import ClippingMode
-from privfl.models import MLP, SmallCNN
-from privfl.training import choose_clipping
+VARIANTS = ("non-private", "per_sample", "ghost", "bookkeeping", "noise draw")
 
 
-class CifarCNN(nn.Module):
-    """A small CNN on 3x32x32 inputs (about 120k parameters), GroupNorm so DP-SGD applies."""
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--models", default="digits-cnn,cifar-cnn,small-mlp,wide-mlp", help="comma-separated subset")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--short", type=int, default=4, help="steps of the short run")
+    parser.add_argument("--long", type=int, default=24, help="steps of the long run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS[1:]), help="private variants, comma-separated")
+    args = parser.parse_args()
+    args.variants = ("non-private", *(v.strip() for v in args.variants.split(",") if v.strip() != "non-private"))
+    if not set(args.variants) <= set(VARIANTS):
+        sys.exit(f"unknown variant(s) in {args.variants}; choose from {VARIANTS[1:]}")
+    # Before torch loads: its OpenMP pool reads this once.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    cases = _cases()
+    chosen = [name.strip() for name in args.models.split(",")]
+    unknown = [name for name in chosen if name not in cases]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; choose from {sorted(cases)}")
+
+    print(
+        f"per-step cost by differencing {args.short} and {args.long} steps, expected batch {args.batch_size}, "
+        f"{args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    )
+    header = (
+        "| model | params | variant | ms/step CPU | / non-private CPU (median, min) | / non-private wall (median, min) |"
+    )
+    print(header)
+    print("|---|---:|---|---:|---|---|")
+    for name in chosen:
+        title, build, shape = cases[name]
+        _report(title, build, shape, args)
+
+
+def _cases() -> dict[str, tuple[str, Callable, tuple[int, ...]]]:
+    from torch import nn
+
+    from privfl.models import MLP, SmallCNN
+
+    def cifar_cnn() -> nn.Module:
+        # A small CNN on 3x32x32 inputs, GroupNorm so DP-SGD applies.
+        return nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(64, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
             nn.Flatten(), nn.Linear(256, 10),
-        )
+        )  # fmt: skip
 
-    def forward(self, x):
-        return self.net(x)
+    return {
+        "digits-cnn": ("small CNN 8x8 (digits)", lambda: SmallCNN(10), (1, 8, 8)),
+        "cifar-cnn": ("small CNN 3x32x32", cifar_cnn, (3, 32, 32)),
+        "wide-mlp": ("wide MLP 1024-1024-1024-10", lambda: MLP(1024, 10, hidden=1024), (1024,)),
+        "small-mlp": ("small MLP 30-64-64-10", lambda: MLP(30, 10, hidden=64), (30,)),
+    }
 
 
-def _make_step(model_fn, inputs, labels, mode: str | None):
-    """Builds the model (private or not) and returns a function doing one optimizer step."""
-    from opacus import PrivacyEngine
+def _report(title: str, build: Callable, shape: tuple[int, ...], args: argparse.Namespace) -> None:
+    import torch
 
+    from privfl.config import ClippingMode
+    from privfl.training import choose_clipping
+
+    generator = torch.Generator().manual_seed(0)
+    datasets = {}
+    for steps in (args.short, args.long):
+        n = steps * args.batch_size  # ceil(n / batch) = steps batches of one epoch
+        inputs = torch.rand((n, *shape), generator=generator)
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        datasets[steps] = torch.utils.data.TensorDataset(inputs, labels)
     torch.manual_seed(0)
-    model = model_fn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    criterion = nn.CrossEntropyLoss()
-    if mode is not None:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=len(labels))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            made = PrivacyEngine().make_private(
-                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
-            )
-        if mode == "ghost":
-            model, optimizer, criterion, _ = made
+    initial = build()
+    params = sum(p.numel() for p in initial.parameters())
+    auto = choose_clipping(initial, ClippingMode.AUTO).value
+
+    variants: tuple[str, ...] = args.variants
+    for variant in variants:  # warm-up: first calls pay for imports and allocator growth
+        _timed(variant, initial, datasets[args.short], args.batch_size)
+    per_step: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    for repeat in range(args.repeats):
+        # The variants take turns, each repeat starting one further along.
+        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
+        for variant in order:
+            short_cpu, short_wall = _timed(variant, initial, datasets[args.short], args.batch_size)
+            long_cpu, long_wall = _timed(variant, initial, datasets[args.long], args.batch_size)
+            steps = args.long - args.short
+            per_step[variant].append(((long_cpu - short_cpu) / steps, (long_wall - short_wall) / steps))
+    base = per_step["non-private"]
+    for variant in variants:
+        cpu_ms = statistics.median(c for c, _ in per_step[variant]) * 1000
+        label = variant + (" (auto)" if variant == auto else "")
+        if variant == "non-private":
+            ratios = "1 | 1"
         else:
-            model, optimizer, _ = made
-
-    def one():
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(inputs), labels)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(3):  # warm-up
-        one()
-    return one
+            cpu = [c / b for (c, _), (b, _) in zip(per_step[variant], base, strict=True)]
+            wall = [w / b for (_, w), (_, b) in zip(per_step[variant], base, strict=True)]
+            ratios = f"{statistics.median(cpu):.2f}x, {min(cpu):.2f}x | {statistics.median(wall):.2f}x, {min(wall):.2f}x"
+        print(f"| {title} | {params:,} | {label} | {cpu_ms:.1f} | {ratios} |", flush=True)
 
 
-def _interleaved_medians(steppers: dict, steps: int, repeats: int = 5) -> dict:
-    # The variants take turns, so a burst of load from elsewhere on a shared machine hits all of
-    # them alike; the median of the repeats is reported.
-    samples = {name: [] for name in steppers}
-    for _ in range(repeats):
-        for name, one in steppers.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                one()
-            samples[name].append((time.perf_counter() - start) / steps)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+def _timed(variant: str, initial, dataset, batch_size: int) -> tuple[float, float]:
+    """CPU and wall seconds of one training call of ``variant`` on a fresh copy of ``initial``."""
+    import copy
 
+    import torch
+    from torch import nn
 
-def main() -> None:
-    warnings.filterwarnings("ignore")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    b = args.batch_size
-    cases = [
-        ("small CNN 8x8 (digits)", lambda: SmallCNN(10), torch.rand(b, 1, 8, 8)),
-        ("small CNN 3x32x32", CifarCNN, torch.rand(b, 3, 32, 32)),
-        ("wide MLP 1024-1024-1024-10", lambda: MLP(1024, 10, hidden=1024), torch.rand(b, 1024)),
-    ]
-    print(f"one optimizer step, batch {b}, {args.steps} timed steps, {torch.get_num_threads()} threads")
-    header = f"| {'model':<28} | {'params':>9} | {'non-private s':>13} | {'DP hooks s':>10} | {'DP ghost s':>10} | {'hooks/np':>8} | {'ghost/np':>8} | {'privfl auto':>11} |"
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for name, model_fn, inputs in cases:
-        labels = torch.randint(0, 10, (b,))
-        params = sum(p.numel() for p in model_fn().parameters())
-        steppers = {mode: _make_step(model_fn, inputs, labels, mode) for mode in (None, "hooks", "ghost")}
-        times = _interleaved_medians(steppers, args.steps)
-        base, hooks, ghost = times[None], times["hooks"], times["ghost"]
-        auto = choose_clipping(model_fn(), ClippingMode.AUTO)
-        chosen = ghost if auto is ClippingMode.GHOST else hooks
-        print(f"| {name:<28} | {params:>9,} | {base:13.4f} | {hooks:10.4f} | {ghost:10.4f} | {hooks / base:8.2f} | {ghost / base:8.2f} | {auto.value + f' {chosen / base:.2f}x':>11} |")
+    from privfl.config import DPConfig, TrainingConfig
+    from privfl.training import _poisson_loader, sampling_plan, train_dp_sgd
+
+    model = copy.deepcopy(initial)
+    cpu = torch.device("cpu")
+    clipping = variant if variant in ("per_sample", "ghost", "bookkeeping") else "per_sample"
+    config = TrainingConfig(
+        batch_size=batch_size, learning_rate=0.01, dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping)
+    )
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    if variant == "noise draw":
+        # The floor of any DP-SGD step: one Gaussian per parameter from torch's generator, as drawn.
+        buffers = [torch.empty_like(p) for p in model.parameters()]
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(len(dataset) // batch_size):
+            for buffer in buffers:
+                buffer.normal_(0.0, 1.0, generator=generator)
+    elif variant == "non-private":
+        # The same Poisson batches (same seed) as train_dp_sgd draws, through a plain PyTorch step.
+        sample_rate, steps = sampling_plan(len(dataset), config)
+        loader = _poisson_loader(dataset, sample_rate, steps, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+        criterion = nn.CrossEntropyLoss()
+        model.train()
+        for inputs, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(labels):
+                criterion(model(inputs), labels).backward()
+                optimizer.step()
+    else:
+        train_dp_sgd(model, dataset, config=config, noise_multiplier=1.0, device=cpu, seed=0)
+    return time.process_time() - start_cpu, time.perf_counter() - start_wall
 
 
 if __name__ == "__main__":
