@@ -16,8 +16,6 @@ import torch
 
 from privfl import _validate
 from privfl.errors import AttackError, ConfigError, ModelTamperError  # ModelTamperError is re-exported here
-from privfl.received_model import Finding as Finding  # the check's result type, where older imports look for it
-from privfl.received_model import FindingKind as FindingKind
 
 from ._model import ModelView, check_alignment
 from .base import AggregateObservation, Attack, GradientObservation, Observation, Reconstruction

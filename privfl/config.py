@@ -116,7 +116,7 @@ def _coerce_enum(config: object, name: str, enum: type[Enum]) -> None:
         raise ConfigError(name, value, f"must be one of {[m.value for m in enum]}") from None
 
 
-# The shared numeric checks, under the names this module (and privfl.attack_harness) has always used.
+# The shared numeric checks, under the names this module (and the attack matrix's config) has always used.
 _positive = _validate.positive
 _positive_int = _validate.positive_int
 _unit_interval = _validate.unit_interval

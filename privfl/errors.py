@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: importing these at run time would pull in numpy and torch
-    from privfl.attacks.imprint import Finding
     from privfl.audit.empirical import AuditOutcome
+    from privfl.received_model import Finding
 
 __all__ = [
     "AttackError",
@@ -87,8 +87,8 @@ class AttackError(PrivflError):
 class ModelTamperError(PrivflError):
     """A model received from the server differs from the agreed one, or carries an imprint signature.
 
-    Raised on the client by :func:`privfl.attacks.verify_received_model` and
-    :func:`privfl.attacks.verify_model_architecture`; the client should refuse to train on the model.
+    Raised on the client by :func:`privfl.verify_received_model` and
+    :func:`privfl.received_model.verify_model_architecture`; the client should refuse to train on the model.
 
     Attributes:
         findings: What the check found.

@@ -158,7 +158,7 @@ def test_run_and_audit_with_an_impossible_out_exit_2(tmp_path, capsys, where, au
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
 def test_attack_on_a_read_only_or_full_disk_exits_2(tmp_path, capsys, monkeypatch, code):
-    import privfl.attack_harness as harness
+    import privfl.attacks.matrix as harness
 
     def fails(config, out, **kwargs):
         raise OSError(code, os.strerror(code), str(Path(out) / "results.json"))

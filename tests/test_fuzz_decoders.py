@@ -30,7 +30,7 @@ import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privfl.attack_harness import attack_config_from_dict, load_attack_config
+from privfl.attacks.matrix import attack_config_from_dict, load_attack_config
 from privfl.config import (
     ClientDPConfig,
     DataConfig,

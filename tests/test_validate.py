@@ -164,7 +164,7 @@ def test_moved_errors_live_in_the_hierarchy_and_keep_their_old_import_paths() ->
 
 
 def test_model_tamper_error_message_lists_findings() -> None:
-    from privfl.attacks.imprint import Finding, FindingKind
+    from privfl.received_model import Finding, FindingKind
 
     findings = [Finding(kind=FindingKind.ARCHITECTURE, location=f"layer{i}", detail="differs") for i in range(7)]
     error = ModelTamperError(findings)
