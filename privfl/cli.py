@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     source = args.config or "embedded default"
     console.print(f"[bold]privfl run[/bold]: {source} -> {out}")
     try:
-        result = run(config, out, resume=args.resume, progress=not args.quiet)
+        result = run(config, out, resume=args.resume, progress=not args.quiet, record=args.record)
     except KeyboardInterrupt:
         from privfl.federation import interrupted_run_hint
 
@@ -76,8 +76,41 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _cmd_attack_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    if args.config:
+        print(
+            "privfl: error: with --run, name the run's config with --run-config; the positional CONFIG is an "
+            "attack-matrix config", file=sys.stderr,
+        )
+        return 2
+    from privfl.attacks.recorded import attack_recording, write_recorded_results
+    from privfl.export import run_setup
+
+    console = Console(stderr=True)
+    console.print(f"[bold]privfl attack[/bold]: what the server observed in {args.run} -> {args.out}")
+    model_fn, clients = run_setup(args.run, args.run_config, option="--run-config")
+
+    def show(row) -> None:
+        if not args.quiet:
+            detail = f" {row.best_psnr:.1f} dB (chance {row.best_chance_psnr:.1f})" if row.reconstructed else ""
+            console.print(f"  round {row.round} {row.source}: {row.view}, {row.attack}: {row.verdict}{detail}", highlight=False, soft_wrap=True)
+
+    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else None
+    result = attack_recording(args.run, model_fn=model_fn, clients=clients, rounds=rounds,
+                              iterations=args.iterations, on_row=show)
+    folder = write_recorded_results(result, args.out)
+    print(result.to_markdown())
+    print(f"wrote {folder / 'results.json'} and {folder / 'results.md'}", file=sys.stderr)
+    return 0
+
+
 def _cmd_attack(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    if args.run:
+        return _cmd_attack_run(args)
 
     from privfl.attacks.matrix import (
         AttackMatrixInterrupted,
@@ -164,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/run-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--record", action="store_true",
+        help="keep what the server observes in DIR/observed, for `privfl attack --run` (plaintext: every update)",
+    )
     run.set_defaults(func=_cmd_run)
 
     audit = sub.add_parser("audit", help="privacy-budget report of a run directory (audit.md, audit.json, audit.png)")
@@ -187,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("config", nargs="?", help="a TOML attack-matrix config (default: the embedded one)")
     attack.add_argument("--out", required=True, help="output directory (existing results there are overwritten)")
     attack.add_argument("--quiet", action="store_true", help="no progress bar")
+    attack.add_argument("--run", metavar="RUN_DIR", help="attack what the server observed in a run made with `run --record`")
+    attack.add_argument("--run-config", help="with --run: the TOML config the run was made with (default: the embedded demo)")
+    attack.add_argument("--rounds", help="with --run: comma-separated rounds to attack (default: every recorded round)")
+    attack.add_argument("--iterations", type=int, default=300, help="with --run: FedAvg-inversion steps (default: 300)")
     attack.set_defaults(func=_cmd_attack)
 
     export = sub.add_parser(

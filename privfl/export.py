@@ -162,7 +162,7 @@ def _resolve_round(run_dir: Path, round_index: int | None) -> int:
     return round_index
 
 
-def _build(model_fn: Callable[[], nn.Module], identity: dict[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
+def initial_run_model(model_fn: Callable[[], nn.Module], identity: dict[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
     """``model_fn()`` initialised as the run's initial model was, then converted for DP-SGD."""
     from privfl.training import convert_for_dp, warn_conversion
 
@@ -191,7 +191,7 @@ def _load(
     run = Path(run_dir)
     chosen = _resolve_round(run, round_index)
     identity = load_run_identity(run / RUN_FILE)
-    model, changes = _build(model_fn, identity)
+    model, changes = initial_run_model(model_fn, identity)
     name = type(model).__name__
     recorded = _read_architecture(run)
     if recorded is not None:
@@ -304,23 +304,24 @@ def export_model(
     return ExportResult(path=target, round=chosen, num_parameters=num_parameters, dp_changes=changes, checked_architecture=checked)
 
 
-def export_run(
-    run_dir: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    config_path: str | os.PathLike[str] | None = None,
-    round: int | None = None,
-) -> ExportResult:
-    """``privfl export``: exports a run made by ``privfl run``, rebuilding its bundled model.
+def run_setup(
+    run_dir: str | os.PathLike[str], config_path: str | os.PathLike[str] | None = None, *, option: str = "--config"
+) -> tuple[Callable[[], nn.Module], dict[str, Any]]:
+    """The model builder and the sites' training data of a run made by ``privfl run``.
 
     run.json records the training and federation settings and each site's data fingerprint, but
-    not the ``[data]`` and ``[model]`` tables; so the model is rebuilt from the TOML config the run
-    was made with (default: the embedded demo, as for ``privfl run``), after checking that the
-    config's training and federation settings and site names are the run's.
+    not the ``[data]`` and ``[model]`` tables; so both are rebuilt from the TOML config the run was
+    made with (default: the embedded demo, as for ``privfl run``), after checking that the config's
+    training and federation settings and site names are the run's.
+
+    ``option`` is the command-line option the error message tells the user to pass the config with.
+
+    Returns:
+        ``(model_fn, clients)``: builds the bundled model; site name -> its training Dataset.
 
     Raises:
-        ConfigError: the config is not the run's (names the sections that differ), or anything
-            :func:`export_model` raises.
+        ConfigError: ``run_dir`` is not a run directory, or the config is not the run's (names the
+            sections that differ).
     """
     from privfl.config import default_config, load_config
     from privfl.federation import public_config
@@ -338,18 +339,37 @@ def export_run(
     ours = {"training": json.loads(json.dumps(public_config(config.training))), "federation": federation}
     differ = [key for key in ("training", "federation") if _differs(identity.get(key), ours[key])]
     split = load_dataset(config)
-    if sorted(split_clients(config, split)) != sorted(identity["clients"]):
+    clients = split_clients(config, split)
+    if sorted(clients) != sorted(identity["clients"]):
         differ.append("data (site names)")
     if differ:
         raise ConfigError(
             "config", source, f"is not the config the run in {run} was made with ({', '.join(differ)} differ); "
-            "pass that TOML file with --config"
+            f"pass that TOML file with {option}"
         )
 
     def model_fn() -> nn.Module:
         return build_model(config.model, split.train.input_shape, split.train.num_classes)
 
-    return export_model(run, out, model_fn, round=round)
+    return model_fn, clients
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    round: int | None = None,
+) -> ExportResult:
+    """``privfl export``: exports a run made by ``privfl run``, rebuilding its bundled model
+    from the config it was made with (see :func:`run_setup`).
+
+    Raises:
+        ConfigError: the config is not the run's (names the sections that differ), or anything
+            :func:`export_model` raises.
+    """
+    model_fn, _ = run_setup(run_dir, config_path)
+    return export_model(Path(run_dir), out, model_fn, round=round)
 
 
 def _differs(recorded: Any, ours: Any) -> bool:

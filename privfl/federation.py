@@ -198,6 +198,10 @@ class Federation:
             ``federation.protection`` names). Client-level DP needs one of privfl's, whose noise
             placement the driver knows.
         progress: show a progress bar.
+        record: write what the server observes (every message it receives, sends or relays) to the
+            run directory's ``observed/`` folder, so that ``privfl attack --run`` can attack those
+            bytes (:mod:`privfl.recording`). Needs ``out_dir``. Under plaintext this stores every
+            site's update in the clear, as the server held it.
 
     Example:
         >>> fed = Federation(model_fn=lambda: MyNet(), clients={"site-a": ds_a, "site-b": ds_b},
@@ -216,6 +220,7 @@ class Federation:
         transport: Transport | None = None,
         protection: Protection | None = None,
         progress: bool = True,
+        record: bool = False,
     ) -> None:
         if not callable(model_fn):
             raise ConfigError("model_fn", model_fn, "must be a callable returning a torch.nn.Module")
@@ -250,6 +255,7 @@ class Federation:
                 )
         self._protection = protection
         self.progress = progress
+        self.record = bool(record)
         self.device = resolve_device(federation.device)
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -364,6 +370,8 @@ class Federation:
         """
         out = Path(out_dir) if out_dir is not None else None
         if out is None:
+            if self.record:
+                raise ConfigError("record", True, "a recording of the server's view needs a run directory (out_dir)")
             return self._run(None, resume)
         # Refuse for the directory before calibrating noise or building models (seconds to minutes
         # of work); under the lock, _restore repeats these checks as it opens the ledger.
@@ -415,6 +423,11 @@ class Federation:
     ) -> RunResult:
         dp = self.training.dp
         self._plans_by_name = {plan.name: plan for plan in plans}
+        recorder = None
+        if self.record and out is not None:
+            from privfl.recording import OBSERVED_DIR, ServerViewRecorder
+
+            recorder = ServerViewRecorder(out / OBSERVED_DIR, inner=self.transport)
         self._setup_client_dp(len(plans), history)
         for plan in plans:
             ledger.register(plan.name, ClientBudget(epsilon=dp.epsilon_budget, delta=dp.delta))
@@ -426,7 +439,11 @@ class Federation:
         progress = _Progress(self.config.rounds, enabled=self.progress, start=start_round)
         with progress:
             for round_index in range(start_round, self.config.rounds):
-                record, global_params = self._round(round_index, plans, protection, ledger, global_params, needs_fix, out)
+                if recorder is not None:
+                    recorder.begin_round(round_index, global_params)
+                record, global_params = self._round(
+                    round_index, plans, protection, ledger, global_params, needs_fix, recorder or self.transport
+                )
                 history.append(record)
                 if out is not None:
                     # History first: a checkpoint never exists for a round whose record is missing.
@@ -449,7 +466,7 @@ class Federation:
         ledger: PrivacyLedger,
         global_params: np.ndarray,
         needs_fix: bool,
-        out: Path | None,
+        transport: Transport,
     ) -> tuple[RoundRecord, np.ndarray]:
         t0 = time.perf_counter()
         client_dp = self.config.client_dp
@@ -509,7 +526,7 @@ class Federation:
             if client_dp is not None and protection.noise_placement is NoisePlacement.CENTRAL:
                 extra["release_noise"] = self._central_noise(round_index, len(global_params))
             try:
-                outcome = protection.run_round(round_index, updates, self.transport, **extra)
+                outcome = protection.run_round(round_index, updates, transport, **extra)
             except ProtocolAbort as exc:
                 aborted = str(exc)
                 dropped = {c: "round aborted" for c in updates}

@@ -56,7 +56,14 @@ def split_clients(config: RunConfig, split: DatasetSplit) -> dict:
     return dict(zip(names, subsets(split.train, parts), strict=True))
 
 
-def run(config: RunConfig, out_dir: str | os.PathLike[str] | None, *, resume: bool = False, progress: bool = True) -> RunResult:
+def run(
+    config: RunConfig,
+    out_dir: str | os.PathLike[str] | None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    record: bool = False,
+) -> RunResult:
     """Builds the dataset, clients and model a config describes, and runs the federation.
 
     Args:
@@ -64,6 +71,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None, *, resume: bo
         out_dir: run directory (ledger, history, checkpoints, summary.json).
         resume: continue an interrupted run in ``out_dir``.
         progress: show a progress bar.
+        record: record what the server observes into ``out_dir/observed`` (see :mod:`privfl.recording`).
 
     Returns:
         The federation's result.
@@ -93,5 +101,6 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None, *, resume: bo
         training=config.training,
         federation=config.federation,
         progress=progress,
+        record=record,
     )
     return federation.run(out_dir, resume=resume)

@@ -22,7 +22,7 @@ from privfl.protocols.oneshot import (
 )
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["PlaintextProtection", "PlaintextServer", "encode_update"]
+__all__ = ["PlaintextProtection", "PlaintextServer", "decode_update", "encode_update"]
 
 _WEIGHT = struct.Struct(">d")
 
@@ -30,6 +30,25 @@ _WEIGHT = struct.Struct(">d")
 def encode_update(round_index: int, client: str, update: ClientUpdate) -> bytes:
     """Client side: the update message, n_k and delta_k (float32) in the clear."""
     return encode_frame(KIND_UPDATE, round_index, client, [_WEIGHT.pack(update.weight), update.delta.astype("<f4").tobytes()])
+
+
+def decode_update(message: bytes, *, round_index: int, sender: str, dim: int) -> tuple[float, np.ndarray]:
+    """Server side: checks and parses one update message into (n_k, delta_k as float32).
+
+    Raises:
+        MessageError: the message is not ``sender``'s update for ``round_index`` with ``dim`` finite
+            values and a finite weight > 0.
+    """
+    frame = decode_frame(message, kind=KIND_UPDATE, round_index=round_index, sender=sender, max_bytes=4 * dim + 1024)
+    if len(frame.parts) != 2 or len(frame.parts[0]) != 8:
+        raise MessageError("update has the wrong number of parts", sender=sender)
+    if len(frame.parts[1]) != 4 * dim:
+        raise MessageError(f"update has {len(frame.parts[1]) // 4} values, expected {dim}", sender=sender)
+    (weight,) = _WEIGHT.unpack(frame.parts[0])
+    delta = np.frombuffer(frame.parts[1], dtype="<f4")
+    if not (np.isfinite(weight) and weight > 0) or not np.all(np.isfinite(delta)):
+        raise MessageError("update holds a non-finite value or a non-positive weight", sender=sender)
+    return weight, delta
 
 
 class PlaintextServer(OneShotServer[tuple[float, np.ndarray]]):
@@ -46,17 +65,7 @@ class PlaintextServer(OneShotServer[tuple[float, np.ndarray]]):
         self._weight = 0.0
 
     def _parse(self, round_index: int, sender: str, message: bytes) -> tuple[float, np.ndarray]:
-        frame = decode_frame(
-            message, kind=KIND_UPDATE, round_index=round_index, sender=sender, max_bytes=4 * self.dim + 1024
-        )
-        if len(frame.parts) != 2 or len(frame.parts[0]) != 8:
-            raise MessageError("update has the wrong number of parts", sender=sender)
-        if len(frame.parts[1]) != 4 * self.dim:
-            raise MessageError(f"update has {len(frame.parts[1]) // 4} values, expected {self.dim}", sender=sender)
-        (weight,) = _WEIGHT.unpack(frame.parts[0])
-        delta = np.frombuffer(frame.parts[1], dtype="<f4")
-        if not (np.isfinite(weight) and weight > 0) or not np.all(np.isfinite(delta)):
-            raise MessageError("update holds a non-finite value or a non-positive weight", sender=sender)
+        weight, delta = decode_update(message, round_index=round_index, sender=sender, dim=self.dim)
         with np.errstate(over="ignore"):
             weighted = weight * delta.astype(np.float64)
         if not np.all(np.isfinite(weighted)):
