@@ -86,7 +86,6 @@ __all__ = [
     "delta_noise_multiplier",
     "distributed_noise",
     "next_clip_norm",
-    "noisy_average",
     "plan_client_dp",
     "release_noise",
     "secagg_noise_ratio",
@@ -276,21 +275,6 @@ def distributed_noise(
     dim = vector.shape[0] - (1 if adaptive else 0)
     noise = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=threshold, min_grid=min_grid)
     return noise.apply(np.asarray(vector, dtype=np.float64), source)
-
-
-def noisy_average(
-    total: np.ndarray, *, noise_std: float, sensitivity: float, denominator: float, source: RandomSource | None
-) -> np.ndarray:
-    """Central DP-FedAvg release: (sum on a grid + discrete Gaussian noise) / denominator (no noise when ``source`` is None).
-
-    The noise is planned as in :func:`release_noise`: std ``noise_std`` for L2 sensitivity ``sensitivity``.
-    """
-    if source is None:
-        return total / denominator
-    dim = int(np.asarray(total).shape[0])
-    grid = choose_grid(noise_std=noise_std, sensitivity=sensitivity, dim=dim)
-    noise = plan_grid_noise(noise_std=noise_std, sensitivity=sensitivity, dim=dim, grid=grid)
-    return add_grid_noise(total, noise, source) / denominator
 
 
 def next_clip_norm(clip_norm: float, unclipped_fraction: float, *, target_quantile: float, learning_rate: float) -> float:

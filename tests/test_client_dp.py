@@ -14,7 +14,6 @@ from privfl.client_dp import (
     delta_noise_multiplier,
     distributed_noise,
     next_clip_norm,
-    noisy_average,
     plan_client_dp,
     release_noise,
 )
@@ -27,11 +26,13 @@ from privfl.noise import SeededRandom
 
 
 def test_central_noise_has_the_calibrated_scale():
+    # The one central release the driver uses (Federation._central_noise): release_noise(...).apply.
     source = SeededRandom(0)
-    z, clip, denominator = 1.3, 0.5, 20.0
-    samples = noisy_average(np.zeros(200_000), noise_std=z * clip, sensitivity=clip, denominator=denominator, source=source)
-    assert samples.std() == pytest.approx(z * clip / denominator, rel=0.01)
-    assert abs(samples.mean()) < 5 * z * clip / denominator / math.sqrt(len(samples))
+    z, clip = 1.3, 0.5
+    noise = release_noise(_plan(z), clip_norm=clip, dim=200_000, adaptive=False)
+    samples = noise.apply(np.zeros(200_000), source)
+    assert samples.std() == pytest.approx(z * clip, rel=0.01)
+    assert abs(samples.mean()) < 5 * z * clip / math.sqrt(len(samples))
 
 
 def _plan(z: float, bit_std: float = 0.0) -> ClientDPPlan:
