@@ -514,7 +514,7 @@ def simulate_dirac_canaries(
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class InputSpaceAuditConfig:
-    """A one-run black-box audit of real Opacus DP-SGD on a small tabular task.
+    """A one-run black-box audit of privfl's DP-SGD (`train_dp_sgd`) on a small tabular task.
 
     Attributes:
         num_canaries: m canaries, each included in the training set w.p. 1/2.
@@ -572,7 +572,7 @@ class InputSpaceAuditResult:
 
     Attributes:
         trial: Canary scores (negative loss under the trained model) and true inclusion.
-        claimed_epsilon: Opacus' RDP accountant epsilon at ``config.delta``.
+        claimed_epsilon: the RDP epsilon of the DP event ``train_dp_sgd`` reports, at ``config.delta``.
         bound: The one-run lower bound from the canary scores (``config.analysis``).
         steps: DP-SGD steps taken.
     """
@@ -584,7 +584,7 @@ class InputSpaceAuditResult:
 
 
 def run_input_space_canary_audit(config: InputSpaceAuditConfig) -> InputSpaceAuditResult:
-    """Train a small model with Opacus DP-SGD on breast-cancer data plus canaries and audit it.
+    """Train a small model with `train_dp_sgd` on breast-cancer data plus canaries and audit it.
 
     Canary i is a copy of a random real example with its label flipped (mislabeled) and a marker
     feature of size ``canary_scale`` in a column no other example uses (an outlier), so a member
@@ -597,11 +597,13 @@ def run_input_space_canary_audit(config: InputSpaceAuditConfig) -> InputSpaceAud
     Returns:
         Scores, the accountant's claim and the empirical bound.
     """
-    from opacus import PrivacyEngine
     from sklearn.datasets import load_breast_cancer
     from sklearn.preprocessing import StandardScaler
 
+    from privfl.accounting import epsilon
     from privfl.audit.mia import torch_loss_scores
+    from privfl.config import Accountant, DPConfig, TrainingConfig
+    from privfl.training import flatten_parameters, load_flat_parameters, train_dp_sgd
 
     rng = np.random.default_rng(config.seed)
     data = load_breast_cancer()
@@ -625,35 +627,27 @@ def run_input_space_canary_audit(config: InputSpaceAuditConfig) -> InputSpaceAud
         )
     else:
         model = torch.nn.Linear(d + m, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     dataset = torch.utils.data.TensorDataset(train_x, train_y)
-    batch_size = max(1, round(config.sample_rate * len(dataset)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    generator = torch.Generator().manual_seed(config.seed)
-    engine = PrivacyEngine(accountant="rdp")
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=config.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=generator,
+    # The training that ships (privfl.training.train_dp_sgd: privfl's own Poisson batches, Opacus'
+    # clipping and noise), so the audit certifies what a site runs, not a loop of its own.
+    training = TrainingConfig(
+        local_epochs=config.epochs,
+        batch_size=max(1, round(config.sample_rate * len(dataset))),
+        learning_rate=config.learning_rate,
+        dp=DPConfig(noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm, accountant=Accountant.RDP),
     )
-    loss_fn = torch.nn.CrossEntropyLoss()
-    steps = 0
-    model.train()
-    with warnings.catch_warnings():
-        # Opacus' per-sample hooks on a first layer whose inputs need no gradient: harmless.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(config.epochs):
-            for batch_x, batch_y in loader:
-                optimizer.zero_grad()
-                if batch_x.shape[0]:
-                    loss_fn(model(batch_x), batch_y).backward()
-                optimizer.step()
-                steps += 1
-    claimed = float(engine.get_epsilon(config.delta))
+    start = flatten_parameters(model)
+    result = train_dp_sgd(
+        model, dataset, config=training, noise_multiplier=config.noise_multiplier, device=torch.device("cpu"),
+        seed=config.seed, site="canary audit",
+    )
+    load_flat_parameters(model, start + result.delta)
+    model.eval()
+    steps = result.event.steps
+    claimed = epsilon(
+        noise_multiplier=result.event.noise_multiplier, sample_rate=result.event.sample_rate, steps=steps,
+        delta=config.delta, accountant=Accountant.RDP,
+    )
     scores = torch_loss_scores(
         model, torch.tensor(canary_x, dtype=torch.float32), torch.tensor(canary_y, dtype=torch.int64)
     )
