@@ -343,7 +343,9 @@ class ImprintAttack(Attack):
             estimates = estimates.clamp(*self.bounds)
 
         inputs = estimates.reshape(-1, *observation.input_shape).to(view.dtype)
-        single, labels = self._replay(view, inputs, order, occupied, diff_b, b_idx, observation.num_samples)
+        single, labels = self._replay(
+            view, inputs, order, occupied, diff_b=diff_b, b_idx=b_idx, num_samples=observation.num_samples
+        )
         return ImprintReconstruction(
             inputs=inputs,
             labels=labels,
@@ -359,6 +361,7 @@ class ImprintAttack(Attack):
         inputs: torch.Tensor,
         order: torch.Tensor,
         occupied: torch.Tensor,
+        *,
         diff_b: torch.Tensor,
         b_idx: int,
         num_samples: int,

@@ -1614,24 +1614,7 @@ class PrivacyLedger:
         if kind == "header":
             if number != 1:
                 raise bad("a second header")
-            if record["format"] != "privfl-ledger" or record["format_version"] != self.FORMAT_VERSION:
-                raise bad(f"not a privfl ledger of format {self.FORMAT_VERSION} ({record['format']!r} {record['format_version']!r})")
-            if not isinstance(record["authenticated"], bool) or not isinstance(record["accountant"], str):
-                raise bad("malformed header")
-            if record["authenticated"] and key is None:
-                raise bad("the ledger is authenticated: verify it with its key (ledger.key in the run directory)")
-            if not (record["run"] is None or isinstance(record["run"], dict)):
-                raise bad("malformed run identity")
-            if accountant is None:
-                try:
-                    self.accountant = Accountant(record["accountant"])
-                except ValueError:
-                    raise bad(f"accountant {record['accountant']!r} is not one privfl composes with") from None
-            else:
-                self.accountant = _accountant(accountant)
-            self.recorded_accountant = record["accountant"]
-            self.authenticated = record["authenticated"]
-            self.run_identity = record["run"]
+            self._apply_header(record, key, accountant, bad)
             return
         if number == 1:
             raise bad("the ledger does not start with a header")
@@ -1644,13 +1627,7 @@ class PrivacyLedger:
         if not (isinstance(client, str) and client):
             raise bad("malformed client name")
         if kind == "budget":
-            if client in self._accounts:
-                raise bad(f"client {client!r} is registered twice")
-            eps = record["epsilon"]
-            if not (eps is None or _is_number(eps)) or not _is_number(record["delta"]):
-                raise bad("malformed budget")
-            budget = ClientBudget(epsilon=math.inf if eps is None else float(eps), delta=float(record["delta"]))
-            self._accounts[client] = _ClientAccount(budget=budget)
+            self._apply_budget(record, client, bad)
             return
         if client not in self._accounts:
             raise bad(f"client {client!r} has no budget line before it")
@@ -1662,7 +1639,38 @@ class PrivacyLedger:
                 raise bad(f"a note for client {client!r}, which has no entry")
             self._annotate(last, record["note"])
             return
-        # an entry
+        self._apply_entry(record, client, bad)
+
+    def _apply_header(self, record: dict[str, Any], key: LedgerKey | None, accountant: Accountant | str | None, bad) -> None:
+        if record["format"] != "privfl-ledger" or record["format_version"] != self.FORMAT_VERSION:
+            raise bad(f"not a privfl ledger of format {self.FORMAT_VERSION} ({record['format']!r} {record['format_version']!r})")
+        if not isinstance(record["authenticated"], bool) or not isinstance(record["accountant"], str):
+            raise bad("malformed header")
+        if record["authenticated"] and key is None:
+            raise bad("the ledger is authenticated: verify it with its key (ledger.key in the run directory)")
+        if not (record["run"] is None or isinstance(record["run"], dict)):
+            raise bad("malformed run identity")
+        if accountant is None:
+            try:
+                self.accountant = Accountant(record["accountant"])
+            except ValueError:
+                raise bad(f"accountant {record['accountant']!r} is not one privfl composes with") from None
+        else:
+            self.accountant = _accountant(accountant)
+        self.recorded_accountant = record["accountant"]
+        self.authenticated = record["authenticated"]
+        self.run_identity = record["run"]
+
+    def _apply_budget(self, record: dict[str, Any], client: str, bad) -> None:
+        if client in self._accounts:
+            raise bad(f"client {client!r} is registered twice")
+        eps = record["epsilon"]
+        if not (eps is None or _is_number(eps)) or not _is_number(record["delta"]):
+            raise bad("malformed budget")
+        budget = ClientBudget(epsilon=math.inf if eps is None else float(eps), delta=float(record["delta"]))
+        self._accounts[client] = _ClientAccount(budget=budget)
+
+    def _apply_entry(self, record: dict[str, Any], client: str, bad) -> None:
         account = self._accounts[client]
         status = LedgerStatus(record["status"])
         numbers = ("sample_rate", "noise_multiplier", "delta")

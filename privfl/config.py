@@ -13,6 +13,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
@@ -464,36 +465,52 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(path, value, "must be a table")
         return _build(annotation, value, path)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, value, "must be a number")
-        try:
-            return float(value)
-        except OverflowError:
-            raise ConfigError(path, f"<integer of {len(str(value))} digits>", "is too large for a float") from None
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, value, "must be an integer")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, value, "must be true or false")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, value, "must be a string")
-        return value
-    if annotation is bytes:
-        if isinstance(value, bytes):
-            return value  # a table built in Python
-        # TOML has no byte strings: seeds are written in hex.
-        if not isinstance(value, str):
-            raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes")
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes") from None
+    scalar = _SCALARS.get(annotation)
+    return value if scalar is None else scalar(value, path)
+
+
+def _to_float(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, value, "must be a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(path, f"<integer of {len(str(value))} digits>", "is too large for a float") from None
+
+
+def _to_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, value, "must be an integer")
     return value
+
+
+def _to_bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, value, "must be true or false")
+    return value
+
+
+def _to_str(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, value, "must be a string")
+    return value
+
+
+def _to_bytes(value: Any, path: str) -> bytes:
+    if isinstance(value, bytes):
+        return value  # a table built in Python
+    # TOML has no byte strings: seeds are written in hex.
+    if not isinstance(value, str):
+        raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ConfigError(path, value, "must be a hex string, e.g. 32 hex digits for 16 bytes") from None
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {
+    float: _to_float, int: _to_int, bool: _to_bool, str: _to_str, bytes: _to_bytes,
+}
 
 
 def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:

@@ -403,7 +403,8 @@ class Federation:
                 # load_model check the architecture against this record (model.json).
                 record_architecture(out, model)
             return self._run_rounds(
-                out, ledger, history, start_round, plans, protection, model, needs_fix, global_params, started
+                out, ledger=ledger, history=history, start_round=start_round, plans=plans, protection=protection,
+                model=model, needs_fix=needs_fix, global_params=global_params, started=started,
             )
         finally:
             ledger.close()
@@ -411,6 +412,7 @@ class Federation:
     def _run_rounds(
         self,
         out: Path | None,
+        *,
         ledger: PrivacyLedger,
         history: list[RoundRecord],
         start_round: int,
@@ -442,7 +444,8 @@ class Federation:
                 if recorder is not None:
                     recorder.begin_round(round_index, global_params)
                 record, global_params = self._round(
-                    round_index, plans, protection, ledger, global_params, needs_fix, recorder or self.transport
+                    round_index, plans, protection=protection, ledger=ledger, global_params=global_params,
+                    needs_fix=needs_fix, transport=recorder or self.transport,
                 )
                 history.append(record)
                 if out is not None:
@@ -453,7 +456,10 @@ class Federation:
                 log.info("%s", _round_log_line(record))
 
         load_flat_parameters(model, global_params)
-        summary = self._summary(plans, ledger, history, protection, len(global_params), time.perf_counter() - started)
+        summary = self._summary(
+            plans, ledger, history, protection=protection, num_parameters=len(global_params),
+            seconds=time.perf_counter() - started,
+        )
         if out is not None:
             _atomic_write_json(out / SUMMARY_FILE, summary)
         return RunResult(model=model, history=history, summary=summary, ledger=ledger, out_dir=out)
@@ -462,6 +468,7 @@ class Federation:
         self,
         round_index: int,
         plans: list[_ClientPlan],
+        *,
         protection: Protection,
         ledger: PrivacyLedger,
         global_params: np.ndarray,
@@ -792,6 +799,7 @@ class Federation:
         plans: list[_ClientPlan],
         ledger: PrivacyLedger,
         history: list[RoundRecord],
+        *,
         protection: Protection,
         num_parameters: int,
         seconds: float,

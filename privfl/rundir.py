@@ -388,15 +388,20 @@ def _history_problem(index: int, record: Any) -> str | None:
     for key in ("train_loss", "test_loss", "test_accuracy", "max_epsilon"):
         if not (record.get(key) is None or _is_number(record[key])):
             return f"{key!r} is neither null nor a finite number"
-    level = record.get("client_level")
-    if level is not None:
-        if not isinstance(level, dict):
-            return "'client_level' is not an object"
-        for key in _LEVEL_NUMBERS:
-            if not _is_number(level.get(key)):
-                return f"client_level.{key} is not a finite number"
-        if "next_clip_norm" in level and not _is_number(level["next_clip_norm"]):
-            return "client_level.next_clip_norm is not a finite number"
+    return _client_level_problem(record.get("client_level"))
+
+
+def _client_level_problem(level: Any) -> str | None:
+    """Why a round record's ``client_level`` cannot be trusted (None if it can, or is absent)."""
+    if level is None:
+        return None
+    if not isinstance(level, dict):
+        return "'client_level' is not an object"
+    for key in _LEVEL_NUMBERS:
+        if not _is_number(level.get(key)):
+            return f"client_level.{key} is not a finite number"
+    if "next_clip_norm" in level and not _is_number(level["next_clip_norm"]):
+        return "client_level.next_clip_norm is not a finite number"
     return None
 
 

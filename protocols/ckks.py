@@ -153,7 +153,7 @@ class _Verifier:
                 raise MessageError(f"ciphertext {i} does not deserialize: {exc.reason}", sender=site) from None
         body = _update_body(round_index, site, parts)
         if self.keys is not None:
-            verify_contribution(self.keys, self.run_id, round_index, site, body, signature)
+            verify_contribution(self.keys, self.run_id, round_index, site, body=body, signature=signature)
         # The digest is over the coefficients, not the message: a colluding site that signs a copy of
         # another site's ciphertexts under its own name (or recompresses them) is caught as a duplicate.
         digest = hashlib.sha256(b"".join(c.tobytes() for c in ciphertexts)).digest()

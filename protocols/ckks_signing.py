@@ -82,7 +82,7 @@ def load_public_key(site: str, raw: bytes) -> Ed25519PublicKey:
 
 
 def verify_contribution(
-    keys: Mapping[str, Ed25519PublicKey], run_id: bytes, round_index: int, site: str, body: bytes, signature: bytes
+    keys: Mapping[str, Ed25519PublicKey], run_id: bytes, round_index: int, site: str, *, body: bytes, signature: bytes
 ) -> None:
     """Checks a contribution's signature against the site's registered key.
 

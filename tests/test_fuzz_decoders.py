@@ -261,7 +261,7 @@ def _vector_seeds() -> list[bytes]:
     def fill(words: np.ndarray) -> None:
         words[:] = np.arange(DIM, dtype=WORD)
 
-    return [m.seal_vector(key, m.MASKED_INPUT, ROUND, ME, DIM, fill)]
+    return [m.seal_vector(key, m.MASKED_INPUT, ROUND, ME, length=DIM, fill=fill)]
 
 
 def _open_vector(data: bytes) -> object:
@@ -348,7 +348,7 @@ def _identities() -> dict[str, IdentityKey]:
     return {u: IdentityKey.generate() for u in IDS}
 
 
-def play_until(kind: int, authenticated: bool):
+def play_until(kind: int, authenticated: bool):  # noqa: PLR0911  one return per protocol step
     """Plays a 3-client round (t = 2) honestly up to the message of ``kind`` from or to ``ME``.
 
     Returns:

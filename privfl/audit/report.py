@@ -462,6 +462,7 @@ def _client_audits(
     ledger: PrivacyLedger,
     summary: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]],
+    *,
     accountant: Accountant,
     cross: Accountant,
     enforced: Accountant,
@@ -1167,7 +1168,7 @@ def audit_run(
     # Another accountant than the ledger's is cross-checked against the ledger's own: like with like.
     cross = enforced if primary is not enforced else Accountant.RDP if primary is Accountant.PRV else Accountant.PRV
 
-    clients, rounds, recorded = _client_audits(ledger, summary, history, primary, cross, enforced)
+    clients, rounds, recorded = _client_audits(ledger, summary, history, accountant=primary, cross=cross, enforced=enforced)
     if recorded_accountant not in known:
         recorded = {}  # the recorded figures used an accountant privfl does not compose; comparing would be meaningless
     client_level = _client_level(summary, rounds, history, num_clients=len(ledger.clients) or None)

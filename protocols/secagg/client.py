@@ -320,7 +320,9 @@ class SecAggClient:
             if p.bits < 32:
                 np.bitwise_and(masked, np.uint32(p.modulus_mask), out=masked)
 
-        message = m.seal_vector(self._key(m.MASKED_INPUT, m.UP), m.MASKED_INPUT, p.round_index, self.client_id, p.dimension, fill)
+        message = m.seal_vector(
+            self._key(m.MASKED_INPUT, m.UP), m.MASKED_INPUT, p.round_index, self.client_id, length=p.dimension, fill=fill
+        )
         self._step = m.CHECK_REQUEST if p.authenticated else m.UNMASK_REQUEST
         return message
 

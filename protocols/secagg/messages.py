@@ -152,7 +152,9 @@ def vector_prefix(kind: int, round_index: int, sender: str, nbytes: int) -> byte
     return empty[:-8] + struct.pack(">Q", nbytes)
 
 
-def seal_vector(key: bytes, kind: int, round_index: int, sender: str, length: int, fill: Callable[[np.ndarray], None]) -> bytes:
+def seal_vector(
+    key: bytes, kind: int, round_index: int, sender: str, *, length: int, fill: Callable[[np.ndarray], None]
+) -> bytes:
     """Builds a sealed vector message of ``length`` uint32 words, written in place by ``fill``.
 
     The words are produced straight into the outgoing buffer: a multi-megabyte vector is not copied

@@ -110,7 +110,7 @@ def apply_masks(
     length = acc.shape[0]
     threads = max(1, min(threads, length // chunk_words))
     if threads == 1 or length * len(streams) < PARALLEL_MIN_WORDS:
-        _apply_range(acc, streams, addends, chunk_words, 0, length)
+        _apply_range(acc, streams, addends, chunk_words, begin=0, end=length)
         return
     step = -(-length // threads)
     # Slices start on a segment boundary when each thread gets a segment or more (then every
@@ -118,12 +118,12 @@ def apply_masks(
     step += -step % (SEGMENT_WORDS if step >= SEGMENT_WORDS else _BLOCK_WORDS)
     bounds = [(start, min(start + step, length)) for start in range(0, length, step)]
     with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
-        for future in [pool.submit(_apply_range, acc, streams, addends, chunk_words, a, b) for a, b in bounds]:
+        for future in [pool.submit(_apply_range, acc, streams, addends, chunk_words, begin=a, end=b) for a, b in bounds]:
             future.result()
 
 
 def _apply_range(
-    acc: np.ndarray, streams: Sequence[tuple[bytes, int]], addends: Sequence[np.ndarray], chunk_words: int, begin: int, end: int
+    acc: np.ndarray, streams: Sequence[tuple[bytes, int]], addends: Sequence[np.ndarray], chunk_words: int, *, begin: int, end: int
 ) -> None:
     zeros = bytes(4 * chunk_words)
     # CTR's update_into wants room for one extra block minus a byte.

@@ -105,7 +105,7 @@ def new_round(
     return RoundRun(params=params, server=server, clients=clients)
 
 
-def drive(
+def drive(  # noqa: PLR0915  the protocol's steps in order; the helpers are closures over the round's state
     run: RoundRun,
     encoded: Mapping[str, np.ndarray],
     transport: Transport,

@@ -337,7 +337,7 @@ def _sealed_vector(key: bytes, words: np.ndarray) -> bytes:
     def fill(out: np.ndarray) -> None:
         out[:] = words
 
-    return m.seal_vector(key, m.MASKED_INPUT, 3, "alice", words.shape[0], fill)
+    return m.seal_vector(key, m.MASKED_INPUT, 3, "alice", length=words.shape[0], fill=fill)
 
 
 def test_add_vector_authenticates_before_adding():

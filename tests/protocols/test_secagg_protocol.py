@@ -426,7 +426,7 @@ def test_server_keeps_no_vector_and_a_different_authentic_duplicate_keeps_the_fi
     assert not any(isinstance(v, np.ndarray) and v.base is not None for v in _walk(server))
     # A second, different vector that authenticates can come only from the client (it holds the key).
     key = clients["client-01"]._key(m.MASKED_INPUT, m.UP)
-    other = m.seal_vector(key, m.MASKED_INPUT, 0, "client-01", dim, lambda out: out.fill(7))
+    other = m.seal_vector(key, m.MASKED_INPUT, 0, "client-01", length=dim, fill=lambda out: out.fill(7))
     with pytest.raises(MessageError, match="different one"):
         server.receive_masked_input("client-01", other)
     requests = server.unmask_requests()
