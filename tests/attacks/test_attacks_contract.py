@@ -241,3 +241,32 @@ def test_analytic_refuses_models_it_cannot_read(digits) -> None:
     obs = build_observation(no_bias, x[:1], y[:1], ObservationSpec())
     with pytest.raises(AttackError):
         AnalyticLinear().reconstruct(no_bias, obs)
+
+
+# --- the imprint attack, which needs the malicious server's model ----------------------------------------
+
+
+def _imprinted(digits) -> torch.nn.Module:
+    from privfl.attacks import Placement, imprint_model
+
+    return imprint_model(mlp(64, 16, 10), input_shape=(1, 8, 8), auxiliary_inputs=digits[0][:200], num_bins=16,
+                         placement=Placement.PREPEND)
+
+
+def test_imprint_attack_keeps_the_contract(digits) -> None:
+    from privfl.attacks import ImprintAttack
+
+    model = _imprinted(digits)
+    cipher = build_observation(model, digits[0][:2], digits[1][:2], ObservationSpec(view=ServerView.CIPHERTEXT))
+    rec = ImprintAttack().reconstruct(model, cipher)
+    assert not rec.accessible and torch.isnan(rec.inputs).all()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    obs = build_observation(model, digits[0][:2], digits[1][:2], ObservationSpec())
+    rec = ImprintAttack().reconstruct(model, obs)
+    assert isinstance(rec, Reconstruction) and rec.accessible
+    assert rec.inputs.shape[1:] == (1, 8, 8) and rec.labels.shape == (rec.inputs.shape[0],) and rec.labels.dtype == torch.long
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # An honest model has no imprint layer to read: a typed refusal, not a crash.
+    with pytest.raises(AttackError):
+        ImprintAttack().reconstruct(mlp(64, 16, 10), build_observation(mlp(64, 16, 10), digits[0][:2], digits[1][:2], ObservationSpec()))
