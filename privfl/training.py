@@ -1,9 +1,11 @@
-"""Local training on one client with DP-SGD through Opacus.
+"""Local training on one client with DP-SGD, through Opacus or privfl's book-keeping clipping.
 
 A client trains a fresh copy of the global model on its own data with Poisson sampling (each
 example joins a step's batch independently with probability q = 1 / ceil(n_k / batch_size), the rate
 Opacus' DPDataLoader uses), per-example clipping to ``max_grad_norm`` and Gaussian noise of standard
-deviation ``noise_multiplier * max_grad_norm``. What happened is returned as a
+deviation ``noise_multiplier * max_grad_norm``. The clipping mode (Opacus' per-sample hooks or ghost
+clipping, or :mod:`privfl.bookkeeping`) changes how the clipped sum is computed, never the step
+released or the event charged. What happened is returned as a
 :class:`~privfl.accounting.DPEvent`; the federation charges it to the client's ledger, so the
 accounting spans every round the client takes part in.
 """
@@ -437,7 +439,8 @@ def train_dp_sgd(
 
     Raises:
         ConfigError: the dataset is empty or holds examples that cannot be trained on safely
-            (see :func:`prepare_dataset`).
+            (see :func:`prepare_dataset`), or ``clipping = "bookkeeping"`` was asked for a model
+            with a layer book-keeping cannot clip (the message names it).
     """
     dataset = prepare_dataset(dataset, model, site=site)
     num_examples = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
