@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from privfl import _validate
 from privfl.accounting import DPEvent
 from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported
 from privfl.config import ClippingMode, TrainingConfig
@@ -438,10 +439,13 @@ def train_dp_sgd(
         The update and the DP event to charge.
 
     Raises:
-        ConfigError: the dataset is empty or holds examples that cannot be trained on safely
+        ConfigError: ``noise_multiplier`` is not a finite number > 0, the dataset is empty or holds
+            examples that cannot be trained on safely
             (see :func:`prepare_dataset`), or ``clipping = "bookkeeping"`` was asked for a model
             with a layer book-keeping cannot clip (the message names it).
     """
+    # Before any work: a step without noise is no DP-SGD step, and the event charged would be wrong.
+    _validate.positive("noise_multiplier", noise_multiplier)
     dataset = prepare_dataset(dataset, model, site=site)
     num_examples = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
     sample_rate, steps = sampling_plan(num_examples, config)

@@ -146,3 +146,12 @@ def test_seed_controls_batch_sampling_too(data):
         torch.manual_seed(global_seed)
         deltas.append(train_dp_sgd(model, data.train, config=_config(), noise_multiplier=1.0, device=CPU, seed=5).delta)
     np.testing.assert_array_equal(deltas[0], deltas[1])
+
+
+def test_a_step_without_noise_is_refused_before_training():
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = ArrayDataset(np.zeros((4, 3), dtype=np.float32), np.zeros(4, dtype=np.int64))
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        train_dp_sgd(model, data, config=TrainingConfig(), noise_multiplier=0.0, device=torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
