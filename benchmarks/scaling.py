@@ -86,12 +86,13 @@ def _peak_rss_mib() -> float:
 
 
 def _configs(args):
-    from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
+    from privfl.config import ClippingMode, DPConfig, FederationConfig, ProtectionKind, TrainingConfig
 
+    clipping = ClippingMode(args.clipping)
     if args.target_epsilon is not None:
-        dp = DPConfig(target_epsilon=args.target_epsilon, max_grad_norm=1.0)
+        dp = DPConfig(target_epsilon=args.target_epsilon, max_grad_norm=1.0, clipping=clipping)
     else:
-        dp = DPConfig(noise_multiplier=args.sigma, max_grad_norm=1.0)
+        dp = DPConfig(noise_multiplier=args.sigma, max_grad_norm=1.0, clipping=clipping)
     training = TrainingConfig(local_epochs=1, batch_size=args.batch_size, learning_rate=0.1, dp=dp)
     federation = FederationConfig(rounds=2, protection=ProtectionKind.PLAINTEXT, seed=0, noise_seed=0, device="cpu")
     return training, federation
@@ -207,7 +208,7 @@ def child(args) -> None:
 def spawn(args, variant: str, num_clients: int, kind: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", variant, "--num-clients", str(num_clients),
            "--sizes", kind, "--threads", str(args.threads), "--seed", str(args.seed), "--sigma", str(args.sigma),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--clipping", args.clipping]
     if args.target_epsilon is not None:
         cmd += ["--target-epsilon", str(args.target_epsilon)]
     if args.tmp_dir:
@@ -233,6 +234,8 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.0, help="fixed noise multiplier (default 1.0)")
     parser.add_argument("--target-epsilon", type=float, help="calibrate sigma per client instead")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clipping", default="auto", choices=["auto", "per_sample", "ghost", "bookkeeping"],
+                        help="privfl's clipping mode (default auto, what a run uses; bare Opacus always uses its hooks)")
     parser.add_argument("--tmp-dir", help="where privfl-dir makes its run directories (default: the system's)")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--num-clients", type=int, help=argparse.SUPPRESS)
@@ -246,7 +249,8 @@ def main() -> None:
     print(f"threads per child: torch {args.threads}, OMP/MKL/OpenBLAS {args.threads}; "
           f"{os.cpu_count()} CPUs; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     noise = f"target epsilon {args.target_epsilon} (calibrated)" if args.target_epsilon is not None else f"sigma {args.sigma}"
-    print(f"batch {args.batch_size}, {noise}, 1 local epoch, plaintext protection; round 2 of 2 timed; {args.repeats} repeats")
+    print(f"batch {args.batch_size}, {noise}, 1 local epoch, plaintext protection, privfl clipping {args.clipping}; "
+          f"round 2 of 2 timed; {args.repeats} repeats")
     rows = []
     for num_clients in args.clients:
         for kind in args.size_kinds:
