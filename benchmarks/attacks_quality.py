@@ -4,6 +4,8 @@
 one-step gradients against FedAvg updates, Inverting Gradients against FedAvg inversion at equal budgets.
 ``--smooth`` runs Inverting Gradients variants (TV weight, layer weighting, initialisation, warm-up, float64
 cosine) on one photograph through sigmoid and ReLU ConvNets, crop by crop.
+``--breaching`` compares privfl with breaching's Inverting Gradients on the photograph scenario set at equal
+budgets (benchmarks/breaching_compare.py; its columns are skipped when breaching does not import).
 """
 
 from __future__ import annotations
@@ -347,8 +349,15 @@ def main() -> None:
     parser.add_argument("--crop-sets", type=int, default=4, help="crop sets per scenario (--photos, --smooth)")
     parser.add_argument("--smooth", action="store_true",
                         help="run the Inverting Gradients variant table on sigmoid and ReLU ConvNets instead")
+    parser.add_argument("--breaching", action="store_true",
+                        help="compare with breaching on the photograph scenario set instead (needs breaching)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breaching:
+        from breaching_compare import compare, print_tables  # a sibling script, on sys.path when run as one
+
+        print_tables(compare(iterations=args.iterations, crop_sets=args.crop_sets))
+        return
     if args.smooth:
         smooth_table(iterations=args.iterations, crops=args.crop_sets)
         return
