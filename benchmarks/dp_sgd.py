@@ -163,7 +163,7 @@ def _timed(variant: str, initial, dataset, batch_size: int) -> tuple[float, floa
     elif variant == "non-private":
         # The same Poisson batches (same seed) as train_dp_sgd draws, through a plain PyTorch step.
         sample_rate, steps = sampling_plan(len(dataset), config)
-        loader = _poisson_loader(dataset, sample_rate, steps, seed=0)
+        loader = _poisson_loader(dataset, sample_rate, steps, torch.Generator().manual_seed(0 ^ 0x5A5A5A5A))
         optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
         criterion = nn.CrossEntropyLoss()
         model.train()

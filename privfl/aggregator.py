@@ -341,7 +341,6 @@ class Aggregator:
         if fed.protection is ProtectionKind.CKKS:
             self._has_context.update(name for name, reply in replies.items() if reply.status is Status.OK)
         record["dropped"].update(dropped)
-        losses = []
         messages: dict[str, bytes] = {}
         for name, reply in replies.items():
             info = by_name[name]
@@ -358,9 +357,7 @@ class Aggregator:
             info.rounds_trained += 1
             record["trained"].append(name)
             messages[name] = reply.parts[0]
-            if isinstance(reply.fields.get("train_loss"), (int, float)):
-                losses.append(float(reply.fields["train_loss"]))
-        record["train_loss"] = _finite(float(np.mean(losses))) if losses else None
+        # Sites report no training loss (an un-noised statistic of their data): train_loss stays None.
         try:
             if fed.protection is ProtectionKind.PLAINTEXT:
                 average, contributors, rejected = self._plaintext(r, messages, len(params))

@@ -302,7 +302,7 @@ class Federation:
         if last:
             self._clip_norm = last.get("next_clip_norm", last["clip_norm"])
 
-    def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int:
+    def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int | None:
         """Seed of a DP noise stream (:func:`privfl.plan.derive_seed`)."""
         return derive_seed(self.config.noise_seed, round_index, client_index, purpose)
 

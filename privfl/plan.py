@@ -98,10 +98,15 @@ def plan_site(num_examples: int, training: TrainingConfig, federation: Federatio
     return SitePlan(sample_rate=q, steps_per_round=steps, noise_multiplier=sigma, planned_rounds=rounds)
 
 
-def derive_seed(noise_seed: int | None, round_index: int, site_index: int, purpose: int) -> int:
-    """Seed of a DP noise stream: from ``noise_seed`` in simulations, else fresh OS entropy."""
+def derive_seed(noise_seed: int | None, round_index: int, site_index: int, purpose: int) -> int | None:
+    """Seed of a DP noise stream: from ``noise_seed`` in simulations, else None.
+
+    None tells the consumer to draw its whole generator state from the OS's cryptographic source
+    (:func:`privfl.training.secret_generator`, :func:`privfl.noise.random_source`): a seed handed
+    to torch's CPU generator would keep only 32 bits of it.
+    """
     if noise_seed is None:
-        return secrets.randbits(63)
+        return None
     state = np.random.SeedSequence([noise_seed, round_index, site_index, purpose]).generate_state(2)
     return int(state[0]) << 31 ^ int(state[1])
 

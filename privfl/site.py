@@ -424,9 +424,9 @@ class Site:
             ledger.close()
         update = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
         message = self._protect(request, config, update, num_sites, request.parts[1])
-        return self._reply(
-            request, parts=(message,), epsilon=spent, budget=budget, exhausted=exhausted, train_loss=result.mean_loss,
-        )
+        # No training loss in the reply: it is an un-noised statistic of the site's data, outside the
+        # mechanism the ledger accounts for, and the protection would not cover it.
+        return self._reply(request, parts=(message,), epsilon=spent, budget=budget, exhausted=exhausted)
 
     def _check_protocol_inputs(self, request: Request, config: RunConfig) -> None:
         kind = config.federation.protection

@@ -250,7 +250,45 @@ def sampling_plan(num_examples: int, config: TrainingConfig) -> tuple[float, int
     return 1.0 / batches, config.local_epochs * batches
 
 
-def _poisson_loader(dataset: Dataset, sample_rate: float, steps: int, seed: int) -> DataLoader:
+_MT_WORDS = 624  # mt19937's state: 624 32-bit words
+_CPU_STATE_BYTES = 5056  # torch's CPU generator state: seed, left, seeded, next, 624 words as u64, normal cache
+
+
+def secret_generator(device: torch.device) -> torch.Generator:
+    """A torch generator whose whole state comes from the OS's cryptographic source.
+
+    ``manual_seed`` is not enough on the CPU: torch's mt19937 generator keeps only the low 32 bits
+    of the seed, so noise seeded with ``secrets.randbits(63)`` has 2^32 possible streams, which a
+    server can search (test each candidate seed against a released update) and which repeat
+    across sites and rounds by the birthday bound. Here the CPU generator's 624 state words (19,968
+    bits) are filled from ``secrets``. mt19937 is still not a cryptographic generator: its state can
+    be computed from 624 consecutive exact outputs; DP-SGD never releases its draws exactly, only
+    added to a data-dependent sum (docs/concepts.md says what remains). A CUDA generator (Philox)
+    keeps its whole 64-bit seed, drawn from ``secrets``.
+
+    Raises:
+        RuntimeError: this torch's CPU generator state has another layout (a torch upgrade changed it).
+    """
+    generator = torch.Generator(device=device)
+    if generator.device.type != "cpu":
+        return generator.manual_seed(secrets.randbits(64))
+    state = generator.get_state().numpy().copy()
+    if state.shape != (_CPU_STATE_BYTES,):
+        raise RuntimeError(f"torch's CPU generator state is {state.shape[0]} bytes, not {_CPU_STATE_BYTES}: "
+                           "its layout changed; privfl cannot fill it from the OS's random source")
+    header = np.zeros(24, dtype=np.uint8)
+    header[:8] = np.frombuffer(secrets.token_bytes(8), dtype=np.uint8)  # the seed torch reports
+    header[8:12] = np.array([1], dtype="<i4").view(np.uint8)  # left = 1: the next draw regenerates the block
+    header[12:16] = np.array([1], dtype="<i4").view(np.uint8)  # seeded
+    words = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4").astype("<u8")
+    state[:24] = header
+    state[24 : 24 + 8 * _MT_WORDS] = words.view(np.uint8)
+    state[24 + 8 * _MT_WORDS :] = 0  # no cached normal sample
+    generator.set_state(torch.from_numpy(state))
+    return generator
+
+
+def _poisson_loader(dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator) -> DataLoader:
     """Poisson sampling with an explicit number of steps and its own generator.
 
     Opacus' own loader derives the steps as int(1 / q), which for some batch counts (93, 99, ...)
@@ -264,7 +302,7 @@ def _poisson_loader(dataset: Dataset, sample_rate: float, steps: int, seed: int)
     sampler = UniformWithReplacementSampler(
         num_samples=len(dataset),  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
         sample_rate=sample_rate,
-        generator=torch.Generator().manual_seed(seed ^ 0x5A5A5A5A),
+        generator=generator,
         steps=steps,
     )
     first = dataset[0]
@@ -459,11 +497,14 @@ def train_dp_sgd(
     model.train()
 
     if seed is None:
-        # Unpredictable to anyone who reads the run's config. torch's generator is not a CSPRNG,
-        # but its seed comes from the OS's cryptographic source.
-        seed = secrets.randbits(63)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    loader = _poisson_loader(dataset, sample_rate, steps // config.local_epochs, seed)
+        # Unpredictable to anyone who reads the run's config: both generators' whole states come
+        # from the OS's cryptographic source (see secret_generator), independently of each other.
+        generator = secret_generator(device)
+        sampling = secret_generator(torch.device("cpu"))
+    else:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sampling = torch.Generator().manual_seed(seed ^ 0x5A5A5A5A)
+    loader = _poisson_loader(dataset, sample_rate, steps // config.local_epochs, sampling)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
     expected_batch_size = _expected_batch_size(num_examples, len(loader))
     if keeper is not None:

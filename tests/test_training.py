@@ -155,3 +155,29 @@ def test_a_step_without_noise_is_refused_before_training():
     with pytest.raises(ConfigError, match="noise_multiplier"):
         train_dp_sgd(model, data, config=TrainingConfig(), noise_multiplier=0.0, device=torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_secret_generators_fill_the_whole_state_from_the_os():
+    # torch's CPU generator keeps 32 bits of a seed: two seeds equal below bit 32 give the same stream.
+    same = [torch.Generator().manual_seed(5 + k * (1 << 40)) for k in range(2)]
+    assert torch.equal(torch.randn(4, generator=same[0]), torch.randn(4, generator=same[1]))
+    from privfl.training import secret_generator
+
+    draws = [torch.randn(1000, generator=secret_generator(torch.device("cpu"))) for _ in range(3)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    for d in draws:  # standard normal draws: mean 0, std 1 (5 standard errors)
+        assert abs(float(d.mean())) < 5 / 1000**0.5 and abs(float(d.std()) - 1) < 5 * (0.5 / 1000) ** 0.5
+    words = secret_generator(torch.device("cpu")).get_state().numpy()[24 : 24 + 8 * 624].view("<u8")
+    assert words.max() < 2**32 and len(set(words.tolist())) > 600  # 624 independent 32-bit words
+
+
+def test_training_without_a_seed_never_repeats_its_noise(data):
+    train = data.train
+    deltas = []
+    for _ in range(2):
+        model = LogisticRegression(30, 2)
+        torch.manual_seed(0)
+        model.load_state_dict(LogisticRegression(30, 2).state_dict())
+        config = TrainingConfig(batch_size=len(train), learning_rate=1.0, dp=DPConfig(noise_multiplier=1.0))
+        deltas.append(train_dp_sgd(model, train, config=config, noise_multiplier=1.0, device=torch.device("cpu")).delta)
+    assert not np.allclose(deltas[0], deltas[1])
