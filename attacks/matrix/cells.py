@@ -168,8 +168,9 @@ def _settings(config: AttackMatrixConfig, views: tuple[ServerView, ...]) -> list
             out.append(_Setting(view, "ciphertext", spec, b, math.inf, "no access"))
         else:
             f = config.fedavg
-            spec = ObservationSpec(view=view, local_steps=f.local_steps, lr=f.lr, batch_size=b)
-            out.append(_Setting(view, f"fedavg {f.local_steps} steps", spec, b, math.inf, "not private"))
+            spec = ObservationSpec(view=view, local_steps=f.local_steps, lr=f.lr, batch_size=f.batch_size)
+            out.append(_Setting(view, f"fedavg {f.local_steps}x batch {f.batch_size}", spec,
+                                f.inputs, math.inf, "not private"))
     return out
 
 

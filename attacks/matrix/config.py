@@ -126,19 +126,31 @@ class AggregateSettings:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FedAvgSettings:
-    """The optional FedAvg row: plain local SGD over the client's ``batch_size`` inputs.
+    """The FedAvg row: what a site sends, the change of its model after local SGD on mini-batches.
+
+    The client holds ``inputs`` victim inputs and takes ``local_steps`` plain SGD steps on mini-batches
+    of ``batch_size`` of them, in order, wrapping around (4 inputs, 4 steps of 2: each input is used
+    twice); the attacker knows these settings (the server chose them) but not the labels.
 
     Args:
+        inputs: victim inputs behind the update.
         local_steps: local SGD steps before the update is sent.
+        batch_size: local mini-batch size (at most ``inputs``).
         lr: local learning rate.
     """
 
-    local_steps: int = 5
+    inputs: int = 4
+    local_steps: int = 4
+    batch_size: int = 2
     lr: float = 0.1
 
     def __post_init__(self) -> None:
+        _validate.positive_int("inputs", self.inputs)
         _validate.positive_int("local_steps", self.local_steps)
+        _validate.positive_int("batch_size", self.batch_size)
         _validate.positive("lr", self.lr)
+        if self.batch_size > self.inputs:
+            raise ConfigError("fedavg.batch_size", self.batch_size, f"must be <= fedavg.inputs={self.inputs}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

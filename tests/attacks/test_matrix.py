@@ -146,10 +146,13 @@ def test_rerun_overwrites_and_says_so(tmp_path):
 def test_default_config_is_the_documented_matrix():
     config = default_attack_config()
     assert [d.name for d in config.datasets] == [DatasetKind.DIGITS, DatasetKind.BREAST_CANCER]
-    for d in config.datasets:
-        assert set(d.attacks) == set(AttackKind)
-        assert d.protections == (ServerView.PLAINTEXT, ServerView.DP_SGD, ServerView.AGGREGATE,
-                                 ServerView.CIPHERTEXT)
+    views = (ServerView.PLAINTEXT, ServerView.DP_SGD, ServerView.AGGREGATE, ServerView.CIPHERTEXT)
+    digits, cancer = config.datasets
+    assert set(digits.attacks) == set(cancer.attacks) == set(AttackKind)
+    # What sites send (FedAvg updates of mini-batches) is attacked by default on the image data.
+    assert digits.protections == (*views, ServerView.FEDAVG)
+    assert cancer.protections == views
+    assert (config.fedavg.inputs, config.fedavg.local_steps, config.fedavg.batch_size) == (4, 4, 2)
     assert config.dp.noise_multipliers == (0.5, 1.0, 2.0)
     assert config.aggregate.num_clients == (1, 4, 16)
 
@@ -164,13 +167,28 @@ def test_none_is_read_as_plaintext():
 
 
 def test_label_recovery_runs_as_an_attack_and_fedavg_rows_use_update_counts(tmp_path):
-    config = _config(TINY.split("[[datasets]]")[0] + '[[datasets]]\nname = "digits"\nattacks = ["labels"]\n'
+    config = _config(TINY.split("[[datasets]]")[0] + "[fedavg]\ninputs = 1\nbatch_size = 1\nlocal_steps = 5\n"
+                     '[[datasets]]\nname = "digits"\nattacks = ["labels"]\n'
                      'protections = ["plaintext", "fedavg", "ciphertext"]\n')
     result = run_attack_matrix(config, tmp_path, progress=False)
     rows = {r.setting: r for r in result.rows}
     assert rows["plaintext"].label_accuracy == 1.0 and rows["plaintext"].verdict == "recovered"
-    assert rows["fedavg 5 steps"].label_accuracy == 1.0  # one input: its label comes back from the update
+    assert rows["fedavg 5x batch 1"].label_accuracy == 1.0  # one input: its label comes back from the update
     assert rows["ciphertext"].verdict == "no access" and "ciphertext" in rows["ciphertext"].note
+
+
+def test_fedavg_rows_are_updates_of_mini_batches(tmp_path):
+    # What a site sends: 4 inputs, 4 local steps of 2 (the default), labels unknown to the attack.
+    config = _config(TINY.split("[[datasets]]")[0] + '[[datasets]]\nname = "digits"\nattacks = ["labels", "analytic"]\n'
+                     'protections = ["fedavg"]\n')
+    assert (config.fedavg.inputs, config.fedavg.local_steps, config.fedavg.batch_size) == (4, 4, 2)
+    result = run_attack_matrix(config, tmp_path, progress=False)
+    rows = {(r.attack, r.setting): r for r in result.rows}
+    assert set(rows) == {("labels", "fedavg 4x batch 2"), ("analytic", "fedavg 4x batch 2")}
+    assert all(r.num_inputs == 4 for r in rows.values())
+    with pytest.raises(ConfigError) as info:
+        _config(TINY.split("[[datasets]]")[0] + "[fedavg]\ninputs = 2\nbatch_size = 3\n" + '[[datasets]]\nname = "digits"\n')
+    assert "batch_size" in info.value.field
 
 
 def test_grids_leave_pyplot_and_the_backend_alone(tmp_path):
