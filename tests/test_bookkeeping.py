@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported
+from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported, check_gradient_coverage
 from privfl.config import ClippingMode, DPConfig, TrainingConfig
 from privfl.data import ArrayDataset, load_breast_cancer
 from privfl.errors import ConfigError
@@ -295,3 +296,266 @@ def test_auto_picks_bookkeeping_for_linear_models_it_supports():
     assert choose_clipping(SmallCNN(10), ClippingMode.AUTO) is ClippingMode.PER_SAMPLE
     assert choose_clipping(LogisticRegression(30, 2), ClippingMode.GHOST) is ClippingMode.GHOST
     assert DPConfig(noise_multiplier=1.0, clipping="bookkeeping").clipping is ClippingMode.BOOKKEEPING
+
+
+class SharedComponent(nn.Module):
+    """Tokens with a large shared component and output gradients summing to zero over the tokens."""
+
+    def __init__(self, d: int = 64, p: int = 64) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, p, bias=False)
+        self.head = nn.Linear(p, 3, bias=False)
+        self.head.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        return self.head(torch.tanh(z - z.mean(dim=1, keepdim=True)).sum(dim=1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("width", "steps"), [(64, 8), (2, 9)])  # 2 T^2 <= d p: the Gram form; else instantiated
+def test_gram_form_norm_is_exact_when_tokens_share_a_large_component(seed, width, steps):
+    # shared / variation = 1e4: in float32 the Gram form gave norms too small (released 1.97 C) or NaN.
+    torch.manual_seed(seed)
+    model = SharedComponent(width, width)
+    inputs = torch.randn(1, 1, width) * 1e4 + torch.randn(1, steps, width)
+    labels = torch.tensor([seed % 3])
+    z = torch.autograd.grad(SUM(model(inputs), labels), model.fc.weight)[0]
+    keeper = BookKeeping(model, max_grad_norm=1.0)
+    got = keeper.clipped_sum(inputs, labels, SUM)
+    assert torch.isfinite(got.norms).all()
+    torch.testing.assert_close(got.norms.double(), z.double().norm().reshape(1), rtol=1e-3, atol=0)
+    keeper.private_gradients(inputs, labels, SUM, noise_multiplier=0.0, expected_batch_size=1, generator=None)
+    released = float(model.fc.weight.grad.double().norm())
+    assert math.isfinite(released) and released <= 1.0 * (1 + 1e-5)
+
+
+def test_gram_form_released_norm_is_bounded_through_train_dp_sgd():
+    for seed in range(6):
+        torch.manual_seed(seed)
+        inputs = torch.randn(1, 1, 64) * 1e4 + torch.randn(1, 8, 64)
+        data = torch.utils.data.TensorDataset(inputs, torch.tensor([seed % 3]))
+        dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, clipping="bookkeeping")
+        cfg = TrainingConfig(batch_size=1, learning_rate=1.0, dp=dp)
+        result = train_dp_sgd(SharedComponent(), data, config=cfg, noise_multiplier=1e-9, device=CPU, seed=0)
+        released = float(np.linalg.norm(result.delta.astype(np.float64)))
+        assert math.isfinite(released) and released <= 1.0 * (1 + 1e-5), (seed, released)
+
+
+class GainLinear(nn.Linear):
+    """A Linear subclass with its own extra parameter and its own forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_features,), 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias) * self.gain
+
+
+class DoubledLinear(nn.Linear):
+    """A Linear subclass with only weight and bias but another forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def _with_forward_pre_hook() -> nn.Module:
+    layer = nn.Linear(6, 5)
+    layer.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    return layer
+
+
+def _parametrized() -> nn.Module:
+    from torch.nn.utils import parametrizations
+
+    return parametrizations.orthogonal(nn.Linear(5, 5))
+
+
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        (lambda: GainLinear(6, 5), r"layer 0 \(GainLinear\)"),
+        (lambda: DoubledLinear(6, 5), r"layer 0 \(DoubledLinear\)"),
+        (lambda: nn.utils.weight_norm(nn.Linear(6, 5)), r"layer 0 \(Linear\).*weight_g"),
+        (lambda: nn.utils.spectral_norm(nn.Linear(6, 5)), r"layer 0 \(Linear\).*weight_orig"),
+        (_with_forward_pre_hook, r"layer 0 \(Linear\) has forward pre-hooks"),
+    ],
+)
+def test_linear_subclasses_and_reparametrised_layers_are_refused(first, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation
+        model = nn.Sequential(first(), nn.Tanh(), nn.Linear(5, 3))
+    assert re.search(message, bookkeeping_unsupported(model) or "")
+    with pytest.raises(ConfigError, match=message):
+        BookKeeping(model, max_grad_norm=1.0)
+    assert choose_clipping(model, ClippingMode.AUTO) is not ClippingMode.BOOKKEEPING
+
+
+def test_a_parametrized_layer_is_refused():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), _parametrized(), nn.Linear(5, 3))
+    with pytest.raises(ConfigError, match=r"layer 2 \(ParametrizedLinear\)"):
+        BookKeeping(model, max_grad_norm=1.0)
+
+
+def test_a_subclass_of_a_per_sample_layer_is_refused():
+    class MyNorm(nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(6, 5), MyNorm(5), nn.Linear(5, 3))
+    with pytest.raises(ConfigError, match=r"layer 1 \(MyNorm\)"):
+        BookKeeping(model, max_grad_norm=1.0)
+
+
+def test_multihead_attention_output_layer_is_a_linear_layer():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    model = nn.Sequential(NonDynamicallyQuantizableLinear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    assert bookkeeping_unsupported(model) is None
+    inputs, labels = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    expected, _ = opacus_clipped_sum(model, inputs, labels, 0.5)
+    got = BookKeeping(model, max_grad_norm=0.5).clipped_sum(inputs, labels, SUM)
+    for mine, theirs in zip(got.grads, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (lambda: nn.Embedding(10, 6, max_norm=0.5), "max_norm"),
+        (lambda: nn.Embedding(10, 6, sparse=True), "sparse"),
+    ],
+)
+def test_embeddings_book_keeping_cannot_clip_are_refused(layer, message):
+    model = nn.Sequential(layer(), nn.Flatten(), nn.Linear(30, 3))
+    with pytest.raises(ConfigError, match=rf"layer 0 \(Embedding\).*{message}"):
+        BookKeeping(model, max_grad_norm=1.0)
+
+
+class Keyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(input=torch.tanh(self.norm(input=self.fc(input=x))))
+
+
+def test_a_layer_called_with_a_keyword_input_is_clipped_as_a_positional_call():
+    torch.manual_seed(0)
+    model = Keyword()
+    positional = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    for mine, theirs in zip(positional.parameters(), model.parameters(), strict=True):
+        mine.data.copy_(theirs.data)
+    inputs, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    expected, expected_norms = opacus_clipped_sum(positional, inputs, labels, 0.5)
+    got = BookKeeping(model, max_grad_norm=0.5).clipped_sum(inputs, labels, SUM)
+    torch.testing.assert_close(got.norms, expected_norms, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(got.grads, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+class SequenceFirst(nn.Module):
+    """Runs its layer on (T, B, d): row t of the layer's input is time step t, not example t."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x.transpose(0, 1))).sum(dim=0))
+
+
+class Flattened(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x.reshape(-1, 6))).reshape(x.shape[0], -1, 6).sum(dim=1))
+
+
+@pytest.mark.parametrize("model", [SequenceFirst, Flattened])
+def test_a_layer_not_batch_first_is_refused(model):
+    inputs, labels = torch.randn(4, 3, 6), torch.randint(0, 3, (4,))  # T = 3 != B = 4
+    with pytest.raises(ConfigError, match=r"layer fc \(Linear\).*first dimension"):
+        BookKeeping(model(), max_grad_norm=1.0).clipped_sum(inputs, labels, SUM)
+
+
+def test_a_sequence_first_layer_with_as_many_steps_as_examples_fails_the_coverage_check():
+    # T == B: every shape looks batch-first, but the norms would be per time step.
+    inputs, labels = torch.randn(4, 4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(ConfigError, match=r"layer fc \(Linear\) mixes the examples"):
+        check_gradient_coverage(SequenceFirst(), inputs, labels, SUM)
+
+
+class TiedHead(nn.Module):
+    """An embedding whose weight is also the output layer (weight tying, in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(self.embed(tokens).mean(dim=1))) @ self.embed.weight[:3].T
+
+
+class DirectUse(nn.Module):
+    """A skip path using a linear layer's weight directly, outside the layer."""
+
+    def __init__(self, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = act if act is not None else nn.Tanh()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc(x))) + 50 * (x @ self.fc.weight.T)[:, :3]
+
+
+@pytest.mark.parametrize(
+    ("build", "draw", "parameter"),
+    [
+        (TiedHead, lambda: torch.randint(0, 10, (5, 4)), "embed.weight"),
+        (DirectUse, lambda: torch.randn(5, 8), "fc.weight"),
+        (lambda: DirectUse(nn.PReLU()), lambda: torch.randn(5, 8), "fc.weight"),  # ghost clipping's case
+    ],
+)
+def test_a_parameter_used_outside_its_layer_is_refused(build, draw, parameter):
+    torch.manual_seed(0)
+    model = build()
+    with pytest.raises(ConfigError, match=rf"{re.escape(parameter)}.*used outside its module"):
+        check_gradient_coverage(model, draw(), torch.randint(0, 3, (5,)), SUM)
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("build", "draw"),
+    [
+        (lambda: MLP(10, 3, hidden=16), lambda b: torch.randn(b, 10)),
+        (Twice, lambda b: torch.randn(b, 6)),
+        (Tokens, lambda b: torch.randint(0, 20, (b, 5))),
+        (lambda: SmallCNN(3, channels=4), lambda b: torch.randn(b, 1, 8, 8)),
+        (lambda: nn.Sequential(nn.Linear(30, 8), Scaled(8), nn.Linear(8, 3)), lambda b: torch.randn(b, 30)),
+        (lambda: nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(inplace=True), nn.Linear(8, 3)),
+         lambda b: torch.randn(b, 6)),
+        (Keyword, lambda b: torch.randn(b, 6)),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_models_whose_parameters_stay_in_their_layers_pass_the_coverage_check(build, draw, batch):
+    torch.manual_seed(batch)
+    model = build()
+    model.train()
+    check_gradient_coverage(model, draw(batch), torch.randint(0, 3, (batch,)), SUM)
+    check_gradient_coverage(model, draw(batch), torch.randint(0, 3, (batch,)))  # CrossEntropy(sum) by default
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
