@@ -505,7 +505,9 @@ def train_dp_sgd(
         generator = torch.Generator(device=device).manual_seed(seed)
         sampling = torch.Generator().manual_seed(seed ^ 0x5A5A5A5A)
     loader = _poisson_loader(dataset, sample_rate, steps // config.local_epochs, sampling)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    # Only what trains: a frozen parameter holding a stale .grad must not move (nor enter the delta).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum)
     expected_batch_size = _expected_batch_size(num_examples, len(loader))
     if keeper is not None:
         losses = _train_bookkeeping(

@@ -181,3 +181,15 @@ def test_training_without_a_seed_never_repeats_its_noise(data):
         config = TrainingConfig(batch_size=len(train), learning_rate=1.0, dp=DPConfig(noise_multiplier=1.0))
         deltas.append(train_dp_sgd(model, train, config=config, noise_multiplier=1.0, device=torch.device("cpu")).delta)
     assert not np.allclose(deltas[0], deltas[1])
+
+
+@pytest.mark.parametrize("clipping", [ClippingMode.PER_SAMPLE, ClippingMode.BOOKKEEPING])
+def test_a_frozen_layer_with_a_stale_gradient_does_not_move(data, clipping):
+    model = nn.Sequential(nn.Linear(30, 8), nn.ReLU(), nn.Linear(8, 2))
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    frozen.grad = torch.ones_like(frozen)  # left over from the caller's own use of the model
+    before = frozen.detach().clone()
+    config = TrainingConfig(batch_size=16, learning_rate=0.5, dp=DPConfig(noise_multiplier=1.0, clipping=clipping))
+    train_dp_sgd(model, data.train, config=config, noise_multiplier=1.0, device=torch.device("cpu"), seed=0)
+    assert torch.equal(frozen.detach(), before)
