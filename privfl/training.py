@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from privfl import _validate
 from privfl.accounting import DPEvent
-from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported
+from privfl.bookkeeping import BookKeeping, bookkeeping_unsupported, check_gradient_coverage
 from privfl.config import ClippingMode, TrainingConfig
 from privfl.errors import ConfigError, ProtocolError
 
@@ -450,6 +450,29 @@ def load_flat_parameters(model: nn.Module, flat: np.ndarray) -> None:
             offset += n
 
 
+# Models whose gradient coverage was checked in this process, by structure (class, repr, parameter
+# names, shapes and flags, input shape and dtype, device): the check runs once per kind of model,
+# not once per site and round.
+_COVERAGE_CHECKED: set[tuple[object, ...]] = set()
+
+
+def _check_coverage(model: nn.Module, dataset: Dataset, device: torch.device) -> None:
+    """Runs :func:`privfl.bookkeeping.check_gradient_coverage` on up to 8 of the site's examples."""
+    from torch.utils.data import default_collate
+
+    count = min(8, len(dataset))  # type: ignore[arg-type]  # map-style Datasets have __len__
+    inputs, labels = default_collate([dataset[i] for i in range(count)])[:2]
+    key = (
+        type(model).__module__, type(model).__qualname__, repr(model),
+        tuple((name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()),
+        tuple(inputs.shape[1:]), inputs.dtype, str(device),
+    )
+    if key in _COVERAGE_CHECKED:
+        return
+    check_gradient_coverage(model, inputs.to(device), labels.to(device), nn.CrossEntropyLoss(reduction="sum"))
+    _COVERAGE_CHECKED.add(key)
+
+
 def train_dp_sgd(
     model: nn.Module,
     dataset: Dataset,
@@ -477,7 +500,9 @@ def train_dp_sgd(
         The update and the DP event to charge.
 
     Raises:
-        ConfigError: ``noise_multiplier`` is not a finite number > 0, the dataset is empty or holds
+        ConfigError: ``noise_multiplier`` is not a finite number > 0; a parameter is used outside
+            its layer (weight tying, a direct use in forward) or a layer does not keep the examples
+            along its first dimension (the message names it); the dataset is empty or holds
             examples that cannot be trained on safely
             (see :func:`prepare_dataset`), or ``clipping = "bookkeeping"`` was asked for a model
             with a layer book-keeping cannot clip (the message names it).
@@ -487,8 +512,12 @@ def train_dp_sgd(
     dataset = prepare_dataset(dataset, model, site=site)
     num_examples = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
     sample_rate, steps = sampling_plan(num_examples, config)
-    clipping = choose_clipping(model, config.dp.clipping)
     model = model.to(device)
+    # Before choosing a clipping mode: a parameter whose gradient partly bypasses its own layer
+    # (weight tying, a direct use in forward) cannot be clipped per example by any mode; ghost
+    # clipping would even release that part unclipped.
+    _check_coverage(model, dataset, device)
+    clipping = choose_clipping(model, config.dp.clipping)
     # Checked before any step: a layer book-keeping cannot clip is a ConfigError naming it.
     keeper = None
     if clipping is ClippingMode.BOOKKEEPING:

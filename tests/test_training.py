@@ -193,3 +193,27 @@ def test_a_frozen_layer_with_a_stale_gradient_does_not_move(data, clipping):
     config = TrainingConfig(batch_size=16, learning_rate=0.5, dp=DPConfig(noise_multiplier=1.0, clipping=clipping))
     train_dp_sgd(model, data.train, config=config, noise_multiplier=1.0, device=torch.device("cpu"), seed=0)
     assert torch.equal(frozen.detach(), before)
+
+
+class _DirectUse(nn.Module):
+    """A wide layer whose weight is also used directly in forward (a skip path through fc.weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(30, 600)
+        self.act = nn.PReLU()  # no book-keeping support: auto used to pick ghost clipping for this model
+        self.head = nn.Linear(600, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)) + x @ self.fc.weight.T)
+
+
+@pytest.mark.parametrize("clipping", list(ClippingMode))
+def test_a_parameter_used_outside_its_layer_is_refused_in_every_mode(data, clipping):
+    # Ghost clipping released that part of the gradient unclipped (per-example norm 1.9 at C = 1).
+    model = _DirectUse()
+    before = [p.detach().clone() for p in model.parameters()]
+    config = TrainingConfig(batch_size=16, dp=DPConfig(noise_multiplier=1.0, clipping=clipping))
+    with pytest.raises(ConfigError, match=r"fc\.weight"):
+        train_dp_sgd(model, data.train, config=config, noise_multiplier=1.0, device=torch.device("cpu"), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
