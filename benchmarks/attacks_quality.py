@@ -162,12 +162,8 @@ def label_row(model: torch.nn.Module, data, *, per_trial: int, trials: int) -> R
                seconds=statistics.fmean(seconds))
 
 
-def photo_crops(count: int, *, size: int = 16, seed: int = 0, zoom: int = 4) -> torch.Tensor:
-    """``count`` crops of the two scikit-learn sample photographs, ``(size*zoom)^2`` pixels averaged down to size^2.
-
-    Returns:
-        ``(count, 3, size, size)`` in [0, 1]; crop ``i`` comes from photograph ``i % 2`` at a seeded position.
-    """
+def photo_crop_positions(count: int, *, size: int = 16, seed: int = 0, zoom: int = 4) -> list[tuple[int, int, int]]:
+    """``(photograph, top, left)`` of each crop ``photo_crops`` draws with the same arguments."""
     images = load_sample_images().images
     generator = torch.Generator().manual_seed(seed)
     side = size * zoom
@@ -176,9 +172,75 @@ def photo_crops(count: int, *, size: int = 16, seed: int = 0, zoom: int = 4) -> 
         image = images[i % 2]
         top = int(torch.randint(0, image.shape[0] - side, (1,), generator=generator))
         left = int(torch.randint(0, image.shape[1] - side, (1,), generator=generator))
-        crop = torch.tensor(image[top : top + side, left : left + side], dtype=torch.float32).permute(2, 0, 1) / 255
+        out.append((i % 2, top, left))
+    return out
+
+
+def photo_crops(count: int, *, size: int = 16, seed: int = 0, zoom: int = 4) -> torch.Tensor:
+    """``count`` crops of the two scikit-learn sample photographs, ``(size*zoom)^2`` pixels averaged down to size^2.
+
+    Returns:
+        ``(count, 3, size, size)`` in [0, 1]; crop ``i`` comes from photograph ``i % 2`` at a seeded position.
+    """
+    return _cut(photo_crop_positions(count, size=size, seed=seed, zoom=zoom), size=size, zoom=zoom)
+
+
+def _cut(positions: list[tuple[int, int, int]], *, size: int, zoom: int) -> torch.Tensor:
+    images = load_sample_images().images
+    side = size * zoom
+    out = []
+    for photo, top, left in positions:
+        crop = images[photo][top : top + side, left : left + side]
+        crop = torch.tensor(crop, dtype=torch.float32).permute(2, 0, 1) / 255
         out.append(torch.nn.functional.avg_pool2d(crop.unsqueeze(0), zoom)[0])
     return torch.stack(out)
+
+
+def photo_quadrant_labels(positions: list[tuple[int, int, int]], *, size: int = 16, zoom: int = 4) -> torch.Tensor:
+    """Class of each crop: ``4 * photograph + quadrant`` of the crop's centre (0 top left, 1 top right, 2, 3)."""
+    images = load_sample_images().images
+    half = size * zoom // 2
+    labels = []
+    for photo, top, left in positions:
+        height, width = images[photo].shape[:2]
+        quadrant = 2 * int(top + half >= height / 2) + int(left + half >= width / 2)
+        labels.append(4 * photo + quadrant)
+    return torch.tensor(labels)
+
+
+VICTIM_SEEDS = range(64)  # crop sets are drawn with these seeds; training crops avoid all their crops
+
+
+def trained_photo_convnet(steps: int, *, size: int = 16, activation: str = "relu", batch: int = 32,
+                          lr: float = 0.05, pool: int = 2048, seed: int = 1_000_003) -> tuple[torch.nn.Module, str]:
+    """``photo_convnet`` after ``steps`` plain SGD steps on "which photograph, which quadrant" (8 of its 10 classes).
+
+    The training crops are a pool drawn with ``seed``, none at the position of a crop of the crop sets drawn with
+    ``VICTIM_SEEDS`` (up to 16 crops each, so every crop set of the benchmarks is held out); they do overlap
+    victim crops' pixels, being cut from the same two photographs. Batches are drawn with ``seed + 1``.
+
+    Returns:
+        The model and a one-line note: training accuracy and accuracy on held-out crop sets 0 to 7.
+    """
+    victims = {p for s in VICTIM_SEEDS for p in photo_crop_positions(16, size=size, seed=s)}
+    positions = [p for p in photo_crop_positions(pool, size=size, seed=seed) if p not in victims]
+    x, y = _cut(positions, size=size, zoom=4), photo_quadrant_labels(positions, size=size)
+    model = photo_convnet(size=size, activation=activation)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    held = [p for s in range(8) for p in photo_crop_positions(4, size=size, seed=s)]
+    with torch.no_grad():
+        train_acc = float((model(x).argmax(1) == y).float().mean())
+        held_acc = float((model(_cut(held, size=size, zoom=4)).argmax(1)
+                          == photo_quadrant_labels(held, size=size)).float().mean())
+    note = (f"{steps} SGD steps (batch {batch}, lr {lr}) on {len(x)} crops: training accuracy {train_acc:.2f}, "
+            f"held-out crop sets 0-7 accuracy {held_acc:.2f} (chance 0.125)")
+    return model, note
 
 
 ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid,
@@ -210,6 +272,30 @@ class PhotoCase:
     lr: float = 0.1
     labels_known: bool = False
     activation: str = "relu"  # of photo_convnet
+    size: int = 16  # crop side in pixels
+    train_steps: int = 0  # > 0: trained_photo_convnet(train_steps); the client's labels are then the true classes
+
+    @property
+    def model_label(self) -> str:
+        """The model column of the tables: activation, then the size and training when not the defaults."""
+        parts = [self.activation] + ([f"{self.size}x{self.size}"] if self.size != 16 else [])
+        return ", ".join(parts + ([f"trained {self.train_steps} steps"] if self.train_steps else []))
+
+
+def photo_model(case: PhotoCase) -> tuple[torch.nn.Module, str]:
+    """The model for ``case`` and a note on its training (empty when untrained)."""
+    if case.train_steps:
+        return trained_photo_convnet(case.train_steps, size=case.size, activation=case.activation)
+    return photo_convnet(size=case.size, activation=case.activation), ""
+
+
+def photo_victims(case: PhotoCase, crop_set: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop set ``crop_set`` for ``case`` and its labels: random classes, or the true classes on trained models."""
+    x = photo_crops(case.num_samples, size=case.size, seed=crop_set)
+    if case.train_steps:
+        positions = photo_crop_positions(case.num_samples, size=case.size, seed=crop_set)
+        return x, photo_quadrant_labels(positions, size=case.size)
+    return x, torch.randint(0, 10, (case.num_samples,), generator=torch.Generator().manual_seed(crop_set))
 
 
 PHOTO_CASES = (

@@ -13,6 +13,9 @@ Run from the repository root:
 
     python benchmarks/breaching_compare.py --iterations 500 --crop-sets 8 --threads 1
 
+``--scenarios 32`` (32x32 crops) and ``--scenarios trained`` (a briefly trained ReLU ConvNet) run the further
+scenarios; ``--no-tv0`` skips the TV-0 sensitivity column.
+
 (``python benchmarks/attacks_quality.py --breaching`` runs the same.)
 """
 
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
-from attacks_quality import PhotoCase, photo_convnet, photo_crops, photo_observation
+from attacks_quality import PhotoCase, photo_model, photo_observation, photo_victims
 
 from privfl.attacks import (
     Attack,
@@ -58,6 +61,28 @@ COMPARE_CASES: tuple[PhotoCase, ...] = tuple(
         PhotoCase("FedAvg 4 images, 4 steps of batch 2, lr 0.1, labels estimated", 4, 4, 2, activation=activation),
     )
 )
+
+
+def _comparable(activation: str, *, size: int = 16, train_steps: int = 0) -> tuple[PhotoCase, ...]:
+    """The three cases breaching can express: one image, a batch of 4, the FedAvg update with labels known."""
+    kw = {"activation": activation, "size": size, "train_steps": train_steps}
+    return (
+        PhotoCase("gradient, 1 image", 1, None, 1, **kw),  # type: ignore[arg-type]
+        PhotoCase("gradient, batch 4", 4, None, 4, **kw),  # type: ignore[arg-type]
+        PhotoCase("FedAvg 4 images, 4 steps of batch 2, lr 0.1, labels known", 4, 4, 2,
+                  labels_known=True, **kw),  # type: ignore[arg-type]
+    )
+
+
+# Further scenarios of issue 11, fixed before their runs: 32x32 crops (zoom 4, so 128x128 pixels of the photograph
+# each) through the untrained ReLU and sigmoid photo_convnet(size=32), and 16x16 crops through the ReLU
+# photo_convnet after 300 SGD steps on other crops (trained_photo_convnet: which photograph, which quadrant;
+# the victims keep their true classes). Only the cases breaching can express.
+SCENARIO_SETS: dict[str, tuple[PhotoCase, ...]] = {
+    "base": COMPARE_CASES,
+    "32": _comparable("relu", size=32) + _comparable("sigmoid", size=32),
+    "trained": _comparable("relu", train_steps=300),
+}
 
 # A torch.library handle that must outlive the import of torchvision (see load_breaching).
 _torchvision_schemas: list[torch.library.Library] = []
@@ -170,8 +195,12 @@ def timed_psnr(reconstruct, x: torch.Tensor) -> tuple[float, float]:
     return float(best_match(inputs.float(), x, data_range=1.0).psnr.mean()), seconds
 
 
-def compare(*, iterations: int, crop_sets: int, cases: tuple[PhotoCase, ...] = COMPARE_CASES) -> list[CaseResult]:
-    """Runs privfl and (when importable) breaching on every case and crop set; prints one line per run."""
+def compare(*, iterations: int, crop_sets: int, cases: tuple[PhotoCase, ...] = COMPARE_CASES,
+            tv0: bool = True) -> list[CaseResult]:
+    """Runs privfl and (when importable) breaching on every case and crop set; prints one line per run.
+
+    ``tv0=False`` skips the sensitivity runs of breaching with its TV prior off (their column then reads —).
+    """
     module, reason = load_breaching()
     if module is None:
         print(f"breaching columns skipped: breaching is not importable ({reason}); see docs/attacks.md")
@@ -179,19 +208,23 @@ def compare(*, iterations: int, crop_sets: int, cases: tuple[PhotoCase, ...] = C
         "breaching": BreachingRunner(module, iterations),
         "breaching_tv0": BreachingRunner(module, iterations, ("regularization.total_variation.scale=0",)),
     }
+    if not tv0:
+        runners.pop("breaching_tv0", None)
+    notes: dict[str, str] = {}
     results = []
     for case in cases:
-        model = photo_convnet(activation=case.activation)
+        model, note = photo_model(case)
+        if note and notes.setdefault(case.model_label, note) is note:
+            print(f"  {case.model_label}: {note}", flush=True)
         result = CaseResult(case)
         for crop_set in range(crop_sets):
-            x = photo_crops(case.num_samples, seed=crop_set)
-            y = torch.randint(0, 10, (case.num_samples,), generator=torch.Generator().manual_seed(crop_set))
+            x, y = photo_victims(case, crop_set)
             obs = photo_observation(model, x, y, case)
             attack = privfl_attack(case, iterations)
             value, seconds = timed_psnr(lambda: attack.reconstruct(model, obs).inputs, x)  # noqa: B023
             result.privfl.append(value)
             result.time("privfl", seconds)
-            line = f"  {case.activation} | {case.name} | crop set {crop_set}: privfl {value:.2f} dB ({seconds:.1f} s)"
+            line = f"  {case.model_label} | {case.name} | crop set {crop_set}: privfl {value:.2f} dB ({seconds:.1f} s)"
             if case.local_steps is None or case.labels_known:
                 for key, runner in runners.items():
                     value, seconds = timed_psnr(lambda: runner.reconstruct(model, obs, seed=0), x)  # noqa: B023
@@ -220,15 +253,15 @@ def print_tables(results: list[CaseResult]) -> None:
         t_privfl = statistics.fmean(r.seconds["privfl"])
         if r.breaching:
             diffs = [p - b for p, b in zip(r.privfl, r.breaching, strict=True)]
-            pairs += [(p, b, f"{c.activation}, {c.name}, crop set {i}")
+            pairs += [(p, b, f"{c.model_label}, {c.name}, crop set {i}")
                       for i, (p, b) in enumerate(zip(r.privfl, r.breaching, strict=True))]
             cells = (f"{_span(r.breaching)} | {statistics.median(diffs):+.1f} | {min(diffs):+.1f} | "
-                     f"{_span(r.breaching_tv0)} | {t_privfl:.1f} / {statistics.fmean(r.seconds['breaching']):.1f}")
+                     f"{_span(r.breaching_tv0) if r.breaching_tv0 else '—'} | {t_privfl:.1f} / {statistics.fmean(r.seconds['breaching']):.1f}")
         else:
             expressible = c.local_steps is None or c.labels_known
             why = "breaching not run" if expressible else "not expressible in breaching"
             cells = f"{why} | — | — | — | {t_privfl:.1f} / —"
-        print(f"| {c.activation} | {c.name} | {len(r.privfl)} | {name} | {_span(r.privfl)} | {cells} |")
+        print(f"| {c.model_label} | {c.name} | {len(r.privfl)} | {name} | {_span(r.privfl)} | {cells} |")
     if not pairs:
         return
     compared = [r for r in results if r.breaching]
@@ -238,7 +271,7 @@ def print_tables(results: list[CaseResult]) -> None:
     print("|" + "---|" * (sets + 2))
     for r in compared:
         cells = " | ".join(f"{p:.1f} / {b:.1f}" for p, b in zip(r.privfl, r.breaching, strict=True))
-        print(f"| {r.case.activation} | {r.case.name} | {cells} |")
+        print(f"| {r.case.model_label} | {r.case.name} | {cells} |")
     worst = min(pairs, key=lambda t: t[0] - t[1])
     within = all(p >= b - 1.0 for p, b, _ in pairs)
     med_p, med_b = statistics.median(p for p, _, _ in pairs), statistics.median(b for _, b, _ in pairs)
@@ -254,9 +287,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=500, help="optimizer steps per attack, for both")
     parser.add_argument("--crop-sets", type=int, default=8, help="crop sets per case")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--scenarios", choices=sorted(SCENARIO_SETS), default="base",
+                        help="base: 16x16, untrained ReLU and sigmoid (the documented table); 32: 32x32 crops; "
+                             "trained: 16x16 through a briefly trained ReLU ConvNet")
+    parser.add_argument("--no-tv0", dest="tv0", action="store_false",
+                        help="skip the sensitivity runs of breaching with TV 0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print_tables(compare(iterations=args.iterations, crop_sets=args.crop_sets))
+    print_tables(compare(iterations=args.iterations, crop_sets=args.crop_sets, cases=SCENARIO_SETS[args.scenarios],
+                         tv0=args.tv0))
 
 
 if __name__ == "__main__":
