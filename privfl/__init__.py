@@ -41,6 +41,7 @@ _LAZY = {
     "RunSummary": "privfl.results",
     "SiteSummary": "privfl.results",
     "SecAggConfig": "privfl.protocols.secagg",
+    "SharedKeyConfig": "privfl.protocols.shared_key",
     "check_model_for_imprint": "privfl.received_model",
     "verify_model_architecture": "privfl.received_model",
     "verify_received_model": "privfl.received_model",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from privfl.export import export_model, load_model
     from privfl.federation import Federation, RunResult
     from privfl.protocols.secagg import SecAggConfig
+    from privfl.protocols.shared_key import SharedKeyConfig
     from privfl.received_model import check_model_for_imprint, verify_model_architecture, verify_received_model
     from privfl.results import RoundRecord, RunSummary, SiteSummary
 
@@ -99,6 +101,7 @@ __all__ = [
     "RunResult",
     "RunSummary",
     "SecAggConfig",
+    "SharedKeyConfig",
     "SiteSummary",
     "TrainingConfig",
     "check_model_for_imprint",

@@ -141,6 +141,10 @@ class Aggregator:
             raise ConfigError("config", "<toml>", exc.reason) from exc
         if self.config.federation.client_dp is not None:
             raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
+        if self.config.federation.protection is ProtectionKind.SHARED_KEY:
+            raise ConfigError(
+                "federation.protection", "shared_key", "the shared-key mode runs in process only for now; deploy with ckks or secagg"
+            )
         if model_fn is None and (input_shape is None or num_classes is None):
             raise ConfigError("input_shape", input_shape, "give model_fn, or input_shape and num_classes for the bundled model")
         if not (isinstance(step_timeout, (int, float)) and step_timeout > 0):

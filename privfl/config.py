@@ -25,6 +25,7 @@ from privfl.accounting import Accountant
 from privfl.errors import ConfigError
 from privfl.protocols.ckks_params import CkksConfig
 from privfl.protocols.secagg.protection import SecAggConfig
+from privfl.protocols.shared_key import SharedKeyConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,7 @@ __all__ = [
     "ProtectionKind",
     "RunConfig",
     "SecAggConfig",
+    "SharedKeyConfig",
     "TrainingConfig",
     "config_from_dict",
     "dataclass_from_dict",
@@ -65,6 +67,8 @@ class ProtectionKind(str, Enum):
     """CKKS homomorphic encryption: the server sums ciphertexts it cannot decrypt."""
     SECAGG = "secagg"
     """Secure aggregation masks (Bonawitz et al. 2017 / SecAgg+): the server learns only the sum."""
+    SHARED_KEY = "shared_key"
+    """RLWE encryption under a key every site shares and the server never holds (about 1-2x the float32 upload)."""
 
 
 class ClippingMode(str, Enum):
@@ -312,6 +316,7 @@ class FederationConfig:
         protection: how updates are protected.
         ckks: CKKS parameters (used when ``protection`` is ``ckks``).
         secagg: secure-aggregation settings (used when ``protection`` is ``secagg``).
+        shared_key: shared-key encryption settings (used when ``protection`` is ``shared_key``).
         seed: fixes only the data partitioning and the model initialisation (public choices;
             client sampling, DP noise and cryptographic randomness never come from it).
         noise_seed: makes client sampling, batch sampling and DP noise reproducible. ``None``
@@ -329,6 +334,7 @@ class FederationConfig:
     protection: ProtectionKind = ProtectionKind.CKKS
     ckks: CkksConfig = field(default_factory=CkksConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    shared_key: SharedKeyConfig = field(default_factory=SharedKeyConfig)
     seed: int = 0
     noise_seed: int | None = None
     device: str = "auto"
@@ -351,10 +357,17 @@ class FederationConfig:
             raise ConfigError(
                 "client_dp.adjacency", self.client_dp.adjacency.value, "secure aggregation supports zero-out adjacency only"
             )
+        if self.client_dp is not None and self.protection is ProtectionKind.SHARED_KEY:
+            # Every site decrypts the un-noised sum: there is no single party to add central noise.
+            raise ConfigError(
+                "client_dp", "set", "the shared-key mode cannot place client-level DP noise; use ckks, secagg or plaintext"
+            )
         if not isinstance(self.ckks, CkksConfig):
             raise ConfigError("ckks", self.ckks, "must be a CkksConfig")
         if not isinstance(self.secagg, SecAggConfig):
             raise ConfigError("secagg", self.secagg, "must be a privfl.protocols.secagg.SecAggConfig")
+        if not isinstance(self.shared_key, SharedKeyConfig):
+            raise ConfigError("shared_key", self.shared_key, "must be a privfl.protocols.shared_key.SharedKeyConfig")
         _positive_int("seed", self.seed, minimum=0)
         if self.noise_seed is not None:
             _positive_int("noise_seed", self.noise_seed, minimum=0)

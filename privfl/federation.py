@@ -108,9 +108,29 @@ def build_protection(config: FederationConfig) -> Protection:
         from privfl.protocols.ckks import CkksProtection
 
         return CkksProtection(config.ckks)
+    if config.protection is ProtectionKind.SHARED_KEY:
+        from privfl.protocols.shared_key import SharedKeyProtection
+
+        return SharedKeyProtection(config.shared_key)
     from privfl.protocols.secagg import SecAggProtection
 
     return SecAggProtection(config.secagg)
+
+
+def _check_noise_placement(protection: Protection, federation: FederationConfig) -> None:
+    """Refuses client-level DP with a protection that cannot place its noise (it would run without it)."""
+    placement = protection.noise_placement
+    if federation.client_dp is not None and (
+        placement is NoisePlacement.NONE
+        or (placement is NoisePlacement.DISTRIBUTED and not isinstance(protection, DistributedNoiseProtection))
+    ):
+        raise ConfigError(
+            "federation.client_dp",
+            "set",
+            f"protection {protection.name!r} cannot place client-level DP noise (its noise_placement is "
+            f"{placement.value!r}): declare CENTRAL and apply run_round's release_noise, subclass "
+            "DistributedNoiseProtection, or run without client_dp",
+        )
 
 
 def public_config(config: Any) -> Any:
@@ -240,19 +260,7 @@ class Federation:
         if protection is not None:
             if not isinstance(protection, Protection):
                 raise ConfigError("protection", type(protection).__name__, "must be a privfl.protocols.base.Protection")
-            placement = protection.noise_placement
-            if federation.client_dp is not None and (
-                placement is NoisePlacement.NONE
-                or (placement is NoisePlacement.DISTRIBUTED and not isinstance(protection, DistributedNoiseProtection))
-            ):
-                # It would run without the noise the accountant charges for.
-                raise ConfigError(
-                    "federation.client_dp",
-                    "set",
-                    f"protection {protection.name!r} cannot place client-level DP noise (its noise_placement is "
-                    f"{placement.value!r}): declare CENTRAL and apply run_round's release_noise, subclass "
-                    "DistributedNoiseProtection, or run without client_dp",
-                )
+            _check_noise_placement(protection, federation)
         self._protection = protection
         self.progress = progress
         self.record = bool(record)
@@ -700,6 +708,7 @@ class Federation:
                 f"rounds sample at most {largest} of {num_clients} sites but {protection.name} needs at least {needed} "
                 "per round: every round would abort; sample more sites (or use more sites)",
             )
+        _check_noise_placement(protection, self.config)
         protection.check_fits(num_clients)
 
     def _fingerprint(self, plans: list[_ClientPlan]) -> dict[str, Any]:

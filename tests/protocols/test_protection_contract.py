@@ -1,6 +1,7 @@
 """The Protection contract: every protection runs through the same cases.
 
-Each protection (plaintext, CKKS, secure aggregation, and a small user-defined one written here)
+Each protection (plaintext, CKKS, secure aggregation, shared-key encryption with one and two primes,
+and a small user-defined one written here)
 must, for a round of client updates carried as bytes over a :class:`Transport`:
 
 1. return the weighted average over all clients, within its own error bound;
@@ -31,6 +32,7 @@ from privfl.protocols.ckks import CkksProtection
 from privfl.protocols.ckks_params import CkksConfig
 from privfl.protocols.plaintext import PlaintextProtection
 from privfl.protocols.secagg import SecAggConfig, SecAggProtection
+from privfl.protocols.shared_key import SharedKeyConfig, SharedKeyProtection
 from privfl.protocols.wire import decode_frame, encode_frame
 
 NUM_CLIENTS = 5
@@ -177,6 +179,21 @@ SPECS = {
         lambda: SecAggProtection(SecAggConfig(clip_range=1.0)),
         "masked_input",
         lambda p, n: p.config.resolve_threshold(n),
+        _secagg_bounds,
+    ),
+    # Quantized like secure aggregation: the same bound, from the protection's own max_error.
+    "shared_key": Spec(
+        "shared_key",
+        lambda: SharedKeyProtection(SharedKeyConfig(clip_range=1.0)),
+        "update",
+        lambda p, n: p.config.min_contributors,
+        _secagg_bounds,
+    ),
+    "shared_key-1-prime": Spec(
+        "shared_key-1-prime",
+        lambda: SharedKeyProtection(SharedKeyConfig(clip_range=1.0, limbs=1)),
+        "update",
+        lambda p, n: p.config.min_contributors,
         _secagg_bounds,
     ),
     "framed-mean": Spec("framed-mean", FramedMeanProtection, FramedMeanProtection.STEP, lambda p, n: p.min_participants, _exact_bounds),
