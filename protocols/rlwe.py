@@ -52,8 +52,10 @@ __all__ = [
     "encrypt",
     "expand_a",
     "intt",
+    "mulmod",
     "ntt",
     "reduce_sum",
+    "shoup",
 ]
 
 PRIMES: tuple[int, ...] = (4294475777, 4293918721)
@@ -101,15 +103,34 @@ def _is_prime(n: int) -> bool:
 
 @dataclass(frozen=True)
 class _NttTable:
-    """Precomputed powers for the negacyclic NTT of length N modulo q."""
+    """Precomputed powers (each with its Shoup quotient) for the negacyclic NTT of length N modulo q."""
 
     q: int
     n: int
-    psi: np.ndarray  # psi^i, i < N
-    psi_inv_scaled: np.ndarray  # N^-1 psi^-i
+    psi: tuple[np.ndarray, np.ndarray]  # psi^i, i < N
+    psi_inv_scaled: tuple[np.ndarray, np.ndarray]  # N^-1 psi^-i
     bitrev: np.ndarray
-    stages: tuple[np.ndarray, ...]  # per stage, omega^(N/L j) for j < L/2
-    inv_stages: tuple[np.ndarray, ...]
+    stages: tuple[tuple[np.ndarray, np.ndarray], ...]  # per stage, omega^(N/L j) for j < L/2
+    inv_stages: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+
+def shoup(w: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """(w, floor(w 2^32 / q)) for :func:`mulmod`: constants below q < 2^32, as uint64."""
+    w = np.asarray(w, dtype=np.uint64)
+    return w, (w << np.uint64(32)) // np.uint64(q)
+
+
+def mulmod(x: np.ndarray, w: tuple[np.ndarray, np.ndarray], q: int) -> np.ndarray:
+    """x w mod q for uint64 x < q < 2^32 and a constant w from :func:`shoup` (no division).
+
+    Shoup's method: with w' = floor(w 2^32 / q), x w - floor(x w' / 2^32) q lies in [0, 2q), and
+    every product stays below 2^64; the uint64 arithmetic wraps exactly.
+    """
+    qq = np.uint64(q)
+    estimate = (x * w[1]) >> np.uint64(32)
+    r = x * w[0] - estimate * qq
+    reduced: np.ndarray = np.minimum(r, r - qq)  # r - q wraps above r when r < q
+    return reduced
 
 
 @lru_cache(maxsize=16)
@@ -124,13 +145,13 @@ def _table(q: int, n: int) -> _NttTable:
         raise ConfigError("rlwe", (q, n), "no primitive 2N-th root of unity found")
     omega = psi * psi % q
 
-    def powers(base: int, count: int) -> np.ndarray:
+    def powers(base: int, count: int, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty(count, dtype=np.uint64)
-        value = 1
+        value = scale % q
         for i in range(count):
             out[i] = value
             value = value * base % q
-        return out
+        return shoup(out, q)
 
     bits = n.bit_length() - 1
     bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)], dtype=np.int64)
@@ -143,23 +164,23 @@ def _table(q: int, n: int) -> _NttTable:
         length *= 2
     n_inv = pow(n, q - 2, q)
     psi_inv = pow(psi, q - 2, q)
-    psi_inv_scaled = powers(psi_inv, n) * np.uint64(n_inv) % np.uint64(q)
-    return _NttTable(q, n, powers(psi, n), psi_inv_scaled, bitrev, tuple(stages), tuple(inv_stages))
+    return _NttTable(q, n, powers(psi, n), powers(psi_inv, n, n_inv), bitrev, tuple(stages), tuple(inv_stages))
 
 
-def _butterflies(x: np.ndarray, q: int, stages: tuple[np.ndarray, ...]) -> np.ndarray:
+def _butterflies(x: np.ndarray, q: int, stages: tuple[tuple[np.ndarray, np.ndarray], ...]) -> np.ndarray:
     # Iterative radix-2 Cooley-Tukey over the last axis (input already in bit-reversed order).
     rows, n = x.shape
     qq = np.uint64(q)
     for twiddles in stages:
-        half = twiddles.shape[0]
+        half = twiddles[0].shape[0]
         view = x.reshape(rows, n // (2 * half), 2 * half)
         u = view[..., :half]
-        v = view[..., half:] * twiddles % qq
+        v = mulmod(view[..., half:], twiddles, q)
         out = np.empty_like(view)
-        np.add(u, v, out=out[..., :half])
-        np.subtract(u + qq, v, out=out[..., half:])
-        out[out >= qq] -= qq
+        total = np.add(u, v, out=out[..., :half])
+        np.minimum(total, total - qq, out=total)
+        difference = np.subtract(u + qq, v, out=out[..., half:])
+        np.minimum(difference, difference - qq, out=difference)
         x = out.reshape(rows, n)
     return x
 
@@ -167,16 +188,13 @@ def _butterflies(x: np.ndarray, q: int, stages: tuple[np.ndarray, ...]) -> np.nd
 def ntt(x: np.ndarray, q: int) -> np.ndarray:
     """Negacyclic NTT of each row of ``x`` (uint64 residues mod q, shape (rows, N))."""
     table = _table(q, x.shape[-1])
-    y = (x * table.psi % np.uint64(q))[:, table.bitrev]
-    return _butterflies(y, q, table.stages)
+    return _butterflies(mulmod(x, table.psi, q)[:, table.bitrev], q, table.stages)
 
 
 def intt(x: np.ndarray, q: int) -> np.ndarray:
     """Inverse of :func:`ntt`."""
     table = _table(q, x.shape[-1])
-    y = _butterflies(x[:, table.bitrev], q, table.inv_stages)
-    out: np.ndarray = y * table.psi_inv_scaled % np.uint64(q)
-    return out
+    return mulmod(_butterflies(x[:, table.bitrev], q, table.inv_stages), table.psi_inv_scaled, q)
 
 
 def _uniform(seed: bytes, limb: int, count: int) -> np.ndarray:
@@ -231,7 +249,7 @@ class SecretKey:
 
     n: int
     _coefficients: np.ndarray = field(repr=False)
-    _ntt: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _ntt: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         return f"SecretKey(n={self.n}, key_id={self.key_id.hex()}, secret=<hidden>)"
@@ -270,12 +288,12 @@ class SecretKey:
             raise ConfigError("secret key", f"<{len(data)} bytes>", "is malformed")
         return cls(n, raw.astype(np.int64) - 1)
 
-    def ntt_form(self, limb: int) -> np.ndarray:
-        """The key in the NTT domain modulo PRIMES[limb], shape (1, N)."""
+    def ntt_form(self, limb: int) -> tuple[np.ndarray, np.ndarray]:
+        """The key in the NTT domain modulo PRIMES[limb], shape (1, N), with its Shoup quotients."""
         cached = self._ntt.get(limb)
         if cached is None:
             q = PRIMES[limb]
-            cached = ntt((self._coefficients % q).astype(np.uint64)[None, :], q)
+            cached = shoup(ntt((self._coefficients % q).astype(np.uint64)[None, :], q), q)
             self._ntt[limb] = cached
         return cached
 
@@ -301,7 +319,8 @@ def encrypt(key: SecretKey, plain: np.ndarray, delta_bits: int, limbs: int) -> t
         qq = np.uint64(q)
         encoded = ntt((x % q).astype(np.uint64), q)
         a = _uniform(seed, limb, rows * n).reshape(rows, n)
-        c0[limb] = (encoded + qq - a * key.ntt_form(limb) % qq) % qq
+        difference = encoded + qq - mulmod(a, key.ntt_form(limb), q)
+        c0[limb] = np.minimum(difference, difference - qq)
     return seed, c0
 
 
@@ -327,7 +346,8 @@ def decrypt_sum(key: SecretKey, c0_sum: np.ndarray, a_sum: np.ndarray, delta_bit
     for limb in range(limbs):
         q = PRIMES[limb]
         qq = np.uint64(q)
-        residues.append(intt((c0_sum[limb] + a_sum[limb] * key.ntt_form(limb) % qq) % qq, q))
+        total = c0_sum[limb] + mulmod(a_sum[limb], key.ntt_form(limb), q)
+        residues.append(intt(np.minimum(total, total - qq), q))
     if limbs == 1:
         modulus = PRIMES[0]
         x = residues[0]
