@@ -10,6 +10,7 @@ What the server can read depends on the protection the run used:
 
 - plaintext: every site's FedAvg update, which is attacked per site;
 - CKKS: ciphertexts (no access) until the key holder releases the average;
+- shared key: ciphertexts (no access) until the sites decrypt the sum;
 - secure aggregation: masked vectors (no access) until the sum is unmasked.
 
 Under every protection the server learns the round's average, the change of the global model, which
@@ -49,6 +50,7 @@ __all__ = ["RecordedAttackResult", "RecordedAttackRow", "attack_recording", "wri
 
 PLAINTEXT_UPDATE = "plaintext update"
 CIPHERTEXT = "CKKS ciphertext"
+SHARED_KEY_CIPHERTEXT = "shared-key ciphertext"
 MASKED = "masked vector"
 AGGREGATE = "round average"
 
@@ -60,8 +62,8 @@ class RecordedAttackRow:
     Attributes:
         round: the round.
         source: the site whose message it was, or ``"aggregate"`` for the round's average.
-        view: what the server held (``"plaintext update"``, ``"CKKS ciphertext"``, ``"masked vector"``,
-            ``"round average"``).
+        view: what the server held (``"plaintext update"``, ``"CKKS ciphertext"``, ``"shared-key ciphertext"``,
+            ``"masked vector"``, ``"round average"``).
         attack: the attack's name, or ``"-"`` when the server had nothing to attack.
         num_examples: the training examples behind the observation (public: the FedAvg weights).
         reconstructed: inputs the attack returned (0 with no access or when skipped).
@@ -260,6 +262,8 @@ def _observations(
             targets.append(replace(base, view=MASKED, note="one-time-padded with pairwise and self masks"))
         elif facts.protection == "ckks":
             targets.append(replace(base, view=CIPHERTEXT, note="encrypted under the key holder's key"))
+        elif facts.protection == "shared_key":
+            targets.append(replace(base, view=SHARED_KEY_CIPHERTEXT, note="encrypted under the sites' shared key (the server holds none)"))
         else:
             try:
                 _, delta = decode_update(message.payload, round_index=r, sender=site, dim=recorded.dim)

@@ -463,7 +463,7 @@ def _seed_scope(facts: ConfigFacts) -> list[Hit]:
             "sampling and DP noise come from fresh OS entropy every run (federation.noise_seed, for simulations, "
             f"makes both reproducible), and the seed never reaches the {fed.protection.value} cryptography, whose "
             "keys, masks and encryption randomness come from cryptographic generators (SEAL's for CKKS; secrets, "
-            "os.urandom and AES-CTR for secure aggregation).",
+            "os.urandom and AES-CTR for secure aggregation and the shared-key mode).",
         )
     ]
 
@@ -523,6 +523,43 @@ def _ckks_margin(facts: ConfigFacts) -> list[Hit]:
             f"128-bit security ({limit - total} bits of margin); about {max(ckks.scale_bits - 22, 0)} bits of "
             "absolute precision per released value (the key holder's release noise costs about two bits), and summed "
             f"values must stay below 2^{ckks.data_bits - ckks.scale_bits - 1}.",
+        )
+    ]
+
+
+@register(
+    lint_code(
+        "PFL024",
+        Severity.WARNING,
+        "shared-key encryption: every site holds the decryption key (a server colluding with any one site reads every "
+        "update), and the quantization step at the federation's size",
+    ),
+    title="shared-key encryption: every site can decrypt",
+    fix='Use protection = "ckks" (one key holder) or "secagg" unless every site is trusted not to collude with the server.',
+)
+def _shared_key_trust(facts: ConfigFacts) -> list[Hit]:
+    from privfl.plan import round_size
+    from privfl.protocols.shared_key import RoundEncoding
+
+    fed = facts.config.federation
+    if fed.protection is not ProtectionKind.SHARED_KEY:
+        return []
+    # The step depends on how many sites a round holds (at most every site, under Poisson sampling).
+    sites = round_size(fed, facts.config.data.num_clients) or facts.config.data.num_clients
+    cfg = fed.shared_key
+    try:
+        encoding = RoundEncoding.for_round(cfg, 1, sites)
+        precision = (
+            f"with {sites} sites per round each value is quantized to a step of {encoding.step:.3g} "
+            f"(clip_range {cfg.clip_range:g} / {encoding.levels} levels, {cfg.limbs} prime(s))"
+        )
+    except ConfigError as exc:
+        precision = f"the modulus cannot serve {sites} sites ({exc.reason})"
+    return [
+        Hit(
+            field="federation.protection",
+            message="shared_key: every site holds the secret key, so the server learns every site's update if it "
+            f"colludes with any single site (the key-holder CKKS mode trusts one key holder instead); {precision}.",
         )
     ]
 

@@ -78,6 +78,16 @@ def test_ciphertexts_give_no_access_and_the_average_is_still_attacked(tmp_path, 
     assert any(r.source == "aggregate" and r.verdict in ("recovered", "not recovered") for r in result.rows)
 
 
+def test_shared_key_ciphertexts_give_no_access(tmp_path, rows):
+    clients = _clients(rows, [1, 1])
+    run = _run(tmp_path, clients, ProtectionKind.SHARED_KEY, rounds=1)
+    result = attack_recording(run, model_fn=lambda: LogisticRegression(30, 2), clients=clients, iterations=30)
+    per_site = [r for r in result.rows if r.source != "aggregate"]
+    assert len(per_site) == 2 and {r.view for r in per_site} == {"shared-key ciphertext"}
+    assert all(r.verdict == "no access" and "shared key" in r.note for r in per_site)
+    assert any(r.source == "aggregate" and r.verdict in ("recovered", "not recovered") for r in result.rows)
+
+
 def test_masked_vectors_give_no_access(tmp_path, rows):
     clients = _clients(rows, [1, 1, 1])
     run = _run(tmp_path, clients, ProtectionKind.SECAGG, rounds=1)

@@ -209,6 +209,25 @@ def test_noise_seed_is_a_warning_for_every_protection() -> None:
     assert "client-level noise" in fired(lint_config(with_client_dp), "PFL022").message
 
 
+def test_shared_key_warns_who_can_decrypt_and_the_step() -> None:
+    finding = fired(lint_config(make(**{"federation.protection": "shared_key"})), "PFL024")
+    assert finding.severity is Severity.WARNING and "any single site" in finding.message
+    assert "2 prime(s)" in finding.message
+    coarse = fired(
+        lint_config(make(**{"federation.protection": "shared_key", "federation.shared_key.limbs": 1, "data.num_clients": 2000,
+                            "data.client_names": None, "data.min_client_size": 1})),
+        "PFL024",
+    )
+    assert "step of 0.25" in coarse.message  # one prime, 2,000 sites: 4 levels either side of zero
+    hopeless = fired(
+        lint_config(make(**{"federation.protection": "shared_key", "federation.shared_key.limbs": 1, "data.num_clients": 60000,
+                            "data.client_names": None, "data.min_client_size": 1})),
+        "PFL024",
+    )
+    assert "cannot serve" in hopeless.message
+    assert "PFL024" not in codes(lint_config(make()))
+
+
 def test_plaintext_is_a_warning() -> None:
     assert fired(lint_config(make(**{"federation.protection": "plaintext"})), "PFL015").severity is Severity.WARNING
     assert "PFL015" not in codes(lint_config(make()))
