@@ -3,6 +3,7 @@
 Usage: python benchmarks/secagg.py [--clients 100] [--dim 1000000] [--dropouts 0,0.1]
                                   [--neighbours auto|heuristic|complete|K] [--corruption-rate 0]
                                   [--server-threads 1,all] [--authenticate-vectors on,off] [--repeats 3]
+                                  [--authenticated]
 
 Every variant (dropout x server threads x vector authentication) runs once per repeat, the variants
 taking turns, and the plaintext baseline (numpy summing the same float32 vectors, one in-place add
@@ -15,6 +16,9 @@ how many threads the server may use to remove the masks.
 ``--neighbours auto`` takes the degree and threshold from :func:`choose_graph` for the largest
 ``--dropouts`` rate, ``--corruption-rate`` and ``--target-log2``; ``heuristic`` is 2 ceil(log2 n)
 with ``--threshold-fraction``; ``complete`` is classic SecAgg.
+
+``--authenticated`` runs the authenticated mode (Ed25519 identities, the consistency check between
+masked input and unmask) and adds the clients' CPU in the consistency step as its own column.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 
 from privfl.protocols.base import DirectTransport
 from privfl.protocols.secagg.graph import suggest_neighbours
+from privfl.protocols.secagg.keys import IdentityKey
 from privfl.protocols.secagg.params import choose_graph
 from privfl.protocols.secagg.prg import WORD, apply_masks, mask_key
 from privfl.protocols.secagg.quantize import Quantizer
@@ -83,6 +88,7 @@ def run_case(
     bits: int,
     server_threads: int,
     authenticate_vectors: bool = True,
+    identities: dict[str, IdentityKey] | None = None,
 ) -> dict[str, float]:
     """One protocol run; 'dropout' of the clients go silent after sharing keys (the costliest point)."""
     ids = sorted(vectors)
@@ -90,7 +96,9 @@ def run_case(
     quantizer = Quantizer(clip_range=1.0, bits=bits, num_clients=n)
     start = time.process_time()
     # Building the round makes every client's two X25519 pairs (and the public graph).
-    run = new_round(ids, round_index=0, threshold=threshold, neighbours=neighbours, dimension=dim, bits=bits, graph_seed=b"benchmark-graph-seed")
+    run = new_round(
+        ids, round_index=0, threshold=threshold, neighbours=neighbours, dimension=dim, bits=bits, graph_seed=b"benchmark-graph-seed", identities=identities
+    )
     keygen_s = time.process_time() - start
     run.server.threads = server_threads
     run.server.authenticate_vectors = authenticate_vectors
@@ -116,6 +124,7 @@ def run_case(
         "client_encode_s": encode_s / n,
         "client_mask_s": seconds.get("client_masked_input", 0j).imag / len(transcript.bytes_up),
         "client_unmask_s": seconds.get("client_unmask", 0j).imag / max(1, len(survivors)),
+        "client_check_s": seconds.get("client_consistency", 0j).imag / max(1, len(survivors)),
         "server_s": server.real,
         "server_cpu_s": server.imag,
         "upload_bytes": float(upload),
@@ -138,6 +147,7 @@ def main() -> None:
     parser.add_argument("--server-threads", default="1,all", help="comma-separated thread counts for the server ('all' = every CPU)")
     parser.add_argument("--authenticate-vectors", default="on", help="comma-separated 'on'/'off': the server verifies each masked vector's GMAC")
     parser.add_argument("--repeats", type=int, default=3, help="protocol runs per variant, variants taking turns")
+    parser.add_argument("--authenticated", action="store_true", help="authenticated mode (identities and the consistency check)")
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     thread_counts = sorted({cpus if x == "all" else int(x) for x in args.server_threads.split(",")})
@@ -167,6 +177,7 @@ def main() -> None:
         f"{cpus} CPUs, {args.repeats} repeats, variants interleaved"
     )
     print(f"mask expansion (AES-256 keystream -> uint32, add in place): {rate1 / 1e9:.2f} G words/s (1 stream), {rate16 / 1e9:.2f} G words/s (16 streams fused)")
+    identities = {u: IdentityKey.generate() for u in vectors} if args.authenticated else None
     variants = [(d, th, auth) for d in dropouts for th in thread_counts for auth in auth_modes]
     results: dict[tuple[float, int, bool], list[tuple[dict[str, float], complex]]] = {v: [] for v in variants}
     for _ in range(args.repeats):
@@ -174,11 +185,14 @@ def main() -> None:
             dropout, threads, auth = variant
             plain = plaintext_sum_seconds(plain_list)
             r = run_case(
-                vectors, dropout=dropout, threshold=threshold, neighbours=neighbours, bits=args.bits, server_threads=threads, authenticate_vectors=auth
+                vectors, dropout=dropout, threshold=threshold, neighbours=neighbours, bits=args.bits, server_threads=threads, authenticate_vectors=auth,
+                identities=identities,
             )
             results[variant].append((r, plain))
+    check_column = "client consistency CPU ms | " if args.authenticated else ""
     header = (
-        "| dropout | t | survivors | client keygen CPU ms | client share CPU ms | client encode CPU ms | client mask CPU ms | client unmask CPU ms | "
+        "| dropout | t | survivors | client keygen CPU ms | client share CPU ms | client encode CPU ms | client mask CPU ms | "
+        f"{check_column}client unmask CPU ms | "
         "server threads | vector GMAC | plaintext CPU ms | server CPU ms | server / plaintext CPU (median, min) | "
         "server / plaintext wall (median, min) | upload / float32 | other upload kB | max error (bound) |"
     )
@@ -193,7 +207,9 @@ def main() -> None:
         r0 = runs[0][0]
         print(
             f"| {dropout:.0%} | {threshold} | {r0['survivors']} | {med('client_keys_s') * 1e3:.2f} | {med('client_share_s') * 1e3:.2f} | "
-            f"{med('client_encode_s') * 1e3:.1f} | {med('client_mask_s') * 1e3:.1f} | {med('client_unmask_s') * 1e3:.2f} | {threads} | "
+            f"{med('client_encode_s') * 1e3:.1f} | {med('client_mask_s') * 1e3:.1f} | "
+            + (f"{med('client_check_s') * 1e3:.2f} | " if args.authenticated else "")
+            + f"{med('client_unmask_s') * 1e3:.2f} | {threads} | "
             f"{'on' if auth else 'off'} | {statistics.median(p.imag for _, p in runs) * 1e3:.1f} | {med('server_cpu_s') * 1e3:.1f} | "
             f"{statistics.median(cpu_ratios):.2f}x, {min(cpu_ratios):.2f}x | {statistics.median(wall_ratios):.2f}x, {min(wall_ratios):.2f}x | "
             f"{r0['upload_bytes'] / (4 * dim):.4f}x | {r0['small_upload_bytes'] / 1e3:.1f} | {max(r['max_error'] for r, _ in runs):.2e} ({r0['error_bound']:.2e}) |"
