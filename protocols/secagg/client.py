@@ -23,18 +23,29 @@ neighbour's registered identity. Between masked input and unmask a consistency c
 sends the survivor set U3, the client signs (round, server key, U3), and the unmask request must carry
 the same U3 and at least t valid signatures on it from the client's share holders, or the client aborts
 without revealing any share.
+
+Cost. A client's steps work on its own neighbourhood (k + 1 share holders: their ids, keys and shares,
+besides its vector), plus, in the consistency and unmask steps, one n-bit survivor bitmap (U3 as bits
+over the cycle positions of the graph, ``RoundParams.ring``). Membership tests look up only the
+client's share holders, one bit each. The two checks that protect the client stay global but cost
+O(n / 64) machine words: |U3| >= t (a popcount) and U3 connected (:func:`graph.ring_connected`, O(log k)
+shifts and masks of the bitmap; :meth:`SecAggClient._check_survivors` says why it is not replaced by
+a check of the client's own neighbourhood). The signed consistency statement carries a SHA-256
+digest of the bitmap, so each of the at most k + 1 signature checks hashes 32 bytes, not the set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from collections.abc import Iterable
 
 import numpy as np
 
 from privfl.errors import ConfigError, MessageError, ProtocolAbort, ProtocolError
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import shamir
-from privfl.protocols.secagg.graph import build_graph, components
+from privfl.protocols.secagg.graph import check_neighbours, components, neighbours_of, ring_connected, ring_positions
 from privfl.protocols.secagg.keys import (
     KEY_BYTES,
     SIGNATURE_BYTES,
@@ -58,6 +69,7 @@ __all__ = [
     "pairwise_mask_key",
     "self_mask_key",
     "share_key",
+    "survivor_bitmap",
     "survivors_statement",
 ]
 
@@ -92,23 +104,40 @@ def keys_statement(params: RoundParams, owner: str, c_pk: bytes, s_pk: bytes) ->
     return info(b"advertise-signature", params.round_index, params.server_public_key, owner, c_pk, s_pk)
 
 
-def survivors_statement(params: RoundParams, survivors: frozenset[str] | set[str]) -> bytes:
-    """What a client signs in the consistency check: the survivor set U3, bound to the round and server key."""
-    return info(b"consistency-signature", params.round_index, params.server_public_key, m.pack_ids(survivors))
+def survivor_bitmap(params: RoundParams, survivors: Iterable[str]) -> bytes:
+    """The survivor set U3 as the server sends it: a bitmap over the clients' cycle positions (``params.ring``)."""
+    return m.pack_members((params.ring[u] for u in survivors), len(params.client_ids))
 
 
-def _check_params(params: RoundParams) -> None:
+def survivors_statement(params: RoundParams, survivors: bytes) -> bytes:
+    """What a client signs in the consistency check: U3 (the SHA-256 of its bitmap), bound to the round and server key.
+
+    Args:
+        survivors: the survivor bitmap, as :func:`survivor_bitmap` makes it (it has one encoding per set).
+    """
+    digest = hashlib.sha256(survivors).digest()
+    return info(b"consistency-signature-bitmap", params.round_index, params.server_public_key, digest)
+
+
+def _check_params(params: RoundParams, client_id: str) -> None:
     """An honest client's own check of the public parameters before it takes part.
+
+    The client reads only its own row of ``params.graph`` and the cycle positions ``params.ring`` (the
+    order of the survivor bitmaps; connectivity is checked on the cycle the seed gives), so those are
+    what it rebuilds from the seed and compares. The graph is k-regular, so every client has k + 1
+    share holders.
 
     Raises:
         ProtocolAbort: the graph does not follow from (client ids, neighbours, graph seed), or the
             threshold is at or below half the share holders of some client.
     """
     try:
-        graph = build_graph(params.client_ids, params.neighbours, params.graph_seed)
-        if graph != params.graph:
+        k = check_neighbours(params.neighbours, len(params.client_ids))
+        own = neighbours_of(params.client_ids, params.neighbours, params.graph_seed, client_id)
+        ring = ring_positions(params.client_ids, params.neighbours, params.graph_seed)
+        if params.graph.get(client_id) != own or (params.ring is not ring and params.ring != ring):
             raise ProtocolAbort("round parameters: the masking graph does not follow from its public seed")
-        holders = max(len(vs) for vs in graph.values()) + 1
+        holders = k + 1
         t = params.threshold
         if not isinstance(t, int) or isinstance(t, bool) or not 2 <= t <= holders:
             raise ConfigError("threshold", t, f"must be an int in [2, {holders}]")
@@ -145,7 +174,7 @@ class SecAggClient:
             raise ProtocolError("an identity key is needed exactly when the round is authenticated")
         if identity is not None and params.identity_key(client_id) != identity.public:
             raise ProtocolError(f"client {client_id!r}: identity key differs from the registered one")
-        _check_params(params)
+        _check_params(params, client_id)
         self._identity = identity
         self.client_id = client_id
         self.params = params
@@ -157,7 +186,7 @@ class SecAggClient:
         self._self_seed = b""
         self._own_shares: tuple[int, int] = (0, 0)
         self._held: dict[str, tuple[int, int]] = {}
-        self._signed_survivors: frozenset[str] = frozenset()
+        self._signed_survivors = b""  # the survivor bitmap signed in the consistency check
 
     def __repr__(self) -> str:
         return f"SecAggClient(client_id={self.client_id!r}, round_index={self.params.round_index}, step={self._step})"
@@ -185,15 +214,47 @@ class SecAggClient:
         )
         return frame
 
-    def _check_survivors(self, survivors: set[str]) -> None:
+    def _holders(self) -> frozenset[str]:
+        """This client's share holders: its neighbours and itself."""
+        return self.params.graph[self.client_id] | {self.client_id}
+
+    def _read_survivors(self, raw: bytes) -> bytes:
+        """The survivor bitmap of a request, checked for form (n bits, none beyond the roster)."""
+        return m.unpack_members(raw, len(self.params.client_ids), sender=SERVER)
+
+    def _survives(self, survivors: bytes, client: str) -> bool:
+        """Whether ``client`` (any id, known or not) is in the survivor bitmap: O(1)."""
+        position = self.params.ring.get(client)
+        return position is not None and m.is_member(survivors, position)
+
+    def _check_survivors(self, survivors: bytes) -> None:
+        """Checks U3 before anything is signed or revealed: it holds us, has t members, is connected.
+
+        Connectivity stays a check of the whole set, although a client could instead check only that
+        no k/2 consecutive clients next to it on the cycle are missing (which, asked of every survivor,
+        also implies a connected U3). The local form leaves each gap to the one or two survivors beside
+        it: a server that colludes with those clients gets past it, and their shares (with the shares
+        of the rest of each half) rebuild the self masks of each half, so the sum of every half leaks.
+        With the global check every honest survivor refuses such a set. What makes the global check
+        cheap is the encoding: U3 is n bits over the cycle, and on the cycle connectivity is a question
+        about runs of zeros (:func:`graph.ring_connected`): O(n / 64) words, no graph search. Only odd k
+        below n - 1 (never chosen by ``choose_graph``) falls back to a search of the survivors' graph.
+        """
         p = self.params
-        if not survivors <= set(p.index) or self.client_id not in survivors:
+        if not self._survives(survivors, self.client_id):
             raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
-        if len(survivors) < p.threshold:
-            raise ProtocolAbort(
-                f"{len(survivors)} survivors < threshold {p.threshold}", survivors=len(survivors), threshold=p.threshold
-            )
-        if components(p.graph, survivors) != 1:
+        n = len(p.client_ids)
+        members = int.from_bytes(survivors, "little")
+        count = members.bit_count()
+        if count < p.threshold:
+            raise ProtocolAbort(f"{count} survivors < threshold {p.threshold}", survivors=count, threshold=p.threshold)
+        k = len(p.graph[self.client_id])
+        if k == n - 1 or k % 2 == 0:
+            connected = ring_connected(members, n, k, p.ring[self.client_id])
+        else:
+            at = {position: u for u, position in p.ring.items()}
+            connected = components(p.graph, [at[i] for i in m.member_positions(survivors, n)]) == 1
+        if not connected:
             raise ProtocolAbort("survivors' masking graph is disconnected")
 
     # -- round 0 -------------------------------------------------------------------------------
@@ -335,27 +396,32 @@ class SecAggClient:
             ProtocolAbort: fewer than ``threshold`` survivors, or a disconnected survivor graph.
         """
         self._expect(m.CHECK_REQUEST)
-        frame = self._receive(request, m.CHECK_REQUEST, max_bytes=4096 + len(self.params.client_ids) * 300)
+        frame = self._receive(request, m.CHECK_REQUEST, max_bytes=4096 + len(self.params.client_ids) // 8)
         if len(frame.parts) != 1:
             raise MessageError("consistency request must have 1 part", sender=SERVER)
-        survivors = set(m.unpack_ids(frame.parts[0], sender=SERVER))
+        survivors = self._read_survivors(frame.parts[0])
         self._check_survivors(survivors)
-        self._signed_survivors = frozenset(survivors)
+        self._signed_survivors = survivors
         if self._identity is None:  # unreachable: CHECK_REQUEST is a step of authenticated rounds only
             raise ProtocolError(f"client {self.client_id!r}: signing the survivors needs an identity key")
-        signature = self._identity.sign(survivors_statement(self.params, self._signed_survivors))
+        signature = self._identity.sign(survivors_statement(self.params, survivors))
         self._step = m.UNMASK_REQUEST
         return self._send(m.CHECK, [signature])
 
-    def _check_consistency(self, survivors: set[str], signers_part: bytes, signatures: bytes) -> None:
+    def _check_consistency(self, survivors: bytes, signers_part: bytes, signatures: bytes) -> None:
         p = self.params
         if survivors != self._signed_survivors:
             raise ProtocolAbort("unmask request names a survivor set other than the one we signed")
         signers = m.unpack_ids(signers_part, sender=SERVER)
         if len(signatures) != SIGNATURE_BYTES * len(signers):
             raise MessageError("consistency signatures of wrong length", sender=SERVER)
-        if not set(signers) <= survivors:
+        if not all(self._survives(survivors, v) for v in signers):
             raise ProtocolAbort("consistency signature from a client outside the survivor set")
+        holders = self._holders()
+        if not holders.issuperset(signers):
+            # Only our holders' signatures count; an honest server forwards no others, and refusing
+            # them keeps this step at most k + 1 signature checks whatever the server sends.
+            raise ProtocolAbort("consistency signature from a client that holds none of our shares")
         statement = survivors_statement(p, survivors)
         for i, signer in enumerate(signers):
             try:
@@ -363,8 +429,7 @@ class SecAggClient:
             except MessageError as exc:
                 # Someone signed another set (the server showed clients different views), or a forgery.
                 raise ProtocolAbort(f"consistency check failed: {exc.reason}") from exc
-        holders = p.graph[self.client_id] | {self.client_id}
-        valid = len(holders.intersection(signers))
+        valid = len(signers)  # distinct (unpack_ids refuses repeats), all holders, all verified
         if valid < p.threshold:
             raise ProtocolAbort(
                 f"consistency check: {valid} valid signatures on the survivor set < threshold {p.threshold}",
@@ -390,12 +455,12 @@ class SecAggClient:
         self._expect(m.UNMASK_REQUEST)
         p = self.params
         parts_expected = 5 if p.authenticated else 3
-        frame = self._receive(
-            request, m.UNMASK_REQUEST, max_bytes=4096 + len(p.client_ids) * (3 * 300 + (SIGNATURE_BYTES if p.authenticated else 0))
-        )
+        # The bitmap, then at most k + 1 ids in the two share lists and (authenticated) k + 1 signers.
+        per_holder = 2 * 300 + (300 + SIGNATURE_BYTES if p.authenticated else 0)
+        frame = self._receive(request, m.UNMASK_REQUEST, max_bytes=4096 + len(p.client_ids) // 8 + len(self._holders()) * per_holder)
         if len(frame.parts) != parts_expected:
             raise MessageError(f"unmask request must have {parts_expected} parts", sender=SERVER)
-        survivors = set(m.unpack_ids(frame.parts[0], sender=SERVER))
+        survivors = self._read_survivors(frame.parts[0])
         if p.authenticated:
             self._check_consistency(survivors, frame.parts[3], frame.parts[4])
         want_b = set(m.unpack_ids(frame.parts[1], sender=SERVER))
@@ -405,9 +470,9 @@ class SecAggClient:
             raise ProtocolAbort(f"refusing to reveal both shares of {sorted(both)!r}")
         if self.client_id in want_s:
             raise ProtocolAbort("refusing to reveal a share of our own mask key while alive")
-        if not survivors <= set(p.index) or self.client_id not in survivors:
+        if not self._survives(survivors, self.client_id):
             raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
-        if not want_b <= survivors or want_s & survivors:
+        if not all(self._survives(survivors, v) for v in want_b) or any(self._survives(survivors, v) for v in want_s):
             raise ProtocolAbort("request inconsistent with the survivor list")
         self._check_survivors(survivors)
         known = set(self._held) | {self.client_id}

@@ -7,6 +7,8 @@ public graph seed, so any party can recompute the graph and check it.
 
 With a graph the server learns the sum over each connected component of the surviving clients, so the
 protocol aborts unless the survivors induce a connected subgraph (checked by the server and by each client).
+Survivor sets travel as bitmaps over the cycle positions (:func:`ring_positions`), and on the cycle a
+client checks connectivity with a few operations on n-bit integers (:func:`ring_connected`).
 
 :func:`failure_bound` bounds the probability that a random Harary graph fails a round at stated dropout
 and corruption rates; :func:`privfl.protocols.secagg.params.choose_graph` uses it to pick k and t.
@@ -22,7 +24,17 @@ from dataclasses import dataclass
 
 from privfl.errors import ConfigError
 
-__all__ = ["GraphFailureBound", "build_graph", "check_neighbours", "components", "failure_bound", "suggest_neighbours"]
+__all__ = [
+    "GraphFailureBound",
+    "build_graph",
+    "check_neighbours",
+    "components",
+    "failure_bound",
+    "neighbours_of",
+    "ring_connected",
+    "ring_positions",
+    "suggest_neighbours",
+]
 
 
 def suggest_neighbours(num_clients: int) -> int:
@@ -71,13 +83,51 @@ def build_graph(client_ids: Sequence[str], neighbours: int | None, seed: bytes) 
     return dict(_build_graph(tuple(client_ids), k, bytes(seed)))
 
 
+def neighbours_of(client_ids: Sequence[str], neighbours: int | None, seed: bytes, client: str) -> frozenset[str]:
+    """One client's neighbours in :func:`build_graph`'s graph, without copying the whole graph.
+
+    Raises:
+        ConfigError: invalid degree (see :func:`check_neighbours`).
+        KeyError: ``client`` is not in ``client_ids``.
+    """
+    k = check_neighbours(neighbours, len(client_ids))
+    return _build_graph(tuple(client_ids), k, bytes(seed))[client]
+
+
+def ring_positions(client_ids: Sequence[str], neighbours: int | None, seed: bytes) -> Mapping[str, int]:
+    """Each client's position (0 to n - 1) on the cycle of the SecAgg+ graph; its place in ``client_ids`` on the complete graph.
+
+    Survivor sets travel as bitmaps in this order (bit p: the client at position p), so that a client can
+    check that a set is connected with :func:`ring_connected`. Cached, like the graph: the mapping is
+    shared between calls (and by every ``RoundParams`` of the round), so it must not be modified.
+
+    Raises:
+        ConfigError: invalid degree (see :func:`check_neighbours`).
+    """
+    k = check_neighbours(neighbours, len(client_ids))
+    return _ring_positions(tuple(client_ids), k, bytes(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _ring_order(client_ids: tuple[str, ...], k: int, seed: bytes) -> tuple[str, ...]:
+    if k == len(client_ids) - 1:
+        return client_ids
+    return tuple(sorted(client_ids, key=lambda u: (hashlib.sha256(seed + b"|" + u.encode("utf-8")).digest(), u)))
+
+
+@functools.lru_cache(maxsize=8)
+def _ring_positions(client_ids: tuple[str, ...], k: int, seed: bytes) -> Mapping[str, int]:
+    # A plain dict (typed read-only), not a MappingProxyType: RoundParams holding it stays picklable.
+    return {u: p for p, u in enumerate(_ring_order(client_ids, k, seed))}
+
+
 @functools.lru_cache(maxsize=8)
 def _build_graph(client_ids: tuple[str, ...], k: int, seed: bytes) -> dict[str, frozenset[str]]:
     n = len(client_ids)
     if k == n - 1:
         everyone = frozenset(client_ids)
         return {u: everyone - {u} for u in client_ids}
-    order = sorted(client_ids, key=lambda u: (hashlib.sha256(seed + b"|" + u.encode("utf-8")).digest(), u))
+    order = list(_ring_order(client_ids, k, seed))
     # Each client is joined to the k/2 nearest on either side of the cycle: a window of the cycle
     # (unrolled by k/2 at each end) without its centre. 2 * (k/2) + 1 <= n, so a window has no repeats.
     half = k // 2
@@ -88,6 +138,51 @@ def _build_graph(client_ids: tuple[str, ...], k: int, seed: bytes) -> dict[str, 
         for p, u in enumerate(order):
             graph[u].append(order[(p + n // 2) % n])
     return {u: frozenset(graph[u]) for u in client_ids}
+
+
+def ring_connected(members: int, size: int, neighbours: int, start: int) -> bool:
+    """Whether a set of clients induces a connected subgraph of the graph on the cycle, from its bitmap.
+
+    The graph is the complete one (``neighbours == size - 1``: always connected) or a Harary graph of
+    even degree k, in which each client is joined to the k/2 nearest on either side of the cycle. Two
+    members are then adjacent exactly when at most k/2 positions separate them, so walking round the
+    cycle from member to member, the set falls apart exactly when two of the gaps between consecutive
+    members hold k/2 or more non-members each: two such runs cut the cycle into two arcs with no edge
+    across (any path round either side crosses a run), while with at most one such run the members form
+    a path round the other side. This counts those runs with O(log k) operations on ``size``-bit
+    integers (the bitmap is rotated so that ``start``, a member, is bit 0, and no run wraps round).
+
+    Args:
+        members: the set's bitmap: bit p set iff the client at cycle position p (see :func:`ring_positions`) is in it.
+        size: n, the number of clients on the cycle.
+        neighbours: k.
+        start: the cycle position of one member (the checking client's own).
+
+    Returns:
+        True if the induced subgraph is connected.
+
+    Raises:
+        ValueError: ``start`` is not a member, bits are set at or beyond ``size``, or k is odd and below
+            n - 1 (the opposite-client edges then join runs; use :func:`components`).
+    """
+    full = (1 << size) - 1
+    if members < 0 or members > full or not 0 <= start < size or not members >> start & 1:
+        raise ValueError("start must be a member of a set of positions in [0, size)")
+    if neighbours == size - 1:
+        return True
+    if neighbours % 2 or not 2 <= neighbours < size - 1:
+        raise ValueError(f"ring_connected needs the complete graph or an even degree, not {neighbours} on {size} clients")
+    rotated = ((members >> start) | (members << (size - start))) & full
+    gaps = ~rotated & full  # bit 0 is clear: the start is a member
+    run = neighbours // 2
+    # long: bit i set iff gaps has `run` set bits from bit i up (doubling the span each step).
+    long, span = gaps, 1
+    while span < run:
+        step = min(span, run - span)
+        long &= long >> step
+        span += step
+    # One bit per maximal run of >= k/2 non-members: where such a run starts (the bit below is a member).
+    return (long & ~(gaps << 1)).bit_count() <= 1
 
 
 def components(graph: Mapping[str, Collection[str]], nodes: Collection[str]) -> int:

@@ -1,4 +1,4 @@
-"""Message kinds, id-list packing and the authenticated client/server envelope (frame || GMAC tag).
+"""Message kinds, id-list and bitmap packing and the authenticated client/server envelope (frame || GMAC tag).
 
 Each client shares a channel secret with the server (X25519 of the client's c key and the server's
 key); every message gets a one-time AES-GMAC key derived from it per step and direction, so an altered,
@@ -30,12 +30,16 @@ __all__ = [
     "UNMASK_REQUEST",
     "add_vector",
     "channel_key",
+    "is_member",
+    "member_positions",
     "open_message",
     "open_vector",
     "pack_ids",
+    "pack_members",
     "seal_message",
     "seal_vector",
     "unpack_ids",
+    "unpack_members",
     "vector_prefix",
 ]
 
@@ -90,6 +94,51 @@ def unpack_ids(data: bytes, *, sender: str | None = None) -> list[str]:
     if len(set(ids)) != len(ids):
         raise MessageError("duplicate id in list", sender=sender)
     return ids
+
+
+def pack_members(positions: Iterable[int], size: int) -> bytes:
+    """A set of positions in [0, size) as a bitmap: ceil(size / 8) bytes, position p in bit p % 8 of byte p // 8.
+
+    The survivor set travels this way (positions on the graph's cycle: ``RoundParams.ring``), so that a
+    client tests a neighbour in O(1) and the whole set costs n bits, not a list of ids to parse.
+
+    Raises:
+        ValueError: a position outside [0, size).
+    """
+    out = bytearray((size + 7) // 8)
+    for p in positions:
+        if not 0 <= p < size:
+            raise ValueError(f"position {p} outside [0, {size})")
+        out[p >> 3] |= 1 << (p & 7)
+    return bytes(out)
+
+
+def unpack_members(data: bytes, size: int, *, sender: str | None = None) -> bytes:
+    """Checks that ``data`` is a bitmap of :func:`pack_members` for ``size`` positions (so it has one encoding).
+
+    Returns:
+        ``data`` as bytes.
+
+    Raises:
+        MessageError: the wrong length, or a bit set at or beyond ``size``.
+    """
+    data = bytes(data)
+    if len(data) != (size + 7) // 8:
+        raise MessageError(f"bitmap of {len(data)} bytes for {size} positions (expected {(size + 7) // 8})", sender=sender)
+    if size % 8 and data[-1] >> (size % 8):
+        raise MessageError("bitmap sets a position beyond the roster", sender=sender)
+    return data
+
+
+def is_member(bitmap: bytes, position: int) -> bool:
+    """Whether ``position`` is set in a bitmap of :func:`pack_members`."""
+    return bool(bitmap[position >> 3] >> (position & 7) & 1)
+
+
+def member_positions(bitmap: bytes, size: int) -> list[int]:
+    """Every position set in a bitmap of :func:`pack_members`, ascending."""
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:size]
+    return [int(p) for p in np.flatnonzero(bits)]
 
 
 def channel_key(channel_secret: bytes, round_index: int, client_id: str, kind: int, direction: bytes) -> bytes:

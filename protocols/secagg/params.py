@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from privfl.errors import ConfigError, ProtocolError
-from privfl.protocols.secagg.graph import GraphFailureBound, build_graph, failure_bound
+from privfl.protocols.secagg.graph import GraphFailureBound, build_graph, failure_bound, ring_positions
 from privfl.protocols.secagg.keys import KEY_BYTES
 
 __all__ = ["COMPLETE_GRAPH_MAX_CLIENTS", "GraphChoice", "RoundParams", "check_threshold", "choose_graph", "min_threshold"]
@@ -106,6 +106,7 @@ class RoundParams:
     identities: Mapping[str, bytes] | None = field(default=None, repr=False)
     graph: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
+    ring: Mapping[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.round_index, int) and 0 <= self.round_index < 1 << 32):
@@ -150,6 +151,8 @@ class RoundParams:
                 raise ConfigError("identities", "duplicates", "two clients registered the same identity key")
             object.__setattr__(self, "identities", registry)
         object.__setattr__(self, "graph", graph)
+        # Positions on the graph's cycle: the order of the survivor bitmaps (cached with the graph).
+        object.__setattr__(self, "ring", ring_positions(ids, self.neighbours, self.graph_seed))
         # Shamir evaluation points: 1-based positions in the sorted roster, public and never zero.
         object.__setattr__(self, "index", {u: i + 1 for i, u in enumerate(ids)})
 

@@ -27,6 +27,7 @@ from privfl.protocols.secagg.client import (
     keys_statement,
     pairwise_mask_key,
     self_mask_key,
+    survivor_bitmap,
     survivors_statement,
 )
 from privfl.protocols.secagg.graph import components
@@ -92,6 +93,7 @@ class SecAggServer:
         self._public_keys: dict[str, tuple[bytes, bytes]] = {}
         self._key_signatures: dict[str, bytes] = {}
         self._survivor_signatures: dict[str, bytes] = {}
+        self._signed_statement = b""  # authenticated mode: the consistency statement on this round's survivor bitmap
         self._keys_sent: dict[str, frozenset[str]] = {}
         self._sealed: dict[str, dict[str, bytes]] = {}  # receiver -> sender -> sealed share
         self._shared: set[str] = set()
@@ -371,7 +373,8 @@ class SecAggServer:
         if not self.params.authenticated:
             raise ProtocolError("server: the consistency check exists in authenticated mode only")
         self._close_masked_input()
-        packed = m.pack_ids(self.survivors)
+        packed = survivor_bitmap(self.params, self.survivors)
+        self._signed_statement = survivors_statement(self.params, packed)  # what every signature must be over
         out = {u: self._send(u, m.CHECK_REQUEST, [packed]) for u in self.survivors}
         self._step = m.CHECK
         return out
@@ -392,8 +395,7 @@ class SecAggServer:
         if len(frame.parts) != 1 or len(frame.parts[0]) != SIGNATURE_BYTES:
             raise self._reject(sender, m.CHECK, "consistency answer must be one signature")
         try:
-            statement = survivors_statement(self.params, set(self.survivors))
-            verify_signature(self.params.identity_key(sender), frame.parts[0], statement, signer=sender)
+            verify_signature(self.params.identity_key(sender), frame.parts[0], self._signed_statement, signer=sender)
         except MessageError as exc:
             raise self._reject(sender, m.CHECK, exc.reason) from exc
         self._survivor_signatures[sender] = frame.parts[0]
@@ -421,7 +423,8 @@ class SecAggServer:
             self._close_masked_input()
             asked = self.survivors
         survivors = frozenset(self.survivors)
-        packed_survivors = m.pack_ids(survivors)
+        packed_survivors = survivor_bitmap(self.params, survivors)
+        asked_set = frozenset(asked)
         out = {}
         for u in asked:
             relayed = self._relayed[u]
@@ -430,7 +433,7 @@ class SecAggServer:
             self._requested[u] = (want_b, want_s)
             parts = [packed_survivors, m.pack_ids(want_b), m.pack_ids(want_s)]
             if authenticated:
-                signers = sorted((self.params.graph[u] | {u}) & set(asked))
+                signers = sorted((self.params.graph[u] | {u}) & asked_set)
                 parts += [m.pack_ids(signers), b"".join(self._survivor_signatures[v] for v in signers)]
             out[u] = self._send(u, m.UNMASK_REQUEST, parts)
         self._step = m.UNMASK

@@ -97,7 +97,7 @@ def export_client(client: SecAggClient) -> bytes:
         b"".join(client._peer_keys[u][0] + client._peer_keys[u][1] for u in peer_ids),
         m.pack_ids(held_ids),
         b"".join(_SHARES.pack(*(v.to_bytes(shamir.SHARE_BYTES, "big") for v in client._held[u])) for u in held_ids),
-        m.pack_ids(sorted(client._signed_survivors)),
+        client._signed_survivors,  # the survivor bitmap signed in the consistency check (b"" before it)
     ]
     return encode_frame(_KIND_CLIENT_STATE, client.params.round_index, client.client_id, parts)
 
@@ -137,5 +137,5 @@ def restore_client(data: bytes, *, round_index: int, client_id: str, identity: I
     for i, u in enumerate(held):
         a, b = _SHARES.unpack(held_shares_raw[_SHARES.size * i : _SHARES.size * (i + 1)])
         client._held[u] = (int.from_bytes(a, "big"), int.from_bytes(b, "big"))
-    client._signed_survivors = frozenset(m.unpack_ids(signed_raw, sender=client_id))
+    client._signed_survivors = m.unpack_members(signed_raw, len(params.client_ids), sender=client_id) if signed_raw else b""
     return client

@@ -11,7 +11,7 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort, ProtocolErro
 from privfl.protocols.base import ClientUpdate, DirectTransport
 from privfl.protocols.secagg import IdentityKey, SecAggConfig, SecAggProtection, run_secure_sum, simulate
 from privfl.protocols.secagg import messages as m
-from privfl.protocols.secagg.client import SecAggClient, keys_statement, survivors_statement
+from privfl.protocols.secagg.client import SecAggClient, keys_statement, survivor_bitmap, survivors_statement
 from privfl.protocols.secagg.keys import TAG_BYTES, KeyPair, agree, hkdf, verify_signature
 from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.simulate import drive, new_round
@@ -212,17 +212,17 @@ def test_split_survivor_views_make_honest_clients_abort_without_revealing_shares
     group_a, group_b = _ids(n)[:3], _ids(n)[3:5]
     signatures = {}
     for u in group_a:
-        request = server._send(u, m.CHECK_REQUEST, [m.pack_ids(everyone)])
+        request = server._send(u, m.CHECK_REQUEST, [survivor_bitmap(run.params, everyone)])
         signatures[u] = m.open_message(run.clients[u].sign_survivors(request), kind=m.CHECK, round_index=3, sender=u, max_bytes=1024, key=None)[0].parts[0]
     for u in group_b:
-        request = server._send(u, m.CHECK_REQUEST, [m.pack_ids(without_late)])
+        request = server._send(u, m.CHECK_REQUEST, [survivor_bitmap(run.params, without_late)])
         signatures[u] = m.open_message(run.clients[u].sign_survivors(request), kind=m.CHECK, round_index=3, sender=u, max_bytes=1024, key=None)[0].parts[0]
 
     def request(u, survivors, want_b, want_s, signers):
         signers = sorted(signers)
         return server._send(
             u, m.UNMASK_REQUEST,
-            [m.pack_ids(survivors), m.pack_ids(want_b), m.pack_ids(want_s), m.pack_ids(signers), b"".join(signatures[v] for v in signers)],
+            [survivor_bitmap(run.params, survivors), m.pack_ids(want_b), m.pack_ids(want_s), m.pack_ids(signers), b"".join(signatures[v] for v in signers)],
         )
 
     # B sees only two signatures on its set (< t = 4) ...
@@ -288,9 +288,9 @@ def test_signatures_are_bound_to_the_round():
     with pytest.raises(MessageError, match="does not verify"):
         verify_signature(identities["client-00"].public, signature, keys_statement(new.params, "client-00", c_pk, s_pk), signer="client-00")
     survivors = set(_ids(6))
-    old_check = identities["client-00"].sign(survivors_statement(old.params, survivors))
+    old_check = identities["client-00"].sign(survivors_statement(old.params, survivor_bitmap(old.params, survivors)))
     with pytest.raises(MessageError, match="does not verify"):
-        verify_signature(identities["client-00"].public, old_check, survivors_statement(new.params, survivors), signer="client-00")
+        verify_signature(identities["client-00"].public, old_check, survivors_statement(new.params, survivor_bitmap(new.params, survivors)), signer="client-00")
 
 
 def test_server_replaying_last_rounds_keys_is_detected():

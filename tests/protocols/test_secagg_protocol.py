@@ -15,6 +15,7 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort, ProtocolErro
 from privfl.protocols.base import DirectTransport
 from privfl.protocols.secagg import build_graph, run_secure_sum
 from privfl.protocols.secagg import messages as m
+from privfl.protocols.secagg.client import survivor_bitmap
 from privfl.protocols.secagg.params import min_threshold
 from privfl.protocols.secagg.prg import WORD
 from privfl.protocols.secagg.server import SecAggServer
@@ -376,19 +377,19 @@ def test_client_refuses_to_reveal_both_shares_of_one_client():
     server.unmask_requests()  # honest requests exist; now play a greedy server instead
     survivors = [u for u in _ids(6) if u != late]
     greedy = server._send(
-        "client-00", m.UNMASK_REQUEST, [m.pack_ids(survivors), m.pack_ids([*survivors, late]), m.pack_ids([late])]
+        "client-00", m.UNMASK_REQUEST, [survivor_bitmap(run.params, survivors), m.pack_ids([*survivors, late]), m.pack_ids([late])]
     )
     with pytest.raises(ProtocolAbort, match="both shares"):
         run.clients["client-00"].unmask(greedy)
     # A refusing client is done: it will not answer a second, honest-looking request either.
-    honest = server._send("client-00", m.UNMASK_REQUEST, [m.pack_ids(survivors), m.pack_ids(survivors), m.pack_ids([late])])
+    honest = server._send("client-00", m.UNMASK_REQUEST, [survivor_bitmap(run.params, survivors), m.pack_ids(survivors), m.pack_ids([late])])
     with pytest.raises(ProtocolError):
         run.clients["client-00"].unmask(honest)
     # Nor will a client reveal its own mask key, or a b-share of a client the survivor list omits.
-    own = server._send("client-01", m.UNMASK_REQUEST, [m.pack_ids(survivors), m.pack_ids([]), m.pack_ids(["client-01"])])
+    own = server._send("client-01", m.UNMASK_REQUEST, [survivor_bitmap(run.params, survivors), m.pack_ids([]), m.pack_ids(["client-01"])])
     with pytest.raises(ProtocolAbort, match="own mask key"):
         run.clients["client-01"].unmask(own)
-    split = server._send("client-02", m.UNMASK_REQUEST, [m.pack_ids(survivors), m.pack_ids([late]), m.pack_ids([])])
+    split = server._send("client-02", m.UNMASK_REQUEST, [survivor_bitmap(run.params, survivors), m.pack_ids([late]), m.pack_ids([])])
     with pytest.raises(ProtocolAbort, match="inconsistent"):
         run.clients["client-02"].unmask(split)
 

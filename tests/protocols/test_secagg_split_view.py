@@ -28,7 +28,7 @@ from privfl.protocols.base import ClientUpdate, DirectTransport
 from privfl.protocols.secagg import SecAggConfig, SecAggProtection, SecAggServer, run_secure_sum, shamir, simulate
 from privfl.protocols.secagg import messages as m
 from privfl.protocols.secagg import params as params_module
-from privfl.protocols.secagg.client import SecAggClient, pairwise_mask_key, self_mask_key
+from privfl.protocols.secagg.client import SecAggClient, pairwise_mask_key, self_mask_key, survivor_bitmap
 from privfl.protocols.secagg.graph import check_neighbours, components
 from privfl.protocols.secagg.keys import IdentityKey, KeyPair, agree, private_key_from_bytes
 from privfl.protocols.secagg.params import RoundParams, _unsafe_allow_low_threshold, check_threshold, min_threshold
@@ -114,7 +114,7 @@ def lying_server(
     signatures: dict[str, bytes] = {}
     if authenticated:
         for u in ids:
-            request = server._send(u, m.CHECK_REQUEST, [m.pack_ids(view[u])])
+            request = server._send(u, m.CHECK_REQUEST, [survivor_bitmap(p, view[u])])
             try:
                 signatures[u] = _open_reply(server, u, m.CHECK, clients[u].sign_survivors(request)).parts[0]
             except ProtocolError as exc:
@@ -126,7 +126,7 @@ def lying_server(
             continue
         survivors = view[u]
         relayed = server._relayed[u]
-        parts = [m.pack_ids(survivors), m.pack_ids((relayed | {u}) & survivors), m.pack_ids(relayed - survivors)]
+        parts = [survivor_bitmap(p, survivors), m.pack_ids((relayed | {u}) & survivors), m.pack_ids(relayed - survivors)]
         if authenticated:
             signers = sorted(v for v in (p.graph[u] | {u}) if v in signatures and view[v] == survivors)
             parts += [m.pack_ids(signers), b"".join(signatures[v] for v in signers)]
