@@ -19,17 +19,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from privfl.errors import ConfigError
 
 __all__ = [
     "GraphFailureBound",
+    "MaskingGraph",
     "build_graph",
     "check_neighbours",
     "components",
     "failure_bound",
+    "masking_graph",
     "neighbours_of",
     "ring_connected",
     "ring_positions",
@@ -83,6 +85,20 @@ def build_graph(client_ids: Sequence[str], neighbours: int | None, seed: bytes) 
     return dict(_build_graph(tuple(client_ids), k, bytes(seed)))
 
 
+def masking_graph(client_ids: Sequence[str], neighbours: int | None, seed: bytes) -> Mapping[str, frozenset[str]]:
+    """The same graph as :func:`build_graph`, as a shared read-only mapping whose rows are built on first use.
+
+    ``RoundParams.graph`` is this: a client reads its own row only (O(k)), so a client process that
+    decodes the round's parameters at every step sorts the cycle once (O(n log n)) and does not build
+    the n rows (O(n k): 0.1 s at n = 10^4, 2.5 s at n = 10^5). Cached on the arguments.
+
+    Raises:
+        ConfigError: invalid degree (see :func:`check_neighbours`).
+    """
+    k = check_neighbours(neighbours, len(client_ids))
+    return _build_graph(tuple(client_ids), k, bytes(seed))
+
+
 def neighbours_of(client_ids: Sequence[str], neighbours: int | None, seed: bytes, client: str) -> frozenset[str]:
     """One client's neighbours in :func:`build_graph`'s graph, without copying the whole graph.
 
@@ -121,23 +137,55 @@ def _ring_positions(client_ids: tuple[str, ...], k: int, seed: bytes) -> Mapping
     return {u: p for p, u in enumerate(_ring_order(client_ids, k, seed))}
 
 
+class MaskingGraph(Mapping[str, frozenset[str]]):
+    """The masking graph as a read-only mapping id -> neighbours (never itself; symmetric), rows built on first use.
+
+    Iterates in the order of the ``client_ids`` it was built from. Use :func:`masking_graph` to get one.
+    """
+
+    __slots__ = ("_ids", "_k", "_order", "_positions", "_rows")
+
+    def __init__(self, client_ids: tuple[str, ...], k: int, seed: bytes) -> None:
+        self._ids = client_ids
+        self._k = k
+        self._order = _ring_order(client_ids, k, seed)
+        self._positions = _ring_positions(client_ids, k, seed)
+        self._rows: dict[str, frozenset[str]] = {}
+
+    def __getitem__(self, client: str) -> frozenset[str]:
+        row = self._rows.get(client)
+        if row is None:
+            p, order, k = self._positions[client], self._order, self._k
+            n = len(order)
+            if k == n - 1:
+                row = frozenset(order[:p] + order[p + 1 :])
+            else:
+                # The k/2 nearest on either side of the cycle (2 * (k/2) + 1 <= n: no repeats) and, for
+                # odd k (n even), the opposite client, which is symmetric since n/2 + n/2 = n.
+                half = k // 2
+                near = [order[(p + d) % n] for d in range(-half, half + 1) if d]
+                if k % 2 == 1:
+                    near.append(order[(p + n // 2) % n])
+                row = frozenset(near)
+            self._rows[client] = row
+        return row
+
+    def __contains__(self, client: object) -> bool:
+        return client in self._positions
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"MaskingGraph(clients={len(self._ids)}, neighbours={self._k})"
+
+
 @functools.lru_cache(maxsize=8)
-def _build_graph(client_ids: tuple[str, ...], k: int, seed: bytes) -> dict[str, frozenset[str]]:
-    n = len(client_ids)
-    if k == n - 1:
-        everyone = frozenset(client_ids)
-        return {u: everyone - {u} for u in client_ids}
-    order = list(_ring_order(client_ids, k, seed))
-    # Each client is joined to the k/2 nearest on either side of the cycle: a window of the cycle
-    # (unrolled by k/2 at each end) without its centre. 2 * (k/2) + 1 <= n, so a window has no repeats.
-    half = k // 2
-    ring = order[n - half :] + order + order[:half]
-    graph = {u: ring[p : p + half] + ring[p + half + 1 : p + 2 * half + 1] for p, u in enumerate(order)}
-    if k % 2 == 1:
-        # Odd k (n even): also the opposite client, which is symmetric since n/2 + n/2 = n.
-        for p, u in enumerate(order):
-            graph[u].append(order[(p + n // 2) % n])
-    return {u: frozenset(graph[u]) for u in client_ids}
+def _build_graph(client_ids: tuple[str, ...], k: int, seed: bytes) -> MaskingGraph:
+    return MaskingGraph(client_ids, k, seed)
 
 
 def ring_connected(members: int, size: int, neighbours: int, start: int) -> bool:

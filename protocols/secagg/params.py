@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from privfl.errors import ConfigError, ProtocolError
-from privfl.protocols.secagg.graph import GraphFailureBound, build_graph, failure_bound, ring_positions
+from privfl.protocols.secagg.graph import GraphFailureBound, failure_bound, masking_graph, ring_positions
 from privfl.protocols.secagg.keys import KEY_BYTES
 
 __all__ = ["COMPLETE_GRAPH_MAX_CLIENTS", "GraphChoice", "RoundParams", "check_threshold", "choose_graph", "min_threshold"]
@@ -104,7 +104,7 @@ class RoundParams:
     bits: int = 32
     server_public_key: bytes
     identities: Mapping[str, bytes] | None = field(default=None, repr=False)
-    graph: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+    graph: Mapping[str, frozenset[str]] = field(init=False, repr=False, compare=False)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
     ring: Mapping[str, int] = field(init=False, repr=False, compare=False)
 
@@ -123,7 +123,7 @@ class RoundParams:
         object.__setattr__(self, "client_ids", ids)
         if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) < 16:
             raise ConfigError("graph_seed", type(self.graph_seed).__name__, "must be bytes, at least 16 of them")
-        graph = build_graph(ids, self.neighbours, self.graph_seed)
+        graph = masking_graph(ids, self.neighbours, self.graph_seed)  # rows built on first use
         holders = len(graph[ids[0]]) + 1
         t = self.threshold
         if not isinstance(t, int) or isinstance(t, bool) or not 2 <= t <= holders:

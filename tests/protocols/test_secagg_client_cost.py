@@ -277,3 +277,26 @@ def test_consistency_signatures_from_outside_the_holders_are_refused():
     with pytest.raises(MessageError, match="does not verify"):
         verify_signature(p.identity_key(u), signatures[u], survivors_statement(p, other), signer=u)
     verify_signature(p.identity_key(u), signatures[u], survivors_statement(p, bitmap), signer=u)
+
+
+def test_a_client_builds_only_its_own_row_of_the_graph():
+    # A networked client decodes the round's parameters at every step (one process per step): it
+    # must not build the n rows of the graph (O(n k)) to read its own.
+    from privfl.protocols.secagg import SecAggClient
+    from privfl.protocols.secagg.keys import KeyPair
+    from privfl.protocols.secagg.params import RoundParams
+    from privfl.protocols.secagg.state import decode_params, encode_params, export_client, restore_client
+
+    ids = _ids(2000)
+    params = RoundParams(
+        round_index=4, client_ids=tuple(ids), threshold=T, neighbours=K, graph_seed=secrets.token_bytes(16),  # a fresh graph
+        dimension=4, server_public_key=KeyPair.generate().public,
+    )
+    decoded = decode_params(encode_params(params), round_index=4)
+    me = ids[7]
+    client = SecAggClient(me, decoded)
+    restored = restore_client(export_client(client), round_index=4, client_id=me)
+    restored.advertise()
+    rows = decoded.graph._rows  # the rows built so far (shared by every object of this graph)
+    assert set(rows) <= {ids[0], me}  # RoundParams reads the first client's row for the holder count
+    assert decoded.graph[me] == params.graph[me] and len(decoded.graph[me]) == K
