@@ -141,9 +141,10 @@ class Aggregator:
             raise ConfigError("config", "<toml>", exc.reason) from exc
         if self.config.federation.client_dp is not None:
             raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
-        if self.config.federation.protection is ProtectionKind.SHARED_KEY:
+        if self.config.federation.protection is ProtectionKind.SHARED_KEY and self.config.federation.shared_key.weight_bound is None:
             raise ConfigError(
-                "federation.protection", "shared_key", "the shared-key mode runs in process only for now; deploy with ckks or secagg"
+                "federation.shared_key.weight_bound", None,
+                "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
             )
         if model_fn is None and (input_shape is None or num_classes is None):
             raise ConfigError("input_shape", input_shape, "give model_fn, or input_shape and num_classes for the bundled model")
@@ -218,6 +219,7 @@ class Aggregator:
         raw = channel.exchange(payloads, timeout=self.step_timeout)
         self._sites: dict[str, _SiteInfo] = {}
         self._hello_parts: dict[str, tuple[bytes, ...]] = {}
+        self._hello_fields: dict[str, dict[str, Any]] = {}
         for node, reply in raw.items():
             try:
                 name = _reply_name(reply)
@@ -232,6 +234,7 @@ class Aggregator:
                 raise ConfigError("sites", name, "two nodes claim the same site name")
             f = parsed.fields
             self._hello_parts[name] = parsed.parts
+            self._hello_fields[name] = dict(parsed.fields)
             self._sites[node] = _SiteInfo(
                 node=node, name=name, role=str(f.get("role", "site")), identity=str(f.get("identity", "")),
                 epsilon=_number(f.get("epsilon")), budget=_number(f.get("budget")),
@@ -278,6 +281,14 @@ class Aggregator:
         self._hello(channel)
         if fed.protection is ProtectionKind.CKKS:
             self._ckks_setup()
+        if fed.protection is ProtectionKind.SHARED_KEY:
+            decryptors = [info.name for info in self._sites.values() if info.role == SiteRole.KEY_HOLDER.value]
+            if len(decryptors) != 1:
+                raise ConfigError("role", len(decryptors), "the shared-key mode needs exactly one site with role = \"key-holder\" to decrypt")
+            self._key_holder = decryptors[0]
+            key_ids = {self._hello_fields[info.name].get("key_id") for info in self._sites.values()}
+            if len(key_ids) != 1 or not isinstance(next(iter(key_ids)), str):
+                raise ConfigError("shared key", len(key_ids), "the sites do not all hold the same shared key (their fingerprints differ)")
         names = sorted(info.name for info in self._sites.values())
         model = self._initial_model()
         params = flatten_parameters(model)
@@ -367,6 +378,8 @@ class Aggregator:
                 average, contributors, rejected = self._plaintext(r, messages, len(params))
             elif fed.protection is ProtectionKind.CKKS:
                 average, contributors, rejected = self._ckks(channel, r, messages, len(params))
+            elif fed.protection is ProtectionKind.SHARED_KEY:
+                average, contributors, rejected = self._shared_key(channel, r, messages, len(params), len(sampled))
             else:
                 assert secagg is not None  # set above for secure-aggregation rounds
                 average, contributors, rejected = secagg.finish(self, channel, messages)
@@ -435,6 +448,38 @@ class Aggregator:
             average, _ = decode_average(r, reply.parts[0], dim)
         except MessageError as exc:
             raise ProtocolAbort(f"round {r}: the key holder's release is malformed ({exc.reason})") from exc
+        return average, result.accepted, rejected
+
+    def _shared_key(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int, participants: int):
+        from privfl.protocols.oneshot import decode_average
+        from privfl.protocols.shared_key import RoundEncoding, SharedKeyServer
+
+        cfg = self.config.federation.shared_key
+        registry = {info.name: bytes.fromhex(info.identity) for info in self._sites.values()}
+        encoding = RoundEncoding.for_round(cfg, dim, participants)
+        server = SharedKeyServer(encoding, run_id=bytes.fromhex(self.run_id), sites=registry)
+        result = server.aggregate(r, messages)
+        rejected = {c: f"update rejected by the server: {why}" for c, why in result.rejected.items()}
+        others = len(result.accepted) - (self._key_holder in result.accepted)
+        if others < cfg.min_contributors:
+            raise ProtocolAbort(
+                f"round {r}: {others} valid updates besides the decrypting site's < min_contributors {cfg.min_contributors}; "
+                "it decrypts no smaller sum",
+                survivors=len(result.accepted), threshold=cfg.min_contributors,
+            )
+        fields = {"dim": dim, "participants": participants, "sites": {name: registry[name].hex() for name in result.accepted}}
+        # The one decrypting site (role key-holder) decrypts the sum for everyone.
+        name = self._key_holder
+        replies, dropped = self._exchange(channel, Step.SHARED_KEY_DECRYPT, r, {name: (fields, (result.payload,))})
+        reply = replies.get(name)
+        if reply is None or len(reply.parts) != 1:
+            raise ProtocolAbort(f"round {r}: the decrypting site {name} did not decrypt: {dropped.get(name, 'malformed reply')}")
+        if tuple(reply.fields.get("contributors", ())) != tuple(result.accepted):
+            raise ProtocolAbort(f"round {r}: {name} decrypted a sum of other sites than the server accepted")
+        try:
+            average, _ = decode_average(r, reply.parts[0], dim)
+        except MessageError as exc:
+            raise ProtocolAbort(f"round {r}: {name}'s release is malformed ({exc.reason})") from exc
         return average, result.accepted, rejected
 
     # -- summary -------------------------------------------------------------------------------------
@@ -559,6 +604,9 @@ def _min_participants(config: RunConfig) -> int:
         return 1
     if kind is ProtectionKind.CKKS:
         return config.federation.ckks.min_contributors
+    if kind is ProtectionKind.SHARED_KEY:
+        # The decrypting site counts only the others: with it, a round needs one more.
+        return config.federation.shared_key.min_contributors + 1
     return 2
 
 

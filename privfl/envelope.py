@@ -45,6 +45,9 @@ class Step(str, Enum):
     CKKS_DECRYPT = "ckks-decrypt"
     """To the key holder: the checked, signed ciphertexts of a round and the contributors' identity keys;
     it answers with the decrypted sum."""
+    SHARED_KEY_DECRYPT = "shared-key-decrypt"
+    """Shared-key mode, to one contributing site: the summed ciphertext, the signed seeds and the
+    contributors' identity keys; it checks them, decrypts and answers with the round's average."""
 
 
 class Status(str, Enum):

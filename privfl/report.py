@@ -82,6 +82,11 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
                 "  (a CKKS ciphertext packs N/2 values, so a model this small still pays for a whole "
                 "ciphertext; the expansion falls to about 7.5x for models of 100k+ parameters)"
             )
+        if s["protection"] == "shared_key" and expansion is not None and expansion > 2.1:
+            console.print(
+                "  (a shared-key ciphertext carries N values per polynomial, so a model this small still pays for a "
+                "whole polynomial; the expansion falls to about 2x (two primes) or 1x (one) for models of 100k+ parameters)"
+            )
     if s["dropped_clients"]:
         console.print(f"[yellow]dropped updates[/yellow]: {s['dropped_clients']}")
     if result.out_dir is not None:

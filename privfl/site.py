@@ -19,6 +19,8 @@ State directory layout::
     round.bin           secure aggregation: this round's private protocol state, 0600, deleted after
     ckks-public.bin     CKKS: the public context and the key holder's run id
     ckks-key-holder.bin CKKS key holder only: its secret context, 0600
+    shared-key.bin      shared-key mode: the secret key every site holds, provisioned out of band, 0600
+    shared-key-runs.json shared-key mode: per run, the rounds this site decrypted and the identity keys it pinned
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from privfl.envelope import Reply, Request, Status, Step, decode_request, encode
 from privfl.errors import BudgetExceededError, ConfigError, LedgerError, MessageError, PrivflError, ProtocolAbort
 from privfl.rundir import LEDGER_FILE, LEDGER_KEY_FILE, RunLock, durable_write_bytes, durable_write_json
 
-__all__ = ["Site", "SiteRole", "load_site_dataset", "quantizer_for"]
+__all__ = ["Site", "SiteRole", "load_site_dataset", "provision_shared_key", "quantizer_for"]
 
 log = logging.getLogger("privfl")
 
@@ -51,6 +53,8 @@ IDENTITY_FILE = "identity.key"
 ROUND_FILE = "round.bin"
 CKKS_PUBLIC_FILE = "ckks-public.bin"
 CKKS_KEY_HOLDER_FILE = "ckks-key-holder.bin"
+SHARED_KEY_FILE = "shared-key.bin"
+SHARED_KEY_RUNS_FILE = "shared-key-runs.json"
 _ROUND_STATE = struct.Struct(">I")
 
 
@@ -260,6 +264,8 @@ class Site:
             return self._secagg_step(request, config)
         if request.step is Step.CKKS_DECRYPT:
             return self._ckks_decrypt(request, config)
+        if request.step is Step.SHARED_KEY_DECRYPT:
+            return self._shared_key_decrypt(request, config)
         raise MessageError(f"step {request.step.value!r} is not served by a site")
 
     def _reply(self, request: Request, status: Status = Status.OK, parts: tuple[bytes, ...] = (), **fields: Any) -> Reply:
@@ -344,6 +350,10 @@ class Site:
             # hands out only the public context.
             holder = self._key_holder(config, request.run, create=True)
             parts = (holder.public_context(), holder.run_id)
+        extra: dict[str, Any] = {}
+        if config.federation.protection is ProtectionKind.SHARED_KEY:
+            # A public fingerprint: the aggregator checks that every site holds the same key.
+            extra["key_id"] = self._shared_key(config).key_id.hex()
         return self._reply(
             request,
             parts=parts,
@@ -351,6 +361,7 @@ class Site:
             identity=self.identity_public().hex(),
             epsilon=spent,
             budget=budget,
+            **extra,
         )
 
     def _model(self, config: RunConfig, fields: dict[str, Any]):
@@ -435,6 +446,19 @@ class Site:
             participants = request.fields.get("participants")
             if not isinstance(participants, int) or isinstance(participants, bool) or participants < 1:
                 raise MessageError("train request lacks the participant count")
+        elif kind is ProtectionKind.SHARED_KEY:
+            self._shared_key(config)
+            participants = request.fields.get("participants")
+            if not isinstance(participants, int) or isinstance(participants, bool) or participants < 1:
+                raise MessageError("train request lacks the participant count")
+            bound = config.federation.shared_key.weight_bound
+            if bound is None:
+                raise ConfigError(
+                    "federation.shared_key.weight_bound", None,
+                    "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+                )
+            if len(self.dataset) > bound:
+                raise ConfigError("federation.shared_key.weight_bound", bound, f"this site has {len(self.dataset)} examples, above it")
         elif kind is ProtectionKind.SECAGG:
             from privfl.protocols.secagg.state import decode_params
 
@@ -469,6 +493,19 @@ class Site:
             if not isinstance(participants, int) or participants < 1:
                 raise MessageError("train request lacks the participant count")
             return CkksClient(public, config.federation.ckks, run_id=run_id).encrypt(r, self.name, update, participants, identity=identity)
+        if kind is ProtectionKind.SHARED_KEY:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            from privfl.protocols.ckks_signing import SiteIdentity
+            from privfl.protocols.shared_key import RoundEncoding, SharedKeyClient
+
+            cfg = config.federation.shared_key
+            encoding = RoundEncoding.for_round(cfg, update.delta.shape[0], request.fields["participants"])
+            identity = SiteIdentity(site=self.name, private_key=Ed25519PrivateKey.from_private_bytes(self._identity_raw()))
+            client = SharedKeyClient(self._shared_key(config), cfg, run_id=bytes.fromhex(request.run))
+            assert cfg.weight_bound is not None  # checked before training
+            message, _ = client.encrypt(r, update, encoding, weight_bound=cfg.weight_bound, identity=identity)
+            return message
         return self._secagg_start(request, config, update, protocol_part)
 
     # -- secure aggregation ----------------------------------------------------------------------------
@@ -614,6 +651,93 @@ class Site:
             raise ProtocolAbort(f"decrypted total weight {released.total_weight} is not positive")
         average = encode_average(request.round_index, released.weighted_sum / released.total_weight, released.total_weight)
         return self._reply(request, parts=(average,), contributors=list(released.contributors))
+
+
+    # -- shared-key mode ---------------------------------------------------------------------------------
+    def _shared_key(self, config: RunConfig):
+        """The sites' shared secret key, provisioned into this site's state directory out of band."""
+        from privfl.protocols.rlwe import SecretKey
+
+        path = self.state_dir / SHARED_KEY_FILE
+        if not path.exists():
+            raise ConfigError(
+                "shared key", str(path),
+                "is missing: in the shared-key mode every site holds the same secret key, provisioned out of band "
+                "(privfl.site.provision_shared_key; `privfl deploy local` does it)",
+            )
+        key = SecretKey.from_bytes(path.read_bytes())
+        if key.n != config.federation.shared_key.poly_modulus_degree:
+            raise ConfigError("shared key", str(path), f"is for N={key.n}, the run asks for {config.federation.shared_key.poly_modulus_degree}")
+        return key
+
+    def _shared_key_decrypt(self, request: Request, config: RunConfig) -> Reply:
+        from privfl.errors import DecryptionError
+        from privfl.protocols.oneshot import encode_average
+        from privfl.protocols.shared_key import RoundEncoding, SharedKeyDecryptor
+
+        if self.role is not SiteRole.KEY_HOLDER:
+            # One decrypting site per federation: two could each be handed another subset of a round's
+            # ciphertexts, and the difference of their sums is one site's update.
+            raise MessageError("this site does not decrypt (only the site with role = \"key-holder\" does)")
+        cfg = config.federation.shared_key
+        dim, participants, registry = request.fields.get("dim"), request.fields.get("participants"), request.fields.get("sites")
+        if not (isinstance(dim, int) and dim >= 1 and isinstance(participants, int) and participants >= 1
+                and isinstance(registry, dict) and len(request.parts) == 1):
+            raise MessageError("decryption request must carry the dimension, the participant count, the contributors' keys and the sum")
+        path = self.state_dir / SHARED_KEY_RUNS_FILE
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        state = runs.setdefault(request.run, {"rounds": [], "sites": {}, "halted": False})
+        decryptor = SharedKeyDecryptor(
+            self._shared_key(config), cfg, run_id=bytes.fromhex(request.run), site=self.name, halted=bool(state.get("halted"))
+        )
+        for site, key in sorted({**registry, **state["sites"]}.items()):
+            # Pinned for the run on first sight (trust on first use, as for the CKKS key holder): a site
+            # presenting another key later is refused.
+            pinned = state["sites"].get(site)
+            if not isinstance(key, str) or len(key) != 64 or (pinned is not None and registry.get(site, pinned) != pinned):
+                raise MessageError(f"identity key of {site!r} is malformed or differs from the one pinned for this run")
+            decryptor.register_site(site, bytes.fromhex(key))
+            state["sites"][site] = key
+        if request.round_index in state["rounds"]:
+            raise ProtocolAbort(f"round {request.round_index} was already decrypted by this site")
+        state["rounds"].append(request.round_index)
+        # Remembered before decrypting: a crash after the release must not allow a second one.
+        durable_write_json(path, runs)
+        try:
+            released = decryptor.decrypt(request.round_index, request.parts[0], RoundEncoding.for_round(cfg, dim, participants))
+        except DecryptionError as exc:
+            if decryptor.halted and not state.get("halted"):
+                # Fail closed for the rest of the run, across restarts: the server gets one refusal, one bit.
+                state["halted"] = True
+                durable_write_json(path, runs)
+            raise ProtocolAbort("this site refused to decrypt the sum") from exc
+        ratio_sum = float(released.values[dim]) / float(cfg.clip_range)
+        if not ratio_sum > 0 or cfg.weight_bound is None:
+            raise ProtocolAbort(f"decrypted total weight {ratio_sum} is not positive")
+        average = encode_average(request.round_index, released.values[:dim] / ratio_sum, ratio_sum * cfg.weight_bound)
+        return self._reply(request, parts=(average,), contributors=list(released.contributors))
+
+
+def provision_shared_key(state_dirs, *, poly_modulus_degree: int = 4096) -> str:
+    """Writes one fresh shared-key-mode secret key into each site's state directory (0600).
+
+    What a consortium's provisioning does once, out of band: every site gets the same key, the server
+    none. Refuses to overwrite a key already there.
+
+    Returns:
+        The key's public fingerprint (hex), which every site reports at hello.
+    """
+    from privfl.protocols.rlwe import SecretKey
+
+    key = SecretKey.generate(poly_modulus_degree)
+    paths = [Path(d) / SHARED_KEY_FILE for d in state_dirs]
+    for path in paths:
+        if path.exists():
+            raise ConfigError("shared key", str(path), "already exists; remove it to provision a new key")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_secret(path, key.to_bytes())
+    return key.key_id.hex()
 
 
 _SECAGG_STEPS = frozenset({Step.SECAGG_KEYS, Step.SECAGG_RELAY, Step.SECAGG_CHECK, Step.SECAGG_UNMASK})

@@ -4,7 +4,7 @@ The ring is R_Q = Z_Q[X]/(X^N + 1) with Q a product of one or two NTT-friendly p
 (:data:`PRIMES`), kept in RNS form (one residue per prime). Everything the protocol needs is an
 addition, so the scheme is the plain symmetric RLWE encryption with the message in the high bits:
 
-    c0 = -a * s + Delta * m + e   (mod Q),   a = PRG(seed) uniform in R_Q,
+    c0 = -a * s + Delta * m + e   (mod Q),   a = PRG(seed, context) uniform in R_Q,
 
 with ``s`` a uniform ternary secret polynomial, ``e`` drawn coefficient-wise from the centred binomial
 distribution with eta = 21 (standard deviation 3.24, every value within [-21, 21]), ``m`` the
@@ -15,10 +15,12 @@ upload against a ciphertext that ships both polynomials. Sums add the ``c0`` and
     sum_k c0_k + (sum_k a_k) * s = Delta * sum_k m_k + sum_k e_k   (mod Q),
 
 and with n summands |sum_k e_k| <= 21 n < Delta / 2 always, so the key holder recovers
-``sum_k m_k`` exactly by rounding: the release is a function of the plaintexts alone and reveals
-nothing about the errors (no flooding needed, unlike an approximate CKKS decryption). A decryption
-whose rounding residual exceeds 21 n anywhere is refused: only a sum of genuine ciphertexts, each
-counted once, passes that check (anything else decrypts to values spread over all of Z_Q).
+``sum_k m_k`` exactly by rounding: for a sum of genuine ciphertexts the release is a function of the
+plaintexts alone and reveals nothing about the errors (no flooding needed, unlike an approximate CKKS
+decryption). A decryption whose rounding residual exceeds 21 n anywhere is refused: a ciphertext
+missing from the sum, counted twice, or expanded with another ``a`` decrypts to values spread over
+all of Z_Q. (Small offsets added to c0 in the coefficient domain are not detected: they round away
+or, near the bound, flip the refusal; :mod:`privfl.protocols.shared_key` says what that allows.)
 
 Security: RLWE with N = 4096 (or 8192), log2 Q <= 64, ternary secret and error of standard deviation
 3.2 is well inside the Homomorphic Encryption Standard's 128-bit table (Albrecht et al. 2018, Table 1:
@@ -197,10 +199,10 @@ def intt(x: np.ndarray, q: int) -> np.ndarray:
     return mulmod(_butterflies(x[:, table.bitrev], q, table.inv_stages), table.psi_inv_scaled, q)
 
 
-def _uniform(seed: bytes, limb: int, count: int) -> np.ndarray:
-    """``count`` uniform residues mod PRIMES[limb], from the seed's keystream by rejection."""
+def _uniform(seed: bytes, context: bytes, limb: int, count: int) -> np.ndarray:
+    """``count`` uniform residues mod PRIMES[limb], from the keystream of (seed, context) by rejection."""
     q = PRIMES[limb]
-    key = mask_key(seed, b"rlwe-a" + bytes([limb]))
+    key = mask_key(seed, b"rlwe-a" + bytes([limb]) + context)
     extra = count // 1000 + 64
     while True:
         words = expand(key, count + extra)
@@ -210,12 +212,17 @@ def _uniform(seed: bytes, limb: int, count: int) -> np.ndarray:
         extra *= 4  # pragma: no cover - about 2^-60 for a million residues
 
 
-def expand_a(seeds: list[bytes], limbs: int, rows: int, n: int) -> np.ndarray:
-    """The sum of the ``a`` polynomials of ``seeds`` (NTT domain), shape (limbs, rows, N), reduced."""
+def expand_a(seeds: list[tuple[bytes, bytes]], limbs: int, rows: int, n: int) -> np.ndarray:
+    """The sum of the ``a`` polynomials of (seed, context) pairs (NTT domain), shape (limbs, rows, N), reduced.
+
+    The context (the caller binds run, round and sender into it) makes ``a`` a function of where a
+    ciphertext belongs as well as of its seed: a seed replayed in another round or under another name
+    expands to another ``a``, and its ciphertext then decrypts to noise.
+    """
     total = np.zeros((limbs, rows * n), dtype=np.uint64)
-    for seed in seeds:
+    for seed, context in seeds:
         for limb in range(limbs):
-            total[limb] += _uniform(seed, limb, rows * n)
+            total[limb] += _uniform(seed, context, limb, rows * n)
     return reduce_sum(total.reshape(limbs, rows, n), len(seeds))
 
 
@@ -284,7 +291,7 @@ class SecretKey:
             raise ConfigError("secret key", f"<{len(data)} bytes>", "is not a privfl RLWE key")
         n = int.from_bytes(data[8:12], "big")
         raw = np.frombuffer(data[12:], dtype=np.uint8)
-        if n not in (1024, 2048, 4096, 8192, 16384) or raw.shape[0] != n or np.any(raw > 2):
+        if n not in (2048, 4096, 8192, 16384) or raw.shape[0] != n or np.any(raw > 2):
             raise ConfigError("secret key", f"<{len(data)} bytes>", "is malformed")
         return cls(n, raw.astype(np.int64) - 1)
 
@@ -298,7 +305,7 @@ class SecretKey:
         return cached
 
 
-def encrypt(key: SecretKey, plain: np.ndarray, delta_bits: int, limbs: int) -> tuple[bytes, np.ndarray]:
+def encrypt(key: SecretKey, plain: np.ndarray, delta_bits: int, limbs: int, *, context: bytes = b"") -> tuple[bytes, np.ndarray]:
     """Encrypts integer polynomials under the shared key.
 
     Args:
@@ -306,6 +313,7 @@ def encrypt(key: SecretKey, plain: np.ndarray, delta_bits: int, limbs: int) -> t
         plain: int64, shape (rows, N); |Delta * plain| must stay below Q / 2 (the caller sizes it).
         delta_bits: d, with Delta = 2^d.
         limbs: how many of :data:`PRIMES` make Q (1 or 2).
+        context: bound into ``a`` with the seed (see :func:`expand_a`); the decryptor must use the same.
 
     Returns:
         (seed, c0) with c0 uint32 of shape (limbs, rows, N), each limb's residues below its prime.
@@ -318,7 +326,7 @@ def encrypt(key: SecretKey, plain: np.ndarray, delta_bits: int, limbs: int) -> t
         q = PRIMES[limb]
         qq = np.uint64(q)
         encoded = ntt((x % q).astype(np.uint64), q)
-        a = _uniform(seed, limb, rows * n).reshape(rows, n)
+        a = _uniform(seed, context, limb, rows * n).reshape(rows, n)
         difference = encoded + qq - mulmod(a, key.ntt_form(limb), q)
         c0[limb] = np.minimum(difference, difference - qq)
     return seed, c0

@@ -18,23 +18,31 @@ Roles:
 * **Server**: checks each message (frame, sizes, every word below its prime, a fresh seed, the
   signature), adds the c0 polynomials and forwards the sum with the signed (site, seed, digest) list.
   Its work per site is one pass over the words: the same order as a plaintext sum.
-* **Site, decrypting**: checks every signature, at least ``min_contributors`` distinct registered
-  sites and no seed twice, expands the ``a`` polynomials from the signed seeds itself (so the server
-  cannot choose them), decrypts, and refuses unless every coefficient rounds within the honest error
-  bound and the padding decrypts to zero. It decrypts at most one sum per round.
+* **Site, decrypting** (one site only: see :class:`SharedKeyDecryptor`): checks every signature, at
+  least ``min_contributors`` distinct registered sites besides itself and no seed twice, expands the
+  ``a`` polynomials from the signed seeds itself, each bound to its run, round and sender (so the
+  server can neither choose them nor replay a seed elsewhere), decrypts, and refuses unless every
+  coefficient rounds within the honest error bound and the padding decrypts to zero. It decrypts at
+  most one sum per round, and nothing more after a refused sum.
 
 What this protects: an honest-but-curious server (or an eavesdropper) learns nothing about any
-update (RLWE). An active server cannot get a site to decrypt a chosen ciphertext (the ``a`` part
-comes from signed seeds), a single site's update (``min_contributors``), one update counted twice or
-a sum from which a c0 was left out (each decrypts to values spread over Z_Q and is refused), or
-another round's ciphertexts; and since the decryption is exact, a released sum reveals nothing about
-the encryption errors and hence nothing about the key. It can still shift the decrypted sum by a
-multiple of the quantization step of its choosing (like a server that sends a wrong model).
+update (RLWE). An active server cannot get the decrypting site to decrypt a ciphertext whose ``a`` it
+chose, a sum of fewer than ``min_contributors`` other sites, two different subsets of one round, a
+ciphertext replayed from another round or under another name, one counted twice, or a sum from which
+a c0 was left out (each of these decrypts to values spread over Z_Q and is refused). An honest run's
+decryption is exact, so a released sum says nothing about the encryption errors. What an active
+server can still do with the c0 sum, which nobody but it sees: add a multiple of Delta (a shift of
+the decrypted sum by whole quantization steps of its choice, like a server that sends a wrong model),
+or a small offset in the coefficient domain that rounds away or, near the bound, turns the site's
+accept-or-refuse into one bit about the errors; the site stops decrypting after its first refusal,
+so that is one bit per run. A site that sends a validly signed garbage ciphertext makes the
+decryption fail without saying which site it was (the check is on the sum); with the fail-closed
+rule that ends the run's decryptions.
 
 What it does not protect: every site can decrypt every other site's ciphertext. A server colluding
 with any one site reads every update: this mode trusts each site not to collude with the server,
 where the key-holder CKKS mode trusts one key holder. It places no client-level DP noise (the
-``NoisePlacement`` is NONE: every site sees the un-noised sum), so client-level DP is refused with it.
+``NoisePlacement`` is NONE: the decrypting site sees the un-noised sum), so client-level DP is refused with it.
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ _KIND_ENTRY = 40
 _COUNT = struct.Struct(">I")
 _DIGEST_BYTES = 32
 _PRIME_BITS = 32
-_MAX_VALUE_BITS = 52  # float64 carries the quantized values exactly up to here
+_MAX_VALUE_BITS = 50  # float64 keeps the stochastic rounding's offset to within 2^-2 of a step up to here
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,7 +106,7 @@ class SharedKeyConfig:
         poly_modulus_degree: ring dimension N (values per polynomial); 4096 or more.
         limbs: primes of about 32 bits in the modulus Q: 1 (about 1x the float32 upload; about
             31 - log2(42 n) bits per value, so the quantization step grows with the round size n) or
-            2 (about 2x; about 63 - log2(42 n) bits, capped at 52).
+            2 (about 2x; about 63 - log2(42 n) bits, capped at 50).
         clip_range: each coordinate of an update is clipped to [-clip_range, clip_range] (clipped
             coordinates are counted in :attr:`SharedKeyProtection.clipped`).
         weight_bound: public upper bound W on any FedAvg weight n_k; None uses the round's largest
@@ -206,6 +214,12 @@ class RoundEncoding:
         return plain.reshape(self.rows, self.n)
 
 
+def _context(run_id: bytes, round_index: int, site: str) -> bytes:
+    # Bound into each ciphertext's ``a`` with its seed: the run, the round and the sender (last, so the
+    # fixed-length prefix keeps the encoding unambiguous).
+    return run_id + round_index.to_bytes(4, "big") + site.encode("utf-8")
+
+
 def _signed_body(round_index: int, site: str, seed: bytes, digest: bytes) -> bytes:
     # What a site signs (by hash): its seed and the hash of its c0, bound to the round and the site.
     return encode_frame(KIND_UPDATE, round_index, site, [seed, digest])
@@ -265,8 +279,11 @@ class SharedKeyClient:
         values = np.empty(encoding.dim + 1)
         np.multiply(np.clip(delta, -c, c), ratio, out=values[: encoding.dim])
         values[encoding.dim] = ratio * c
-        seed, c0 = encrypt(self._key, encoding.quantize(values), encoding.delta_bits, encoding.limbs)
-        data = c0.tobytes()
+        seed, c0 = encrypt(
+            self._key, encoding.quantize(values), encoding.delta_bits, encoding.limbs,
+            context=_context(self.run_id, round_index, identity.site),
+        )
+        data = c0.astype("<u4").tobytes()
         signature = identity.sign(self.run_id, round_index, _signed_body(round_index, identity.site, seed, hashlib.sha256(data).digest()))
         return encode_frame(KIND_UPDATE, round_index, identity.site, [signature, seed, data]), clipped
 
@@ -345,16 +362,32 @@ class DecryptedSum:
 class SharedKeyDecryptor:
     """A site's decrypting half: decrypts only verified sums, each round at most once.
 
+    Only one site of a federation may decrypt (the in-process simulation's one decryptor; in a
+    deployment the site with ``role = "key-holder"``): two decrypting sites could each be handed a
+    different subset of one round's ciphertexts, and the difference of the two sums is one site's
+    update. It counts ``min_contributors`` among the *other* sites (it could subtract its own update),
+    and after a sum fails the cryptographic check it decrypts nothing more (``halted``): each refusal
+    tells the server one bit about the errors it probed, so it gets at most one.
+
     Args:
         key: the shared secret key.
         config: the shared settings.
         run_id: the run's public id.
+        site: the decrypting site's own id when it contributes to the sums (None: it never does).
+        halted: start halted (a site reloading its state after a refused sum).
+
+    Raises:
+        ConfigError: the key's ring dimension is not the settings'.
     """
 
-    def __init__(self, key: SecretKey, config: SharedKeyConfig, *, run_id: bytes) -> None:
+    def __init__(self, key: SecretKey, config: SharedKeyConfig, *, run_id: bytes, site: str | None = None, halted: bool = False) -> None:
+        if key.n != config.poly_modulus_degree:
+            raise ConfigError("key", repr(key), f"is for N={key.n}, the settings say {config.poly_modulus_degree}")
         self._key = key
         self.config = config
         self.run_id = run_id
+        self.site = site
+        self.halted = halted
         self._keys: dict[str, Any] = {}
         self._public_keys: dict[str, bytes] = {}
         self._decrypted_rounds: set[int] = set()
@@ -402,6 +435,8 @@ class SharedKeyDecryptor:
             max_bytes=4 * encoding.words + encoding.participants * (entry_bytes + 8) + 1024,
             max_parts=encoding.participants + 1,
         )
+        if self.halted:
+            raise ProtocolAbort("an earlier sum failed the check: this site decrypts nothing more in this run")
         if round_index in self._decrypted_rounds:
             # A second sum for the same round (another subset of sites) would difference down to one update.
             raise ProtocolAbort(f"round {round_index} was already decrypted")
@@ -423,13 +458,21 @@ class SharedKeyDecryptor:
             verify_contribution(self._keys, self.run_id, round_index, entry.sender, body=body, signature=signature)
             sites.append(entry.sender)
             seeds.append(bytes(seed))
-        if len(sites) < self.config.min_contributors:
-            raise ProtocolAbort(f"{len(sites)} contributors < min_contributors {self.config.min_contributors}")
+        others = len(sites) - (self.site in sites)
+        if others < self.config.min_contributors:
+            raise ProtocolAbort(f"{others} contributors besides this site < min_contributors {self.config.min_contributors}")
         self._decrypted_rounds.add(round_index)
-        a_sum = expand_a(seeds, encoding.limbs, encoding.rows, encoding.n)
-        plain = decrypt_sum(self._key, c0_sum.astype(np.uint64), a_sum, encoding.delta_bits, len(sites)).reshape(-1)
-        if np.any(plain[encoding.dim + 1 :]) or int(np.max(np.abs(plain))) > len(sites) * encoding.levels:
-            raise MessageError("the decrypted sum is outside what its contributors can send")
+        a_sum = expand_a(
+            [(seed, _context(self.run_id, round_index, site)) for seed, site in zip(seeds, sites, strict=True)],
+            encoding.limbs, encoding.rows, encoding.n,
+        )
+        try:
+            plain = decrypt_sum(self._key, c0_sum.astype(np.uint64), a_sum, encoding.delta_bits, len(sites)).reshape(-1)
+            if np.any(plain[encoding.dim + 1 :]) or int(np.max(np.abs(plain))) > len(sites) * encoding.levels:
+                raise DecryptionError()
+        except DecryptionError:
+            self.halted = True  # fail closed: the next probe gets nothing
+            raise
         return DecryptedSum(values=plain[: encoding.dim + 1] * encoding.step, contributors=tuple(sites))
 
 

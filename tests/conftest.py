@@ -54,6 +54,8 @@ delta = 1e-5
 rounds = {rounds}
 protection = "{protection}"
 noise_seed = 11
+[federation.shared_key]
+weight_bound = 1000
 [federation.secagg]
 weight_bound = 1000
 {extra}

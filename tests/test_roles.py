@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from privfl.aggregator import Aggregator, LocalSites
-from privfl.envelope import Request, Status, Step, decode_reply, encode_request
+from privfl.envelope import Request, Status, Step, decode_reply, decode_request, encode_request
 from privfl.errors import ConfigError
 from privfl.federation import Federation
 from privfl.models import build_model
 from privfl.rundir import LEDGER_FILE
-from privfl.site import Site, SiteRole, _parse_config
+from privfl.site import Site, SiteRole, _parse_config, provision_shared_key
 from privfl.training import flatten_parameters
 
 
@@ -36,10 +36,13 @@ def _federation(text, split, clients):
     return flatten_parameters(fed.run().model)
 
 
-@pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg"])
+@pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg", "shared_key"])
 def test_sites_and_aggregator_give_the_in_process_result(protection, split, clients, tmp_path, run_toml):
     text = run_toml(protection)
-    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    sites = _sites(clients, tmp_path)
+    if protection == "shared_key":
+        provision_shared_key([site.state_dir for site in sites])
+    result = _aggregator(text, split).run(LocalSites(sites), tmp_path / "server")
     expected = _federation(text, split, clients)
     assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in result.history)
     difference = np.max(np.abs(result.parameters - expected))
@@ -47,13 +50,20 @@ def test_sites_and_aggregator_give_the_in_process_result(protection, split, clie
         assert difference <= 1e-5
     elif protection == "ckks":
         assert difference <= 1e-6 * np.max(np.abs(expected)) + 1e-7
-    else:
+    elif protection == "secagg":
         cfg = _parse_config(text).federation.secagg
         from privfl.site import quantizer_for
 
         # Each round's average is within the quantization error of the sum, over a total weight >= 1 example.
         bound = quantizer_for(_parse_config(text), 3).max_error(3) * cfg.weight_bound / 1.0
         assert difference <= 2 * bound
+    else:
+        from privfl.protocols.shared_key import RoundEncoding
+
+        shared = _parse_config(text).federation.shared_key
+        # Two primes: a step of about 1e-15 clip_range; the rounds compound it far below float32 precision.
+        step = RoundEncoding.for_round(shared, expected.size, 3).step
+        assert step < 1e-12 and difference <= 1e-5
     assert result.summary["final_accuracy"] >= 0.9
 
 
@@ -185,6 +195,55 @@ def test_aggregator_refuses_what_deployments_do_not_support(split, run_toml):
         _aggregator(run_toml("plaintext", extra="[federation.client_dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n"), split)
     with pytest.raises(ConfigError, match="input_shape"):
         Aggregator(run_toml("plaintext"))
+
+
+def test_shared_key_sites_must_hold_one_provisioned_key(split, clients, tmp_path, run_toml):
+    sites = _sites(clients, tmp_path)
+    # No key anywhere: every site refuses at hello, so no site joins.
+    with pytest.raises(ConfigError, match="no site accepted"):
+        _aggregator(run_toml("shared_key", rounds=1), split).run(LocalSites(sites))
+    provision_shared_key([sites[0].state_dir, sites[1].state_dir])
+    provision_shared_key([sites[2].state_dir])  # a different key
+    with pytest.raises(ConfigError, match="same shared key"):
+        _aggregator(run_toml("shared_key", rounds=1), split).run(LocalSites(sites))
+    with pytest.raises(ConfigError, match="already exists"):
+        provision_shared_key([sites[0].state_dir])
+    assert oct((sites[0].state_dir / "shared-key.bin").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ConfigError, match="weight_bound"):
+        _aggregator(run_toml("shared_key", rounds=1).replace("[federation.shared_key]\nweight_bound = 1000", ""), split)
+
+
+def test_shared_key_server_holds_no_key_and_a_site_decrypts_each_round_once(split, clients, tmp_path, run_toml):
+    sites = _sites(clients, tmp_path)
+    provision_shared_key([site.state_dir for site in sites])
+    seen: list[tuple[str, bytes]] = []
+
+    def keep(node, payload, reply):
+        seen.append((node, payload))
+        return reply
+
+    aggregator = _aggregator(run_toml("shared_key", rounds=2), split)
+    result = aggregator.run(LocalSites(sites, alter=keep), tmp_path / "server")
+    assert all(h["aborted"] is None for h in result.history)
+    assert not any(p.name == "shared-key.bin" for p in (tmp_path / "server").rglob("*"))
+    key = (sites[0].state_dir / "shared-key.bin").read_bytes()
+    assert not any(key[12:] in payload for _, payload in seen)  # the key never crosses to the server
+    decrypts = [p for _, p in seen if b"shared-key-decrypt" in p]
+    assert len(decrypts) == 2  # one site decrypts each round's sum
+    # The same decryption request again (a replay by the server) is refused by the site that served it.
+    node = next(n for n, p in seen if p == decrypts[0])
+    raw = LocalSites(sites).sites[node].handle(decrypts[0])
+    reply = decode_reply(raw, run=aggregator.run_id, step=Step.SHARED_KEY_DECRYPT, round_index=0, site=node)
+    assert reply.status is Status.REFUSED and "already decrypted" in reply.reason
+    # Only the one decrypting site decrypts: another site, handed the same request, refuses (two
+    # decrypting sites could be given two subsets of a round, whose difference is one update).
+    assert node == sites[0].name and sites[0].role is SiteRole.KEY_HOLDER
+    other = sites[1]
+    request = decode_request(decrypts[0])
+    forwarded = encode_request(Request(request.run, request.step, request.round_index, other.name, request.fields, request.parts))
+    raw = other.handle(forwarded)
+    reply = decode_reply(raw, run=aggregator.run_id, step=Step.SHARED_KEY_DECRYPT, round_index=0, site=other.name)
+    assert reply.status is Status.REFUSED and "does not decrypt" in reply.reason
 
 
 def test_ckks_needs_exactly_one_key_holder(split, clients, tmp_path, run_toml):

@@ -133,6 +133,18 @@ class LocalFederation:
         config = self.config
         if config.federation.protection is ProtectionKind.CKKS and sites < config.federation.ckks.min_contributors:
             raise ConfigError("sites", sites, f"CKKS needs at least ckks.min_contributors = {config.federation.ckks.min_contributors} sites")
+        if config.federation.protection is ProtectionKind.SHARED_KEY:
+            shared = config.federation.shared_key
+            if sites < shared.min_contributors + 1:
+                raise ConfigError(
+                    "sites", sites,
+                    f"the shared-key mode needs the decrypting site and shared_key.min_contributors = {shared.min_contributors} others",
+                )
+            if shared.weight_bound is None:
+                raise ConfigError(
+                    "federation.shared_key.weight_bound", None,
+                    "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+                )
         from privfl.flower.deploy import flower_executable
 
         for name in ("flower-superlink", "flower-supernode", "flwr"):
@@ -143,6 +155,7 @@ class LocalFederation:
         self.root.mkdir(parents=True, exist_ok=True)
         self.site_dirs, self.test_csv, self.input_shape, self.num_classes = write_site_data(config, sites, self.root)
         self.names = list(self.site_dirs)
+        self._provision(config)
         self.node_configs = []
         self._worker_args = []
         for i, (name, folder) in enumerate(self.site_dirs.items()):
@@ -158,6 +171,15 @@ class LocalFederation:
         self.workers = _Workers(self.root / "workers")
         self.deployment: LocalDeployment | None = None
         self._runs = 0
+
+    def _provision(self, config: RunConfig) -> None:
+        """The shared-key mode's key, as a consortium provisions it out of band: one key into every
+        site's state directory (once per deployment), none for the server."""
+        from privfl.site import SHARED_KEY_FILE, provision_shared_key
+
+        states = [folder / "state" for folder in self.site_dirs.values()]
+        if config.federation.protection is ProtectionKind.SHARED_KEY and not all((d / SHARED_KEY_FILE).exists() for d in states):
+            provision_shared_key(states, poly_modulus_degree=config.federation.shared_key.poly_modulus_degree)
 
     def __enter__(self) -> LocalFederation:
         from privfl.flower.deploy import LocalDeployment
@@ -215,6 +237,14 @@ class LocalFederation:
         """
         from privfl.flower.deploy import write_app_dir
 
+        if config_text is not None:
+            from privfl.errors import MessageError
+            from privfl.site import _parse_config
+
+            try:
+                self._provision(_parse_config(config_text))
+            except MessageError as exc:
+                raise ConfigError("config", "<toml>", exc.reason) from exc
         self._runs += 1
         run_dir = self.root / ("run" if self._runs == 1 else f"run-{self._runs}")
         run_dir.mkdir(parents=True, exist_ok=False)

@@ -88,7 +88,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
         assert deployment is not None and deployment.superlink is not None
         long_lived = [*federation.workers.pids, deployment.superlink.pid, *(node.pid for node in deployment.supernodes)]
         assert set(long_lived) <= set(pids) and all(pid_alive(pid) for pid in long_lived)
-        for protection in ("plaintext", "ckks", "secagg"):
+        for protection in ("plaintext", "ckks", "secagg", "shared_key"):
             results[protection] = federation.run(run_toml(protection), step_timeout=120)
             if protection == "plaintext":
                 # client-1's process crashes and comes back on the same state directory.
@@ -114,6 +114,8 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
             assert difference <= 1e-5
         elif protection == "ckks":
             assert difference <= 1e-6 * float(np.max(np.abs(expected))) + 1e-7
+        elif protection == "shared_key":
+            assert difference <= 1e-5  # two primes: a quantization step near 1e-15, below float32 on the wire
         else:
             config = _parse_config(run_toml(protection))
             assert difference <= 2 * quantizer_for(config, 3).max_error(3) * config.federation.secagg.weight_bound
@@ -125,9 +127,12 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
     server_side = [tmp_path / "dep" / "flower", *(r[2] for r in results.values())]
     assert not [p for root in server_side for p in root.rglob("ledger*")]
 
-    # No file of the SuperLink's or the ServerApp's holds client-0's update (CKKS and secure
-    # aggregation runs); the search itself finds those bytes where they are.
-    for protection in ("ckks", "secagg"):
+    # No file of the SuperLink's or the ServerApp's holds client-0's update (CKKS, secure aggregation and
+    # shared-key runs) or the shared key; the search itself finds those bytes where they are.
+    shared_key = (federation.site_dirs["client-0"] / "state" / "shared-key.bin").read_bytes()[12:]
+    for root in (tmp_path / "dep" / "flower", results["shared_key"][2]):
+        assert _files_holding(root, shared_key) == []
+    for protection in ("ckks", "secagg", "shared_key"):
         expected, clients, split = _in_process(run_toml(protection))
         needle = _known_update(run_toml(protection), clients, split)
         probe = tmp_path / "probe.bin"

@@ -83,7 +83,7 @@ def test_sums_decrypt_exactly_up_to_the_largest_values(limbs):
     for chosen in (plains, [extreme] * count, [-extreme] * count):
         ciphertexts = [rlwe.encrypt(key, p, encoding.delta_bits, limbs) for p in chosen]
         c0 = rlwe.reduce_sum(sum(c.astype(np.uint64) for _, c in ciphertexts), count)
-        a = rlwe.expand_a([s for s, _ in ciphertexts], limbs, 1, N)
+        a = rlwe.expand_a([(s, b"") for s, _ in ciphertexts], limbs, 1, N)
         assert np.array_equal(rlwe.decrypt_sum(key, c0, a, encoding.delta_bits, count), sum(chosen))
 
 
@@ -101,9 +101,8 @@ def test_encryption_is_randomised_and_looks_uniform():
 def test_tampered_or_incomplete_sums_are_refused():
     key = rlwe.SecretKey.generate(N)
     plains = [np.full((1, N), 5, dtype=np.int64) for _ in range(3)]
-    cts = [rlwe.encrypt(key, p, 8, 1) for p in plains]
-    seeds = [s for s, _ in cts]
-    a = rlwe.expand_a(seeds, 1, 1, N)
+    cts = [rlwe.encrypt(key, p, 8, 1, context=bytes([i])) for i, p in enumerate(plains)]
+    a = rlwe.expand_a([(s, bytes([i])) for i, (s, _) in enumerate(cts)], 1, 1, N)
 
     def total(parts):
         return rlwe.reduce_sum(sum(c.astype(np.uint64) for c in parts), 3)
@@ -117,13 +116,18 @@ def test_tampered_or_incomplete_sums_are_refused():
             rlwe.decrypt_sum(key, bad, a, 8, 3)
     with pytest.raises(DecryptionError):  # another key
         rlwe.decrypt_sum(rlwe.SecretKey.generate(N), total([c for _, c in cts]), a, 8, 3)
+    # A seed expanded in another context (another round, another sender) gives another a.
+    moved = rlwe.expand_a([(cts[0][0], b"\x09"), (cts[1][0], b"\x01"), (cts[2][0], b"\x02")], 1, 1, N)
+    with pytest.raises(DecryptionError):
+        rlwe.decrypt_sum(key, total([c for _, c in cts]), moved, 8, 3)
 
 
 def test_secret_key_round_trips_and_never_shows():
     key = rlwe.SecretKey.generate(N)
     again = rlwe.SecretKey.from_bytes(key.to_bytes())
     assert again.key_id == key.key_id and np.array_equal(again._coefficients, key._coefficients)
-    for bad in (b"", b"PFLRLWE1" + (N).to_bytes(4, "big") + b"\x03" * N, key.to_bytes()[:-1]):
+    small = b"PFLRLWE1" + (1024).to_bytes(4, "big") + b"\x01" * 1024  # N=1024 cannot carry a 32-bit modulus
+    for bad in (b"", b"PFLRLWE1" + (N).to_bytes(4, "big") + b"\x03" * N, key.to_bytes()[:-1], small):
         with pytest.raises(ConfigError):
             rlwe.SecretKey.from_bytes(bad)
     protection = SharedKeyProtection()
@@ -261,7 +265,7 @@ def test_central_noise_is_refused():
         protection.run_round(0, _round(protection), DirectTransport(), release_noise=lambda s: s)
 
 
-def test_run_config_selects_it_and_deployments_refuse_it():
+def test_run_config_selects_it_and_deployments_need_a_weight_bound():
     config = config_from_dict({"federation": {"protection": "shared_key", "shared_key": {"limbs": 1, "clip_range": 0.5}}})
     assert config.federation.protection is ProtectionKind.SHARED_KEY
     assert config.federation.shared_key == SharedKeyConfig(limbs=1, clip_range=0.5)
@@ -270,8 +274,12 @@ def test_run_config_selects_it_and_deployments_refuse_it():
     assert dataclasses.replace(FederationConfig(), protection="shared_key").protection is ProtectionKind.SHARED_KEY
     from privfl.aggregator import Aggregator
 
-    with pytest.raises(ConfigError, match="in process only"):
+    with pytest.raises(ConfigError, match="weight_bound"):
         Aggregator('[federation]\nprotection = "shared_key"\n', input_shape=(30,), num_classes=2, progress=False)
+    Aggregator(
+        '[federation]\nprotection = "shared_key"\n[federation.shared_key]\nweight_bound = 500\n',
+        input_shape=(30,), num_classes=2, progress=False,
+    )
 
 
 def test_federation_trains_under_it():
@@ -310,3 +318,54 @@ def test_federation_trains_under_it():
         )
     with pytest.raises(ProtocolAbort):
         protection.run_round(0, {"a": ClientUpdate(np.zeros(3), 1.0)}, DirectTransport())
+
+
+def _decryptor(protection: SharedKeyProtection, site: str | None = None) -> SharedKeyDecryptor:
+    decryptor = SharedKeyDecryptor(protection._client._key, protection.config, run_id=protection.run_id, site=site)
+    for name, key in protection.decryptor.sites().items():
+        decryptor.register_site(name, key)
+    return decryptor
+
+
+def test_a_seed_replayed_under_another_name_or_round_is_refused():
+    # A server that registers an identity of its own re-signs a victim's (seed, c0) for it: the seed
+    # expands to another a under the other name, so the sum does not decrypt.
+    protection = SharedKeyProtection(SharedKeyConfig(min_contributors=2))
+    updates = _round(protection, n=2)
+    aggregate, encoding = _aggregate_for(protection, updates, 7)
+    frame = decode_frame(aggregate, kind=KIND_AGGREGATE, round_index=7)
+    c0, first, second = frame.parts
+    entry = decode_frame(first, kind=40, round_index=0)
+    seed, digest, _ = entry.parts
+    sybil = SiteIdentity.generate("sybil")
+    protection.decryptor.register_site("sybil", sybil.public_bytes())
+    body = encode_frame(1, 7, "sybil", [seed, digest])
+    forged = encode_frame(40, 0, "sybil", [seed, digest, sybil.sign(protection.run_id, 7, body)])
+    decryptor = _decryptor(protection)
+    with pytest.raises(DecryptionError):
+        decryptor.decrypt(7, encode_frame(KIND_AGGREGATE, 7, "server", [c0, forged, second]), encoding)
+    assert decryptor.halted  # fails closed: nothing more is decrypted in this run
+    with pytest.raises(DecryptionError):
+        decryptor.decrypt(8, aggregate, encoding)
+
+
+def test_the_decrypting_site_counts_only_the_others():
+    protection = SharedKeyProtection(SharedKeyConfig(min_contributors=2))
+    updates = _round(protection, n=2)
+    aggregate, encoding = _aggregate_for(protection, updates, 3)
+    with pytest.raises(DecryptionError):  # s0 could subtract its own update from a sum with one other site
+        _decryptor(protection, site="s0").decrypt(3, aggregate, encoding)
+    assert _decryptor(protection, site="elsewhere").decrypt(3, aggregate, encoding).contributors == ("s0", "s1")
+    updates = _round(protection, n=3)
+    aggregate, encoding = _aggregate_for(protection, updates, 4)
+    assert len(_decryptor(protection, site="s0").decrypt(4, aggregate, encoding).contributors) == 3
+
+
+def test_ciphertext_words_are_little_endian_whatever_the_host():
+    protection = SharedKeyProtection()
+    updates = _round(protection, n=2)
+    encoding = RoundEncoding.for_round(protection.config, 100, 2)
+    message, _ = protection._client.encrypt(0, updates["s0"], encoding, weight_bound=20.0, identity=protection._identity("s0"))
+    data = decode_frame(message, kind=1, round_index=0).parts[2]
+    words = np.frombuffer(data, dtype="<u4")
+    assert words.shape == (encoding.words,) and int(words[: encoding.n].max()) < rlwe.PRIMES[0]
