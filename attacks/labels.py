@@ -66,26 +66,119 @@ def _single_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> 
     return int(torch.argmin(sums).item())
 
 
+# A per-input fit is accepted when its misfit (summed over the inputs) is below this; otherwise the counts come
+# from the probe estimate. Fits that found the inputs reach 1e-3 or less; failed ones stay near 0.2 or above.
+FIT_TOLERANCE = 0.05
+
+
+def _fit_instances(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    num_samples: int,
+    *,
+    starts: torch.Tensor,
+    seed: int,
+    steps: int = 400,
+) -> tuple[torch.Tensor, float] | None:
+    """Labels of each input of a batch, fitted to the classifier layer's gradient; ``None`` if it cannot apply.
+
+    For a linear classifier ``z = W h + b`` and mean cross-entropy over B inputs, the gradient of ``[W, b]``
+    is ``(1/B) sum_i g_i [h_i, 1]^T`` with ``g_i = p_i - e_{y_i}`` and ``p_i = softmax(W h_i + b)``: rank B
+    while ``B < C``. Its top-B right singular vectors ``V`` span the ``[h_i, 1]``, so each input is ``B``
+    coordinates ``c_i`` (``[h_i, 1] = V c_i``, the last entry pinning the scale), and ``B [dW, db] V = G^T C``
+    then gives every ``g_i`` from the coordinates. The coordinates are right when every ``p_i - g_i`` is
+    one-hot: that is the label. The search minimizes ``sum_i min_c |p_i - g_i - e_c|^2`` over the
+    coordinates (Adam, float64), from many starts at once: the probe inputs' features projected on the span
+    and random points. This reads the softmax on the client's own inputs, where the probe estimate reads
+    it on random ones, which a trained model treats differently (the instance-wise idea of Ma et al. 2023).
+
+    Args:
+        weight, bias: The classifier's parameters, ``(C, d)`` and ``(C,)``.
+        weight_grad, bias_grad: Their mean-loss gradients.
+        num_samples: Batch size B, ``2 <= B < C``.
+        starts: Features of probe inputs, ``(n, d)``; every B of them make one start.
+        seed: Seed of the random starts.
+        steps: Adam steps.
+
+    Returns:
+        Labels ``(B,)`` and the misfit of the best start, or ``None`` for a batch the fit cannot express.
+    """
+    b_count, classes = num_samples, weight.shape[0]
+    if not 2 <= b_count < classes:
+        return None
+    dtype = torch.float64
+    observed = torch.cat([weight_grad.detach().cpu().to(dtype), bias_grad.detach().cpu().to(dtype)[:, None]], dim=1) * b_count
+    if not torch.isfinite(observed).all() or float(observed.abs().max()) == 0.0:
+        return None
+    u, s, vh = torch.linalg.svd(observed, full_matrices=False)
+    span = vh[:b_count].T  # (d + 1, B)
+    us = u[:, :b_count] * s[:b_count]  # (C, B) = G^T C
+    logit_map = torch.cat([weight.detach().cpu().to(dtype), bias.detach().cpu().to(dtype)[:, None]], dim=1) @ span  # logits = logit_map c
+    last = span[-1]  # c . last = 1: the constant feature of the bias
+    if not float(last.norm()) > 0.0:
+        return None
+    anchor = last / last.dot(last)
+    q, _ = torch.linalg.qr(torch.cat([last[:, None], torch.eye(b_count, dtype=dtype)], dim=1))
+    free = q[:, 1:b_count]  # (B, B - 1): directions that keep the constraint
+    scale = float(anchor.norm())
+    generator = torch.Generator().manual_seed(seed)
+    projected = torch.cat([starts.to(dtype), torch.ones(len(starts), 1, dtype=dtype)], dim=1) @ span
+    projected = projected + (1.0 - projected @ last)[:, None] * anchor
+    from_probe = ((projected - anchor) @ free)[: (len(starts) // b_count) * b_count].reshape(-1, b_count, b_count - 1)
+    random = torch.randn((max(3 * len(from_probe), 16), b_count, b_count - 1), generator=generator, dtype=dtype) * scale
+    offsets = torch.cat([from_probe, random]).requires_grad_(True)
+    num_starts = len(offsets)
+
+    def misfit(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coords = anchor + offsets @ free.T  # (S, B, B)
+        probs = torch.softmax(coords @ logit_map.T, dim=-1)  # (S, B, C)
+        # G^T C = us, so C^T G = us^T: one solve per start gives every g_i.
+        g = torch.linalg.solve(coords.transpose(1, 2), us.T.expand(num_starts, b_count, classes))
+        targets = probs - g  # (S, B, C): one-hot where the coordinates are right
+        per_input = (targets**2).sum(-1) - 2 * targets.max(-1).values + 1
+        return torch.nan_to_num(per_input.sum(-1), nan=1e6, posinf=1e6), targets
+
+    optimizer = torch.optim.Adam([offsets], lr=0.05 * scale)
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = misfit(offsets)[0]
+        if step % 50 == 49 and float(loss.detach().min()) < 1e-8:
+            break  # one start already explains the gradient: its labels will not change
+        loss.sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        loss, targets = misfit(offsets)
+        best = int(torch.argmin(loss))
+        return targets[best].argmax(-1), float(loss[best])
+
+
 def label_counts(
     view: ModelView,
     gradients: tuple[torch.Tensor, ...],
     num_samples: int,
     *,
     probe: torch.Tensor,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Estimates how many of the ``num_samples`` inputs carry each label.
 
-    With mean cross-entropy over B inputs the classifier bias gradient is
-    ``g_c = mean_i p_ic - n_c / B``, so ``n_c = B * (mean_i p_ic - g_c)``. The mean softmax is unknown; it is
-    estimated on ``probe`` inputs (Geng et al. 2021's zero-shot estimate), which is close for an untrained
-    or little-trained model. Without a bias the row sums of the weight gradient are used, divided by the
-    mean feature sum on the probe. Any class with ``g_c < 0`` is certainly present and gets at least one.
+    With a classifier bias and fewer inputs than classes, the labels of the inputs are first fitted one by
+    one to the classifier layer's gradient (see ``_fit_instances``); the fit is used when its misfit is
+    below ``FIT_TOLERANCE``. Otherwise, and for larger batches or no bias: with mean cross-entropy over B
+    inputs the classifier bias gradient is ``g_c = mean_i p_ic - n_c / B``, so ``n_c = B * (mean_i p_ic -
+    g_c)``. The mean softmax is unknown; it is estimated on ``probe`` inputs (Geng et al. 2021's zero-shot
+    estimate), which is close for an untrained or little-trained model and not for a trained one. Without a
+    bias the row sums of the weight gradient are used, divided by the mean feature sum on the probe. Any
+    class with ``g_c < 0`` is certainly present and gets at least one.
 
     Args:
         view: The model.
         gradients: Mean-loss gradient, one tensor per parameter.
         num_samples: Batch size B.
-        probe: Inputs used to estimate the mean softmax and feature magnitude.
+        probe: Inputs used to estimate the mean softmax and feature magnitude, and to start the fit.
+        seed: Seed of the fit's random starts.
 
     Returns:
         Integer counts, shape ``(num_classes,)``, summing to ``num_samples``.
@@ -99,6 +192,12 @@ def label_counts(
             probs = torch.softmax(view.logits(probe), dim=1).mean(dim=0)
         finally:
             handle.remove()
+    if b_idx is not None and features[0].dim() == 2:
+        params = view.parameters()
+        fitted = _fit_instances(params[w_idx], params[b_idx], gradients[w_idx], gradients[b_idx], num_samples,
+                                starts=features[0].cpu(), seed=seed)
+        if fitted is not None and fitted[1] < FIT_TOLERANCE:
+            return torch.bincount(fitted[0], minlength=num_classes).to(gradients[b_idx].device)
     if b_idx is not None:
         signal = gradients[b_idx].to(probs)
     else:
@@ -158,7 +257,7 @@ def recover_labels(
         return torch.tensor([label], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     probe = torch.rand((64, *observation.input_shape), generator=generator).to(view.device, view.dtype)
-    counts = label_counts(view, gradients, n, probe=probe)
+    counts = label_counts(view, gradients, n, probe=probe, seed=seed)
     return torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu())
 
 
