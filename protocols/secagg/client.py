@@ -242,7 +242,7 @@ class SecAggClient:
         """
         p = self.params
         if not self._survives(survivors, self.client_id):
-            raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
+            raise MessageError("survivor set omits us", sender=SERVER)
         n = len(p.client_ids)
         members = int.from_bytes(survivors, "little")
         count = members.bit_count()
@@ -392,7 +392,7 @@ class SecAggClient:
         """Signs the survivor set U3 the server announces (authenticated mode, between rounds 2 and 3).
 
         Raises:
-            MessageError: malformed/unauthenticated request, or a list naming unknown clients or omitting us.
+            MessageError: malformed/unauthenticated request, or a survivor bitmap that is malformed or omits us.
             ProtocolAbort: fewer than ``threshold`` survivors, or a disconnected survivor graph.
         """
         self._expect(m.CHECK_REQUEST)
@@ -471,7 +471,7 @@ class SecAggClient:
         if self.client_id in want_s:
             raise ProtocolAbort("refusing to reveal a share of our own mask key while alive")
         if not self._survives(survivors, self.client_id):
-            raise MessageError("survivor list names unknown clients or omits us", sender=SERVER)
+            raise MessageError("survivor set omits us", sender=SERVER)
         if not all(self._survives(survivors, v) for v in want_b) or any(self._survives(survivors, v) for v in want_s):
             raise ProtocolAbort("request inconsistent with the survivor list")
         self._check_survivors(survivors)
