@@ -50,6 +50,10 @@ class _Clock:
     def pair(self) -> tuple[float, float]:
         return self.wall, self.cpu
 
+    def per(self, n: int) -> tuple[float, float]:
+        """(wall, CPU) seconds per one of ``n`` calls."""
+        return self.wall / n, self.cpu / n
+
 
 def raw_tenseal(updates: list[np.ndarray]) -> tuple[Times, int]:
     """What a user gets from TenSEAL's commonly shown CKKS defaults (N=8192, [60,40,40,60], scale 2^40)."""

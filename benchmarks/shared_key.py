@@ -32,37 +32,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads
 
 import numpy as np
 
+# The clock and the plaintext baseline are benchmarks/ckks.py's (this script's folder is on sys.path).
+from ckks import Times, _Clock, plaintext
+
 from privfl.protocols.base import ClientUpdate
-from privfl.protocols.plaintext import PlaintextProtection, PlaintextServer
 from privfl.protocols.shared_key import RoundEncoding, SharedKeyConfig, SharedKeyProtection, SharedKeyServer
-
-# measure -> (wall s, CPU s) of one variant in one repeat
-Times = dict[str, tuple[float, float]]
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.wall = 0.0
-        self.cpu = 0.0
-
-    def __call__(self, fn):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        self.wall += time.perf_counter() - wall
-        self.cpu += time.process_time() - cpu
-        return out
-
-    def per(self, n: int) -> tuple[float, float]:
-        return self.wall / n, self.cpu / n
-
-
-def plaintext(updates: dict[str, ClientUpdate]) -> tuple[Times, int]:
-    plain, dim, n = PlaintextProtection(), len(next(iter(updates.values())).delta), len(updates)
-    client = _Clock()
-    messages = {c: client(lambda c=c, u=u: plain._protect(0, c, u, n)) for c, u in updates.items()}
-    server = _Clock()
-    server(lambda: PlaintextServer(dim).aggregate(0, messages))
-    return {"client": client.per(n), "server": server.per(1)}, len(messages["c0"])
 
 
 def shared_key(updates: dict[str, ClientUpdate], limbs: int, round_index: int) -> tuple[Times, int]:

@@ -48,6 +48,7 @@ from privfl.protocols.ckks_signing import (
     RUN_ID_BYTES,
     SIGNATURE_BYTES,
     SiteIdentity,
+    SiteRegistry,
     load_public_key,
     verify_contribution,
 )
@@ -175,7 +176,7 @@ class DecryptedSum:
     contributors: tuple[str, ...]
 
 
-class CkksKeyHolder:
+class CkksKeyHolder(SiteRegistry):
     """Creates the CKKS keys and decrypts only verified sums. Lives on the client side.
 
     Args:
@@ -271,23 +272,6 @@ class CkksKeyHolder:
     def public_context(self) -> bytes:
         """The serialized public context (no secret key) to hand to clients and the server."""
         return self._public_bytes
-
-    def register_site(self, site: str, public_key: bytes) -> None:
-        """Registers a site's Ed25519 identity key (at setup, over an authenticated channel).
-
-        Raises:
-            ConfigError: not an Ed25519 key, or the site is already registered with another key.
-        """
-        key = load_public_key(site, public_key)
-        known = self._public_keys.get(site)
-        if known is not None and known != bytes(public_key):
-            raise ConfigError(f"sites[{site!r}]", "<another key>", "is already registered with a different key")
-        self._keys[site] = key
-        self._public_keys[site] = bytes(public_key)
-
-    def sites(self) -> dict[str, bytes]:
-        """The registered sites' public keys (public information, e.g. for the server)."""
-        return dict(self._public_keys)
 
     def decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> DecryptedSum:
         """Verifies the server's forwarded contributions, sums them itself and decrypts the sum.

@@ -24,7 +24,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from privfl.errors import ConfigError, MessageError
 
-__all__ = ["RUN_ID_BYTES", "SIGNATURE_BYTES", "SiteIdentity", "contribution_statement", "load_public_key", "verify_contribution"]
+__all__ = [
+    "RUN_ID_BYTES",
+    "SIGNATURE_BYTES",
+    "SiteIdentity",
+    "SiteRegistry",
+    "contribution_statement",
+    "load_public_key",
+    "verify_contribution",
+]
 
 _DOMAIN = b"privfl/ckks/contribution/v1"
 RUN_ID_BYTES = 16
@@ -79,6 +87,34 @@ def load_public_key(site: str, raw: bytes) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(bytes(raw))
     except ValueError as exc:
         raise ConfigError(f"sites[{site!r}]", "<32 bytes>", "is not an Ed25519 public key") from exc
+
+
+class SiteRegistry:
+    """The registered sites' Ed25519 identity keys, held by whoever checks signed contributions.
+
+    A mixin for the decrypting roles (the CKKS key holder, the shared-key decrypting site): they set
+    ``_keys`` and ``_public_keys`` to empty dicts when made.
+    """
+
+    _keys: dict[str, Ed25519PublicKey]
+    _public_keys: dict[str, bytes]
+
+    def register_site(self, site: str, public_key: bytes) -> None:
+        """Registers a site's Ed25519 identity key (at setup, over an authenticated channel).
+
+        Raises:
+            ConfigError: not an Ed25519 key, or the site is already registered with another key.
+        """
+        key = load_public_key(site, public_key)
+        known = self._public_keys.get(site)
+        if known is not None and known != bytes(public_key):
+            raise ConfigError(f"sites[{site!r}]", "<another key>", "is already registered with a different key")
+        self._keys[site] = key
+        self._public_keys[site] = bytes(public_key)
+
+    def sites(self) -> dict[str, bytes]:
+        """The registered sites' public keys (public information, e.g. for the server)."""
+        return dict(self._public_keys)
 
 
 def verify_contribution(

@@ -52,7 +52,7 @@ import math
 import secrets
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,6 +64,7 @@ from privfl.protocols.ckks_signing import (
     RUN_ID_BYTES,
     SIGNATURE_BYTES,
     SiteIdentity,
+    SiteRegistry,
     load_public_key,
     verify_contribution,
 )
@@ -291,10 +292,10 @@ class SharedKeyClient:
 @dataclass(frozen=True, slots=True)
 class _Accepted:
     site: str
-    seed: bytes
-    digest: bytes
-    signature: bytes
-    words: np.ndarray
+    seed: bytes = field(repr=False)  # public (it travels in the aggregate), but no repr needs it
+    digest: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+    words: np.ndarray = field(repr=False)
 
 
 class SharedKeyServer(OneShotServer[_Accepted]):
@@ -359,7 +360,7 @@ class DecryptedSum:
     contributors: tuple[str, ...]
 
 
-class SharedKeyDecryptor:
+class SharedKeyDecryptor(SiteRegistry):
     """A site's decrypting half: decrypts only verified sums, each round at most once.
 
     Only one site of a federation may decrypt (the in-process simulation's one decryptor; in a
@@ -394,23 +395,6 @@ class SharedKeyDecryptor:
 
     def __repr__(self) -> str:
         return f"SharedKeyDecryptor(config={self.config!r}, sites={len(self._keys)}, key=<hidden>)"
-
-    def register_site(self, site: str, public_key: bytes) -> None:
-        """Registers a site's Ed25519 identity key (at setup).
-
-        Raises:
-            ConfigError: not an Ed25519 key, or the site is already registered with another key.
-        """
-        key = load_public_key(site, public_key)
-        known = self._public_keys.get(site)
-        if known is not None and known != bytes(public_key):
-            raise ConfigError(f"sites[{site!r}]", "<another key>", "is already registered with a different key")
-        self._keys[site] = key
-        self._public_keys[site] = bytes(public_key)
-
-    def sites(self) -> dict[str, bytes]:
-        """The registered sites' public keys (public information, e.g. for the server)."""
-        return dict(self._public_keys)
 
     def decrypt(self, round_index: int, aggregate: bytes, encoding: RoundEncoding) -> DecryptedSum:
         """Verifies the server's aggregate and decrypts it.
