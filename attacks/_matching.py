@@ -12,7 +12,7 @@ from privfl.errors import AttackError
 from ._model import ModelView, check_alignment
 from .base import AggregateObservation, GradientObservation, Observation, UpdateObservation
 
-__all__ = ["MatchingProblem", "cosine_distance", "l2_distance", "total_variation"]
+__all__ = ["MatchingProblem", "cosine_distance", "l2_distance", "total_variation", "total_variation_per_input"]
 
 Simulator = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -92,4 +92,16 @@ def total_variation(inputs: torch.Tensor) -> torch.Tensor:
         return inputs.new_zeros(())
     dx = (inputs[..., :, 1:] - inputs[..., :, :-1]).abs().mean()
     dy = (inputs[..., 1:, :] - inputs[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def total_variation_per_input(inputs: torch.Tensor) -> torch.Tensor:
+    """`total_variation` of each input on its own, shape ``(n,)``; their mean is the batch's `total_variation`.
+
+    Zeros for inputs without two spatial dimensions (tabular rows).
+    """
+    if inputs.ndim < 3 or min(inputs.shape[-2:]) < 2:
+        return inputs.new_zeros(inputs.shape[:1])
+    dx = (inputs[..., :, 1:] - inputs[..., :, :-1]).abs().flatten(1).mean(1)
+    dy = (inputs[..., 1:, :] - inputs[..., :-1, :]).abs().flatten(1).mean(1)
     return dx + dy

@@ -10,13 +10,14 @@ import torch
 from privfl._validate import positive
 from privfl.errors import ConfigError
 
-from ._matching import MatchingProblem, cosine_distance, total_variation
+from ._matching import MatchingProblem, cosine_distance, total_variation, total_variation_per_input
 from .base import Attack, Observation, Reconstruction, _check_positive_int, _check_positive_number
 from .labels import recover_labels
 
 __all__ = [
     "DEFAULT_TV_WEIGHT",
     "SMOOTH_TV_WEIGHT",
+    "TV_CONFIDENCE_CAP",
     "InvertingGradients",
     "check_bounds",
     "check_tv_weight",
@@ -29,6 +30,8 @@ DEFAULT_TV_WEIGHT = 1e-2
 SMOOTH_TV_WEIGHT = 0.0
 """TV weight when ``tv_weight=None`` and the model has an ``nn.Sigmoid`` or ``nn.Tanh`` module."""
 _SMOOTH_ACTIVATIONS = (torch.nn.Sigmoid, torch.nn.Tanh)
+TV_CONFIDENCE_CAP = 20.0
+"""Largest ratio ``max_j err_j / err_i`` used by the per-input TV scaling (before the power ``tv_confidence``)."""
 
 _INITS = ("box", "randn", "uniform")
 _LAYER_WEIGHTINGS = ("uniform", "linear")
@@ -122,6 +125,15 @@ class InvertingGradients(Attack):
             nearest the input).
         warmup: Steps over which the step size ramps linearly up to ``lr`` (0: no warm-up).
         double: Accumulate the cosine's dot product and norms in float64.
+        tv_confidence: Power of the per-input scaling of the TV prior in a batch (0: one weight for every
+            input). Input ``i`` gets ``tv_weight * min(TV_CONFIDENCE_CAP, max_j err_j / err_i) **
+            tv_confidence``, where ``err_i = |softmax(model(x_i)) - onehot(y_i)|`` is the model's output error
+            at the current candidate, recomputed every step. Each input's terms in the gradient are scaled by
+            its output error, so an input the model already classifies confidently is weakly constrained by
+            the observation, and the prior carries more of it (on a briefly trained ConvNet, batch 4, TV 0.2
+            instead of 1e-2 gained 3.0 dB on inputs with true-class probability >= 0.5 and 0.5 dB on the
+            others). A single input, and a batch the model treats alike (an untrained model), keep
+            ``tv_weight``. See :meth:`tv_scales`.
     """
 
     max_iterations: int = 2000
@@ -135,6 +147,7 @@ class InvertingGradients(Attack):
     layer_weighting: str = "uniform"
     warmup: int = 0
     double: bool = False
+    tv_confidence: float = 2.0
     name: ClassVar[str] = "inverting-gradients"
 
     def __post_init__(self) -> None:
@@ -155,6 +168,7 @@ class InvertingGradients(Attack):
             raise ConfigError("warmup", self.warmup, "must be an int >= 0")
         if not isinstance(self.double, bool):
             raise ConfigError("double", self.double, "must be a bool")
+        positive("tv_confidence", self.tv_confidence, allow_zero=True, hint="0 gives every input the same TV weight")
 
     def _reconstruct(self, model: torch.nn.Module, observation: Observation) -> Reconstruction:
         problem = MatchingProblem(model, observation)
@@ -243,5 +257,34 @@ class InvertingGradients(Attack):
         else:
             loss = _weighted_cosine_distance(simulated, target, weights, double=self.double).to(candidate.dtype)
         if tv_weight > 0:
-            loss = loss + tv_weight * total_variation(candidate)
+            scales = self.tv_scales(problem, candidate, labels)
+            if scales is None:
+                loss = loss + tv_weight * total_variation(candidate)
+            else:
+                loss = loss + tv_weight * (scales * total_variation_per_input(candidate)).mean()
         return loss
+
+    def tv_scales(
+        self, problem: MatchingProblem, candidate: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-input factors of the TV weight (see ``tv_confidence``), or ``None`` when all are 1.
+
+        ``None`` for a single input, ``tv_confidence == 0``, inputs without two spatial dimensions (no TV),
+        and models whose output is not ``(n, classes)`` logits. Computed without gradient: the factors are
+        weights, not part of what is optimized.
+        """
+        if self.tv_confidence == 0 or candidate.shape[0] < 2 or candidate.ndim < 3:
+            return None
+        with torch.no_grad():
+            logits = problem.view.logits(candidate.detach())
+            if logits.ndim != 2 or logits.shape[0] != candidate.shape[0]:
+                return None
+            probs = torch.softmax(logits, dim=1)
+            target = (
+                torch.nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+                if labels.ndim == 1
+                else labels.to(probs.dtype)
+            )
+            err = (probs - target).norm(dim=1)
+            ratio = (err.max() / err.clamp_min(1e-12)).clamp(max=TV_CONFIDENCE_CAP)
+            return ratio.pow(self.tv_confidence).to(candidate.dtype)
