@@ -652,7 +652,6 @@ class Site:
         average = encode_average(request.round_index, released.weighted_sum / released.total_weight, released.total_weight)
         return self._reply(request, parts=(average,), contributors=list(released.contributors))
 
-
     # -- shared-key mode ---------------------------------------------------------------------------------
     def _shared_key(self, config: RunConfig):
         """The sites' shared secret key, provisioned into this site's state directory out of band."""
