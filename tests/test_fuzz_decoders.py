@@ -445,6 +445,55 @@ def secagg_deliver(item: SecAggInput, *, side: str) -> object:
     return deliver(data)
 
 
+@cache
+def _shared_key_setup():
+    from privfl.protocols.shared_key import RoundEncoding, SharedKeyConfig, SharedKeyProtection
+
+    protection = SharedKeyProtection(SharedKeyConfig(poly_modulus_degree=2048, limbs=1))
+    return protection, RoundEncoding.for_round(protection.config, DIM, len(IDS))
+
+
+@cache
+def _shared_key_messages() -> tuple[tuple[bytes, ...], bytes]:
+    from privfl.protocols.shared_key import SharedKeyServer
+
+    protection, encoding = _shared_key_setup()
+    rng = np.random.default_rng(1)
+    messages = {
+        u: protection._client.encrypt(ROUND, _update(rng.normal(0, 0.1, DIM), 2.0 + i), encoding, weight_bound=10.0,
+                                      identity=protection._identity(u))[0]
+        for i, u in enumerate(IDS)
+    }
+    server = SharedKeyServer(encoding, run_id=protection.run_id, sites=protection.decryptor.sites())
+    return tuple(messages.values()), server.aggregate(ROUND, messages).payload
+
+
+def _shared_key_update_seeds() -> list[bytes]:
+    return list(_shared_key_messages()[0][:1])
+
+
+def _shared_key_update(data: bytes) -> object:
+    from privfl.protocols.shared_key import SharedKeyServer
+
+    protection, encoding = _shared_key_setup()
+    return SharedKeyServer(encoding, run_id=protection.run_id, sites=protection.decryptor.sites())._parse(ROUND, ME, data)
+
+
+def _shared_key_aggregate_seeds() -> list[bytes]:
+    return [_shared_key_messages()[1]]
+
+
+def _shared_key_aggregate(data: bytes) -> object:
+    from privfl.protocols.shared_key import SharedKeyDecryptor
+
+    protection, encoding = _shared_key_setup()
+    # A fresh decrypting site per input: each decrypts a round once, and nothing after a refusal.
+    decryptor = SharedKeyDecryptor(protection._client._key, protection.config, run_id=protection.run_id)
+    for site, key in protection.decryptor.sites().items():
+        decryptor.register_site(site, key)
+    return decryptor.decrypt(ROUND, data, encoding)
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -459,6 +508,8 @@ TARGETS: dict[str, Target] = {
         Target("secagg.open_sealed", _sealed_seeds, _open_sealed, "bytes"),
         Target("secagg.verify_signature", _signature_seeds, _verify_signature, "bytes"),
         Target("secagg.agree (peer public key)", _agree_seeds, _agree, "bytes"),
+        Target("shared-key update (server)", _shared_key_update_seeds, _shared_key_update, "bytes"),
+        Target("shared-key aggregate (decrypting site)", _shared_key_aggregate_seeds, _shared_key_aggregate, "bytes"),
     )
 }
 
