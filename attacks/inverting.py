@@ -94,7 +94,8 @@ def check_bounds(bounds: object) -> None:
 class InvertingGradients(Attack):
     """Recovers inputs whose gradient (or FedAvg update) points the same way as the observed one.
 
-    Minimizes ``1 - cos(g(x), g*) + tv_weight * TV(x)`` over candidate inputs ``x`` (Geiping et al. 2020).
+    Minimizes ``1 - cos(g(x), g*) + tv_weight * TV(x)`` over candidate inputs ``x`` (Geiping et al. 2020); in a
+    batch each input's TV term is scaled up the more confidently the model classifies it (``tv_confidence``).
     The cosine ignores the gradient's scale, so it is unaffected by DP-SGD clipping of a single sample and by
     the learning rate of an update. Labels come from ``recover_labels`` (iDLG or counts) unless the
     observation carries them. Adam follows the sign of the gradient, its step size drops tenfold at 3/8, 5/8
