@@ -81,9 +81,11 @@ def decode_frame(
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MessageError(f"expected bytes, got {type(data).__name__}", sender=sender)
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        # Refused before anything is copied.
+        raise MessageError(f"oversized message: {size} bytes > limit {max_bytes}", sender=sender)
     data = bytes(data)
-    if len(data) > max_bytes:
-        raise MessageError(f"oversized message: {len(data)} bytes > limit {max_bytes}", sender=sender)
     if len(data) < _HEADER.size:
         raise MessageError(f"truncated message: {len(data)} bytes", sender=sender)
     magic, got_kind, got_round, sender_len = _HEADER.unpack_from(data, 0)
