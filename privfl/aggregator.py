@@ -423,7 +423,6 @@ class Aggregator:
 
     def _ckks(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int):
         from privfl.protocols.ckks import CkksServer
-        from privfl.protocols.oneshot import decode_average
 
         cfg = self.config.federation.ckks
         registry = {info.name: bytes.fromhex(info.identity) for info in self._sites.values()}
@@ -438,20 +437,10 @@ class Aggregator:
             )
         keys = {name: registry[name] for name in result.accepted}
         fields = {"dim": dim, "sites": {name: key.hex() for name, key in keys.items()}}
-        replies, dropped = self._exchange(channel, Step.CKKS_DECRYPT, r, {self._key_holder: (fields, (result.payload,))})
-        reply = replies.get(self._key_holder)
-        if reply is None or len(reply.parts) != 1:
-            raise ProtocolAbort(f"round {r}: the key holder did not decrypt: {dropped.get(self._key_holder, 'malformed reply')}")
-        if tuple(reply.fields.get("contributors", ())) != tuple(result.accepted):
-            raise ProtocolAbort(f"round {r}: the key holder summed other sites than the server accepted")
-        try:
-            average, _ = decode_average(r, reply.parts[0], dim)
-        except MessageError as exc:
-            raise ProtocolAbort(f"round {r}: the key holder's release is malformed ({exc.reason})") from exc
+        average = self._released_average(channel, Step.CKKS_DECRYPT, r, fields=fields, result=result, dim=dim)
         return average, result.accepted, rejected
 
     def _shared_key(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int, participants: int):
-        from privfl.protocols.oneshot import decode_average
         from privfl.protocols.shared_key import RoundEncoding, SharedKeyServer
 
         cfg = self.config.federation.shared_key
@@ -469,18 +458,29 @@ class Aggregator:
             )
         fields = {"dim": dim, "participants": participants, "sites": {name: registry[name].hex() for name in result.accepted}}
         # The one decrypting site (role key-holder) decrypts the sum for everyone.
+        average = self._released_average(channel, Step.SHARED_KEY_DECRYPT, r, fields=fields, result=result, dim=dim)
+        return average, result.accepted, rejected
+
+    def _released_average(self, channel: SiteChannel, step: Step, r: int, *, fields: dict[str, Any], result, dim: int) -> np.ndarray:
+        """Asks the decrypting site (the key holder) to decrypt the round's aggregate; its checked average.
+
+        Raises:
+            ProtocolAbort: no reply, a sum of other sites than the server accepted, or a malformed release.
+        """
+        from privfl.protocols.oneshot import decode_average
+
         name = self._key_holder
-        replies, dropped = self._exchange(channel, Step.SHARED_KEY_DECRYPT, r, {name: (fields, (result.payload,))})
+        replies, dropped = self._exchange(channel, step, r, {name: (fields, (result.payload,))})
         reply = replies.get(name)
         if reply is None or len(reply.parts) != 1:
-            raise ProtocolAbort(f"round {r}: the decrypting site {name} did not decrypt: {dropped.get(name, 'malformed reply')}")
+            raise ProtocolAbort(f"round {r}: the key holder {name} did not decrypt: {dropped.get(name, 'malformed reply')}")
         if tuple(reply.fields.get("contributors", ())) != tuple(result.accepted):
-            raise ProtocolAbort(f"round {r}: {name} decrypted a sum of other sites than the server accepted")
+            raise ProtocolAbort(f"round {r}: the key holder {name} decrypted a sum of other sites than the server accepted")
         try:
             average, _ = decode_average(r, reply.parts[0], dim)
         except MessageError as exc:
-            raise ProtocolAbort(f"round {r}: {name}'s release is malformed ({exc.reason})") from exc
-        return average, result.accepted, rejected
+            raise ProtocolAbort(f"round {r}: the key holder {name}'s release is malformed ({exc.reason})") from exc
+        return average
 
     # -- summary -------------------------------------------------------------------------------------
     def _summary(self, history: list[RoundRecord], num_parameters: int, seconds: float, device) -> RunSummary:
