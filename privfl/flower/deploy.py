@@ -504,6 +504,9 @@ class LocalDeployment:
         self._tracked = _Tracked()
         self._log_handles: list[IO[bytes]] = []
         self._runs = 0
+        self._ports: list[int] = []
+        self._superlink_deadline = math.inf
+        self._control = None  # the Control API client, made on first use (False: use the flwr CLI)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -543,14 +546,57 @@ class LocalDeployment:
             raise
 
     def _start(self) -> None:
-        ports = self._start_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
-        deadline = time.monotonic() + self.startup_timeout
+        self._spawn_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
+        self._start_nodes()
+        self._wait_registered(self.supernodes, time.monotonic() + self.startup_timeout)
+
+    def start_superlink(self) -> None:
+        """Write TLS material and start the SuperLink; return at once (`start_nodes` waits for it).
+
+        With `start_nodes` and `wait_nodes` this is `start` in three steps, so a caller can do other
+        work (write data, start its own processes, submit a run) while Flower's processes boot.
+
+        Raises:
+            DeploymentError: If the deployment is already started (everything is stopped on any error).
+        """
+        if self.superlink is not None:
+            raise DeploymentError("the deployment is already started")
+        try:
+            self._spawn_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_nodes(self) -> None:
+        """Wait for the SuperLink's port, register every node key, start every SuperNode; return at once.
+
+        Raises:
+            DeploymentError: If the SuperLink did not come up or a registration failed (everything is
+                stopped first).
+        """
+        if self.superlink is None or self.supernodes:
+            raise DeploymentError("start_nodes comes once, after start_superlink")
+        try:
+            self._start_nodes()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_nodes(self) -> None:
+        """Return once every SuperNode has registered with the SuperLink.
+
+        Raises:
+            DeploymentError: If a node exits or does not register within ``startup_timeout``.
+        """
+        self._wait_registered(self.supernodes, time.monotonic() + self.startup_timeout)
+
+    def _start_nodes(self) -> None:
+        self._wait_superlink()
         indices = range(len(self.node_configs))
-        if self.node_auth:  # every key registered before any node starts; the registrations run side by side
+        if self.node_auth:  # every key registered before any node starts
             self._register_keys([self._auth_keys(index) for index in indices])
         for index in indices:
-            self._spawn_supernode(index, ports[1 + index], register_key=False)
-        self._wait_registered(self.supernodes, deadline)
+            self._spawn_supernode(index, self._ports[1 + index], register_key=False)
 
     def _auth_keys(self, index: int) -> NodeAuthKeys:
         """Node ``index``'s key pair, made on first use."""
@@ -558,8 +604,21 @@ class LocalDeployment:
             self._node_keys[index] = generate_node_auth_keys(self.directory / "node-keys", f"node-{index}")
         return self._node_keys[index]
 
+    def _control_client(self):
+        """This process's Control API connection to the SuperLink (None: use the ``flwr`` commands)."""
+        if self._control is None and self.tls is not None:
+            from privfl.flower.control import control_client
+
+            self._control = control_client(self.address, self.tls.ca_cert) or False
+        return self._control or None
+
     def _register_keys(self, keys: Sequence[NodeAuthKeys], timeout: float = 60.0) -> None:
-        """``flwr supernode register`` for each public key, all at once (each is a CLI process)."""
+        """Register each public key: over this process's Control API connection where the installed
+        Flower is the supported version, else with one ``flwr supernode register`` process per key."""
+        client = self._control_client()
+        if client is not None:
+            client.register_nodes([key.public_key for key in keys])
+            return
         procs = [
             subprocess.Popen(
                 [str(self._exe["flwr"]), "supernode", "register", str(key.public_key), _CONNECTION],
@@ -647,15 +706,14 @@ class LocalDeployment:
             self._wait_registered([node], time.monotonic() + self.startup_timeout)
         return node
 
-    def _start_superlink(self, num_ports: int, extra_args: list[str]) -> list[int]:
-        """Write TLS material and the CLI connection, start the SuperLink, wait for its port.
+    def _spawn_superlink(self, num_ports: int, extra_args: list[str]) -> None:
+        """Write TLS material and the CLI connection, start the SuperLink (`_wait_superlink` waits for it).
 
-        Returns:
-            ``num_ports`` free loopback ports; the first is the SuperLink's.
+        Sets ``_ports``: ``num_ports`` free loopback ports; the first is the SuperLink's.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         self.tls = tls = generate_tls_material(self.directory / "tls")
-        ports = _free_ports(num_ports)
+        self._ports = ports = _free_ports(num_ports)
         self.port = ports[0]
         self._write_cli_config()
         cmd = [
@@ -668,9 +726,13 @@ class LocalDeployment:
             "--disable-runtime-dependency-installation",
             *extra_args,
         ]  # fmt: skip
+        self.superlink = self._spawn(cmd, "superlink", self.directory / "superlink.log")
+        self._superlink_deadline = time.monotonic() + self.startup_timeout
+
+    def _wait_superlink(self) -> None:
         log_file = self.directory / "superlink.log"
-        self.superlink = self._spawn(cmd, "superlink", log_file)
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = self._superlink_deadline
+        assert self.port is not None
         while not _port_open(self.port):
             self._check_alive(self.superlink, log_file, "flower-superlink")
             if time.monotonic() > deadline:
@@ -678,8 +740,7 @@ class LocalDeployment:
                     f"flower-superlink did not open 127.0.0.1:{self.port} within {self.startup_timeout:g} s; "
                     f"see {log_file}"
                 )
-            time.sleep(0.2)
-        return ports
+            time.sleep(0.1)
 
     def _wait_registered(self, nodes: Sequence[SuperNodeProcess], deadline: float) -> None:
         while True:
@@ -710,6 +771,9 @@ class LocalDeployment:
         left after ``stop_grace`` seconds. Safe to call twice. A KeyboardInterrupt during the grace
         period skips straight to SIGKILL.
         """
+        if self._control:  # the SuperLink's graceful shutdown waits for open connections
+            self._control.close()
+        self._control = None
         try:
             self._track_descendants()
             for proc in self._leaders:
@@ -829,6 +893,9 @@ class LocalDeployment:
         Returns:
             The status, or ``"unknown"`` if the SuperLink could not be asked.
         """
+        client = self._control_client()
+        if client is not None:
+            return client.run_status(run_id)
         proc = self._flwr(["ls", _CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=60)
         try:
             runs = json.loads(proc.stdout)["runs"]
@@ -978,7 +1045,8 @@ class LocalSimulation(LocalDeployment):
         self._federation_args = _kv_args({"num-supernodes": num_supernodes, **(federation_config or {})}, "federation_config")
 
     def _start(self) -> None:
-        self._start_superlink(1, ["--simulation"])
+        self._spawn_superlink(1, ["--simulation"])
+        self._wait_superlink()
 
     def _run_extra_args(self) -> list[str]:
         return ["--federation-config", self._federation_args]

@@ -167,10 +167,13 @@ class LocalFederation:
             for fault in (worker_faults or {}).get(name, []):
                 args += ["--fault", fault]
             self._worker_args.append(args)
-            self.node_configs.append({"site": name, "worker": str(socket_path)})
+            # A message may reach a node before its worker listens (the run is submitted while the
+            # workers start): it waits up to a minute for the worker instead of failing the step.
+            self.node_configs.append({"site": name, "worker": str(socket_path), "worker-wait": 60})
         self.workers = _Workers(self.root / "workers")
         self.deployment: LocalDeployment | None = None
         self._runs = 0
+        self._ready = False
 
     def _provision(self, config: RunConfig) -> None:
         """The shared-key mode's key, as a consortium provisions it out of band: one key into every
@@ -189,12 +192,24 @@ class LocalFederation:
             self.workers.spawn(self._worker_args)  # they load torch and their data meanwhile
             # SuperNode authentication on: only nodes whose keys were registered may join.
             self.deployment = LocalDeployment(self.root / "flower", self.node_configs, node_auth=True)
-            self.deployment.start()
-            self.workers.wait_ready()
+            self.deployment.start_superlink()
+            self.deployment.start_nodes()
         except BaseException:
             self.stop()
             raise
+        # Every process is started; `run` submits its run before waiting for the nodes and workers
+        # to be up (`_wait_ready`), so the ServerApp boots meanwhile.
         return self
+
+    def _wait_ready(self) -> None:
+        """Returns once every SuperNode has registered and every worker answers (raises otherwise)."""
+        if self._ready:
+            return
+        if self.deployment is None:
+            raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
+        self.deployment.wait_nodes()
+        self.workers.wait_ready()
+        self._ready = True
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -202,6 +217,7 @@ class LocalFederation:
     def stop(self) -> None:
         """Stops every process started here (SuperNodes, SuperLink, workers)."""
         try:
+            self.workers.terminate()  # they wind down while the deployment stops
             if self.deployment is not None:
                 self.deployment.stop()
         finally:
@@ -209,6 +225,7 @@ class LocalFederation:
 
     def restart_site(self, name: str) -> None:
         """Kills a site's worker (SIGKILL, as a crash would) and starts it again on the same state directory."""
+        self._wait_ready()
         self.workers.restart(self.names.index(name))
 
     def started_pids(self) -> list[int]:
@@ -265,6 +282,7 @@ class LocalFederation:
         if self.deployment is None:
             raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
         handle = self.deployment.start_run(app, run_config=run_config)
+        self._wait_ready()
         _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round)
         result = handle.wait(timeout=120)
         summary_path = run_dir / "summary.json"
@@ -393,7 +411,8 @@ class _Workers:
                 raise DeploymentError(f"a site worker did not start within {timeout:g} s; see {log_path}")
             time.sleep(0.2)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def terminate(self) -> None:
+        """Sends SIGTERM to every worker still running (`stop` waits for them)."""
         import os
         import signal
 
@@ -403,6 +422,12 @@ class _Workers:
                     os.killpg(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+    def stop(self, grace: float = 5.0) -> None:
+        import os
+        import signal
+
+        self.terminate()
         deadline = time.monotonic() + grace
         for process in self._all:
             try:
@@ -425,20 +450,29 @@ def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout:
 
     deadline = time.monotonic() + timeout
     shown = 0
+    seen: tuple[int, int] | None = None  # (mtime, size) of the history last read
     with _Progress(rounds, enabled=progress, start=0) as bar:
-        while handle.running():
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"the deployment did not finish within {timeout:g} s; see {handle.log_file}")
+        while True:
+            running = handle.running()
             try:
-                history = json.loads(history_path.read_text()) if history_path.exists() else []
+                stat = history_path.stat()
+                changed = (stat.st_mtime_ns, stat.st_size) != seen
+                history = json.loads(history_path.read_text()) if changed else []
+                if changed:
+                    seen = (stat.st_mtime_ns, stat.st_size)
             except (OSError, ValueError):
-                history = []  # being replaced right now: read it next time
+                history = []  # not written yet, or being replaced right now: read it next time
+                seen = None
             for record in history[shown:]:
                 bar.advance(_for_bar(record))
                 if on_round is not None:
                     on_round(record)
             shown = max(shown, len(history))
-            time.sleep(0.5)
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the deployment did not finish within {timeout:g} s; see {handle.log_file}")
+            time.sleep(0.1)
 
 
 def _for_bar(record: dict[str, Any]) -> dict[str, Any]:
