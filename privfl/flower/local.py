@@ -156,7 +156,7 @@ class LocalFederation:
         self.site_dirs, self.test_csv, self.input_shape, self.num_classes = write_site_data(config, sites, self.root)
         self.names = list(self.site_dirs)
         self._provision(config)
-        self.node_configs = []
+        self.node_configs: list[dict[str, str | int | float | bool]] = []
         self._worker_args = []
         for i, (name, folder) in enumerate(self.site_dirs.items()):
             socket_path = folder / "state" / "site.sock"
