@@ -3,7 +3,8 @@ Flower) against `privfl run` (the single-process simulation) on the same config 
 
 Both run as commands, variants interleaved (in-process, deployment, in-process, ...); CPU time is that
 of the command and every process it started (RUSAGE_CHILDREN). Each process may use its default
-thread count; sites train with one thread each. Prints a table and the median and min of the ratios.
+thread count; sites train with one thread each. Prints a table and the median and min of the ratios,
+and where the deployment's CPU time goes by kind of process (sampled from /proc while it runs).
 
     python benchmarks/deployment.py --sites 3 --repeats 2
 """
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -33,16 +35,94 @@ def _config(sites: int, rounds: int | None) -> str:
     return text
 
 
-def _timed(command: list[str]) -> tuple[float, float, str]:
+_ROLES = (  # (role, what its command line contains), first match wins
+    ("site executor (+ its forked ClientApp children)", "privfl.flower.node --poll"),
+    ("SuperNode", "privfl.flower.node"),
+    ("site worker", "privfl.flower.worker"),
+    ("SuperLink", "flower-superlink"),
+    ("SuperExec (starts the ServerApp)", "flower-superexec"),
+    ("ServerApp", "flwr-serverapp"),
+    ("flwr CLI (run --stream)", "/flwr "),
+    ("privfl deploy local itself", "privfl deploy"),
+)
+
+
+class _CpuByRole(threading.Thread):
+    """Samples /proc every 0.2 s for the processes under ``root`` and keeps each one's latest CPU time.
+
+    Own user+system time per process; executors also count their reaped children (the ClientApp
+    processes they fork per message, too short-lived to sample). Processes that exit between two samples
+    lose their last 0.2 s; what no sample saw shows up as "unattributed".
+    """
+
+    def __init__(self, root: int) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.cpu: dict[int, tuple[str, float]] = {}
+        self.done = threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> None:
+        parents: dict[int, list[int]] = {}
+        stats: dict[int, list[str]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2 :].split()
+            stats[int(entry)] = fields
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+        todo, seen = [self.root], []
+        while todo:
+            pid = todo.pop()
+            seen.append(pid)
+            todo.extend(parents.get(pid, []))
+        for pid in seen:
+            if pid not in stats:
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            role = next((name for name, needle in _ROLES if needle in cmd), None)
+            if role is None:
+                continue
+            fields = stats[pid]
+            own = (int(fields[11]) + int(fields[12])) / self.tick
+            children = (int(fields[13]) + int(fields[14])) / self.tick if role.startswith("site executor") else 0.0
+            self.cpu[pid] = (role, own + children)
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self._sample()
+
+    def by_role(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for role, seconds in self.cpu.values():
+            totals[role] = totals.get(role, 0.0) + seconds
+        return totals
+
+
+def _timed(command: list[str], *, monitor: bool = False) -> tuple[float, float, str, dict[str, float]]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = _CpuByRole(proc.pid) if monitor else None
+    if sampler is not None:
+        sampler.start()
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
+    if sampler is not None:
+        sampler.done.set()
+        sampler.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        sys.exit(f"{' '.join(command)} failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc.stdout
+    return wall, cpu, stdout, sampler.by_role() if sampler is not None else {}
 
 
 def _round_seconds(run_dir: Path) -> tuple[float, float]:
@@ -64,12 +144,16 @@ def main() -> int:
     config = work / "config.toml"
     config.write_text(_config(args.sites, args.rounds))
     rows = []
+    breakdown: list[dict[str, float]] = []
     try:
         for repeat in range(args.repeats):
-            wall_in, cpu_in, _out_in = _timed([privfl, "run", str(config), "--quiet", "--out", str(work / f"in-{repeat}")])
-            wall_dep, cpu_dep, out_dep = _timed(
-                [privfl, "deploy", "local", str(config), "--sites", str(args.sites), "--quiet", "--out", str(work / f"dep-{repeat}")]
+            wall_in, cpu_in, _out_in, _ = _timed([privfl, "run", str(config), "--quiet", "--out", str(work / f"in-{repeat}")])
+            wall_dep, cpu_dep, out_dep, roles = _timed(
+                [privfl, "deploy", "local", str(config), "--sites", str(args.sites), "--quiet", "--out", str(work / f"dep-{repeat}")],
+                monitor=True,
             )
+            roles["unattributed"] = cpu_dep - sum(roles.values())
+            breakdown.append(roles)
             accuracy = re.search(r"final accuracy: ([0-9.]+)", out_dep)
             _, round_in = _round_seconds(work / f"in-{repeat}")
             first_dep, round_dep = _round_seconds(work / f"dep-{repeat}" / "run")
@@ -95,6 +179,15 @@ def main() -> int:
     print(f"\nwall ratio: median {statistics.median(wall_ratios):.2f}, min {min(wall_ratios):.2f}; "
           f"CPU ratio: median {statistics.median(cpu_ratios):.2f}, min {min(cpu_ratios):.2f}; "
           f"round ratio (median round after the first): median {statistics.median(round_ratios):.2f}, min {min(round_ratios):.2f}")
+    print("\nWhere the deployment's CPU goes (seconds, median over repeats; all processes of that kind together):\n")
+    print("| process | CPU s | share |")
+    print("|---|---:|---:|")
+    roles = sorted({role for b in breakdown for role in b}, key=lambda r: -statistics.median(b.get(r, 0.0) for b in breakdown))
+    total = statistics.median(r[3] for r in rows)
+    for role in roles:
+        seconds = statistics.median(b.get(role, 0.0) for b in breakdown)
+        print(f"| {role} | {seconds:.1f} | {seconds / total:.0%} |")
+    print(f"| in-process `privfl run`, for comparison | {statistics.median(r[1] for r in rows):.1f} | |")
     return 0
 
 

@@ -582,6 +582,21 @@ class LocalDeployment:
             self.stop()
             raise
 
+    def set_node_configs(self, node_configs: Sequence[Mapping[str, ConfigValue]]) -> None:
+        """Replace the node configs (as many as before) until `start_nodes` starts the SuperNodes.
+
+        Raises:
+            ConfigError: If the count differs or a key is malformed.
+            DeploymentError: If the SuperNodes are already started.
+        """
+        if self.supernodes:
+            raise DeploymentError("the SuperNodes are already started with their node configs")
+        if len(node_configs) != len(self.node_configs):
+            raise ConfigError("node_configs", len(node_configs), f"must keep the {len(self.node_configs)} nodes given at construction")
+        args = [_kv_args(cfg, "node_configs") for cfg in node_configs]
+        self.node_configs = [dict(cfg) for cfg in node_configs]
+        self._node_config_args = args
+
     def wait_nodes(self) -> None:
         """Return once every SuperNode has registered with the SuperLink.
 

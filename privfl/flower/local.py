@@ -153,27 +153,34 @@ class LocalFederation:
         if self.root.exists() and any(self.root.iterdir()):
             raise ConfigError("out", str(self.root), "must be a new or empty directory")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.site_dirs, self.test_csv, self.input_shape, self.num_classes = write_site_data(config, sites, self.root)
-        self.names = list(self.site_dirs)
-        self._provision(config)
+        self._sites, self._budgets, self._worker_faults, self._key_holder = sites, budgets, worker_faults, key_holder
+        # Written on entry, while the SuperLink starts (see `_write_sites`).
+        self.site_dirs: dict[str, Path] = {}
+        self.names: list[str] = []
         self.node_configs: list[dict[str, str | int | float | bool]] = []
-        self._worker_args = []
+        self._worker_args: list[list[str]] = []
+        self.workers = _Workers(self.root / "workers")
+        self.deployment: LocalDeployment | None = None
+        self._runs = 0
+        self._ready = False
+
+    def _write_sites(self) -> None:
+        """Each site's data, state directory, worker arguments and node configuration."""
+        self.site_dirs, self.test_csv, self.input_shape, self.num_classes = write_site_data(self.config, self._sites, self.root)
+        self.names = list(self.site_dirs)
+        self._provision(self.config)
         for i, (name, folder) in enumerate(self.site_dirs.items()):
             socket_path = folder / "state" / "site.sock"
             args = ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"),
-                    "--role", "key-holder" if i == key_holder else "site", "--socket", str(socket_path)]
-            if budgets and name in budgets:
-                args += ["--budget", str(float(budgets[name]))]
-            for fault in (worker_faults or {}).get(name, []):
+                    "--role", "key-holder" if i == self._key_holder else "site", "--socket", str(socket_path)]
+            if self._budgets and name in self._budgets:
+                args += ["--budget", str(float(self._budgets[name]))]
+            for fault in (self._worker_faults or {}).get(name, []):
                 args += ["--fault", fault]
             self._worker_args.append(args)
             # A message may reach a node before its worker listens (the run is submitted while the
             # workers start): it waits up to a minute for the worker instead of failing the step.
             self.node_configs.append({"site": name, "worker": str(socket_path), "worker-wait": 60})
-        self.workers = _Workers(self.root / "workers")
-        self.deployment: LocalDeployment | None = None
-        self._runs = 0
-        self._ready = False
 
     def _provision(self, config: RunConfig) -> None:
         """The shared-key mode's key, as a consortium provisions it out of band: one key into every
@@ -189,10 +196,13 @@ class LocalFederation:
 
         self.started = time.perf_counter()
         try:
-            self.workers.spawn(self._worker_args)  # they load torch and their data meanwhile
-            # SuperNode authentication on: only nodes whose keys were registered may join.
-            self.deployment = LocalDeployment(self.root / "flower", self.node_configs, node_auth=True)
+            # SuperNode authentication on: only nodes whose keys were registered may join. The
+            # SuperLink boots while this process writes the sites' data.
+            self.deployment = LocalDeployment(self.root / "flower", [{} for _ in range(self._sites)], node_auth=True)
             self.deployment.start_superlink()
+            self._write_sites()
+            self.deployment.set_node_configs(self.node_configs)
+            self.workers.spawn(self._worker_args)  # they load torch and their data meanwhile
             self.deployment.start_nodes()
         except BaseException:
             self.stop()
