@@ -171,7 +171,14 @@ def test_killed_supernode_mid_run_leaves_the_others_working(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(200)
-def test_node_auth_refuses_unregistered_node_and_failing_serverapp_is_not_ok(tmp_path: Path) -> None:
+@pytest.mark.parametrize("control_api", [True, False], ids=["control-api", "flwr-commands"])
+def test_node_auth_refuses_unregistered_node_and_failing_serverapp_is_not_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, control_api: bool
+) -> None:
+    if not control_api:  # as with another Flower version: `flwr supernode register` and `flwr ls`
+        import privfl.flower.control
+
+        monkeypatch.setattr(privfl.flower.control, "_supported", lambda: False)
     app = _echo_app(tmp_path, tmp_path / "echo.json")
     with LocalDeployment(tmp_path / "dep", [{"site": "site-0"}], node_auth=True) as dep:
         assert dep.supernodes[0].node_id is not None  # registered key: admitted
