@@ -9,6 +9,7 @@ thread count; sites train with one thread each. Prints a table and the median an
 and where the deployment's CPU time goes by kind of process (sampled from /proc while it runs).
 
     python benchmarks/deployment.py --sites 3 --repeats 2
+    python benchmarks/deployment.py --sites 3 --idle-seconds 10   # an idle deployment's polling CPU
 """
 
 from __future__ import annotations
@@ -135,12 +136,49 @@ def _round_seconds(run_dir: Path) -> tuple[float, float]:
     return seconds[0], statistics.median(seconds[1:]) if len(seconds) > 1 else float("nan")
 
 
+def _idle(sites: int, seconds: float) -> int:
+    """CPU that an idle deployment (no run) spends polling, per kind of process, in cores."""
+    from privfl.flower.deploy import LocalDeployment, _descendants
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(pid: int) -> float:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    work = Path(tempfile.mkdtemp(prefix="privfl-bench-idle-"))
+    try:
+        with LocalDeployment(work, [{"site": f"site-{i}"} for i in range(sites)], node_auth=True) as dep:
+            time.sleep(4.0)  # past start-up and the first idle polls
+            assert dep.superlink is not None
+            pids = {dep.superlink.pid: "SuperLink"}
+            for node in dep.supernodes:
+                pids[node.pid] = "SuperNode"
+                pids.update({pid: "site executor" for pid in _descendants([node.pid])})
+            before = {pid: cpu(pid) for pid in pids}
+            time.sleep(seconds)
+            used = {pid: cpu(pid) - before[pid] for pid in pids}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{sites} SuperNodes idle for {seconds:g} s (no run); CPU in cores (CPU seconds per second):\n")
+    print("| process | cores, each | cores, all |")
+    print("|---|---:|---:|")
+    for role in ("SuperLink", "SuperNode", "site executor"):
+        values = [used[pid] / seconds for pid, r in pids.items() if r == role]
+        print(f"| {role} | {statistics.median(values):.3f} | {sum(values):.3f} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, help="override the default config's rounds")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--idle-seconds", type=float, help="instead: measure an idle deployment's polling CPU for this long")
     args = parser.parse_args()
+    if args.idle_seconds:
+        return _idle(args.sites, args.idle_seconds)
     privfl = str(Path(sys.executable).parent / "privfl")
     work = Path(tempfile.mkdtemp(prefix="privfl-bench-deploy-"))
     config = work / "config.toml"

@@ -6,13 +6,17 @@ changes that matter for privfl, whose rounds are several message exchanges each:
 
 - **Polls.** Flower 1.42's SuperNode waits a fixed 3 s after asking the SuperLink for a message
   and finding none, and 0.5 s between looks for the ClientApp's reply. Every privfl protocol step
-  pays the first (the node is idle while the other sites train). Here both waits are capped at
-  ``--poll`` (0.05 s by default): a node then asks the SuperLink up to 20 times a second while
-  idle, which a SuperLink serving tens of sites absorbs easily; raise ``--poll`` for hundreds.
+  pays the first (the node is idle while the other sites train). Here a node asks again
+  ``--poll`` seconds (0.05 by default) after a message, then waits 1.25 times longer after each
+  empty answer, up to ``--idle-poll`` (0.25 s by default): about 6 asks in the first 0.6 s, when
+  the next protocol step usually comes, and 4 a second when idle (each costs the SuperLink a few
+  milliseconds of CPU). Its waits for the ClientApp's reply are capped at ``--poll``.
 - **ClientApp processes.** Flower runs every message in a new ``flwr-clientapp`` process, which
   imports Flower first (1-2 s on a small machine). Here the SuperNode runs in Flower's ``process``
   isolation mode and this module starts its own task executor next to it: a process that has
-  imported Flower and privfl's ClientApp once and forks one child per message. Each child runs
+  imported Flower and privfl's ClientApp once and forks one child per message (the SuperNode
+  wakes it through a pipe when it has stored a message; it looks by itself only every
+  ``--idle-poll`` seconds). Each child runs
   Flower's own ClientApp runtime (``run_clientapp``: pull the message over the local Runtime API,
   call the ClientApp, push the reply) and exits, as ``flwr-clientapp`` would. What a message can
   reach is unchanged: the child is a fresh process with nothing of the previous message in it
@@ -33,11 +37,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 
-__all__ = ["DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "main", "run_executor"]
+__all__ = ["DEFAULT_IDLE_POLL_SECONDS", "DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "main", "run_executor"]
 
 DEFAULT_POLL_SECONDS = 0.05
+DEFAULT_IDLE_POLL_SECONDS = 0.25
+_BACKOFF = 1.25
 SUPPORTED_FLOWER = "1.42"
 
 
@@ -59,16 +64,72 @@ def _poll(value: str) -> float:
     return seconds
 
 
-def _capped_time(poll: float) -> SimpleNamespace:
-    """A stand-in for the ``time`` module whose ``sleep`` waits at most ``poll`` seconds."""
-    real_sleep = time.sleep
+class _PollClock:
+    """A stand-in for the ``time`` module of Flower's SuperNode loop (every other name is the real one).
 
-    def sleep(seconds: float) -> None:
-        real_sleep(min(float(seconds), poll))
+    ``sleep`` of Flower's idle wait (3 s: the SuperLink had no message) waits ``poll`` seconds after
+    a message and 1.25 times longer after each further empty answer, up to ``idle_poll``; its shorter
+    waits (for the ClientApp's reply, for a payload) wait at most ``poll``. `activity` (a message
+    arrived) brings the idle wait back to ``poll``.
+    """
 
-    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("__")}
-    names["sleep"] = sleep
-    return SimpleNamespace(**names)
+    def __init__(self, poll: float, idle_poll: float) -> None:
+        self.poll = poll
+        self.idle_poll = max(poll, idle_poll)
+        self._idle = poll
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if float(seconds) >= 1.0:  # Flower's idle wait
+            wait, self._idle = self._idle, min(self._idle * _BACKOFF, self.idle_poll)
+        else:
+            wait = min(float(seconds), self.poll)
+        time.sleep(wait)
+
+    def activity(self) -> None:
+        self._idle = self.poll
+
+
+def _announce_messages(module: object, clock: _PollClock, wake_fd: int | None) -> bool:
+    """Wrap ``module._pull_and_store_message`` (Flower's SuperNode loop): when it has stored a message,
+    reset ``clock``'s idle wait and write a byte to ``wake_fd`` (the executor's pipe). False (and
+    nothing changed) if the function is not there."""
+    import functools
+
+    original = getattr(module, "_pull_and_store_message", None)
+    if original is None or getattr(original, "_privfl_wrapped", False):
+        return False
+
+    @functools.wraps(original)
+    def pull_and_store(*args, **kwargs):
+        run_id = original(*args, **kwargs)
+        if run_id is not None:
+            clock.activity()
+            if wake_fd is not None:
+                try:
+                    os.write(wake_fd, b"\0")
+                except OSError:  # a full pipe already holds a wake-up; a closed one has no reader
+                    pass
+        return run_id
+
+    pull_and_store._privfl_wrapped = True  # type: ignore[attr-defined]
+    vars(module)["_pull_and_store_message"] = pull_and_store
+    return True
+
+
+def _wait_for_task(wake_fd: int | None, poll: float, idle_poll: float) -> None:
+    """The executor's wait between looks for a task: until woken (at most ``idle_poll``), else ``poll``."""
+    import select
+
+    if wake_fd is None:
+        time.sleep(poll)
+    elif select.select([wake_fd], [], [], idle_poll)[0]:
+        try:
+            os.read(wake_fd, 4096)  # every wake-up so far: one look for tasks answers them all
+        except BlockingIOError:
+            pass
 
 
 def shorten_object_pulls(module: object, name: str, poll: float) -> bool:
@@ -114,9 +175,13 @@ def _runtime_address(args: Sequence[str]) -> str:
     return f"[{host}]:{known.port}" if ":" in host and not host.startswith("[") else f"{host}:{known.port}"
 
 
-def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> None:
+def run_executor(
+    runtime_api_address: str, *, poll: float, parent_pid: int, wake_fd: int | None = None, idle_poll: float = DEFAULT_IDLE_POLL_SECONDS
+) -> None:
     """Take ClientApp tasks from the SuperNode's Runtime API; run each in a forked child.
 
+    With ``wake_fd`` (a pipe the SuperNode writes a byte to when it has stored a message) it asks for
+    a task when woken and otherwise every ``idle_poll`` seconds; without, every ``poll`` seconds.
     Returns when the parent SuperNode has gone (or on SIGTERM/SIGINT).
     """
     import importlib
@@ -183,6 +248,8 @@ def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> N
                 if pid == 0:  # the child: one ClientApp task, then exit
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    if wake_fd is not None:
+                        os.close(wake_fd)
                     code = 1
                     try:
                         run_clientapp(
@@ -206,7 +273,7 @@ def run_executor(runtime_api_address: str, *, poll: float, parent_pid: int) -> N
                         os._exit(code)
                 children.add(pid)
                 continue  # there may be another task waiting
-            time.sleep(poll)
+            _wait_for_task(wake_fd, poll, idle_poll)
     finally:
         client.close()
         for pid in children:
@@ -224,26 +291,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Flower's SuperNode with short polls and warm-forked ClientApp processes "
         "(all other arguments go to flower-supernode).",
     )
-    parser.add_argument("--poll", type=_poll, default=DEFAULT_POLL_SECONDS, help="longest idle wait, seconds")
+    parser.add_argument("--poll", type=_poll, default=DEFAULT_POLL_SECONDS, help="wait after a message before asking again, seconds")
+    parser.add_argument("--idle-poll", type=_poll, default=DEFAULT_IDLE_POLL_SECONDS, help="longest wait between asks when idle, seconds")
     parser.add_argument("--executor", metavar="RUNTIME_API_ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--wake-fd", type=int, help=argparse.SUPPRESS)
     ours, rest = parser.parse_known_args(argv)
     _check_flower_version()
     if ours.executor:
-        run_executor(ours.executor, poll=ours.poll, parent_pid=ours.parent_pid or os.getppid())
+        if ours.wake_fd is not None:
+            os.set_blocking(ours.wake_fd, False)
+        run_executor(ours.executor, poll=ours.poll, parent_pid=ours.parent_pid or os.getppid(),
+                     wake_fd=ours.wake_fd, idle_poll=ours.idle_poll)  # fmt: skip
         return
 
     address = _runtime_address(rest)
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    internal.time = _capped_time(ours.poll)  # type: ignore[assignment]
+    clock = _PollClock(ours.poll, ours.idle_poll)
+    internal.time = clock  # type: ignore[assignment]
     shorten_object_pulls(internal, "pull_objects", ours.poll)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    if not _announce_messages(internal, clock, wake_write):
+        raise SystemExit("privfl.flower.node: Flower's SuperNode loop is not where this module expects it")
     executor = subprocess.Popen(  # our own interpreter and module
-        [sys.executable, "-m", "privfl.flower.node", "--poll", str(ours.poll),
-         "--executor", address, "--parent-pid", str(os.getpid())],
-        stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "privfl.flower.node", "--poll", str(ours.poll), "--idle-poll", str(ours.idle_poll),
+         "--executor", address, "--parent-pid", str(os.getpid()), "--wake-fd", str(wake_read)],
+        stdin=subprocess.DEVNULL, pass_fds=(wake_read,),
     )  # fmt: skip
+    os.close(wake_read)
     sys.argv = ["flower-supernode", *rest, "--isolation", "process"]
     try:
         flower_supernode()

@@ -8,6 +8,7 @@ name rather than as a slow deployment.
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 
 import pytest
@@ -17,14 +18,49 @@ pytest.importorskip("flwr")
 from privfl.flower import node
 
 
-def test_capped_sleep_waits_at_most_the_poll(monkeypatch):
+def test_idle_waits_grow_from_the_poll_to_the_idle_poll_and_reset_on_a_message(monkeypatch):
     waits = []
     monkeypatch.setattr(node.time, "sleep", waits.append)
-    shim = node._capped_time(0.05)
-    shim.sleep(3)
-    shim.sleep(0.01)
-    assert waits == [0.05, 0.01]
-    assert shim.monotonic is node.time.monotonic  # everything else is the real module
+    clock = node._PollClock(0.05, 0.25)
+    for _ in range(10):
+        clock.sleep(3)  # Flower's idle wait: the SuperLink had nothing
+    assert waits[0] == 0.05
+    assert all(b == pytest.approx(min(0.25, a * 1.25)) for a, b in itertools.pairwise(waits))
+    assert waits[-1] == 0.25
+    assert sum(waits[:6]) < 0.65  # about six asks in the first 0.6 s after a message
+    clock.activity()
+    waits.clear()
+    clock.sleep(3)
+    clock.sleep(0.5)  # waiting for the ClientApp's reply: never longer than the poll
+    clock.sleep(0.01)
+    assert waits == [0.05, 0.05, 0.01]
+    assert clock.monotonic is node.time.monotonic  # everything else is the real module
+
+
+def test_a_stored_message_resets_the_idle_wait_and_wakes_the_executor(monkeypatch):
+    import os
+
+    monkeypatch.setattr(node.time, "sleep", lambda s: None)
+    answers = iter([None, None, 7, None])
+    module = types.SimpleNamespace(_pull_and_store_message=lambda **kw: next(answers))
+    clock = node._PollClock(0.05, 0.25)
+    read, write = os.pipe()
+    try:
+        os.set_blocking(read, False)
+        assert node._announce_messages(module, clock, write)
+        assert not node._announce_messages(module, clock, write)  # once only
+        for _ in range(2):
+            assert module._pull_and_store_message(state=None) is None
+            clock.sleep(3)
+        assert clock._idle > 0.05
+        with pytest.raises(BlockingIOError):
+            os.read(read, 10)  # no message yet: no wake-up
+        assert module._pull_and_store_message(state=None) == 7
+        assert clock._idle == 0.05
+        assert os.read(read, 10) == b"\0"
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 def test_object_pull_backoff_is_shortened_once():
@@ -65,7 +101,8 @@ def test_the_supernode_loop_sleeps_through_the_module_it_replaces():
     import flwr.supernode.start_client_internal as internal
 
     source = inspect.getsource(internal)
-    assert "time.sleep(3)" in source  # the idle poll the launcher caps
+    assert "time.sleep(3)" in source  # the idle poll the launcher shortens
+    assert "run_id = _pull_and_store_message(" in source  # what it wraps to see a message arrive
     assert internal.time.__name__ == "time"
 
 
