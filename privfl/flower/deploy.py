@@ -936,9 +936,12 @@ class LocalDeployment:
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # no `uv sync`, no network
         env["PYTHONUNBUFFERED"] = "1"
         env["NO_COLOR"] = "1"
-        # SuperExec looks for a new task (a ClientApp or ServerApp to start) once a second by default;
-        # a privfl round is several message exchanges, each waiting on that poll.
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
+        # SuperExec looks for a new task (a ClientApp or ServerApp to start) once a second by default.
+        # A plain SuperNode starts a ClientApp per message through it (a privfl round is several
+        # message exchanges, each waiting on that poll); the SuperLink's starts one ServerApp per run,
+        # and a fast node has an executor of its own (privfl.flower.node) that is woken, not polled.
+        fast = role.startswith("node-") and self.fast_nodes
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25" if role == "superlink" or fast else "0.05")
         return env
 
     def _write_cli_config(self) -> None:
