@@ -198,7 +198,11 @@ class LocalFederation:
         try:
             # SuperNode authentication on: only nodes whose keys were registered may join. The
             # SuperLink boots while this process writes the sites' data.
-            self.deployment = LocalDeployment(self.root / "flower", [{} for _ in range(self._sites)], node_auth=True)
+            # Flower's processes keep nothing that must be saved (the sites' state is in their workers),
+            # so a SuperNode still deregistering 2 s after SIGTERM is killed rather than waited for.
+            self.deployment = LocalDeployment(
+                self.root / "flower", [{} for _ in range(self._sites)], node_auth=True, stop_grace=2.0
+            )
             self.deployment.start_superlink()
             self._write_sites()
             self.deployment.set_node_configs(self.node_configs)

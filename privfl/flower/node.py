@@ -10,7 +10,7 @@ changes that matter for privfl, whose rounds are several message exchanges each:
   ``--poll`` seconds (0.05 by default) after a message, then waits 1.25 times longer after each
   empty answer, up to ``--idle-poll`` (0.25 s by default): about 6 asks in the first 0.6 s, when
   the next protocol step usually comes, and 4 a second when idle (each costs the SuperLink a few
-  milliseconds of CPU). Its waits for the ClientApp's reply are capped at ``--poll``.
+  milliseconds of CPU). It looks for the ClientApp's reply (in its own memory) every 10 ms.
 - **ClientApp processes.** Flower runs every message in a new ``flwr-clientapp`` process, which
   imports Flower first (1-2 s on a small machine). Here the SuperNode runs in Flower's ``process``
   isolation mode and this module starts its own task executor next to it: a process that has
@@ -43,6 +43,7 @@ __all__ = ["DEFAULT_IDLE_POLL_SECONDS", "DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWE
 DEFAULT_POLL_SECONDS = 0.05
 DEFAULT_IDLE_POLL_SECONDS = 0.25
 _BACKOFF = 1.25
+_LOCAL_WAIT = 0.01
 SUPPORTED_FLOWER = "1.42"
 
 
@@ -69,8 +70,8 @@ class _PollClock:
 
     ``sleep`` of Flower's idle wait (3 s: the SuperLink had no message) waits ``poll`` seconds after
     a message and 1.25 times longer after each further empty answer, up to ``idle_poll``; its shorter
-    waits (for the ClientApp's reply, for a payload) wait at most ``poll``. `activity` (a message
-    arrived) brings the idle wait back to ``poll``.
+    waits (for the ClientApp's reply, for a payload: looks at the node's own memory) wait at most
+    10 ms. `activity` (a message arrived) brings the idle wait back to ``poll``.
     """
 
     def __init__(self, poll: float, idle_poll: float) -> None:
@@ -84,8 +85,8 @@ class _PollClock:
     def sleep(self, seconds: float) -> None:
         if float(seconds) >= 1.0:  # Flower's idle wait
             wait, self._idle = self._idle, min(self._idle * _BACKOFF, self.idle_poll)
-        else:
-            wait = min(float(seconds), self.poll)
+        else:  # a look at the node's own state (the ClientApp's reply, a payload): no network, cheap
+            wait = min(float(seconds), self.poll, _LOCAL_WAIT)
         time.sleep(wait)
 
     def activity(self) -> None:
