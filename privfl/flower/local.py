@@ -196,10 +196,10 @@ class LocalFederation:
 
         self.started = time.perf_counter()
         try:
-            # SuperNode authentication on: only nodes whose keys were registered may join. The
-            # SuperLink boots while this process writes the sites' data.
-            # Flower's processes keep nothing that must be saved (the sites' state is in their workers),
-            # so a SuperNode still deregistering 2 s after SIGTERM is killed rather than waited for.
+            # SuperNode authentication on: only nodes whose keys were registered may join. Flower's
+            # processes keep nothing that must be saved (the sites' state is in their workers), so one
+            # still shutting down 2 s after SIGTERM is killed. The SuperLink boots while this process
+            # writes the sites' data.
             self.deployment = LocalDeployment(
                 self.root / "flower", [{} for _ in range(self._sites)], node_auth=True, stop_grace=2.0
             )
@@ -268,6 +268,8 @@ class LocalFederation:
         """
         from privfl.flower.deploy import write_app_dir
 
+        if self.deployment is None:
+            raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
         if config_text is not None:
             from privfl.errors import MessageError
             from privfl.site import _parse_config
@@ -293,8 +295,6 @@ class LocalFederation:
             "step-timeout": float(step_timeout),
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
-        if self.deployment is None:
-            raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
         handle = self.deployment.start_run(app, run_config=run_config)
         self._wait_ready()
         _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round)
