@@ -102,3 +102,16 @@ def test_unequal_input_uses_skip_the_fit(trained, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(fedavg_module, "_fit_instances", fail)
     assert int(update_label_counts(model, obs).sum()) == 4
+
+
+def test_fit_false_reads_the_bias_alone(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, y = trained
+    obs, _ = next(_updates(model, x, y, local_steps=4, batch_size=2, lr=0.1))
+    with_fit = update_label_counts(model, obs)
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the fit must not run")
+
+    monkeypatch.setattr(fedavg_module, "_fit_instances", fail)
+    alone = update_label_counts(model, obs, fit=False)
+    assert int(alone.sum()) == 4 and int(with_fit.sum()) == 4
