@@ -14,7 +14,8 @@ Node configuration of a SuperNode (``flower-supernode --node-config``):
   CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``;
 * ``worker`` (optional): the Unix socket of the site's long-lived worker (``privfl.flower.worker``);
   the ClientApp then only forwards bytes to it, and the keys above are the worker's business;
-  ``worker-wait`` (default 0): seconds a message waits for a worker that is still starting.
+  ``worker-wait`` (default 0): seconds a message waits for a worker that has not created its
+  socket yet (still starting).
 
 Run configuration of the ServerApp (``flwr run --run-config``):
 

@@ -178,8 +178,8 @@ class LocalFederation:
             for fault in (self._worker_faults or {}).get(name, []):
                 args += ["--fault", fault]
             self._worker_args.append(args)
-            # A message may reach a node before its worker listens (the run is submitted while the
-            # workers start): it waits up to a minute for the worker instead of failing the step.
+            # A message may reach a node before its worker has created its socket (the run is submitted
+            # while the workers start): it waits up to a minute for it instead of failing the step.
             self.node_configs.append({"site": name, "worker": str(socket_path), "worker-wait": 60})
 
     def _provision(self, config: RunConfig) -> None:

@@ -55,8 +55,9 @@ def call(socket_path: str | os.PathLike[str], payload: bytes, *, timeout: float 
     """Sends one request to a site worker and returns its reply.
 
     Args:
-        connect_wait: seconds to keep trying while the worker is not listening yet (no socket file,
-            or nobody accepting on it: a worker still starting); 0 tries once.
+        connect_wait: seconds to keep trying while the worker has not created its socket yet (a
+            worker still starting); 0 tries once. A socket nobody listens on (a worker that died)
+            fails within a second, whatever ``connect_wait`` says.
 
     Raises:
         ConnectionError / OSError: the worker is not running or closed the connection.
@@ -64,14 +65,23 @@ def call(socket_path: str | os.PathLike[str], payload: bytes, *, timeout: float 
     import time
 
     deadline = time.monotonic() + max(0.0, float(connect_wait))
+    refused_until: float | None = None  # a worker binding its socket right now listens within this
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
             try:
                 sock.connect(str(socket_path))
-            except (FileNotFoundError, ConnectionRefusedError):
+            except FileNotFoundError:
                 if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            except ConnectionRefusedError:
+                now = time.monotonic()
+                if refused_until is None:
+                    refused_until = min(deadline, now + 1.0)
+                if now >= refused_until:
                     raise
                 time.sleep(0.05)
                 continue
