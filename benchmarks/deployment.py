@@ -94,6 +94,9 @@ class _CpuByRole(threading.Thread):
             if role is None:
                 continue
             fields = stats[pid]
+            parent = int(fields[1])
+            if role.startswith("site executor") and self.cpu.get(parent, ("",))[0] == role:
+                continue  # a ClientApp forked by an executor: counted in the executor's reaped children
             own = (int(fields[11]) + int(fields[12])) / self.tick
             children = (int(fields[13]) + int(fields[14])) / self.tick if role.startswith("site executor") else 0.0
             self.cpu[pid] = (role, own + children)

@@ -13,9 +13,7 @@ Node configuration of a SuperNode (``flower-supernode --node-config``):
 * ``budget`` (optional): the site's own epsilon budget; ``role`` (optional): ``key-holder`` for the
   CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``;
 * ``worker`` (optional): the Unix socket of the site's long-lived worker (``privfl.flower.worker``);
-  the ClientApp then only forwards bytes to it, and the keys above are the worker's business;
-  ``worker-wait`` (default 0): seconds a message waits for a worker that has not created its
-  socket yet (still starting).
+  the ClientApp then only forwards bytes to it, and the keys above are the worker's business.
 
 Run configuration of the ServerApp (``flwr run --run-config``):
 
@@ -144,10 +142,7 @@ def _site_handle(message: Message, context: Context) -> Message:
         # The site's long-lived worker (privfl.flower.worker) holds the Site: no torch import here.
         from privfl.flower.worker import call
 
-        reply = call(
-            str(worker), request, timeout=float(context.node_config.get("worker-timeout", 3600)),
-            connect_wait=float(context.node_config.get("worker-wait", 0)),
-        )
+        reply = call(str(worker), request, timeout=float(context.node_config.get("worker-timeout", 3600)))
     elif "site" not in context.node_config and "partition-id" in context.node_config:
         # A virtual node of Flower's Simulation Engine.
         reply = simulated_site(context.node_config, context.run_config).handle(request)

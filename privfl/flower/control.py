@@ -78,7 +78,7 @@ class ControlClient:
             try:
                 response = self._client.RegisterNode(RegisterNodeRequest(public_key=pem))
             except Exception as exc:  # Flower raises its own transport and API error types
-                raise DeploymentError(f"the SuperLink refused to register {Path(path).name}: {exc}") from exc
+                raise DeploymentError(f"could not register {Path(path).name} with the SuperLink: {exc}") from exc
             if not response.node_id:
                 raise DeploymentError(f"the SuperLink did not register {Path(path).name}")
             ids.append(int(response.node_id))
@@ -89,13 +89,21 @@ class ControlClient:
 
         Returns ``"unknown"`` if the SuperLink could not be asked or does not know the run.
         """
+        import logging
+        import time
+
         from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
 
-        try:
-            response = self._client.ListRuns(ListRunsRequest(run_id=int(run_id)))
-            run = response.run_dict[int(run_id)]
-        except Exception:  # any failure reads as an unknown status, as with the CLI
-            return "unknown"
+        for attempt in range(3):
+            try:
+                response = self._client.ListRuns(ListRunsRequest(run_id=int(run_id)))
+                run = response.run_dict[int(run_id)]
+                break
+            except Exception as exc:  # a transport glitch: ask again; a lasting failure reads as unknown
+                if attempt == 2:
+                    logging.getLogger("privfl").warning("could not read the status of run %s: %s", run_id, exc)
+                    return "unknown"
+                time.sleep(0.5)
         status, sub_status = str(run.status.status), str(run.status.sub_status)
         return f"{status}:{sub_status}" if sub_status else status
 
@@ -104,7 +112,11 @@ class ControlClient:
 
 
 def control_client(address: str, ca_cert: str | Path) -> ControlClient | None:
-    """A :class:`ControlClient`, or None when the installed Flower is not the supported version."""
+    """A :class:`ControlClient`, or None when the installed Flower is not the supported version (or its
+    Control API client is not where this module expects it)."""
     if not _supported():
         return None
-    return ControlClient(address, ca_cert)
+    try:
+        return ControlClient(address, ca_cert)
+    except ImportError:
+        return None

@@ -601,8 +601,11 @@ class LocalDeployment:
         """Return once every SuperNode has registered with the SuperLink.
 
         Raises:
-            DeploymentError: If a node exits or does not register within ``startup_timeout``.
+            DeploymentError: If the SuperNodes are not started, or a node exits or does not register
+                within ``startup_timeout`` (the deployment keeps running: stop it, or leave its ``with``).
         """
+        if not self.supernodes:
+            raise DeploymentError("wait_nodes comes after start_nodes")
         self._wait_registered(self.supernodes, time.monotonic() + self.startup_timeout)
 
     def _start_nodes(self) -> None:
@@ -621,6 +624,8 @@ class LocalDeployment:
 
     def _control_client(self):
         """This process's Control API connection to the SuperLink (None: use the ``flwr`` commands)."""
+        if self.superlink is None or self.superlink.poll() is not None:
+            return None  # nothing to talk to (not started, or stopped)
         if self._control is None and self.tls is not None:
             from privfl.flower.control import control_client
 
@@ -786,10 +791,10 @@ class LocalDeployment:
         left after ``stop_grace`` seconds. Safe to call twice. A KeyboardInterrupt during the grace
         period skips straight to SIGKILL.
         """
-        if self._control:  # the SuperLink's graceful shutdown waits for open connections
-            self._control.close()
-        self._control = None
         try:
+            if self._control:  # the SuperLink's graceful shutdown waits for open connections
+                self._control.close()
+            self._control = None
             self._track_descendants()
             for proc in self._leaders:
                 _signal_group(proc.pid, signal.SIGTERM)
@@ -938,10 +943,9 @@ class LocalDeployment:
         env["NO_COLOR"] = "1"
         # SuperExec looks for a new task (a ClientApp or ServerApp to start) once a second by default.
         # A plain SuperNode starts a ClientApp per message through it (a privfl round is several
-        # message exchanges, each waiting on that poll); the SuperLink's starts one ServerApp per run,
-        # and a fast node has an executor of its own (privfl.flower.node) that is woken, not polled.
-        fast = role.startswith("node-") and self.fast_nodes
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25" if role == "superlink" or fast else "0.05")
+        # message exchanges, each waiting on that poll); the SuperLink's starts one ServerApp per run.
+        # (A fast node runs no SuperExec: its own executor, privfl.flower.node, is woken, not polled.)
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25" if role == "superlink" else "0.05")
         return env
 
     def _write_cli_config(self) -> None:
@@ -1065,6 +1069,14 @@ class LocalSimulation(LocalDeployment):
     def _start(self) -> None:
         self._spawn_superlink(1, ["--simulation"])
         self._wait_superlink()
+
+    def start_superlink(self) -> None:
+        """Not for simulations: `start` (or ``with``) starts the SuperLink in simulation mode."""
+        raise DeploymentError("a simulation starts with start() (or with LocalSimulation(...) as sim)")
+
+    def start_nodes(self) -> None:
+        """Not for simulations: their nodes are virtual."""
+        raise DeploymentError("a simulation has no SuperNodes to start")
 
     def _run_extra_args(self) -> list[str]:
         return ["--federation-config", self._federation_args]

@@ -157,6 +157,9 @@ class LocalFederation:
         # Written on entry, while the SuperLink starts (see `_write_sites`).
         self.site_dirs: dict[str, Path] = {}
         self.names: list[str] = []
+        self.test_csv: Path | None = None
+        self.input_shape: tuple[int, ...] = ()
+        self.num_classes = 0
         self.node_configs: list[dict[str, str | int | float | bool]] = []
         self._worker_args: list[list[str]] = []
         self.workers = _Workers(self.root / "workers")
@@ -178,9 +181,7 @@ class LocalFederation:
             for fault in (self._worker_faults or {}).get(name, []):
                 args += ["--fault", fault]
             self._worker_args.append(args)
-            # A message may reach a node before its worker has created its socket (the run is submitted
-            # while the workers start): it waits up to a minute for it instead of failing the step.
-            self.node_configs.append({"site": name, "worker": str(socket_path), "worker-wait": 60})
+            self.node_configs.append({"site": name, "worker": str(socket_path)})
 
     def _provision(self, config: RunConfig) -> None:
         """The shared-key mode's key, as a consortium provisions it out of band: one key into every
@@ -211,19 +212,24 @@ class LocalFederation:
         except BaseException:
             self.stop()
             raise
-        # Every process is started; `run` submits its run before waiting for the nodes and workers
-        # to be up (`_wait_ready`), so the ServerApp boots meanwhile.
+        # Every process is started; `run` submits its run once the workers answer and before the
+        # SuperNodes have connected (`_wait_ready`), so the ServerApp boots while they connect.
         return self
 
     def _wait_ready(self) -> None:
-        """Returns once every SuperNode has registered and every worker answers (raises otherwise)."""
-        if self._ready:
-            return
+        """Returns once every worker answers and every SuperNode has registered (raises otherwise)."""
+        self._wait_workers()
+        if not self._ready:
+            assert self.deployment is not None
+            self.deployment.wait_nodes()
+            self._ready = True
+
+    def _wait_workers(self) -> None:
+        """Returns once every worker answers: no message can then find a site without its worker."""
         if self.deployment is None:
             raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
-        self.deployment.wait_nodes()
-        self.workers.wait_ready()
-        self._ready = True
+        if not self._ready:
+            self.workers.wait_ready()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -231,9 +237,11 @@ class LocalFederation:
     def stop(self) -> None:
         """Stops every process started here (SuperNodes, SuperLink, workers)."""
         try:
-            self.workers.terminate()  # they wind down while the deployment stops
-            if self.deployment is not None:
-                self.deployment.stop()
+            try:
+                self.workers.terminate()  # they wind down while the deployment stops
+            finally:
+                if self.deployment is not None:
+                    self.deployment.stop()
         finally:
             self.workers.stop()
 
@@ -295,6 +303,7 @@ class LocalFederation:
             "step-timeout": float(step_timeout),
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
+        self._wait_workers()
         handle = self.deployment.start_run(app, run_config=run_config)
         self._wait_ready()
         _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round)
@@ -336,8 +345,10 @@ def deploy_local(
         progress: show a progress bar over rounds.
         timeout: seconds the whole run may take before it is stopped.
         step_timeout: seconds a site has for one protocol step before it counts as dropped.
-        on_start: called once the settings are checked, before any process starts (e.g. to say
-            what is about to run: a refused setting is then reported alone).
+        on_start: called once the config and the site count are checked, before any process starts
+            (e.g. to say what is about to run: a refused setting is then reported alone). Errors that
+            need the data (e.g. a group column the dataset lacks) come after it, once the SuperLink has
+            started; it is stopped before they are raised.
 
     Raises:
         ConfigError: a bad config or site count, or ``out`` is not empty.

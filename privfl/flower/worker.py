@@ -51,44 +51,17 @@ def _send_message(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(payload)
 
 
-def call(socket_path: str | os.PathLike[str], payload: bytes, *, timeout: float = 3600.0, connect_wait: float = 0.0) -> bytes:
+def call(socket_path: str | os.PathLike[str], payload: bytes, *, timeout: float = 3600.0) -> bytes:
     """Sends one request to a site worker and returns its reply.
-
-    Args:
-        connect_wait: seconds to keep trying while the worker has not created its socket yet (a
-            worker still starting); 0 tries once. A socket nobody listens on (a worker that died)
-            fails within a second, whatever ``connect_wait`` says.
 
     Raises:
         ConnectionError / OSError: the worker is not running or closed the connection.
     """
-    import time
-
-    deadline = time.monotonic() + max(0.0, float(connect_wait))
-    refused_until: float | None = None  # a worker binding its socket right now listens within this
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(str(socket_path))
-            except FileNotFoundError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-                continue
-            except ConnectionRefusedError:
-                now = time.monotonic()
-                if refused_until is None:
-                    refused_until = min(deadline, now + 1.0)
-                if now >= refused_until:
-                    raise
-                time.sleep(0.05)
-                continue
-            _send_message(sock, payload)
-            return _read_message(sock)
-        finally:
-            sock.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        _send_message(sock, payload)
+        return _read_message(sock)
 
 
 def serve(site, socket_path: str | os.PathLike[str], *, faults: frozenset[tuple[str, int]] = frozenset()) -> None:

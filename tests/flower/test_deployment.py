@@ -90,6 +90,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
         assert set(long_lived) <= set(pids) and all(pid_alive(pid) for pid in long_lived)
         for protection in ("plaintext", "ckks", "secagg", "shared_key"):
             results[protection] = federation.run(run_toml(protection), step_timeout=120)
+            pids += federation.started_pids()  # the executors' and each run's processes, too
             if protection == "plaintext":
                 # client-1's process crashes and comes back on the same state directory.
                 federation.restart_site("client-1")
