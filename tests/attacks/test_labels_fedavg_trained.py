@@ -4,42 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 import privfl.attacks.fedavg as fedavg_module
 from privfl.attacks import UpdateObservation, update_label_counts
 from privfl.attacks.evaluate import fedavg_update
 from privfl.errors import AttackError
-
-TRAIN = 1200  # digits 0..1199 train the model; the clients' inputs are drawn from the rest
-
-
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    return torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1), torch.tensor(data.target)
-
-
-def _mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-
-
-@pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """An MLP after 150 plain SGD steps (batch 32, lr 0.1) on scikit-learn's digits: about 0.87 held-out accuracy."""
-    x, y = _digits()
-    model = _mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(150):
-        idx = torch.randint(0, TRAIN, (32,), generator=generator)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        optimizer.step()
-    with torch.no_grad():
-        accuracy = float((model(x[TRAIN:]).argmax(1) == y[TRAIN:]).float().mean())
-    assert accuracy > 0.6, accuracy  # the premise: a model that has learned the task
-    return model, x[TRAIN:], y[TRAIN:]
 
 
 def _updates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, batch_size: int,
@@ -82,10 +51,10 @@ def test_strict_raises_on_an_update_whose_bias_barely_moved(trained) -> None:
 
 
 @pytest.mark.parametrize(("local_steps", "batch_size", "lr"), [(1, 4, 0.1), (4, 2, 0.1), (3, 3, 0.1)])
-def test_untrained_counts_stay_exact_and_strict_answers(local_steps: int, batch_size: int, lr: float) -> None:
-    x, y = _digits()
-    model = _mlp()
-    for obs, want in _updates(model, x[TRAIN:], y[TRAIN:], local_steps=local_steps, batch_size=batch_size, lr=lr,
+def test_untrained_counts_stay_exact_and_strict_answers(
+    untrained_digits_mlp, local_steps: int, batch_size: int, lr: float) -> None:
+    model, x, y = untrained_digits_mlp
+    for obs, want in _updates(model, x, y, local_steps=local_steps, batch_size=batch_size, lr=lr,
                               trials=3):
         assert torch.equal(update_label_counts(model, obs), want)
         assert torch.equal(update_label_counts(model, obs, strict=True), want)
