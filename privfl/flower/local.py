@@ -212,8 +212,8 @@ class LocalFederation:
         except BaseException:
             self.stop()
             raise
-        # Every process is started; `run` submits its run once the workers answer and before the
-        # SuperNodes have connected (`_wait_ready`), so the ServerApp boots while they connect.
+        # Every process is started; `run` submits its run once the workers answer, without waiting
+        # for the SuperNodes to connect (`_wait_ready`): the ServerApp waits for them as it boots.
         return self
 
     def _wait_ready(self) -> None:
