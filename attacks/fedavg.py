@@ -28,6 +28,7 @@ from typing import ClassVar, cast
 import torch
 from torch.func import functional_call
 
+from privfl._validate import positive
 from privfl.errors import AttackError, ConfigError
 
 from ._matching import total_variation
@@ -316,14 +317,18 @@ class FedAvgInversion(Attack):
 
     Optimization: Adam on the sign of the gradient, step size warmed up linearly over the first
     ``warmup`` fraction and then cosine-annealed to zero; candidates are projected into ``bounds``.
-    When the site went over every input at least twice (several local epochs), the first ``continuation``
-    fraction of iterations does not chain the steps: step k's gradient is taken
-    at ``w_0 + (k / K) delta*``, on the straight line to the parameters the client sent back, which the
-    server holds. That anchored problem is smoother (each term is a plain gradient, as in one-step
-    inversion) and its solution is a good start for the faithful replay, which from a random start often
-    stalls in a local minimum once the client's steps move the model far. When each input was used
-    once, the trajectory zigzags between batches and anchoring measured worse than none, so it is skipped.
-    The rest of the run, and the objective that ranks restarts, is always the faithful replay.
+    On images the total-variation weight starts high (``tv_start``) and falls, cosine-shaped, to
+    ``tv_weight`` over the first ``tv_anneal`` fraction of the iterations: a strong smoothness prior
+    first keeps the candidates out of the high-contrast local minima where the chained replay
+    otherwise stalls, and the weak one at the end lets fine detail through (docs/attacks.md, "Stalls
+    of the faithful replay"). When every local step used all the site's inputs (full-batch local
+    epochs), the first ``continuation`` fraction of iterations does not chain the steps: step k's
+    gradient is taken at ``w_0 + (k / K) delta*``, on the straight line to the parameters the client
+    sent back, which the server holds. That anchored problem is smoother (each term is a plain
+    gradient, as in one-step inversion) and its solution is a good start for the faithful replay. When
+    the steps used different batches, the trajectory zigzags between them and anchoring to the line
+    measured worse than none, so it is skipped. The rest of the run, and the objective that ranks
+    restarts, is always the faithful replay.
 
     Labels: those the observation carries, in order; otherwise counts from ``update_label_counts``. When
     the steps used distinct batches, which input carries which label changes the update (the label must
@@ -340,12 +345,16 @@ class FedAvgInversion(Attack):
         restarts: Random starts (and, with unknown labels, label assignment searches); the lowest final
             objective wins.
         lr: Peak Adam step size, in input units per step.
-        tv_weight: Total-variation prior weight (images only). None (the default): 0 for models with an
-            ``nn.Sigmoid`` or ``nn.Tanh`` module, 1e-2 otherwise, as for Inverting Gradients (measured in
-            docs/attacks.md, "Smooth models").
+        tv_weight: Total-variation prior weight (images only) the run ends with. None (the default): 0
+            for models with an ``nn.Sigmoid`` or ``nn.Tanh`` module, 1e-2 otherwise, as for Inverting
+            Gradients (measured in docs/attacks.md, "Smooth models").
+        tv_start: Total-variation weight at the first iteration (images only); it falls to ``tv_weight``
+            over the first ``tv_anneal`` fraction. A start below ``tv_weight`` means no annealing.
+        tv_anneal: Fraction of iterations over which the weight falls from ``tv_start`` to
+            ``tv_weight`` (0: ``tv_weight`` throughout, the behaviour before annealing).
         warmup: Fraction of iterations over which the step size warms up.
         continuation: Fraction of iterations that match the anchored (unchained) replay first, when every
-            input was used in two or more steps (0 disables).
+            local step used all the inputs and there were two or more steps (0 disables).
         bounds: ``(low, high)`` box for the inputs, or ``None``.
         signed: Use the sign of the gradient (as Inverting Gradients does).
         seed: Seed of the random starts, probes and label assignments.
@@ -355,6 +364,8 @@ class FedAvgInversion(Attack):
     restarts: int = 1
     lr: float = 0.1
     tv_weight: float | None = None
+    tv_start: float = 0.2
+    tv_anneal: float = 0.5
     warmup: float = 0.05
     continuation: float = 0.5
     bounds: tuple[float, float] | None = (0.0, 1.0)
@@ -367,7 +378,8 @@ class FedAvgInversion(Attack):
             _check_positive_int(field_name, getattr(self, field_name))
         _check_positive_number("lr", self.lr)
         check_tv_weight(self.tv_weight)
-        for field_name in ("warmup", "continuation"):
+        positive("tv_start", self.tv_start, allow_zero=True)
+        for field_name in ("warmup", "continuation", "tv_anneal"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(field_name, value, "must be a fraction in [0, 1)")
@@ -450,7 +462,7 @@ class FedAvgInversion(Attack):
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * it / iterations))
             targets = torch.softmax(soft + mask, dim=1)
-            objective = self._objective(replay, candidate, targets)
+            objective = self._objective(replay, candidate, targets, tv=self._tv_at(replay, it, iterations))
             objective = objective + ((targets.sum(dim=0) - counts) ** 2).sum() / targets.shape[0]
             grad, soft.grad = torch.autograd.grad(objective, [candidate, soft])
             candidate.grad = grad.sign() if self.signed else grad
@@ -493,11 +505,12 @@ class FedAvgInversion(Attack):
         optimizer = torch.optim.Adam([candidate], lr=self.lr)
         total = iterations
         warm = int(total * self.warmup)
-        # The straight line from w_0 to w_K is a good stand-in for the trajectory when the site went over its
-        # inputs several times (epochs); when each input was used once, the path zigzags between batches and
-        # anchoring to the line measured worse than no anchoring (docs/attacks.md), so it is skipped.
-        revisited = int(replay.training.uses().min()) >= 2
-        cont = int(total * self.continuation) if revisited else 0
+        # The straight line from w_0 to w_K is a good stand-in for the trajectory when every step used all the
+        # site's inputs (full-batch epochs); when the steps used different batches, the path zigzags between
+        # them and anchoring to the line measured worse than no anchoring (docs/attacks.md), so it is skipped.
+        training = replay.training
+        full_batch = training.local_steps >= 2 and training.batch_size == training.num_samples
+        cont = int(total * self.continuation) if full_batch else 0
         # Estimated labels over distinct batches: the swap search reruns as the inputs sharpen.
         checks = {total // 4, total // 2, 3 * total // 4} if swaps else set()
         for it in range(total):
@@ -517,7 +530,7 @@ class FedAvgInversion(Attack):
             for group in optimizer.param_groups:
                 group["lr"] = step
             optimizer.zero_grad(set_to_none=True)
-            objective = self._objective(replay, candidate, labels, anchored=it < cont)
+            objective = self._objective(replay, candidate, labels, anchored=it < cont, tv=self._tv_at(replay, it, total))
             (grad,) = torch.autograd.grad(objective, [candidate])
             candidate.grad = grad.sign() if self.signed else grad
             optimizer.step()
@@ -527,11 +540,22 @@ class FedAvgInversion(Attack):
         return candidate.detach(), labels
 
     def _objective(self, replay: _Replay, candidate: torch.Tensor, labels: torch.Tensor, *,
-                   anchored: bool = False) -> torch.Tensor:
+                   anchored: bool = False, tv: float | None = None) -> torch.Tensor:
+        """Cosine distance of the replayed update plus the TV prior (``tv``: its weight now, else the final one)."""
         loss = replay.cosine_distance(candidate, labels, anchored=anchored)
-        if replay.tv_weight > 0:
-            loss = loss + replay.tv_weight * total_variation(candidate)
+        weight = replay.tv_weight if tv is None else tv
+        if weight > 0:
+            loss = loss + weight * total_variation(candidate)
         return loss
+
+    def _tv_at(self, replay: _Replay, iteration: int, total: int) -> float:
+        """The TV weight at ``iteration`` of ``total``: ``tv_start`` falling (cosine) to the final weight."""
+        final = replay.tv_weight
+        span = self.tv_anneal * total
+        if span <= 0 or self.tv_start <= final:
+            return final
+        frac = min(1.0, iteration / span)
+        return final + (self.tv_start - final) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def tv_weight_for(self, model: torch.nn.Module) -> float:
         """The total-variation weight used against ``model`` (see ``tv_weight``)."""

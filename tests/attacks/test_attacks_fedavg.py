@@ -197,6 +197,9 @@ def test_an_aggregate_is_inverted_as_one_step_over_all_inputs(digits) -> None:
         ({"tv_weight": -0.1}, "tv_weight"),
         ({"warmup": 1.0}, "warmup"),
         ({"continuation": -0.1}, "continuation"),
+        ({"tv_start": -0.2}, "tv_start"),
+        ({"tv_start": float("nan")}, "tv_start"),
+        ({"tv_anneal": 1.0}, "tv_anneal"),
         ({"bounds": (1.0, 0.0)}, "bounds"),
         ({"seed": 1.5}, "seed"),
     ],
@@ -246,3 +249,45 @@ def test_total_variation_weight_follows_the_model_unless_set():
     assert FedAvgInversion().tv_weight_for(smooth) == 0.0
     assert FedAvgInversion().tv_weight_for(relu) == 1e-2
     assert FedAvgInversion(tv_weight=0.05).tv_weight_for(smooth) == 0.05
+
+
+def test_total_variation_weight_falls_from_its_start_to_the_final_weight():
+    from torch import nn
+
+    from privfl.attacks.fedavg import _Replay
+
+    relu = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    replay = _Replay.__new__(_Replay)  # only the final weight is read
+    replay.tv_weight = FedAvgInversion().tv_weight_for(relu)
+    attack = FedAvgInversion(tv_start=0.2, tv_anneal=0.5)
+    weights = [attack._tv_at(replay, it, 100) for it in range(100)]
+    assert weights[0] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(weights, weights[1:], strict=False))  # never rises
+    assert weights[25] == pytest.approx((0.2 + 1e-2) / 2)
+    assert all(w == pytest.approx(1e-2) for w in weights[50:])  # the final weight for the second half
+    # Annealing off, or a start below the final weight: the final weight throughout.
+    assert {FedAvgInversion(tv_anneal=0.0)._tv_at(replay, it, 100) for it in (0, 10, 99)} == {1e-2}
+    assert {FedAvgInversion(tv_start=0.0)._tv_at(replay, it, 100) for it in (0, 10, 99)} == {1e-2}
+
+
+@pytest.mark.parametrize(("local_steps", "batch_size", "anchored"), [(4, 4, True), (4, 2, False), (1, 4, False)])
+def test_only_full_batch_epochs_start_on_the_anchored_replay(digits, local_steps: int, batch_size: int,
+                                                             anchored: bool, monkeypatch) -> None:
+    # Anchoring to the straight line w_0 -> w_K helps when every step used all the inputs; with distinct
+    # batches the trajectory zigzags and the attack replays faithfully from the first iteration.
+    from privfl.attacks.fedavg import _Replay
+
+    x, y = digits[0][:4], digits[1][:4]
+    model = small_cnn()
+    obs = update_of(model, x, y, local_steps=local_steps, batch_size=batch_size, lr=0.1, labels=y)
+    calls: list[bool] = []
+    original = _Replay.cosine_distance
+
+    def spy(self, inputs, labels, *, anchored: bool = False):
+        calls.append(anchored)
+        return original(self, inputs, labels, anchored=anchored)
+
+    monkeypatch.setattr(_Replay, "cosine_distance", spy)
+    FedAvgInversion(max_iterations=8, continuation=0.5, seed=0).reconstruct(model, obs)
+    assert calls[:4] == [anchored] * 4
+    assert calls[4:8] == [False] * 4
