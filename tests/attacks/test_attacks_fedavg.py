@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -262,7 +264,7 @@ def test_total_variation_weight_falls_from_its_start_to_the_final_weight():
     attack = FedAvgInversion(tv_start=0.2, tv_anneal=0.5)
     weights = [attack._tv_at(replay, it, 100) for it in range(100)]
     assert weights[0] == pytest.approx(0.2)
-    assert all(a >= b for a, b in zip(weights, weights[1:], strict=False))  # never rises
+    assert all(a >= b for a, b in itertools.pairwise(weights))  # never rises
     assert weights[25] == pytest.approx((0.2 + 1e-2) / 2)
     assert all(w == pytest.approx(1e-2) for w in weights[50:])  # the final weight for the second half
     # Annealing off, or a start below the final weight: the final weight throughout.
