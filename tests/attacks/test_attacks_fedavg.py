@@ -293,3 +293,40 @@ def test_only_full_batch_epochs_start_on_the_anchored_replay(digits, local_steps
     FedAvgInversion(max_iterations=8, continuation=0.5, seed=0).reconstruct(model, obs)
     assert calls[:4] == [anchored] * 4
     assert calls[4:8] == [False] * 4
+
+
+def sigmoid_cnn(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Sigmoid(), torch.nn.Flatten(), torch.nn.Linear(4 * 64, 10)
+    )
+
+
+@pytest.mark.parametrize("start", [16, 36, 44, 52, 56])
+def test_replay_search_reads_sigmoid_label_counts_where_the_bias_estimate_fails(digits, start: int) -> None:
+    # An untrained sigmoid model moves far in 4 steps of batch 2 at lr 0.1, so the straight line from w_0 to w_K
+    # misdescribes the steps and the bias estimate is wrong on these updates; its features hardly depend on the
+    # input, so replaying the steps on random stand-ins with the right labels reproduces the bias update.
+    x, y = digits[0][start : start + 4], digits[1][start : start + 4]
+    model = sigmoid_cnn()
+    obs = update_of(model, x, y, local_steps=4, batch_size=2, lr=0.1)
+    true = torch.bincount(y, minlength=10)
+    assert not torch.equal(update_label_counts(model, obs, fit=False), true)
+    assert torch.equal(update_label_counts(model, obs), true)
+
+
+def test_replay_search_declines_batches_that_overlap_or_a_search_too_large(digits) -> None:
+    from privfl.attacks._model import ModelView
+    from privfl.attacks.fedavg import _replay_labels
+
+    model = sigmoid_cnn()
+    view = ModelView(model)
+    estimate = torch.zeros(10, dtype=torch.long)
+    # 5 inputs in batches of 2 wrap around: the batches do not partition the inputs.
+    x, y = digits[0][:5], digits[1][:5]
+    estimate[0] = 5
+    assert _replay_labels(view, update_of(model, x, y, local_steps=3, batch_size=2, lr=0.1), estimate, seed=0) is None
+    # One batch of 8 over 10 classes: 24,310 multisets, more replays than REPLAY_MAX_EVALUATIONS.
+    x, y = digits[0][:8], digits[1][:8]
+    estimate[0] = 8
+    assert _replay_labels(view, update_of(model, x, y, local_steps=2, batch_size=8, lr=0.1), estimate, seed=0) is None
