@@ -339,14 +339,18 @@ def _replay_labels(view: ModelView, observation: UpdateObservation, estimate: to
     combos = list(itertools.combinations_with_replacement(range(num_classes), b))
     sweeps = 1 if blocks == 1 else 4  # one block: a single sweep is already exhaustive
     generator = torch.Generator().manual_seed(seed)
+    stand_in = torch.rand((n, *observation.input_shape), generator=generator).to(view.device, view.dtype)
+    # Starts: the estimate's labels split into batches in up to three different ways (sorted, then shuffles).
     base = torch.repeat_interleave(torch.arange(num_classes), estimate)
-    orders = [base] + [base[torch.randperm(n, generator=generator)] for _ in range(2)]
-    starts = sorted({tuple(int(v) for blk in o.split(b) for v in sorted(blk.tolist())) for o in orders})
+    starts: list[tuple[int, ...]] = []
+    for order in [base] + [base[torch.randperm(n, generator=generator)] for _ in range(30)]:
+        start = tuple(int(v) for blk in order.split(b) for v in sorted(blk.tolist()))
+        if start not in starts and len(starts) < 3:
+            starts.append(start)
     while starts and len(starts) * sweeps * blocks * len(combos) > REPLAY_MAX_EVALUATIONS:
         starts.pop()
     if not starts:
         return None
-    stand_in = torch.rand((n, *observation.input_shape), generator=generator).to(view.device, view.dtype)
     batches = step_indices(n, k_steps, b)
     names = view.names
     target = observation.delta[b_idx].to(view.device, view.dtype).flatten()
