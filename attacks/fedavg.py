@@ -351,21 +351,12 @@ def _replay_labels(view: ModelView, observation: UpdateObservation, estimate: to
         starts.pop()
     if not starts:
         return None
-    batches = step_indices(n, k_steps, b)
-    names = view.names
-    target = observation.delta[b_idx].to(view.device, view.dtype).flatten()
+    training = LocalTraining(num_samples=n, local_steps=k_steps, batch_size=b, lr=observation.lr)
+    replay = _Replay(view, training, observation, tv_weight=0.0)
+    target = replay.target[b_idx].flatten()
 
     def score(labels: torch.Tensor) -> float:
-        params = {name: view.params[name] for name in names}
-        for batch in batches:
-            live = {name: value.detach().requires_grad_(True) for name, value in params.items()}
-            state = dict(live)
-            state.update({k: v.clone() for k, v in view.buffers.items()})
-            loss = torch.nn.functional.cross_entropy(functional_call(view.model, state, (stand_in[batch],)), labels[batch])
-            grads = torch.autograd.grad(loss, [live[name] for name in names], allow_unused=True)
-            params = {name: (live[name] if g is None else live[name] - observation.lr * g).detach()
-                      for name, g in zip(names, grads, strict=True)}
-        moved = (params[names[b_idx]] - view.params[names[b_idx]]).flatten()
+        moved = replay.update(stand_in, labels, differentiable=False)[b_idx].flatten()
         return float(torch.nn.functional.cosine_similarity(moved, target, dim=0))
 
     best, found = -2.0, None
@@ -685,11 +676,14 @@ class _Replay:
         self.target = [d.to(view.device, view.dtype) for d in update.delta]
         self.target_norm = torch.sqrt(cast(torch.Tensor, sum((t * t).sum() for t in self.target)))
 
-    def update(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False) -> list[torch.Tensor]:
+    def update(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False,
+               differentiable: bool = True) -> list[torch.Tensor]:
         """The simulated ``w_K - w_0`` on ``inputs``, differentiable with respect to them.
 
         Faithful: the K SGD steps chained, each at the parameters the previous one produced (K forward and
         K double backward passes). Anchored: step k's gradient at ``w_0 + (k / K) delta*`` instead.
+        ``differentiable=False`` (faithful only): the same steps without the double-backward graph, for
+        evaluations alone (K forward and K backward passes).
         """
         view = self.view
         names = view.names
@@ -711,13 +705,17 @@ class _Replay:
                 total = [t if g is None else t - lr * g for t, g in zip(total, grads, strict=True)]
             return total
         for batch in self.batches:
+            if not differentiable:
+                params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             state = dict(params)
             state.update({k: v.clone() for k, v in view.buffers.items()})
             logits = functional_call(view.model, state, (inputs[batch],))
             loss = torch.nn.functional.cross_entropy(logits, labels[batch])
-            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=differentiable,
+                                        allow_unused=True)
             params = {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads, strict=True)}
-        return [params[n] - start[n] for n in names]
+        moved = [params[n] - start[n] for n in names]
+        return moved if differentiable else [m.detach() for m in moved]
 
     def cosine_distance(self, inputs: torch.Tensor, labels: torch.Tensor, *, anchored: bool = False) -> torch.Tensor:
         """``1 - cos(simulated update, observed update)`` over all parameters concatenated."""
