@@ -188,14 +188,14 @@ def update_label_counts(
 
     When the fit is not accepted and the steps' batches partition the inputs, a replay search comes before
     that estimate (``_replay_labels``): labellings are tried batch by batch, starting from the estimate, by
-    replaying the K steps on random stand-in inputs; the first that reproduces the observed bias update to a
-    cosine of ``REPLAY_MIN_COSINE`` wins. It reads the labels where the model's features hardly depend on the
+    replaying the K steps on random stand-in inputs; the best is used when it reproduces the observed bias
+    update to a cosine of ``REPLAY_MIN_COSINE``. It reads the labels where the model's features hardly depend on the
     input but its steps move it far from the straight line, as in an untrained sigmoid ConvNet.
 
     Args:
         model: The global model the client started from; its last ``nn.Linear`` produces the logits.
         observation: The update.
-        seed: Seed of the probe inputs and of the fit's random starts.
+        seed: Seed of the probe inputs, of the fit's random starts and of the replay search's stand-ins.
         probes: Number of probe inputs per point of the trajectory.
         strict: Raise instead of returning a probe estimate the update marks as unreliable.
         fit: Try the per-input fit and the replay search first (0.2-0.4 s and up to 3 s on one thread for a
