@@ -20,6 +20,7 @@ estimated on probe inputs at K points between ``w_0`` and ``w_0 + delta``, the t
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -329,15 +330,15 @@ def _replay_labels(view: ModelView, observation: UpdateObservation, estimate: to
     ``REPLAY_MIN_COSINE``; ``None`` otherwise, or where the batches do not partition the inputs or the search
     would exceed ``REPLAY_MAX_EVALUATIONS`` replays.
     """
-    import itertools
-
     _, b_idx, num_classes = view.last_linear()
     n, k_steps, b = observation.num_samples, observation.local_steps, observation.batch_size
     if b_idx is None or n % b != 0:
         return None
     blocks = n // b
-    combos = list(itertools.combinations_with_replacement(range(num_classes), b))
+    per_block = math.comb(num_classes + b - 1, b)  # label multisets of one batch
     sweeps = 1 if blocks == 1 else 4  # one block: a single sweep is already exhaustive
+    if sweeps * blocks * per_block > REPLAY_MAX_EVALUATIONS:
+        return None  # decided before listing them: with many classes the multisets alone would not fit
     generator = torch.Generator().manual_seed(seed)
     stand_in = torch.rand((n, *observation.input_shape), generator=generator).to(view.device, view.dtype)
     # Starts: the estimate's labels split into batches in up to three different ways (sorted, then shuffles).
@@ -347,10 +348,9 @@ def _replay_labels(view: ModelView, observation: UpdateObservation, estimate: to
         start = tuple(int(v) for blk in order.split(b) for v in sorted(blk.tolist()))
         if start not in starts and len(starts) < 3:
             starts.append(start)
-    while starts and len(starts) * sweeps * blocks * len(combos) > REPLAY_MAX_EVALUATIONS:
-        starts.pop()
-    if not starts:
-        return None
+    while len(starts) * sweeps * blocks * per_block > REPLAY_MAX_EVALUATIONS:
+        starts.pop()  # at least one start fits (checked above)
+    combos = list(itertools.combinations_with_replacement(range(num_classes), b))
     training = LocalTraining(num_samples=n, local_steps=k_steps, batch_size=b, lr=observation.lr)
     replay = _Replay(view, training, observation, tv_weight=0.0)
     target = replay.target[b_idx].flatten()

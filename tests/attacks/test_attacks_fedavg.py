@@ -330,3 +330,10 @@ def test_replay_search_declines_batches_that_overlap_or_a_search_too_large(digit
     x, y = digits[0][:8], digits[1][:8]
     estimate[0] = 8
     assert _replay_labels(view, update_of(model, x, y, local_steps=2, batch_size=8, lr=0.1), estimate, seed=0) is None
+    # 1,000 classes in batches of 2: about 500,000 multisets per batch, declined before any is listed.
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1000))
+    x, y = digits[0][:4], digits[1][:4]
+    wide_estimate = torch.bincount(y, minlength=1000)
+    wide_obs = update_of(wide, x, y, local_steps=2, batch_size=2, lr=0.1)
+    assert _replay_labels(ModelView(wide), wide_obs, wide_estimate, seed=0) is None
