@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from privfl.client_dp import ClientLevelRun, central_noise, plan_client_dp, split_release
 from privfl.config import ProtectionKind, RunConfig
 from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
@@ -139,8 +140,12 @@ class Aggregator:
             self.config: RunConfig = _parse_config(config_text)
         except MessageError as exc:
             raise ConfigError("config", "<toml>", exc.reason) from exc
-        if self.config.federation.client_dp is not None:
-            raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
+        if self.config.federation.client_dp is not None and self.config.federation.protection not in _CENTRAL_NOISE:
+            raise ConfigError(
+                "federation.client_dp", "set",
+                "client-level DP in deployments needs protection = \"plaintext\" or \"ckks\" (noise added once to the sum); "
+                "secure aggregation's distributed noise and the shared-key mode are not supported in deployments yet",
+            )
         if self.config.federation.protection is ProtectionKind.SHARED_KEY and self.config.federation.shared_key.weight_bound is None:
             raise ConfigError(
                 "federation.shared_key.weight_bound", None,
@@ -290,6 +295,10 @@ class Aggregator:
             if len(key_ids) != 1 or not isinstance(next(iter(key_ids)), str):
                 raise ConfigError("shared key", len(key_ids), "the sites do not all hold the same shared key (their fingerprints differ)")
         names = sorted(info.name for info in self._sites.values())
+        self._client_run: ClientLevelRun | None = None
+        if fed.client_dp is not None:
+            plan = plan_client_dp(fed.client_dp, num_clients=len(names), client_fraction=fed.client_fraction, rounds=fed.rounds)
+            self._client_run = ClientLevelRun(fed.client_dp, plan)
         model = self._initial_model()
         params = flatten_parameters(model)
         history: list[RoundRecord] = []
@@ -325,6 +334,7 @@ class Aggregator:
         }
         self._upload = {}
         self._step_seconds = {}
+        self._unclipped: float | None = None
         needed = _min_participants(self.config)
         hopeful = [n for n in sampled if not by_name[n].exhausted]
         for name in sampled:
@@ -339,7 +349,12 @@ class Aggregator:
             )
             return self._close(record, t0), params
         sampled = hopeful
-        base = {"index": None, "num_sites": len(names), "participants": len(sampled), **self._model_fields()}
+        base: dict[str, Any] = {"index": None, "num_sites": len(names), "participants": len(sampled), **self._model_fields()}
+        dim = len(params)
+        if self._client_run is not None:
+            # Sites clip to S; under adaptive clipping each appends its centred bit (one more value).
+            base["clip_norm"] = self._client_run.clip_norm
+            dim += int(self._client_run.config.adaptive)
         secagg = None
         protocol_part = b""
         if fed.protection is ProtectionKind.SECAGG:
@@ -374,15 +389,9 @@ class Aggregator:
             messages[name] = reply.parts[0]
         # Sites report no training loss (an un-noised statistic of their data): train_loss stays None.
         try:
-            if fed.protection is ProtectionKind.PLAINTEXT:
-                average, contributors, rejected = self._plaintext(r, messages, len(params))
-            elif fed.protection is ProtectionKind.CKKS:
-                average, contributors, rejected = self._ckks(channel, r, messages, len(params))
-            elif fed.protection is ProtectionKind.SHARED_KEY:
-                average, contributors, rejected = self._shared_key(channel, r, messages, len(params), len(sampled))
-            else:
-                assert secagg is not None  # set above for secure-aggregation rounds
-                average, contributors, rejected = secagg.finish(self, channel, messages)
+            average, contributors, rejected = self._aggregate(
+                channel, r, messages, dim=dim, num_sites=len(names), participants=len(sampled), secagg=secagg, size=len(params)
+            )
             record["dropped"].update(rejected)
             record["contributors"] = list(contributors)
             params = (params + fed.server_learning_rate * average).astype(np.float32)
@@ -399,6 +408,31 @@ class Aggregator:
             by_name[name].uploads.append(count)
         return self._close(record, t0), params
 
+    def _aggregate(
+        self, channel: SiteChannel, r: int, messages: dict[str, bytes], *, dim: int, num_sites: int, participants: int, secagg, size: int
+    ):
+        """The protocol's server half for the round: (average update, contributors, site -> why rejected).
+
+        Raises:
+            ProtocolAbort: the round cannot be released.
+        """
+        fed = self.config.federation
+        if fed.protection is ProtectionKind.SHARED_KEY:
+            return self._shared_key(channel, r, messages, size, participants)
+        if fed.protection is ProtectionKind.SECAGG:
+            assert secagg is not None  # set for secure-aggregation rounds
+            return secagg.finish(self, channel, messages)
+        if fed.protection is ProtectionKind.PLAINTEXT:
+            average, weight, contributors, rejected = self._plaintext(r, messages, dim)
+        else:
+            average, weight, contributors, rejected = self._ckks(channel, r, messages, dim, num_sites)
+        if self._client_run is not None:
+            # DP-FedAvg: the sum arrived noised; averaged over the fixed denominator.
+            average, self._unclipped = split_release(
+                average * weight, dim=size, plan=self._client_run.plan, adaptive=self._client_run.config.adaptive
+            )
+        return average, contributors, rejected
+
     def _close(self, record: RoundRecord, t0: float) -> RoundRecord:
         epsilons = {info.name: info.epsilon for info in self._sites.values()}
         record["epsilon"] = epsilons
@@ -406,22 +440,36 @@ class Aggregator:
         record["max_epsilon"] = max(known) if known else None
         # Wall seconds of each exchange with the sites (a site's work plus the transport's latency).
         record["step_seconds"] = {step: round(value, 3) for step, value in self._step_seconds.items()}
+        if self._client_run is not None:
+            # Charged every round, released or not (conservative, as in-process).
+            unclipped = self._unclipped if record["contributors"] else None
+            record["client_level"] = self._client_run.close_round(unclipped, delta=self._client_run.config.delta)
         record["seconds"] = time.perf_counter() - t0
         return record
 
     # -- protocol server halves ------------------------------------------------------------------------
     def _plaintext(self, r: int, messages: dict[str, bytes], dim: int):
-        from privfl.protocols.plaintext import PlaintextServer
+        from privfl.protocols.plaintext import PlaintextServer, decode_aggregate
 
-        server = PlaintextServer(dim)
+        # Under client-level DP the plaintext server is the party that first sees the sum: it noises it.
+        server = PlaintextServer(dim, self._central_noise(r, dim))
         result = server.aggregate(r, messages)
         rejected = {c: f"update rejected by the server: {why}" for c, why in result.rejected.items()}
         if not result.accepted:
             raise ProtocolAbort(f"round {r}: no valid update among {len(messages)} sites", survivors=0, threshold=1)
-        total, weight = server.weighted_sum
-        return total / weight, result.accepted, rejected
+        # The released aggregate: noised under client-level DP (server.weighted_sum is the bare sum).
+        total, weight = decode_aggregate(r, result.payload, dim)
+        return total / weight, weight, result.accepted, rejected
 
-    def _ckks(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int):
+    def _central_noise(self, r: int, dim: int):
+        if self._client_run is None:
+            return None
+        return central_noise(
+            self._client_run.plan, clip_norm=self._client_run.clip_norm, dim=dim - int(self._client_run.config.adaptive),
+            adaptive=self._client_run.config.adaptive, noise_seed=self.config.federation.noise_seed, round_index=r,
+        )
+
+    def _ckks(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int, num_sites: int):
         from privfl.protocols.ckks import CkksServer
 
         cfg = self.config.federation.ckks
@@ -436,9 +484,12 @@ class Aggregator:
                 survivors=len(result.accepted), threshold=cfg.min_contributors,
             )
         keys = {name: registry[name] for name in result.accepted}
-        fields = {"dim": dim, "sites": {name: key.hex() for name, key in keys.items()}}
-        average = self._released_average(channel, Step.CKKS_DECRYPT, r, fields=fields, result=result, dim=dim)
-        return average, result.accepted, rejected
+        fields: dict[str, Any] = {"dim": dim, "sites": {name: key.hex() for name, key in keys.items()}}
+        if self._client_run is not None:
+            # The key holder noises the sum for the S it tracked itself; it refuses another S.
+            fields.update(clip_norm=self._client_run.clip_norm, num_sites=num_sites)
+        average, weight = self._released_average(channel, Step.CKKS_DECRYPT, r, fields=fields, result=result, dim=dim)
+        return average, weight, result.accepted, rejected
 
     def _shared_key(self, channel: SiteChannel, r: int, messages: dict[str, bytes], dim: int, participants: int):
         from privfl.protocols.shared_key import RoundEncoding, SharedKeyServer
@@ -458,11 +509,13 @@ class Aggregator:
             )
         fields = {"dim": dim, "participants": participants, "sites": {name: registry[name].hex() for name in result.accepted}}
         # The one decrypting site (role key-holder) decrypts the sum for everyone.
-        average = self._released_average(channel, Step.SHARED_KEY_DECRYPT, r, fields=fields, result=result, dim=dim)
+        average, _ = self._released_average(channel, Step.SHARED_KEY_DECRYPT, r, fields=fields, result=result, dim=dim)
         return average, result.accepted, rejected
 
-    def _released_average(self, channel: SiteChannel, step: Step, r: int, *, fields: dict[str, Any], result, dim: int) -> np.ndarray:
-        """Asks the decrypting site (the key holder) to decrypt the round's aggregate; its checked average.
+    def _released_average(
+        self, channel: SiteChannel, step: Step, r: int, *, fields: dict[str, Any], result, dim: int
+    ) -> tuple[np.ndarray, float]:
+        """Asks the decrypting site (the key holder) to decrypt the round's aggregate; its checked average and total weight.
 
         Raises:
             ProtocolAbort: no reply, a sum of other sites than the server accepted, or a malformed release.
@@ -477,10 +530,9 @@ class Aggregator:
         if tuple(reply.fields.get("contributors", ())) != tuple(result.accepted):
             raise ProtocolAbort(f"round {r}: the key holder {name} decrypted a sum of other sites than the server accepted")
         try:
-            average, _ = decode_average(r, reply.parts[0], dim)
+            return decode_average(r, reply.parts[0], dim)
         except MessageError as exc:
             raise ProtocolAbort(f"round {r}: the key holder {name}'s release is malformed ({exc.reason})") from exc
-        return average
 
     # -- summary -------------------------------------------------------------------------------------
     def _summary(self, history: list[RoundRecord], num_parameters: int, seconds: float, device) -> RunSummary:
@@ -516,6 +568,14 @@ class Aggregator:
             "upload_expansion_over_float32": None if upload_mean is None else upload_mean / (4 * num_parameters),
             "device": str(device),
             "seconds": seconds,
+            "client_level": None
+            if self._client_run is None
+            else self._client_run.summary(
+                delta=self._client_run.config.delta,
+                noise="central (added once to the aggregate before release: by the aggregator under plaintext, "
+                "by the key-holder site under CKKS)",
+                clip_norms=[level["clip_norm"] for h in history if (level := h.get("client_level"))],
+            ),
             "deployment": {"run_id": self.run_id, "sites": len(self._sites), "ledgers": "kept by each site in its own state directory"},
             "client_sampling_secret": self.config.federation.noise_seed is None,
             "training": public_config(self.config.training),
@@ -596,6 +656,10 @@ class _SecAggRound:
         survivors = server.survivors
         rejected = {u: reason for u, reason in server.dropped.items() if u not in survivors and u in advertised}
         return decoded[: self.dim] / ratio_sum, tuple(sorted(survivors)), rejected
+
+
+_CENTRAL_NOISE = (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS)
+"""The protections under which a deployment supports client-level DP: the noise goes once on the sum."""
 
 
 def _min_participants(config: RunConfig) -> int:

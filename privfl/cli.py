@@ -178,6 +178,10 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
         eps = entry["epsilon"]
         print(f"  {name:16} epsilon {eps:.3f} of {entry['epsilon_budget']:.3f} (its own ledger: {result.site_dirs[name] / 'state'})"
               if eps is not None else f"  {name:16} epsilon -")
+    level = summary.get("client_level")
+    if level:
+        level_eps = "inf" if level["epsilon"] is None else f"{level['epsilon']:.3f}"
+        print(f"client-level DP (a whole site's participation): epsilon {level_eps} at delta {level['delta']:g}, noise {level['noise']}")
     print(f"wall time {result.seconds:.1f} s; summary: {result.out_dir / 'summary.json'}")
     if summary["rounds"] and len(summary["aborted_rounds"]) == summary["rounds"]:
         print(f"privfl: error: all {summary['rounds']} rounds aborted; the model was never updated", file=sys.stderr)

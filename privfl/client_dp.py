@@ -77,11 +77,15 @@ from privfl.noise import GridNoise, RandomSource, add_grid_noise, choose_grid, p
 
 __all__ = [
     "CLIP_TAIL_FRACTION",
+    "RELEASE_STREAM",
     "TAIL_EPSILON_CEILING",
     "ClientDPPlan",
+    "ClientLevelRun",
     "ReleaseNoise",
     "SecAggRange",
+    "central_noise",
     "clip_update",
+    "clip_with_bit",
     "count_free_shares",
     "delta_noise_multiplier",
     "distributed_noise",
@@ -90,6 +94,7 @@ __all__ = [
     "release_noise",
     "secagg_noise_ratio",
     "secagg_range",
+    "split_release",
 ]
 
 CLIP_TAIL_FRACTION = 2.0**-10
@@ -413,3 +418,141 @@ def count_free_shares(participants: int, noise_ratio: float) -> float:
         raise ConfigError("noise_ratio", noise_ratio, "must be >= 1")
     # c / rho <= t(c) <= c, and >= 1 since rho <= c for c >= 2 (t >= 1)
     return max(1.0, participants / noise_ratio)
+
+
+RELEASE_STREAM = 2**20
+"""The site index of the central release noise's stream (:func:`privfl.plan.derive_seed`, purpose 2):
+the plaintext server and the CKKS key holder draw from it, in one process or in a deployment alike."""
+
+
+def clip_with_bit(delta: np.ndarray, clip_norm: float, *, adaptive: bool) -> tuple[np.ndarray, bool]:
+    """A site's DP-FedAvg vector: its update clipped to ``clip_norm``, then (adaptive clipping) the
+    centred bit ``[||delta|| <= S] - 1/2``; also whether the update was within the norm.
+
+    The bit is centred so that one client moves the bit sum by 1/2, the sensitivity the noise split
+    of Andrew et al. assumes.
+    """
+    clipped, within = clip_update(delta, clip_norm)
+    vector = np.concatenate([clipped, [float(within) - 0.5]]) if adaptive else clipped
+    return vector, within
+
+
+def central_noise(
+    plan: ClientDPPlan, *, clip_norm: float, dim: int, adaptive: bool, noise_seed: int | None, round_index: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``f(sum) -> noised sum``: the noise the plaintext server or the CKKS key holder adds once to a round's sum.
+
+    Released values lie on a power-of-two grid with exact discrete Gaussian noise drawn from a
+    ChaCha20 keystream (:mod:`privfl.noise`), seeded from ``noise_seed`` in simulations and from the
+    OS otherwise: the low-order float bits carry nothing (Mironov 2012).
+    """
+    from privfl.noise import random_source
+    from privfl.plan import derive_seed
+
+    noise = release_noise(plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive)
+    source = random_source(derive_seed(noise_seed, round_index, RELEASE_STREAM, 2))
+
+    def add_noise(total: np.ndarray) -> np.ndarray:
+        return noise.apply(np.asarray(total, dtype=np.float64), source)
+
+    return add_noise
+
+
+def split_release(total: np.ndarray, *, dim: int, plan: ClientDPPlan, adaptive: bool) -> tuple[np.ndarray, float | None]:
+    """The DP-FedAvg average of a released (noised) sum over the fixed denominator, and the noised
+    unclipped fraction (None without adaptive clipping)."""
+    fraction = float(total[dim]) / plan.expected_clients + 0.5 if adaptive else None
+    return total[:dim] / plan.expected_clients, fraction
+
+
+class ClientLevelRun:
+    """A run's client-level bookkeeping: one charged release per round, and the clip norm S.
+
+    The in-process federation and the deployed Aggregator keep one each; the CKKS key holder of a
+    deployment tracks S the same way from the sums it releases.
+
+    Args:
+        config: the client-level DP settings.
+        plan: the resolved mechanism (:func:`plan_client_dp`).
+    """
+
+    def __init__(self, config: ClientDPConfig, plan: ClientDPPlan) -> None:
+        from privfl.accounting import DPEvent
+
+        self.config = config
+        self.plan = plan
+        self.clip_norm = float(config.clip_norm)
+        self.events: list[DPEvent] = []
+
+    def resume(self, levels: list[dict | None]) -> None:
+        """Replays the ``client_level`` records of the rounds already run (each was one charged release).
+
+        Raises:
+            ConfigError: a round of the run being resumed had no client-level DP.
+        """
+        from privfl.accounting import DPEvent
+
+        for index, level in enumerate(levels):
+            if not level:
+                raise ConfigError("client_dp", "set", f"round {index} of the run being resumed had no client-level DP")
+            self.events.append(DPEvent(noise_multiplier=level["accounted_noise_multiplier"], sample_rate=level["sample_rate"], steps=1))
+        if levels and levels[-1]:
+            self.clip_norm = float(levels[-1].get("next_clip_norm", levels[-1]["clip_norm"]))
+
+    @property
+    def epsilon(self) -> float:
+        """Client-level epsilon of the releases charged so far, at the configured delta."""
+        from privfl.accounting import epsilon_of_events
+
+        return epsilon_of_events(self.events, delta=self.config.delta, accountant=self.config.accountant)
+
+    def close_round(self, unclipped_fraction: float | None, *, delta: float) -> dict:
+        """Charges the round (released or not: conservative) and moves S after a released adaptive round.
+
+        Args:
+            unclipped_fraction: the round's noised unclipped fraction, or None when nothing was
+                released or clipping is fixed.
+            delta: the client-level delta the recorded epsilon holds at.
+
+        Returns:
+            The round's ``client_level`` record.
+        """
+        from privfl.accounting import DPEvent
+
+        plan = self.plan
+        self.events.append(DPEvent(noise_multiplier=plan.accounted_noise_multiplier, sample_rate=plan.sample_rate, steps=1))
+        epsilon = self.epsilon
+        level = {
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "delta": delta,
+            "accounted_noise_multiplier": plan.accounted_noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "clip_norm": self.clip_norm,
+            # only the noised fraction: the exact count is what the bit noise protects
+            "unclipped_fraction_noised": unclipped_fraction if self.config.adaptive else None,
+        }
+        if self.config.adaptive and unclipped_fraction is not None:
+            self.clip_norm = next_clip_norm(
+                self.clip_norm, unclipped_fraction,
+                target_quantile=self.config.target_quantile, learning_rate=self.config.clip_learning_rate,
+            )
+        level["next_clip_norm"] = self.clip_norm
+        return level
+
+    def summary(self, *, delta: float, noise: str, clip_norms: list[float]) -> dict:
+        """The run summary's ``client_level`` entry."""
+        plan = self.plan
+        epsilon = self.epsilon
+        return {
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "delta": delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "accounted_noise_multiplier": plan.accounted_noise_multiplier,
+            "delta_noise_multiplier": plan.delta_noise_multiplier,
+            "bit_noise_std": plan.bit_noise_std,
+            "sample_rate": plan.sample_rate,
+            "expected_clients": plan.expected_clients,
+            "rounds_released": len(self.events),
+            "noise": noise,
+            "clip_norms": clip_norms,
+        }

@@ -38,11 +38,13 @@ from privfl.accounting import (
 )
 from privfl.client_dp import (
     ClientDPPlan,
+    ClientLevelRun,
     SecAggRange,
-    clip_update,
+    central_noise,
+    clip_with_bit,
     distributed_noise,
-    next_clip_norm,
     plan_client_dp,
+    split_release,
 )
 from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
@@ -286,8 +288,6 @@ class Federation:
 
     def _setup_client_dp(self, num_clients: int, history: list[RoundRecord]) -> None:
         client_dp = self.config.client_dp
-        self._client_events: list[DPEvent] = []
-        self._unclipped_fraction = 0.0
         # The secure-aggregation range derived for the last round (privfl.client_dp.secagg_range).
         self._secagg_range: SecAggRange | None = None
         # rho of privfl.client_dp.secagg_noise_ratio, computed once per run (secagg only).
@@ -297,18 +297,9 @@ class Federation:
         self._client_plan: ClientDPPlan = plan_client_dp(
             client_dp, num_clients=num_clients, client_fraction=self.config.client_fraction, rounds=self.config.rounds
         )
-        self._clip_norm = client_dp.clip_norm
-        for record in history:
-            # Resumed: every finished round was one release, charged at the noise it really used.
-            level = record.get("client_level")
-            if not level:
-                raise ConfigError("client_dp", "set", f"round {record['round']} of the run being resumed had no client-level DP")
-            self._client_events.append(
-                DPEvent(noise_multiplier=level["accounted_noise_multiplier"], sample_rate=level["sample_rate"], steps=1)
-            )
-        last = history[-1].get("client_level") if history else None
-        if last:
-            self._clip_norm = last.get("next_clip_norm", last["clip_norm"])
+        self._client_run = ClientLevelRun(client_dp, self._client_plan)
+        # Resumed: every finished round was one release, charged at the noise it really used.
+        self._client_run.resume([record.get("client_level") for record in history])
 
     def _noise_seed(self, round_index: int, client_index: int, purpose: int) -> int | None:
         """Seed of a DP noise stream (:func:`privfl.plan.derive_seed`)."""
@@ -536,10 +527,14 @@ class Federation:
         contributors: tuple[str, ...] = ()
         aborted = doomed
         upload: dict[str, int] = {}
+        unclipped: float | None = None
         if updates:
             extra = {}
             if client_dp is not None and protection.noise_placement is NoisePlacement.CENTRAL:
-                extra["release_noise"] = self._central_noise(round_index, len(global_params))
+                extra["release_noise"] = central_noise(
+                    self._client_plan, clip_norm=self._client_run.clip_norm, dim=len(global_params),
+                    adaptive=client_dp.adaptive, noise_seed=self.config.noise_seed, round_index=round_index,
+                )
             try:
                 outcome = protection.run_round(round_index, updates, transport, **extra)
             except ProtocolAbort as exc:
@@ -552,33 +547,15 @@ class Federation:
                 upload = dict(outcome.upload_bytes)
                 average = outcome.average
                 if client_dp is not None:
-                    average = self._release(outcome, len(global_params))
+                    # DP-FedAvg: over the fixed denominator; the sum arrives already noised.
+                    total = outcome.average * outcome.total_weight
+                    average, unclipped = split_release(total, dim=len(global_params), plan=self._client_plan, adaptive=client_dp.adaptive)
                 global_params = (global_params + self.config.server_learning_rate * average).astype(np.float32)
         client_level = None
         if client_dp is not None:
             # Charged every round, released or not (conservative: a round with no participant
             # or an aborted protocol still counts).
-            cplan = self._client_plan
-            self._client_events.append(DPEvent(noise_multiplier=cplan.accounted_noise_multiplier, sample_rate=cplan.sample_rate, steps=1))
-            client_level = {
-                "epsilon": _finite_or_none(
-                    epsilon_of_events(self._client_events, delta=client_dp.delta, accountant=client_dp.accountant)
-                ),
-                "delta": self._client_level_delta(),
-                "accounted_noise_multiplier": cplan.accounted_noise_multiplier,
-                "sample_rate": cplan.sample_rate,
-                "clip_norm": self._clip_norm,
-                # only the noised fraction: the exact count is what the bit noise protects
-                "unclipped_fraction_noised": self._unclipped_fraction if client_dp.adaptive and contributors else None,
-            }
-            if client_dp.adaptive and contributors:
-                self._clip_norm = next_clip_norm(
-                    self._clip_norm,
-                    self._unclipped_fraction,
-                    target_quantile=client_dp.target_quantile,
-                    learning_rate=client_dp.clip_learning_rate,
-                )
-            client_level["next_clip_norm"] = self._clip_norm
+            client_level = self._client_run.close_round(unclipped if contributors else None, delta=self._client_level_delta())
         for client, reason in dropped.items():
             ledger.annotate_last(client, f"update not aggregated in round {round_index}: {reason}")
             log.warning("round %d: client %s dropped: %s", round_index, client, reason)
@@ -620,6 +597,7 @@ class Federation:
         from privfl.noise import random_source
 
         plan = self._client_plan
+        clip_norm = self._client_run.clip_norm
         adaptive = self._client_dp.adaptive
         distributed = protection if isinstance(protection, DistributedNoiseProtection) else None
         shares = 1.0  # how many noise shares make the charged noise (c / rho under secagg)
@@ -641,7 +619,7 @@ class Federation:
 
             dim = next(iter(updates.values())).delta.shape[0] if updates else 1
             derived = client_dp_module.secagg_range(
-                plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive, shares=shares,
+                plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=shares,
                 max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self._client_dp.delta,
                 bits=distributed.word_bits,
             )
@@ -653,47 +631,19 @@ class Federation:
         out: dict[str, ClientUpdate] = {}
         unclipped = 0
         for name, update in updates.items():
-            clipped, within = clip_update(update.delta, self._clip_norm)
+            vector, within = clip_with_bit(update.delta, clip_norm, adaptive=adaptive)
             unclipped += int(within)
-            # The bit is centred (+-1/2): one client then moves the bit sum by 1/2, the
-            # sensitivity the noise split of Andrew et al. assumes.
-            vector = np.concatenate([clipped, [float(within) - 0.5]]) if adaptive else clipped
             if distributed is not None:
                 # Discrete Gaussian share on a grid the quantizer's step divides (privfl.noise): no
                 # float bit of what is summed depends on the update (Mironov 2012).
                 seed = None if self.config.noise_seed is None else self._noise_seed(round_index, self._plans_by_name[name].index, 1)
                 vector = distributed_noise(
-                    vector, plan=plan, clip_norm=self._clip_norm, adaptive=adaptive, threshold=shares,
+                    vector, plan=plan, clip_norm=clip_norm, adaptive=adaptive, threshold=shares,
                     source=random_source(seed), min_grid=min_grid,
                 )
             # Uniform weights: with client-level DP every site counts once, whatever its size.
             out[name] = ClientUpdate(delta=vector, weight=1.0)
         return out, unclipped
-
-    def _central_noise(self, round_index: int, dim: int):
-        """The noise the plaintext server or CKKS key holder adds to the sum before releasing it."""
-        from privfl.client_dp import release_noise
-        from privfl.noise import random_source
-
-        plan = self._client_plan
-        adaptive = self._client_dp.adaptive
-        # Released values lie on a power-of-two grid with exact discrete Gaussian noise drawn from a
-        # ChaCha20 keystream (privfl.noise): the low-order float bits carry nothing (Mironov 2012).
-        noise = release_noise(plan, clip_norm=self._clip_norm, dim=dim, adaptive=adaptive)
-        source = random_source(None if self.config.noise_seed is None else self._noise_seed(round_index, 2**20, 2))
-
-        def add_noise(total: np.ndarray) -> np.ndarray:
-            return noise.apply(np.asarray(total, dtype=np.float64), source)
-
-        return add_noise
-
-    def _release(self, outcome, dim: int) -> np.ndarray:
-        """DP-FedAvg average over the fixed denominator; the sum arrives already noised."""
-        plan = self._client_plan
-        total = outcome.average * outcome.total_weight
-        if self._client_dp.adaptive:
-            self._unclipped_fraction = float(total[dim]) / plan.expected_clients + 0.5
-        return total[:dim] / plan.expected_clients
 
     # -- persistence -------------------------------------------------------------------------------
     def _check_protection(self, protection: Protection, num_clients: int) -> None:
@@ -840,24 +790,13 @@ class Federation:
             }
         client_level: dict[str, Any] | None = None
         if self.config.client_dp is not None:
-            cplan = self._client_plan
-            client_level = {
-                "epsilon": _finite_or_none(
-                    epsilon_of_events(self._client_events, delta=self.config.client_dp.delta, accountant=self.config.client_dp.accountant)
-                ),
-                "delta": self._client_level_delta(),
-                "noise_multiplier": cplan.noise_multiplier,
-                "accounted_noise_multiplier": cplan.accounted_noise_multiplier,
-                "delta_noise_multiplier": cplan.delta_noise_multiplier,
-                "bit_noise_std": cplan.bit_noise_std,
-                "sample_rate": cplan.sample_rate,
-                "expected_clients": cplan.expected_clients,
-                "rounds_released": len(self._client_events),
-                "noise": "distributed (each client adds its share before masking)"
+            client_level = self._client_run.summary(
+                delta=self._client_level_delta(),
+                noise="distributed (each client adds its share before masking)"
                 if protection.noise_placement is NoisePlacement.DISTRIBUTED
                 else "central (added once to the aggregate before release)",
-                "clip_norms": [level["clip_norm"] for h in history if (level := h.get("client_level"))],
-            }
+                clip_norms=[level["clip_norm"] for h in history if (level := h.get("client_level"))],
+            )
         return {
             "final_accuracy": None if final is None else final.get("test_accuracy"),
             "client_level": client_level,

@@ -47,7 +47,8 @@ class RoundRecord(_RoundRecordRequired, total=False):
     not finite or not measured); ``epsilon`` (each site's spent epsilon) and ``max_epsilon``;
     ``upload_bytes`` per site; ``seconds``. In-process runs add ``client_level`` (client-level DP
     of the round, or None) and ``ledger`` (a `LedgerPosition`, or None without a run directory);
-    deployments add ``step_seconds`` (wall seconds of each exchange with the sites).
+    deployments add ``step_seconds`` (wall seconds of each exchange with the sites) and, under
+    client-level DP, ``client_level``.
     """
 
     client_level: dict[str, Any] | None
@@ -107,9 +108,10 @@ class _RunSummaryRequired(TypedDict):
 class RunSummary(_RunSummaryRequired, total=False):
     """``summary.json``: the run's outcome, per-site spending and settings.
 
-    The in-process run adds ``client_level``, ``noise``, ``client_sampling`` and ``ledger`` (file,
-    lines, head, authenticated); a deployment adds ``deployment`` (run id, sites, where the ledgers
-    are, and for ``privfl deploy local`` the mode, TLS, Flower's log and the wall time).
+    Both write ``client_level`` (None without client-level DP). The in-process run adds ``noise``,
+    ``client_sampling`` and ``ledger`` (file, lines, head, authenticated); a deployment adds
+    ``deployment`` (run id, sites, where the ledgers are, and for ``privfl deploy local`` the mode,
+    TLS, Flower's log and the wall time).
     """
 
     client_level: dict[str, Any] | None

@@ -21,6 +21,7 @@ State directory layout::
     ckks-key-holder.bin CKKS key holder only: its secret context, 0600
     shared-key.bin      shared-key mode: the secret key every site holds, provisioned out of band, 0600
     shared-key-runs.json shared-key mode: per run, the rounds this site decrypted and the identity keys it pinned
+    client-dp.json      CKKS key holder under client-level DP: per run, the site count and each release's clip norm
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ CKKS_PUBLIC_FILE = "ckks-public.bin"
 CKKS_KEY_HOLDER_FILE = "ckks-key-holder.bin"
 SHARED_KEY_FILE = "shared-key.bin"
 SHARED_KEY_RUNS_FILE = "shared-key-runs.json"
+CLIENT_DP_FILE = "client-dp.json"
 _ROUND_STATE = struct.Struct(">I")
 
 
@@ -391,11 +393,10 @@ class Site:
             self._store_ckks_context(request.parts[2], request.parts[3])
         elif len(request.parts) != 2:
             raise MessageError("train request must carry the global model and the protocol part")
-        if config.federation.client_dp is not None:
-            raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in deployments yet")
         # Everything the protocol needs is checked before the data is touched: a request refused
         # after training would have spent budget for nothing.
         self._check_protocol_inputs(request, config)
+        clip_norm = _client_clip_norm(request, config)
         plan = plan_site(len(self.dataset), config.training, config.federation, num_sites)
         event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
         ledger = self._ledger(config)
@@ -434,6 +435,13 @@ class Site:
         finally:
             ledger.close()
         update = ClientUpdate(delta=result.delta, weight=float(result.num_examples))
+        if clip_norm is not None:
+            from privfl.client_dp import clip_with_bit
+
+            assert config.federation.client_dp is not None  # clip_norm is set only then
+            # DP-FedAvg: clipped to S (and, adaptive, the centred bit); every site counts once.
+            vector, _ = clip_with_bit(result.delta, clip_norm, adaptive=config.federation.client_dp.adaptive)
+            update = ClientUpdate(delta=vector, weight=1.0)
         message = self._protect(request, config, update, num_sites, request.parts[1])
         # No training loss in the reply: it is an un-noised statistic of the site's data, outside the
         # mechanism the ledger accounts for, and the protection would not cover it.
@@ -640,6 +648,8 @@ class Site:
             # Registration through the aggregator, pinned for the run on first sight: trust on first
             # use (docs/deployment.md). A site presenting another key later is refused.
             holder.register_site(site, bytes.fromhex(key))
+        # Checked before decrypting: a refused release must not use up the round's one decryption.
+        release = self._client_level_release(request, config, dim) if config.federation.client_dp is not None else None
         try:
             released = holder.decrypt_sum(request.round_index, request.parts[0], dim)
         except DecryptionError as exc:
@@ -649,8 +659,58 @@ class Site:
             self._save_key_holder(holder, request.run)
         if not released.total_weight > 0:
             raise ProtocolAbort(f"decrypted total weight {released.total_weight} is not positive")
-        average = encode_average(request.round_index, released.weighted_sum / released.total_weight, released.total_weight)
-        return self._reply(request, parts=(average,), contributors=list(released.contributors))
+        weighted_sum = released.weighted_sum
+        extra: dict[str, Any] = {}
+        if release is not None:
+            weighted_sum, extra["clip_norm"] = release(weighted_sum)
+        average = encode_average(request.round_index, weighted_sum / released.total_weight, released.total_weight)
+        return self._reply(request, parts=(average,), contributors=list(released.contributors), **extra)
+
+    def _client_level_release(self, request: Request, config: RunConfig, dim: int) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
+        """The key holder's central client-level DP noise for a decrypted sum, for the clip norm S it tracks itself.
+
+        The key holder is the first party to see the sum: it noises it before anything leaves, and
+        moves S (adaptive clipping) from the noised sum it released, as the aggregator does. A
+        request naming another S or another site count than this run's is refused: the noise would
+        not match the sites' clipping.
+
+        Returns:
+            ``f(sum) -> (noised sum, the S it was noised for)``, which also records the release.
+
+        Raises:
+            ProtocolAbort: the request's clip norm or site count disagrees with the key holder's record.
+        """
+        from privfl.client_dp import ClientLevelRun, central_noise, plan_client_dp, split_release
+
+        client_dp = config.federation.client_dp
+        assert client_dp is not None  # called only under client-level DP
+        num_sites, announced = request.fields.get("num_sites"), request.fields.get("clip_norm")
+        if not (isinstance(num_sites, int) and not isinstance(num_sites, bool) and num_sites >= 1):
+            raise MessageError("decryption request lacks the site count")
+        path = self.state_dir / CLIENT_DP_FILE
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        state = runs.setdefault(request.run, {"num_sites": num_sites, "levels": []})
+        if state["num_sites"] != num_sites:
+            raise ProtocolAbort(f"the aggregator now counts {num_sites} sites; this run started with {state['num_sites']}")
+        fed = config.federation
+        plan = plan_client_dp(client_dp, num_clients=num_sites, client_fraction=fed.client_fraction, rounds=fed.rounds)
+        run = ClientLevelRun(client_dp, plan)
+        run.resume(state["levels"])
+        if not (isinstance(announced, (int, float)) and announced == run.clip_norm):
+            raise ProtocolAbort(f"the aggregator's clip norm {announced!r} is not the key holder's {run.clip_norm!r}")
+        adaptive = client_dp.adaptive
+        size = dim - int(adaptive)
+        noise = central_noise(plan, clip_norm=run.clip_norm, dim=size, adaptive=adaptive, noise_seed=fed.noise_seed, round_index=request.round_index)
+
+        def release(weighted_sum: np.ndarray) -> tuple[np.ndarray, float]:
+            noised = noise(weighted_sum)
+            _, unclipped = split_release(noised, dim=size, plan=plan, adaptive=adaptive)
+            used = run.clip_norm
+            state["levels"].append(run.close_round(unclipped, delta=client_dp.delta))
+            durable_write_json(path, runs)
+            return noised, used
+
+        return release
 
     # -- shared-key mode ---------------------------------------------------------------------------------
     def _shared_key(self, config: RunConfig):
@@ -764,6 +824,34 @@ def seeded_model(config: RunConfig, model_fn, input_shape: tuple[int, ...] | Non
         # The model's owner is told about DP conversions once, where the run starts.
         warnings.simplefilter("ignore", UserWarning)
         return make_private_compatible(model)
+
+
+def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
+    """The clip norm S a train request asks for under client-level DP (None without it).
+
+    With fixed clipping S is the run config's and a request naming another is refused; under
+    adaptive clipping it is the aggregator's current S (the CKKS key holder noises for the S it
+    tracked itself and refuses a decryption for another; docs/deployment.md).
+
+    Raises:
+        ConfigError: client-level DP under a protection deployments do not support it with.
+        MessageError: the request's clip norm is missing, not a finite number > 0, or not the config's.
+    """
+    import math
+
+    client_dp = config.federation.client_dp
+    if client_dp is None:
+        return None
+    if config.federation.protection not in (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS):
+        raise ConfigError(
+            "federation.client_dp", "set", "client-level DP in deployments needs protection = \"plaintext\" or \"ckks\""
+        )
+    clip_norm = request.fields.get("clip_norm")
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise MessageError("train request lacks a valid client-level clip norm")
+    if not client_dp.adaptive and clip_norm != client_dp.clip_norm:
+        raise MessageError(f"train request asks for clip norm {clip_norm}; the run's fixed clip norm is {client_dp.clip_norm}")
+    return float(clip_norm)
 
 
 def _shaped(dataset, input_shape):

@@ -22,7 +22,7 @@ from privfl.protocols.oneshot import (
 )
 from privfl.protocols.wire import decode_frame, encode_frame
 
-__all__ = ["PlaintextProtection", "PlaintextServer", "decode_update", "encode_update"]
+__all__ = ["PlaintextProtection", "PlaintextServer", "decode_aggregate", "decode_update", "encode_update"]
 
 _WEIGHT = struct.Struct(">d")
 
@@ -88,6 +88,25 @@ class PlaintextServer(OneShotServer[tuple[float, np.ndarray]]):
         return encode_frame(KIND_AGGREGATE, round_index, SERVER, [_WEIGHT.pack(self._weight), total.astype("<f8").tobytes()])
 
 
+def decode_aggregate(round_index: int, message: bytes, dim: int) -> tuple[np.ndarray, float]:
+    """The released sum and total weight of :class:`PlaintextServer`'s aggregate (noised, when it noises).
+
+    Raises:
+        ProtocolAbort: the aggregate is malformed or holds non-finite values.
+    """
+    try:
+        frame = decode_frame(message, kind=KIND_AGGREGATE, round_index=round_index, max_bytes=8 * dim + 1024)
+        if len(frame.parts) != 2 or len(frame.parts[0]) != 8 or len(frame.parts[1]) != 8 * dim:
+            raise MessageError("aggregate has the wrong shape", sender=SERVER)
+    except MessageError as exc:
+        raise ProtocolAbort(f"round {round_index}: the aggregate is malformed ({exc.reason})") from exc
+    (weight,) = _WEIGHT.unpack(frame.parts[0])
+    total = np.frombuffer(frame.parts[1], dtype="<f8").copy()
+    if not (np.isfinite(weight) and weight > 0 and np.all(np.isfinite(total))):
+        raise ProtocolAbort(f"round {round_index}: the aggregate holds non-finite values")
+    return total, weight
+
+
 class PlaintextProtection(OneShotProtection):
     """No protection: the reference point for cost and for attacks."""
 
@@ -104,14 +123,5 @@ class PlaintextProtection(OneShotProtection):
         received = transport.deliver(SERVER, "clients", "aggregate", aggregate)
         if received is None:
             raise ProtocolAbort(f"round {round_index}: the aggregate was lost on its way to the clients")
-        try:
-            frame = decode_frame(received, kind=KIND_AGGREGATE, round_index=round_index, max_bytes=8 * dim + 1024)
-            if len(frame.parts) != 2 or len(frame.parts[0]) != 8 or len(frame.parts[1]) != 8 * dim:
-                raise MessageError("aggregate has the wrong shape", sender=SERVER)
-        except MessageError as exc:
-            raise ProtocolAbort(f"round {round_index}: the aggregate is malformed ({exc.reason})") from exc
-        (weight,) = _WEIGHT.unpack(frame.parts[0])
-        total = np.frombuffer(frame.parts[1], dtype="<f8").copy()
-        if not (np.isfinite(weight) and weight > 0 and np.all(np.isfinite(total))):
-            raise ProtocolAbort(f"round {round_index}: the aggregate holds non-finite values")
+        total, weight = decode_aggregate(round_index, received, dim)
         return total, weight, len(received)

@@ -17,6 +17,14 @@ pytest.importorskip("flwr")
 from privfl.flower.deploy import pid_alive
 from privfl.flower.local import LocalFederation
 
+_CLIENT_DP = """
+[federation.client_dp]
+noise_multiplier = 0.6
+clip_norm = 0.4
+delta = 1e-3
+adaptive = true
+"""
+
 
 def _in_process(text: str, out: Path | None = None, round_index: int | None = None):
     """The same federation in one process (the same partitions, names and seeds); the final model, or
@@ -95,6 +103,10 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
                 # client-1's process crashes and comes back on the same state directory.
                 federation.restart_site("client-1")
                 pids += federation.started_pids()
+        # Client-level DP over the network: the key-holder site noises each decrypted sum (adaptive clipping).
+        client_dp_text = run_toml("ckks", extra=_CLIENT_DP)
+        client_dp_run = federation.run(client_dp_text, step_timeout=120)
+        pids += federation.started_pids()
     assert _all_stopped(pids), "a process started by the deployment is still alive"
     # The restarted site kept its spent epsilon: the next run adds to it (it would otherwise start
     # again near the one-run figure).
@@ -121,6 +133,21 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
             config = _parse_config(run_toml(protection))
             assert difference <= 2 * quantizer_for(config, 3).max_error(3) * config.federation.secagg.weight_bound
         assert summary["deployment"]["tls"] is True and summary["final_accuracy"] >= 0.9
+
+    summary, history, run_dir = client_dp_run
+    expected, _, _ = _in_process(client_dp_text)
+    assert all(h["aborted"] is None and h["client_level"]["unclipped_fraction_noised"] is not None for h in history)
+    clip_norms = summary["client_level"]["clip_norms"]
+    assert summary["client_level"]["rounds_released"] == 2 and clip_norms[0] == 0.4 and clip_norms[1] != 0.4
+    from privfl.client_dp import plan_client_dp, release_noise
+    from privfl.rundir import load_checkpoint
+
+    config = _parse_config(client_dp_text)
+    plan = plan_client_dp(config.federation.client_dp, num_clients=3, client_fraction=1.0, rounds=2)
+    # CKKS decrypts within about 1e-6 of the sum; rounding to the noise grid can turn that into one grid step.
+    grid = max(release_noise(plan, clip_norm=s, dim=expected.size, adaptive=True).update.grid for s in clip_norms)
+    got = load_checkpoint(run_dir, 1, expected.size)
+    assert float(np.max(np.abs(got - expected))) <= 2 * grid / plan.expected_clients + 1e-5
 
     # Each ledger exists only in its own site's state directory; the server side has none.
     for folder in federation.site_dirs.values():

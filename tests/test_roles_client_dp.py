@@ -1,0 +1,162 @@
+"""Client-level DP (DP-FedAvg) with Sites and the Aggregator as separate roles: the same release as
+the in-process federation, the noise added once by the party that first sees the sum (the plaintext
+aggregator, the CKKS key-holder site), and a clip norm no party can quietly change."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from privfl.aggregator import Aggregator, LocalSites
+from privfl.client_dp import plan_client_dp, release_noise
+from privfl.envelope import Request, Status, Step, decode_reply, decode_request, encode_request
+from privfl.federation import Federation
+from privfl.models import build_model
+from privfl.site import CLIENT_DP_FILE, Site, SiteRole, _parse_config
+from privfl.training import flatten_parameters
+
+_CLIENT_DP = """
+[federation.client_dp]
+noise_multiplier = 0.6
+clip_norm = 0.4
+delta = 1e-3
+adaptive = {adaptive}
+"""
+
+
+def _text(run_toml, protection, *, adaptive, rounds=3):
+    return run_toml(protection, rounds=rounds, extra=_CLIENT_DP.format(adaptive="true" if adaptive else "false"))
+
+
+def _sites(clients, root):
+    return [
+        Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE)
+        for i, (name, dataset) in enumerate(clients.items())
+    ]
+
+
+def _aggregator(text, split):
+    return Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, test_set=split.test, progress=False)
+
+
+def _in_process(text, split, clients):
+    cfg = _parse_config(text)
+    fed = Federation(
+        model_fn=lambda: build_model(cfg.model, split.train.input_shape, split.train.num_classes),
+        clients=clients, test_set=split.test, training=cfg.training, federation=cfg.federation, progress=False,
+    )
+    return fed.run()
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed-clip", "adaptive-clip"])
+@pytest.mark.parametrize("protection", ["plaintext", "ckks"])
+def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(protection, adaptive, split, clients, tmp_path, run_toml):
+    text = _text(run_toml, protection, adaptive=adaptive)
+    deployed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    expected = _in_process(text, split, clients)
+    assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in deployed.history)
+    cfg = _parse_config(text)
+    plan = plan_client_dp(cfg.federation.client_dp, num_clients=3, client_fraction=1.0, rounds=3)
+    levels = [h["client_level"] for h in deployed.history]
+    in_process = [h["client_level"] for h in expected.history]
+    # The same charge, clip norms and (noised) unclipped fractions, round by round.
+    for mine, theirs in zip(levels, in_process, strict=True):
+        assert mine["epsilon"] == pytest.approx(theirs["epsilon"], rel=1e-9)
+        assert mine["clip_norm"] == pytest.approx(theirs["clip_norm"], rel=1e-9)
+        assert mine["next_clip_norm"] == pytest.approx(theirs["next_clip_norm"], rel=1e-9)
+        if adaptive:
+            assert mine["unclipped_fraction_noised"] == pytest.approx(theirs["unclipped_fraction_noised"], abs=1e-9)
+        else:
+            assert mine["unclipped_fraction_noised"] is None and mine["clip_norm"] == 0.4
+    if adaptive:
+        assert len({level["clip_norm"] for level in levels}) > 1  # S moved
+    difference = float(np.max(np.abs(deployed.parameters - flatten_parameters(expected.model))))
+    if protection == "plaintext":
+        assert difference <= 1e-5
+    else:
+        # CKKS decrypts within about 1e-6 of the sum; the release rounds it to the noise grid, where such a
+        # difference can move a coordinate by one grid step (over the fixed denominator), each round.
+        grid = max(release_noise(plan, clip_norm=level["clip_norm"], dim=deployed.parameters.size, adaptive=adaptive).update.grid
+                   for level in levels)
+        assert difference <= 3 * cfg.federation.server_learning_rate * grid / plan.expected_clients + 1e-5
+    summary = deployed.summary["client_level"]
+    assert summary["rounds_released"] == 3 and summary["epsilon"] == pytest.approx(expected.summary["client_level"]["epsilon"])
+    assert summary["clip_norms"] == [level["clip_norm"] for level in levels]
+    written = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert written["client_level"]["epsilon"] == pytest.approx(summary["epsilon"])
+    if protection == "ckks":
+        # The key holder, not the aggregator, noised the sums: its own record of the releases.
+        record = json.loads((tmp_path / "site-0" / CLIENT_DP_FILE).read_text())[deployed.summary["deployment"]["run_id"]]
+        assert record["num_sites"] == 3 and [level["clip_norm"] for level in record["levels"]] == summary["clip_norms"]
+        assert not (tmp_path / "site-1" / CLIENT_DP_FILE).exists()
+
+
+def test_a_site_refuses_another_clip_norm_than_the_runs_fixed_one_before_training(split, clients, tmp_path, run_toml):
+    from privfl.site import seeded_model
+
+    text = _text(run_toml, "plaintext", adaptive=False, rounds=2)
+    config = _parse_config(text)
+    site = _sites(clients, tmp_path)[1]
+    run = "ab" * 16
+    hello = site.handle(encode_request(Request(run, Step.HELLO, 0, "node:1", {"config": text}, ())))
+    assert decode_reply(hello, run=run, step=Step.HELLO, round_index=0, site="site-1").status is Status.OK
+    shape, classes = split.train.input_shape, split.train.num_classes
+    params = flatten_parameters(seeded_model(config, None, shape, classes)).astype("<f4").tobytes()
+    fields = {"index": 1, "num_sites": 3, "participants": 3, "input_shape": list(shape), "num_classes": classes}
+    for clip_norm, reason in ((40.0, "fixed clip norm is 0.4"), (None, "clip norm"), (-0.4, "clip norm"), ("0.4", "clip norm")):
+        request = Request(run, Step.TRAIN, 0, "site-1", {**fields, "clip_norm": clip_norm}, (params, b""))
+        reply = decode_reply(site.handle(encode_request(request)), run=run, step=Step.TRAIN, round_index=0, site="site-1")
+        assert reply.status is Status.REFUSED and reason in reply.reason
+    # Refused before the data was touched: nothing spent; the run's own clip norm is served.
+    assert site.spent(config)[0] == 0.0
+    request = Request(run, Step.TRAIN, 0, "site-1", {**fields, "clip_norm": 0.4}, (params, b""))
+    reply = decode_reply(site.handle(encode_request(request)), run=run, step=Step.TRAIN, round_index=0, site="site-1")
+    assert reply.status is Status.OK and site.spent(config)[0] > 0
+
+
+class _Tamper(LocalSites):
+    """An aggregator's channel that rewrites fields of requests of one step (an active server)."""
+
+    def __init__(self, sites, step, **fields):
+        super().__init__(sites)
+        self.step, self.fields = step, fields
+
+    def exchange(self, requests, *, timeout):
+        changed = {}
+        for node, payload in requests.items():
+            request = decode_request(payload)
+            if request.step is self.step:
+                request = Request(request.run, request.step, request.round_index, request.site,
+                                  {**request.fields, **self.fields}, request.parts)
+                payload = encode_request(request)
+            changed[node] = payload
+        return super().exchange(changed, timeout=timeout)
+
+
+@pytest.mark.parametrize("change", [{"clip_norm": 4.0}, {"num_sites": 30}], ids=["clip-norm", "site-count"])
+def test_the_key_holder_refuses_to_noise_for_another_clip_norm_or_site_count(change, split, clients, tmp_path, run_toml):
+    text = _text(run_toml, "ckks", adaptive=True, rounds=2)
+    # The site count is pinned at the first release: change it from the second decryption on.
+    sites = _sites(clients, tmp_path)
+    channel = _Tamper(sites, Step.CKKS_DECRYPT, **change)
+    if "num_sites" in change:
+        original = channel.exchange
+
+        def exchange(requests, *, timeout):
+            if any(decode_request(p).round_index == 0 for p in requests.values()):
+                return LocalSites.exchange(channel, requests, timeout=timeout)
+            return original(requests, timeout=timeout)
+
+        channel.exchange = exchange  # type: ignore[method-assign]
+    result = _aggregator(text, split).run(channel)
+    refused = [h for h in result.history if h["aborted"]]
+    assert refused, "the key holder released a sum noised for another clip norm or site count"
+    assert all("did not decrypt" in h["aborted"] for h in refused)
+    # Nothing was released for the refused rounds, and the round's one decryption was not used up.
+    record = json.loads((tmp_path / "site-0" / CLIENT_DP_FILE).read_text()) if (tmp_path / "site-0" / CLIENT_DP_FILE).exists() else {}
+    released = sum(len(run["levels"]) for run in record.values())
+    assert released == sum(1 for h in result.history if not h["aborted"])
+    # The run charged every round all the same (conservative) and went on.
+    assert [h["client_level"]["epsilon"] is not None for h in result.history] == [True, True]
