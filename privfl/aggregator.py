@@ -23,12 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from privfl.client_dp import ClientLevelRun, central_noise, plan_client_dp, split_release
+from privfl.client_dp import SecAggRound as NoiseRound
 from privfl.config import ProtectionKind, RunConfig
 from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
-from privfl.site import SiteRole, quantizer_for
+from privfl.site import SiteRole, quantizer_for, secagg_weight_bound
 
 __all__ = ["Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
 
@@ -140,11 +141,11 @@ class Aggregator:
             self.config: RunConfig = _parse_config(config_text)
         except MessageError as exc:
             raise ConfigError("config", "<toml>", exc.reason) from exc
-        if self.config.federation.client_dp is not None and self.config.federation.protection not in _CENTRAL_NOISE:
+        if self.config.federation.client_dp is not None and self.config.federation.protection not in _CLIENT_DP_PROTECTIONS:
             raise ConfigError(
                 "federation.client_dp", "set",
-                "client-level DP in deployments needs protection = \"plaintext\" or \"ckks\" (noise added once to the sum); "
-                "secure aggregation's distributed noise and the shared-key mode are not supported in deployments yet",
+                "client-level DP in deployments needs protection = \"plaintext\", \"ckks\" or \"secagg\"; "
+                "the shared-key mode does not support it in deployments yet",
             )
         if self.config.federation.protection is ProtectionKind.SHARED_KEY and self.config.federation.shared_key.weight_bound is None:
             raise ConfigError(
@@ -296,6 +297,7 @@ class Aggregator:
                 raise ConfigError("shared key", len(key_ids), "the sites do not all hold the same shared key (their fingerprints differ)")
         names = sorted(info.name for info in self._sites.values())
         self._client_run: ClientLevelRun | None = None
+        self._tail_delta = 0.0
         if fed.client_dp is not None:
             plan = plan_client_dp(fed.client_dp, num_clients=len(names), client_fraction=fed.client_fraction, rounds=fed.rounds)
             self._client_run = ClientLevelRun(fed.client_dp, plan)
@@ -358,7 +360,7 @@ class Aggregator:
         secagg = None
         protocol_part = b""
         if fed.protection is ProtectionKind.SECAGG:
-            secagg = _SecAggRound(self.config, r, sampled, len(params))
+            secagg = _SecAggRound(self.config, r, sampled, dim, self._secagg_noise(len(sampled), len(names), len(params)))
             protocol_part = secagg.params_bytes
         model_bytes = params.astype("<f4").tobytes()
         requests = {}
@@ -421,8 +423,8 @@ class Aggregator:
             return self._shared_key(channel, r, messages, size, participants)
         if fed.protection is ProtectionKind.SECAGG:
             assert secagg is not None  # set for secure-aggregation rounds
-            return secagg.finish(self, channel, messages)
-        if fed.protection is ProtectionKind.PLAINTEXT:
+            average, weight, contributors, rejected = secagg.finish(self, channel, messages)
+        elif fed.protection is ProtectionKind.PLAINTEXT:
             average, weight, contributors, rejected = self._plaintext(r, messages, dim)
         else:
             average, weight, contributors, rejected = self._ckks(channel, r, messages, dim, num_sites)
@@ -432,6 +434,11 @@ class Aggregator:
                 average * weight, dim=size, plan=self._client_run.plan, adaptive=self._client_run.config.adaptive
             )
         return average, contributors, rejected
+
+    def _client_level_delta(self) -> float:
+        """The configured client-level delta, plus (secure aggregation) the tail in which a share could clip."""
+        assert self._client_run is not None  # asked for only under client-level DP
+        return self._client_run.config.delta + self._tail_delta
 
     def _close(self, record: RoundRecord, t0: float) -> RoundRecord:
         epsilons = {info.name: info.epsilon for info in self._sites.values()}
@@ -443,7 +450,7 @@ class Aggregator:
         if self._client_run is not None:
             # Charged every round, released or not (conservative, as in-process).
             unclipped = self._unclipped if record["contributors"] else None
-            record["client_level"] = self._client_run.close_round(unclipped, delta=self._client_run.config.delta)
+            record["client_level"] = self._client_run.close_round(unclipped, delta=self._client_level_delta())
         record["seconds"] = time.perf_counter() - t0
         return record
 
@@ -460,6 +467,23 @@ class Aggregator:
         # The released aggregate: noised under client-level DP (server.weighted_sum is the bare sum).
         total, weight = decode_aggregate(r, result.payload, dim)
         return total / weight, weight, result.accepted, rejected
+
+    def _secagg_noise(self, participants: int, num_sites: int, size: int) -> NoiseRound | None:
+        """The round's client-level noise shares and derived encoding, as each site derives them."""
+        if self._client_run is None:
+            return None
+        from privfl.client_dp import secagg_noise_ratio, secagg_round
+
+        fed = self.config.federation
+        client_dp = self._client_run.config
+        noise = secagg_round(
+            self._client_run.plan, noise_ratio=secagg_noise_ratio(fed.secagg.resolve_threshold, num_sites),
+            participants=participants, clip_norm=self._client_run.clip_norm, dim=size, adaptive=client_dp.adaptive,
+            num_sites=num_sites, rounds=fed.rounds, delta=client_dp.delta, bits=fed.secagg.bits,
+        )
+        # The client-level delta then also covers the tail in which a share could have been clipped.
+        self._tail_delta = noise.range.tail_delta
+        return noise
 
     def _central_noise(self, r: int, dim: int):
         if self._client_run is None:
@@ -571,8 +595,10 @@ class Aggregator:
             "client_level": None
             if self._client_run is None
             else self._client_run.summary(
-                delta=self._client_run.config.delta,
-                noise="central (added once to the aggregate before release: by the aggregator under plaintext, "
+                delta=self._client_level_delta(),
+                noise="distributed (each site adds its share before masking)"
+                if self.config.federation.protection is ProtectionKind.SECAGG
+                else "central (added once to the aggregate before release: by the aggregator under plaintext, "
                 "by the key-holder site under CKKS)",
                 clip_norms=[level["clip_norm"] for h in history if (level := h.get("client_level"))],
             ),
@@ -586,18 +612,24 @@ class Aggregator:
 class _SecAggRound:
     """The aggregator's half of one secure-aggregation round, step by step."""
 
-    def __init__(self, config: RunConfig, round_index: int, sampled: list[str], dim: int) -> None:
+    def __init__(self, config: RunConfig, round_index: int, sampled: list[str], dim: int, noise: NoiseRound | None = None) -> None:
+        """``dim``: the values each site sends (its weight comes after them); ``noise``: the round's
+        client-level noise and derived encoding (None without client-level DP)."""
+        from privfl.protocols.secagg import Quantizer
         from privfl.protocols.secagg.keys import KeyPair
         from privfl.protocols.secagg.params import RoundParams
         from privfl.protocols.secagg.server import SecAggServer
         from privfl.protocols.secagg.state import encode_params
 
         cfg = config.federation.secagg
-        if cfg.weight_bound is None:
-            raise ConfigError(
-                "federation.secagg.weight_bound", None,
-                "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+        self.bound = secagg_weight_bound(config)
+        if noise is None:
+            self.quantizer = quantizer_for(config, len(sampled))
+        else:
+            self.quantizer = Quantizer(
+                clip_range=noise.range.clip_range, bits=cfg.bits, num_clients=len(sampled), fraction_bits=noise.range.fraction_bits
             )
+        self.noised = noise is not None
         if cfg.authenticated:
             raise ConfigError("federation.secagg.authenticated", True, "the authenticated mode is not supported in deployments yet")
         self.config = config
@@ -646,20 +678,26 @@ class _SecAggRound:
         self._step(aggregator, channel, Step.SECAGG_RELAY, server.relay_messages(), server.receive_masked_input)
         self._step(aggregator, channel, Step.SECAGG_UNMASK, server.unmask_requests(), server.receive_unmask)
         words = server.finish()
-        cfg = self.config.federation.secagg
-        quantizer = quantizer_for(self.config, len(self.sampled))
-        decoded = quantizer.decode_sum(words)
-        c = float(cfg.clip_range)
-        ratio_sum = decoded[self.dim] / c
-        if not ratio_sum > 0:
-            raise ProtocolAbort(f"round {self.round_index}: decoded total weight {ratio_sum * cfg.weight_bound} is not positive")
         survivors = server.survivors
+        if self.noised and len(survivors) < len(self.sampled):
+            # The unmasked sum carries at least the charged noise, but its variance would reveal how
+            # many sites survived: the average is withheld (as in-process, fail_on_dropout).
+            raise ProtocolAbort(
+                f"round {self.round_index}: {len(self.sampled) - len(survivors)} of {len(self.sampled)} sites dropped out; "
+                "under client-level DP the average is withheld",
+                survivors=len(survivors), threshold=len(self.sampled),
+            )
+        decoded = self.quantizer.decode_sum(words)
+        ratio_sum = decoded[self.dim] / self.quantizer.clip_range
+        weight = ratio_sum * (self.bound if self.bound is not None else 1.0)
+        if not ratio_sum > 0:
+            raise ProtocolAbort(f"round {self.round_index}: decoded total weight {weight} is not positive")
         rejected = {u: reason for u, reason in server.dropped.items() if u not in survivors and u in advertised}
-        return decoded[: self.dim] / ratio_sum, tuple(sorted(survivors)), rejected
+        return decoded[: self.dim] / ratio_sum, float(weight), tuple(sorted(survivors)), rejected
 
 
-_CENTRAL_NOISE = (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS)
-"""The protections under which a deployment supports client-level DP: the noise goes once on the sum."""
+_CLIENT_DP_PROTECTIONS = (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS, ProtectionKind.SECAGG)
+"""The protections under which a deployment supports client-level DP (central noise, or distributed shares)."""
 
 
 def _min_participants(config: RunConfig) -> int:

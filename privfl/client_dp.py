@@ -556,3 +556,55 @@ class ClientLevelRun:
             "noise": noise,
             "clip_norms": clip_norms,
         }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecAggRound:
+    """One secure-aggregation round's client-level noise: the share count and the derived encoding.
+
+    The sites and the server compute it alike from public values (:func:`secagg_round`).
+
+    Attributes:
+        shares: how many shares make the accounted noise (c / rho, :func:`count_free_shares`).
+        range: the derived clip range and quantizer step (:func:`secagg_range`).
+    """
+
+    shares: float
+    range: SecAggRange
+
+    @property
+    def min_grid(self) -> float:
+        """The quantizer's step: every noise grid is a multiple of it, so each share maps to its integer exactly."""
+        return math.ldexp(1.0, -self.range.fraction_bits)
+
+
+def secagg_round(
+    plan: ClientDPPlan,
+    *,
+    noise_ratio: float,
+    participants: int,
+    clip_norm: float,
+    dim: int,
+    adaptive: bool,
+    num_sites: int,
+    rounds: int,
+    delta: float,
+    bits: int,
+) -> SecAggRound:
+    """The noise shares and secure-aggregation encoding of a round of ``participants`` sites out of ``num_sites``.
+
+    Args:
+        noise_ratio: rho of the run (:func:`secagg_noise_ratio`).
+        participants: c, the sites whose shares the round sums (a lone site gets the whole noise).
+        num_sites: K, the federation's sites (the most any round can have).
+        Other arguments: as :func:`secagg_range`.
+
+    Raises:
+        ConfigError: no encoding fits ``bits`` (see :func:`secagg_range`).
+    """
+    shares = count_free_shares(participants, noise_ratio) if participants >= 2 else 1.0
+    derived = secagg_range(
+        plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=shares,
+        max_clients=max(2, num_sites), rounds=rounds, delta=delta, bits=bits,
+    )
+    return SecAggRound(shares=shares, range=derived)

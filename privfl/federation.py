@@ -601,33 +601,30 @@ class Federation:
         adaptive = self._client_dp.adaptive
         distributed = protection if isinstance(protection, DistributedNoiseProtection) else None
         shares = 1.0  # how many noise shares make the charged noise (c / rho under secagg)
-        if distributed is not None and len(updates) >= 2:
-            from privfl.client_dp import count_free_shares, secagg_noise_ratio
-
-            if self._noise_ratio is None:
-                # rho, fixed for the run: the released noise rho (z_delta S)^2 then does not depend on
-                # how many sites took part (privfl.client_dp, "Adjacency").
-                self._noise_ratio = secagg_noise_ratio(distributed.share_threshold, len(self.clients))
-            shares = count_free_shares(len(updates), self._noise_ratio)
         min_grid = None
         if distributed is not None:
             # Secure aggregation clips each coordinate to clip_range, which would cut the noise shares:
             # the range and step are derived from the noise, S (re-derived every round, since adaptive
             # clipping moves it) and the client count, and a round that would clip anyway is aborted
             # before anything is sent (fail closed; privfl.client_dp.secagg_range states the tail bound).
-            from privfl import client_dp as client_dp_module
+            from privfl.client_dp import secagg_noise_ratio, secagg_round
 
+            if self._noise_ratio is None:
+                # rho, fixed for the run: the released noise rho (z_delta S)^2 then does not depend on
+                # how many sites took part (privfl.client_dp, "Adjacency").
+                self._noise_ratio = secagg_noise_ratio(distributed.share_threshold, len(self.clients))
             dim = next(iter(updates.values())).delta.shape[0] if updates else 1
-            derived = client_dp_module.secagg_range(
-                plan, clip_norm=clip_norm, dim=dim, adaptive=adaptive, shares=shares,
-                max_clients=max(2, len(self.clients)), rounds=self.config.rounds, delta=self._client_dp.delta,
+            noise_round = secagg_round(
+                plan, noise_ratio=self._noise_ratio, participants=len(updates), clip_norm=clip_norm, dim=dim,
+                adaptive=adaptive, num_sites=len(self.clients), rounds=self.config.rounds, delta=self._client_dp.delta,
                 bits=distributed.word_bits,
             )
-            distributed.use_noise_range(derived.clip_range, derived.fraction_bits)
-            self._secagg_range = derived
+            shares = noise_round.shares
+            distributed.use_noise_range(noise_round.range.clip_range, noise_round.range.fraction_bits)
+            self._secagg_range = noise_round.range
             # Every noise grid is a multiple of the quantizer's power-of-two step: it maps each share
             # to its integer exactly (docs/client-dp.md).
-            min_grid = math.ldexp(1.0, -derived.fraction_bits)
+            min_grid = noise_round.min_grid
         out: dict[str, ClientUpdate] = {}
         unclipped = 0
         for name, update in updates.items():

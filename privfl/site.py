@@ -44,7 +44,7 @@ from privfl.envelope import Reply, Request, Status, Step, decode_request, encode
 from privfl.errors import BudgetExceededError, ConfigError, LedgerError, MessageError, PrivflError, ProtocolAbort
 from privfl.rundir import LEDGER_FILE, LEDGER_KEY_FILE, RunLock, durable_write_bytes, durable_write_json
 
-__all__ = ["Site", "SiteRole", "load_site_dataset", "provision_shared_key", "quantizer_for"]
+__all__ = ["Site", "SiteRole", "client_level_plan", "load_site_dataset", "provision_shared_key", "quantizer_for", "secagg_weight_bound"]
 
 log = logging.getLogger("privfl")
 
@@ -132,6 +132,34 @@ def load_site_dataset(source: str, *, label_column: str = "label"):
         raise ConfigError("data.label_column", label_column, "labels must be non-negative integers")
     features = np.delete(table, label_index, axis=1).astype(np.float32)
     return ArrayDataset(features, labels.astype(np.int64))
+
+
+def secagg_weight_bound(config: RunConfig) -> float | None:
+    """W, the public bound on a site's example count that a deployment's secure aggregation scales by.
+
+    None under client-level DP, where every site's update carries weight 1.
+
+    Raises:
+        ConfigError: no ``weight_bound`` is set (needed: a site's own count stays hidden).
+    """
+    bound = config.federation.secagg.weight_bound
+    if config.federation.client_dp is not None:
+        return None
+    if bound is None:
+        raise ConfigError(
+            "federation.secagg.weight_bound", None,
+            "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
+        )
+    return bound
+
+
+def client_level_plan(config: RunConfig, num_sites: int):
+    """The run's client-level DP plan for ``num_sites`` sites (every party derives the same one)."""
+    from privfl.client_dp import plan_client_dp
+
+    fed = config.federation
+    assert fed.client_dp is not None  # asked for only under client-level DP
+    return plan_client_dp(fed.client_dp, num_clients=num_sites, client_fraction=fed.client_fraction, rounds=fed.rounds)
 
 
 def quantizer_for(config: RunConfig, num_clients: int):
@@ -470,17 +498,15 @@ class Site:
         elif kind is ProtectionKind.SECAGG:
             from privfl.protocols.secagg.state import decode_params
 
-            cfg = config.federation.secagg
-            if cfg.weight_bound is None:
-                raise ConfigError(
-                    "federation.secagg.weight_bound", None,
-                    "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
-                )
-            if len(self.dataset) > cfg.weight_bound:
-                raise ConfigError("federation.secagg.weight_bound", cfg.weight_bound, f"this site has {len(self.dataset)} examples, above it")
+            bound = secagg_weight_bound(config)
+            if bound is not None and len(self.dataset) > bound:
+                raise ConfigError("federation.secagg.weight_bound", bound, f"this site has {len(self.dataset)} examples, above it")
             params = decode_params(request.parts[1], round_index=request.round_index)
             if self.name not in params.index:
                 raise MessageError("this site is not among the round's secure-aggregation clients")
+            if len(params.client_ids) > request.fields["num_sites"]:
+                # Client-level DP plans rho and the encoding's modulus for num_sites: a larger round could wrap the sum.
+                raise MessageError(f"the round has {len(params.client_ids)} secure-aggregation clients, the run {request.fields['num_sites']} sites")
 
     def _protect(self, request: Request, config: RunConfig, update, num_sites: int, protocol_part: bytes) -> bytes:
         kind = config.federation.protection
@@ -533,28 +559,72 @@ class Site:
         from privfl.protocols.secagg.state import decode_params, export_client
 
         cfg = config.federation.secagg
-        if cfg.weight_bound is None:
-            raise ConfigError(
-                "federation.secagg.weight_bound", None,
-                "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
-            )
+        bound = secagg_weight_bound(config)
         params = decode_params(params_part, round_index=request.round_index)
-        if update.weight > cfg.weight_bound:
-            raise ConfigError("federation.secagg.weight_bound", cfg.weight_bound, f"this site has {update.weight:g} examples, above it")
         dim = update.delta.shape[0]
         if params.dimension != dim + 1:
             raise MessageError(f"round parameters are for {params.dimension - 1} values, the update has {dim}")
-        quantizer = quantizer_for(config, len(params.client_ids))
-        c = float(cfg.clip_range)
-        ratio = update.weight / cfg.weight_bound
         vector = np.empty(dim + 1)
-        np.multiply(np.clip(update.delta.astype(np.float64), -c, c), ratio, out=vector[:dim])
+        if bound is None:
+            # Client-level DP: the clipped update plus this site's noise share, on the quantizer's grid.
+            vector[:dim], quantizer = self._secagg_noise_share(request, config, update.delta, len(params.client_ids))
+            c, ratio = quantizer.clip_range, 1.0
+        else:
+            if update.weight > bound:
+                raise ConfigError("federation.secagg.weight_bound", bound, f"this site has {update.weight:g} examples, above it")
+            quantizer = quantizer_for(config, len(params.client_ids))
+            c = float(cfg.clip_range)
+            ratio = update.weight / bound
+            np.multiply(np.clip(update.delta.astype(np.float64), -c, c), ratio, out=vector[:dim])
         vector[dim] = ratio * c
         encoded, _ = quantizer.encode(vector, rounding_key())
         client = SecAggClient(self.name, params, self._secagg_identity(config))
         message = client.advertise()
         self._save_round(request.round_index, export_client(client), encoded)
         return message
+
+    def _secagg_noise_share(self, request: Request, config: RunConfig, vector: np.ndarray, participants: int):
+        """This site's DP-FedAvg vector noised with its share, and the round's derived quantizer.
+
+        Both come from public values (the site count, the round's participants, S), so the server
+        derives the same quantizer (privfl.client_dp.secagg_round). A coordinate beyond the derived
+        clip range aborts the round before anything is masked (fail closed: a clipped share is not
+        the accounted noise).
+
+        Raises:
+            ProtocolAbort: a coordinate would be clipped.
+        """
+        from privfl.client_dp import distributed_noise, secagg_noise_ratio, secagg_round
+        from privfl.noise import random_source
+        from privfl.plan import derive_seed
+        from privfl.protocols.secagg import Quantizer
+
+        fed = config.federation
+        client_dp, cfg = fed.client_dp, fed.secagg
+        assert client_dp is not None  # called only under client-level DP
+        clip_norm = _client_clip_norm(request, config)
+        assert clip_norm is not None  # set under client-level DP
+        num_sites, index = request.fields["num_sites"], request.fields["index"]  # checked before training
+        plan = client_level_plan(config, num_sites)
+        adaptive = client_dp.adaptive
+        noise_round = secagg_round(
+            plan, noise_ratio=secagg_noise_ratio(cfg.resolve_threshold, num_sites), participants=participants,
+            clip_norm=clip_norm, dim=vector.shape[0] - int(adaptive), adaptive=adaptive, num_sites=num_sites,
+            rounds=fed.rounds, delta=client_dp.delta, bits=cfg.bits,
+        )
+        noised = distributed_noise(
+            vector, plan=plan, clip_norm=clip_norm, adaptive=adaptive, threshold=noise_round.shares,
+            source=random_source(derive_seed(fed.noise_seed, request.round_index, index, 1)), min_grid=noise_round.min_grid,
+        )
+        c = noise_round.range.clip_range
+        clipped = int(np.count_nonzero(np.abs(noised) > c))
+        if clipped:
+            raise ProtocolAbort(
+                f"round {request.round_index}: {clipped} coordinate(s) beyond the derived clip range {c:.6g}; "
+                "nothing is masked (a clipped noise share is not the accounted noise)"
+            )
+        quantizer = Quantizer(clip_range=c, bits=cfg.bits, num_clients=participants, fraction_bits=noise_round.range.fraction_bits)
+        return noised, quantizer
 
     def _save_round(self, round_index: int, state: bytes, encoded: np.ndarray) -> None:
         from privfl.protocols.wire import encode_frame
@@ -680,7 +750,7 @@ class Site:
         Raises:
             ProtocolAbort: the request's clip norm or site count disagrees with the key holder's record.
         """
-        from privfl.client_dp import ClientLevelRun, central_noise, plan_client_dp, split_release
+        from privfl.client_dp import ClientLevelRun, central_noise, split_release
 
         client_dp = config.federation.client_dp
         assert client_dp is not None  # called only under client-level DP
@@ -693,7 +763,7 @@ class Site:
         if state["num_sites"] != num_sites:
             raise ProtocolAbort(f"the aggregator now counts {num_sites} sites; this run started with {state['num_sites']}")
         fed = config.federation
-        plan = plan_client_dp(client_dp, num_clients=num_sites, client_fraction=fed.client_fraction, rounds=fed.rounds)
+        plan = client_level_plan(config, num_sites)
         run = ClientLevelRun(client_dp, plan)
         run.resume(state["levels"])
         if not (isinstance(announced, (int, float)) and announced == run.clip_norm):
@@ -842,10 +912,8 @@ def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     client_dp = config.federation.client_dp
     if client_dp is None:
         return None
-    if config.federation.protection not in (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS):
-        raise ConfigError(
-            "federation.client_dp", "set", "client-level DP in deployments needs protection = \"plaintext\" or \"ckks\""
-        )
+    if config.federation.protection is ProtectionKind.SHARED_KEY:
+        raise ConfigError("federation.client_dp", "set", "client-level DP is not supported with the shared-key mode in deployments yet")
     clip_norm = request.fields.get("clip_norm")
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (math.isfinite(clip_norm) and clip_norm > 0):
         raise MessageError("train request lacks a valid client-level clip norm")

@@ -191,11 +191,10 @@ def test_secagg_below_threshold_aborts_typed_and_the_run_goes_on(split, clients,
 
 
 def test_aggregator_refuses_what_deployments_do_not_support(split, run_toml):
-    # Client-level DP runs in deployments under plaintext and CKKS (central noise; tests/test_roles_client_dp.py),
-    # not yet under secure aggregation's distributed noise or the shared-key mode.
-    for protection in ("secagg", "shared_key"):
-        with pytest.raises(ConfigError, match="client_dp"):
-            _aggregator(run_toml(protection, extra="[federation.client_dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n"), split)
+    # Client-level DP runs in deployments under plaintext, CKKS and secure aggregation
+    # (tests/test_roles_client_dp.py), not yet in the shared-key mode.
+    with pytest.raises(ConfigError, match="client_dp"):
+        _aggregator(run_toml("shared_key", extra="[federation.client_dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n"), split)
     with pytest.raises(ConfigError, match="input_shape"):
         Aggregator(run_toml("plaintext"))
 

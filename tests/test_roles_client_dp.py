@@ -51,7 +51,7 @@ def _in_process(text, split, clients):
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed-clip", "adaptive-clip"])
-@pytest.mark.parametrize("protection", ["plaintext", "ckks"])
+@pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg"])
 def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(protection, adaptive, split, clients, tmp_path, run_toml):
     text = _text(run_toml, protection, adaptive=adaptive)
     deployed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
@@ -64,6 +64,7 @@ def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(prot
     # The same charge, clip norms and (noised) unclipped fractions, round by round.
     for mine, theirs in zip(levels, in_process, strict=True):
         assert mine["epsilon"] == pytest.approx(theirs["epsilon"], rel=1e-9)
+        assert mine["delta"] == pytest.approx(theirs["delta"], rel=1e-12)
         assert mine["clip_norm"] == pytest.approx(theirs["clip_norm"], rel=1e-9)
         assert mine["next_clip_norm"] == pytest.approx(theirs["next_clip_norm"], rel=1e-9)
         if adaptive:
@@ -73,7 +74,8 @@ def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(prot
     if adaptive:
         assert len({level["clip_norm"] for level in levels}) > 1  # S moved
     difference = float(np.max(np.abs(deployed.parameters - flatten_parameters(expected.model))))
-    if protection == "plaintext":
+    if protection in ("plaintext", "secagg"):
+        # Secure aggregation: every noised value lies on the quantizer's grid, so the sum is exact.
         assert difference <= 1e-5
     else:
         # CKKS decrypts within about 1e-6 of the sum; the release rounds it to the noise grid, where such a
@@ -160,3 +162,40 @@ def test_the_key_holder_refuses_to_noise_for_another_clip_norm_or_site_count(cha
     assert released == sum(1 for h in result.history if not h["aborted"])
     # The run charged every round all the same (conservative) and went on.
     assert [h["client_level"]["epsilon"] is not None for h in result.history] == [True, True]
+
+
+def _drop_masked_input_of(victim):
+    def alter(node, request, reply):
+        return None if node == victim and decode_request(request).step is Step.SECAGG_RELAY else reply
+
+    return alter
+
+
+def test_secagg_withholds_a_round_with_a_dropout_and_needs_no_weight_bound(split, clients, tmp_path, run_toml):
+    # No weight_bound: under client-level DP every site counts once, so none is needed.
+    text = _text(run_toml, "secagg", adaptive=True, rounds=2).replace("[federation.secagg]\nweight_bound = 1000\n", "")
+    assert "[federation.secagg]" not in text and text.count("weight_bound") == 1  # the shared-key mode's only
+    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_masked_input_of("site-2")))
+    # Two of three masked inputs arrived, enough to unmask their sum: but its noise would reveal how
+    # many sites survived, so the average is withheld, the round charged, and the run goes on.
+    for record in result.history:
+        assert record["aborted"] and "withheld" in record["aborted"]
+        assert record["client_level"]["epsilon"] is not None and record["client_level"]["unclipped_fraction_noised"] is None
+    assert np.array_equal(result.parameters, flatten_parameters(_initial(text, split)))
+
+
+def _initial(text, split):
+    from privfl.site import seeded_model
+
+    return seeded_model(_parse_config(text), None, split.train.input_shape, split.train.num_classes)
+
+
+def test_in_process_secagg_client_dp_ignores_the_weight_bound(split, clients, run_toml):
+    """Noised updates carry weight 1: scaling them by 1 / weight_bound would move the shares off the grid."""
+    text = _text(run_toml, "secagg", adaptive=True, rounds=2)
+    with_bound = _in_process(text, split, clients)
+    without = _in_process(text.replace("[federation.secagg]\nweight_bound = 1000\n", ""), split, clients)
+    assert [h["client_level"]["unclipped_fraction_noised"] for h in with_bound.history] == [
+        h["client_level"]["unclipped_fraction_noised"] for h in without.history
+    ]
+    assert np.array_equal(flatten_parameters(with_bound.model), flatten_parameters(without.model))

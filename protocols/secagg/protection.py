@@ -234,9 +234,15 @@ class SecAggProtection(DistributedNoiseProtection):
         return self.config.bits
 
     def use_noise_range(self, clip_range: float, fraction_bits: int) -> None:
-        """See `DistributedNoiseProtection.use_noise_range`."""
+        """See `DistributedNoiseProtection.use_noise_range`.
+
+        Also drops ``weight_bound``: noised updates all carry weight 1 (every site counts once), and
+        scaling them by 1 / ``weight_bound`` would move each share off the quantizer's grid, so the
+        encoding would round the noise instead of carrying it exactly.
+        """
         self.config = replace(
-            self.config, clip_range=clip_range, fraction_bits=fraction_bits, fail_on_clip=True, fail_on_dropout=True
+            self.config, clip_range=clip_range, fraction_bits=fraction_bits, fail_on_clip=True, fail_on_dropout=True,
+            weight_bound=None,
         )
 
     def __init__(self, config: SecAggConfig | None = None) -> None:
