@@ -11,6 +11,7 @@ What each site spent is what the site reported from its own ledger.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -31,7 +32,10 @@ from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
 from privfl.site import SiteRole, quantizer_for, secagg_weight_bound
 
-__all__ = ["Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
+__all__ = ["AGGREGATOR_FILE", "Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
+
+AGGREGATOR_FILE = "aggregator.json"
+"""In a deployment's out_dir: the run id, the config's SHA-256 and the sites (what a resume must match)."""
 
 log = logging.getLogger("privfl")
 
@@ -164,6 +168,7 @@ class Aggregator:
         self.step_timeout = float(step_timeout)
         self.progress = progress
         self.run_id = secrets.token_hex(16)
+        self._recorded_sites: list[str] | None = None
 
     # -- model ---------------------------------------------------------------------------------------
     def _initial_model(self):
@@ -264,22 +269,73 @@ class Aggregator:
         self._has_context: set[str] = set()
 
     # -- the run -------------------------------------------------------------------------------------
-    def run(self, channel: SiteChannel, out_dir: str | Path | None = None) -> DeploymentResult:
-        """Runs every round of the config against the sites on ``channel``.
+    def run(self, channel: SiteChannel, out_dir: str | Path | None = None, *, resume: bool = False) -> DeploymentResult:
+        """Runs every round of the config against the sites on ``channel`` (or the remaining ones, with ``resume``).
+
+        Args:
+            channel: how the sites are reached.
+            out_dir: where history.json, the checkpoints and summary.json go (None: nowhere).
+            resume: continue the unfinished run in ``out_dir`` after its last recorded round, under
+                its run id, with the same config and the same sites. A round the interrupted server
+                had started but not recorded is asked for again: sites that trained in it refuse to
+                train twice (their spending stays in their ledgers), so it is recorded with them dropped.
 
         Raises:
-            ConfigError: no site joined, two claim one name, CKKS without exactly one key holder, or
-                ``out_dir`` already holds a run.
+            ConfigError: no site joined, two claim one name, CKKS without exactly one key holder,
+                ``out_dir`` already holds a run (without ``resume``), or there is no unfinished run
+                there to resume, it was made with another config, or other sites answered.
+            RunLockedError: another process runs in ``out_dir`` now.
         """
-        from privfl.federation import _Progress, _round_log_line
-        from privfl.rundir import HISTORY_FILE, SUMMARY_FILE, durable_write_json, save_checkpoint
-        from privfl.training import evaluate, flatten_parameters, load_flat_parameters, resolve_device
+        from privfl.rundir import RunLock
 
         out = Path(out_dir) if out_dir is not None else None
-        if out is not None:
-            if (out / SUMMARY_FILE).exists() or (out / HISTORY_FILE).exists():
-                raise ConfigError("out_dir", str(out), "already holds a run; choose a new directory")
-            out.mkdir(parents=True, exist_ok=True)
+        if out is None:
+            if resume:
+                raise ConfigError("resume", True, "needs the out_dir of the run to resume")
+            return self._run(channel, None, resume=False)
+        out.mkdir(parents=True, exist_ok=True)
+        with RunLock(out):
+            return self._run(channel, out, resume=resume)
+
+    def _start(self, out: Path | None, resume: bool) -> list[RoundRecord]:
+        """Checks ``out`` and records the run there (fresh), or loads the history to continue (resume)."""
+        import hashlib
+
+        from privfl.rundir import HISTORY_FILE, SUMMARY_FILE, durable_write_json, load_history
+
+        if out is None:
+            return []
+        marker = out / AGGREGATOR_FILE
+        digest = hashlib.sha256(self.config_text.encode()).hexdigest()
+        if not resume:
+            if marker.exists() or (out / SUMMARY_FILE).exists() or (out / HISTORY_FILE).exists():
+                raise ConfigError("out_dir", str(out), "already holds a run; choose a new directory, or resume it")
+            durable_write_json(marker, {"run": self.run_id, "config_sha256": digest, "sites": None})
+            return []
+        if (out / SUMMARY_FILE).exists():
+            raise ConfigError("resume", str(out), "the run there has finished (summary.json exists); nothing to resume")
+        if not marker.exists():
+            raise ConfigError("resume", str(out), f"holds no deployed run to resume ({AGGREGATOR_FILE} is missing)")
+        try:
+            recorded = json.loads(marker.read_text())
+            run_id, config_digest = recorded["run"], recorded["config_sha256"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(AGGREGATOR_FILE, str(marker), f"is corrupt ({exc})") from None
+        if config_digest != digest:
+            raise ConfigError("resume", str(out), "the run there was made with another config; resume it with the same one")
+        if not (isinstance(run_id, str) and len(run_id) == 32):
+            raise ConfigError(AGGREGATOR_FILE, str(marker), "holds no valid run id")
+        self.run_id = run_id
+        self._recorded_sites = recorded.get("sites")
+        return load_history(out / HISTORY_FILE)
+
+    def _run(self, channel: SiteChannel, out: Path | None, *, resume: bool) -> DeploymentResult:
+        from privfl.federation import _Progress, _round_log_line
+        from privfl.rundir import HISTORY_FILE, SUMMARY_FILE, durable_write_json, load_checkpoint, save_checkpoint
+        from privfl.training import evaluate, flatten_parameters, load_flat_parameters, resolve_device
+
+        self._recorded_sites = None
+        history = self._start(out, resume)
         started = time.perf_counter()
         fed = self.config.federation
         self._upload: dict[str, int] = {}
@@ -296,18 +352,27 @@ class Aggregator:
             if len(key_ids) != 1 or not isinstance(next(iter(key_ids)), str):
                 raise ConfigError("shared key", len(key_ids), "the sites do not all hold the same shared key (their fingerprints differ)")
         names = sorted(info.name for info in self._sites.values())
+        if out is not None:
+            self._record_sites(out, names)
         self._client_run: ClientLevelRun | None = None
         self._tail_delta = 0.0
         if fed.client_dp is not None:
             plan = plan_client_dp(fed.client_dp, num_clients=len(names), client_fraction=fed.client_fraction, rounds=fed.rounds)
             self._client_run = ClientLevelRun(fed.client_dp, plan)
+            # Resumed: every recorded round was one charged release.
+            self._client_run.resume([record.get("client_level") for record in history])
         model = self._initial_model()
         params = flatten_parameters(model)
-        history: list[RoundRecord] = []
+        start = len(history)
+        if start:
+            assert out is not None  # a history is loaded only from out_dir
+            params = load_checkpoint(out, start - 1, params.size)
+            self._restore_counts(history)
+            log.info("resuming run %s at round %d of %d", self.run_id, start, fed.rounds)
         device = resolve_device(fed.device)
-        progress = _Progress(fed.rounds, enabled=self.progress, start=0)
+        progress = _Progress(fed.rounds, enabled=self.progress, start=start)
         with progress:
-            for r in range(fed.rounds):
+            for r in range(start, fed.rounds):
                 record, params = self._round(channel, r, names, params)
                 if self.test_set is not None:
                     load_flat_parameters(model, params)
@@ -315,14 +380,46 @@ class Aggregator:
                     record["test_loss"], record["test_accuracy"] = _finite(loss), _finite(accuracy)
                 history.append(record)
                 if out is not None:
-                    durable_write_json(out / HISTORY_FILE, history)
+                    # The checkpoint first: a recorded round always has its model (resume loads it).
                     save_checkpoint(out, r, params)
+                    durable_write_json(out / HISTORY_FILE, history)
                 progress.advance(record)
                 log.info("%s", _round_log_line(record))
         summary = self._summary(history, len(params), time.perf_counter() - started, device)
         if out is not None:
             durable_write_json(out / SUMMARY_FILE, summary)
         return DeploymentResult(parameters=params, history=history, summary=summary, out_dir=out)
+
+    def _record_sites(self, out: Path, names: list[str]) -> None:
+        """Pins the run's sites in ``out`` (fresh run); a resumed run must reach the same ones."""
+        from privfl.rundir import durable_write_json
+
+        marker = out / AGGREGATOR_FILE
+        if self._recorded_sites is None:
+            recorded = json.loads(marker.read_text())
+            recorded["sites"] = names
+            durable_write_json(marker, recorded)
+        elif sorted(self._recorded_sites) != names:
+            missing = sorted(set(self._recorded_sites) - set(names))
+            extra = sorted(set(names) - set(self._recorded_sites))
+            raise ConfigError(
+                "resume", str(out),
+                f"the run's sites must answer again (missing: {', '.join(missing) or 'none'}; new: {', '.join(extra) or 'none'}): "
+                "sampling, seeds and client-level DP were planned for them",
+            )
+
+    def _restore_counts(self, history: list[RoundRecord]) -> None:
+        """Each site's round counts and uploads, from the recorded rounds of a resumed run."""
+        by_name = {info.name: info for info in self._sites.values()}
+        for record in history:
+            for name in record["trained"]:
+                by_name[name].rounds_trained += 1
+            for name in record["skipped"]:
+                by_name[name].rounds_skipped += 1
+            for name in record["dropped"]:
+                by_name[name].rounds_dropped += 1
+            for name, count in record["upload_bytes"].items():
+                by_name[name].uploads.append(count)
 
     def _round(self, channel: SiteChannel, r: int, names: list[str], params: np.ndarray) -> tuple[RoundRecord, np.ndarray]:
         t0 = time.perf_counter()

@@ -23,6 +23,8 @@ Run configuration of the ServerApp (``flwr run --run-config``):
 * ``test-data`` (optional): a CSV/Parquet test set the aggregator evaluates on (public data only);
 * ``min-sites`` (default 1), ``wait-seconds`` (default 120): wait for this many connected nodes;
 * ``step-timeout`` (default 600): seconds a site has for one protocol step before it counts as dropped;
+* ``resume`` (default false): continue the unfinished run in ``out`` (same config, same sites) after
+  a server crash, under its run id (:meth:`privfl.aggregator.Aggregator.run`);
 * ``sim-state-root``: under Flower's Simulation Engine, where the virtual sites keep their state.
 
 Under the Simulation Engine, virtual nodes carry only ``partition-id`` and ``num-partitions``: the
@@ -224,6 +226,15 @@ def _shorten_reply_pulls(grid: Grid) -> None:
         shorten_object_pulls(module, "pull_objects", 0.05)
 
 
+def _flag(value) -> bool:
+    """A boolean run-config value (Flower passes true / false, or a string from the command line)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise ConfigError("resume", value, "must be true or false")
+
+
 @server_app.main()
 def _aggregator_main(grid: Grid, context: Context) -> None:
     import torch
@@ -248,4 +259,4 @@ def _aggregator_main(grid: Grid, context: Context) -> None:
     )
     channel = FlowerChannel(grid, min_sites=int(rc.get("min-sites", 1)), wait_seconds=float(rc.get("wait-seconds", 120)))
     out = rc.get("out")
-    aggregator.run(channel, None if not out else str(out))
+    aggregator.run(channel, None if not out else str(out), resume=_flag(rc.get("resume", False)))

@@ -301,6 +301,7 @@ class LocalFederation:
             "min-sites": len(self.names),
             "wait-seconds": 120,
             "step-timeout": float(step_timeout),
+            "resume": False,  # present, so that `flwr run --run-config resume=true` may override it
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
         self._wait_workers()

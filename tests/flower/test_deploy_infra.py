@@ -228,3 +228,13 @@ def test_simulation_engine_runs_the_same_app_on_virtual_nodes(tmp_path: Path) ->
         sites = sorted(r["site"] for r in round_["replies"])
         assert sites == sorted(f"partition-{i}" for i in range(num_nodes))
         assert all(r["digest"] == _digest(r["site"]) for r in round_["replies"])
+
+
+def test_the_serverapps_resume_flag_takes_flowers_values_and_refuses_others() -> None:
+    from privfl.flower.apps import _flag
+
+    assert _flag(True) is True and _flag(False) is False
+    assert _flag("true") is True and _flag("False") is False and _flag("1") is True
+    for bad in ("yes", 2, None):
+        with pytest.raises(ConfigError, match="resume"):
+            _flag(bad)

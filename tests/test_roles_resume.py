@@ -1,0 +1,130 @@
+"""A deployed run's server side resumes after a crash: same run id, same sites, the next unrecorded
+round; the sites' ledgers keep what was spent, and nothing trains twice in one round."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from privfl.aggregator import AGGREGATOR_FILE, Aggregator, LocalSites
+from privfl.envelope import Step, decode_request
+from privfl.errors import ConfigError
+from privfl.site import Site, SiteRole, _parse_config
+
+_CLIENT_DP = """
+[federation.client_dp]
+noise_multiplier = 0.6
+clip_norm = 0.4
+delta = 1e-3
+adaptive = true
+"""
+
+
+class _Crash(Exception):
+    """The server process dies."""
+
+
+class _CrashingSites(LocalSites):
+    """Delivers requests until the train step of ``round_index``; then the server dies, before
+    (``after=False``) or after (``after=True``) the sites have trained."""
+
+    def __init__(self, sites, round_index, *, after):
+        super().__init__(sites)
+        self.round_index, self.after = round_index, after
+
+    def exchange(self, requests, *, timeout):
+        first = decode_request(next(iter(requests.values())))
+        if first.step is Step.TRAIN and first.round_index == self.round_index:
+            if self.after:
+                super().exchange(requests, timeout=timeout)
+            raise _Crash
+        return super().exchange(requests, timeout=timeout)
+
+
+def _sites(clients, root):
+    return [
+        Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE, budget=100.0)
+        for i, (name, dataset) in enumerate(clients.items())
+    ]
+
+
+def _aggregator(text, split):
+    return Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, test_set=split.test, progress=False)
+
+
+@pytest.mark.parametrize("protection,extra", [("plaintext", ""), ("ckks", _CLIENT_DP)], ids=["plaintext", "ckks-client-dp"])
+def test_a_resumed_server_finishes_the_run_it_would_have_run(protection, extra, split, clients, tmp_path, run_toml):
+    text = run_toml(protection, rounds=3, extra=extra)
+    uninterrupted = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path / "a")), tmp_path / "a-server")
+    sites = _sites(clients, tmp_path / "b")
+    with pytest.raises(_Crash):
+        _aggregator(text, split).run(_CrashingSites(sites, 2, after=False), tmp_path / "b-server")
+    # A new server process, the same sites (new objects over their state directories).
+    resumed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path / "b")), tmp_path / "b-server", resume=True)
+    assert [h["round"] for h in resumed.history] == [0, 1, 2]
+    assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in resumed.history)
+    # Sampling and training seeds come from noise_seed, so the resumed run is the uninterrupted one (under
+    # CKKS up to its ~1e-6 decryption error, which the client-level release's grid can turn into one step).
+    difference = float(np.max(np.abs(resumed.parameters - uninterrupted.parameters)))
+    if extra:
+        from privfl.client_dp import plan_client_dp, release_noise
+
+        plan = plan_client_dp(_parse_config(text).federation.client_dp, num_clients=3, client_fraction=1.0, rounds=3)
+        grid = max(release_noise(plan, clip_norm=h["client_level"]["clip_norm"], dim=resumed.parameters.size,
+                                 adaptive=True).update.grid for h in resumed.history)
+        assert difference <= 3 * grid / plan.expected_clients + 1e-5
+    else:
+        assert difference <= 1e-5
+    for name, entry in resumed.summary["clients"].items():
+        assert entry["rounds_trained"] == 3
+        assert entry["epsilon"] == pytest.approx(uninterrupted.summary["clients"][name]["epsilon"], rel=1e-9)
+    if extra:
+        levels = [h["client_level"] for h in resumed.history]
+        assert [level["clip_norm"] for level in levels] == pytest.approx(
+            [h["client_level"]["clip_norm"] for h in uninterrupted.history], rel=1e-9
+        )
+        assert resumed.summary["client_level"]["rounds_released"] == 3
+        assert resumed.summary["client_level"]["epsilon"] == pytest.approx(uninterrupted.summary["client_level"]["epsilon"])
+    assert resumed.summary["deployment"]["run_id"] == json.loads((tmp_path / "b-server" / AGGREGATOR_FILE).read_text())["run"]
+
+
+def test_a_round_the_crashed_server_started_is_not_trained_twice(split, clients, tmp_path, run_toml):
+    text = run_toml("plaintext", rounds=3)
+    config = _parse_config(text)
+    sites = _sites(clients, tmp_path)
+    with pytest.raises(_Crash):
+        _aggregator(text, split).run(_CrashingSites(sites, 1, after=True), tmp_path / "server")
+    spent = {site.name: site.spent(config)[0] for site in sites}
+    resumed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server", resume=True)
+    record = resumed.history[1]
+    # Every site trained round 1 before the crash: asked again, each refuses; the round is recorded so.
+    assert record["aborted"] and record["trained"] == []
+    assert all("already trained in round 1" in reason for reason in record["dropped"].values())
+    assert resumed.history[2]["aborted"] is None and len(resumed.history[2]["contributors"]) == 3
+    for site in sites:
+        # Round 1's charge stayed in the site's ledger; round 2 added one more, and no more.
+        assert site.spent(config)[0] > spent[site.name]
+        assert resumed.summary["clients"][site.name]["rounds_trained"] == 2
+
+
+def test_resume_refuses_what_it_cannot_continue(split, clients, tmp_path, run_toml):
+    text = run_toml("plaintext", rounds=2)
+    with pytest.raises(ConfigError, match="needs the out_dir"):
+        _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), resume=True)
+    with pytest.raises(ConfigError, match="no deployed run to resume"):
+        _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "empty", resume=True)
+    with pytest.raises(_Crash):
+        _aggregator(text, split).run(_CrashingSites(_sites(clients, tmp_path), 1, after=False), tmp_path / "server")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    with pytest.raises(ConfigError, match="another config"):
+        _aggregator(run_toml("plaintext", rounds=3), split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server", resume=True)
+    two = dict(list(clients.items())[:2])
+    with pytest.raises(ConfigError, match="missing: site-2"):
+        _aggregator(text, split).run(LocalSites(_sites(two, tmp_path)), tmp_path / "server", resume=True)
+    finished = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server", resume=True)
+    assert [h["round"] for h in finished.history] == [0, 1]
+    with pytest.raises(ConfigError, match="has finished"):
+        _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server", resume=True)
