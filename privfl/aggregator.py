@@ -123,6 +123,10 @@ class Aggregator:
         test_set: public held-out data the global model is evaluated on after every round (optional).
         step_timeout: seconds a site has to answer one protocol step before it counts as dropped.
         progress: show a progress bar.
+        record: write what the server observes (each site's protocol messages as they arrived, what
+            it sends in the protocol steps, the key holder's release) to ``out_dir/observed`` in the
+            format of ``privfl run --record``, for ``privfl attack --run`` (:mod:`privfl.recording`).
+            Under plaintext that stores every site's update; it is off by default.
 
     Raises:
         ConfigError: the config is invalid or asks for something deployments do not support yet.
@@ -138,6 +142,7 @@ class Aggregator:
         test_set=None,
         step_timeout: float = 600.0,
         progress: bool = True,
+        record: bool = False,
     ) -> None:
         from privfl.site import _parse_config
 
@@ -167,6 +172,8 @@ class Aggregator:
         self.test_set = test_set
         self.step_timeout = float(step_timeout)
         self.progress = progress
+        self.record = bool(record)
+        self._recorder: Any = None
         self.run_id = secrets.token_hex(16)
         self._recorded_sites: list[str] | None = None
 
@@ -192,6 +199,8 @@ class Aggregator:
             by_name[name].node: encode_request(Request(self.run_id, step, round_index, name, fields, parts))
             for name, (fields, parts) in requests.items()
         }
+        if self._recorder is not None:
+            self._record_requests(step, round_index, requests)
         t0 = time.perf_counter()
         raw = channel.exchange(payloads, timeout=self.step_timeout)
         self._step_seconds[step.value] = self._step_seconds.get(step.value, 0.0) + time.perf_counter() - t0
@@ -210,12 +219,39 @@ class Aggregator:
                 dropped[name] = f"{step.value}: refused ({reply.reason})"
                 continue
             replies[name] = reply
+            if self._recorder is not None and reply.parts:
+                self._record_reply(step, name, reply.parts[0])
             self._upload[name] = self._upload.get(name, 0) + len(raw[node])
             seconds = reply.fields.get("site_seconds")
             if isinstance(seconds, (int, float)):
                 key = f"{step.value}@sites(max)"
                 self._step_seconds[key] = max(self._step_seconds.get(key, 0.0), float(seconds))
         return replies, dropped
+
+    # -- the recorded server view --------------------------------------------------------------------
+    def _record_requests(self, step: Step, round_index: int, requests: Mapping[str, tuple[dict[str, Any], tuple[bytes, ...]]]) -> None:
+        """Records the protocol messages the server sends at ``step`` (secure-aggregation steps, the aggregate to decrypt)."""
+        from privfl.protocols.base import KEY_HOLDER, SERVER
+
+        sent = _RECORDED_REQUESTS.get(step)
+        if sent is None:
+            return
+        for name, (_, parts) in requests.items():
+            receiver = KEY_HOLDER if step in _DECRYPT_STEPS else name
+            if parts:
+                self._recorder.deliver(SERVER, receiver, sent, parts[0])
+
+    def _record_reply(self, step: Step, name: str, message: bytes) -> None:
+        """Records a site's protocol message as the server received it, named as in an in-process recording."""
+        from privfl.protocols.base import KEY_HOLDER, SERVER
+
+        if step is Step.TRAIN:
+            kind = "advertise" if self.config.federation.protection is ProtectionKind.SECAGG else "update"
+        else:
+            kind = _RECORDED_REPLIES.get(step, step.value)
+        # The key holder's release reaches the sites through the server (recorded as sent by the key holder).
+        sender = KEY_HOLDER if step in _DECRYPT_STEPS else name
+        self._recorder.deliver(sender, SERVER, kind, message)
 
     def _hello(self, channel: SiteChannel) -> None:
         nodes = channel.nodes()
@@ -301,7 +337,7 @@ class Aggregator:
         """Checks ``out`` and records the run there (fresh), or loads the history to continue (resume)."""
         import hashlib
 
-        from privfl.rundir import HISTORY_FILE, SUMMARY_FILE, durable_write_json, load_history
+        from privfl.rundir import HISTORY_FILE, RUN_FILE, SUMMARY_FILE, durable_write_json, load_history
 
         if out is None:
             return []
@@ -311,6 +347,10 @@ class Aggregator:
             if marker.exists() or (out / SUMMARY_FILE).exists() or (out / HISTORY_FILE).exists():
                 raise ConfigError("out_dir", str(out), "already holds a run; choose a new directory, or resume it")
             durable_write_json(marker, {"run": self.run_id, "config_sha256": digest, "sites": None})
+            # The run's public identity, in the layout of privfl run's run.json: privfl.load_model and
+            # privfl attack --run read the learning rates and the seed from it. The sites' data stays
+            # with them: "clients" only names them.
+            durable_write_json(out / RUN_FILE, self._identity())
             return []
         if (out / SUMMARY_FILE).exists():
             raise ConfigError("resume", str(out), "the run there has finished (summary.json exists); nothing to resume")
@@ -335,7 +375,14 @@ class Aggregator:
         from privfl.training import evaluate, flatten_parameters, load_flat_parameters, resolve_device
 
         self._recorded_sites = None
+        if self.record and out is None:
+            raise ConfigError("record", True, "a recording of the server's view needs an out_dir")
         history = self._start(out, resume)
+        if self.record:
+            from privfl.recording import OBSERVED_DIR, ServerViewRecorder
+
+            assert out is not None  # checked above
+            self._recorder = ServerViewRecorder(out / OBSERVED_DIR)
         started = time.perf_counter()
         fed = self.config.federation
         self._upload: dict[str, int] = {}
@@ -373,6 +420,8 @@ class Aggregator:
         progress = _Progress(fed.rounds, enabled=self.progress, start=start)
         with progress:
             for r in range(start, fed.rounds):
+                if self._recorder is not None:
+                    self._recorder.begin_round(r, params)
                 record, params = self._round(channel, r, names, params)
                 if self.test_set is not None:
                     load_flat_parameters(model, params)
@@ -390,15 +439,25 @@ class Aggregator:
             durable_write_json(out / SUMMARY_FILE, summary)
         return DeploymentResult(parameters=params, history=history, summary=summary, out_dir=out)
 
+    def _identity(self) -> dict[str, Any]:
+        from privfl.federation import public_config
+
+        federation = public_config(self.config.federation)
+        federation.pop("rounds", None)
+        return {"training": public_config(self.config.training), "federation": federation, "clients": {}}
+
     def _record_sites(self, out: Path, names: list[str]) -> None:
         """Pins the run's sites in ``out`` (fresh run); a resumed run must reach the same ones."""
-        from privfl.rundir import durable_write_json
+        from privfl.rundir import RUN_FILE, durable_write_json
 
         marker = out / AGGREGATOR_FILE
         if self._recorded_sites is None:
             recorded = json.loads(marker.read_text())
             recorded["sites"] = names
             durable_write_json(marker, recorded)
+            identity = self._identity()
+            identity["clients"] = {name: "held by the site" for name in names}
+            durable_write_json(out / RUN_FILE, identity)
         elif sorted(self._recorded_sites) != names:
             missing = sorted(set(self._recorded_sites) - set(names))
             extra = sorted(set(names) - set(self._recorded_sites))
@@ -792,6 +851,17 @@ class _SecAggRound:
         rejected = {u: reason for u, reason in server.dropped.items() if u not in survivors and u in advertised}
         return decoded[: self.dim] / ratio_sum, float(weight), tuple(sorted(survivors)), rejected
 
+
+_DECRYPT_STEPS = frozenset({Step.CKKS_DECRYPT, Step.SHARED_KEY_DECRYPT})
+# What the server's recorded view calls each message (the names of an in-process recording).
+_RECORDED_REQUESTS = {
+    Step.SECAGG_KEYS: "advertise_keys", Step.SECAGG_RELAY: "share_relay", Step.SECAGG_UNMASK: "unmask_request",
+    Step.CKKS_DECRYPT: "aggregate", Step.SHARED_KEY_DECRYPT: "aggregate",
+}
+_RECORDED_REPLIES = {
+    Step.SECAGG_KEYS: "share", Step.SECAGG_RELAY: "masked_input", Step.SECAGG_UNMASK: "unmask",
+    Step.CKKS_DECRYPT: "average", Step.SHARED_KEY_DECRYPT: "average",
+}
 
 _CLIENT_DP_PROTECTIONS = (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS, ProtectionKind.SECAGG)
 """The protections under which a deployment supports client-level DP (central noise, or distributed shares)."""

@@ -170,7 +170,9 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
             f"site{'s' * (args.sites != 1)} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)"
         )
 
-    result = deploy_local(text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce)
+    result = deploy_local(
+        text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce, record=args.record
+    )
     summary = result.summary
     accuracy = summary.get("final_accuracy")
     print(f"final accuracy: {accuracy:.4f}" if accuracy is not None else "final accuracy: - (no test set)")
@@ -253,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--out", help="a new directory for the deployment (default: runs/deploy-<timestamp>)")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take (default: 3600)")
     local.add_argument("--quiet", action="store_true", help="no progress bar")
+    local.add_argument(
+        "--record", action="store_true",
+        help="keep what the server observes in DIR/run/observed, for `privfl attack --run DIR/run` (plaintext: every update)",
+    )
     local.set_defaults(func=_cmd_deploy_local)
     return parser
 

@@ -339,7 +339,7 @@ def run_setup(
     ours = {"training": json.loads(json.dumps(public_config(config.training))), "federation": federation}
     differ = [key for key in ("training", "federation") if _differs(identity.get(key), ours[key])]
     split = load_dataset(config)
-    clients = split_clients(config, split)
+    clients = _deployed_sites(run, identity, split.train.input_shape) or split_clients(config, split)
     if sorted(clients) != sorted(identity["clients"]):
         differ.append("data (site names)")
     if differ:
@@ -352,6 +352,19 @@ def run_setup(
         return build_model(config.model, split.train.input_shape, split.train.num_classes)
 
     return model_fn, clients
+
+
+def _deployed_sites(run: Path, identity: dict[str, Any], input_shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """The sites' data of a ``privfl deploy local`` run (``DIR/run``): each site's ``DIR/sites/NAME/data.csv``.
+
+    None when ``run`` is not such a run (the sites' data then comes from the config's partition).
+    """
+    from privfl.site import _shaped, load_site_dataset
+
+    folders = {name: run.parent / "sites" / name / "data.csv" for name in identity.get("clients", {})}
+    if not folders or not all(path.is_file() for path in folders.values()):
+        return None
+    return {name: _shaped(load_site_dataset(str(path)), list(input_shape)) for name, path in folders.items()}
 
 
 def export_run(

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from privfl.errors import ConfigError
-from privfl.protocols.base import SERVER, DirectTransport, Transport
+from privfl.protocols.base import KEY_HOLDER, SERVER, DirectTransport, Transport
 
 __all__ = [
     "OBSERVED_DIR",
@@ -45,7 +45,7 @@ __all__ = [
 OBSERVED_DIR = "observed"
 INDEX_FILE = "index.jsonl"
 # The key holder's released average reaches the sites through the server in any deployment.
-_RELAYED_SENDERS = frozenset({SERVER, "key-holder"})
+_RELAYED_SENDERS = frozenset({SERVER, KEY_HOLDER})
 
 
 def parameters_digest(params: np.ndarray) -> str:

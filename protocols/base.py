@@ -21,6 +21,7 @@ import numpy as np
 from privfl.errors import ConfigError
 
 __all__ = [
+    "KEY_HOLDER",
     "SERVER",
     "ClientUpdate",
     "DirectTransport",
@@ -93,6 +94,9 @@ class DirectTransport:
 
 SERVER = "server"
 """The name the server goes by as a sender or receiver on a :class:`Transport`."""
+
+KEY_HOLDER = "key-holder"
+"""The name the CKKS key holder goes by on a :class:`Transport` (its release reaches the sites through the server)."""
 
 
 class NoisePlacement(str, Enum):

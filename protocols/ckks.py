@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from privfl.errors import ConfigError, DecryptionError, MessageError, ProtocolAbort
-from privfl.protocols.base import SERVER, ClientUpdate, Transport
+from privfl.protocols.base import KEY_HOLDER, SERVER, ClientUpdate, Transport
 from privfl.protocols.ckks_params import CkksConfig
 from privfl.protocols.ckks_release import FLOOD_FACTOR, flood_and_round, measure_fresh_error
 from privfl.protocols.ckks_signing import (
@@ -73,7 +73,6 @@ __all__ = [
     "require_tenseal",
 ]
 
-KEY_HOLDER = "key-holder"
 _KIND_KEY_HOLDER_STATE = 30
 
 

@@ -23,6 +23,8 @@ Run configuration of the ServerApp (``flwr run --run-config``):
 * ``test-data`` (optional): a CSV/Parquet test set the aggregator evaluates on (public data only);
 * ``min-sites`` (default 1), ``wait-seconds`` (default 120): wait for this many connected nodes;
 * ``step-timeout`` (default 600): seconds a site has for one protocol step before it counts as dropped;
+* ``record`` (default false): write what the server observes to ``out/observed`` for ``privfl attack
+  --run`` (:class:`privfl.aggregator.Aggregator`; under plaintext it holds every site's update);
 * ``resume`` (default false): continue the unfinished run in ``out`` (same config, same sites) after
   a server crash, under its run id (:meth:`privfl.aggregator.Aggregator.run`);
 * ``sim-state-root``: under Flower's Simulation Engine, where the virtual sites keep their state.
@@ -226,13 +228,13 @@ def _shorten_reply_pulls(grid: Grid) -> None:
         shorten_object_pulls(module, "pull_objects", 0.05)
 
 
-def _flag(value) -> bool:
+def _flag(value, key: str) -> bool:
     """A boolean run-config value (Flower passes true / false, or a string from the command line)."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    raise ConfigError("resume", value, "must be true or false")
+    raise ConfigError(key, value, "must be true or false")
 
 
 @server_app.main()
@@ -256,7 +258,8 @@ def _aggregator_main(grid: Grid, context: Context) -> None:
         test_set=None if not test_data else load_site_dataset(str(test_data)),
         step_timeout=float(rc.get("step-timeout", 600)),
         progress=False,
+        record=_flag(rc.get("record", False), "record"),
     )
     channel = FlowerChannel(grid, min_sites=int(rc.get("min-sites", 1)), wait_seconds=float(rc.get("wait-seconds", 120)))
     out = rc.get("out")
-    aggregator.run(channel, None if not out else str(out), resume=_flag(rc.get("resume", False)))
+    aggregator.run(channel, None if not out else str(out), resume=_flag(rc.get("resume", False), "resume"))

@@ -265,8 +265,11 @@ class LocalFederation:
         timeout: float = 3600.0,
         step_timeout: float = 600.0,
         on_round=None,
+        record: bool = False,
     ) -> tuple[RunSummary, list[RoundRecord], Path]:
         """Runs one config (default: the one the federation was made with) to completion.
+
+        ``record`` keeps what the server observes in the run's ``observed/`` folder (``privfl attack --run``).
 
         Returns:
             (summary, history, the run's directory).
@@ -302,6 +305,7 @@ class LocalFederation:
             "wait-seconds": 120,
             "step-timeout": float(step_timeout),
             "resume": False,  # present, so that `flwr run --run-config resume=true` may override it
+            "record": bool(record),
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
         self._wait_workers()
@@ -335,6 +339,7 @@ def deploy_local(
     timeout: float = 3600.0,
     step_timeout: float = 600.0,
     on_start: Callable[[], None] | None = None,
+    record: bool = False,
 ) -> LocalDeploymentResult:
     """Runs the federation ``config_text`` describes as a local Flower deployment with TLS.
 
@@ -346,6 +351,8 @@ def deploy_local(
         progress: show a progress bar over rounds.
         timeout: seconds the whole run may take before it is stopped.
         step_timeout: seconds a site has for one protocol step before it counts as dropped.
+        record: keep what the server observes in ``out/run/observed`` (for ``privfl attack --run out/run``;
+            under plaintext it holds every site's update).
         on_start: called once the config and the site count are checked, before any process starts
             (e.g. to say what is about to run: a refused setting is then reported alone). Errors that
             need the data (e.g. a group column the dataset lacks) come after it, once the SuperLink has
@@ -360,7 +367,7 @@ def deploy_local(
     if on_start is not None:
         on_start()
     with federation:
-        summary, history, run_dir = federation.run(progress=progress, timeout=timeout, step_timeout=step_timeout)
+        summary, history, run_dir = federation.run(progress=progress, timeout=timeout, step_timeout=step_timeout, record=record)
     seconds = time.perf_counter() - federation.started
     summary["deployment"]["wall_seconds"] = seconds
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -233,8 +233,8 @@ def test_simulation_engine_runs_the_same_app_on_virtual_nodes(tmp_path: Path) ->
 def test_the_serverapps_resume_flag_takes_flowers_values_and_refuses_others() -> None:
     from privfl.flower.apps import _flag
 
-    assert _flag(True) is True and _flag(False) is False
-    assert _flag("true") is True and _flag("False") is False and _flag("1") is True
+    assert _flag(True, "resume") is True and _flag(False, "resume") is False
+    assert _flag("true", "record") is True and _flag("False", "record") is False and _flag("1", "resume") is True
     for bad in ("yes", 2, None):
         with pytest.raises(ConfigError, match="resume"):
-            _flag(bad)
+            _flag(bad, "resume")
