@@ -279,6 +279,10 @@ class Aggregator:
                 continue
             if any(info.name == name for info in self._sites.values()):
                 raise ConfigError("sites", name, "two nodes claim the same site name")
+            identity = parsed.fields.get("identity")
+            if not (isinstance(identity, str) and len(identity) == 64 and all(c in "0123456789abcdef" for c in identity)):
+                log.warning("node %s (%s) sent no valid identity key; left out of the run", node, name)
+                continue
             f = parsed.fields
             self._hello_parts[name] = parsed.parts
             self._hello_fields[name] = dict(parsed.fields)
@@ -516,7 +520,10 @@ class Aggregator:
         secagg = None
         protocol_part = b""
         if fed.protection is ProtectionKind.SECAGG:
-            secagg = _SecAggRound(self.config, r, sampled, dim, self._secagg_noise(len(sampled), len(names), len(params)))
+            identities = {info.name: bytes.fromhex(info.identity) for info in self._sites.values()}
+            secagg = _SecAggRound(
+                self.config, r, sampled, dim, noise=self._secagg_noise(len(sampled), len(names), len(params)), identities=identities
+            )
             protocol_part = secagg.params_bytes
         model_bytes = params.astype("<f4").tobytes()
         requests = {}
@@ -768,9 +775,13 @@ class Aggregator:
 class _SecAggRound:
     """The aggregator's half of one secure-aggregation round, step by step."""
 
-    def __init__(self, config: RunConfig, round_index: int, sampled: list[str], dim: int, noise: NoiseRound | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, round_index: int, sampled: list[str], dim: int, *, noise: NoiseRound | None = None,
+        identities: Mapping[str, bytes] | None = None,
+    ) -> None:
         """``dim``: the values each site sends (its weight comes after them); ``noise``: the round's
-        client-level noise and derived encoding (None without client-level DP)."""
+        client-level noise and derived encoding (None without client-level DP); ``identities``: the
+        sites' Ed25519 identity keys (from hello), registered in the round under ``authenticated``."""
         from privfl.protocols.secagg import Quantizer
         from privfl.protocols.secagg.keys import KeyPair
         from privfl.protocols.secagg.params import RoundParams
@@ -786,8 +797,11 @@ class _SecAggRound:
                 clip_range=noise.range.clip_range, bits=cfg.bits, num_clients=len(sampled), fraction_bits=noise.range.fraction_bits
             )
         self.noised = noise is not None
+        registry = None
         if cfg.authenticated:
-            raise ConfigError("federation.secagg.authenticated", True, "the authenticated mode is not supported in deployments yet")
+            # Each site checks its own key in this registry and pins the others' for the run (Site).
+            assert identities is not None  # the aggregator passes every site's key under authenticated
+            registry = {name: identities[name] for name in sampled}
         self.config = config
         self.round_index = round_index
         self.dim = dim
@@ -802,6 +816,7 @@ class _SecAggRound:
             dimension=dim + 1,
             bits=cfg.bits,
             server_public_key=key.public,
+            identities=registry,
         )
         self.server = SecAggServer(self.params, key)
         self.params_bytes = encode_params(self.params)
@@ -832,6 +847,9 @@ class _SecAggRound:
                 pass
         self._step(aggregator, channel, Step.SECAGG_KEYS, server.keys_messages(), server.receive_shares)
         self._step(aggregator, channel, Step.SECAGG_RELAY, server.relay_messages(), server.receive_masked_input)
+        if self.params.authenticated:
+            # Every survivor signs the list of who sent a masked input: no two honest sites unmask for different sets.
+            self._step(aggregator, channel, Step.SECAGG_CHECK, server.consistency_requests(), server.receive_consistency)
         self._step(aggregator, channel, Step.SECAGG_UNMASK, server.unmask_requests(), server.receive_unmask)
         words = server.finish()
         survivors = server.survivors
@@ -856,10 +874,11 @@ _DECRYPT_STEPS = frozenset({Step.CKKS_DECRYPT, Step.SHARED_KEY_DECRYPT})
 # What the server's recorded view calls each message (the names of an in-process recording).
 _RECORDED_REQUESTS = {
     Step.SECAGG_KEYS: "advertise_keys", Step.SECAGG_RELAY: "share_relay", Step.SECAGG_UNMASK: "unmask_request",
+    Step.SECAGG_CHECK: "consistency_request",
     Step.CKKS_DECRYPT: "aggregate", Step.SHARED_KEY_DECRYPT: "aggregate",
 }
 _RECORDED_REPLIES = {
-    Step.SECAGG_KEYS: "share", Step.SECAGG_RELAY: "masked_input", Step.SECAGG_UNMASK: "unmask",
+    Step.SECAGG_KEYS: "share", Step.SECAGG_RELAY: "masked_input", Step.SECAGG_UNMASK: "unmask", Step.SECAGG_CHECK: "consistency",
     Step.CKKS_DECRYPT: "average", Step.SHARED_KEY_DECRYPT: "average",
 }
 

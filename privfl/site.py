@@ -22,6 +22,7 @@ State directory layout::
     shared-key.bin      shared-key mode: the secret key every site holds, provisioned out of band, 0600
     shared-key-runs.json shared-key mode: per run, the rounds this site decrypted and the identity keys it pinned
     client-dp.json      CKKS key holder under client-level DP: per run, the site count and each release's clip norm
+    secagg-peers.json   authenticated secure aggregation: per run, the identity keys of the other sites, pinned on first sight
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ CKKS_KEY_HOLDER_FILE = "ckks-key-holder.bin"
 SHARED_KEY_FILE = "shared-key.bin"
 SHARED_KEY_RUNS_FILE = "shared-key-runs.json"
 CLIENT_DP_FILE = "client-dp.json"
+SECAGG_PEERS_FILE = "secagg-peers.json"
 _ROUND_STATE = struct.Struct(">I")
 
 
@@ -504,6 +506,7 @@ class Site:
             params = decode_params(request.parts[1], round_index=request.round_index)
             if self.name not in params.index:
                 raise MessageError("this site is not among the round's secure-aggregation clients")
+            self._pin_secagg_peers(request, config, params)
             if len(params.client_ids) > request.fields["num_sites"]:
                 # Client-level DP plans rho and the encoding's modulus for num_sites: a larger round could wrap the sum.
                 raise MessageError(f"the round has {len(params.client_ids)} secure-aggregation clients, the run {request.fields['num_sites']} sites")
@@ -582,6 +585,35 @@ class Site:
         message = client.advertise()
         self._save_round(request.round_index, export_client(client), encoded)
         return message
+
+    def _pin_secagg_peers(self, request: Request, config: RunConfig, params) -> None:
+        """Authenticated mode: checks this site's own identity key in the round's registry and pins the
+        others' for the run on first sight (trust on first use, as for the CKKS key holder).
+
+        The registry reaches the site through the server; a server that swapped a site's key (to
+        play that site itself) is caught by every site that saw the key before.
+
+        Raises:
+            MessageError: the registry is missing or unexpected, holds another key for this site,
+                or another key for a site than the one pinned for this run.
+        """
+        authenticated = config.federation.secagg.authenticated
+        if params.identities is None:
+            if authenticated:
+                raise MessageError("the authenticated mode's round carries no identity registry")
+            return
+        if not authenticated:
+            raise MessageError("the round carries an identity registry, but the run is not in the authenticated mode")
+        if params.identities[self.name] != self.identity_public():
+            raise MessageError("the round's identity registry holds another key for this site")
+        path = self.state_dir / SECAGG_PEERS_FILE
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        pinned = runs.setdefault(request.run, {})
+        for site, key in params.identities.items():
+            known = pinned.setdefault(site, key.hex())
+            if known != key.hex():
+                raise MessageError(f"identity key of {site!r} differs from the one pinned for this run")
+        durable_write_json(path, runs)
 
     def _secagg_noise_share(self, request: Request, config: RunConfig, vector: np.ndarray, participants: int):
         """This site's DP-FedAvg vector noised with its share, and the round's derived quantizer.

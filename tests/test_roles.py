@@ -324,3 +324,71 @@ def test_a_site_whose_ledger_vanished_refuses_instead_of_starting_from_zero(spli
     assert all("site-1" not in record["sampled"] for record in result.history)
     assert "site-1" not in result.summary["clients"]
     assert any("site-1" in r.getMessage() and "the ledger is gone" in r.getMessage() for r in caplog.records)
+
+
+def test_authenticated_secagg_runs_with_the_sites_identity_keys_and_checks_consistency(split, clients, tmp_path, run_toml):
+    text = run_toml("secagg", rounds=2, extra="").replace("[federation.secagg]\n", "[federation.secagg]\nauthenticated = true\n")
+    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
+    assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in result.history)
+    # The extra step of the authenticated mode: every survivor signs who sent a masked input.
+    assert all("secagg-check" in h["step_seconds"] for h in result.history)
+    expected = _federation(run_toml("secagg", rounds=2), split, clients)
+    cfg = _parse_config(text)
+    from privfl.site import quantizer_for
+
+    bound = quantizer_for(cfg, 3).max_error(3) * cfg.federation.secagg.weight_bound
+    assert np.max(np.abs(result.parameters - expected)) <= 2 * bound
+    # Each site pinned the others' identity keys for the run.
+    import json
+
+    pinned = json.loads((tmp_path / "site-1" / "secagg-peers.json").read_text())[result.summary["deployment"]["run_id"]]
+    assert pinned == {site.name: site.identity_public().hex() for site in _sites(clients, tmp_path)}
+
+
+def test_a_server_swapping_a_sites_identity_key_is_refused_by_every_site(split, clients, tmp_path, run_toml):
+    from privfl.protocols.secagg.keys import IdentityKey
+    from privfl.protocols.secagg.state import decode_params, encode_params
+
+    class SwapKey(LocalSites):
+        """From round 1 on, the server registers its own key for site-2 (to play site-2 itself)."""
+
+        def exchange(self, requests, *, timeout):
+            changed = {}
+            for node, payload in requests.items():
+                request = decode_request(payload)
+                if request.step is Step.TRAIN and request.round_index == 1:
+                    params = decode_params(request.parts[1], round_index=1)
+                    forged = {**params.identities, "site-2": IdentityKey.generate().public}
+                    from dataclasses import replace
+
+                    parts = (request.parts[0], encode_params(replace(params, identities=forged)), *request.parts[2:])
+                    payload = encode_request(Request(request.run, request.step, 1, request.site, request.fields, parts))
+                changed[node] = payload
+            return super().exchange(changed, timeout=timeout)
+
+    text = run_toml("secagg", rounds=2).replace("[federation.secagg]\n", "[federation.secagg]\nauthenticated = true\n")
+    sites = _sites(clients, tmp_path)
+    result = _aggregator(text, split).run(SwapKey(sites))
+    assert result.history[0]["aborted"] is None
+    record = result.history[1]
+    assert record["aborted"] and record["trained"] == []
+    assert "another key for this site" in record["dropped"]["site-2"]
+    assert all("differs from the one pinned" in record["dropped"][name] for name in ("site-0", "site-1"))
+    # Refused before training: round 1 trained (and spent) nothing at any site.
+    for site in sites:
+        assert result.summary["clients"][site.name]["rounds_trained"] == 1
+
+
+def test_a_site_without_a_valid_identity_key_is_left_out_of_the_run(split, clients, tmp_path, run_toml):
+    from privfl.envelope import encode_reply
+
+    def no_key(node, request, reply):
+        if node != "site-2" or decode_request(request).step is not Step.HELLO:
+            return reply
+        parsed = decode_reply(reply, run=decode_request(request).run, step=Step.HELLO, round_index=0, site="site-2")
+        parsed.fields["identity"] = "not hex"
+        return encode_reply(parsed)
+
+    result = _aggregator(run_toml("ckks", rounds=1), split).run(LocalSites(_sites(clients, tmp_path), alter=no_key))
+    assert sorted(result.summary["clients"]) == ["site-0", "site-1"]
+    assert result.history[0]["aborted"] is None and sorted(result.history[0]["contributors"]) == ["site-0", "site-1"]
