@@ -153,8 +153,8 @@ class Aggregator:
         if self.config.federation.client_dp is not None and self.config.federation.protection not in _CLIENT_DP_PROTECTIONS:
             raise ConfigError(
                 "federation.client_dp", "set",
-                "client-level DP in deployments needs protection = \"plaintext\", \"ckks\" or \"secagg\"; "
-                "the shared-key mode does not support it in deployments yet",
+                "client-level DP needs protection = \"plaintext\", \"ckks\" or \"secagg\"; in the shared-key mode "
+                "every site can decrypt the sum, so no single party can add central noise before anyone sees it",
             )
         if self.config.federation.protection is ProtectionKind.SHARED_KEY and self.config.federation.shared_key.weight_bound is None:
             raise ConfigError(

@@ -945,7 +945,7 @@ def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     if client_dp is None:
         return None
     if config.federation.protection is ProtectionKind.SHARED_KEY:
-        raise ConfigError("federation.client_dp", "set", "client-level DP is not supported with the shared-key mode in deployments yet")
+        raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in the shared-key mode (no party can add central noise)")
     clip_norm = request.fields.get("clip_norm")
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (math.isfinite(clip_norm) and clip_norm > 0):
         raise MessageError("train request lacks a valid client-level clip norm")
