@@ -27,6 +27,7 @@ State directory layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -231,6 +232,7 @@ class Site:
         self.budget = None if budget is None else float(budget)
         self.model_fn = model_fn
         self.device = device
+        self._template: tuple[tuple, Any] | None = None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         marker = self.state_dir / SITE_FILE
         if marker.exists():
@@ -403,7 +405,14 @@ class Site:
             isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(classes, int) and classes > 1
         ):
             raise MessageError("train request lacks a valid input_shape / num_classes")
-        return seeded_model(config, self.model_fn, None if shape is None else tuple(shape), classes)
+        import copy
+
+        # The seeded initial model is the same for every round of a run: built once, copied per request
+        # (a long-lived site, in process or as a worker, then skips the seeding and the construction).
+        key = (repr(config.model), config.federation.seed, None if shape is None else tuple(shape), classes)
+        if self._template is None or self._template[0] != key:
+            self._template = (key, seeded_model(config, self.model_fn, None if shape is None else tuple(shape), classes))
+        return copy.deepcopy(self._template[1])
 
     def _train(self, request: Request, run: dict[str, Any], config: RunConfig) -> Reply:
         from privfl.accounting import DPEvent
@@ -966,7 +975,14 @@ def _shaped(dataset, input_shape):
     return ArrayDataset(dataset.features.numpy().reshape((len(dataset), *shape)), dataset.targets.numpy())
 
 
+@functools.lru_cache(maxsize=8)
 def _parse_config(text: str) -> RunConfig:
+    """The run config a TOML text describes (cached: a site parses its run's config on every request;
+    the config is a frozen dataclass, shared safely).
+
+    Raises:
+        MessageError: not TOML (ConfigError: not a valid run config).
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # Python 3.10
