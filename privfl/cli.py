@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -45,6 +46,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from privfl.audit.report import audit_run
 
+    if args.site:
+        return _cmd_audit_site(args)
+    if not args.run_dir:
+        print("privfl: error: name a run directory, or a site's state directory with --site", file=sys.stderr)
+        return 2
     report = audit_run(args.run_dir, out_dir=args.out, accountant=args.accountant)
     if args.format == "json":
         print(report.to_json_text(), end="")
@@ -52,6 +58,21 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(report.to_markdown())
         print(f"\nwrote {report.paths.markdown}, {report.paths.json}, {report.paths.plot}", file=sys.stderr)
     # Like lint: an ERROR finding means the run must not be released under its stated guarantee.
+    return 1 if report.errors else 0
+
+
+def _cmd_audit_site(args: argparse.Namespace) -> int:
+    from privfl.audit.site import audit_site
+
+    if args.run_dir or args.accountant:
+        print("privfl: error: --site audits one site's state directory; it takes no run directory or --accountant", file=sys.stderr)
+        return 2
+    report = audit_site(args.site, out_dir=args.out)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.to_markdown())
+        print(f"wrote {', '.join(str(p) for p in report.paths)}", file=sys.stderr)
     return 1 if report.errors else 0
 
 
@@ -210,8 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     audit = sub.add_parser("audit", help="privacy-budget report of a run directory (audit.md, audit.json, audit.png)")
-    audit.add_argument("run_dir", help="a directory written by privfl run (an interrupted one is audited as it stands)")
-    audit.add_argument("--out", help="where to write the report (default: the run directory)")
+    audit.add_argument("run_dir", nargs="?", help="a directory written by privfl run (an interrupted one is audited as it stands)")
+    audit.add_argument(
+        "--site", metavar="STATE_DIR",
+        help="instead: audit one deployed site's own ledger in its state directory (site-audit.md, site-audit.json)",
+    )
+    audit.add_argument("--out", help="where to write the report (default: the run or state directory)")
     audit.add_argument("--format", choices=["md", "json"], default="md", help="what to print (default: md)")
     audit.add_argument(
         "--accountant",
