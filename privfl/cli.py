@@ -182,17 +182,21 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
         text = Path(args.config).read_text()
     else:
         text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
+    if args.resume and not args.out:
+        print("privfl: error: --resume needs --out DIR, the deployment to resume", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path("runs") / time.strftime("deploy-%Y%m%d-%H%M%S")
     console = Console(stderr=True)
 
     def announce() -> None:
         console.print(
-            f"[bold]privfl deploy local[/bold]: {args.config or 'embedded default'}, {args.sites} "
+            f"[bold]privfl deploy local[/bold]{' (resuming)' if args.resume else ''}: {args.config or 'embedded default'}, {args.sites} "
             f"site{'s' * (args.sites != 1)} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)"
         )
 
     result = deploy_local(
-        text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce, record=args.record
+        text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce, record=args.record,
+        resume=args.resume,
     )
     summary = result.summary
     accuracy = summary.get("final_accuracy")
@@ -280,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--out", help="a new directory for the deployment (default: runs/deploy-<timestamp>)")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take (default: 3600)")
     local.add_argument("--quiet", action="store_true", help="no progress bar")
+    local.add_argument(
+        "--resume", action="store_true",
+        help="continue the unfinished run in --out DIR (stopped or crashed) with the same config and --sites",
+    )
     local.add_argument(
         "--record", action="store_true",
         help="keep what the server observes in DIR/run/observed, for `privfl attack --run DIR/run` (plaintext: every update)",

@@ -119,7 +119,12 @@ def test_deploy_refusals_print_one_line_and_start_nothing(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("")
-    for args, reason in (([ "--sites", "0", "--out", str(tmp_path / "new")], "sites=0"), (["--sites", "3", "--out", str(taken)], "new or empty")):
+    for args, reason in (
+        (["--sites", "0", "--out", str(tmp_path / "new")], "sites=0"),
+        (["--sites", "3", "--out", str(taken)], "new or empty"),
+        (["--resume"], "--resume needs --out"),
+        (["--resume", "--out", str(taken)], "no deployed run to resume"),
+    ):
         code = main(["deploy", "local", *args, "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and reason in err, err

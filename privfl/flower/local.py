@@ -108,6 +108,9 @@ class LocalFederation:
         worker_faults: site name -> ``STEP@ROUND`` list: that site's worker closes the connection
             instead of answering (fault injection for tests; see ``privfl.flower.worker``).
         key_holder: the site holding the CKKS key (default: the first).
+        resume: continue the unfinished run in ``out/run`` (an earlier deployment there was stopped
+            or crashed): the same sites with their data and state directories, the same config, a
+            new SuperLink and SuperNodes; the Aggregator resumes after the last recorded round.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class LocalFederation:
         budgets: dict[str, float] | None = None,
         worker_faults: dict[str, list[str]] | None = None,
         key_holder: int = 0,
+        resume: bool = False,
     ) -> None:
         from privfl.errors import MessageError
         from privfl.site import _parse_config
@@ -150,8 +154,11 @@ class LocalFederation:
         for name in ("flower-superlink", "flower-supernode", "flwr"):
             flower_executable(name)  # ImportError naming the install command, before anything is written
         self.root = Path(out).resolve()
-        if self.root.exists() and any(self.root.iterdir()):
-            raise ConfigError("out", str(self.root), "must be a new or empty directory")
+        self._resume = bool(resume)
+        if self._resume:
+            self._check_resumable(config_text, sites)
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise ConfigError("out", str(self.root), "must be a new or empty directory (or resume the run there with --resume)")
         self.root.mkdir(parents=True, exist_ok=True)
         self._sites, self._budgets, self._worker_faults, self._key_holder = sites, budgets, worker_faults, key_holder
         # Written on entry, while the SuperLink starts (see `_write_sites`).
@@ -166,6 +173,21 @@ class LocalFederation:
         self.deployment: LocalDeployment | None = None
         self._runs = 0
         self._ready = False
+
+    def _check_resumable(self, config_text: str, sites: int) -> None:
+        """Refuses a resume that cannot continue the run in ``out/run`` (before anything starts)."""
+        from privfl.aggregator import AGGREGATOR_FILE
+
+        run = self.root / "run"
+        if not (run / AGGREGATOR_FILE).is_file():
+            raise ConfigError("out", str(self.root), "holds no deployed run to resume (run/aggregator.json is missing)")
+        if (run / "summary.json").exists():
+            raise ConfigError("out", str(self.root), "the run there has finished (run/summary.json exists); nothing to resume")
+        if (run / "config.toml").read_text() != config_text:
+            raise ConfigError("config", str(run / "config.toml"), "is not this config: resume with the config the run was started with")
+        existing = sorted(p.name for p in (self.root / "sites").iterdir()) if (self.root / "sites").is_dir() else []
+        if len(existing) != sites:
+            raise ConfigError("sites", sites, f"the run there has {len(existing)} sites ({', '.join(existing)}); resume with --sites {len(existing)}")
 
     def _write_sites(self) -> None:
         """Each site's data, state directory, worker arguments and node configuration."""
@@ -201,9 +223,12 @@ class LocalFederation:
             # processes keep nothing that must be saved (the sites' state is in their workers), so one
             # still shutting down 2 s after SIGTERM is killed. The SuperLink boots while this process
             # writes the sites' data.
-            self.deployment = LocalDeployment(
-                self.root / "flower", [{} for _ in range(self._sites)], node_auth=True, stop_grace=2.0
-            )
+            flower = self.root / "flower"
+            for attempt in range(2, 1000):
+                if not (self._resume and flower.exists()):
+                    break
+                flower = self.root / f"flower-{attempt}"  # a resumed deployment: new TLS material, new logs
+            self.deployment = LocalDeployment(flower, [{} for _ in range(self._sites)], node_auth=True, stop_grace=2.0)
             self.deployment.start_superlink()
             self._write_sites()
             self.deployment.set_node_configs(self.node_configs)
@@ -291,9 +316,16 @@ class LocalFederation:
                 raise ConfigError("config", "<toml>", exc.reason) from exc
         self._runs += 1
         run_dir = self.root / ("run" if self._runs == 1 else f"run-{self._runs}")
-        run_dir.mkdir(parents=True, exist_ok=False)
+        resuming = self._resume and self._runs == 1
         config_path = run_dir / "config.toml"
-        config_path.write_text(config_text if config_text is not None else self.config_text)
+        done = 0
+        if resuming:
+            from privfl.rundir import load_history
+
+            done = len(load_history(run_dir / "history.json"))
+        else:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            config_path.write_text(config_text if config_text is not None else self.config_text)
         rounds = _rounds_of(config_path.read_text())
         run_config: dict[str, str | int | float | bool] = {
             "config": str(config_path),
@@ -304,14 +336,14 @@ class LocalFederation:
             "min-sites": len(self.names),
             "wait-seconds": 120,
             "step-timeout": float(step_timeout),
-            "resume": False,  # present, so that `flwr run --run-config resume=true` may override it
+            "resume": resuming,  # always present, so that `flwr run --run-config resume=true` may override it
             "record": bool(record),
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
         self._wait_workers()
         handle = self.deployment.start_run(app, run_config=run_config)
         self._wait_ready()
-        _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round)
+        _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round, start=done)
         result = handle.wait(timeout=120)
         summary_path = run_dir / "summary.json"
         if not result.ok or not summary_path.exists():
@@ -340,6 +372,7 @@ def deploy_local(
     step_timeout: float = 600.0,
     on_start: Callable[[], None] | None = None,
     record: bool = False,
+    resume: bool = False,
 ) -> LocalDeploymentResult:
     """Runs the federation ``config_text`` describes as a local Flower deployment with TLS.
 
@@ -351,6 +384,7 @@ def deploy_local(
         progress: show a progress bar over rounds.
         timeout: seconds the whole run may take before it is stopped.
         step_timeout: seconds a site has for one protocol step before it counts as dropped.
+        resume: continue the unfinished run in ``out`` (same config and site count), after a stop or crash.
         record: keep what the server observes in ``out/run/observed`` (for ``privfl attack --run out/run``;
             under plaintext it holds every site's update).
         on_start: called once the config and the site count are checked, before any process starts
@@ -363,7 +397,7 @@ def deploy_local(
         DeploymentError: the deployment did not start, or the run failed (the message names the log).
         ImportError: Flower is not installed (``pip install 'privfl[flower]'``).
     """
-    federation = LocalFederation(config_text, sites=sites, out=out)
+    federation = LocalFederation(config_text, sites=sites, out=out, resume=resume)
     if on_start is not None:
         on_start()
     with federation:
@@ -477,14 +511,14 @@ class _Workers:
         return [entry[0].pid for entry in self.processes]
 
 
-def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout: float, on_round=None) -> None:
-    """Shows the rounds as the ServerApp records them, until the run ends or ``timeout``."""
+def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout: float, on_round=None, start: int = 0) -> None:
+    """Shows the rounds as the ServerApp records them (after the ``start`` already recorded), until the run ends or ``timeout``."""
     from privfl.federation import _Progress
 
     deadline = time.monotonic() + timeout
-    shown = 0
+    shown = start
     seen: tuple[int, int] | None = None  # (mtime, size) of the history last read
-    with _Progress(rounds, enabled=progress, start=0) as bar:
+    with _Progress(rounds, enabled=progress, start=start) as bar:
         while True:
             running = handle.running()
             try:

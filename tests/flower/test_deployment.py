@@ -4,6 +4,7 @@ never holds a site's update; dropouts and faults end as the protocols promise; e
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from privfl.errors import ConfigError
 from privfl.flower.deploy import pid_alive
 from privfl.flower.local import LocalFederation
 
@@ -241,7 +243,6 @@ def test_the_same_apps_run_20_virtual_sites_under_the_simulation_engine(tmp_path
         pids = sim.started_pids()
     assert result.ok, result.output[-3000:]
     assert _all_stopped(pids)
-    import json
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     history = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -250,3 +251,56 @@ def test_the_same_apps_run_20_virtual_sites_under_the_simulation_engine(tmp_path
     # Every virtual site kept its own ledger in its own state directory.
     ledgers = sorted(p.parent.name for p in (tmp_path / "sites").glob("*/ledger.jsonl"))
     assert ledgers == [f"site-{i:04d}" for i in range(20)]
+
+
+class _Stop(Exception):
+    """The deploying process is stopped (as Ctrl-C would)."""
+
+
+@pytest.mark.timeout(900)
+def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
+    text = run_toml("plaintext", rounds=4)
+    out = tmp_path / "dep"
+
+    def stop_after_round_1(record):
+        if record["round"] == 1:
+            raise _Stop
+
+    first = LocalFederation(text, sites=3, out=out)
+    with pytest.raises(_Stop), first:
+        first.run(step_timeout=60, on_round=stop_after_round_1)
+    pids = first.started_pids()
+    assert _all_stopped(pids), "a process of the stopped deployment is still alive"
+    recorded = json.loads((out / "run" / "history.json").read_text())
+    assert len(recorded) >= 2 and not (out / "run" / "summary.json").exists()
+
+    with pytest.raises(ConfigError, match="not this config"):
+        LocalFederation(run_toml("plaintext", rounds=5), sites=3, out=out, resume=True)
+    with pytest.raises(ConfigError, match="--sites 3"):
+        LocalFederation(text, sites=4, out=out, resume=True)
+    with pytest.raises(ConfigError, match="new or empty"):
+        LocalFederation(text, sites=3, out=out)
+
+    second = LocalFederation(text, sites=3, out=out, resume=True)
+    with second:
+        summary, history, run_dir = second.run(step_timeout=60)
+        pids = second.started_pids()
+    assert _all_stopped(pids)
+    assert run_dir == out / "run" and [h["round"] for h in history] == [0, 1, 2, 3]
+    assert history[:2] == recorded[:2]  # the recorded rounds are kept as they were
+    assert history[3]["aborted"] is None and len(history[3]["contributors"]) == 3
+    # Nothing trained twice: a site that trained a round before the stop refused it on resume.
+    for record in history[len(recorded):]:
+        assert all("already trained" in reason for reason in record["dropped"].values())
+    from privfl.audit.site import audit_site
+
+    for name, entry in summary["clients"].items():
+        # The site's own ledger: every training it was charged for is a recorded one, or the one
+        # it refused to repeat after the stop.
+        refused = sum(1 for h in history if "already trained" in h["dropped"].get(name, ""))
+        audit = audit_site(second.site_dirs[name] / "state", out_dir=tmp_path / "audit" / name)
+        assert [r.rounds_trained for r in audit.runs] == [entry["rounds_trained"] + refused] and refused <= 1
+        assert entry["epsilon"] == pytest.approx(audit.epsilon) and audit.errors == ()
+    assert (out / "flower-2").is_dir()  # the resumed deployment's own TLS material and logs
+    with pytest.raises(ConfigError, match="has finished"):
+        LocalFederation(text, sites=3, out=out, resume=True)
