@@ -16,12 +16,15 @@ accountant cannot share work between clients). Three variants, each over the sam
   dominate) and no run directory.
 - ``privfl-dir``: the same with a run directory (``Federation.run(out_dir)``: fsynced ledger
   journal, history, checkpoints), in a fresh temporary directory.
+- ``sites``: the deployment's roles in one process: one ``privfl.site.Site`` per client, each with
+  its own state directory (its own fsynced ledger, ``run.json``), and one ``Aggregator`` reaching
+  them over ``LocalSites`` (every request and reply as bytes), no run directory.
 
 What "a round" is: every variant runs two rounds and only the second is timed (the first warms up
 imports, allocator and caches). For privfl the clock is read each time the driver finishes a round
 (after its history and checkpoint are written), by wrapping the driver's progress hook in the
 child process, so round 2 = everything the driver does between the end of round 1 and the end of
-round 2, persistence included; the once-per-run set-up (noise plan, ledger registration, run
+round 2, persistence included (the Aggregator reports rounds through the same hook); the once-per-run set-up (noise plan, ledger registration, run
 directory creation) is reported separately as "setup", and the final summary is not counted.
 CPU is ``time.process_time`` (this process, all threads), wall is ``time.perf_counter``.
 
@@ -52,7 +55,7 @@ import tempfile
 import time
 import warnings
 
-VARIANTS = ("bare", "privfl", "privfl-dir")
+VARIANTS = ("bare", "privfl", "privfl-dir", "sites")
 SIZE_KINDS = ("homogeneous", "heterogeneous")
 FEATURES = 30
 
@@ -98,14 +101,21 @@ def _configs(args):
     return training, federation
 
 
-def run_privfl(args, data, with_dir: bool) -> dict:
-    import privfl.federation as fed_module
-    from privfl.data import ArrayDataset
-    from privfl.federation import Federation
-    from privfl.models import LogisticRegression
+def _run_toml(args) -> str:
+    """The run config of ``_configs`` as TOML, for the Aggregator and the Sites."""
+    noise = f"target_epsilon = {args.target_epsilon}" if args.target_epsilon is not None else f"noise_multiplier = {args.sigma}"
+    return (
+        "[model]\nkind = \"logistic\"\n"
+        f"[training]\nlocal_epochs = 1\nbatch_size = {args.batch_size}\nlearning_rate = 0.1\n"
+        f"[training.dp]\n{noise}\nmax_grad_norm = 1.0\nclipping = \"{args.clipping}\"\n"
+        "[federation]\nrounds = 2\nprotection = \"plaintext\"\nseed = 0\nnoise_seed = 0\ndevice = \"cpu\"\n"
+    )
 
-    training, federation = _configs(args)
-    clients = {f"site-{k:05d}": ArrayDataset(x, y) for k, (x, y) in enumerate(data)}
+
+def _round_stamps():
+    """Wraps the drivers' progress hook: a (CPU, wall) stamp when rounds start and after each round."""
+    import privfl.federation as fed_module
+
     stamps: list[tuple[float, float]] = []
     progress_cls = fed_module._Progress
     original_enter, original_advance = progress_cls.__enter__, progress_cls.advance
@@ -119,6 +129,51 @@ def run_privfl(args, data, with_dir: bool) -> dict:
         return original_advance(self, record)
 
     progress_cls.__enter__, progress_cls.advance = enter, advance
+
+    def restore() -> None:
+        progress_cls.__enter__, progress_cls.advance = original_enter, original_advance
+
+    return stamps, restore
+
+
+def _timings(stamps, c0: float, w0: float) -> dict:
+    assert len(stamps) == 3
+    return {
+        "setup_cpu": stamps[0][0] - c0, "setup_wall": stamps[0][1] - w0,
+        "round_cpu": stamps[2][0] - stamps[1][0], "round_wall": stamps[2][1] - stamps[1][1],
+    }
+
+
+def run_sites(args, data) -> dict:
+    from privfl.aggregator import Aggregator, LocalSites
+    from privfl.data import ArrayDataset
+    from privfl.models import LogisticRegression
+    from privfl.site import Site
+
+    root = tempfile.mkdtemp(prefix="privfl-scaling-sites-", dir=args.tmp_dir)
+    stamps, restore = _round_stamps()
+    try:
+        model_fn = lambda: LogisticRegression(FEATURES, 2)
+        sites = [Site(f"site-{k:05d}", ArrayDataset(x, y), os.path.join(root, f"site-{k:05d}"), model_fn=model_fn, device="cpu")
+                 for k, (x, y) in enumerate(data)]
+        aggregator = Aggregator(_run_toml(args), model_fn=model_fn, progress=False)
+        c0, w0 = time.process_time(), time.perf_counter()
+        result = aggregator.run(LocalSites(sites))
+    finally:
+        restore()
+        shutil.rmtree(root, ignore_errors=True)
+    assert len(result.history[-1]["trained"]) == len(data)
+    return _timings(stamps, c0, w0)
+
+
+def run_privfl(args, data, with_dir: bool) -> dict:
+    from privfl.data import ArrayDataset
+    from privfl.federation import Federation
+    from privfl.models import LogisticRegression
+
+    training, federation = _configs(args)
+    clients = {f"site-{k:05d}": ArrayDataset(x, y) for k, (x, y) in enumerate(data)}
+    stamps, restore = _round_stamps()
     out = tempfile.mkdtemp(prefix="privfl-scaling-", dir=args.tmp_dir) if with_dir else None
     try:
         fed = Federation(
@@ -128,14 +183,11 @@ def run_privfl(args, data, with_dir: bool) -> dict:
         c0, w0 = time.process_time(), time.perf_counter()
         result = fed.run(os.path.join(out, "run") if out else None)
     finally:
-        progress_cls.__enter__, progress_cls.advance = original_enter, original_advance
+        restore()
         if out:
             shutil.rmtree(out, ignore_errors=True)
-    assert len(stamps) == 3 and len(result.history[-1]["trained"]) == len(data)
-    return {
-        "setup_cpu": stamps[0][0] - c0, "setup_wall": stamps[0][1] - w0,
-        "round_cpu": stamps[2][0] - stamps[1][0], "round_wall": stamps[2][1] - stamps[1][1],
-    }
+    assert len(result.history[-1]["trained"]) == len(data)
+    return _timings(stamps, c0, w0)
 
 
 def run_bare(args, data) -> dict:
@@ -198,6 +250,8 @@ def child(args) -> None:
     data = client_data(sizes, args.seed)
     if args.one == "bare":
         result = run_bare(args, data)
+    elif args.one == "sites":
+        result = run_sites(args, data)
     else:
         result = run_privfl(args, data, with_dir=args.one == "privfl-dir")
     result.update(variant=args.one, clients=args.num_clients, sizes=args.sizes, distinct=len(set(sizes)),
@@ -229,6 +283,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--size-kinds", nargs="+", choices=SIZE_KINDS, default=list(SIZE_KINDS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:3]),
+                        help="what to time besides bare (default: bare privfl privfl-dir; add sites for the roles)")
     parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads in every child (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sigma", type=float, default=1.0, help="fixed noise multiplier (default 1.0)")
@@ -254,9 +310,10 @@ def main() -> None:
     rows = []
     for num_clients in args.clients:
         for kind in args.size_kinds:
-            samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+            variants = tuple(v for v in VARIANTS if v in args.variants or v == "bare")
+            samples: dict[str, list[dict]] = {v: [] for v in variants}
             for repeat in range(args.repeats):
-                order = VARIANTS[repeat % 3:] + VARIANTS[:repeat % 3]
+                order = variants[repeat % len(variants):] + variants[:repeat % len(variants)]
                 for variant in order:
                     result = spawn(args, variant, num_clients, kind)
                     samples[variant].append(result)
@@ -269,24 +326,39 @@ def main() -> None:
         return statistics.median(values)
 
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    header = ("| clients | sizes | distinct | bare CPU s | privfl CPU s | privfl+dir CPU s | privfl/bare med (min) "
-              "| privfl+dir/bare med (min) | +dir/bare wall med | setup CPU s (privfl, +dir) | peak RSS MiB (bare, privfl, +dir) |")
-    print(header)
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for num_clients, kind, samples in rows:
-        bare, plain, with_dir = samples["bare"], samples["privfl"], samples["privfl-dir"]
-        r_plain = [p["round_cpu"] / b["round_cpu"] for p, b in zip(plain, bare, strict=True)]
-        r_dir = [d["round_cpu"] / b["round_cpu"] for d, b in zip(with_dir, bare, strict=True)]
-        r_wall = [d["round_wall"] / b["round_wall"] for d, b in zip(with_dir, bare, strict=True)]
-        print(
-            f"| {num_clients:,} | {kind} | {bare[0]['distinct']} | {med([b['round_cpu'] for b in bare]):.3f} "
-            f"| {med([p['round_cpu'] for p in plain]):.3f} | {med([d['round_cpu'] for d in with_dir]):.3f} "
-            f"| {med(r_plain):.2f} ({min(r_plain):.2f}) | {med(r_dir):.2f} ({min(r_dir):.2f}) | {med(r_wall):.2f} "
-            f"| {med([p['setup_cpu'] for p in plain]):.2f}, {med([d['setup_cpu'] for d in with_dir]):.2f} "
-            f"| {med([b['peak_rss_mib'] for b in bare]):.0f}, {med([p['peak_rss_mib'] for p in plain]):.0f}, "
-            f"{med([d['peak_rss_mib'] for d in with_dir]):.0f} |"
-        )
-
+    if {"privfl", "privfl-dir"} <= set(args.variants):
+        header = ("| clients | sizes | distinct | bare CPU s | privfl CPU s | privfl+dir CPU s | privfl/bare med (min) "
+                  "| privfl+dir/bare med (min) | +dir/bare wall med | setup CPU s (privfl, +dir) | peak RSS MiB (bare, privfl, +dir) |")
+        print(header)
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for num_clients, kind, samples in rows:
+            bare, plain, with_dir = samples["bare"], samples["privfl"], samples["privfl-dir"]
+            r_plain = [p["round_cpu"] / b["round_cpu"] for p, b in zip(plain, bare, strict=True)]
+            r_dir = [d["round_cpu"] / b["round_cpu"] for d, b in zip(with_dir, bare, strict=True)]
+            r_wall = [d["round_wall"] / b["round_wall"] for d, b in zip(with_dir, bare, strict=True)]
+            print(
+                f"| {num_clients:,} | {kind} | {bare[0]['distinct']} | {med([b['round_cpu'] for b in bare]):.3f} "
+                f"| {med([p['round_cpu'] for p in plain]):.3f} | {med([d['round_cpu'] for d in with_dir]):.3f} "
+                f"| {med(r_plain):.2f} ({min(r_plain):.2f}) | {med(r_dir):.2f} ({min(r_dir):.2f}) | {med(r_wall):.2f} "
+                f"| {med([p['setup_cpu'] for p in plain]):.2f}, {med([d['setup_cpu'] for d in with_dir]):.2f} "
+                f"| {med([b['peak_rss_mib'] for b in bare]):.0f}, {med([p['peak_rss_mib'] for p in plain]):.0f}, "
+                f"{med([d['peak_rss_mib'] for d in with_dir]):.0f} |"
+            )
+    if "sites" in args.variants:
+        print("\nSites and the Aggregator over LocalSites (one state directory per site), against bare:")
+        print("| clients | sizes | bare CPU s | sites CPU s | sites/bare CPU med (min) | sites/bare wall med (min) "
+              "| setup CPU s | peak RSS MiB (bare, sites) |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for num_clients, kind, samples in rows:
+            bare, sites = samples["bare"], samples["sites"]
+            r_cpu = [t["round_cpu"] / b["round_cpu"] for t, b in zip(sites, bare, strict=True)]
+            r_wall = [t["round_wall"] / b["round_wall"] for t, b in zip(sites, bare, strict=True)]
+            print(
+                f"| {num_clients:,} | {kind} | {med([b['round_cpu'] for b in bare]):.3f} | {med([t['round_cpu'] for t in sites]):.3f} "
+                f"| {med(r_cpu):.2f} ({min(r_cpu):.2f}) | {med(r_wall):.2f} ({min(r_wall):.2f}) "
+                f"| {med([t['setup_cpu'] for t in sites]):.2f} "
+                f"| {med([b['peak_rss_mib'] for b in bare]):.0f}, {med([t['peak_rss_mib'] for t in sites]):.0f} |"
+            )
 
 if __name__ == "__main__":
     main()
