@@ -1163,11 +1163,17 @@ def _entry_record(entry: LedgerEntry) -> dict[str, Any]:
 class _Journal:
     """The open, append-only ledger file: one fsynced line per call."""
 
-    def __init__(self, path: Path, key: LedgerKey | None, head: str) -> None:
+    def __init__(self, path: Path, key: LedgerKey | None, head: str, *, size: int, last_line: int) -> None:
         self.path = path
         self.key = key
         self.head = head
         self.broken = False
+        self.size = size
+        """Bytes of the file as this journal knows it."""
+        self.last_line = last_line
+        """Bytes of its last line, newline included."""
+        self.closed_as: tuple[int, int, int] | None = None
+        """(inode, size, mtime) of the file when this journal closed it (see PrivacyLedger.reopen)."""
         try:
             self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
@@ -1192,12 +1198,37 @@ class _Journal:
             self.broken = True
             raise
         self.head = hashlib.sha256(line).hexdigest()
+        self.size += len(line) + 1
+        self.last_line = len(line) + 1
         return self.head
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+            try:
+                st = os.stat(self.path)
+                self.closed_as = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                self.closed_as = None
+
+    def reattach(self) -> bool:
+        """Reopens the file for appending if it is exactly as this journal closed it (see PrivacyLedger.reopen)."""
+        if self.fd is not None or self.broken or self.closed_as is None:
+            return False
+        try:
+            st = os.stat(self.path)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.closed_as or st.st_size != self.size:
+                return False
+            with open(self.path, "rb") as fh:
+                fh.seek(self.size - self.last_line)
+                tail = fh.read(self.last_line)
+            if not (len(tail) == self.last_line and tail.endswith(b"\n") and hashlib.sha256(tail[:-1]).hexdigest() == self.head):
+                return False
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            return False
+        return True
 
 
 _ENTRY_KEYS = frozenset({"kind", "round", "client", "status", "steps", "sample_rate", "noise_multiplier", "epsilon", "delta", "note"})
@@ -1535,14 +1566,28 @@ class PrivacyLedger:
         line = _seal(ledger._header(), GENESIS, key)
         durable_write_bytes(path, line + b"\n")
         ledger._hashes.append(hashlib.sha256(line).hexdigest())
-        ledger._journal = _Journal(path, key, ledger._hashes[-1])
+        ledger._journal = _Journal(path, key, ledger._hashes[-1], size=len(line) + 1, last_line=len(line) + 1)
         ledger._path = path
         return ledger
 
     def close(self) -> None:
-        """Closes the journal (the ledger stays readable in memory; it records nothing more)."""
+        """Closes the journal (the ledger stays readable in memory; it records nothing more until :meth:`reopen`)."""
         if self._journal is not None:
             self._journal.close()
+
+    def reopen(self) -> bool:
+        """Reopens a closed journal-backed ledger for appending, if its file is exactly as this ledger left it.
+
+        "Exactly": the same inode, size and modification time as when :meth:`close` closed it, and its
+        last line still hashing to this ledger's head. Then the lines before it are the ones this
+        ledger verified or wrote, and a long-lived holder (a site serving request after request)
+        skips re-verifying every line, a cost that grows with the ledger. Anything else (another
+        process appended, the file was replaced or edited, a write had failed) returns False and
+        changes nothing: load it afresh with :meth:`open`, which verifies every line.
+
+        The caller must hold the run directory's (or state directory's) lock, as for :meth:`open`.
+        """
+        return self._journal is not None and self._journal.reattach()
 
     def save(self, path: str | os.PathLike[str], *, key: LedgerKey | None = None) -> None:
         """Writes this in-memory ledger as a complete journal, atomically and durably.
@@ -1597,7 +1642,7 @@ class PrivacyLedger:
                 write cut short by a crash) is discarded with a warning: its charge was never
                 complete, so the update it would have paid for never left the client.
         """
-        ledger, _ = cls._replay(Path(path), key, accountant)
+        ledger, _, _ = cls._replay(Path(path), key, accountant)
         return ledger
 
     @classmethod
@@ -1611,19 +1656,19 @@ class PrivacyLedger:
         from privfl.rundir import fsync_directory
 
         path = Path(path)
-        ledger, valid_length = cls._replay(path, key, accountant)
+        ledger, valid_length, last_line = cls._replay(path, key, accountant)
         if valid_length != path.stat().st_size:
             with path.open("r+b") as fh:
                 fh.truncate(valid_length)
                 fh.flush()
                 os.fsync(fh.fileno())
             fsync_directory(path.parent)
-        ledger._journal = _Journal(path, key, ledger._hashes[-1])
+        ledger._journal = _Journal(path, key, ledger._hashes[-1], size=valid_length, last_line=last_line)
         return ledger
 
     @classmethod
-    def _replay(cls, path: Path, key: LedgerKey | None, accountant: Accountant | str | None) -> tuple[PrivacyLedger, int]:
-        """The verified ledger and the byte length of its valid lines."""
+    def _replay(cls, path: Path, key: LedgerKey | None, accountant: Accountant | str | None) -> tuple[PrivacyLedger, int, int]:
+        """The verified ledger, the byte length of its valid lines and of its last valid line (newline included)."""
         try:
             with path.open("rb") as fh:
                 data = fh.read()
@@ -1636,6 +1681,7 @@ class PrivacyLedger:
         for number, raw in enumerate(lines, start=1):
             ledger._replay_line(path, number, raw, key, accountant)
         valid = len(data) - len(tail)
+        last_line = len(lines[-1]) + 1 if lines else 0
         if tail:
             number = len(lines) + 1
             try:
@@ -1651,10 +1697,11 @@ class PrivacyLedger:
             else:
                 # Complete but for its newline: keep it (counting a charge twice is safe; losing one is not).
                 valid = len(data)
+                last_line = len(tail)
                 log.warning("ledger %s: line %d lacked its newline; kept", path, number)
         if not ledger._hashes:
             raise LedgerError(str(path), "is empty: it holds no header")
-        return ledger, valid
+        return ledger, valid, last_line
 
     def _replay_line(
         self, path: Path, number: int, raw: bytes, key: LedgerKey | None, accountant: Accountant | str | None

@@ -311,3 +311,67 @@ def test_a_checkpoint_of_another_round_or_size_is_refused(tmp_path):
 def test_ledger_status_values_are_stable():
     # The journal stores these strings; renaming one would make old ledgers unreadable.
     assert [s.value for s in LedgerStatus] == ["trained", "skipped_budget"]
+
+
+def _charged_ledger(tmp_path, key, charges=3):
+    ledger = PrivacyLedger.create(tmp_path / "ledger.jsonl", key=key)
+    ledger.register("a", ClientBudget(epsilon=100.0, delta=1e-5))
+    for r in range(charges):
+        ledger.charge(r, "a", DPEvent(noise_multiplier=1.0, sample_rate=0.1, steps=5))
+    ledger.close()
+    return ledger
+
+
+def test_reopen_reattaches_only_a_file_exactly_as_the_ledger_left_it(tmp_path, key):
+    ledger = _charged_ledger(tmp_path, key)
+    assert ledger.reopen()  # untouched: reattached without re-verifying
+    ledger.charge(3, "a", DPEvent(noise_multiplier=1.0, sample_rate=0.1, steps=5))
+    ledger.close()
+    again = PrivacyLedger.open(tmp_path / "ledger.jsonl", key=key)
+    assert [e.round for e in again.entries] == [0, 1, 2, 3] and again.head == ledger.head
+    again.charge(4, "a", DPEvent(noise_multiplier=1.0, sample_rate=0.1, steps=5))  # another writer appends
+    again.close()
+    assert not ledger.reopen()  # the file grew behind its back: load it afresh
+    assert not ledger.reopen()
+    # An edit of the last line that keeps the size, and a mere touch, are refused alike.
+    fresh = PrivacyLedger.open(tmp_path / "ledger.jsonl", key=key)
+    fresh.close()
+    path = tmp_path / "ledger.jsonl"
+    data = bytearray(path.read_bytes())
+    data[-10] = ord("0") if data[-10] != ord("0") else ord("1")
+    path.write_bytes(bytes(data))
+    assert not fresh.reopen()
+    (tmp_path / "b").mkdir()
+    other = _charged_ledger(tmp_path / "b", key)
+    os.utime(tmp_path / "b" / "ledger.jsonl", ns=(1, 1))
+    assert not other.reopen()
+    # A ledger that was never closed, or has no journal, is not reopened either.
+    memory = PrivacyLedger()
+    assert not memory.reopen()
+
+
+def test_a_site_reuses_its_verified_ledger_between_requests_until_someone_else_writes(split, clients, tmp_path, run_toml, monkeypatch):
+    from privfl.aggregator import Aggregator, LocalSites
+    from privfl.site import Site, _parse_config
+
+    opened = []
+    original = PrivacyLedger.open.__func__
+
+    def counting(cls, path, **kwargs):
+        opened.append(Path(path).parent.name)
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(PrivacyLedger, "open", classmethod(counting))
+    sites = [Site(name, data, tmp_path / name) for name, data in clients.items()]
+    text = run_toml("plaintext", rounds=3)
+    aggregator = Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, progress=False)
+    aggregator.run(LocalSites(sites))
+    assert opened == []  # created at hello, then reattached for each of the 3 trainings
+    # Another process (here: another Site object over the same state directory) writes in between.
+    Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, progress=False).run(
+        LocalSites([Site("site-0", clients["site-0"], tmp_path / "site-0"), *sites[1:]])
+    )
+    assert opened == ["site-0"]  # the other object's first open; its own later requests reattach
+    spent = sites[0].spent(_parse_config(text))[0]
+    assert opened == ["site-0", "site-0"]  # the first object saw the file change: verified afresh
+    assert spent > 0
