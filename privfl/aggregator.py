@@ -714,7 +714,8 @@ class Aggregator:
         reply = replies.get(name)
         if reply is None or len(reply.parts) != 1:
             raise ProtocolAbort(f"round {r}: the key holder {name} did not decrypt: {dropped.get(name, 'malformed reply')}")
-        if tuple(reply.fields.get("contributors", ())) != tuple(result.accepted):
+        contributors = reply.fields.get("contributors")
+        if not isinstance(contributors, list) or tuple(contributors) != tuple(result.accepted):
             raise ProtocolAbort(f"round {r}: the key holder {name} decrypted a sum of other sites than the server accepted")
         try:
             return decode_average(r, reply.parts[0], dim)

@@ -392,3 +392,19 @@ def test_a_site_without_a_valid_identity_key_is_left_out_of_the_run(split, clien
     result = _aggregator(run_toml("ckks", rounds=1), split).run(LocalSites(_sites(clients, tmp_path), alter=no_key))
     assert sorted(result.summary["clients"]) == ["site-0", "site-1"]
     assert result.history[0]["aborted"] is None and sorted(result.history[0]["contributors"]) == ["site-0", "site-1"]
+
+
+def test_a_key_holder_reply_with_malformed_contributors_aborts_the_round_not_the_server(split, clients, tmp_path, run_toml):
+    from privfl.envelope import encode_reply
+
+    def garble(node, request, reply):
+        parsed = decode_request(request)
+        if parsed.step is not Step.CKKS_DECRYPT or parsed.round_index != 0:
+            return reply
+        answer = decode_reply(reply, run=parsed.run, step=parsed.step, round_index=0, site=node)
+        answer.fields["contributors"] = 5
+        return encode_reply(answer)
+
+    result = _aggregator(run_toml("ckks", rounds=2), split).run(LocalSites(_sites(clients, tmp_path), alter=garble))
+    assert result.history[0]["aborted"] and "other sites" in result.history[0]["aborted"]
+    assert result.history[1]["aborted"] is None
