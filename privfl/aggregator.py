@@ -399,8 +399,9 @@ class Aggregator:
             if len(decryptors) != 1:
                 raise ConfigError("role", len(decryptors), "the shared-key mode needs exactly one site with role = \"key-holder\" to decrypt")
             self._key_holder = decryptors[0]
-            key_ids = {self._hello_fields[info.name].get("key_id") for info in self._sites.values()}
-            if len(key_ids) != 1 or not isinstance(next(iter(key_ids)), str):
+            reported = [self._hello_fields[info.name].get("key_id") for info in self._sites.values()]
+            key_ids = {k for k in reported if isinstance(k, str)}
+            if len(key_ids) != 1 or len(reported) != sum(isinstance(k, str) for k in reported):
                 raise ConfigError("shared key", len(key_ids), "the sites do not all hold the same shared key (their fingerprints differ)")
         names = sorted(info.name for info in self._sites.values())
         if out is not None:

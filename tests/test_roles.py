@@ -408,3 +408,20 @@ def test_a_key_holder_reply_with_malformed_contributors_aborts_the_round_not_the
     result = _aggregator(run_toml("ckks", rounds=2), split).run(LocalSites(_sites(clients, tmp_path), alter=garble))
     assert result.history[0]["aborted"] and "other sites" in result.history[0]["aborted"]
     assert result.history[1]["aborted"] is None
+
+
+def test_a_hello_with_an_unhashable_key_id_is_a_typed_refusal(split, clients, tmp_path, run_toml):
+    from privfl.envelope import encode_reply
+
+    def listed(node, request, reply):
+        parsed = decode_request(request)
+        if node != "site-1" or parsed.step is not Step.HELLO:
+            return reply
+        answer = decode_reply(reply, run=parsed.run, step=Step.HELLO, round_index=0, site=node)
+        answer.fields["key_id"] = [answer.fields["key_id"]]
+        return encode_reply(answer)
+
+    sites = _sites(clients, tmp_path)
+    provision_shared_key([site.state_dir for site in sites])
+    with pytest.raises(ConfigError, match="same shared key"):
+        _aggregator(run_toml("shared_key", rounds=1), split).run(LocalSites(sites, alter=listed))
