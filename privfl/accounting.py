@@ -1172,8 +1172,8 @@ class _Journal:
         """Bytes of the file as this journal knows it."""
         self.last_line = last_line
         """Bytes of its last line, newline included."""
-        self.closed_as: tuple[int, int, int] | None = None
-        """(inode, size, mtime) of the file when this journal closed it (see PrivacyLedger.reopen)."""
+        self.closed_as: tuple[int, int, int, int] | None = None
+        """(inode, size, mtime, ctime) of the file when this journal closed it (see PrivacyLedger.reopen)."""
         try:
             self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
@@ -1208,7 +1208,7 @@ class _Journal:
             self.fd = None
             try:
                 st = os.stat(self.path)
-                self.closed_as = (st.st_ino, st.st_size, st.st_mtime_ns)
+                self.closed_as = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             except OSError:
                 self.closed_as = None
 
@@ -1218,7 +1218,8 @@ class _Journal:
             return False
         try:
             st = os.stat(self.path)
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.closed_as or st.st_size != self.size:
+            # ctime too: restoring the mtime after an edit (os.utime) moves the ctime, which no call sets back.
+            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self.closed_as or st.st_size != self.size:
                 return False
             with open(self.path, "rb") as fh:
                 fh.seek(self.size - self.last_line)
@@ -1578,7 +1579,7 @@ class PrivacyLedger:
     def reopen(self) -> bool:
         """Reopens a closed journal-backed ledger for appending, if its file is exactly as this ledger left it.
 
-        "Exactly": the same inode, size and modification time as when :meth:`close` closed it, and its
+        "Exactly": the same inode, size, modification and change times as when :meth:`close` closed it, and its
         last line still hashing to this ledger's head. Then the lines before it are the ones this
         ledger verified or wrote, and a long-lived holder (a site serving request after request)
         skips re-verifying every line, a cost that grows with the ledger. Anything else (another

@@ -30,7 +30,7 @@ from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
-from privfl.site import SiteRole, quantizer_for, secagg_weight_bound
+from privfl.site import SiteRole, check_deployed_client_dp, quantizer_for, secagg_weight_bound
 
 __all__ = ["AGGREGATOR_FILE", "Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
 
@@ -150,12 +150,7 @@ class Aggregator:
             self.config: RunConfig = _parse_config(config_text)
         except MessageError as exc:
             raise ConfigError("config", "<toml>", exc.reason) from exc
-        if self.config.federation.client_dp is not None and self.config.federation.protection not in _CLIENT_DP_PROTECTIONS:
-            raise ConfigError(
-                "federation.client_dp", "set",
-                "client-level DP needs protection = \"plaintext\", \"ckks\" or \"secagg\"; in the shared-key mode "
-                "every site can decrypt the sum, so no single party can add central noise before anyone sees it",
-            )
+        check_deployed_client_dp(self.config)
         if self.config.federation.protection is ProtectionKind.SHARED_KEY and self.config.federation.shared_key.weight_bound is None:
             raise ConfigError(
                 "federation.shared_key.weight_bound", None,
@@ -176,6 +171,7 @@ class Aggregator:
         self._recorder: Any = None
         self.run_id = secrets.token_hex(16)
         self._recorded_sites: list[str] | None = None
+        self._pending: int | None = None
 
     # -- model ---------------------------------------------------------------------------------------
     def _initial_model(self):
@@ -222,10 +218,10 @@ class Aggregator:
             if self._recorder is not None and reply.parts:
                 self._record_reply(step, name, reply.parts[0])
             self._upload[name] = self._upload.get(name, 0) + len(raw[node])
-            seconds = reply.fields.get("site_seconds")
-            if isinstance(seconds, (int, float)):
+            seconds = _number(reply.fields.get("site_seconds"))
+            if seconds is not None:
                 key = f"{step.value}@sites(max)"
-                self._step_seconds[key] = max(self._step_seconds.get(key, 0.0), float(seconds))
+                self._step_seconds[key] = max(self._step_seconds.get(key, 0.0), seconds)
         return replies, dropped
 
     # -- the recorded server view --------------------------------------------------------------------
@@ -317,8 +313,8 @@ class Aggregator:
             out_dir: where history.json, the checkpoints and summary.json go (None: nowhere).
             resume: continue the unfinished run in ``out_dir`` after its last recorded round, under
                 its run id, with the same config and the same sites. A round the interrupted server
-                had started but not recorded is asked for again: sites that trained in it refuse to
-                train twice (their spending stays in their ledgers), so it is recorded with them dropped.
+                had started but not recorded is not asked again (it could be released twice, with
+                other sites): it is recorded as interrupted and, under client-level DP, charged.
 
         Raises:
             ConfigError: no site joined, two claim one name, CKKS without exactly one key holder,
@@ -371,6 +367,8 @@ class Aggregator:
             raise ConfigError(AGGREGATOR_FILE, str(marker), "holds no valid run id")
         self.run_id = run_id
         self._recorded_sites = recorded.get("sites")
+        pending = recorded.get("pending")
+        self._pending = pending if isinstance(pending, int) and not isinstance(pending, bool) else None
         return load_history(out / HISTORY_FILE)
 
     def _run(self, channel: SiteChannel, out: Path | None, *, resume: bool) -> DeploymentResult:
@@ -379,6 +377,7 @@ class Aggregator:
         from privfl.training import evaluate, flatten_parameters, load_flat_parameters, resolve_device
 
         self._recorded_sites = None
+        self._pending = None
         if self.record and out is None:
             raise ConfigError("record", True, "a recording of the server's view needs an out_dir")
         history = self._start(out, resume)
@@ -420,6 +419,21 @@ class Aggregator:
             assert out is not None  # a history is loaded only from out_dir
             params = load_checkpoint(out, start - 1, params.size)
             self._restore_counts(history)
+        if out is not None and self._pending == start and start < fed.rounds:
+            # The crashed server had started this round: sites may have trained (and been charged)
+            # and, under secure aggregation, the server may have unmasked a sum. Asking again could
+            # make a second release of the round, with other sites (the sample is secret): the round
+            # is recorded as interrupted, charged, and not retried.
+            record = self._round_record(start, [])
+            record["aborted"] = (
+                "interrupted: the server stopped during this round; not retried (a site that trained in it was "
+                "charged by its own ledger; under client-level DP the round counts as a release)"
+            )
+            history.append(self._close(record, time.perf_counter()))
+            save_checkpoint(out, start, params)
+            durable_write_json(out / HISTORY_FILE, history)
+            start += 1
+        if history:
             log.info("resuming run %s at round %d of %d", self.run_id, start, fed.rounds)
         device = resolve_device(fed.device)
         progress = _Progress(fed.rounds, enabled=self.progress, start=start)
@@ -427,6 +441,8 @@ class Aggregator:
             for r in range(start, fed.rounds):
                 if self._recorder is not None:
                     self._recorder.begin_round(r, params)
+                if out is not None:
+                    self._mark_pending(out, r)  # before any site is asked: a resume must not run this round again
                 record, params = self._round(channel, r, names, params)
                 if self.test_set is not None:
                     load_flat_parameters(model, params)
@@ -450,6 +466,23 @@ class Aggregator:
         federation = public_config(self.config.federation)
         federation.pop("rounds", None)
         return {"training": public_config(self.config.training), "federation": federation, "clients": {}}
+
+    @staticmethod
+    def _round_record(r: int, sampled: list[str]) -> RoundRecord:
+        return {
+            "round": r, "sampled": sampled, "trained": [], "contributors": [], "skipped": {}, "dropped": {},
+            "aborted": None, "train_loss": None, "test_loss": None, "test_accuracy": None, "upload_bytes": {},
+            "epsilon": {}, "max_epsilon": None, "seconds": 0.0,  # set by _close
+        }
+
+    def _mark_pending(self, out: Path, r: int) -> None:
+        """Records durably that round ``r`` is starting (aggregator.json ``pending``)."""
+        from privfl.rundir import durable_write_json
+
+        marker = out / AGGREGATOR_FILE
+        recorded = json.loads(marker.read_text())
+        recorded["pending"] = r
+        durable_write_json(marker, recorded)
 
     def _record_sites(self, out: Path, names: list[str]) -> None:
         """Pins the run's sites in ``out`` (fresh run); a resumed run must reach the same ones."""
@@ -490,11 +523,7 @@ class Aggregator:
         fed = self.config.federation
         by_name = {info.name: info for info in self._sites.values()}
         sampled = sample_sites(fed, r, names)
-        record: RoundRecord = {
-            "round": r, "sampled": sampled, "trained": [], "contributors": [], "skipped": {}, "dropped": {},
-            "aborted": None, "train_loss": None, "test_loss": None, "test_accuracy": None, "upload_bytes": {},
-            "epsilon": {}, "max_epsilon": None, "seconds": 0.0,  # set by _close
-        }
+        record = self._round_record(r, sampled)
         self._upload = {}
         self._step_seconds = {}
         self._unclipped: float | None = None
@@ -884,9 +913,6 @@ _RECORDED_REPLIES = {
     Step.CKKS_DECRYPT: "average", Step.SHARED_KEY_DECRYPT: "average",
 }
 
-_CLIENT_DP_PROTECTIONS = (ProtectionKind.PLAINTEXT, ProtectionKind.CKKS, ProtectionKind.SECAGG)
-"""The protections under which a deployment supports client-level DP (central noise, or distributed shares)."""
-
 
 def _min_participants(config: RunConfig) -> int:
     kind = config.federation.protection
@@ -908,7 +934,14 @@ def _reply_name(reply: bytes) -> str:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    """A peer's finite number, or None (also for an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _finite(value: float) -> float | None:

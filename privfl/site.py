@@ -46,7 +46,7 @@ from privfl.envelope import Reply, Request, Status, Step, decode_request, encode
 from privfl.errors import BudgetExceededError, ConfigError, LedgerError, MessageError, PrivflError, ProtocolAbort
 from privfl.rundir import LEDGER_FILE, LEDGER_KEY_FILE, RunLock, durable_write_bytes, durable_write_json
 
-__all__ = ["Site", "SiteRole", "client_level_plan", "load_site_dataset", "provision_shared_key", "quantizer_for", "secagg_weight_bound"]
+__all__ = ["Site", "SiteRole", "check_deployed_client_dp", "client_level_plan", "load_site_dataset", "provision_shared_key", "quantizer_for", "secagg_weight_bound"]
 
 log = logging.getLogger("privfl")
 
@@ -278,7 +278,8 @@ class Site:
                 # The site's own time on the request: the rest of an exchange is the transport's.
                 reply.fields.setdefault("site_seconds", round(time.perf_counter() - started, 4))
                 return encode_reply(reply)
-        except (PrivflError, ValueError, KeyError, TypeError, OSError) as exc:
+        except (PrivflError, ValueError, KeyError, TypeError, OSError, ArithmeticError) as exc:
+            # ArithmeticError: a peer's number can overflow or underflow what a float holds.
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             log.warning("site %s refused %s of round %d: %s", self.name, request.step.value, request.round_index, reason)
             if isinstance(exc, ProtocolAbort | MessageError) and request.step in _SECAGG_STEPS:
@@ -379,6 +380,8 @@ class Site:
         config = _parse_config(text)
         if len(request.run) != 32 or any(c not in "0123456789abcdef" for c in request.run):
             raise MessageError("run id must be 32 hex digits")
+        # A site does not join a run whose client-level DP it could not hold to its guarantee.
+        check_deployed_client_dp(config)
         previous = self._run_state()
         if previous is not None and previous["run"] != request.run:
             # A new run: any secure-aggregation secrets of the old one are dropped.
@@ -527,6 +530,9 @@ class Site:
             if len(params.client_ids) > request.fields["num_sites"]:
                 # Client-level DP plans rho and the encoding's modulus for num_sites: a larger round could wrap the sum.
                 raise MessageError(f"the round has {len(params.client_ids)} secure-aggregation clients, the run {request.fields['num_sites']} sites")
+            if config.federation.client_dp is not None:
+                # The round's encoding must exist before the data is touched (no budget spent on a refusal).
+                _secagg_noise_round(request, config, len(params.client_ids), len(request.parts[0]) // 4)
 
     def _protect(self, request: Request, config: RunConfig, update, num_sites: int, protocol_part: bytes) -> bytes:
         kind = config.federation.protection
@@ -643,7 +649,7 @@ class Site:
         Raises:
             ProtocolAbort: a coordinate would be clipped.
         """
-        from privfl.client_dp import distributed_noise, secagg_noise_ratio, secagg_round
+        from privfl.client_dp import distributed_noise
         from privfl.noise import random_source
         from privfl.plan import derive_seed
         from privfl.protocols.secagg import Quantizer
@@ -651,16 +657,9 @@ class Site:
         fed = config.federation
         client_dp, cfg = fed.client_dp, fed.secagg
         assert client_dp is not None  # called only under client-level DP
-        clip_norm = _client_clip_norm(request, config)
-        assert clip_norm is not None  # set under client-level DP
-        num_sites, index = request.fields["num_sites"], request.fields["index"]  # checked before training
-        plan = client_level_plan(config, num_sites)
         adaptive = client_dp.adaptive
-        noise_round = secagg_round(
-            plan, noise_ratio=secagg_noise_ratio(cfg.resolve_threshold, num_sites), participants=participants,
-            clip_norm=clip_norm, dim=vector.shape[0] - int(adaptive), adaptive=adaptive, num_sites=num_sites,
-            rounds=fed.rounds, delta=client_dp.delta, bits=cfg.bits,
-        )
+        clip_norm, plan, noise_round = _secagg_noise_round(request, config, participants, vector.shape[0] - int(adaptive))
+        index = request.fields["index"]  # checked before training
         noised = distributed_noise(
             vector, plan=plan, clip_norm=clip_norm, adaptive=adaptive, threshold=noise_round.shares,
             source=random_source(derive_seed(fed.noise_seed, request.round_index, index, 1)), min_grid=noise_round.min_grid,
@@ -945,12 +944,62 @@ def seeded_model(config: RunConfig, model_fn, input_shape: tuple[int, ...] | Non
         return make_private_compatible(model)
 
 
+def check_deployed_client_dp(config: RunConfig) -> None:
+    """Refuses client-level DP settings a deployment cannot run safely (the Aggregator and every Site check them).
+
+    Raises:
+        ConfigError: the shared-key mode (no single party can add central noise), or adaptive
+            clipping under CKKS or secure aggregation (the sites' S could not be bound to the noise's).
+    """
+    fed = config.federation
+    if fed.client_dp is None:
+        return
+    if fed.protection is ProtectionKind.SHARED_KEY:
+        raise ConfigError(
+            "federation.client_dp", "set",
+            "client-level DP needs protection = \"plaintext\", \"ckks\" or \"secagg\"; in the shared-key mode every "
+            "site can decrypt the sum, so no single party can add central noise before anyone sees it",
+        )
+    if fed.client_dp.adaptive and fed.protection is not ProtectionKind.PLAINTEXT:
+        raise ConfigError(
+            "federation.client_dp.adaptive", True,
+            f"deployments run adaptive clipping only under plaintext: under {fed.protection.value} a malicious server could "
+            "announce a larger clip norm to the sites than the noise is planned for; use adaptive = false (privfl run "
+            "runs it in one process)",
+        )
+
+
+def _secagg_noise_round(request: Request, config: RunConfig, participants: int, dim: int):
+    """(S, the client-level plan, the round's shares and encoding) of a secure-aggregation train request.
+
+    Raises:
+        ConfigError: no encoding fits the configured bits for this many sites.
+        MessageError: the request's clip norm is not the run's.
+    """
+    from privfl.client_dp import secagg_noise_ratio, secagg_round
+
+    fed = config.federation
+    assert fed.client_dp is not None  # asked for only under client-level DP
+    clip_norm = _client_clip_norm(request, config)
+    assert clip_norm is not None  # set under client-level DP
+    num_sites = request.fields["num_sites"]  # checked before
+    plan = client_level_plan(config, num_sites)
+    noise_round = secagg_round(
+        plan, noise_ratio=secagg_noise_ratio(fed.secagg.resolve_threshold, num_sites), participants=participants,
+        clip_norm=clip_norm, dim=dim, adaptive=fed.client_dp.adaptive, num_sites=num_sites,
+        rounds=fed.rounds, delta=fed.client_dp.delta, bits=fed.secagg.bits,
+    )
+    return clip_norm, plan, noise_round
+
+
 def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     """The clip norm S a train request asks for under client-level DP (None without it).
 
-    With fixed clipping S is the run config's and a request naming another is refused; under
-    adaptive clipping it is the aggregator's current S (the CKKS key holder noises for the S it
-    tracked itself and refuses a decryption for another; docs/deployment.md).
+    With fixed clipping S is the run config's and a request naming another is refused. Adaptive
+    clipping, where the aggregator announces S each round, is served only under plaintext (where the
+    server sees every update anyway): under CKKS and secure aggregation nothing would bind the S the
+    sites clip to to the S the noise is planned for, so a malicious server could announce a large S
+    to the sites and leave their updates under-noised (docs/deployment.md).
 
     Raises:
         ConfigError: client-level DP under a protection deployments do not support it with.
@@ -961,8 +1010,7 @@ def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     client_dp = config.federation.client_dp
     if client_dp is None:
         return None
-    if config.federation.protection is ProtectionKind.SHARED_KEY:
-        raise ConfigError("federation.client_dp", "set", "client-level DP is not supported in the shared-key mode (no party can add central noise)")
+    check_deployed_client_dp(config)
     clip_norm = request.fields.get("clip_norm")
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (math.isfinite(clip_norm) and clip_norm > 0):
         raise MessageError("train request lacks a valid client-level clip norm")

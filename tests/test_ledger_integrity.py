@@ -345,6 +345,21 @@ def test_reopen_reattaches_only_a_file_exactly_as_the_ledger_left_it(tmp_path, k
     other = _charged_ledger(tmp_path / "b", key)
     os.utime(tmp_path / "b" / "ledger.jsonl", ns=(1, 1))
     assert not other.reopen()
+    # An edit of an earlier line that keeps the size, with the modification time put back: the change
+    # time still moved, so it is not reattached (a full open then finds the edit).
+    (tmp_path / "c").mkdir()
+    edited = _charged_ledger(tmp_path / "c", key)
+    path = tmp_path / "c" / "ledger.jsonl"
+    before = path.stat()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    lines[2] = lines[2].replace(b'"steps":5', b'"steps":1', 1)
+    path.write_bytes(b"\n".join(lines))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.read_bytes() != data
+    assert not edited.reopen()
+    with pytest.raises(LedgerError):
+        PrivacyLedger.open(path, key=key)
     # A ledger that was never closed, or has no journal, is not reopened either.
     memory = PrivacyLedger()
     assert not memory.reopen()

@@ -425,3 +425,18 @@ def test_a_hello_with_an_unhashable_key_id_is_a_typed_refusal(split, clients, tm
     provision_shared_key([site.state_dir for site in sites])
     with pytest.raises(ConfigError, match="same shared key"):
         _aggregator(run_toml("shared_key", rounds=1), split).run(LocalSites(sites, alter=listed))
+
+
+def test_numbers_too_large_for_a_float_in_a_sites_reply_are_ignored_not_fatal(split, clients, tmp_path, run_toml):
+    from privfl.envelope import encode_reply
+
+    def huge(node, request, reply):
+        parsed = decode_request(request)
+        if node != "site-1" or parsed.step is not Step.TRAIN:
+            return reply
+        answer = decode_reply(reply, run=parsed.run, step=Step.TRAIN, round_index=parsed.round_index, site=node)
+        answer.fields.update(epsilon=10**400, budget=10**400, site_seconds=10**400)
+        return encode_reply(answer)
+
+    result = _aggregator(run_toml("plaintext", rounds=1), split).run(LocalSites(_sites(clients, tmp_path), alter=huge))
+    assert result.history[0]["aborted"] is None and result.summary["clients"]["site-1"]["epsilon"] is None

@@ -50,8 +50,11 @@ def _in_process(text, split, clients):
     return fed.run()
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed-clip", "adaptive-clip"])
-@pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg"])
+@pytest.mark.parametrize(
+    "protection,adaptive",
+    [("plaintext", False), ("plaintext", True), ("ckks", False), ("secagg", False)],
+    ids=["plaintext-fixed-clip", "plaintext-adaptive-clip", "ckks", "secagg"],
+)
 def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(protection, adaptive, split, clients, tmp_path, run_toml):
     text = _text(run_toml, protection, adaptive=adaptive)
     deployed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server")
@@ -107,7 +110,9 @@ def test_a_site_refuses_another_clip_norm_than_the_runs_fixed_one_before_trainin
     shape, classes = split.train.input_shape, split.train.num_classes
     params = flatten_parameters(seeded_model(config, None, shape, classes)).astype("<f4").tobytes()
     fields = {"index": 1, "num_sites": 3, "participants": 3, "input_shape": list(shape), "num_classes": classes}
-    for clip_norm, reason in ((40.0, "fixed clip norm is 0.4"), (None, "clip norm"), (-0.4, "clip norm"), ("0.4", "clip norm")):
+    for clip_norm, reason in (
+        (40.0, "fixed clip norm is 0.4"), (None, "clip norm"), (-0.4, "clip norm"), ("0.4", "clip norm"), (10**400, "Overflow"),
+    ):
         request = Request(run, Step.TRAIN, 0, "site-1", {**fields, "clip_norm": clip_norm}, (params, b""))
         reply = decode_reply(site.handle(encode_request(request)), run=run, step=Step.TRAIN, round_index=0, site="site-1")
         assert reply.status is Status.REFUSED and reason in reply.reason
@@ -137,9 +142,35 @@ class _Tamper(LocalSites):
         return super().exchange(changed, timeout=timeout)
 
 
+def test_adaptive_clipping_is_refused_where_the_sites_clip_norm_could_not_be_bound(split, clients, tmp_path, run_toml):
+    """Under CKKS and secure aggregation the noise is planned for one S; nothing would make the sites clip to it
+    if the server announced another each round: deployments refuse adaptive clipping there (the aggregator,
+    and each site on its own, before touching its data)."""
+    from privfl.errors import ConfigError
+    from privfl.site import seeded_model
+
+    for protection in ("ckks", "secagg"):
+        text = _text(run_toml, protection, adaptive=True, rounds=1)
+        with pytest.raises(ConfigError, match="adaptive"):
+            _aggregator(text, split)
+        site = _sites(clients, tmp_path / protection)[1]
+        run = "cd" * 16
+        hello = site.handle(encode_request(Request(run, Step.HELLO, 0, "node:1", {"config": text}, ())))
+        reply = decode_reply(hello, run=run, step=Step.HELLO, round_index=0, site="site-1")
+        assert reply.status is Status.REFUSED and "adaptive" in reply.reason
+        # Asked to train all the same (a server ignoring the refusal): refused, nothing spent.
+        shape, classes = split.train.input_shape, split.train.num_classes
+        params = flatten_parameters(seeded_model(_parse_config(text), None, shape, classes)).astype("<f4").tobytes()
+        fields = {"index": 1, "num_sites": 3, "participants": 3, "input_shape": list(shape), "num_classes": classes, "clip_norm": 40.0}
+        reply = decode_reply(site.handle(encode_request(Request(run, Step.TRAIN, 0, "site-1", fields, (params, b"")))),
+                             run=run, step=Step.TRAIN, round_index=0, site="site-1")
+        assert reply.status is Status.REFUSED
+        assert not (site.state_dir / "ledger.jsonl").exists() or site.spent(_parse_config(text))[0] == 0.0
+
+
 @pytest.mark.parametrize("change", [{"clip_norm": 4.0}, {"num_sites": 30}], ids=["clip-norm", "site-count"])
 def test_the_key_holder_refuses_to_noise_for_another_clip_norm_or_site_count(change, split, clients, tmp_path, run_toml):
-    text = _text(run_toml, "ckks", adaptive=True, rounds=2)
+    text = _text(run_toml, "ckks", adaptive=False, rounds=2)
     # The site count is pinned at the first release: change it from the second decryption on.
     sites = _sites(clients, tmp_path)
     channel = _Tamper(sites, Step.CKKS_DECRYPT, **change)
@@ -173,7 +204,7 @@ def _drop_masked_input_of(victim):
 
 def test_secagg_withholds_a_round_with_a_dropout_and_needs_no_weight_bound(split, clients, tmp_path, run_toml):
     # No weight_bound: under client-level DP every site counts once, so none is needed.
-    text = _text(run_toml, "secagg", adaptive=True, rounds=2).replace("[federation.secagg]\nweight_bound = 1000\n", "")
+    text = _text(run_toml, "secagg", adaptive=False, rounds=2).replace("[federation.secagg]\nweight_bound = 1000\n", "")
     assert "[federation.secagg]" not in text and text.count("weight_bound") == 1  # the shared-key mode's only
     result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_masked_input_of("site-2")))
     # Two of three masked inputs arrived, enough to unmask their sum: but its noise would reveal how

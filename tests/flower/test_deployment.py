@@ -24,7 +24,6 @@ _CLIENT_DP = """
 noise_multiplier = 0.6
 clip_norm = 0.4
 delta = 1e-3
-adaptive = true
 """
 
 
@@ -105,7 +104,7 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
                 # client-1's process crashes and comes back on the same state directory.
                 federation.restart_site("client-1")
                 pids += federation.started_pids()
-        # Client-level DP over the network: the key-holder site noises each decrypted sum (adaptive clipping).
+        # Client-level DP over the network: the key-holder site noises each decrypted sum.
         client_dp_text = run_toml("ckks", extra=_CLIENT_DP)
         client_dp_run = federation.run(client_dp_text, step_timeout=120)
         pids += federation.started_pids()
@@ -138,16 +137,16 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
 
     summary, history, run_dir = client_dp_run
     expected, _, _ = _in_process(client_dp_text)
-    assert all(h["aborted"] is None and h["client_level"]["unclipped_fraction_noised"] is not None for h in history)
+    assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in history)
     clip_norms = summary["client_level"]["clip_norms"]
-    assert summary["client_level"]["rounds_released"] == 2 and clip_norms[0] == 0.4 and clip_norms[1] != 0.4
+    assert summary["client_level"]["rounds_released"] == 2 and clip_norms == [0.4, 0.4]
     from privfl.client_dp import plan_client_dp, release_noise
     from privfl.rundir import load_checkpoint
 
     config = _parse_config(client_dp_text)
     plan = plan_client_dp(config.federation.client_dp, num_clients=3, client_fraction=1.0, rounds=2)
     # CKKS decrypts within about 1e-6 of the sum; rounding to the noise grid can turn that into one grid step.
-    grid = max(release_noise(plan, clip_norm=s, dim=expected.size, adaptive=True).update.grid for s in clip_norms)
+    grid = max(release_noise(plan, clip_norm=s, dim=expected.size, adaptive=False).update.grid for s in clip_norms)
     got = load_checkpoint(run_dir, 1, expected.size)
     assert float(np.max(np.abs(got - expected))) <= 2 * grid / plan.expected_clients + 1e-5
 
@@ -289,18 +288,17 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     assert run_dir == out / "run" and [h["round"] for h in history] == [0, 1, 2, 3]
     assert history[:2] == recorded[:2]  # the recorded rounds are kept as they were
     assert history[3]["aborted"] is None and len(history[3]["contributors"]) == 3
-    # Nothing trained twice: a site that trained a round before the stop refused it on resume.
-    for record in history[len(recorded):]:
-        assert all("already trained" in reason for reason in record["dropped"].values())
+    # A round the stopped server had started is recorded as interrupted and not run again.
+    interrupted = [h for h in history[len(recorded):] if h["aborted"]]
+    assert len(interrupted) <= 1 and all(h["aborted"].startswith("interrupted") and h["trained"] == [] for h in interrupted)
     from privfl.audit.site import audit_site
 
     for name, entry in summary["clients"].items():
-        # The site's own ledger: every training it was charged for is a recorded one, or the one
-        # it refused to repeat after the stop.
-        refused = sum(1 for h in history if "already trained" in h["dropped"].get(name, ""))
+        # The site's own ledger: every training it was charged for is a recorded one, or one in the
+        # round the server had started when it stopped.
         audit = audit_site(second.site_dirs[name] / "state", out_dir=tmp_path / "audit" / name)
-        assert [r.rounds_trained for r in audit.runs] == [entry["rounds_trained"] + refused] and refused <= 1
-        assert entry["epsilon"] == pytest.approx(audit.epsilon) and audit.errors == ()
+        assert entry["rounds_trained"] <= audit.runs[0].rounds_trained <= entry["rounds_trained"] + len(interrupted)
+        assert len(audit.runs) == 1 and audit.errors == () and entry["epsilon"] == pytest.approx(audit.epsilon)
     assert (out / "flower-2").is_dir()  # the resumed deployment's own TLS material and logs
     with pytest.raises(ConfigError, match="has finished"):
         LocalFederation(text, sites=3, out=out, resume=True)
