@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from roles_helpers import make_aggregator, make_sites, run_in_process
 
 from privfl.aggregator import Aggregator, LocalSites
 from privfl.envelope import Request, Status, Step, decode_reply, decode_request, encode_request
@@ -17,23 +18,14 @@ from privfl.training import flatten_parameters
 
 
 def _sites(clients, root, **budgets):
-    return [
-        Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE, budget=budgets.get(name.replace("-", "_")))
-        for i, (name, dataset) in enumerate(clients.items())
-    ]
+    return make_sites(clients, root, budgets={name.replace("_", "-"): value for name, value in budgets.items()})
 
 
-def _aggregator(text, split):
-    return Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, test_set=split.test, progress=False)
+_aggregator = make_aggregator
 
 
 def _federation(text, split, clients):
-    cfg = _parse_config(text)
-    fed = Federation(
-        model_fn=lambda: build_model(cfg.model, split.train.input_shape, split.train.num_classes),
-        clients=clients, test_set=split.test, training=cfg.training, federation=cfg.federation, progress=False,
-    )
-    return flatten_parameters(fed.run().model)
+    return flatten_parameters(run_in_process(text, split, clients).model)
 
 
 @pytest.mark.parametrize("protection", ["plaintext", "ckks", "secagg", "shared_key"])

@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from roles_helpers import make_aggregator, make_sites, run_in_process
 
-from privfl.aggregator import Aggregator, LocalSites
+from privfl.aggregator import LocalSites
 from privfl.client_dp import plan_client_dp, release_noise
 from privfl.envelope import Request, Status, Step, decode_reply, decode_request, encode_request
-from privfl.federation import Federation
-from privfl.models import build_model
-from privfl.site import CLIENT_DP_FILE, Site, SiteRole, _parse_config
+from privfl.site import CLIENT_DP_FILE, _parse_config
 from privfl.training import flatten_parameters
 
 _CLIENT_DP = """
@@ -30,24 +29,9 @@ def _text(run_toml, protection, *, adaptive, rounds=3):
     return run_toml(protection, rounds=rounds, extra=_CLIENT_DP.format(adaptive="true" if adaptive else "false"))
 
 
-def _sites(clients, root):
-    return [
-        Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE)
-        for i, (name, dataset) in enumerate(clients.items())
-    ]
-
-
-def _aggregator(text, split):
-    return Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, test_set=split.test, progress=False)
-
-
-def _in_process(text, split, clients):
-    cfg = _parse_config(text)
-    fed = Federation(
-        model_fn=lambda: build_model(cfg.model, split.train.input_shape, split.train.num_classes),
-        clients=clients, test_set=split.test, training=cfg.training, federation=cfg.federation, progress=False,
-    )
-    return fed.run()
+_sites = make_sites
+_aggregator = make_aggregator
+_in_process = run_in_process
 
 
 @pytest.mark.parametrize(

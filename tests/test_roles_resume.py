@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from roles_helpers import make_aggregator, make_sites
 
-from privfl.aggregator import AGGREGATOR_FILE, Aggregator, LocalSites
+from privfl.aggregator import AGGREGATOR_FILE, LocalSites
 from privfl.envelope import Step, decode_request
 from privfl.errors import ConfigError
-from privfl.site import Site, SiteRole, _parse_config
+from privfl.site import _parse_config
 
 _CLIENT_DP = """
 [federation.client_dp]
@@ -44,14 +45,10 @@ class _CrashingSites(LocalSites):
 
 
 def _sites(clients, root):
-    return [
-        Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE, budget=100.0)
-        for i, (name, dataset) in enumerate(clients.items())
-    ]
+    return make_sites(clients, root, budget=100.0)
 
 
-def _aggregator(text, split):
-    return Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, test_set=split.test, progress=False)
+_aggregator = make_aggregator
 
 
 def _crash_after_recording(monkeypatch, round_index):
