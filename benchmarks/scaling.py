@@ -325,6 +325,10 @@ def main() -> None:
     def med(values):
         return statistics.median(values)
 
+    def ratios(variant, bare, key):
+        """Per-repeat ratios variant / bare of ``key`` (the repeats took turns)."""
+        return [v[key] / b[key] for v, b in zip(variant, bare, strict=True)]
+
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if {"privfl", "privfl-dir"} <= set(args.variants):
         header = ("| clients | sizes | distinct | bare CPU s | privfl CPU s | privfl+dir CPU s | privfl/bare med (min) "
@@ -333,9 +337,8 @@ def main() -> None:
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for num_clients, kind, samples in rows:
             bare, plain, with_dir = samples["bare"], samples["privfl"], samples["privfl-dir"]
-            r_plain = [p["round_cpu"] / b["round_cpu"] for p, b in zip(plain, bare, strict=True)]
-            r_dir = [d["round_cpu"] / b["round_cpu"] for d, b in zip(with_dir, bare, strict=True)]
-            r_wall = [d["round_wall"] / b["round_wall"] for d, b in zip(with_dir, bare, strict=True)]
+            r_plain, r_dir = ratios(plain, bare, "round_cpu"), ratios(with_dir, bare, "round_cpu")
+            r_wall = ratios(with_dir, bare, "round_wall")
             print(
                 f"| {num_clients:,} | {kind} | {bare[0]['distinct']} | {med([b['round_cpu'] for b in bare]):.3f} "
                 f"| {med([p['round_cpu'] for p in plain]):.3f} | {med([d['round_cpu'] for d in with_dir]):.3f} "
@@ -351,8 +354,7 @@ def main() -> None:
         print("|---:|---|---:|---:|---:|---:|---:|---:|")
         for num_clients, kind, samples in rows:
             bare, sites = samples["bare"], samples["sites"]
-            r_cpu = [t["round_cpu"] / b["round_cpu"] for t, b in zip(sites, bare, strict=True)]
-            r_wall = [t["round_wall"] / b["round_wall"] for t, b in zip(sites, bare, strict=True)]
+            r_cpu, r_wall = ratios(sites, bare, "round_cpu"), ratios(sites, bare, "round_wall")
             print(
                 f"| {num_clients:,} | {kind} | {med([b['round_cpu'] for b in bare]):.3f} | {med([t['round_cpu'] for t in sites]):.3f} "
                 f"| {med(r_cpu):.2f} ({min(r_cpu):.2f}) | {med(r_wall):.2f} ({min(r_wall):.2f}) "
