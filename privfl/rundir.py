@@ -206,9 +206,10 @@ class RunLock:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
         try:
+            # Not fsynced: the record only names the holder to a process refused while it runs (the
+            # page cache shows it), and after a crash the kernel has dropped the lock it describes.
             os.ftruncate(fd, 0)
             os.pwrite(fd, record.encode() + b"\n", 0)
-            os.fsync(fd)
         except OSError as exc:
             # Closing drops the lock: a failed start must not hold the directory until exit.
             os.close(fd)

@@ -295,7 +295,7 @@ class Site:
             raise MessageError("request for a run this site has not joined (no hello for it)")
         config = _parse_config(run["config"])
         if request.step is Step.TRAIN:
-            return self._train(request, run, config)
+            return self._train(request, config)
         if request.step in _SECAGG_STEPS:
             return self._secagg_step(request, config)
         if request.step is Step.CKKS_DECRYPT:
@@ -387,7 +387,7 @@ class Site:
             # A new run: any secure-aggregation secrets of the old one are dropped.
             (self.state_dir / ROUND_FILE).unlink(missing_ok=True)
         if previous is None or previous["run"] != request.run:
-            durable_write_json(self.state_dir / RUN_FILE, {"run": request.run, "config": text, "trained_rounds": []})
+            durable_write_json(self.state_dir / RUN_FILE, {"run": request.run, "config": text})
         spent, budget = self.spent(config)
         parts: tuple[bytes, ...] = ()
         if self.role is SiteRole.KEY_HOLDER and config.federation.protection is ProtectionKind.CKKS:
@@ -425,7 +425,7 @@ class Site:
             self._template = (key, seeded_model(config, self.model_fn, None if shape is None else tuple(shape), classes))
         return copy.deepcopy(self._template[1])
 
-    def _train(self, request: Request, run: dict[str, Any], config: RunConfig) -> Reply:
+    def _train(self, request: Request, config: RunConfig) -> Reply:
         from privfl.accounting import DPEvent
         from privfl.plan import derive_seed, plan_site
         from privfl.protocols.base import ClientUpdate
@@ -437,20 +437,23 @@ class Site:
         r = request.round_index
         if r >= config.federation.rounds:
             raise MessageError(f"round {r} is beyond the run's {config.federation.rounds} rounds")
-        if r in run["trained_rounds"] or (run["trained_rounds"] and r < max(run["trained_rounds"])):
-            raise MessageError(f"this site already trained in round {r} of this run (or a later one)")
-        if len(request.parts) == 4 and config.federation.protection is ProtectionKind.CKKS:
-            self._store_ckks_context(request.parts[2], request.parts[3])
-        elif len(request.parts) != 2:
-            raise MessageError("train request must carry the global model and the protocol part")
-        # Everything the protocol needs is checked before the data is touched: a request refused
-        # after training would have spent budget for nothing.
-        self._check_protocol_inputs(request, config)
-        clip_norm = _client_clip_norm(request, config)
-        plan = plan_site(len(self.dataset), config.training, config.federation, num_sites)
-        event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
         ledger = self._ledger(config)
         try:
+            # The ledger is the one record of what this site trained: a round charged for this run
+            # (or a later one) is never trained again, whatever the server asks.
+            trained = _trained_rounds(ledger, self.name, request.run)
+            if r in trained or (trained and r < max(trained)):
+                raise MessageError(f"this site already trained in round {r} of this run (or a later one)")
+            if len(request.parts) == 4 and config.federation.protection is ProtectionKind.CKKS:
+                self._store_ckks_context(request.parts[2], request.parts[3])
+            elif len(request.parts) != 2:
+                raise MessageError("train request must carry the global model and the protocol part")
+            # Everything the protocol needs is checked before the data is touched: a request refused
+            # after training would have spent budget for nothing.
+            self._check_protocol_inputs(request, config)
+            clip_norm = _client_clip_norm(request, config)
+            plan = plan_site(len(self.dataset), config.training, config.federation, num_sites)
+            event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
             after = ledger.epsilon_if(self.name, event)
             budget = ledger.budget(self.name).epsilon
             if after > budget:
@@ -475,9 +478,7 @@ class Site:
                 device=resolve_device(self.device if self.device != "auto" else config.federation.device), seed=seed, site=self.name,
             )
             # Charged (one fsynced journal line) before anything derived from the data leaves the site.
-            ledger.charge(r, self.name, result.event, note=f"run {request.run}")
-            run["trained_rounds"].append(r)
-            durable_write_json(self.state_dir / RUN_FILE, run)
+            ledger.charge(r, self.name, result.event, note=_run_note(request.run))
             spent = ledger.epsilon(self.name)
             exhausted = ledger.epsilon_if(self.name, event) > budget
         except BudgetExceededError as exc:
@@ -1017,6 +1018,23 @@ def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     if not client_dp.adaptive and clip_norm != client_dp.clip_norm:
         raise MessageError(f"train request asks for clip norm {clip_norm}; the run's fixed clip norm is {client_dp.clip_norm}")
     return float(clip_norm)
+
+
+def _run_note(run: str) -> str:
+    """The note a site's ledger charge carries: the run it trained for."""
+    return f"run {run}"
+
+
+def _trained_rounds(ledger, name: str, run: str) -> list[int]:
+    """The rounds of ``run`` this site's ledger charged it for (later notes are appended after "; ")."""
+    from privfl.accounting import LedgerStatus
+
+    note = _run_note(run)
+    return [
+        entry.round
+        for entry in ledger.entries
+        if entry.client == name and entry.status is LedgerStatus.TRAINED and (entry.note == note or entry.note.startswith(note + ";"))
+    ]
 
 
 def _shaped(dataset, input_shape):

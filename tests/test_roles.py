@@ -131,6 +131,28 @@ def test_bad_messages_are_refused_not_crashes(split, clients, tmp_path, run_toml
     assert "not the CKKS key holder" in _refusal(site, not_key_holder)
 
 
+def test_the_ledger_alone_refuses_a_replayed_round_after_a_restart(split, clients, tmp_path, run_toml):
+    import json
+
+    from privfl.site import RUN_FILE
+
+    aggregator = _aggregator(run_toml("plaintext", rounds=2), split)
+    aggregator.run(LocalSites(_sites(clients, tmp_path, site_1=10.0)))
+    # run.json names the run and its config only: what the site trained is in its ledger, nowhere else.
+    assert set(json.loads((tmp_path / "site-1" / RUN_FILE).read_text())) == {"run", "config"}
+    restarted = _sites(clients, tmp_path, site_1=10.0)[1]
+    fields = {"index": 1, "num_sites": 3, "input_shape": list(split.train.input_shape), "num_classes": split.train.num_classes}
+    for round_index in (0, 1):
+        replay = encode_request(Request(aggregator.run_id, Step.TRAIN, round_index, "site-1", fields, (b"", b"")))
+        assert "already trained" in _refusal(restarted, replay, round_index=round_index)
+    # Another run's charges do not count for this one: its round 0 is refused only for its bytes.
+    other = "e" * 32
+    hello = Request(other, Step.HELLO, 0, "site-1", {"config": run_toml("plaintext", rounds=2)}, ())
+    assert decode_reply(restarted.handle(encode_request(hello)), run=other, step=Step.HELLO, round_index=0, site="site-1").status is Status.OK
+    fresh = encode_request(Request(other, Step.TRAIN, 0, "site-1", fields, (b"", b"")))
+    assert "global model has 0 parameters" in _refusal(restarted, fresh)
+
+
 def test_a_corrupted_reply_drops_that_site_and_the_round_completes(split, clients, tmp_path, run_toml):
     from privfl.envelope import decode_request
 
