@@ -294,9 +294,11 @@ class Aggregator:
         if len(holders) != 1:
             raise ConfigError("role", len(holders), "CKKS needs exactly one site with role = \"key-holder\"")
         self._key_holder = holders[0].name
-        if self._key_holder not in self._hello_parts or len(self._hello_parts[self._key_holder]) != 2:
-            raise ProtocolAbort("the CKKS key holder sent no public context")
-        self._ckks_public, self._ckks_run_id = self._hello_parts[self._key_holder]
+        if self._key_holder not in self._hello_parts or len(self._hello_parts[self._key_holder]) != 3:
+            raise ProtocolAbort("the CKKS key holder sent no signed public context")
+        # The signature is the sites' to check (against the key holder's key they hold): the server
+        # only forwards it.
+        self._ckks_public, self._ckks_run_id, self._ckks_signature = self._hello_parts[self._key_holder]
         from privfl.protocols.ckks import _load_context
 
         if len(self._ckks_run_id) != 16 or _load_context(self._ckks_public).has_secret_key():
@@ -560,7 +562,7 @@ class Aggregator:
         for n in sampled:
             parts: tuple[bytes, ...] = (model_bytes, protocol_part)
             if fed.protection is ProtectionKind.CKKS and n not in self._has_context:
-                parts += (self._ckks_public, self._ckks_run_id)
+                parts += (self._ckks_public, self._ckks_run_id, self._ckks_signature)
             requests[n] = ({**base, "index": names.index(n)}, parts)
         replies, dropped = self._exchange(channel, Step.TRAIN, r, requests)
         if fed.protection is ProtectionKind.CKKS:

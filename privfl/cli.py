@@ -61,6 +61,19 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def _cmd_identity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from privfl.site import IDENTITY_FILE, site_identity
+
+    state = Path(args.state_dir)
+    made = not (state / IDENTITY_FILE).exists()
+    print(site_identity(state).hex())
+    if made:
+        print(f"privfl: made a new identity key in {state / IDENTITY_FILE} (private, mode 0600)", file=sys.stderr)
+    return 0
+
+
 def _cmd_audit_site(args: argparse.Namespace) -> int:
     from privfl.audit.site import audit_site
 
@@ -273,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", help="the TOML config the run was made with (default: the embedded demo)")
     export.add_argument("--round", type=int, help="the 0-based round to export (default: the last finished one)")
     export.set_defaults(func=_cmd_export)
+
+    identity = sub.add_parser(
+        "identity",
+        help="print a site's identity public key (made on first use): hand the CKKS key holder's to the other sites",
+    )
+    identity.add_argument("state_dir", help="the site's state directory")
+    identity.set_defaults(func=_cmd_identity)
 
     deploy = sub.add_parser("deploy", help="run a federation as separate processes over Flower (needs privfl[flower])")
     targets = deploy.add_subparsers(dest="target", required=True)

@@ -33,6 +33,7 @@ import logging
 import os
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -44,9 +45,26 @@ import numpy as np
 from privfl.config import ProtectionKind, RunConfig, config_from_dict
 from privfl.envelope import Reply, Request, Status, Step, decode_request, encode_reply
 from privfl.errors import BudgetExceededError, ConfigError, LedgerError, MessageError, PrivflError, ProtocolAbort
-from privfl.rundir import LEDGER_FILE, LEDGER_KEY_FILE, RunLock, durable_write_bytes, durable_write_json
+from privfl.rundir import (
+    LEDGER_FILE,
+    LEDGER_KEY_FILE,
+    RunLock,
+    durable_write_bytes,
+    durable_write_json,
+    fsync_directory,
+)
 
-__all__ = ["Site", "SiteRole", "check_deployed_client_dp", "client_level_plan", "load_site_dataset", "provision_shared_key", "quantizer_for", "secagg_weight_bound"]
+__all__ = [
+    "Site",
+    "SiteRole",
+    "check_deployed_client_dp",
+    "client_level_plan",
+    "load_site_dataset",
+    "provision_shared_key",
+    "quantizer_for",
+    "secagg_weight_bound",
+    "site_identity",
+]
 
 log = logging.getLogger("privfl")
 
@@ -202,6 +220,10 @@ class Site:
         model_fn: builds the model; None builds the run config's bundled model for the input shape
             and class count the aggregator announces.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+        key_holder_key: the CKKS key holder's identity public key (32 bytes, or 64 hex digits), got
+            out of band (``privfl identity KEY_HOLDER_STATE_DIR`` prints it): the public context comes
+            through the server, and a site encrypts only under one the key holder signed for the run.
+            Needed by every other site of a CKKS run (they refuse to join one without it).
 
     Raises:
         ConfigError: the state directory belongs to another site, or a setting is invalid.
@@ -217,6 +239,7 @@ class Site:
         role: SiteRole | str = SiteRole.SITE,
         model_fn: Callable[[], Any] | None = None,
         device: str = "auto",
+        key_holder_key: bytes | str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or len(name.encode()) > 256 or name in ("server", "aggregator"):
             raise ConfigError("site", name, "must be a non-empty name of at most 256 bytes, not 'server' or 'aggregator'")
@@ -229,6 +252,7 @@ class Site:
         self.name = name
         self.dataset = dataset
         self.state_dir = Path(state_dir)
+        self.key_holder_key = _public_key_bytes(key_holder_key)
         self.budget = None if budget is None else float(budget)
         self.model_fn = model_fn
         self.device = device
@@ -316,24 +340,11 @@ class Site:
 
     def _identity_raw(self) -> bytes:
         """The site's long-term Ed25519 private key (made on first use, from the OS CSPRNG)."""
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
-        path = self.state_dir / IDENTITY_FILE
-        if path.exists():
-            raw = path.read_bytes()
-            if len(raw) != 32:
-                raise ConfigError("identity.key", str(path), "is not a 32-byte Ed25519 key")
-            return raw
-        raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        _write_secret(path, raw)
-        return raw
+        return _identity_raw(self.state_dir)
 
     def identity_public(self) -> bytes:
         """The site's identity public key (to register with the CKKS key holder or the SecAgg registry)."""
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        return Ed25519PrivateKey.from_private_bytes(self._identity_raw()).public_key().public_bytes_raw()
+        return site_identity(self.state_dir)
 
     def _ledger(self, config: RunConfig):
         from privfl.accounting import ClientBudget, LedgerKey, PrivacyLedger
@@ -382,6 +393,13 @@ class Site:
             raise MessageError("run id must be 32 hex digits")
         # A site does not join a run whose client-level DP it could not hold to its guarantee.
         check_deployed_client_dp(config)
+        if config.federation.protection is ProtectionKind.CKKS and self.role is SiteRole.SITE and self.key_holder_key is None:
+            raise ConfigError(
+                "key_holder_key", None,
+                "a CKKS run needs the key holder's identity key at every other site (Site(key_holder_key=...), node config "
+                "key-holder-key, worker --key-holder-key; `privfl identity KEY_HOLDER_STATE_DIR` prints it): the public "
+                "context comes through the server, which could otherwise hand out one it holds the secret key of",
+            )
         previous = self._run_state()
         if previous is not None and previous["run"] != request.run:
             # A new run: any secure-aggregation secrets of the old one are dropped.
@@ -393,8 +411,15 @@ class Site:
         if self.role is SiteRole.KEY_HOLDER and config.federation.protection is ProtectionKind.CKKS:
             # The key holder makes this run's CKKS keys now (or reloads them, if it was restarted) and
             # hands out only the public context.
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            from privfl.protocols.ckks_signing import vouch_context
+
             holder = self._key_holder(config, request.run, create=True)
-            parts = (holder.public_context(), holder.run_id)
+            public = holder.public_context()
+            # Signed for this run: the sites check it before they encrypt under it.
+            signature = vouch_context(Ed25519PrivateKey.from_private_bytes(self._identity_raw()), request.run, holder.run_id, public)
+            parts = (public, holder.run_id, signature)
         extra: dict[str, Any] = {}
         if config.federation.protection is ProtectionKind.SHARED_KEY:
             # A public fingerprint: the aggregator checks that every site holds the same key.
@@ -444,8 +469,8 @@ class Site:
             trained = _trained_rounds(ledger, self.name, request.run)
             if r in trained or (trained and r < max(trained)):
                 raise MessageError(f"this site already trained in round {r} of this run (or a later one)")
-            if len(request.parts) == 4 and config.federation.protection is ProtectionKind.CKKS:
-                self._store_ckks_context(request.parts[2], request.parts[3])
+            if len(request.parts) == 5 and config.federation.protection is ProtectionKind.CKKS:
+                self._store_ckks_context(request.run, *request.parts[2:])
             elif len(request.parts) != 2:
                 raise MessageError("train request must carry the global model and the protocol part")
             # Everything the protocol needs is checked before the data is touched: a request refused
@@ -501,7 +526,7 @@ class Site:
     def _check_protocol_inputs(self, request: Request, config: RunConfig) -> None:
         kind = config.federation.protection
         if kind is ProtectionKind.CKKS:
-            self._ckks_public()
+            self._ckks_public(request.run)
             participants = request.fields.get("participants")
             if not isinstance(participants, int) or isinstance(participants, bool) or participants < 1:
                 raise MessageError("train request lacks the participant count")
@@ -548,7 +573,7 @@ class Site:
             from privfl.protocols.ckks import CkksClient
             from privfl.protocols.ckks_signing import SiteIdentity
 
-            public, run_id = self._ckks_public()
+            public, run_id = self._ckks_public(request.run)
             identity = SiteIdentity(site=self.name, private_key=Ed25519PrivateKey.from_private_bytes(self._identity_raw()))
             participants = request.fields.get("participants")
             if not isinstance(participants, int) or participants < 1:
@@ -712,24 +737,30 @@ class Site:
         return self._reply(request, parts=(message,))
 
     # -- CKKS ----------------------------------------------------------------------------------------
-    def _ckks_public(self) -> tuple[bytes, bytes]:
+    def _ckks_public(self, run: str) -> tuple[bytes, bytes]:
+        """The public context and CKKS run id this site accepted for ``run`` (signed by its key holder)."""
         from privfl.protocols.wire import decode_frame
 
         path = self.state_dir / CKKS_PUBLIC_FILE
-        if not path.exists():
+        frame = decode_frame(path.read_bytes(), kind=23, round_index=0, sender="key-holder", max_parts=3) if path.exists() else None
+        if frame is None or len(frame.parts) != 3 or frame.parts[2] != run.encode("ascii"):
             raise MessageError("no CKKS public context received for this run")
-        frame = decode_frame(path.read_bytes(), kind=23, round_index=0, sender="key-holder", max_parts=2)
         return frame.parts[0], frame.parts[1]
 
-    def _store_ckks_context(self, context_bytes: bytes, run_id: bytes) -> None:
+    def _store_ckks_context(self, run: str, context_bytes: bytes, run_id: bytes, signature: bytes) -> None:
         from privfl.protocols.ckks import _load_context
+        from privfl.protocols.ckks_signing import check_context
         from privfl.protocols.wire import encode_frame
 
-        if len(run_id) != 16:
-            raise MessageError("the CKKS run id must be 16 bytes")
+        # The key holder's own key for itself; every other site has its key holder's from out of band.
+        key = self.identity_public() if self.role is SiteRole.KEY_HOLDER else self.key_holder_key
+        if key is None:
+            raise ConfigError("key_holder_key", None, "this site cannot check the CKKS public context without the key holder's identity key")
+        # Before TenSEAL parses a byte of it: a context the key holder did not sign for this run is refused.
+        check_context(key, run, run_id, context_bytes, signature)
         if _load_context(context_bytes).has_secret_key():
             raise MessageError("the CKKS context sent to a site holds a secret key")
-        durable_write_bytes(self.state_dir / CKKS_PUBLIC_FILE, encode_frame(23, 0, "key-holder", [context_bytes, run_id]))
+        durable_write_bytes(self.state_dir / CKKS_PUBLIC_FILE, encode_frame(23, 0, "key-holder", [context_bytes, run_id, run.encode("ascii")]))
 
     def _key_holder(self, config: RunConfig, run: str, *, create: bool = False):
         from privfl.protocols.ckks import CkksKeyHolder
@@ -1074,6 +1105,63 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity_raw(state_dir: Path) -> bytes:
+    """A state directory's long-term Ed25519 private key (made on first use, from the OS CSPRNG)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    path = state_dir / IDENTITY_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{IDENTITY_FILE}-")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            # link, not replace: of two processes making the key at once (the other sites of a
+            # simulation read the key holder's), the first one wins and the other reads its key.
+            os.link(tmp, path)
+            fsync_directory(state_dir)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    raw = path.read_bytes()
+    if len(raw) != 32:
+        raise ConfigError("identity.key", str(path), "is not a 32-byte Ed25519 key")
+    return raw
+
+
+def site_identity(state_dir: str | os.PathLike[str]) -> bytes:
+    """The identity public key (32 bytes) of the site whose state directory this is; made if missing.
+
+    Public: hand the key holder's to the other sites out of band (``key_holder_key``), or compare a
+    site's with what the server presents for it.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(_identity_raw(Path(state_dir))).public_key().public_bytes_raw()
+
+
+def _public_key_bytes(value: bytes | str | None) -> bytes | None:
+    """An Ed25519 public key given as 32 bytes or 64 hex digits (ConfigError otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+            raise ConfigError("key_holder_key", value, "must be 64 hex digits (an Ed25519 public key)")
+        value = bytes.fromhex(text)
+    if not isinstance(value, (bytes, bytearray)) or len(value) != 32:
+        raise ConfigError("key_holder_key", f"<{type(value).__name__}>", "must be 32 bytes (an Ed25519 public key)")
+    from privfl.protocols.ckks_signing import load_public_key
+
+    load_public_key("key-holder", bytes(value))
+    return bytes(value)
 
 
 def _write_secret(path: Path, data: bytes) -> None:

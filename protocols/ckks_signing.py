@@ -9,6 +9,15 @@ decrypts alice's update for it. Each site signs::
 where ``body`` is the update frame without the signature. The key holder verifies each signature
 against the site's key registered at setup, and so knows which distinct sites' ciphertexts, made for
 this run and this round, it is summing.
+
+In a deployment the public context reaches the sites through the server, which must not be able to
+swap in a context of its own (it would then hold the secret key of every site's ciphertext). The
+key holder vouches for the context it made::
+
+    "privfl/ckks/context/v1" | len(run) (u16) | run | run_id (16 bytes) | SHA-256(public context)
+
+(``run`` names the deployment's run), and each site checks that signature against the key holder's
+identity key, which it got out of band (:func:`vouch_context`, :func:`check_context`).
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ __all__ = [
     "SIGNATURE_BYTES",
     "SiteIdentity",
     "SiteRegistry",
+    "check_context",
     "contribution_statement",
     "load_public_key",
     "verify_contribution",
+    "vouch_context",
 ]
 
 _DOMAIN = b"privfl/ckks/contribution/v1"
+_CONTEXT_DOMAIN = b"privfl/ckks/context/v1"
 RUN_ID_BYTES = 16
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
@@ -134,3 +146,34 @@ def verify_contribution(
         key.verify(bytes(signature), contribution_statement(run_id, round_index, site, body))
     except InvalidSignature:
         raise MessageError("signature does not verify", sender=site) from None
+
+
+def _context_statement(run: str, run_id: bytes, public_context: bytes) -> bytes:
+    run_bytes = run.encode("utf-8")
+    if len(run_id) != RUN_ID_BYTES or len(run_bytes) >= 2**16:
+        raise MessageError("the CKKS run id must be 16 bytes and the run name shorter than 64 KiB")
+    return b"".join([_CONTEXT_DOMAIN, struct.pack(">H", len(run_bytes)), run_bytes, run_id, hashlib.sha256(public_context).digest()])
+
+
+def vouch_context(private_key: Ed25519PrivateKey, run: str, run_id: bytes, public_context: bytes) -> bytes:
+    """The key holder's signature on the public context it made for ``run`` (its CKKS ``run_id``)."""
+    return private_key.sign(_context_statement(run, run_id, public_context))
+
+
+def check_context(key_holder_key: bytes, run: str, run_id: bytes, public_context: bytes, signature: bytes) -> None:
+    """Checks that the key holder whose identity key is ``key_holder_key`` made this context for ``run``.
+
+    Raises:
+        MessageError: the signature is missing, malformed or does not verify (a context from anyone
+            else, or one the key holder made for another run).
+        ConfigError: ``key_holder_key`` is not an Ed25519 public key.
+    """
+    key = load_public_key("key-holder", key_holder_key)
+    if len(signature) != SIGNATURE_BYTES:
+        raise MessageError("the CKKS public context carries no valid key-holder signature")
+    try:
+        key.verify(bytes(signature), _context_statement(run, run_id, public_context))
+    except InvalidSignature:
+        raise MessageError(
+            "the CKKS public context is not signed by this site's key holder for this run: refusing to encrypt under it"
+        ) from None

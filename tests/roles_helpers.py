@@ -5,14 +5,16 @@ from __future__ import annotations
 from privfl.aggregator import Aggregator
 from privfl.federation import Federation
 from privfl.models import build_model
-from privfl.site import Site, SiteRole, _parse_config
+from privfl.site import Site, SiteRole, _parse_config, site_identity
 
 
 def make_sites(clients, root, *, budget: float | None = None, budgets: dict[str, float] | None = None) -> list[Site]:
-    """One Site per client under ``root``; the first holds the CKKS key. ``budgets`` overrides ``budget`` per site."""
+    """One Site per client under ``root``; the first holds the CKKS key, and the others its identity
+    key (handed over out of band, as a consortium does). ``budgets`` overrides ``budget`` per site."""
+    key_holder_key = site_identity(root / next(iter(clients)))
     return [
         Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE,
-             budget=(budgets or {}).get(name, budget))
+             budget=(budgets or {}).get(name, budget), key_holder_key=key_holder_key)
         for i, (name, dataset) in enumerate(clients.items())
     ]
 

@@ -130,3 +130,19 @@ def test_deploy_refusals_print_one_line_and_start_nothing(tmp_path, capsys):
         assert code == 2 and reason in err, err
         assert "privfl deploy local:" not in err  # nothing announced for a run that never starts
     assert not (tmp_path / "new").exists()
+
+
+def test_identity_prints_a_sites_public_key_and_keeps_it(tmp_path, capsys):
+    from privfl.site import Site, site_identity
+
+    state = tmp_path / "hospital-a"
+    assert main(["identity", str(state)]) == 0
+    out, err = capsys.readouterr()
+    assert "made a new identity key" in err and (state / "identity.key").stat().st_mode & 0o077 == 0
+    key = out.strip()
+    assert len(bytes.fromhex(key)) == 32 and key == site_identity(state).hex()
+    # The same key on every later call, and the one the site signs with once it runs there.
+    assert main(["identity", str(state)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == key and err == ""
+    assert Site("hospital-a", [(0, 0)], state).identity_public().hex() == key

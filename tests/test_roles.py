@@ -13,7 +13,7 @@ from privfl.errors import ConfigError
 from privfl.federation import Federation
 from privfl.models import build_model
 from privfl.rundir import LEDGER_FILE
-from privfl.site import Site, SiteRole, _parse_config, provision_shared_key
+from privfl.site import Site, SiteRole, _parse_config, provision_shared_key, site_identity
 from privfl.training import flatten_parameters
 
 
@@ -263,9 +263,64 @@ def test_shared_key_server_holds_no_key_and_a_site_decrypts_each_round_once(spli
 
 
 def test_ckks_needs_exactly_one_key_holder(split, clients, tmp_path, run_toml):
-    sites = [Site(name, ds, tmp_path / name) for name, ds in clients.items()]
+    # Sites that hold some key holder's key and would join, but none of them holds the CKKS key.
+    sites = [Site(name, ds, tmp_path / name, key_holder_key=site_identity(tmp_path / "elsewhere")) for name, ds in clients.items()]
     with pytest.raises(ConfigError, match="key-holder"):
         _aggregator(run_toml("ckks", rounds=1), split).run(LocalSites(sites))
+
+
+def _ckks_train(run, site, fields, context, run_id, signature):
+    return encode_request(Request(run, Step.TRAIN, 0, site, fields, (b"\x00" * 4 * 31, b"", context, run_id, signature)))
+
+
+def test_a_site_encrypts_only_under_the_context_its_key_holder_signed_for_the_run(split, clients, tmp_path, run_toml):
+    """The public context reaches a site through the server: a context the server made (it would hold the
+    secret key of every update), or the key holder's context of another run, is refused before training."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privfl.accounting import LedgerKey, PrivacyLedger
+    from privfl.protocols.ckks import CkksKeyHolder
+    from privfl.protocols.ckks_signing import vouch_context
+
+    text = run_toml("ckks", rounds=1)
+    holder, site = _sites(clients, tmp_path)[:2]
+    run, old_run = "a" * 32, "b" * 32
+    replies = {}
+    for r in (old_run, run):
+        hello = encode_request(Request(r, Step.HELLO, 0, "node:1", {"config": text}, ()))
+        replies[r] = decode_reply(holder.handle(hello), run=r, step=Step.HELLO, round_index=0, site=holder.name).parts
+        assert site.handle(encode_request(Request(r, Step.HELLO, 0, "node:2", {"config": text}, ())))
+    fields = {"index": 1, "num_sites": 3, "participants": 3, "input_shape": [30], "num_classes": 2}
+    # The server's own keys, signed by a key of its own: refused.
+    own = CkksKeyHolder(_parse_config(text).federation.ckks)
+    forged = vouch_context(Ed25519PrivateKey.generate(), run, own.run_id, own.public_context())
+    assert "not signed by this site's key holder" in _refusal(site, _ckks_train(run, "site-1", fields, own.public_context(), own.run_id, forged))
+    # The key holder's real context with the signature of another one: refused.
+    context, run_id, signature = replies[run]
+    assert "not signed" in _refusal(site, _ckks_train(run, "site-1", fields, own.public_context(), run_id, signature))
+    # The key holder's signed context of an earlier run, replayed into this one: refused.
+    assert "not signed" in _refusal(site, _ckks_train(run, "site-1", fields, *replies[old_run]))
+    assert "no valid key-holder signature" in _refusal(site, _ckks_train(run, "site-1", fields, context, run_id, b""))
+    # Nothing was trained for any of them: the site's ledger holds no charge.
+    ledger = PrivacyLedger.open(site.state_dir / LEDGER_FILE, key=LedgerKey.read(site.state_dir / "ledger.key"))
+    assert not [e for e in ledger.entries if e.client == "site-1"]
+    ledger.close()
+    # The real one is accepted (the request then fails only on its dummy model bytes).
+    assert "global model has 31 parameters" in _refusal(site, _ckks_train(run, "site-1", fields, context, run_id, signature))
+
+
+def test_a_ckks_site_without_its_key_holders_key_does_not_join(split, clients, tmp_path, run_toml):
+    name, data = next(iter(clients.items()))
+    site = Site(name, data, tmp_path / name)
+    hello = encode_request(Request("c" * 32, Step.HELLO, 0, "node:0", {"config": run_toml("ckks", rounds=1)}, ()))
+    assert "key holder's identity key" in _refusal(site, hello)
+    # Another protection needs no key holder: the same site joins.
+    hello = encode_request(Request("c" * 32, Step.HELLO, 0, "node:0", {"config": run_toml("plaintext", rounds=1)}, ()))
+    assert decode_reply(site.handle(hello), run="c" * 32, step=Step.HELLO, round_index=0, site=name).status is Status.OK
+    for bad in ("zz" * 32, "ab", b"\x01" * 31):
+        with pytest.raises(ConfigError, match="key_holder_key"):
+            Site(name, data, tmp_path / name, key_holder_key=bad)
+    assert site_identity(tmp_path / name) == site.identity_public() and len(site.identity_public()) == 32
 
 
 def test_the_server_never_holds_a_decryption_key_or_a_single_update(split, clients, tmp_path, run_toml):

@@ -82,6 +82,7 @@ def site_from_node_config(config: Mapping):
         budget=None if budget in (None, "") else float(budget),
         role=str(config.get("role", "site")),
         device=str(config.get("device", "auto")),
+        key_holder_key=config.get("key-holder-key") or None,
     )
 
 
@@ -91,16 +92,21 @@ def simulated_site(node_config: Mapping, run_config: Mapping):
     Virtual nodes carry only ``partition-id`` and ``num-partitions``: partition k of the run config's
     bundled dataset (split as its ``[data]`` section says, over ``num-partitions`` sites named
     ``site-0000``, ...) is site k's data, and its state directory is ``sim-state-root``/its name.
-    The first site holds the CKKS key.
+    The first site holds the CKKS key; the others read its identity key from its state directory
+    (one machine: that is the out-of-band channel).
     """
-    from privfl.site import Site
+    from privfl.site import Site, site_identity
 
     k, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
     root = run_config.get("sim-state-root")
     if not root:
         raise ConfigError("sim-state-root", root, "a simulation needs a directory for the virtual sites' state")
     name, dataset, key_holder = _simulated_partition(str(_node_value(run_config, "config")), n, k)
-    return Site(name, dataset, Path(str(root)) / name, role="key-holder" if key_holder else "site")
+    holder_name, _, _ = _simulated_partition(str(_node_value(run_config, "config")), n, 0)
+    return Site(
+        name, dataset, Path(str(root)) / name, role="key-holder" if key_holder else "site",
+        key_holder_key=site_identity(Path(str(root)) / holder_name),
+    )
 
 
 @functools.lru_cache(maxsize=4)

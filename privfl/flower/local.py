@@ -194,10 +194,15 @@ class LocalFederation:
         self.site_dirs, self.test_csv, self.input_shape, self.num_classes = write_site_data(self.config, self._sites, self.root)
         self.names = list(self.site_dirs)
         self._provision(self.config)
+        from privfl.site import site_identity
+
+        # The key holder's identity key, as a consortium hands it to every site out of band.
+        holder_key = site_identity(list(self.site_dirs.values())[self._key_holder] / "state").hex()
         for i, (name, folder) in enumerate(self.site_dirs.items()):
             socket_path = folder / "state" / "site.sock"
             args = ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"),
-                    "--role", "key-holder" if i == self._key_holder else "site", "--socket", str(socket_path)]
+                    "--role", "key-holder" if i == self._key_holder else "site", "--socket", str(socket_path),
+                    "--key-holder-key", holder_key]
             if self._budgets and name in self._budgets:
                 args += ["--budget", str(float(self._budgets[name]))]
             for fault in (self._worker_faults or {}).get(name, []):

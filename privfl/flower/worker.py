@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float)
     parser.add_argument("--role", default="site", choices=["site", "key-holder"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--key-holder-key", help="the CKKS key holder's identity public key, 64 hex digits (`privfl identity STATE_DIR` prints it)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--socket", help="default: STATE_DIR/site.sock")
     parser.add_argument(
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         budget=args.budget,
         role=args.role,
         device=args.device,
+        key_holder_key=args.key_holder_key,
     )
     site.warm_up()
     serve(site, args.socket or Path(args.state_dir) / "site.sock", faults=frozenset(args.fault))

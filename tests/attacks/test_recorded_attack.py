@@ -169,16 +169,16 @@ def test_cli_records_a_run_and_attacks_it(tmp_path, capsys):
 def test_a_deployments_recorded_server_view_is_attacked_like_an_in_process_one(tmp_path, rows, run_toml):
     """Aggregator(record=True) writes the server's view of a deployment (sites as separate roles) in the
     in-process layout: the plaintext updates it received are attacked from their bytes; ciphertexts are not."""
+    from roles_helpers import make_sites
+
     from privfl.aggregator import Aggregator, LocalSites
-    from privfl.site import Site, SiteRole
 
     clients = _clients(rows, [1, 1, 1])
     for protection in ("plaintext", "ckks"):
         text = run_toml(protection, rounds=2).replace("batch_size = 16", "batch_size = 1").replace(
             "learning_rate = 0.5", "learning_rate = 0.1"
         ).replace("target_epsilon = 3.0", 'noise_multiplier = 1e-6\nmax_grad_norm = 10.0\naccountant = "rdp"')
-        sites = [Site(name, data, tmp_path / protection / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE)
-                 for i, (name, data) in enumerate(clients.items())]
+        sites = make_sites(clients, tmp_path / protection)
         out = tmp_path / protection / "server"
         Aggregator(text, input_shape=(30,), num_classes=2, progress=False, record=True).run(LocalSites(sites), out)
         view = load_server_view(out)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from roles_helpers import make_sites
 
 from privfl.aggregator import Aggregator, LocalSites
 from privfl.audit.rules import Severity
 from privfl.audit.site import audit_site
 from privfl.cli import main
 from privfl.errors import ConfigError, LedgerError
-from privfl.site import Site, SiteRole, _parse_config
+from privfl.site import Site, _parse_config
 
 
 def _run(text, split, clients, root):
-    sites = [Site(name, data, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE, budget=20.0)
-             for i, (name, data) in enumerate(clients.items())]
+    sites = make_sites(clients, root, budget=20.0)
     aggregator = Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, progress=False)
     aggregator.run(LocalSites(sites))
     return aggregator.run_id, sites
