@@ -172,6 +172,8 @@ class Aggregator:
         self.run_id = secrets.token_hex(16)
         self._recorded_sites: list[str] | None = None
         self._pending: int | None = None
+        # The CKKS key holder's S for the next round, as it reported it (adaptive client-level DP).
+        self._holder_clip_norm: float | None = None
 
     # -- model ---------------------------------------------------------------------------------------
     def _initial_model(self):
@@ -201,6 +203,7 @@ class Aggregator:
         raw = channel.exchange(payloads, timeout=self.step_timeout)
         self._step_seconds[step.value] = self._step_seconds.get(step.value, 0.0) + time.perf_counter() - t0
         replies, dropped = {}, {}
+        self._refusals: dict[str, dict[str, Any]] = {}
         for name in requests:
             node = by_name[name].node
             if node not in raw:
@@ -213,6 +216,7 @@ class Aggregator:
                 continue
             if reply.status is Status.REFUSED:
                 dropped[name] = f"{step.value}: refused ({reply.reason})"
+                self._refusals[name] = reply.fields
                 continue
             replies[name] = reply
             if self._recorder is not None and reply.parts:
@@ -529,6 +533,7 @@ class Aggregator:
         self._upload = {}
         self._step_seconds = {}
         self._unclipped: float | None = None
+        self._holder_clip_norm = None
         needed = _min_participants(self.config)
         hopeful = [n for n in sampled if not by_name[n].exhausted]
         for name in sampled:
@@ -630,6 +635,23 @@ class Aggregator:
             )
         return average, contributors, rejected
 
+    def _adopt_holder_clip_norm(self, record: RoundRecord) -> None:
+        """Under CKKS with adaptive clipping the key holder's S is the one that counts (it noises for it and
+        checks that every contribution was signed for it): the next round announces it."""
+        holder = self._holder_clip_norm
+        run = self._client_run
+        if run is None or not run.config.adaptive or self.config.federation.protection is not ProtectionKind.CKKS:
+            return
+        if holder is None or not (math.isfinite(holder) and holder > 0):
+            return
+        if holder != run.clip_norm:
+            level = record["client_level"]
+            if not math.isclose(holder, run.clip_norm, rel_tol=1e-6):
+                log.warning("round %d: the key holder's clip norm %r replaces the aggregator's %r", record["round"], holder, run.clip_norm)
+            run.clip_norm = holder
+            if level is not None:
+                level["next_clip_norm"] = holder
+
     def _client_level_delta(self) -> float:
         """The configured client-level delta, plus (secure aggregation) the tail in which a share could clip."""
         assert self._client_run is not None  # asked for only under client-level DP
@@ -646,6 +668,7 @@ class Aggregator:
             # Charged every round, released or not (conservative, as in-process).
             unclipped = self._unclipped if record["contributors"] else None
             record["client_level"] = self._client_run.close_round(unclipped, delta=self._client_level_delta())
+            self._adopt_holder_clip_norm(record)
         record["seconds"] = time.perf_counter() - t0
         return record
 
@@ -693,7 +716,9 @@ class Aggregator:
 
         cfg = self.config.federation.ckks
         registry = {info.name: bytes.fromhex(info.identity) for info in self._sites.values()}
-        server = CkksServer(self._ckks_public, cfg, dim, run_id=self._ckks_run_id, sites=registry)
+        # Under client-level DP each site signed the S it clipped to: one signed for another S is rejected here.
+        clip_norm = None if self._client_run is None else self._client_run.clip_norm
+        server = CkksServer(self._ckks_public, cfg, dim, run_id=self._ckks_run_id, sites=registry, clip_norm=clip_norm)
         result = server.aggregate(r, messages)
         rejected = {c: f"update rejected by the server: {why}" for c, why in result.rejected.items()}
         if len(result.accepted) < cfg.min_contributors:
@@ -744,6 +769,10 @@ class Aggregator:
         name = self._key_holder
         replies, dropped = self._exchange(channel, step, r, {name: (fields, (result.payload,))})
         reply = replies.get(name)
+        # The key holder's own S after this round (it moved S if it released; a refusal for another S names
+        # its S): adopted for the next round, so a lost reply or a float difference does not stop the run.
+        answered = reply.fields.get("next_clip_norm") if reply is not None else self._refusals.get(name, {}).get("clip_norm")
+        self._holder_clip_norm = _number(answered)
         if reply is None or len(reply.parts) != 1:
             raise ProtocolAbort(f"round {r}: the key holder {name} did not decrypt: {dropped.get(name, 'malformed reply')}")
         contributors = reply.fields.get("contributors")

@@ -578,7 +578,11 @@ class Site:
             participants = request.fields.get("participants")
             if not isinstance(participants, int) or participants < 1:
                 raise MessageError("train request lacks the participant count")
-            return CkksClient(public, config.federation.ckks, run_id=run_id).encrypt(r, self.name, update, participants, identity=identity)
+            # Under client-level DP the signature names the S the update was clipped to: the key holder
+            # releases no sum of updates clipped to another S than its noise is planned for.
+            return CkksClient(public, config.federation.ckks, run_id=run_id).encrypt(
+                r, self.name, update, participants, identity=identity, clip_norm=_client_clip_norm(request, config)
+            )
         if kind is ProtectionKind.SHARED_KEY:
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -799,9 +803,16 @@ class Site:
             # use (docs/deployment.md). A site presenting another key later is refused.
             holder.register_site(site, bytes.fromhex(key))
         # Checked before decrypting: a refused release must not use up the round's one decryption.
-        release = self._client_level_release(request, config, dim) if config.federation.client_dp is not None else None
+        release, clip_norm = None, None
+        if config.federation.client_dp is not None:
+            try:
+                release, clip_norm = self._client_level_release(request, config, dim)
+            except _ClipNormMismatch as exc:
+                # The aggregator's S is stale (a lost release reply): it learns the key holder's (public) S.
+                return self._reply(request, Status.REFUSED, reason=str(exc), clip_norm=exc.clip_norm)
         try:
-            released = holder.decrypt_sum(request.round_index, request.parts[0], dim)
+            # Every contribution must be signed for the S the noise is planned for.
+            released = holder.decrypt_sum(request.round_index, request.parts[0], dim, clip_norm=clip_norm)
         except DecryptionError as exc:
             raise ProtocolAbort("the key holder refused to decrypt the aggregate") from exc
         finally:
@@ -812,23 +823,28 @@ class Site:
         weighted_sum = released.weighted_sum
         extra: dict[str, Any] = {}
         if release is not None:
-            weighted_sum, extra["clip_norm"] = release(weighted_sum)
+            weighted_sum, extra["clip_norm"], extra["next_clip_norm"] = release(weighted_sum)
         average = encode_average(request.round_index, weighted_sum / released.total_weight, released.total_weight)
         return self._reply(request, parts=(average,), contributors=list(released.contributors), **extra)
 
-    def _client_level_release(self, request: Request, config: RunConfig, dim: int) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
+    def _client_level_release(
+        self, request: Request, config: RunConfig, dim: int
+    ) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, float, float]], float]:
         """The key holder's central client-level DP noise for a decrypted sum, for the clip norm S it tracks itself.
 
         The key holder is the first party to see the sum: it noises it before anything leaves, and
         moves S (adaptive clipping) from the noised sum it released, as the aggregator does. A
         request naming another S or another site count than this run's is refused: the noise would
-        not match the sites' clipping.
+        not match the sites' clipping (and the sites signed the S they clipped to: the decryption
+        checks it).
 
         Returns:
-            ``f(sum) -> (noised sum, the S it was noised for)``, which also records the release.
+            (``f(sum) -> (noised sum, the S it was noised for, the next round's S)``, which also
+            records the release; the S every contribution must be signed for).
 
         Raises:
-            ProtocolAbort: the request's clip norm or site count disagrees with the key holder's record.
+            ProtocolAbort: the request's site count disagrees with the key holder's record.
+            _ClipNormMismatch: the request's clip norm is not the key holder's.
         """
         from privfl.client_dp import ClientLevelRun, central_noise, split_release
 
@@ -847,20 +863,20 @@ class Site:
         run = ClientLevelRun(client_dp, plan)
         run.resume(state["levels"])
         if not (isinstance(announced, (int, float)) and announced == run.clip_norm):
-            raise ProtocolAbort(f"the aggregator's clip norm {announced!r} is not the key holder's {run.clip_norm!r}")
+            raise _ClipNormMismatch(f"the aggregator's clip norm {announced!r} is not the key holder's {run.clip_norm!r}", run.clip_norm)
         adaptive = client_dp.adaptive
         size = dim - int(adaptive)
         noise = central_noise(plan, clip_norm=run.clip_norm, dim=size, adaptive=adaptive, noise_seed=fed.noise_seed, round_index=request.round_index)
 
-        def release(weighted_sum: np.ndarray) -> tuple[np.ndarray, float]:
+        def release(weighted_sum: np.ndarray) -> tuple[np.ndarray, float, float]:
             noised = noise(weighted_sum)
             _, unclipped = split_release(noised, dim=size, plan=plan, adaptive=adaptive)
             used = run.clip_norm
             state["levels"].append(run.close_round(unclipped, delta=client_dp.delta))
             durable_write_json(path, runs)
-            return noised, used
+            return noised, used, run.clip_norm
 
-        return release
+        return release, run.clip_norm
 
     # -- shared-key mode ---------------------------------------------------------------------------------
     def _shared_key(self, config: RunConfig):
@@ -981,7 +997,8 @@ def check_deployed_client_dp(config: RunConfig) -> None:
 
     Raises:
         ConfigError: the shared-key mode (no single party can add central noise), or adaptive
-            clipping under CKKS or secure aggregation (the sites' S could not be bound to the noise's).
+            clipping under secure aggregation (the sites' S could not be bound to the noise's; under
+            CKKS each site signs the S it clipped to and the key holder checks it against its own).
     """
     fed = config.federation
     if fed.client_dp is None:
@@ -992,12 +1009,12 @@ def check_deployed_client_dp(config: RunConfig) -> None:
             "client-level DP needs protection = \"plaintext\", \"ckks\" or \"secagg\"; in the shared-key mode every "
             "site can decrypt the sum, so no single party can add central noise before anyone sees it",
         )
-    if fed.client_dp.adaptive and fed.protection is not ProtectionKind.PLAINTEXT:
+    if fed.client_dp.adaptive and fed.protection is ProtectionKind.SECAGG:
         raise ConfigError(
             "federation.client_dp.adaptive", True,
-            f"deployments run adaptive clipping only under plaintext: under {fed.protection.value} a malicious server could "
-            "announce a larger clip norm to the sites than the noise is planned for; use adaptive = false (privfl run "
-            "runs it in one process)",
+            "deployments run adaptive clipping under plaintext and CKKS, not under secure aggregation: there a malicious "
+            "server could announce a larger clip norm to the sites than their noise shares are planned for; use "
+            "adaptive = false (privfl run runs it in one process)",
         )
 
 
@@ -1028,10 +1045,12 @@ def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     """The clip norm S a train request asks for under client-level DP (None without it).
 
     With fixed clipping S is the run config's and a request naming another is refused. Adaptive
-    clipping, where the aggregator announces S each round, is served only under plaintext (where the
-    server sees every update anyway): under CKKS and secure aggregation nothing would bind the S the
-    sites clip to to the S the noise is planned for, so a malicious server could announce a large S
-    to the sites and leave their updates under-noised (docs/deployment.md).
+    clipping, where the aggregator announces S each round, is served under plaintext (where the
+    server sees every update anyway) and CKKS (the site signs the S it clipped to into its
+    contribution, and the key holder decrypts no sum signed for another S than it noises for).
+    Under secure aggregation nothing would bind the S the sites clip to to the S their noise shares
+    are planned for, so a malicious server could announce a large S to the sites and leave their
+    updates under-noised (docs/deployment.md).
 
     Raises:
         ConfigError: client-level DP under a protection deployments do not support it with.
@@ -1049,6 +1068,14 @@ def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     if not client_dp.adaptive and clip_norm != client_dp.clip_norm:
         raise MessageError(f"train request asks for clip norm {clip_norm}; the run's fixed clip norm is {client_dp.clip_norm}")
     return float(clip_norm)
+
+
+class _ClipNormMismatch(ProtocolAbort):
+    """A decryption request names another clip norm than the key holder's (which it carries)."""
+
+    def __init__(self, reason: str, clip_norm: float) -> None:
+        super().__init__(reason)
+        self.clip_norm = clip_norm
 
 
 def _run_note(run: str) -> str:

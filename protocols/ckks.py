@@ -122,11 +122,14 @@ class _Contribution:
 class _Verifier:
     """Checks one signed update message completely (frame, signature, every ciphertext)."""
 
-    def __init__(self, layout: CiphertextLayout, dim: int, run_id: bytes, keys: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, layout: CiphertextLayout, dim: int, run_id: bytes, keys: Mapping[str, Any] | None, clip_norm: float | None = None
+    ) -> None:
         self.layout = layout
         self.sizes = _chunk_sizes(dim, layout.slots)
         self.run_id = run_id
         self.keys = keys
+        self.clip_norm = clip_norm
 
     @property
     def max_message_bytes(self) -> int:
@@ -153,7 +156,7 @@ class _Verifier:
                 raise MessageError(f"ciphertext {i} does not deserialize: {exc.reason}", sender=site) from None
         body = _update_body(round_index, site, parts)
         if self.keys is not None:
-            verify_contribution(self.keys, self.run_id, round_index, site, body=body, signature=signature)
+            verify_contribution(self.keys, self.run_id, round_index, site, body=body, signature=signature, clip_norm=self.clip_norm)
         # The digest is over the coefficients, not the message: a colluding site that signs a copy of
         # another site's ciphertexts under its own name (or recompresses them) is caught as a duplicate.
         digest = hashlib.sha256(b"".join(c.tobytes() for c in ciphertexts)).digest()
@@ -272,13 +275,14 @@ class CkksKeyHolder(SiteRegistry):
         """The serialized public context (no secret key) to hand to clients and the server."""
         return self._public_bytes
 
-    def decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> DecryptedSum:
+    def decrypt_sum(self, round_index: int, aggregate: bytes, dim: int, *, clip_norm: float | None = None) -> DecryptedSum:
         """Verifies the server's forwarded contributions, sums them itself and decrypts the sum.
 
         The aggregate must hold, for this round, signed updates from at least ``min_contributors``
         distinct registered sites, each ciphertext valid for the public context, no site and no
         set of ciphertexts twice (compared on the coefficients, whatever their encoding); each
-        round is decrypted at most once.
+        round is decrypted at most once. With ``clip_norm`` (client-level DP: the S the key holder
+        noises the sum for) every contribution must be signed for that S.
 
         Returns:
             The released sum (see :class:`DecryptedSum`).
@@ -287,15 +291,15 @@ class CkksKeyHolder(SiteRegistry):
             DecryptionError: anything above fails (deliberately opaque; the cause is chained for debugging).
         """
         try:
-            return self._decrypt_sum(round_index, aggregate, dim)
+            return self._decrypt_sum(round_index, aggregate, dim, clip_norm)
         except DecryptionError:
             raise
         except Exception as exc:  # every failure is reported the same opaque way
             raise DecryptionError() from exc
 
-    def _decrypt_sum(self, round_index: int, aggregate: bytes, dim: int) -> DecryptedSum:
+    def _decrypt_sum(self, round_index: int, aggregate: bytes, dim: int, clip_norm: float | None) -> DecryptedSum:
         ts = require_tenseal()
-        verifier = _Verifier(self.layout, dim, self.run_id, self._keys)
+        verifier = _Verifier(self.layout, dim, self.run_id, self._keys, clip_norm)
         frame = decode_frame(
             aggregate,
             kind=KIND_AGGREGATE,
@@ -362,9 +366,16 @@ class CkksClient:
         self.run_id = run_id
 
     def encrypt(
-        self, round_index: int, client: str, update: ClientUpdate, num_participants: int, *, identity: SiteIdentity
+        self,
+        round_index: int,
+        client: str,
+        update: ClientUpdate,
+        num_participants: int,
+        *,
+        identity: SiteIdentity,
+        clip_norm: float | None = None,
     ) -> bytes:
-        """Encrypts and signs one update.
+        """Encrypts and signs one update (under client-level DP, with the clip norm it was clipped to).
 
         Raises:
             ConfigError: a weighted value is too large for the parameters to sum without wrapping,
@@ -386,7 +397,7 @@ class CkksClient:
         parts = [
             ts.ckks_vector(self._context, values[i : i + slots]).serialize() for i in range(0, len(values), slots)
         ]
-        signature = identity.sign(self.run_id, round_index, _update_body(round_index, client, parts))
+        signature = identity.sign(self.run_id, round_index, _update_body(round_index, client, parts), clip_norm=clip_norm)
         return encode_frame(KIND_UPDATE, round_index, client, [signature, *parts])
 
 
@@ -400,6 +411,8 @@ class CkksServer(OneShotServer[tuple[str, bytes, bytes]]):
         run_id: the key holder's run id (to check signatures).
         sites: registered site id -> raw Ed25519 public key; when given, an update with a missing
             or bad signature is rejected here instead of spoiling the whole aggregate at the key holder.
+        clip_norm: under client-level DP, the clip norm the sites were asked to sign (an update
+            signed for another is rejected here, as the key holder would refuse the sum).
     """
 
     def __init__(
@@ -410,6 +423,7 @@ class CkksServer(OneShotServer[tuple[str, bytes, bytes]]):
         *,
         run_id: bytes | None = None,
         sites: Mapping[str, bytes] | None = None,
+        clip_norm: float | None = None,
     ) -> None:
         self.config = config
         self.dim = dim
@@ -421,7 +435,7 @@ class CkksServer(OneShotServer[tuple[str, bytes, bytes]]):
         keys = None if sites is None else {site: load_public_key(site, raw) for site, raw in sites.items()}
         if keys is not None and (run_id is None or len(run_id) != RUN_ID_BYTES):
             raise ConfigError("run_id", run_id, f"must be {RUN_ID_BYTES} bytes to check signatures")
-        self._verifier = _Verifier(self.layout, dim, run_id or bytes(RUN_ID_BYTES), keys)
+        self._verifier = _Verifier(self.layout, dim, run_id or bytes(RUN_ID_BYTES), keys, clip_norm)
         self._accepted: list[bytes] = []
         self.accepted_sites: list[str] = []
         self._digests: set[bytes] = set()

@@ -8,7 +8,10 @@ decrypts alice's update for it. Each site signs::
 
 where ``body`` is the update frame without the signature. The key holder verifies each signature
 against the site's key registered at setup, and so knows which distinct sites' ciphertexts, made for
-this run and this round, it is summing.
+this run and this round, it is summing. Under client-level DP a site also signs the clip norm S it
+clipped its update to (domain ``privfl/ckks/contribution/v1/clip``, S as a big-endian float64 after
+the site): the key holder checks the signatures against the S it noises for, so it never releases a
+sum whose updates were clipped to another S than its noise is planned for.
 
 In a deployment the public context reaches the sites through the server, which must not be able to
 swap in a context of its own (it would then hold the secret key of every site's ciphertext). The
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 _DOMAIN = b"privfl/ckks/contribution/v1"
+_CLIP_DOMAIN = b"privfl/ckks/contribution/v1/clip"
 _CONTEXT_DOMAIN = b"privfl/ckks/context/v1"
 RUN_ID_BYTES = 16
 SIGNATURE_BYTES = 64
@@ -74,17 +78,21 @@ class SiteIdentity:
         """The 32-byte raw public key to register."""
         return self.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
-    def sign(self, run_id: bytes, round_index: int, body: bytes) -> bytes:
-        """Signs one contribution (the update frame ``body``, without signature)."""
-        return self.private_key.sign(contribution_statement(run_id, round_index, self.site, body))
+    def sign(self, run_id: bytes, round_index: int, body: bytes, *, clip_norm: float | None = None) -> bytes:
+        """Signs one contribution (the update frame ``body``, without signature; under client-level
+        DP with the clip norm the update was clipped to)."""
+        return self.private_key.sign(contribution_statement(run_id, round_index, self.site, body, clip_norm=clip_norm))
 
 
-def contribution_statement(run_id: bytes, round_index: int, site: str, body: bytes) -> bytes:
-    """The exact bytes a site signs for one round's contribution."""
+def contribution_statement(run_id: bytes, round_index: int, site: str, body: bytes, *, clip_norm: float | None = None) -> bytes:
+    """The exact bytes a site signs for one round's contribution (``clip_norm``: see the module doc)."""
     site_bytes = site.encode("utf-8")
     if len(run_id) != RUN_ID_BYTES or not 0 <= round_index < 2**32 or len(site_bytes) >= 2**16:
         raise ConfigError("contribution", (len(run_id), round_index, len(site_bytes)), "run id, round or site id out of range")
-    return b"".join([_DOMAIN, run_id, _STATEMENT.pack(round_index, len(site_bytes)), site_bytes, hashlib.sha256(body).digest()])
+    head = [_DOMAIN, run_id, _STATEMENT.pack(round_index, len(site_bytes)), site_bytes]
+    if clip_norm is not None:
+        head = [_CLIP_DOMAIN, run_id, _STATEMENT.pack(round_index, len(site_bytes)), site_bytes, struct.pack(">d", float(clip_norm))]
+    return b"".join([*head, hashlib.sha256(body).digest()])
 
 
 def load_public_key(site: str, raw: bytes) -> Ed25519PublicKey:
@@ -130,9 +138,17 @@ class SiteRegistry:
 
 
 def verify_contribution(
-    keys: Mapping[str, Ed25519PublicKey], run_id: bytes, round_index: int, site: str, *, body: bytes, signature: bytes
+    keys: Mapping[str, Ed25519PublicKey],
+    run_id: bytes,
+    round_index: int,
+    site: str,
+    *,
+    body: bytes,
+    signature: bytes,
+    clip_norm: float | None = None,
 ) -> None:
-    """Checks a contribution's signature against the site's registered key.
+    """Checks a contribution's signature against the site's registered key (and, under client-level
+    DP, that the site signed this clip norm).
 
     Raises:
         MessageError: unknown site or a signature that does not verify.
@@ -143,7 +159,7 @@ def verify_contribution(
     if len(signature) != SIGNATURE_BYTES:
         raise MessageError("signature has the wrong length", sender=site)
     try:
-        key.verify(bytes(signature), contribution_statement(run_id, round_index, site, body))
+        key.verify(bytes(signature), contribution_statement(run_id, round_index, site, body, clip_norm=clip_norm))
     except InvalidSignature:
         raise MessageError("signature does not verify", sender=site) from None
 

@@ -36,8 +36,8 @@ _in_process = run_in_process
 
 @pytest.mark.parametrize(
     "protection,adaptive",
-    [("plaintext", False), ("plaintext", True), ("ckks", False), ("secagg", False)],
-    ids=["plaintext-fixed-clip", "plaintext-adaptive-clip", "ckks", "secagg"],
+    [("plaintext", False), ("plaintext", True), ("ckks", False), ("ckks", True), ("secagg", False)],
+    ids=["plaintext-fixed-clip", "plaintext-adaptive-clip", "ckks", "ckks-adaptive-clip", "secagg"],
 )
 def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(protection, adaptive, split, clients, tmp_path, run_toml):
     text = _text(run_toml, protection, adaptive=adaptive)
@@ -127,13 +127,13 @@ class _Tamper(LocalSites):
 
 
 def test_adaptive_clipping_is_refused_where_the_sites_clip_norm_could_not_be_bound(split, clients, tmp_path, run_toml):
-    """Under CKKS and secure aggregation the noise is planned for one S; nothing would make the sites clip to it
-    if the server announced another each round: deployments refuse adaptive clipping there (the aggregator,
-    and each site on its own, before touching its data)."""
+    """Under secure aggregation each site's noise share is planned for one S; nothing would make the sites clip
+    to it if the server announced another each round: deployments refuse adaptive clipping there (the
+    aggregator, and each site on its own, before touching its data)."""
     from privfl.errors import ConfigError
     from privfl.site import seeded_model
 
-    for protection in ("ckks", "secagg"):
+    for protection in ("secagg",):
         text = _text(run_toml, protection, adaptive=True, rounds=1)
         with pytest.raises(ConfigError, match="adaptive"):
             _aggregator(text, split)
@@ -214,3 +214,45 @@ def test_in_process_secagg_client_dp_ignores_the_weight_bound(split, clients, ru
         h["client_level"]["unclipped_fraction_noised"] for h in without.history
     ]
     assert np.array_equal(flatten_parameters(with_bound.model), flatten_parameters(without.model))
+
+
+def test_ckks_adaptive_the_key_holder_releases_no_sum_clipped_to_another_clip_norm(split, clients, tmp_path, run_toml, monkeypatch):
+    """An active server announces a 100x larger S to the sites than the key holder noises for, forwards their
+    updates without checking them and names the key holder's S in the decryption request: the sites signed the
+    S they clipped to, so the key holder decrypts nothing."""
+    import privfl.protocols.ckks as ckks
+
+    text = _text(run_toml, "ckks", adaptive=True, rounds=2)
+    honest = ckks.CkksServer
+
+    class Forwarding(honest):  # the server's own check, made for the S it announced to the sites
+        def __init__(self, *args, clip_norm=None, **kwargs):
+            super().__init__(*args, clip_norm=40.0, **kwargs)
+
+    monkeypatch.setattr(ckks, "CkksServer", Forwarding)
+    result = _aggregator(text, split).run(_Tamper(_sites(clients, tmp_path), Step.TRAIN, clip_norm=40.0))
+    assert all(h["aborted"] and "did not decrypt" in h["aborted"] for h in result.history)
+    assert all(len(h["trained"]) == 3 for h in result.history)  # the sites trained and clipped to 40
+    record_path = tmp_path / "site-0" / CLIENT_DP_FILE
+    released = json.loads(record_path.read_text()) if record_path.exists() else {}
+    assert sum(len(run["levels"]) for run in released.values()) == 0
+
+
+def test_ckks_adaptive_a_lost_release_reply_costs_one_round_not_the_run(split, clients, tmp_path, run_toml):
+    """The key holder released round 0 and moved S, but its reply was lost: the aggregator still announces the old
+    S in round 1, the key holder refuses it and names its own, and round 2 runs with the key holder's S."""
+    text = _text(run_toml, "ckks", adaptive=True, rounds=3)
+
+    def lose_first_release(node, request, reply):
+        parsed = decode_request(request)
+        return None if parsed.step is Step.CKKS_DECRYPT and parsed.round_index == 0 else reply
+
+    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=lose_first_release))
+    first, second, third = result.history
+    assert "did not decrypt" in first["aborted"] and "not the key holder's" in second["aborted"]
+    assert third["aborted"] is None and len(third["contributors"]) == 3
+    holder = json.loads((tmp_path / "site-0" / CLIENT_DP_FILE).read_text())[result.summary["deployment"]["run_id"]]
+    assert len(holder["levels"]) == 2  # rounds 0 and 2 were released
+    assert holder["levels"][0]["next_clip_norm"] != 0.4  # round 0 moved S at the key holder
+    assert third["client_level"]["clip_norm"] == holder["levels"][1]["clip_norm"] == holder["levels"][0]["next_clip_norm"]
+    assert second["client_level"]["next_clip_norm"] == holder["levels"][0]["next_clip_norm"]

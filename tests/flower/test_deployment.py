@@ -24,6 +24,7 @@ _CLIENT_DP = """
 noise_multiplier = 0.6
 clip_norm = 0.4
 delta = 1e-3
+adaptive = true
 """
 
 
@@ -139,14 +140,17 @@ def test_tls_deployment_matches_in_process_for_every_protection(tmp_path, run_to
     expected, _, _ = _in_process(client_dp_text)
     assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in history)
     clip_norms = summary["client_level"]["clip_norms"]
-    assert summary["client_level"]["rounds_released"] == 2 and clip_norms == [0.4, 0.4]
+    # Adaptive clipping under CKKS: the key holder moved S after round 0 and the sites clipped to its S.
+    assert summary["client_level"]["rounds_released"] == 2 and clip_norms[0] == 0.4 and clip_norms[1] != 0.4
+    holder = json.loads((federation.site_dirs[federation.names[0]] / "state" / "client-dp.json").read_text())
+    assert [level["clip_norm"] for level in holder[summary["deployment"]["run_id"]]["levels"]] == clip_norms
     from privfl.client_dp import plan_client_dp, release_noise
     from privfl.rundir import load_checkpoint
 
     config = _parse_config(client_dp_text)
     plan = plan_client_dp(config.federation.client_dp, num_clients=3, client_fraction=1.0, rounds=2)
     # CKKS decrypts within about 1e-6 of the sum; rounding to the noise grid can turn that into one grid step.
-    grid = max(release_noise(plan, clip_norm=s, dim=expected.size, adaptive=False).update.grid for s in clip_norms)
+    grid = max(release_noise(plan, clip_norm=s, dim=expected.size, adaptive=True).update.grid for s in clip_norms)
     got = load_checkpoint(run_dir, 1, expected.size)
     assert float(np.max(np.abs(got - expected))) <= 2 * grid / plan.expected_clients + 1e-5
 

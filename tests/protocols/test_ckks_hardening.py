@@ -290,6 +290,49 @@ def test_another_run_id_is_refused(setup):
         setup.holder.decrypt_sum(2, _aggregate(2, [setup.message(2, "alice"), replay]), DIM)
 
 
+def test_a_sum_is_decrypted_only_for_the_clip_norm_its_contributions_were_signed_for(setup):
+    """Client-level DP: each site signs the S it clipped to; the key holder checks the S it noises for."""
+
+    def signed_for(round_index, clip_norm):
+        return _aggregate(round_index, [
+            setup.client.encrypt(round_index, s, setup.updates[s], 3, identity=setup.identities[s], clip_norm=clip_norm)
+            for s in ("alice", "bob")
+        ])
+
+    for round_index, (signed, checked) in enumerate([(40.0, 0.4), (0.4, None), (None, 0.4), (0.4, 0.4 + 1e-12)]):
+        with pytest.raises(DecryptionError):
+            setup.holder.decrypt_sum(round_index, signed_for(round_index, signed), DIM, clip_norm=checked)
+            pytest.fail(f"decrypted a sum signed for S={signed} as S={checked}")
+        # The server's own check rejects the same contributions before they reach the key holder.
+        server = CkksServer(setup.holder.public_context(), setup.config, DIM, run_id=setup.holder.run_id,
+                            sites=setup.holder.sites(), clip_norm=checked)
+        messages = decode_frame(signed_for(round_index, signed), kind=KIND_AGGREGATE, round_index=round_index).parts
+        assert not server.aggregate(round_index, dict(zip(("alice", "bob"), messages, strict=True))).accepted
+    released = setup.holder.decrypt_sum(9, signed_for(9, 0.4), DIM, clip_norm=0.4)
+    assert released.contributors == ("alice", "bob")
+
+
+def test_a_site_checks_the_key_holders_signature_on_the_public_context():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privfl.protocols.ckks_signing import check_context, vouch_context
+
+    holder_key = Ed25519PrivateKey.generate()
+    public = holder_key.public_key().public_bytes_raw()
+    run, run_id, context = "a" * 32, bytes(range(16)), b"public context bytes"
+    signature = vouch_context(holder_key, run, run_id, context)
+    check_context(public, run, run_id, context, signature)
+    for changed in ((public, "b" * 32, run_id, context, signature), (public, run, bytes(16), context, signature),
+                    (public, run, run_id, context + b"!", signature), (public, run, run_id, context, signature[:-1]),
+                    (Ed25519PrivateKey.generate().public_key().public_bytes_raw(), run, run_id, context, signature)):
+        with pytest.raises(MessageError):
+            check_context(*changed)
+    with pytest.raises(ConfigError):
+        check_context(b"short", run, run_id, context, signature)
+    with pytest.raises(MessageError):
+        vouch_context(holder_key, run, b"short", context)
+
+
 def test_min_contributors_is_enforced_and_configurable():
     setup = Setup(config=CkksConfig(min_contributors=3))
     two = _aggregate(0, [setup.message(0, "alice"), setup.message(0, "bob")])
