@@ -51,6 +51,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if not args.run_dir:
         print("privfl: error: name a run directory, or a site's state directory with --site", file=sys.stderr)
         return 2
+    from privfl.audit.deployment import find_deployment
+
+    if find_deployment(args.run_dir) is not None:
+        return _cmd_audit_deployment(args)
     report = audit_run(args.run_dir, out_dir=args.out, accountant=args.accountant)
     if args.format == "json":
         print(report.to_json_text(), end="")
@@ -58,6 +62,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(report.to_markdown())
         print(f"\nwrote {report.paths.markdown}, {report.paths.json}, {report.paths.plot}", file=sys.stderr)
     # Like lint: an ERROR finding means the run must not be released under its stated guarantee.
+    return 1 if report.errors else 0
+
+
+def _cmd_audit_deployment(args: argparse.Namespace) -> int:
+    import json
+
+    from privfl.audit.deployment import audit_deployment
+
+    if args.accountant:
+        print("privfl: error: a deployment is audited from each site's own ledger, with that ledger's accountant; "
+              "drop --accountant", file=sys.stderr)
+        return 2
+    report = audit_deployment(args.run_dir, out_dir=args.out)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.to_markdown())
+        print(f"wrote {', '.join(str(p) for p in report.paths)} and each site's site-audit.md under sites/", file=sys.stderr)
     return 1 if report.errors else 0
 
 
@@ -248,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     audit = sub.add_parser("audit", help="privacy-budget report of a run directory (audit.md, audit.json, audit.png)")
-    audit.add_argument("run_dir", nargs="?", help="a directory written by privfl run (an interrupted one is audited as it stands)")
+    audit.add_argument(
+        "run_dir", nargs="?",
+        help="a directory written by privfl run (an interrupted one is audited as it stands), or by privfl deploy local "
+        "(every site's own ledger against the server's record)",
+    )
     audit.add_argument(
         "--site", metavar="STATE_DIR",
         help="instead: audit one deployed site's own ledger in its state directory (site-audit.md, site-audit.json)",

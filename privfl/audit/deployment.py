@@ -1,0 +1,290 @@
+"""The privacy audit of a deployed run as a whole (``privfl audit DIR`` on a deployment).
+
+A deployment keeps no ledger at the server: every site keeps its own in its state directory
+(:mod:`privfl.site`), and the server's run directory holds only what each site reported. Where the
+sites' state directories are at hand (``privfl deploy local`` writes them to ``DIR/sites/NAME/state``;
+an operator may also gather copies), this audit checks the run from both sides:
+
+* each site's own ledger, as ``privfl audit --site`` does (:func:`privfl.audit.site.audit_site`:
+  hash chain and MACs, epsilon recomputed with two accountants, the budget);
+* that ledger against the server's record of the run: a round the server's history shows a site
+  trained in must be charged in that site's ledger under the run's id (otherwise the ledger lost a
+  charge: rolled back or replaced), and the epsilon the site reported must be what its ledger says
+  after the run's last charge. Charges the server has no record of (an update lost on the way, a
+  round interrupted by a crash) are listed: they count against the site's budget.
+
+It writes ``deployment-audit.md`` and ``deployment-audit.json``, and each site's ``site-audit.md`` /
+``site-audit.json`` under ``sites/NAME/`` next to them (never into a site's state directory).
+Without the sites' state directories it refuses and says where the ledgers are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from privfl.aggregator import AGGREGATOR_FILE
+from privfl.audit.rules import SEVERITY_ORDER, Severity
+from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site
+from privfl.errors import ConfigError
+
+__all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment"]
+
+DEPLOYMENT_AUDIT_FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeploymentSiteAudit:
+    """One site of the run: its own ledger's account against the server's record.
+
+    Attributes:
+        site: the site's name.
+        state_dir: the state directory audited.
+        audit: the site's own audit (every run its ledger holds).
+        epsilon_after_run: the site's total epsilon once this run's last charge was made (its ledger).
+        epsilon_run: epsilon of this run's trainings alone.
+        rounds_charged: trainings the site's ledger charged for this run.
+        rounds_recorded: rounds the server's history lists the site as trained in.
+        reported_epsilon: the epsilon the server recorded as the site's last report (None if none).
+    """
+
+    site: str
+    state_dir: Path
+    audit: SiteAudit
+    epsilon_after_run: float
+    epsilon_run: float
+    rounds_charged: int
+    rounds_recorded: int
+    reported_epsilon: float | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeploymentAudit:
+    """The result of :func:`audit_deployment`.
+
+    Attributes:
+        run_dir: the server's run directory.
+        run: the run's id.
+        rounds: rounds the server recorded.
+        sites: the audited sites, in the order the run names them.
+        missing: sites the run names whose state directory was not found (not audited).
+        findings: errors first.
+        paths: the files written.
+    """
+
+    run_dir: Path
+    run: str
+    rounds: int
+    sites: tuple[DeploymentSiteAudit, ...]
+    missing: tuple[str, ...]
+    findings: tuple[SiteFinding, ...]
+    paths: tuple[Path, ...] = ()
+
+    @property
+    def errors(self) -> tuple[SiteFinding, ...]:
+        return tuple(f for f in self.findings if f.severity is Severity.ERROR)
+
+    def to_json(self) -> dict[str, Any]:
+        def finite(value: float | None) -> float | None:
+            return value if value is not None and math.isfinite(value) else None
+
+        return {
+            "format": DEPLOYMENT_AUDIT_FORMAT,
+            "run_dir": str(self.run_dir),
+            "run": self.run,
+            "rounds": self.rounds,
+            "sites": [
+                {
+                    "site": s.site, "state_dir": str(s.state_dir), "epsilon": finite(s.audit.epsilon),
+                    "epsilon_budget": finite(s.audit.epsilon_budget), "epsilon_after_run": finite(s.epsilon_after_run),
+                    "epsilon_run": finite(s.epsilon_run), "reported_epsilon": finite(s.reported_epsilon),
+                    "rounds_charged": s.rounds_charged, "rounds_recorded": s.rounds_recorded,
+                    "ledger": {"lines": s.audit.lines, "head": s.audit.head, "authenticated": s.audit.authenticated},
+                }
+                for s in self.sites
+            ],
+            "missing": list(self.missing),
+            "findings": [{"severity": f.severity.value, "message": f.message} for f in self.findings],
+        }
+
+    def to_markdown(self) -> str:
+        out = [
+            f"# Privacy audit of deployed run {self.run}",
+            "",
+            f"- server's run directory: `{self.run_dir}` ({self.rounds} rounds recorded)",
+            f"- sites audited from their own ledgers: {len(self.sites)}"
+            + (f"; not found here: {', '.join(self.missing)}" if self.missing else ""),
+            "",
+            "| site | epsilon after the run (its ledger) | reported to the server | budget | charged in the run | recorded by the server | epsilon now |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in self.sites:
+            budget = "uncapped" if math.isinf(s.audit.epsilon_budget) else f"{s.audit.epsilon_budget:.3f}"
+            reported = "-" if s.reported_epsilon is None else _num(s.reported_epsilon)
+            out.append(
+                f"| {s.site} | {_num(s.epsilon_after_run)} | {reported} | {budget} | {s.rounds_charged} | {s.rounds_recorded} "
+                f"| {_num(s.audit.epsilon)} |"
+            )
+        out += ["", "## Findings", ""]
+        out += [f"- **{f.severity.value}**: {f.message}" for f in self.findings] or ["- none"]
+        out += ["", "Each site's own report: `sites/NAME/site-audit.md` next to this file."]
+        return "\n".join(out) + "\n"
+
+
+def _num(value: float) -> str:
+    return "inf" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def find_deployment(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
+    """(the server's run directory, the folder of the sites' folders) of a deployment, or None.
+
+    ``path`` is a ``privfl deploy local`` directory (``run/`` and ``sites/`` in it) or the server's
+    run directory of a deployment (``aggregator.json`` in it; its sites are looked for next to it).
+    """
+    root = Path(path)
+    if (root / "run" / AGGREGATOR_FILE).is_file():
+        return root / "run", root / "sites"
+    if (root / AGGREGATOR_FILE).is_file():
+        return root, root.parent / "sites"
+    return None
+
+
+def _state_dir(sites_root: Path, name: str) -> Path | None:
+    from privfl.site import SITE_FILE
+
+    for candidate in (sites_root / name / "state", sites_root / name):
+        if (candidate / SITE_FILE).is_file():
+            return candidate
+    return None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(what, str(path), f"cannot be read ({type(exc).__name__})") from None
+
+
+def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None) -> DeploymentAudit:
+    """Audits a deployed run from its sites' own ledgers and the server's record of it.
+
+    Args:
+        path: a ``privfl deploy local`` directory, or a deployment's server run directory with the
+            sites' state directories in ``../sites/NAME/state`` (or ``../sites/NAME``).
+        out_dir: where to write the reports (default: the server's run directory).
+
+    Raises:
+        ConfigError: ``path`` is not a deployment, none of its sites' state directories is here,
+            its record is unreadable, or the reports cannot be written.
+        LedgerError: a site's ledger is corrupt or edited (see :func:`privfl.audit.site.audit_site`).
+    """
+    found = find_deployment(path)
+    if found is None:
+        raise ConfigError("run_dir", str(path), f"is not a deployment ({AGGREGATOR_FILE} is missing)")
+    run_dir, sites_root = found
+    record = _read_json(run_dir / AGGREGATOR_FILE, AGGREGATOR_FILE)
+    if not isinstance(record, dict) or not isinstance(record.get("run"), str) or not isinstance(record.get("sites"), list):
+        raise ConfigError(AGGREGATOR_FILE, str(run_dir / AGGREGATOR_FILE), "does not name the run and its sites")
+    run_id, names = record["run"], [str(n) for n in record["sites"]]
+    states = {name: _state_dir(sites_root, name) for name in names}
+    if not any(states.values()):
+        raise ConfigError(
+            "run_dir", str(path),
+            "is a deployment's server directory: the server keeps no ledger, each site keeps its own. Audit each site "
+            "where it runs (`privfl audit --site STATE_DIR`), or gather copies of the sites' state directories into "
+            f"{sites_root}/NAME/state and audit here again",
+        )
+    history = _read_json(run_dir / "history.json", "history.json") or []
+    summary = _read_json(run_dir / "summary.json", "summary.json") or {}
+    reported_by_summary = summary.get("clients", {}) if isinstance(summary, dict) else {}
+    out = Path(out_dir) if out_dir is not None else run_dir
+    findings: list[SiteFinding] = []
+    sites: list[DeploymentSiteAudit] = []
+    for name in names:
+        state = states[name]
+        if state is None:
+            findings.append(SiteFinding(
+                severity=Severity.WARNING,
+                message=f"site {name}: its state directory is not under {sites_root}; not audited (run `privfl audit --site` there)",
+            ))
+            continue
+        own = audit_site(state, out_dir=out / "sites" / name)
+        if own.site != name:
+            raise ConfigError("state_dir", str(state), f"belongs to site {own.site!r}, not {name!r}")
+        this_run = next((r for r in own.runs if r.run == run_id), None)
+        recorded = sum(1 for h in history if isinstance(h, dict) and name in (h.get("trained") or []))
+        reported = _reported(name, history, reported_by_summary)
+        site = DeploymentSiteAudit(
+            site=name, state_dir=state, audit=own,
+            epsilon_after_run=this_run.epsilon_after if this_run else 0.0,
+            epsilon_run=this_run.epsilon_run if this_run else 0.0,
+            rounds_charged=this_run.rounds_trained if this_run else 0,
+            rounds_recorded=recorded, reported_epsilon=reported,
+        )
+        sites.append(site)
+        findings += [SiteFinding(severity=f.severity, message=f"site {name}: {f.message}") for f in own.findings]
+        findings += _compare(site)
+    findings.sort(key=lambda f: SEVERITY_ORDER[f.severity])
+    report = DeploymentAudit(
+        run_dir=run_dir, run=run_id, rounds=len(history), sites=tuple(sites),
+        missing=tuple(n for n in names if states[n] is None), findings=tuple(findings),
+    )
+    paths = (out / "deployment-audit.md", out / "deployment-audit.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths[0].write_text(report.to_markdown())
+        paths[1].write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError("out", str(out), f"cannot be written: {exc.strerror or exc}") from None
+    return replace(report, paths=paths)
+
+
+def _reported(name: str, history: list, summary_clients: dict) -> float | None:
+    """The epsilon the server recorded as the site's last report (the summary, or the last round that has one)."""
+    entry = summary_clients.get(name) if isinstance(summary_clients, dict) else None
+    value = entry.get("epsilon") if isinstance(entry, dict) else None
+    if value is None:
+        for h in reversed(history):
+            epsilons = h.get("epsilon") if isinstance(h, dict) else None
+            if isinstance(epsilons, dict) and isinstance(epsilons.get(name), (int, float)):
+                value = epsilons[name]
+                break
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _compare(site: DeploymentSiteAudit) -> list[SiteFinding]:
+    """The site's ledger against the server's record of the run."""
+    findings = []
+    name = site.site
+    if site.rounds_recorded > site.rounds_charged:
+        findings.append(SiteFinding(
+            severity=Severity.ERROR,
+            message=f"site {name}: the server recorded it as trained in {site.rounds_recorded} rounds of the run, its ledger "
+            f"charges {site.rounds_charged}: charges are missing (the ledger was rolled back or replaced), so its epsilon "
+            "is understated; compare its head with the copy kept off-site",
+        ))
+    elif site.rounds_charged > site.rounds_recorded:
+        findings.append(SiteFinding(
+            severity=Severity.INFO,
+            message=f"site {name}: its ledger charges {site.rounds_charged} trainings for the run, the server recorded "
+            f"{site.rounds_recorded}: the other {site.rounds_charged - site.rounds_recorded} trained and were charged, but "
+            "their update did not count (a lost reply, a refused or interrupted round); they count against its budget",
+        ))
+    reported = site.reported_epsilon
+    if reported is not None and not (
+        math.isclose(reported, site.epsilon_after_run, rel_tol=TOLERANCE, abs_tol=1e-9)
+        or (math.isinf(reported) and math.isinf(site.epsilon_after_run))
+    ):
+        findings.append(SiteFinding(
+            severity=Severity.WARNING,
+            message=f"site {name}: the server recorded epsilon {_num(reported)} as its report, its ledger gives "
+            f"{_num(site.epsilon_after_run)} after the run's last charge: the record of the run does not describe the "
+            "site's spending (a report from another point of the run, or an edited record); the site's ledger is the one that counts",
+        ))
+    return findings
