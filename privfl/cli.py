@@ -89,6 +89,11 @@ def _cmd_identity(args: argparse.Namespace) -> int:
     from privfl.site import IDENTITY_FILE, site_identity
 
     state = Path(args.state_dir)
+    if not state.is_dir():
+        # A mistyped path must not print a fresh key nobody will ever sign with.
+        print(f"privfl: error: {state} is not a directory: create the site's state directory (or start its worker once) first",
+              file=sys.stderr)
+        return 2
     made = not (state / IDENTITY_FILE).exists()
     print(site_identity(state).hex())
     if made:

@@ -34,17 +34,20 @@ class Step(str, Enum):
 
     HELLO = "hello"
     """Start of a run: the run config; the site answers with its name, role, identity key and spent epsilon
-    (the CKKS key holder also with the run's public context and its run id)."""
+    (the CKKS key holder also with the run's public context, its run id and its signature over both, the
+    run and the run config)."""
     TRAIN = "train"
-    """The global model (and, until the site has it, the CKKS public context); the site trains (or refuses,
-    for its budget) and answers with the protocol's first message."""
+    """The global model (and, until the site has it, the CKKS public context with the key holder's
+    signature, which the site checks); the site trains (or refuses, for its budget) and answers with the
+    protocol's first message."""
     SECAGG_KEYS = "secagg-keys"
     SECAGG_RELAY = "secagg-relay"
     SECAGG_CHECK = "secagg-check"
     SECAGG_UNMASK = "secagg-unmask"
     CKKS_DECRYPT = "ckks-decrypt"
-    """To the key holder: the checked, signed ciphertexts of a round and the contributors' identity keys;
-    it answers with the decrypted sum."""
+    """To the key holder: the checked, signed ciphertexts of a round and the contributors' identity keys
+    (under client-level DP also the clip norm and the site count); it answers with the decrypted sum
+    (noised, with the S it was noised for and the next round's S)."""
     SHARED_KEY_DECRYPT = "shared-key-decrypt"
     """Shared-key mode, to one contributing site: the summed ciphertext, the signed seeds and the
     contributors' identity keys; it checks them, decrypts and answers with the round's average."""

@@ -14,11 +14,13 @@ State directory layout::
 
     site.json           the site's name (a state directory belongs to one site)
     ledger.jsonl/.key   the privacy ledger (privfl.accounting), authenticated and append-only
-    identity.key        Ed25519 identity (signs CKKS contributions; SecAgg authenticated mode), 0600
-    run.json            the run being served: its id and config
+    identity.key        Ed25519 identity (signs CKKS contributions, and the key holder's public context;
+                        SecAgg authenticated mode), 0600; `privfl identity` prints its public half
+    run.json            the run being served: its id and config (what it trained is in the ledger)
     round.bin           secure aggregation: this round's private protocol state, 0600, deleted after
-    ckks-public.bin     CKKS: the public context and the key holder's run id
+    ckks-public.bin     CKKS: the public context, the key holder's run id and the run it was signed for
     ckks-key-holder.bin CKKS key holder only: its secret context, 0600
+    ckks-runs.json      CKKS key holder only: the runs it made keys for (once each)
     shared-key.bin      shared-key mode: the secret key every site holds, provisioned out of band, 0600
     shared-key-runs.json shared-key mode: per run, the rounds this site decrypted and the identity keys it pinned
     client-dp.json      CKKS key holder under client-level DP: per run, the site count and each release's clip norm
@@ -74,6 +76,7 @@ IDENTITY_FILE = "identity.key"
 ROUND_FILE = "round.bin"
 CKKS_PUBLIC_FILE = "ckks-public.bin"
 CKKS_KEY_HOLDER_FILE = "ckks-key-holder.bin"
+CKKS_RUNS_FILE = "ckks-runs.json"
 SHARED_KEY_FILE = "shared-key.bin"
 SHARED_KEY_RUNS_FILE = "shared-key-runs.json"
 CLIENT_DP_FILE = "client-dp.json"
@@ -401,6 +404,9 @@ class Site:
                 "context comes through the server, which could otherwise hand out one it holds the secret key of",
             )
         previous = self._run_state()
+        if previous is not None and previous["run"] == request.run and previous["config"] != text:
+            # Every later step of the run (and the key holder's signed context) rests on the config it joined with.
+            raise MessageError("this site joined the run with another run config; a run's config does not change")
         if previous is not None and previous["run"] != request.run:
             # A new run: any secure-aggregation secrets of the old one are dropped.
             (self.state_dir / ROUND_FILE).unlink(missing_ok=True)
@@ -418,7 +424,7 @@ class Site:
             holder = self._key_holder(config, request.run, create=True)
             public = holder.public_context()
             # Signed for this run: the sites check it before they encrypt under it.
-            signature = vouch_context(Ed25519PrivateKey.from_private_bytes(self._identity_raw()), request.run, holder.run_id, public)
+            signature = vouch_context(Ed25519PrivateKey.from_private_bytes(self._identity_raw()), request.run, text, holder.run_id, public)
             parts = (public, holder.run_id, signature)
         extra: dict[str, Any] = {}
         if config.federation.protection is ProtectionKind.SHARED_KEY:
@@ -760,8 +766,12 @@ class Site:
         key = self.identity_public() if self.role is SiteRole.KEY_HOLDER else self.key_holder_key
         if key is None:
             raise ConfigError("key_holder_key", None, "this site cannot check the CKKS public context without the key holder's identity key")
-        # Before TenSEAL parses a byte of it: a context the key holder did not sign for this run is refused.
-        check_context(key, run, run_id, context_bytes, signature)
+        # Before TenSEAL parses a byte of it: a context the key holder did not sign for this run, and for the
+        # run config this site joined with, is refused.
+        state = self._run_state()
+        if state is None or state["run"] != run:
+            raise MessageError("request for a run this site has not joined (no hello for it)")
+        check_context(key, run, state["config"], run_id, context_bytes, signature=signature)
         if _load_context(context_bytes).has_secret_key():
             raise MessageError("the CKKS context sent to a site holds a secret key")
         durable_write_bytes(self.state_dir / CKKS_PUBLIC_FILE, encode_frame(23, 0, "key-holder", [context_bytes, run_id, run.encode("ascii")]))
@@ -778,7 +788,14 @@ class Site:
                 return CkksKeyHolder.from_bytes(data[32:], config.federation.ckks)
         if not create:
             return None
+        made_path = self.state_dir / CKKS_RUNS_FILE
+        made = json.loads(made_path.read_text()) if made_path.exists() else []
+        if run in made:
+            # Its keys were made once and replaced by another run's since: two signed contexts for one run
+            # would let a server give different sites different keys.
+            raise MessageError("this key holder already made (and has since dropped) the CKKS keys of this run")
         holder = CkksKeyHolder(config.federation.ckks)
+        durable_write_json(made_path, [*made, run])
         self._save_key_holder(holder, run)
         return holder
 
@@ -1151,12 +1168,18 @@ def _identity_raw(state_dir: Path) -> bytes:
                 os.fsync(handle.fileno())
             # link, not replace: of two processes making the key at once (the other sites of a
             # simulation read the key holder's), the first one wins and the other reads its key.
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:
+                # A file system without hard links: replace, unless another process made the key meanwhile.
+                if not path.exists():
+                    os.replace(tmp, path)
             fsync_directory(state_dir)
-        except FileExistsError:
-            pass
         finally:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     raw = path.read_bytes()
     if len(raw) != 32:
         raise ConfigError("identity.key", str(path), "is not a 32-byte Ed25519 key")

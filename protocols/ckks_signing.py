@@ -9,7 +9,7 @@ decrypts alice's update for it. Each site signs::
 where ``body`` is the update frame without the signature. The key holder verifies each signature
 against the site's key registered at setup, and so knows which distinct sites' ciphertexts, made for
 this run and this round, it is summing. Under client-level DP a site also signs the clip norm S it
-clipped its update to (domain ``privfl/ckks/contribution/v1/clip``, S as a big-endian float64 after
+clipped its update to (domain ``privfl/ckks/contribution-clip/v1``, S as a big-endian float64 after
 the site): the key holder checks the signatures against the S it noises for, so it never releases a
 sum whose updates were clipped to another S than its noise is planned for.
 
@@ -17,10 +17,12 @@ In a deployment the public context reaches the sites through the server, which m
 swap in a context of its own (it would then hold the secret key of every site's ciphertext). The
 key holder vouches for the context it made::
 
-    "privfl/ckks/context/v1" | len(run) (u16) | run | run_id (16 bytes) | SHA-256(public context)
+    "privfl/ckks/context/v1" | len(run) (u16) | run | SHA-256(run config) | run_id (16 bytes) | SHA-256(public context)
 
-(``run`` names the deployment's run), and each site checks that signature against the key holder's
-identity key, which it got out of band (:func:`vouch_context`, :func:`check_context`).
+(``run`` names the deployment's run, the run config is the TOML text the party received), and each
+site checks that signature against the key holder's identity key, which it got out of band, and
+against its own copy of the run config (:func:`vouch_context`, :func:`check_context`): the server
+cannot hand the key holder another config (say, less client-level noise) than the sites.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 _DOMAIN = b"privfl/ckks/contribution/v1"
-_CLIP_DOMAIN = b"privfl/ckks/contribution/v1/clip"
+_CLIP_DOMAIN = b"privfl/ckks/contribution-clip/v1"
 _CONTEXT_DOMAIN = b"privfl/ckks/context/v1"
 RUN_ID_BYTES = 16
 SIGNATURE_BYTES = 64
@@ -164,32 +166,38 @@ def verify_contribution(
         raise MessageError("signature does not verify", sender=site) from None
 
 
-def _context_statement(run: str, run_id: bytes, public_context: bytes) -> bytes:
+def _context_statement(run: str, config: str, run_id: bytes, public_context: bytes) -> bytes:
     run_bytes = run.encode("utf-8")
     if len(run_id) != RUN_ID_BYTES or len(run_bytes) >= 2**16:
         raise MessageError("the CKKS run id must be 16 bytes and the run name shorter than 64 KiB")
-    return b"".join([_CONTEXT_DOMAIN, struct.pack(">H", len(run_bytes)), run_bytes, run_id, hashlib.sha256(public_context).digest()])
+    return b"".join([
+        _CONTEXT_DOMAIN, struct.pack(">H", len(run_bytes)), run_bytes, hashlib.sha256(config.encode("utf-8")).digest(), run_id,
+        hashlib.sha256(public_context).digest(),
+    ])
 
 
-def vouch_context(private_key: Ed25519PrivateKey, run: str, run_id: bytes, public_context: bytes) -> bytes:
-    """The key holder's signature on the public context it made for ``run`` (its CKKS ``run_id``)."""
-    return private_key.sign(_context_statement(run, run_id, public_context))
+def vouch_context(private_key: Ed25519PrivateKey, run: str, config: str, run_id: bytes, public_context: bytes) -> bytes:
+    """The key holder's signature on the public context it made for ``run`` under the run config ``config``
+    (the TOML text it received: it noises client-level releases by it), with its CKKS ``run_id``."""
+    return private_key.sign(_context_statement(run, config, run_id, public_context))
 
 
-def check_context(key_holder_key: bytes, run: str, run_id: bytes, public_context: bytes, signature: bytes) -> None:
-    """Checks that the key holder whose identity key is ``key_holder_key`` made this context for ``run``.
+def check_context(key_holder_key: bytes, run: str, config: str, run_id: bytes, public_context: bytes, *, signature: bytes) -> None:
+    """Checks that the key holder whose identity key is ``key_holder_key`` made this context for ``run``
+    under the same run config as this site's (``config``, the TOML text).
 
     Raises:
         MessageError: the signature is missing, malformed or does not verify (a context from anyone
-            else, or one the key holder made for another run).
+            else, one the key holder made for another run, or under another config).
         ConfigError: ``key_holder_key`` is not an Ed25519 public key.
     """
     key = load_public_key("key-holder", key_holder_key)
     if len(signature) != SIGNATURE_BYTES:
         raise MessageError("the CKKS public context carries no valid key-holder signature")
     try:
-        key.verify(bytes(signature), _context_statement(run, run_id, public_context))
+        key.verify(bytes(signature), _context_statement(run, config, run_id, public_context))
     except InvalidSignature:
         raise MessageError(
-            "the CKKS public context is not signed by this site's key holder for this run: refusing to encrypt under it"
+            "the CKKS public context is not signed by this site's key holder for this run and this run config: "
+            "refusing to encrypt under it"
         ) from None

@@ -136,6 +136,9 @@ def test_identity_prints_a_sites_public_key_and_keeps_it(tmp_path, capsys):
     from privfl.site import Site, site_identity
 
     state = tmp_path / "hospital-a"
+    assert main(["identity", str(state)]) == 2  # a mistyped path gets no fresh key
+    assert "not a directory" in capsys.readouterr().err and not state.exists()
+    state.mkdir()
     assert main(["identity", str(state)]) == 0
     out, err = capsys.readouterr()
     assert "made a new identity key" in err and (state / "identity.key").stat().st_mode & 0o077 == 0

@@ -275,7 +275,8 @@ def _ckks_train(run, site, fields, context, run_id, signature):
 
 def test_a_site_encrypts_only_under_the_context_its_key_holder_signed_for_the_run(split, clients, tmp_path, run_toml):
     """The public context reaches a site through the server: a context the server made (it would hold the
-    secret key of every update), or the key holder's context of another run, is refused before training."""
+    secret key of every update), the key holder's context of another run, or one it made under another run
+    config than the site's, is refused before training."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from privfl.accounting import LedgerKey, PrivacyLedger
@@ -293,7 +294,7 @@ def test_a_site_encrypts_only_under_the_context_its_key_holder_signed_for_the_ru
     fields = {"index": 1, "num_sites": 3, "participants": 3, "input_shape": [30], "num_classes": 2}
     # The server's own keys, signed by a key of its own: refused.
     own = CkksKeyHolder(_parse_config(text).federation.ckks)
-    forged = vouch_context(Ed25519PrivateKey.generate(), run, own.run_id, own.public_context())
+    forged = vouch_context(Ed25519PrivateKey.generate(), run, text, own.run_id, own.public_context())
     assert "not signed by this site's key holder" in _refusal(site, _ckks_train(run, "site-1", fields, own.public_context(), own.run_id, forged))
     # The key holder's real context with the signature of another one: refused.
     context, run_id, signature = replies[run]
@@ -301,6 +302,20 @@ def test_a_site_encrypts_only_under_the_context_its_key_holder_signed_for_the_ru
     # The key holder's signed context of an earlier run, replayed into this one: refused.
     assert "not signed" in _refusal(site, _ckks_train(run, "site-1", fields, *replies[old_run]))
     assert "no valid key-holder signature" in _refusal(site, _ckks_train(run, "site-1", fields, context, run_id, b""))
+    # The key holder told another config than the sites (say, with less client-level noise): its context,
+    # signed for that config, is refused by a site that joined with the run's.
+    split_run, other_text = "d" * 32, text + "\n# another config\n"
+    hello = encode_request(Request(split_run, Step.HELLO, 0, "node:1", {"config": other_text}, ()))
+    split_parts = decode_reply(holder.handle(hello), run=split_run, step=Step.HELLO, round_index=0, site=holder.name).parts
+    site.handle(encode_request(Request(split_run, Step.HELLO, 0, "node:2", {"config": text}, ())))
+    assert "this run config" in _refusal(site, _ckks_train(split_run, "site-1", fields, *split_parts))
+    # A run's config does not change after a site joined, and the key holder makes a run's keys once.
+    for party in (site, holder):
+        again = encode_request(Request(split_run, Step.HELLO, 0, "node:2", {"config": other_text if party is site else text}, ()))
+        assert "another run config" in _refusal(party, again)
+    for r in (old_run, run):  # keys made, then replaced by a later run's: never made again
+        assert "already made" in _refusal(holder, encode_request(Request(r, Step.HELLO, 0, "node:1", {"config": text}, ())))
+    site.handle(encode_request(Request(run, Step.HELLO, 0, "node:2", {"config": text}, ())))
     # Nothing was trained for any of them: the site's ledger holds no charge.
     ledger = PrivacyLedger.open(site.state_dir / LEDGER_FILE, key=LedgerKey.read(site.state_dir / "ledger.key"))
     assert not [e for e in ledger.entries if e.client == "site-1"]

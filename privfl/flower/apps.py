@@ -12,6 +12,8 @@ Node configuration of a SuperNode (``flower-supernode --node-config``):
 * ``data``: a CSV or Parquet file (with ``label-column``, default ``label``) or ``module:function``;
 * ``budget`` (optional): the site's own epsilon budget; ``role`` (optional): ``key-holder`` for the
   CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``;
+* ``key-holder-key``: the CKKS key holder's identity public key (64 hex digits, quoted: Flower reads
+  node-config values as TOML), needed by every other site of a CKKS run;
 * ``worker`` (optional): the Unix socket of the site's long-lived worker (``privfl.flower.worker``);
   the ClientApp then only forwards bytes to it, and the keys above are the worker's business.
 

@@ -319,18 +319,19 @@ def test_a_site_checks_the_key_holders_signature_on_the_public_context():
 
     holder_key = Ed25519PrivateKey.generate()
     public = holder_key.public_key().public_bytes_raw()
-    run, run_id, context = "a" * 32, bytes(range(16)), b"public context bytes"
-    signature = vouch_context(holder_key, run, run_id, context)
-    check_context(public, run, run_id, context, signature)
-    for changed in ((public, "b" * 32, run_id, context, signature), (public, run, bytes(16), context, signature),
-                    (public, run, run_id, context + b"!", signature), (public, run, run_id, context, signature[:-1]),
-                    (Ed25519PrivateKey.generate().public_key().public_bytes_raw(), run, run_id, context, signature)):
+    run, config, run_id, context = "a" * 32, "[federation]\nprotection = 'ckks'\n", bytes(range(16)), b"public context bytes"
+    signature = vouch_context(holder_key, run, config, run_id, context)
+    check_context(public, run, config, run_id, context, signature=signature)
+    for changed in ((public, "b" * 32, config, run_id, context, signature), (public, run, config + " ", run_id, context, signature),
+                    (public, run, config, bytes(16), context, signature), (public, run, config, run_id, context + b"!", signature),
+                    (public, run, config, run_id, context, signature[:-1]),
+                    (Ed25519PrivateKey.generate().public_key().public_bytes_raw(), run, config, run_id, context, signature)):
         with pytest.raises(MessageError):
-            check_context(*changed)
+            check_context(*changed[:-1], signature=changed[-1])
     with pytest.raises(ConfigError):
-        check_context(b"short", run, run_id, context, signature)
+        check_context(b"short", run, config, run_id, context, signature=signature)
     with pytest.raises(MessageError):
-        vouch_context(holder_key, run, b"short", context)
+        vouch_context(holder_key, run, config, b"short", context)
 
 
 def test_min_contributors_is_enforced_and_configurable():
