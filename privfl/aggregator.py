@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from privfl.client_dp import ClientLevelRun, central_noise, plan_client_dp, split_release
+from privfl.client_dp import ClientLevelRun, central_noise, plan_client_dp, secagg_mask_context, split_release
 from privfl.client_dp import SecAggRound as NoiseRound
 from privfl.config import ProtectionKind, RunConfig
 from privfl.envelope import Request, Status, Step, decode_reply, encode_request
@@ -559,7 +559,8 @@ class Aggregator:
         if fed.protection is ProtectionKind.SECAGG:
             identities = {info.name: bytes.fromhex(info.identity) for info in self._sites.values()}
             secagg = _SecAggRound(
-                self.config, r, sampled, dim, noise=self._secagg_noise(len(sampled), len(names), len(params)), identities=identities
+                self.config, r, sampled, dim, noise=self._secagg_noise(len(sampled), len(names), len(params)), identities=identities,
+                mask_context=b"" if self._client_run is None else secagg_mask_context(self._client_run.clip_norm, len(names)),
             )
             protocol_part = secagg.params_bytes
         model_bytes = params.astype("<f4").tobytes()
@@ -839,11 +840,12 @@ class _SecAggRound:
 
     def __init__(
         self, config: RunConfig, round_index: int, sampled: list[str], dim: int, *, noise: NoiseRound | None = None,
-        identities: Mapping[str, bytes] | None = None,
+        identities: Mapping[str, bytes] | None = None, mask_context: bytes = b"",
     ) -> None:
         """``dim``: the values each site sends (its weight comes after them); ``noise``: the round's
         client-level noise and derived encoding (None without client-level DP); ``identities``: the
-        sites' Ed25519 identity keys (from hello), registered in the round under ``authenticated``."""
+        sites' Ed25519 identity keys (from hello), registered in the round under ``authenticated``;
+        ``mask_context``: what the pairwise masks are bound to (:func:`privfl.client_dp.secagg_mask_context`)."""
         from privfl.protocols.secagg import Quantizer
         from privfl.protocols.secagg.keys import KeyPair
         from privfl.protocols.secagg.params import RoundParams
@@ -879,6 +881,7 @@ class _SecAggRound:
             bits=cfg.bits,
             server_public_key=key.public,
             identities=registry,
+            mask_context=mask_context,
         )
         self.server = SecAggServer(self.params, key)
         self.params_bytes = encode_params(self.params)

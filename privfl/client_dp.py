@@ -66,6 +66,7 @@ for any epsilon <= 32 (the tail delta, :attr:`SecAggRange.tail_delta`).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ __all__ = [
     "next_clip_norm",
     "plan_client_dp",
     "release_noise",
+    "secagg_mask_context",
     "secagg_noise_ratio",
     "secagg_range",
     "split_release",
@@ -576,6 +578,17 @@ class SecAggRound:
     def min_grid(self) -> float:
         """The quantizer's step: every noise grid is a multiple of it, so each share maps to its integer exactly."""
         return math.ldexp(1.0, -self.range.fraction_bits)
+
+
+def secagg_mask_context(clip_norm: float, num_sites: int) -> bytes:
+    """What a deployed secure-aggregation round's pairwise masks are bound to under client-level DP.
+
+    Each site plans its noise share for the clip norm S and the site count it was told; binding both
+    into its masks (``RoundParams.mask_context``) means that a server telling sites different values
+    gets masks that do not cancel, and an unmasked sum that reveals nothing. Told the same values,
+    every site's share is planned for the noise the sum carries.
+    """
+    return b"privfl-client-dp" + struct.pack(">dI", float(clip_norm), int(num_sites))
 
 
 def secagg_round(

@@ -640,6 +640,16 @@ class Site:
             np.multiply(np.clip(update.delta.astype(np.float64), -c, c), ratio, out=vector[:dim])
         vector[dim] = ratio * c
         encoded, _ = quantizer.encode(vector, rounding_key())
+        if bound is None:
+            import dataclasses
+
+            from privfl.client_dp import secagg_mask_context
+
+            # The masks are bound to the S and site count this site planned its noise share for (its own
+            # values, not the server's copy): a server telling sites different ones gets no usable sum.
+            clip_norm = _client_clip_norm(request, config)
+            assert clip_norm is not None  # set under client-level DP
+            params = dataclasses.replace(params, mask_context=secagg_mask_context(clip_norm, request.fields["num_sites"]))
         client = SecAggClient(self.name, params, self._secagg_identity(config))
         message = client.advertise()
         self._save_round(request.round_index, export_client(client), encoded)
@@ -1013,9 +1023,12 @@ def check_deployed_client_dp(config: RunConfig) -> None:
     """Refuses client-level DP settings a deployment cannot run safely (the Aggregator and every Site check them).
 
     Raises:
-        ConfigError: the shared-key mode (no single party can add central noise), or adaptive
-            clipping under secure aggregation (the sites' S could not be bound to the noise's; under
-            CKKS each site signs the S it clipped to and the key holder checks it against its own).
+        ConfigError: the shared-key mode (no single party can add central noise).
+
+    Adaptive clipping, where the server announces S each round, runs with every protection that
+    allows client-level DP: under CKKS each site signs the S it clipped to and the key holder checks
+    it against its own; under secure aggregation each site binds its pairwise masks to the S and site
+    count it planned its noise share for, so sites told different values produce no usable sum.
     """
     fed = config.federation
     if fed.client_dp is None:
@@ -1025,13 +1038,6 @@ def check_deployed_client_dp(config: RunConfig) -> None:
             "federation.client_dp", "set",
             "client-level DP needs protection = \"plaintext\", \"ckks\" or \"secagg\"; in the shared-key mode every "
             "site can decrypt the sum, so no single party can add central noise before anyone sees it",
-        )
-    if fed.client_dp.adaptive and fed.protection is ProtectionKind.SECAGG:
-        raise ConfigError(
-            "federation.client_dp.adaptive", True,
-            "deployments run adaptive clipping under plaintext and CKKS, not under secure aggregation: there a malicious "
-            "server could announce a larger clip norm to the sites than their noise shares are planned for; use "
-            "adaptive = false (privfl run runs it in one process)",
         )
 
 
@@ -1061,13 +1067,13 @@ def _secagg_noise_round(request: Request, config: RunConfig, participants: int, 
 def _client_clip_norm(request: Request, config: RunConfig) -> float | None:
     """The clip norm S a train request asks for under client-level DP (None without it).
 
-    With fixed clipping S is the run config's and a request naming another is refused. Adaptive
-    clipping, where the aggregator announces S each round, is served under plaintext (where the
-    server sees every update anyway) and CKKS (the site signs the S it clipped to into its
-    contribution, and the key holder decrypts no sum signed for another S than it noises for).
-    Under secure aggregation nothing would bind the S the sites clip to to the S their noise shares
-    are planned for, so a malicious server could announce a large S to the sites and leave their
-    updates under-noised (docs/deployment.md).
+    With fixed clipping S is the run config's and a request naming another is refused. Under
+    adaptive clipping the aggregator announces S each round; what keeps a malicious server from
+    announcing a larger S than the noise is planned for is the protocol's binding: under CKKS the
+    site signs the S it clipped to into its contribution, and the key holder decrypts no sum signed
+    for another S than it noises for; under secure aggregation the site's noise share is planned for
+    the S it was told and its pairwise masks are bound to it, so sites told different S produce no
+    usable sum (docs/deployment.md).
 
     Raises:
         ConfigError: client-level DP under a protection deployments do not support it with.

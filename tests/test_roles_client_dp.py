@@ -36,8 +36,8 @@ _in_process = run_in_process
 
 @pytest.mark.parametrize(
     "protection,adaptive",
-    [("plaintext", False), ("plaintext", True), ("ckks", False), ("ckks", True), ("secagg", False)],
-    ids=["plaintext-fixed-clip", "plaintext-adaptive-clip", "ckks", "ckks-adaptive-clip", "secagg"],
+    [("plaintext", False), ("plaintext", True), ("ckks", False), ("ckks", True), ("secagg", False), ("secagg", True)],
+    ids=["plaintext-fixed-clip", "plaintext-adaptive-clip", "ckks", "ckks-adaptive-clip", "secagg", "secagg-adaptive-clip"],
 )
 def test_deployed_client_level_dp_releases_what_the_in_process_run_releases(protection, adaptive, split, clients, tmp_path, run_toml):
     text = _text(run_toml, protection, adaptive=adaptive)
@@ -126,30 +126,38 @@ class _Tamper(LocalSites):
         return super().exchange(changed, timeout=timeout)
 
 
-def test_adaptive_clipping_is_refused_where_the_sites_clip_norm_could_not_be_bound(split, clients, tmp_path, run_toml):
-    """Under secure aggregation each site's noise share is planned for one S; nothing would make the sites clip
-    to it if the server announced another each round: deployments refuse adaptive clipping there (the
-    aggregator, and each site on its own, before touching its data)."""
-    from privfl.errors import ConfigError
-    from privfl.site import seeded_model
+def test_secagg_each_site_binds_its_masks_to_the_clip_norm_it_was_told(split, clients, tmp_path, run_toml, monkeypatch):
+    """Adaptive clipping under secure aggregation: a server telling one site a 100x S (so that its noise share
+    is planned for another S than the others') gets masks that do not cancel: each site binds its pairwise
+    masks to the S and site count it planned its own share for, not to the server's copy of the parameters."""
+    import struct
 
-    for protection in ("secagg",):
-        text = _text(run_toml, protection, adaptive=True, rounds=1)
-        with pytest.raises(ConfigError, match="adaptive"):
-            _aggregator(text, split)
-        site = _sites(clients, tmp_path / protection)[1]
-        run = "cd" * 16
-        hello = site.handle(encode_request(Request(run, Step.HELLO, 0, "node:1", {"config": text}, ())))
-        reply = decode_reply(hello, run=run, step=Step.HELLO, round_index=0, site="site-1")
-        assert reply.status is Status.REFUSED and "adaptive" in reply.reason
-        # Asked to train all the same (a server ignoring the refusal): refused, nothing spent.
-        shape, classes = split.train.input_shape, split.train.num_classes
-        params = flatten_parameters(seeded_model(_parse_config(text), None, shape, classes)).astype("<f4").tobytes()
-        fields = {"index": 1, "num_sites": 3, "participants": 3, "input_shape": list(shape), "num_classes": classes, "clip_norm": 40.0}
-        reply = decode_reply(site.handle(encode_request(Request(run, Step.TRAIN, 0, "site-1", fields, (params, b"")))),
-                             run=run, step=Step.TRAIN, round_index=0, site="site-1")
-        assert reply.status is Status.REFUSED
-        assert not (site.state_dir / "ledger.jsonl").exists() or site.spent(_parse_config(text))[0] == 0.0
+    import privfl.protocols.secagg.client as secagg_client
+
+    used: dict[str, set[bytes]] = {}
+    real = secagg_client.pairwise_mask_key
+
+    def recording(shared, round_index, a, b, context=b""):
+        used.setdefault(a, set()).add(context)
+        return real(shared, round_index, a, b, context)
+
+    monkeypatch.setattr(secagg_client, "pairwise_mask_key", recording)
+    text = _text(run_toml, "secagg", adaptive=True, rounds=1)
+    channel = _Tamper(_sites(clients, tmp_path), Step.TRAIN, clip_norm=40.0)
+    honest = LocalSites.exchange.__get__(channel)
+    tampered = channel.exchange
+
+    def exchange(requests, *, timeout):  # only site-1's train request is rewritten
+        if all(decode_request(p).step is Step.TRAIN for p in requests.values()):
+            out = honest({n: p for n, p in requests.items() if n != "site-1"}, timeout=timeout)
+            out.update(tampered({n: p for n, p in requests.items() if n == "site-1"}, timeout=timeout))
+            return out
+        return honest(requests, timeout=timeout)
+
+    channel.exchange = exchange  # type: ignore[method-assign]
+    _aggregator(text, split).run(channel)
+    assert used["site-1"] == {b"privfl-client-dp" + struct.pack(">dI", 40.0, 3)}
+    assert used["site-0"] == used["site-2"] == {b"privfl-client-dp" + struct.pack(">dI", 0.4, 3)}
 
 
 @pytest.mark.parametrize("change", [{"clip_norm": 4.0}, {"num_sites": 30}], ids=["clip-norm", "site-count"])

@@ -82,9 +82,15 @@ def self_mask_key(seed: bytes, round_index: int, owner: str) -> bytes:
     return mask_key(seed, info(b"self-mask", round_index, owner))
 
 
-def pairwise_mask_key(shared: bytes, round_index: int, a: str, b: str) -> bytes:
-    """AES key of PRG(s_ab) from the X25519 secret of a and b (symmetric in a, b)."""
+def pairwise_mask_key(shared: bytes, round_index: int, a: str, b: str, context: bytes = b"") -> bytes:
+    """AES key of PRG(s_ab) from the X25519 secret of a and b (symmetric in a, b).
+
+    ``context`` (the round's ``mask_context``, each client's own) is bound into the key: if a server
+    told two clients different public values (say, clip norms), their pairwise masks do not cancel.
+    """
     lo, hi = sorted((a, b))
+    if context:
+        return mask_key(shared, info(b"pairwise-mask-in-context", round_index, lo, hi, context))
     return mask_key(shared, info(b"pairwise-mask", round_index, lo, hi))
 
 
@@ -373,7 +379,7 @@ class SecAggClient:
         streams = [(self_mask_key(self._self_seed, p.round_index, self.client_id), 1)]
         for peer in held:
             shared = agree(self._s.private, self._peer_keys[peer][1], sender=peer)
-            streams.append((pairwise_mask_key(shared, p.round_index, self.client_id, peer), p.sign(self.client_id, peer)))
+            streams.append((pairwise_mask_key(shared, p.round_index, self.client_id, peer, p.mask_context), p.sign(self.client_id, peer)))
 
         def fill(masked: np.ndarray) -> None:
             masked[:] = encoded

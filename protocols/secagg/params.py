@@ -90,6 +90,10 @@ class RoundParams:
         server_public_key: the server's X25519 key for authenticating client/server messages.
         identities: authenticated mode: client id -> its registered Ed25519 public key (the public-key
             infrastructure, handed to every client out of band); None for the honest-but-curious mode.
+        mask_context: public bytes every pairwise mask is derived under (at most 64), e.g. the clip
+            norm each client clipped to: two clients that disagree on it get masks that do not cancel,
+            so the unmasked sum reveals nothing (each client sets its own; see
+            :func:`~privfl.protocols.secagg.client.pairwise_mask_key`).
 
     Raises:
         ConfigError: a value is out of range; the message names the field and the value.
@@ -104,6 +108,7 @@ class RoundParams:
     bits: int = 32
     server_public_key: bytes
     identities: Mapping[str, bytes] | None = field(default=None, repr=False)
+    mask_context: bytes = b""
     graph: Mapping[str, frozenset[str]] = field(init=False, repr=False, compare=False)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
     ring: Mapping[str, int] = field(init=False, repr=False, compare=False)
@@ -150,6 +155,8 @@ class RoundParams:
             if len(set(registry.values())) != len(registry):
                 raise ConfigError("identities", "duplicates", "two clients registered the same identity key")
             object.__setattr__(self, "identities", registry)
+        if not isinstance(self.mask_context, bytes) or len(self.mask_context) > 64:
+            raise ConfigError("mask_context", type(self.mask_context).__name__, "must be at most 64 bytes")
         object.__setattr__(self, "graph", graph)
         # Positions on the graph's cycle: the order of the survivor bitmaps (cached with the graph).
         object.__setattr__(self, "ring", ring_positions(ids, self.neighbours, self.graph_seed))

@@ -538,7 +538,7 @@ class SecAggServer:
                 if dropped in self._relayed[u]:
                     shared = agree(private, self._public_keys[u][1], sender=u)
                     # u added sign(u, dropped) * PRG(s_u,dropped); take it back out.
-                    streams.append((pairwise_mask_key(shared, p.round_index, u, dropped), -p.sign(u, dropped)))
+                    streams.append((pairwise_mask_key(shared, p.round_index, u, dropped, p.mask_context), -p.sign(u, dropped)))
         total, self._masked_sum = self._masked_sum, np.zeros(0, dtype=WORD)
         self._masked_tags.clear()
         apply_masks(total, streams, threads=self.threads)

@@ -35,7 +35,8 @@ def encode_params(params: RoundParams) -> bytes:
     identities = b"" if params.identities is None else b"".join(params.identities[u] for u in params.client_ids)
     header = _PARAMS.pack(params.threshold, params.neighbours or 0, params.dimension, params.bits)
     return encode_frame(
-        _KIND_PARAMS, params.round_index, "server", [header, ids, params.graph_seed, params.server_public_key, identities]
+        _KIND_PARAMS, params.round_index, "server",
+        [header, ids, params.graph_seed, params.server_public_key, identities, params.mask_context],
     )
 
 
@@ -46,7 +47,7 @@ def decode_params(data: bytes, *, round_index: int) -> RoundParams:
         MessageError: malformed bytes, another round, or parameters out of range.
     """
     frame = decode_frame(data, kind=_KIND_PARAMS, round_index=round_index, max_bytes=_MAX_PARAMS_BYTES)
-    if len(frame.parts) != 5 or len(frame.parts[0]) != _PARAMS.size:
+    if len(frame.parts) != 6 or len(frame.parts[0]) != _PARAMS.size:
         raise MessageError("round parameters have the wrong shape", sender="server")
     threshold, neighbours, dimension, bits = _PARAMS.unpack(frame.parts[0])
     ids = m.unpack_ids(frame.parts[1], sender="server")
@@ -68,6 +69,7 @@ def decode_params(data: bytes, *, round_index: int) -> RoundParams:
             bits=bits,
             server_public_key=frame.parts[3],
             identities=identities,
+            mask_context=frame.parts[5],
         )
     except ConfigError as exc:
         raise MessageError(f"round parameters rejected: {exc}", sender="server") from exc

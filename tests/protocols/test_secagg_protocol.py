@@ -96,6 +96,28 @@ def test_every_round_dropout_recovers_exact_words():
     assert transcript.bytes_up["client-01"]["share"] == 0 and transcript.bytes_up["client-01"]["advertise"] > 0
 
 
+def test_pairwise_masks_bound_to_a_context_cancel_only_when_every_client_holds_the_same():
+    """Each client binds its pairwise masks to its own ``mask_context`` (deployments: the clip norm and site
+    count it planned its noise share for): told different values by the server, the sum reveals nothing."""
+    from privfl.protocols.secagg.client import SecAggClient
+
+    n, dim = 5, 64
+    words = _words(n, dim)
+    expected = (sum(w.astype(np.uint64) for w in words.values()) % (1 << 32)).astype(WORD)
+    for contexts, exact in (({}, True), ({"client-02": b"S=40"}, False)):
+        run = new_round(_ids(n), round_index=3, threshold=3, neighbours=None, dimension=dim, bits=32, graph_seed=b"g" * 32)
+        for u in run.params.client_ids:
+            run.clients[u] = SecAggClient(u, dataclasses.replace(run.params, mask_context=contexts.get(u, b"S=0.4")), None)
+        total, _ = drive(run, words, DirectTransport())
+        if exact:
+            assert np.array_equal(total, expected)
+        else:
+            # The uncancelled masks of client-02 and its four neighbours: every word is off, by pseudorandom amounts.
+            assert np.count_nonzero(total != expected) >= dim - 1
+    with pytest.raises(ConfigError, match="mask_context"):
+        dataclasses.replace(run.params, mask_context=b"x" * 65)
+
+
 def test_small_modulus_sums_exactly():
     n, dim, bits = 7, 50, 12
     run = new_round(_ids(n), round_index=0, threshold=4, neighbours=None, dimension=dim, bits=bits, graph_seed=b"s" * 16)
