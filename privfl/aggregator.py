@@ -886,6 +886,16 @@ class _SecAggRound:
         self.server = SecAggServer(self.params, key)
         self.params_bytes = encode_params(self.params)
 
+    def _withhold(self, survivors: int) -> None:
+        """Under client-level DP a round with a dropout releases nothing: a subset's sum carries less noise
+        than charged, and its variance would reveal how many sites survived (as in-process, fail_on_dropout);
+        each site also refuses to unmask it (``SecAggClient.require_every_client``)."""
+        raise ProtocolAbort(
+            f"round {self.round_index}: {len(self.sampled) - survivors} of {len(self.sampled)} sites dropped out; "
+            "under client-level DP the average is withheld",
+            survivors=survivors, threshold=len(self.sampled),
+        )
+
     def _step(self, aggregator: Aggregator, channel: SiteChannel, step: Step, outgoing: dict[str, bytes], receive) -> dict[str, str]:
         replies, dropped = aggregator._exchange(channel, step, self.round_index, {n: ({}, (m,)) for n, m in outgoing.items()})
         for name, reason in dropped.items():
@@ -912,6 +922,9 @@ class _SecAggRound:
                 pass
         self._step(aggregator, channel, Step.SECAGG_KEYS, server.keys_messages(), server.receive_shares)
         self._step(aggregator, channel, Step.SECAGG_RELAY, server.relay_messages(), server.receive_masked_input)
+        if self.noised and len(server.masked_inputs) < len(self.sampled):
+            # Withheld before anything is unmasked (the sites would refuse to unmask it anyway).
+            self._withhold(len(server.masked_inputs))
         if self.params.authenticated:
             # Every survivor signs the list of who sent a masked input: no two honest sites unmask for different sets.
             self._step(aggregator, channel, Step.SECAGG_CHECK, server.consistency_requests(), server.receive_consistency)
@@ -919,13 +932,7 @@ class _SecAggRound:
         words = server.finish()
         survivors = server.survivors
         if self.noised and len(survivors) < len(self.sampled):
-            # The unmasked sum carries at least the charged noise, but its variance would reveal how
-            # many sites survived: the average is withheld (as in-process, fail_on_dropout).
-            raise ProtocolAbort(
-                f"round {self.round_index}: {len(self.sampled) - len(survivors)} of {len(self.sampled)} sites dropped out; "
-                "under client-level DP the average is withheld",
-                survivors=len(survivors), threshold=len(self.sampled),
-            )
+            self._withhold(len(survivors))
         decoded = self.quantizer.decode_sum(words)
         ratio_sum = decoded[self.dim] / self.quantizer.clip_range
         weight = ratio_sum * (self.bound if self.bound is not None else 1.0)

@@ -741,6 +741,8 @@ class Site:
             raise MessageError("a secure-aggregation step carries one server message")
         state, encoded = self._load_round(request.round_index)
         client = restore_client(state, round_index=request.round_index, client_id=self.name, identity=self._secagg_identity(config))
+        # Under client-level DP the site itself, not only the server, refuses to unmask a round with a dropout.
+        client.require_every_client = config.federation.client_dp is not None
         incoming = request.parts[0]
         if request.step is Step.SECAGG_KEYS:
             message = client.share_keys(incoming)

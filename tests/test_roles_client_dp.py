@@ -207,6 +207,23 @@ def test_secagg_withholds_a_round_with_a_dropout_and_needs_no_weight_bound(split
     assert np.array_equal(result.parameters, flatten_parameters(_initial(text, split)))
 
 
+def test_secagg_sites_refuse_to_unmask_a_round_with_a_dropout_whatever_the_server_does(
+    split, clients, tmp_path, run_toml, monkeypatch, caplog
+):
+    """A malicious server that does not withhold the round asks the survivors to unmask their subset's sum
+    (its noise is planned for three sites, not two): every site refuses, and nothing is released."""
+    import privfl.aggregator as aggregator_module
+
+    monkeypatch.setattr(aggregator_module._SecAggRound, "_withhold", lambda self, survivors: None)
+    text = _text(run_toml, "secagg", adaptive=False, rounds=1)
+    result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_masked_input_of("site-2")))
+    (record,) = result.history
+    assert record["aborted"] and "unmask" in record["aborted"]
+    refusals = [r.getMessage() for r in caplog.records if "invited clients are missing" in r.getMessage()]
+    assert sorted(message.split()[1] for message in refusals) == ["site-0", "site-1"]
+    assert np.array_equal(result.parameters, flatten_parameters(_initial(text, split)))
+
+
 def _initial(text, split):
     from privfl.site import seeded_model
 

@@ -193,6 +193,10 @@ class SecAggClient:
         self._own_shares: tuple[int, int] = (0, 0)
         self._held: dict[str, tuple[int, int]] = {}
         self._signed_survivors = b""  # the survivor bitmap signed in the consistency check
+        # Client-level DP: every invited client's noise share is planned for the whole round, so the
+        # sum of a subset carries less noise than charged; such a client signs and unmasks only
+        # for a survivor set holding every invited client (a server that drops some gets nothing).
+        self.require_every_client = False
 
     def __repr__(self) -> str:
         return f"SecAggClient(client_id={self.client_id!r}, round_index={self.params.round_index}, step={self._step})"
@@ -252,6 +256,12 @@ class SecAggClient:
         n = len(p.client_ids)
         members = int.from_bytes(survivors, "little")
         count = members.bit_count()
+        if self.require_every_client and count < n:
+            raise ProtocolAbort(
+                f"{n - count} of {n} invited clients are missing from the survivor set: under client-level DP a "
+                "subset's sum carries less noise than planned, so this client does not unmask it",
+                survivors=count, threshold=n,
+            )
         if count < p.threshold:
             raise ProtocolAbort(f"{count} survivors < threshold {p.threshold}", survivors=count, threshold=p.threshold)
         k = len(p.graph[self.client_id])

@@ -336,6 +336,11 @@ class SecAggServer:
             raise self._reject(sender, m.MASKED_INPUT, "duplicate message")
         raise self._reject(sender, m.MASKED_INPUT, "duplicate message (a different one; the first stays in the sum)")
 
+    @property
+    def masked_inputs(self) -> frozenset[str]:
+        """The clients whose masked input is in the sum so far (round 2)."""
+        return frozenset(self._masked_tags)
+
     def _close_masked_input(self) -> None:
         for u in self._relayed:
             if u not in self._masked_tags:

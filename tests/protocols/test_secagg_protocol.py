@@ -118,6 +118,26 @@ def test_pairwise_masks_bound_to_a_context_cancel_only_when_every_client_holds_t
         dataclasses.replace(run.params, mask_context=b"x" * 65)
 
 
+def test_a_client_that_requires_every_invited_client_unmasks_no_subset():
+    """Client-level DP: a subset's sum carries less noise than planned, so such a client refuses to unmask it,
+    whatever the server does; without the requirement the survivors' sum is recovered as usual."""
+    n, dim = 5, 16
+    words = _words(n, dim)
+    for required in (False, True):
+        run = new_round(_ids(n), round_index=4, threshold=3, neighbours=None, dimension=dim, bits=32, graph_seed=b"g" * 32)
+        for client in run.clients.values():
+            client.require_every_client = required
+        stop = {"client-04": "share"}  # it never sends a masked input
+        if required:
+            with pytest.raises(ProtocolAbort):
+                drive(run, words, DirectTransport(), stop_after=stop)
+            assert all("invited clients are missing" in why for u, why in run.server.dropped.items() if u != "client-04")
+        else:
+            total, _ = drive(run, words, DirectTransport(), stop_after=stop)
+            expected = sum(words[u].astype(np.uint64) for u in _ids(n)[:4]) % (1 << 32)
+            assert np.array_equal(total, expected.astype(WORD))
+
+
 def test_small_modulus_sums_exactly():
     n, dim, bits = 7, 50, 12
     run = new_round(_ids(n), round_index=0, threshold=4, neighbours=None, dimension=dim, bits=bits, graph_seed=b"s" * 16)
