@@ -154,7 +154,8 @@ def run_sites(args, data) -> dict:
     stamps, restore = _round_stamps()
     try:
         model_fn = lambda: LogisticRegression(FEATURES, 2)
-        sites = [Site(f"site-{k:05d}", ArrayDataset(x, y), os.path.join(root, f"site-{k:05d}"), model_fn=model_fn, device="cpu")
+        sites = [Site(f"site-{k:05d}", ArrayDataset(x, y), os.path.join(root, f"site-{k:05d}"), model_fn=model_fn, device="cpu",
+                      allow_noise_seed=True)  # the same seeded noise as the other variants
                  for k, (x, y) in enumerate(data)]
         aggregator = Aggregator(_run_toml(args), model_fn=model_fn, progress=False)
         c0, w0 = time.process_time(), time.perf_counter()

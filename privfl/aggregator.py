@@ -174,6 +174,7 @@ class Aggregator:
         self._pending: int | None = None
         # The CKKS key holder's S for the next round, as it reported it (adaptive client-level DP).
         self._holder_clip_norm: float | None = None
+        self._refusals: dict[str, dict[str, Any]] = {}  # the last exchange's refusals, by site
 
     # -- model ---------------------------------------------------------------------------------------
     def _initial_model(self):
@@ -203,7 +204,7 @@ class Aggregator:
         raw = channel.exchange(payloads, timeout=self.step_timeout)
         self._step_seconds[step.value] = self._step_seconds.get(step.value, 0.0) + time.perf_counter() - t0
         replies, dropped = {}, {}
-        self._refusals: dict[str, dict[str, Any]] = {}
+        self._refusals = {}
         for name in requests:
             node = by_name[name].node
             if node not in raw:
@@ -411,13 +412,7 @@ class Aggregator:
         names = sorted(info.name for info in self._sites.values())
         if out is not None:
             self._record_sites(out, names)
-        self._client_run: ClientLevelRun | None = None
-        self._tail_delta = 0.0
-        if fed.client_dp is not None:
-            plan = plan_client_dp(fed.client_dp, num_clients=len(names), client_fraction=fed.client_fraction, rounds=fed.rounds)
-            self._client_run = ClientLevelRun(fed.client_dp, plan)
-            # Resumed: every recorded round was one charged release.
-            self._client_run.resume([record.get("client_level") for record in history])
+        self._setup_client_dp(len(names), history)
         model = self._initial_model()
         params = flatten_parameters(model)
         start = len(history)
@@ -636,7 +631,23 @@ class Aggregator:
             )
         return average, contributors, rejected
 
-    def _adopt_holder_clip_norm(self, record: RoundRecord) -> None:
+    def _setup_client_dp(self, num_sites: int, history: list[RoundRecord]) -> None:
+        """The run's client-level DP state: its plan, and (resumed) the releases already charged and S."""
+        fed = self.config.federation
+        self._client_run: ClientLevelRun | None = None
+        self._tail_delta = 0.0
+        if fed.client_dp is None:
+            return
+        plan = plan_client_dp(fed.client_dp, num_clients=num_sites, client_fraction=fed.client_fraction, rounds=fed.rounds)
+        self._client_run = ClientLevelRun(fed.client_dp, plan)
+        # Resumed: every recorded round was one charged release.
+        self._client_run.resume([record.get("client_level") for record in history])
+        if fed.protection is ProtectionKind.CKKS:
+            # The key holder's S counts (it may have released the interrupted round): announced from the start.
+            self._holder_clip_norm = _number(self._hello_fields.get(self._key_holder, {}).get("clip_norm"))
+            self._adopt_holder_clip_norm(None)
+
+    def _adopt_holder_clip_norm(self, record: RoundRecord | None) -> None:
         """Under CKKS with adaptive clipping the key holder's S is the one that counts (it noises for it and
         checks that every contribution was signed for it): the next round announces it."""
         holder = self._holder_clip_norm
@@ -646,10 +657,11 @@ class Aggregator:
         if holder is None or not (math.isfinite(holder) and holder > 0):
             return
         if holder != run.clip_norm:
-            level = record["client_level"]
             if not math.isclose(holder, run.clip_norm, rel_tol=1e-6):
-                log.warning("round %d: the key holder's clip norm %r replaces the aggregator's %r", record["round"], holder, run.clip_norm)
+                when = "at the start" if record is None else f"after round {record['round']}"
+                log.warning("%s: the key holder's clip norm %r replaces the aggregator's %r", when, holder, run.clip_norm)
             run.clip_norm = holder
+            level = None if record is None else record["client_level"]
             if level is not None:
                 level["next_clip_norm"] = holder
 
@@ -691,12 +703,12 @@ class Aggregator:
         """The round's client-level noise shares and derived encoding, as each site derives them."""
         if self._client_run is None:
             return None
-        from privfl.client_dp import secagg_noise_ratio, secagg_round
+        from privfl.client_dp import deployed_secagg_noise_ratio, secagg_round
 
         fed = self.config.federation
         client_dp = self._client_run.config
         noise = secagg_round(
-            self._client_run.plan, noise_ratio=secagg_noise_ratio(fed.secagg.resolve_threshold, num_sites),
+            self._client_run.plan, noise_ratio=deployed_secagg_noise_ratio(fed.secagg, num_sites),
             participants=participants, clip_norm=self._client_run.clip_norm, dim=size, adaptive=client_dp.adaptive,
             num_sites=num_sites, rounds=fed.rounds, delta=client_dp.delta, bits=fed.secagg.bits,
         )
@@ -936,6 +948,13 @@ class _SecAggRound:
         decoded = self.quantizer.decode_sum(words)
         ratio_sum = decoded[self.dim] / self.quantizer.clip_range
         weight = ratio_sum * (self.bound if self.bound is not None else 1.0)
+        if self.noised and abs(ratio_sum - len(survivors)) > 1e-6:
+            # Every site's weight word is exactly the clip range: any other total means the masks did not
+            # cancel (sites told different values) or a word was corrupted, and the sum is garbage.
+            raise ProtocolAbort(
+                f"round {self.round_index}: the sum's weight is {ratio_sum:.6g}, not the {len(survivors)} sites that sent "
+                "inputs: the masks did not cancel (the sites disagree on the round's values); nothing is released"
+            )
         if not ratio_sum > 0:
             raise ProtocolAbort(f"round {self.round_index}: decoded total weight {weight} is not positive")
         rejected = {u: reason for u, reason in server.dropped.items() if u not in survivors and u in advertised}

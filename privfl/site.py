@@ -227,6 +227,11 @@ class Site:
             out of band (``privfl identity KEY_HOLDER_STATE_DIR`` prints it): the public context comes
             through the server, and a site encrypts only under one the key holder signed for the run.
             Needed by every other site of a CKKS run (they refuse to join one without it).
+        allow_noise_seed: join runs whose config fixes ``federation.noise_seed``. Off by default: the
+            config comes from the server, and a fixed seed lets whoever knows it regenerate, and
+            subtract, every DP noise draw of the site (DP-SGD, its secure-aggregation share, the key
+            holder's release noise) and its batch sampling. Only for simulations that must reproduce
+            ``privfl run`` (one operator plays every party).
 
     Raises:
         ConfigError: the state directory belongs to another site, or a setting is invalid.
@@ -243,6 +248,7 @@ class Site:
         model_fn: Callable[[], Any] | None = None,
         device: str = "auto",
         key_holder_key: bytes | str | None = None,
+        allow_noise_seed: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name or len(name.encode()) > 256 or name in ("server", "aggregator"):
             raise ConfigError("site", name, "must be a non-empty name of at most 256 bytes, not 'server' or 'aggregator'")
@@ -256,6 +262,7 @@ class Site:
         self.dataset = dataset
         self.state_dir = Path(state_dir)
         self.key_holder_key = _public_key_bytes(key_holder_key)
+        self.allow_noise_seed = bool(allow_noise_seed)
         self.budget = None if budget is None else float(budget)
         self.model_fn = model_fn
         self.device = device
@@ -396,6 +403,13 @@ class Site:
             raise MessageError("run id must be 32 hex digits")
         # A site does not join a run whose client-level DP it could not hold to its guarantee.
         check_deployed_client_dp(config)
+        if config.federation.noise_seed is not None and not self.allow_noise_seed:
+            raise ConfigError(
+                "federation.noise_seed", config.federation.noise_seed,
+                "a deployed site draws its DP noise and batches from the OS CSPRNG: a run config (sent by the server) that "
+                "fixes noise_seed would let the server regenerate and subtract every noise draw; drop noise_seed, or "
+                "start the site with allow_noise_seed (worker --allow-noise-seed) for a simulation that must reproduce privfl run",
+            )
         if config.federation.protection is ProtectionKind.CKKS and self.role is SiteRole.SITE and self.key_holder_key is None:
             raise ConfigError(
                 "key_holder_key", None,
@@ -427,6 +441,12 @@ class Site:
             signature = vouch_context(Ed25519PrivateKey.from_private_bytes(self._identity_raw()), request.run, text, holder.run_id, public)
             parts = (public, holder.run_id, signature)
         extra: dict[str, Any] = {}
+        if self.role is SiteRole.KEY_HOLDER and config.federation.protection is ProtectionKind.CKKS and config.federation.client_dp:
+            # A resumed aggregator learns the S the key holder noises for (it may have released a round whose
+            # reply never arrived).
+            held = self._held_clip_norm(config, request.run)
+            if held is not None:
+                extra["clip_norm"] = held
         if config.federation.protection is ProtectionKind.SHARED_KEY:
             # A public fingerprint: the aggregator checks that every site holds the same key.
             extra["key_id"] = self._shared_key(config).key_id.hex()
@@ -563,8 +583,19 @@ class Site:
                 # Client-level DP plans rho and the encoding's modulus for num_sites: a larger round could wrap the sum.
                 raise MessageError(f"the round has {len(params.client_ids)} secure-aggregation clients, the run {request.fields['num_sites']} sites")
             if config.federation.client_dp is not None:
+                from privfl.client_dp import count_free_shares, deployed_secagg_noise_ratio
+
                 # The round's encoding must exist before the data is touched (no budget spent on a refusal).
                 _secagg_noise_round(request, config, len(params.client_ids), len(request.parts[0]) // 4)
+                # Each share carries rho (z S)^2 / c; any unmasked sum holds at least t of this site's share
+                # holders' shares, so t >= c / rho keeps every sum at the charged noise. The server picks t:
+                # a smaller one (say pairs of sites) would release sums with a fraction of it.
+                needed = count_free_shares(len(params.client_ids), deployed_secagg_noise_ratio(config.federation.secagg, request.fields["num_sites"]))
+                if params.threshold < needed - 1e-9:
+                    raise MessageError(
+                        f"the round's threshold {params.threshold} is below {needed:.3f}: a sum of that many noise shares "
+                        "would carry less noise than charged"
+                    )
 
     def _protect(self, request: Request, config: RunConfig, update, num_sites: int, protocol_part: bytes) -> bytes:
         kind = config.federation.protection
@@ -856,6 +887,18 @@ class Site:
         average = encode_average(request.round_index, weighted_sum / released.total_weight, released.total_weight)
         return self._reply(request, parts=(average,), contributors=list(released.contributors), **extra)
 
+    def _held_clip_norm(self, config: RunConfig, run: str) -> float | None:
+        """The clip norm the key holder noises the next release of ``run`` for (None before its first)."""
+        from privfl.client_dp import ClientLevelRun
+
+        path = self.state_dir / CLIENT_DP_FILE
+        state = json.loads(path.read_text()).get(run) if path.exists() else None
+        if not state or config.federation.client_dp is None:
+            return None
+        tracked = ClientLevelRun(config.federation.client_dp, client_level_plan(config, state["num_sites"]))
+        tracked.resume(state["levels"])
+        return tracked.clip_norm
+
     def _client_level_release(
         self, request: Request, config: RunConfig, dim: int
     ) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, float, float]], float]:
@@ -1050,7 +1093,7 @@ def _secagg_noise_round(request: Request, config: RunConfig, participants: int, 
         ConfigError: no encoding fits the configured bits for this many sites.
         MessageError: the request's clip norm is not the run's.
     """
-    from privfl.client_dp import secagg_noise_ratio, secagg_round
+    from privfl.client_dp import deployed_secagg_noise_ratio, secagg_round
 
     fed = config.federation
     assert fed.client_dp is not None  # asked for only under client-level DP
@@ -1059,7 +1102,7 @@ def _secagg_noise_round(request: Request, config: RunConfig, participants: int, 
     num_sites = request.fields["num_sites"]  # checked before
     plan = client_level_plan(config, num_sites)
     noise_round = secagg_round(
-        plan, noise_ratio=secagg_noise_ratio(fed.secagg.resolve_threshold, num_sites), participants=participants,
+        plan, noise_ratio=deployed_secagg_noise_ratio(fed.secagg, num_sites), participants=participants,
         clip_norm=clip_norm, dim=dim, adaptive=fed.client_dp.adaptive, num_sites=num_sites,
         rounds=fed.rounds, delta=fed.client_dp.delta, bits=fed.secagg.bits,
     )
@@ -1181,9 +1224,16 @@ def _identity_raw(state_dir: Path) -> bytes:
             except FileExistsError:
                 pass
             except OSError:
-                # A file system without hard links: replace, unless another process made the key meanwhile.
-                if not path.exists():
-                    os.replace(tmp, path)
+                # A file system without hard links: an exclusive create (the first process wins here too).
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    pass
+                else:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(raw)
+                        handle.flush()
+                        os.fsync(handle.fileno())
             fsync_directory(state_dir)
         finally:
             if os.path.exists(tmp):

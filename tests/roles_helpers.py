@@ -10,11 +10,12 @@ from privfl.site import Site, SiteRole, _parse_config, site_identity
 
 def make_sites(clients, root, *, budget: float | None = None, budgets: dict[str, float] | None = None) -> list[Site]:
     """One Site per client under ``root``; the first holds the CKKS key, and the others its identity
-    key (handed over out of band, as a consortium does). ``budgets`` overrides ``budget`` per site."""
+    key (handed over out of band, as a consortium does). ``budgets`` overrides ``budget`` per site.
+    They accept the test configs' ``noise_seed`` (the tests compare with ``privfl run`` for the same seeds)."""
     key_holder_key = site_identity(root / next(iter(clients)))
     return [
         Site(name, dataset, root / name, role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE,
-             budget=(budgets or {}).get(name, budget), key_holder_key=key_holder_key)
+             budget=(budgets or {}).get(name, budget), key_holder_key=key_holder_key, allow_noise_seed=True)
         for i, (name, dataset) in enumerate(clients.items())
     ]
 

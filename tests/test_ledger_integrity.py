@@ -377,14 +377,14 @@ def test_a_site_reuses_its_verified_ledger_between_requests_until_someone_else_w
         return original(cls, path, **kwargs)
 
     monkeypatch.setattr(PrivacyLedger, "open", classmethod(counting))
-    sites = [Site(name, data, tmp_path / name) for name, data in clients.items()]
+    sites = [Site(name, data, tmp_path / name, allow_noise_seed=True) for name, data in clients.items()]
     text = run_toml("plaintext", rounds=3)
     aggregator = Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, progress=False)
     aggregator.run(LocalSites(sites))
     assert opened == []  # created at hello, then reattached for each of the 3 trainings
     # Another process (here: another Site object over the same state directory) writes in between.
     Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, progress=False).run(
-        LocalSites([Site("site-0", clients["site-0"], tmp_path / "site-0"), *sites[1:]])
+        LocalSites([Site("site-0", clients["site-0"], tmp_path / "site-0", allow_noise_seed=True), *sites[1:]])
     )
     assert opened == ["site-0"]  # the other object's first open; its own later requests reattach
     spent = sites[0].spent(_parse_config(text))[0]

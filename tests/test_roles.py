@@ -264,7 +264,8 @@ def test_shared_key_server_holds_no_key_and_a_site_decrypts_each_round_once(spli
 
 def test_ckks_needs_exactly_one_key_holder(split, clients, tmp_path, run_toml):
     # Sites that hold some key holder's key and would join, but none of them holds the CKKS key.
-    sites = [Site(name, ds, tmp_path / name, key_holder_key=site_identity(tmp_path / "elsewhere")) for name, ds in clients.items()]
+    sites = [Site(name, ds, tmp_path / name, key_holder_key=site_identity(tmp_path / "elsewhere"), allow_noise_seed=True)
+             for name, ds in clients.items()]
     with pytest.raises(ConfigError, match="key-holder"):
         _aggregator(run_toml("ckks", rounds=1), split).run(LocalSites(sites))
 
@@ -324,9 +325,23 @@ def test_a_site_encrypts_only_under_the_context_its_key_holder_signed_for_the_ru
     assert "global model has 31 parameters" in _refusal(site, _ckks_train(run, "site-1", fields, context, run_id, signature))
 
 
+def test_a_site_refuses_a_run_config_that_fixes_the_noise_seed_unless_allowed(split, clients, tmp_path, run_toml):
+    """The config comes from the server: a fixed noise_seed would let it regenerate and subtract every noise draw."""
+    name, data = next(iter(clients.items()))
+    text = run_toml("plaintext", rounds=1)
+    assert "noise_seed = 11" in text
+    hello = encode_request(Request("f" * 32, Step.HELLO, 0, "node:0", {"config": text}, ()))
+    assert "noise_seed" in _refusal(Site(name, data, tmp_path / "strict"), hello)
+    allowed = Site(name, data, tmp_path / "simulation", allow_noise_seed=True)
+    assert decode_reply(allowed.handle(hello), run="f" * 32, step=Step.HELLO, round_index=0, site=name).status is Status.OK
+    unseeded = encode_request(Request("e" * 32, Step.HELLO, 0, "node:0", {"config": text.replace("noise_seed = 11\n", "")}, ()))
+    assert decode_reply(Site(name, data, tmp_path / "strict").handle(unseeded), run="e" * 32, step=Step.HELLO,
+                        round_index=0, site=name).status is Status.OK
+
+
 def test_a_ckks_site_without_its_key_holders_key_does_not_join(split, clients, tmp_path, run_toml):
     name, data = next(iter(clients.items()))
-    site = Site(name, data, tmp_path / name)
+    site = Site(name, data, tmp_path / name, allow_noise_seed=True)
     hello = encode_request(Request("c" * 32, Step.HELLO, 0, "node:0", {"config": run_toml("ckks", rounds=1)}, ()))
     assert "key holder's identity key" in _refusal(site, hello)
     # Another protection needs no key holder: the same site joins.

@@ -155,7 +155,10 @@ def test_secagg_each_site_binds_its_masks_to_the_clip_norm_it_was_told(split, cl
         return honest(requests, timeout=timeout)
 
     channel.exchange = exchange  # type: ignore[method-assign]
-    _aggregator(text, split).run(channel)
+    result = _aggregator(text, split).run(channel)
+    # The unmasked sum is pseudorandom; the honest aggregator sees its weight word is off and releases nothing.
+    assert "masks did not cancel" in result.history[0]["aborted"]
+    assert np.array_equal(result.parameters, flatten_parameters(_initial(text, split)))
     assert used["site-1"] == {b"privfl-client-dp" + struct.pack(">dI", 40.0, 3)}
     assert used["site-0"] == used["site-2"] == {b"privfl-client-dp" + struct.pack(">dI", 0.4, 3)}
 
@@ -222,6 +225,34 @@ def test_secagg_sites_refuse_to_unmask_a_round_with_a_dropout_whatever_the_serve
     refusals = [r.getMessage() for r in caplog.records if "invited clients are missing" in r.getMessage()]
     assert sorted(message.split()[1] for message in refusals) == ["site-0", "site-1"]
     assert np.array_equal(result.parameters, flatten_parameters(_initial(text, split)))
+
+
+def test_secagg_a_site_refuses_a_threshold_too_small_for_its_noise_share(split, clients, tmp_path, run_toml):
+    """Each share carries rho (z S)^2 / c; a server announcing sparse pairs with t = 2 would unmask sums of two
+    shares, a fraction of the charged noise. The site refuses such a round before it touches its data."""
+    from privfl.protocols.secagg.keys import KeyPair
+    from privfl.protocols.secagg.params import RoundParams
+    from privfl.protocols.secagg.state import encode_params
+
+    text = _text(run_toml, "secagg", adaptive=False, rounds=1)
+    site = _sites(clients, tmp_path)[1]
+    run = "ab" * 16
+    hello = site.handle(encode_request(Request(run, Step.HELLO, 0, "node:1", {"config": text}, ())))
+    assert decode_reply(hello, run=run, step=Step.HELLO, round_index=0, site="site-1").status is Status.OK
+    ids = ("site-1", "a", "b", "c", "d", "e")
+    fields = {"index": 1, "num_sites": 6, "participants": 6, "input_shape": [30], "num_classes": 2, "clip_norm": 0.4}
+
+    def train(neighbours, threshold):
+        params = RoundParams(round_index=0, client_ids=ids, threshold=threshold, neighbours=neighbours, graph_seed=b"g" * 32,
+                             dimension=63, bits=_parse_config(text).federation.secagg.bits, server_public_key=KeyPair.generate().public)
+        request = Request(run, Step.TRAIN, 0, "site-1", fields, (bytes(4 * 62), encode_params(params)))
+        return decode_reply(site.handle(encode_request(request)), run=run, step=Step.TRAIN, round_index=0, site="site-1")
+
+    # rho = 1.5 for up to 6 sites at the default threshold 2/3, so a round of 6 needs t >= 4.
+    reply = train(neighbours=2, threshold=2)
+    assert reply.status is Status.REFUSED and "threshold 2 is below 4.000" in reply.reason
+    assert site.spent(_parse_config(text))[0] == 0.0  # refused before the data was touched
+    assert "threshold" not in (train(neighbours=None, threshold=4).reason or "")
 
 
 def _initial(text, split):

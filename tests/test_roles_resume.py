@@ -145,3 +145,32 @@ def test_resume_refuses_what_it_cannot_continue(split, clients, tmp_path, run_to
     assert [h["round"] for h in finished.history] == [0, 1]
     with pytest.raises(ConfigError, match="has finished"):
         _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server", resume=True)
+
+
+class _CrashAfterRelease(LocalSites):
+    """The CKKS key holder releases round ``round_index`` (and moves S), then the server dies before it records it."""
+
+    def __init__(self, sites, round_index):
+        super().__init__(sites)
+        self.round_index = round_index
+
+    def exchange(self, requests, *, timeout):
+        replies = super().exchange(requests, timeout=timeout)
+        first = decode_request(next(iter(requests.values())))
+        if first.step is Step.CKKS_DECRYPT and first.round_index == self.round_index:
+            raise _Crash
+        return replies
+
+
+def test_a_resumed_ckks_run_with_adaptive_clipping_starts_from_the_key_holders_clip_norm(split, clients, tmp_path, run_toml):
+    """The key holder released the round the server never recorded, and moved S: it names its S at hello, so the
+    resumed server announces it and the next round releases (no round lost to a stale S)."""
+    text = run_toml("ckks", rounds=3, extra=_CLIENT_DP.replace("adaptive = false", "adaptive = true"))
+    with pytest.raises(_Crash):
+        _aggregator(text, split).run(_CrashAfterRelease(_sites(clients, tmp_path), 1), tmp_path / "server")
+    resumed = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path)), tmp_path / "server", resume=True)
+    assert resumed.history[1]["aborted"].startswith("interrupted")
+    assert resumed.history[2]["aborted"] is None and len(resumed.history[2]["contributors"]) == 3
+    holder = json.loads((tmp_path / "site-0" / "client-dp.json").read_text())[resumed.summary["deployment"]["run_id"]]
+    # Released by the key holder: rounds 0, 1 (the interrupted one) and 2, each for the S it tracked.
+    assert len(holder["levels"]) == 3 and resumed.history[2]["client_level"]["clip_norm"] == holder["levels"][2]["clip_norm"]

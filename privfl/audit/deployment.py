@@ -30,7 +30,7 @@ from typing import Any
 from privfl.aggregator import AGGREGATOR_FILE
 from privfl.audit.rules import SEVERITY_ORDER, Severity
 from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, LedgerError
 
 __all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment"]
 
@@ -45,7 +45,8 @@ class DeploymentSiteAudit:
         site: the site's name.
         state_dir: the state directory audited.
         audit: the site's own audit (every run its ledger holds).
-        epsilon_after_run: the site's total epsilon once this run's last charge was made (its ledger).
+        epsilon_after_run: the site's total epsilon once this run's last charge was made (its ledger;
+            None when its ledger holds nothing for this run).
         epsilon_run: epsilon of this run's trainings alone.
         rounds_charged: trainings the site's ledger charged for this run.
         rounds_recorded: rounds the server's history lists the site as trained in.
@@ -55,7 +56,7 @@ class DeploymentSiteAudit:
     site: str
     state_dir: Path
     audit: SiteAudit
-    epsilon_after_run: float
+    epsilon_after_run: float | None
     epsilon_run: float
     rounds_charged: int
     rounds_recorded: int
@@ -125,8 +126,9 @@ class DeploymentAudit:
         for s in self.sites:
             budget = "uncapped" if math.isinf(s.audit.epsilon_budget) else f"{s.audit.epsilon_budget:.3f}"
             reported = "-" if s.reported_epsilon is None else _num(s.reported_epsilon)
+            after = "-" if s.epsilon_after_run is None else _num(s.epsilon_after_run)
             out.append(
-                f"| {s.site} | {_num(s.epsilon_after_run)} | {reported} | {budget} | {s.rounds_charged} | {s.rounds_recorded} "
+                f"| {s.site} | {after} | {reported} | {budget} | {s.rounds_charged} | {s.rounds_recorded} "
                 f"| {_num(s.audit.epsilon)} |"
             )
         out += ["", "## Findings", ""]
@@ -191,7 +193,11 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
     record = _read_json(run_dir / AGGREGATOR_FILE, AGGREGATOR_FILE)
     if not isinstance(record, dict) or not isinstance(record.get("run"), str) or not isinstance(record.get("sites"), list):
         raise ConfigError(AGGREGATOR_FILE, str(run_dir / AGGREGATOR_FILE), "does not name the run and its sites")
-    run_id, names = record["run"], [str(n) for n in record["sites"]]
+    run_id, names = record["run"], record["sites"]
+    for name in names:
+        # Names become paths below: only plain names (no separators, not . or ..) are looked up or written.
+        if not (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name):
+            raise ConfigError(AGGREGATOR_FILE, str(run_dir / AGGREGATOR_FILE), f"names a site {name!r} that is not a plain name")
     states = {name: _state_dir(sites_root, name) for name in names}
     if not any(states.values()):
         raise ConfigError(
@@ -201,6 +207,11 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
             f"{sites_root}/NAME/state and audit here again",
         )
     history = _read_json(run_dir / "history.json", "history.json") or []
+    if not (isinstance(history, list) and all(
+        isinstance(h, dict) and isinstance(h.get("trained", []), list) and all(isinstance(n, str) for n in h.get("trained", []))
+        for h in history
+    )):
+        raise ConfigError("history.json", str(run_dir / "history.json"), "is not a list of round records with their trained sites")
     summary = _read_json(run_dir / "summary.json", "summary.json") or {}
     reported_by_summary = summary.get("clients", {}) if isinstance(summary, dict) else {}
     out = Path(out_dir) if out_dir is not None else run_dir
@@ -214,15 +225,21 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
                 message=f"site {name}: its state directory is not under {sites_root}; not audited (run `privfl audit --site` there)",
             ))
             continue
-        own = audit_site(state, out_dir=out / "sites" / name)
+        try:
+            own = audit_site(state, out_dir=out / "sites" / name)
+        except (LedgerError, ConfigError) as exc:
+            # One site's broken ledger is that site's finding, not the end of everyone's audit.
+            findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its ledger cannot be audited: {exc}"))
+            continue
         if own.site != name:
-            raise ConfigError("state_dir", str(state), f"belongs to site {own.site!r}, not {name!r}")
+            findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its state directory belongs to site {own.site!r}"))
+            continue
         this_run = next((r for r in own.runs if r.run == run_id), None)
-        recorded = sum(1 for h in history if isinstance(h, dict) and name in (h.get("trained") or []))
+        recorded = sum(1 for h in history if name in h.get("trained", []))
         reported = _reported(name, history, reported_by_summary)
         site = DeploymentSiteAudit(
             site=name, state_dir=state, audit=own,
-            epsilon_after_run=this_run.epsilon_after if this_run else 0.0,
+            epsilon_after_run=this_run.epsilon_after if this_run else None,
             epsilon_run=this_run.epsilon_run if this_run else 0.0,
             rounds_charged=this_run.rounds_trained if this_run else 0,
             rounds_recorded=recorded, reported_epsilon=reported,
@@ -277,7 +294,7 @@ def _compare(site: DeploymentSiteAudit) -> list[SiteFinding]:
             "their update did not count (a lost reply, a refused or interrupted round); they count against its budget",
         ))
     reported = site.reported_epsilon
-    if reported is not None and not (
+    if reported is not None and site.epsilon_after_run is not None and not (
         math.isclose(reported, site.epsilon_after_run, rel_tol=TOLERANCE, abs_tol=1e-9)
         or (math.isinf(reported) and math.isinf(site.epsilon_after_run))
     ):

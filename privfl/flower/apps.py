@@ -14,6 +14,8 @@ Node configuration of a SuperNode (``flower-supernode --node-config``):
   CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``;
 * ``key-holder-key``: the CKKS key holder's identity public key (64 hex digits, quoted: Flower reads
   node-config values as TOML), needed by every other site of a CKKS run;
+* ``allow-noise-seed`` (optional, ``true``): join runs whose config fixes ``noise_seed`` (simulations
+  only: the server could then regenerate every noise draw);
 * ``worker`` (optional): the Unix socket of the site's long-lived worker (``privfl.flower.worker``);
   the ClientApp then only forwards bytes to it, and the keys above are the worker's business.
 
@@ -85,6 +87,7 @@ def site_from_node_config(config: Mapping):
         role=str(config.get("role", "site")),
         device=str(config.get("device", "auto")),
         key_holder_key=config.get("key-holder-key") or None,
+        allow_noise_seed=config.get("allow-noise-seed") is True,
     )
 
 
@@ -108,6 +111,7 @@ def simulated_site(node_config: Mapping, run_config: Mapping):
     return Site(
         name, dataset, Path(str(root)) / name, role="key-holder" if key_holder else "site",
         key_holder_key=site_identity(Path(str(root)) / holder_name),
+        allow_noise_seed=True,  # a simulation: one operator plays every party
     )
 
 

@@ -111,6 +111,9 @@ class LocalFederation:
         resume: continue the unfinished run in ``out/run`` (an earlier deployment there was stopped
             or crashed): the same sites with their data and state directories, the same config, a
             new SuperLink and SuperNodes; the Aggregator resumes after the last recorded round.
+        allow_noise_seed: let the sites join runs whose config fixes ``federation.noise_seed``
+            (default: when ``config_text`` sets one: on one machine one operator plays every party).
+            Sites refuse such runs otherwise (:class:`privfl.site.Site`).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class LocalFederation:
         worker_faults: dict[str, list[str]] | None = None,
         key_holder: int = 0,
         resume: bool = False,
+        allow_noise_seed: bool | None = None,
     ) -> None:
         from privfl.errors import MessageError
         from privfl.site import _parse_config
@@ -161,6 +165,7 @@ class LocalFederation:
             raise ConfigError("out", str(self.root), "must be a new or empty directory (or resume the run there with --resume)")
         self.root.mkdir(parents=True, exist_ok=True)
         self._sites, self._budgets, self._worker_faults, self._key_holder = sites, budgets, worker_faults, key_holder
+        self._allow_noise_seed = config.federation.noise_seed is not None if allow_noise_seed is None else bool(allow_noise_seed)
         # Written on entry, while the SuperLink starts (see `_write_sites`).
         self.site_dirs: dict[str, Path] = {}
         self.names: list[str] = []
@@ -202,7 +207,7 @@ class LocalFederation:
             socket_path = folder / "state" / "site.sock"
             args = ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"),
                     "--role", "key-holder" if i == self._key_holder else "site", "--socket", str(socket_path),
-                    "--key-holder-key", holder_key]
+                    "--key-holder-key", holder_key, *(["--allow-noise-seed"] if self._allow_noise_seed else [])]
             if self._budgets and name in self._budgets:
                 args += ["--budget", str(float(self._budgets[name]))]
             for fault in (self._worker_faults or {}).get(name, []):

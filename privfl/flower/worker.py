@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", default="site", choices=["site", "key-holder"])
     parser.add_argument("--device", default="auto")
     parser.add_argument(
+        "--allow-noise-seed", action="store_true",
+        help="join runs whose config fixes federation.noise_seed (simulations only: the server could then regenerate the noise)",
+    )
+    parser.add_argument(
         "--key-holder-key", help="the CKKS key holder's identity public key, 64 hex digits (`privfl identity STATE_DIR` prints it)"
     )
     parser.add_argument("--threads", type=int, default=1)
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         role=args.role,
         device=args.device,
         key_holder_key=args.key_holder_key,
+        allow_noise_seed=args.allow_noise_seed,
     )
     site.warm_up()
     serve(site, args.socket or Path(args.state_dir) / "site.sock", faults=frozenset(args.fault))

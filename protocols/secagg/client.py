@@ -173,6 +173,12 @@ class SecAggClient:
             its own, so the client checks them itself rather than trusting whoever built them.
     """
 
+    require_every_client = False
+    """Client-level DP: every invited client's noise share is planned for the whole round, so the sum of
+    a subset carries less noise than charged; such a client signs and unmasks only for a survivor set
+    holding every invited client (a server that drops some gets nothing). Set per client; a restored
+    client (:func:`~privfl.protocols.secagg.state.restore_client`) starts from this default."""
+
     def __init__(self, client_id: str, params: RoundParams, identity: IdentityKey | None = None) -> None:
         if client_id not in params.index:
             raise ProtocolError(f"client {client_id!r} is not in the round")
@@ -193,10 +199,6 @@ class SecAggClient:
         self._own_shares: tuple[int, int] = (0, 0)
         self._held: dict[str, tuple[int, int]] = {}
         self._signed_survivors = b""  # the survivor bitmap signed in the consistency check
-        # Client-level DP: every invited client's noise share is planned for the whole round, so the
-        # sum of a subset carries less noise than charged; such a client signs and unmasks only
-        # for a survivor set holding every invited client (a server that drops some gets nothing).
-        self.require_every_client = False
 
     def __repr__(self) -> str:
         return f"SecAggClient(client_id={self.client_id!r}, round_index={self.params.round_index}, step={self._step})"

@@ -209,7 +209,8 @@ def test_a_deploy_local_layout_gives_attack_run_each_sites_own_data(tmp_path, ru
     text = run_toml("plaintext", rounds=1)
     (tmp_path / "config.toml").write_text(text)
     folders, _, shape, classes = write_site_data(_parse_config(text), 3, tmp_path)
-    sites = [Site(name, load_site_dataset(str(folder / "data.csv")), folder / "state", role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE)
+    sites = [Site(name, load_site_dataset(str(folder / "data.csv")), folder / "state", role=SiteRole.KEY_HOLDER if i == 0 else SiteRole.SITE,
+                  allow_noise_seed=True)
              for i, (name, folder) in enumerate(folders.items())]
     Aggregator(text, input_shape=shape, num_classes=classes, progress=False, record=True).run(LocalSites(sites), tmp_path / "run")
     model_fn, clients = run_setup(tmp_path / "run", tmp_path / "config.toml")

@@ -79,3 +79,44 @@ def test_without_the_sites_state_the_audit_says_where_the_ledgers_are(split, cli
     assert main(["audit", str(tmp_path), "--accountant", "rdp"]) == 2
     with pytest.raises(ConfigError, match="not a deployment"):
         audit_deployment(tmp_path / "nothing")
+
+
+def test_a_malformed_record_or_a_broken_ledger_is_a_clear_answer_not_a_crash(split, clients, tmp_path, run_toml, capsys):
+    _deploy(run_toml("plaintext", rounds=1), split, clients, tmp_path)
+    history = tmp_path / "run" / "history.json"
+    good = history.read_text()
+    for bad in ("5", "true", json.dumps([{"trained": 5}]), json.dumps([{"trained": "site-1"}])):
+        history.write_text(bad)
+        with pytest.raises(ConfigError, match=r"history\.json"):
+            audit_deployment(tmp_path)
+        assert main(["audit", str(tmp_path)]) == 2
+    history.write_text(good)
+    record_path = tmp_path / "run" / "aggregator.json"
+    record = json.loads(record_path.read_text())
+    for name in ("../site-0", str(tmp_path / "sites" / "site-0"), ".."):
+        record_path.write_text(json.dumps({**record, "sites": [name]}))
+        with pytest.raises(ConfigError, match="not a plain name"):
+            audit_deployment(tmp_path)
+    record_path.write_text(json.dumps(record))
+    # One site's edited ledger is that site's error; the others are audited all the same.
+    ledger = tmp_path / "sites" / "site-1" / "ledger.jsonl"
+    ledger.write_text(ledger.read_text().replace('"steps":', '"steps": 1, "x":', 1))
+    report = audit_deployment(tmp_path)
+    assert [s.site for s in report.sites] == ["site-0", "site-2"]
+    assert any("site-1" in f.message and "cannot be audited" in f.message for f in report.errors)
+    capsys.readouterr()
+
+
+def test_a_site_that_spent_in_earlier_runs_but_not_this_one_is_no_warning(split, clients, tmp_path, run_toml):
+    _deploy(run_toml("plaintext", rounds=1), split, clients, tmp_path / "first")
+    # The same sites serve a second run in which site-2 is not sampled.
+    shutil.copytree(tmp_path / "first" / "sites", tmp_path / "second" / "sites")
+    sites = make_sites(clients, tmp_path / "second" / "sites", budget=20.0)
+    make_aggregator(run_toml("plaintext", rounds=1), split).run(LocalSites(sites[:2]), tmp_path / "second" / "run")
+    record_path = tmp_path / "second" / "run" / "aggregator.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "sites": [*record["sites"], "site-2"]}))
+    report = audit_deployment(tmp_path / "second")
+    idle = next(s for s in report.sites if s.site == "site-2")
+    assert idle.epsilon_after_run is None and idle.rounds_charged == 0 and idle.audit.epsilon > 0
+    assert not [f for f in report.findings if "site-2" in f.message and f.severity is not Severity.INFO]
