@@ -66,20 +66,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_deployment(args: argparse.Namespace) -> int:
-    import json
-
     from privfl.audit.deployment import audit_deployment
 
     if args.accountant:
         print("privfl: error: a deployment is audited from each site's own ledger, with that ledger's accountant; "
               "drop --accountant", file=sys.stderr)
         return 2
-    report = audit_deployment(args.run_dir, out_dir=args.out)
-    if args.format == "json":
+    return _print_audit(audit_deployment(args.run_dir, out_dir=args.out), args.format, also=" and each site's site-audit.md under sites/")
+
+
+def _print_audit(report, fmt: str, *, also: str = "") -> int:
+    """Prints a site or deployment audit (markdown or JSON); exit 1 on an error finding."""
+    if fmt == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(report.to_markdown())
-        print(f"wrote {', '.join(str(p) for p in report.paths)} and each site's site-audit.md under sites/", file=sys.stderr)
+        print(f"wrote {', '.join(str(p) for p in report.paths)}{also}", file=sys.stderr)
     return 1 if report.errors else 0
 
 
@@ -107,13 +109,7 @@ def _cmd_audit_site(args: argparse.Namespace) -> int:
     if args.run_dir or args.accountant:
         print("privfl: error: --site audits one site's state directory; it takes no run directory or --accountant", file=sys.stderr)
         return 2
-    report = audit_site(args.site, out_dir=args.out)
-    if args.format == "json":
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(report.to_markdown())
-        print(f"wrote {', '.join(str(p) for p in report.paths)}", file=sys.stderr)
-    return 1 if report.errors else 0
+    return _print_audit(audit_site(args.site, out_dir=args.out), args.format)
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from privfl.aggregator import AGGREGATOR_FILE
 from privfl.audit.rules import SEVERITY_ORDER, Severity
-from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site
+from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site, write_report
 from privfl.errors import ConfigError, LedgerError
 
 __all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment"]
@@ -252,14 +252,7 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
         run_dir=run_dir, run=run_id, rounds=len(history), sites=tuple(sites),
         missing=tuple(n for n in names if states[n] is None), findings=tuple(findings),
     )
-    paths = (out / "deployment-audit.md", out / "deployment-audit.json")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        paths[0].write_text(report.to_markdown())
-        paths[1].write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    except OSError as exc:
-        raise ConfigError("out", str(out), f"cannot be written: {exc.strerror or exc}") from None
-    return replace(report, paths=paths)
+    return replace(report, paths=write_report(out, "deployment-audit", report))
 
 
 def _reported(name: str, history: list, summary_clients: dict) -> float | None:

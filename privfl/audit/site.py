@@ -278,14 +278,22 @@ def audit_site(state_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[
         epsilon_budget=budget.epsilon, epsilon=epsilon, epsilon_cross_check=cross_value, runs=audits,
         lines=ledger.lines, head=ledger.head, authenticated=ledger.authenticated, findings=tuple(findings),
     )
-    out = Path(out_dir) if out_dir is not None else state
-    paths = (out / "site-audit.md", out / "site-audit.json")
+    from dataclasses import replace
+
+    return replace(report, paths=write_report(Path(out_dir) if out_dir is not None else state, "site-audit", report))
+
+
+def write_report(out: Path, stem: str, report: Any) -> tuple[Path, Path]:
+    """Writes ``STEM.md`` and ``STEM.json`` (``report.to_markdown()``, ``report.to_json()``) into ``out``.
+
+    Raises:
+        ConfigError: ``out`` cannot be created or written.
+    """
+    paths = (out / f"{stem}.md", out / f"{stem}.json")
     try:
         out.mkdir(parents=True, exist_ok=True)
         paths[0].write_text(report.to_markdown())
         paths[1].write_text(json.dumps(report.to_json(), indent=2) + "\n")
     except OSError as exc:
         raise ConfigError("out", str(out), f"cannot be written: {exc.strerror or exc}") from None
-    from dataclasses import replace
-
-    return replace(report, paths=paths)
+    return paths
