@@ -30,7 +30,7 @@ from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
-from privfl.site import SiteRole, check_deployed_client_dp, quantizer_for, secagg_weight_bound
+from privfl.site import SiteRole, _plain_name, check_deployed_client_dp, quantizer_for, secagg_weight_bound
 
 __all__ = ["AGGREGATOR_FILE", "Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
 
@@ -277,6 +277,10 @@ class Aggregator:
                 continue
             if parsed.status is not Status.OK:
                 log.warning("node %s (%s) refused the run: %s", node, name, parsed.reason)
+                continue
+            if not _plain_name(name):
+                # A name is a path at the server (the recorded view) and in audits: only plain names join.
+                log.warning("node %s answered with the name %r, which is not a plain site name; left out of the run", node, name)
                 continue
             if any(info.name == name for info in self._sites.values()):
                 raise ConfigError("sites", name, "two nodes claim the same site name")

@@ -24,7 +24,7 @@ State directory layout::
     shared-key.bin      shared-key mode: the secret key every site holds, provisioned out of band, 0600
     shared-key-runs.json shared-key mode: per run, the rounds this site decrypted and the identity keys it pinned
     client-dp.json      CKKS key holder under client-level DP: per run, the site count and each release's clip norm
-    secagg-peers.json   authenticated secure aggregation: per run, the identity keys of the other sites, pinned on first sight
+    secagg-peers.json   authenticated secure aggregation without ``peer_keys``: the other sites' identity keys, pinned on first sight for every later run
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -227,6 +227,10 @@ class Site:
             out of band (``privfl identity KEY_HOLDER_STATE_DIR`` prints it): the public context comes
             through the server, and a site encrypts only under one the key holder signed for the run.
             Needed by every other site of a CKKS run (they refuse to join one without it).
+        peer_keys: secure aggregation's authenticated mode: the other sites' identity public keys
+            (name -> 32 bytes or 64 hex digits), given out of band (``privfl identity`` prints each).
+            A round's registry must then hold exactly these keys for the sites it names. Without
+            them each key is pinned on first sight, for every later run.
         allow_noise_seed: join runs whose config fixes ``federation.noise_seed``. Off by default: the
             config comes from the server, and a fixed seed lets whoever knows it regenerate, and
             subtract, every DP noise draw of the site (DP-SGD, its secure-aggregation share, the key
@@ -249,9 +253,12 @@ class Site:
         device: str = "auto",
         key_holder_key: bytes | str | None = None,
         allow_noise_seed: bool = False,
+        peer_keys: Mapping[str, bytes | str] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name or len(name.encode()) > 256 or name in ("server", "aggregator"):
-            raise ConfigError("site", name, "must be a non-empty name of at most 256 bytes, not 'server' or 'aggregator'")
+        if not _plain_name(name):
+            raise ConfigError(
+                "site", name, "must be a non-empty name of at most 256 bytes, without / \\ or NUL, not . .., 'server' or 'aggregator'"
+            )
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
             raise ConfigError("budget", budget, "must be a number > 0")
         try:
@@ -263,6 +270,7 @@ class Site:
         self.state_dir = Path(state_dir)
         self.key_holder_key = _public_key_bytes(key_holder_key)
         self.allow_noise_seed = bool(allow_noise_seed)
+        self.peer_keys = None if peer_keys is None else {str(site): _public_key_bytes(key, field="peer_keys") for site, key in peer_keys.items()}
         self.budget = None if budget is None else float(budget)
         self.model_fn = model_fn
         self.device = device
@@ -328,6 +336,8 @@ class Site:
         if run is None or run["run"] != request.run:
             raise MessageError("request for a run this site has not joined (no hello for it)")
         config = _parse_config(run["config"])
+        # Checked at hello, and again for a run joined before the check existed (or with other settings).
+        self._check_run_config(config)
         if request.step is Step.TRAIN:
             return self._train(request, config)
         if request.step in _SECAGG_STEPS:
@@ -403,13 +413,7 @@ class Site:
             raise MessageError("run id must be 32 hex digits")
         # A site does not join a run whose client-level DP it could not hold to its guarantee.
         check_deployed_client_dp(config)
-        if config.federation.noise_seed is not None and not self.allow_noise_seed:
-            raise ConfigError(
-                "federation.noise_seed", config.federation.noise_seed,
-                "a deployed site draws its DP noise and batches from the OS CSPRNG: a run config (sent by the server) that "
-                "fixes noise_seed would let the server regenerate and subtract every noise draw; drop noise_seed, or "
-                "start the site with allow_noise_seed (worker --allow-noise-seed) for a simulation that must reproduce privfl run",
-            )
+        self._check_run_config(config)
         if config.federation.protection is ProtectionKind.CKKS and self.role is SiteRole.SITE and self.key_holder_key is None:
             raise ConfigError(
                 "key_holder_key", None,
@@ -459,6 +463,28 @@ class Site:
             budget=budget,
             **extra,
         )
+
+    def _check_run_config(self, config: RunConfig) -> None:
+        """What a site refuses in a run config, which comes from the server (at hello and at every step).
+
+        Raises:
+            ConfigError: a fixed ``noise_seed`` (unless ``allow_noise_seed``), or a sample-level delta
+                of at least 1 / n for this site's n examples.
+        """
+        if config.federation.noise_seed is not None and not self.allow_noise_seed:
+            raise ConfigError(
+                "federation.noise_seed", config.federation.noise_seed,
+                "a deployed site draws its DP noise and batches from the OS CSPRNG: a run config (sent by the server) that "
+                "fixes noise_seed would let the server regenerate and subtract every noise draw; drop noise_seed, or "
+                "start the site with allow_noise_seed (worker --allow-noise-seed) for a simulation that must reproduce privfl run",
+            )
+        n = len(self.dataset)
+        if config.training.dp.delta * n >= 1:
+            # The first run a site joins fixes its ledger's delta for good: a server must not pick a useless one.
+            raise ConfigError(
+                "training.dp.delta", config.training.dp.delta,
+                f"must be below 1 / n = {1 / n:.3g} for this site's {n} examples (at delta >= 1/n a mechanism may publish an example outright)",
+            )
 
     def _model(self, config: RunConfig, fields: dict[str, Any]):
         shape = fields.get("input_shape")
@@ -687,15 +713,17 @@ class Site:
         return message
 
     def _pin_secagg_peers(self, request: Request, config: RunConfig, params) -> None:
-        """Authenticated mode: checks this site's own identity key in the round's registry and pins the
-        others' for the run on first sight (trust on first use, as for the CKKS key holder).
+        """Authenticated mode: checks this site's own identity key in the round's registry and the
+        others' against the keys it was given out of band (``peer_keys``), or else pins them on
+        first sight for every later run (trust on first use).
 
         The registry reaches the site through the server; a server that swapped a site's key (to
-        play that site itself) is caught by every site that saw the key before.
+        play that site itself) is caught by every site that was given or saw the real key before.
 
         Raises:
-            MessageError: the registry is missing or unexpected, holds another key for this site,
-                or another key for a site than the one pinned for this run.
+            MessageError: the registry is missing or unexpected, holds another key for this site, or
+                another key for a site than the one given or pinned (with ``peer_keys``: a site
+                not among them).
         """
         authenticated = config.federation.secagg.authenticated
         if params.identities is None:
@@ -706,14 +734,24 @@ class Site:
             raise MessageError("the round carries an identity registry, but the run is not in the authenticated mode")
         if params.identities[self.name] != self.identity_public():
             raise MessageError("the round's identity registry holds another key for this site")
+        if self.peer_keys is not None:
+            for site, key in params.identities.items():
+                given = self.peer_keys.get(site, self.identity_public() if site == self.name else None)
+                if given is None:
+                    raise MessageError(f"the round's registry names {site!r}, which is not among this site's given peers")
+                if given != key:
+                    raise MessageError(f"identity key of {site!r} is not the one this site was given out of band")
+            return
         path = self.state_dir / SECAGG_PEERS_FILE
-        runs = json.loads(path.read_text()) if path.exists() else {}
-        pinned = runs.setdefault(request.run, {})
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        # Pinned across runs (a server swapping keys at the start of a new run is caught as well); a file of
+        # an earlier version pinned per run id: its pins are merged.
+        pinned = stored["sites"] if "sites" in stored else {site: key for run in stored.values() for site, key in run.items()}
         for site, key in params.identities.items():
             known = pinned.setdefault(site, key.hex())
             if known != key.hex():
-                raise MessageError(f"identity key of {site!r} differs from the one pinned for this run")
-        durable_write_json(path, runs)
+                raise MessageError(f"identity key of {site!r} differs from the one pinned when this site first saw it")
+        durable_write_json(path, {"sites": pinned})
 
     def _secagg_noise_share(self, request: Request, config: RunConfig, vector: np.ndarray, participants: int):
         """This site's DP-FedAvg vector noised with its share, and the round's derived quantizer.
@@ -1068,7 +1106,9 @@ def check_deployed_client_dp(config: RunConfig) -> None:
     """Refuses client-level DP settings a deployment cannot run safely (the Aggregator and every Site check them).
 
     Raises:
-        ConfigError: the shared-key mode (no single party can add central noise).
+        ConfigError: the shared-key mode (no single party can add central noise), or secure
+            aggregation without its authenticated mode (the server could swap keys and read one
+            site's update with only that site's noise share).
 
     Adaptive clipping, where the server announces S each round, runs with every protection that
     allows client-level DP: under CKKS each site signs the S it clipped to and the key holder checks
@@ -1083,6 +1123,12 @@ def check_deployed_client_dp(config: RunConfig) -> None:
             "federation.client_dp", "set",
             "client-level DP needs protection = \"plaintext\", \"ckks\" or \"secagg\"; in the shared-key mode every "
             "site can decrypt the sum, so no single party can add central noise before anyone sees it",
+        )
+    if fed.protection is ProtectionKind.SECAGG and not fed.secagg.authenticated:
+        raise ConfigError(
+            "federation.secagg.authenticated", False,
+            "deployed secure aggregation with client-level DP needs authenticated = true: without signed keys the server "
+            "can swap a site's peers' keys and read its update with only that site's own noise share",
         )
 
 
@@ -1244,6 +1290,29 @@ def _identity_raw(state_dir: Path) -> bytes:
     return raw
 
 
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` can name a site: a non-empty string of at most 256 bytes that is no path but itself."""
+    return (
+        isinstance(name, str) and bool(name) and len(name.encode("utf-8", errors="replace")) <= 256
+        and name not in (".", "..", "server", "aggregator") and not any(c in name for c in "/\\\0")
+    )
+
+
+def load_peer_keys(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A peers file: a JSON object of site name -> identity public key (64 hex digits), given out of band.
+
+    Raises:
+        ConfigError: the file cannot be read or is not such an object.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("peers", str(path), f"cannot be read as JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError("peers", str(path), "must be a JSON object of site name -> 64 hex digits")
+    return data
+
+
 def site_identity(state_dir: str | os.PathLike[str]) -> bytes:
     """The identity public key (32 bytes) of the site whose state directory this is; made if missing.
 
@@ -1255,17 +1324,21 @@ def site_identity(state_dir: str | os.PathLike[str]) -> bytes:
     return Ed25519PrivateKey.from_private_bytes(_identity_raw(Path(state_dir))).public_key().public_bytes_raw()
 
 
-def _public_key_bytes(value: bytes | str | None) -> bytes | None:
-    """An Ed25519 public key given as 32 bytes or 64 hex digits (ConfigError otherwise)."""
+@overload
+def _public_key_bytes(value: None, *, field: str = ...) -> None: ...
+@overload
+def _public_key_bytes(value: bytes | str, *, field: str = ...) -> bytes: ...
+def _public_key_bytes(value: bytes | str | None, *, field: str = "key_holder_key") -> bytes | None:
+    """An Ed25519 public key given as 32 bytes or 64 hex digits (ConfigError naming ``field`` otherwise)."""
     if value is None:
         return None
     if isinstance(value, str):
         text = value.strip().lower()
         if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-            raise ConfigError("key_holder_key", value, "must be 64 hex digits (an Ed25519 public key)")
+            raise ConfigError(field, value, "must be 64 hex digits (an Ed25519 public key)")
         value = bytes.fromhex(text)
     if not isinstance(value, (bytes, bytearray)) or len(value) != 32:
-        raise ConfigError("key_holder_key", f"<{type(value).__name__}>", "must be 32 bytes (an Ed25519 public key)")
+        raise ConfigError(field, f"<{type(value).__name__}>", "must be 32 bytes (an Ed25519 public key)")
     from privfl.protocols.ckks_signing import load_public_key
 
     load_public_key("key-holder", bytes(value))

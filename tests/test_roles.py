@@ -337,6 +337,15 @@ def test_a_site_refuses_a_run_config_that_fixes_the_noise_seed_unless_allowed(sp
     unseeded = encode_request(Request("e" * 32, Step.HELLO, 0, "node:0", {"config": text.replace("noise_seed = 11\n", "")}, ()))
     assert decode_reply(Site(name, data, tmp_path / "strict").handle(unseeded), run="e" * 32, step=Step.HELLO,
                         round_index=0, site=name).status is Status.OK
+    # A run joined while allowed is refused at its next step once the site runs without the permission.
+    train = encode_request(Request("f" * 32, Step.TRAIN, 0, name, {"index": 0, "num_sites": 3}, (b"", b"")))
+    assert "noise_seed" in _refusal(Site(name, data, tmp_path / "simulation"), train)
+    # The first run a site joins fixes its ledger's delta: one at or above 1 / n is refused.
+    loose = encode_request(Request("d" * 32, Step.HELLO, 0, "node:0", {"config": text.replace("delta = 1e-5", "delta = 0.5")}, ()))
+    assert "1 / n" in _refusal(Site(name, data, tmp_path / "loose", allow_noise_seed=True), loose)
+    for bad in ("../site-0", "a/b", ".."):
+        with pytest.raises(ConfigError, match="without /"):
+            Site(bad, data, tmp_path / "names")
 
 
 def test_a_ckks_site_without_its_key_holders_key_does_not_join(split, clients, tmp_path, run_toml):
@@ -437,11 +446,52 @@ def test_authenticated_secagg_runs_with_the_sites_identity_keys_and_checks_consi
 
     bound = quantizer_for(cfg, 3).max_error(3) * cfg.federation.secagg.weight_bound
     assert np.max(np.abs(result.parameters - expected)) <= 2 * bound
-    # Each site pinned the others' identity keys for the run.
+    # Each site pinned the others' identity keys on first sight, for every later run.
     import json
 
-    pinned = json.loads((tmp_path / "site-1" / "secagg-peers.json").read_text())[result.summary["deployment"]["run_id"]]
+    pinned = json.loads((tmp_path / "site-1" / "secagg-peers.json").read_text())["sites"]
     assert pinned == {site.name: site.identity_public().hex() for site in _sites(clients, tmp_path)}
+
+
+def test_secagg_peer_keys_are_pinned_across_runs_or_given_out_of_band(split, clients, tmp_path, run_toml):
+    """A server swapping a site's key at the start of a new run is caught by sites that saw the real key in an
+    earlier run; sites given the others' keys out of band (``peer_keys``) refuse any other key, or an unknown site."""
+    from dataclasses import replace
+
+    from privfl.protocols.secagg.keys import IdentityKey
+    from privfl.protocols.secagg.state import decode_params, encode_params
+
+    class SwapKey(LocalSites):
+        def exchange(self, requests, *, timeout):
+            changed = {}
+            for node, payload in requests.items():
+                request = decode_request(payload)
+                if request.step is Step.TRAIN:
+                    params = decode_params(request.parts[1], round_index=request.round_index)
+                    forged = {**params.identities, "site-2": IdentityKey.generate().public}
+                    parts = (request.parts[0], encode_params(replace(params, identities=forged)), *request.parts[2:])
+                    payload = encode_request(Request(request.run, request.step, request.round_index, request.site, request.fields, parts))
+                changed[node] = payload
+            return super().exchange(changed, timeout=timeout)
+
+    text = run_toml("secagg", rounds=1).replace("[federation.secagg]\n", "[federation.secagg]\nauthenticated = true\n")
+    _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path / "tofu")))
+    swapped = _aggregator(text, split).run(SwapKey(_sites(clients, tmp_path / "tofu")))  # a new run, a new run id
+    assert swapped.history[0]["aborted"] and not swapped.history[0]["contributors"]
+    # Given out of band: the first run with a swapped key is refused already, and so is a site nobody gave.
+    first = _sites(clients, tmp_path / "given")
+    keys = {site.name: site.identity_public() for site in first}
+    given = [Site(site.name, site.dataset, site.state_dir, role=site.role, key_holder_key=site.key_holder_key, allow_noise_seed=True,
+                  peer_keys={n: k.hex() for n, k in keys.items() if n != site.name}) for site in first]
+    refused = _aggregator(text, split).run(SwapKey(given))
+    assert refused.history[0]["aborted"] and not refused.history[0]["contributors"]
+    honest = _aggregator(text, split).run(LocalSites(given))
+    assert honest.history[0]["aborted"] is None and len(honest.history[0]["contributors"]) == 3
+    stranger = [Site(s.name, s.dataset, s.state_dir, role=s.role, key_holder_key=s.key_holder_key, allow_noise_seed=True,
+                     peer_keys={n: k for n, k in (s.peer_keys or {}).items() if n != "site-2"}) for s in given]
+    assert not _aggregator(text, split).run(LocalSites(stranger)).history[0]["contributors"]
+    with pytest.raises(ConfigError, match="peer_keys"):
+        Site("site-0", clients["site-0"], tmp_path / "bad", peer_keys={"site-1": "zz"})
 
 
 def test_a_server_swapping_a_sites_identity_key_is_refused_by_every_site(split, clients, tmp_path, run_toml):

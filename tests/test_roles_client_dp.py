@@ -26,7 +26,9 @@ adaptive = {adaptive}
 
 
 def _text(run_toml, protection, *, adaptive, rounds=3):
-    return run_toml(protection, rounds=rounds, extra=_CLIENT_DP.format(adaptive="true" if adaptive else "false"))
+    text = run_toml(protection, rounds=rounds, extra=_CLIENT_DP.format(adaptive="true" if adaptive else "false"))
+    # Deployed secure aggregation with client-level DP runs in the authenticated mode only.
+    return text.replace("[federation.secagg]\n", "[federation.secagg]\nauthenticated = true\n") if protection == "secagg" else text
 
 
 _sites = make_sites
@@ -199,8 +201,8 @@ def _drop_masked_input_of(victim):
 
 def test_secagg_withholds_a_round_with_a_dropout_and_needs_no_weight_bound(split, clients, tmp_path, run_toml):
     # No weight_bound: under client-level DP every site counts once, so none is needed.
-    text = _text(run_toml, "secagg", adaptive=False, rounds=2).replace("[federation.secagg]\nweight_bound = 1000\n", "")
-    assert "[federation.secagg]" not in text and text.count("weight_bound") == 1  # the shared-key mode's only
+    text = _text(run_toml, "secagg", adaptive=False, rounds=2).replace("authenticated = true\nweight_bound = 1000\n", "authenticated = true\n")
+    assert text.count("weight_bound") == 1  # the shared-key mode's only
     result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_masked_input_of("site-2")))
     # Two of three masked inputs arrived, enough to unmask their sum: but its noise would reveal how
     # many sites survived, so the average is withheld, the round charged, and the run goes on.
@@ -213,15 +215,15 @@ def test_secagg_withholds_a_round_with_a_dropout_and_needs_no_weight_bound(split
 def test_secagg_sites_refuse_to_unmask_a_round_with_a_dropout_whatever_the_server_does(
     split, clients, tmp_path, run_toml, monkeypatch, caplog
 ):
-    """A malicious server that does not withhold the round asks the survivors to unmask their subset's sum
-    (its noise is planned for three sites, not two): every site refuses, and nothing is released."""
+    """A malicious server that does not withhold the round asks the survivors to sign and unmask their subset's
+    sum (its noise is planned for three sites, not two): every site refuses, and nothing is released."""
     import privfl.aggregator as aggregator_module
 
     monkeypatch.setattr(aggregator_module._SecAggRound, "_withhold", lambda self, survivors: None)
     text = _text(run_toml, "secagg", adaptive=False, rounds=1)
     result = _aggregator(text, split).run(LocalSites(_sites(clients, tmp_path), alter=_drop_masked_input_of("site-2")))
     (record,) = result.history
-    assert record["aborted"] and "unmask" in record["aborted"]
+    assert record["aborted"] and "consistency" in record["aborted"]  # refused when asked to sign the survivor set
     refusals = [r.getMessage() for r in caplog.records if "invited clients are missing" in r.getMessage()]
     assert sorted(message.split()[1] for message in refusals) == ["site-0", "site-1"]
     assert np.array_equal(result.parameters, flatten_parameters(_initial(text, split)))
@@ -230,7 +232,7 @@ def test_secagg_sites_refuse_to_unmask_a_round_with_a_dropout_whatever_the_serve
 def test_secagg_a_site_refuses_a_threshold_too_small_for_its_noise_share(split, clients, tmp_path, run_toml):
     """Each share carries rho (z S)^2 / c; a server announcing sparse pairs with t = 2 would unmask sums of two
     shares, a fraction of the charged noise. The site refuses such a round before it touches its data."""
-    from privfl.protocols.secagg.keys import KeyPair
+    from privfl.protocols.secagg.keys import IdentityKey, KeyPair
     from privfl.protocols.secagg.params import RoundParams
     from privfl.protocols.secagg.state import encode_params
 
@@ -242,9 +244,12 @@ def test_secagg_a_site_refuses_a_threshold_too_small_for_its_noise_share(split, 
     ids = ("site-1", "a", "b", "c", "d", "e")
     fields = {"index": 1, "num_sites": 6, "participants": 6, "input_shape": [30], "num_classes": 2, "clip_norm": 0.4}
 
+    identities = {u: site.identity_public() if u == "site-1" else IdentityKey.generate().public for u in ids}
+
     def train(neighbours, threshold):
         params = RoundParams(round_index=0, client_ids=ids, threshold=threshold, neighbours=neighbours, graph_seed=b"g" * 32,
-                             dimension=63, bits=_parse_config(text).federation.secagg.bits, server_public_key=KeyPair.generate().public)
+                             dimension=63, bits=_parse_config(text).federation.secagg.bits, server_public_key=KeyPair.generate().public,
+                             identities=identities)
         request = Request(run, Step.TRAIN, 0, "site-1", fields, (bytes(4 * 62), encode_params(params)))
         return decode_reply(site.handle(encode_request(request)), run=run, step=Step.TRAIN, round_index=0, site="site-1")
 
@@ -252,7 +257,7 @@ def test_secagg_a_site_refuses_a_threshold_too_small_for_its_noise_share(split, 
     reply = train(neighbours=2, threshold=2)
     assert reply.status is Status.REFUSED and "threshold 2 is below 4.000" in reply.reason
     assert site.spent(_parse_config(text))[0] == 0.0  # refused before the data was touched
-    assert "threshold" not in (train(neighbours=None, threshold=4).reason or "")
+    assert train(neighbours=None, threshold=4).status is Status.OK  # the default threshold: it trains and advertises
 
 
 def _initial(text, split):

@@ -109,7 +109,7 @@ def test_a_round_the_crashed_server_had_started_is_recorded_interrupted_not_retr
     round the server had started is charged (client-level) and recorded as interrupted, never run twice."""
     from privfl.audit.site import audit_site
 
-    text = run_toml("secagg", rounds=3, extra=_CLIENT_DP)
+    text = run_toml("secagg", rounds=3, extra=_CLIENT_DP).replace("[federation.secagg]\n", "[federation.secagg]\nauthenticated = true\n")
     sites = _sites(clients, tmp_path)
     with pytest.raises(_Crash):
         _aggregator(text, split).run(_CrashingSites(sites, 1, after=after), tmp_path / "server")

@@ -31,6 +31,7 @@ from privfl.aggregator import AGGREGATOR_FILE
 from privfl.audit.rules import SEVERITY_ORDER, Severity
 from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site, write_report
 from privfl.errors import ConfigError, LedgerError
+from privfl.site import SITE_FILE, _plain_name
 
 __all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment"]
 
@@ -156,8 +157,6 @@ def find_deployment(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
 
 
 def _state_dir(sites_root: Path, name: str) -> Path | None:
-    from privfl.site import SITE_FILE
-
     for candidate in (sites_root / name / "state", sites_root / name):
         if (candidate / SITE_FILE).is_file():
             return candidate
@@ -193,11 +192,15 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
     record = _read_json(run_dir / AGGREGATOR_FILE, AGGREGATOR_FILE)
     if not isinstance(record, dict) or not isinstance(record.get("run"), str) or not isinstance(record.get("sites"), list):
         raise ConfigError(AGGREGATOR_FILE, str(run_dir / AGGREGATOR_FILE), "does not name the run and its sites")
-    run_id, names = record["run"], record["sites"]
-    for name in names:
+    run_id = record["run"]
+    findings: list[SiteFinding] = []
+    names: list[str] = []
+    for name in record["sites"]:
         # Names become paths below: only plain names (no separators, not . or ..) are looked up or written.
-        if not (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name):
-            raise ConfigError(AGGREGATOR_FILE, str(run_dir / AGGREGATOR_FILE), f"names a site {name!r} that is not a plain name")
+        if _plain_name(name):
+            names.append(name)
+        else:
+            findings.append(SiteFinding(severity=Severity.ERROR, message=f"the run names a site {name!r} that is not a plain name; not audited"))
     states = {name: _state_dir(sites_root, name) for name in names}
     if not any(states.values()):
         raise ConfigError(
@@ -215,7 +218,6 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
     summary = _read_json(run_dir / "summary.json", "summary.json") or {}
     reported_by_summary = summary.get("clients", {}) if isinstance(summary, dict) else {}
     out = Path(out_dir) if out_dir is not None else run_dir
-    findings: list[SiteFinding] = []
     sites: list[DeploymentSiteAudit] = []
     for name in names:
         state = states[name]
@@ -225,14 +227,15 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
                 message=f"site {name}: its state directory is not under {sites_root}; not audited (run `privfl audit --site` there)",
             ))
             continue
+        owner = _read_json(state / SITE_FILE, SITE_FILE)
+        if not isinstance(owner, dict) or owner.get("site") != name:
+            findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its state directory belongs to another site"))
+            continue
         try:
             own = audit_site(state, out_dir=out / "sites" / name)
         except (LedgerError, ConfigError) as exc:
             # One site's broken ledger is that site's finding, not the end of everyone's audit.
             findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its ledger cannot be audited: {exc}"))
-            continue
-        if own.site != name:
-            findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its state directory belongs to site {own.site!r}"))
             continue
         this_run = next((r for r in own.runs if r.run == run_id), None)
         recorded = sum(1 for h in history if name in h.get("trained", []))

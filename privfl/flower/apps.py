@@ -14,6 +14,8 @@ Node configuration of a SuperNode (``flower-supernode --node-config``):
   CKKS key holder; ``device`` (optional): ``auto``, ``cpu`` or ``cuda``;
 * ``key-holder-key``: the CKKS key holder's identity public key (64 hex digits, quoted: Flower reads
   node-config values as TOML), needed by every other site of a CKKS run;
+* ``peers`` (optional): a JSON file of the other sites' identity keys (secure aggregation's
+  authenticated mode; without it each key is pinned on first sight);
 * ``allow-noise-seed`` (optional, ``true``): join runs whose config fixes ``noise_seed`` (simulations
   only: the server could then regenerate every noise draw);
 * ``worker`` (optional): the Unix socket of the site's long-lived worker (``privfl.flower.worker``);
@@ -76,7 +78,7 @@ def _node_value(config: Mapping, key: str, default=None):
 
 def site_from_node_config(config: Mapping):
     """The Site a SuperNode's node configuration describes."""
-    from privfl.site import Site, load_site_dataset
+    from privfl.site import Site, load_peer_keys, load_site_dataset
 
     budget = config.get("budget")
     return Site(
@@ -88,6 +90,7 @@ def site_from_node_config(config: Mapping):
         device=str(config.get("device", "auto")),
         key_holder_key=config.get("key-holder-key") or None,
         allow_noise_seed=config.get("allow-noise-seed") is True,
+        peer_keys=load_peer_keys(str(config["peers"])) if config.get("peers") else None,
     )
 
 

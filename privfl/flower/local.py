@@ -201,13 +201,16 @@ class LocalFederation:
         self._provision(self.config)
         from privfl.site import site_identity
 
-        # The key holder's identity key, as a consortium hands it to every site out of band.
-        holder_key = site_identity(list(self.site_dirs.values())[self._key_holder] / "state").hex()
+        # The key holder's identity key, and every site's (secure aggregation), as a consortium hands them out of band.
+        identities = {name: site_identity(folder / "state").hex() for name, folder in self.site_dirs.items()}
+        holder_key = identities[self.names[self._key_holder]]
         for i, (name, folder) in enumerate(self.site_dirs.items()):
+            peers = folder / "peers.json"
+            peers.write_text(json.dumps({other: key for other, key in identities.items() if other != name}, indent=2) + "\n")
             socket_path = folder / "state" / "site.sock"
             args = ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"),
                     "--role", "key-holder" if i == self._key_holder else "site", "--socket", str(socket_path),
-                    "--key-holder-key", holder_key, *(["--allow-noise-seed"] if self._allow_noise_seed else [])]
+                    "--key-holder-key", holder_key, "--peers", str(peers), *(["--allow-noise-seed"] if self._allow_noise_seed else [])]
             if self._budgets and name in self._budgets:
                 args += ["--budget", str(float(self._budgets[name]))]
             for fault in (self._worker_faults or {}).get(name, []):

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", default="site", choices=["site", "key-holder"])
     parser.add_argument("--device", default="auto")
     parser.add_argument(
+        "--peers", help="secure aggregation: JSON file of the other sites' identity keys (name -> 64 hex digits), given out of band",
+    )
+    parser.add_argument(
         "--allow-noise-seed", action="store_true",
         help="join runs whose config fixes federation.noise_seed (simulations only: the server could then regenerate the noise)",
     )
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from privfl.site import Site, load_site_dataset
+    from privfl.site import Site, load_peer_keys, load_site_dataset
 
     torch.set_num_threads(args.threads)
     site = Site(
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         key_holder_key=args.key_holder_key,
         allow_noise_seed=args.allow_noise_seed,
+        peer_keys=None if args.peers is None else load_peer_keys(args.peers),
     )
     site.warm_up()
     serve(site, args.socket or Path(args.state_dir) / "site.sock", faults=frozenset(args.fault))

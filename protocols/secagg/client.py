@@ -321,6 +321,9 @@ class SecAggClient:
                 except MessageError as exc:
                     raise ProtocolAbort(f"keys of {peer!r} are not signed by its registered identity: {exc.reason}") from exc
             keys[peer] = (c_pk, s_pk)
+        if self.require_every_client and len(keys) != len(neighbours):
+            # A server leaving some neighbours out could unmask the sum of a smaller closed group.
+            raise ProtocolAbort(f"keys of {len(neighbours) - len(keys)} of {len(neighbours)} neighbours are missing; every invited client must take part")
         if len(keys) + 1 < p.threshold:
             raise ProtocolAbort(
                 f"{len(keys) + 1} share holders < threshold {p.threshold}", survivors=len(keys) + 1, threshold=p.threshold
@@ -383,6 +386,8 @@ class SecAggClient:
             if s_share >= shamir.PRIME or b_share >= shamir.PRIME:
                 raise MessageError("share outside the field", sender=peer)
             held[peer] = (s_share, b_share)
+        if self.require_every_client and len(held) != len(self._peer_keys):
+            raise ProtocolAbort(f"shares of {len(self._peer_keys) - len(held)} neighbours are missing; every invited client must take part")
         if len(held) + 1 < p.threshold:
             raise ProtocolAbort(
                 f"{len(held) + 1} share holders < threshold {p.threshold}", survivors=len(held) + 1, threshold=p.threshold

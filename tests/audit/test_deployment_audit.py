@@ -94,9 +94,11 @@ def test_a_malformed_record_or_a_broken_ledger_is_a_clear_answer_not_a_crash(spl
     record_path = tmp_path / "run" / "aggregator.json"
     record = json.loads(record_path.read_text())
     for name in ("../site-0", str(tmp_path / "sites" / "site-0"), ".."):
-        record_path.write_text(json.dumps({**record, "sites": [name]}))
-        with pytest.raises(ConfigError, match="not a plain name"):
-            audit_deployment(tmp_path)
+        # A name that is a path is that name's error; nothing is written for it, the other sites are audited.
+        record_path.write_text(json.dumps({**record, "sites": [name, "site-1"]}))
+        report = audit_deployment(tmp_path, out_dir=tmp_path / "report")
+        assert [s.site for s in report.sites] == ["site-1"] and any("not a plain name" in f.message for f in report.errors)
+        assert sorted(p.name for p in (tmp_path / "report" / "sites").iterdir()) == ["site-1"]
     record_path.write_text(json.dumps(record))
     # One site's edited ledger is that site's error; the others are audited all the same.
     ledger = tmp_path / "sites" / "site-1" / "ledger.jsonl"
