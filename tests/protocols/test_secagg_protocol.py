@@ -123,15 +123,19 @@ def test_a_client_that_requires_every_invited_client_unmasks_no_subset():
     whatever the server does; without the requirement the survivors' sum is recovered as usual."""
     n, dim = 5, 16
     words = _words(n, dim)
-    for required in (False, True):
+    # client-04 never sends a masked input (after "share"), or never shares (after "advertise": the others then
+    # hold its keys but not its shares, a smaller closed group the server could unmask).
+    for required, stop_at, refusal in ((False, "share", ""), (True, "share", "invited clients are missing"),
+                                       (False, "advertise", ""), (True, "advertise", "neighbours are missing")):
         run = new_round(_ids(n), round_index=4, threshold=3, neighbours=None, dimension=dim, bits=32, graph_seed=b"g" * 32)
         for client in run.clients.values():
             client.require_every_client = required
-        stop = {"client-04": "share"}  # it never sends a masked input
+        stop = {"client-04": stop_at}
         if required:
             with pytest.raises(ProtocolAbort):
                 drive(run, words, DirectTransport(), stop_after=stop)
-            assert all("invited clients are missing" in why for u, why in run.server.dropped.items() if u != "client-04")
+            refused = {u: why for u, why in run.server.dropped.items() if u != "client-04"}
+            assert refused and all(refusal in why for why in refused.values())
         else:
             total, _ = drive(run, words, DirectTransport(), stop_after=stop)
             expected = sum(words[u].astype(np.uint64) for u in _ids(n)[:4]) % (1 << 32)
