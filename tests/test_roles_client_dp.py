@@ -260,6 +260,20 @@ def test_secagg_a_site_refuses_a_threshold_too_small_for_its_noise_share(split, 
     assert train(neighbours=None, threshold=4).status is Status.OK  # the default threshold: it trains and advertises
 
 
+def test_secagg_client_dp_is_refused_without_the_authenticated_mode(split, clients, tmp_path, run_toml):
+    """Without signed keys the server could hand a site fake peer keys and read its update with only its own
+    noise share: the aggregator and every site refuse the run."""
+    from privfl.errors import ConfigError
+
+    text = _text(run_toml, "secagg", adaptive=False, rounds=1).replace("authenticated = true\n", "")
+    with pytest.raises(ConfigError, match="authenticated"):
+        _aggregator(text, split)
+    site = _sites(clients, tmp_path)[1]
+    hello = site.handle(encode_request(Request("cd" * 16, Step.HELLO, 0, "node:1", {"config": text}, ())))
+    reply = decode_reply(hello, run="cd" * 16, step=Step.HELLO, round_index=0, site="site-1")
+    assert reply.status is Status.REFUSED and "authenticated = true" in reply.reason
+
+
 def _initial(text, split):
     from privfl.site import seeded_model
 
