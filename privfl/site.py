@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -468,8 +469,9 @@ class Site:
         """What a site refuses in a run config, which comes from the server (at hello and at every step).
 
         Raises:
-            ConfigError: a fixed ``noise_seed`` (unless ``allow_noise_seed``), or a sample-level delta
-                of at least 1 / n for this site's n examples.
+            ConfigError: a fixed ``noise_seed`` (unless ``allow_noise_seed``), a sample-level delta
+                of at least 1 / n for this site's n examples, or no finite epsilon budget (the site has
+                none of its own and the config sets none).
         """
         if config.federation.noise_seed is not None and not self.allow_noise_seed:
             raise ConfigError(
@@ -477,6 +479,13 @@ class Site:
                 "a deployed site draws its DP noise and batches from the OS CSPRNG: a run config (sent by the server) that "
                 "fixes noise_seed would let the server regenerate and subtract every noise draw; drop noise_seed, or "
                 "start the site with allow_noise_seed (worker --allow-noise-seed) for a simulation that must reproduce privfl run",
+            )
+        if self.budget is None and not math.isfinite(config.training.dp.epsilon_budget):
+            # The first registration fixes the ledger's cap for good: a server must not make it infinite.
+            raise ConfigError(
+                "budget", None,
+                "this site has no epsilon budget of its own and the run config sets none: start it with --budget "
+                "(Site(budget=...); an explicit inf keeps it uncapped)",
             )
         n = len(self.dataset)
         if config.training.dp.delta * n >= 1:

@@ -346,6 +346,12 @@ def test_a_site_refuses_a_run_config_that_fixes_the_noise_seed_unless_allowed(sp
     for bad in ("../site-0", "a/b", ".."):
         with pytest.raises(ConfigError, match="without /"):
             Site(bad, data, tmp_path / "names")
+    # No budget of its own and none in the config: refused (the first run would fix an infinite cap for good).
+    uncapped = text.replace("target_epsilon = 3.0", "noise_multiplier = 1.0")
+    hello = encode_request(Request("c" * 32, Step.HELLO, 0, "node:0", {"config": uncapped}, ()))
+    assert "no epsilon budget of its own" in _refusal(Site(name, data, tmp_path / "nocap", allow_noise_seed=True), hello)
+    capped = Site(name, data, tmp_path / "capped", allow_noise_seed=True, budget=2.0)
+    assert decode_reply(capped.handle(hello), run="c" * 32, step=Step.HELLO, round_index=0, site=name).status is Status.OK
 
 
 def test_a_ckks_site_without_its_key_holders_key_does_not_join(split, clients, tmp_path, run_toml):

@@ -103,7 +103,7 @@ def simulated_site(node_config: Mapping, run_config: Mapping):
     The first site holds the CKKS key; the others read its identity key from its state directory
     (one machine: that is the out-of-band channel).
     """
-    from privfl.site import Site, site_identity
+    from privfl.site import Site, _parse_config, site_identity
 
     k, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
     root = run_config.get("sim-state-root")
@@ -111,8 +111,10 @@ def simulated_site(node_config: Mapping, run_config: Mapping):
         raise ConfigError("sim-state-root", root, "a simulation needs a directory for the virtual sites' state")
     name, dataset, key_holder = _simulated_partition(str(_node_value(run_config, "config")), n, k)
     holder_name, _, _ = _simulated_partition(str(_node_value(run_config, "config")), n, 0)
+    config = _parse_config(Path(str(_node_value(run_config, "config"))).read_text())
     return Site(
         name, dataset, Path(str(root)) / name, role="key-holder" if key_holder else "site",
+        budget=config.training.dp.epsilon_budget,  # the operator's own config (a simulation)
         key_holder_key=site_identity(Path(str(root)) / holder_name),
         allow_noise_seed=True,  # a simulation: one operator plays every party
     )

@@ -211,8 +211,9 @@ class LocalFederation:
             args = ["--site", name, "--data", str(folder / "data.csv"), "--state-dir", str(folder / "state"),
                     "--role", "key-holder" if i == self._key_holder else "site", "--socket", str(socket_path),
                     "--key-holder-key", holder_key, "--peers", str(peers), *(["--allow-noise-seed"] if self._allow_noise_seed else [])]
-            if self._budgets and name in self._budgets:
-                args += ["--budget", str(float(self._budgets[name]))]
+            # Each site's own cap: the one given for it, else the operator's config's (one machine, one operator).
+            budget = self._budgets[name] if self._budgets and name in self._budgets else self.config.training.dp.epsilon_budget
+            args += ["--budget", str(float(budget))]
             for fault in (self._worker_faults or {}).get(name, []):
                 args += ["--fault", fault]
             self._worker_args.append(args)

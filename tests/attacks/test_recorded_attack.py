@@ -178,7 +178,7 @@ def test_a_deployments_recorded_server_view_is_attacked_like_an_in_process_one(t
         text = run_toml(protection, rounds=2).replace("batch_size = 16", "batch_size = 1").replace(
             "learning_rate = 0.5", "learning_rate = 0.1"
         ).replace("target_epsilon = 3.0", 'noise_multiplier = 1e-6\nmax_grad_norm = 10.0\naccountant = "rdp"')
-        sites = make_sites(clients, tmp_path / protection)
+        sites = make_sites(clients, tmp_path / protection, budget=float("inf"))  # uncapped on purpose (sigma 1e-6)
         out = tmp_path / protection / "server"
         Aggregator(text, input_shape=(30,), num_classes=2, progress=False, record=True).run(LocalSites(sites), out)
         view = load_server_view(out)

@@ -44,7 +44,8 @@ def test_a_site_audit_recomputes_what_each_run_spent(split, clients, tmp_path, r
 
 def test_an_uncapped_budget_is_reported_and_an_edited_ledger_refused(split, clients, tmp_path, run_toml):
     text = run_toml("plaintext", rounds=1).replace("target_epsilon = 3.0", "noise_multiplier = 1.0")
-    sites = [Site(name, data, tmp_path / name, allow_noise_seed=True) for name, data in clients.items()]
+    # Uncapped only when the site itself says so (a config without a budget is refused otherwise).
+    sites = [Site(name, data, tmp_path / name, allow_noise_seed=True, budget=float("inf")) for name, data in clients.items()]
     Aggregator(text, input_shape=split.train.input_shape, num_classes=split.train.num_classes, progress=False).run(LocalSites(sites))
     report = audit_site(sites[0].state_dir)
     assert any(f.severity is Severity.WARNING and "uncapped" in f.message for f in report.findings)
