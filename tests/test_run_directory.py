@@ -230,3 +230,28 @@ def test_resume_needs_only_the_ledger_for_the_run_identity(clients, split, tmp_p
     )
     with pytest.raises(ConfigError, match="other settings or data"):
         other.run(out, resume=True)
+
+
+def test_a_resume_killed_before_its_first_round_leaves_history_and_ledger_agreeing(clients, split, tmp_path, monkeypatch):
+    """Killed between a round's history line and its checkpoint, then killed again right after resuming (the
+    ledger's resume marker written, no round run yet): the history on disk no longer names the interrupted
+    round, so an audit or a later resume finds the two files in agreement."""
+    from privfl.accounting import LedgerKey, PrivacyLedger
+    from privfl.rundir import LEDGER_KEY_FILE, check_ledger_against_history, load_history
+
+    out = tmp_path / "run"
+    _federation(clients, split, rounds=3).run(out)
+    (out / CHECKPOINT_DIR / "round-0002.pt").unlink()  # the kill between round 2's history and its checkpoint
+    with monkeypatch.context() as patch:
+        def killed(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        patch.setattr(Federation, "_run_rounds", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _federation(clients, split, rounds=3).run(out, resume=True)
+    history = load_history(out / HISTORY_FILE)
+    assert len(history) == 2
+    ledger = PrivacyLedger.load(out / LEDGER_FILE, key=LedgerKey.read(out / LEDGER_KEY_FILE))
+    check_ledger_against_history(ledger, history, out / LEDGER_FILE)  # raised before: round 2 recorded, its entries superseded
+    result = _federation(clients, split, rounds=3).run(out, resume=True)
+    assert [h["round"] for h in result.history] == [0, 1, 2]
