@@ -727,7 +727,7 @@ class Federation:
             found = [pattern.fullmatch(p.name) for p in (out / CHECKPOINT_DIR).glob("round-*.pt")] if (out / CHECKPOINT_DIR).exists() else []
             done = max((int(m.group(1)) for m in found if m), default=-1) + 1
             # A record without its checkpoint is a round interrupted between the two writes: redone.
-            recorded = len(history)
+            recorded_rounds = len(history)
             history = history[:done]
             if len(history) != done:
                 raise ConfigError("out_dir", str(out), f"history.json holds {len(history)} of the {done} checkpointed rounds")
@@ -737,7 +737,7 @@ class Federation:
             # Entries already written for round `done` or later belong to an interrupted attempt:
             # they stay charged, and the marker keeps them apart from the rerun's entries.
             interrupted = {e.client: e for e in ledger.entries if e.round >= done}
-            if recorded > done:
+            if recorded_rounds > done:
                 # The interrupted round's record goes before the marker that sets its entries apart: the
                 # directory's history and ledger then agree wherever a kill lands (audit, a later resume).
                 _atomic_write_json(out / HISTORY_FILE, history)
