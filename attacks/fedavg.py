@@ -451,7 +451,9 @@ class FedAvgInversion(Attack):
         tv_start: Total-variation weight at the first iteration (images only); it falls to ``tv_weight``
             over the first ``tv_anneal`` fraction. A start below ``tv_weight`` means no annealing.
         tv_anneal: Fraction of iterations over which the weight falls from ``tv_start`` to
-            ``tv_weight`` (0: ``tv_weight`` throughout, the behaviour before annealing).
+            ``tv_weight`` (0: ``tv_weight`` throughout, the behaviour before annealing). 0.75 measured
+            better than 0.5 on every held-out FedAvg case and 0.9 worse (docs/attacks.md, "The length of
+            the prior's fall").
         warmup: Fraction of iterations over which the step size warms up.
         continuation: Fraction of iterations that match the anchored (unchained) replay first, when every
             local step used all the inputs and there were two or more steps (0 disables).
@@ -465,7 +467,7 @@ class FedAvgInversion(Attack):
     lr: float = 0.1
     tv_weight: float | None = None
     tv_start: float = 0.2
-    tv_anneal: float = 0.5
+    tv_anneal: float = 0.75
     warmup: float = 0.05
     continuation: float = 0.5
     bounds: tuple[float, float] | None = (0.0, 1.0)

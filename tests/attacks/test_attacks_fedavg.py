@@ -270,6 +270,10 @@ def test_total_variation_weight_falls_from_its_start_to_the_final_weight():
     # Annealing off, or a start below the final weight: the final weight throughout.
     assert {FedAvgInversion(tv_anneal=0.0)._tv_at(replay, it, 100) for it in (0, 10, 99)} == {1e-2}
     assert {FedAvgInversion(tv_start=0.0)._tv_at(replay, it, 100) for it in (0, 10, 99)} == {1e-2}
+    # The default falls over the first three quarters: still above the final weight at 70 %, at it from 75 %.
+    default = FedAvgInversion()
+    assert default._tv_at(replay, 70, 100) > 1e-2 + 1e-4
+    assert all(default._tv_at(replay, it, 100) == pytest.approx(1e-2) for it in range(75, 100))
 
 
 @pytest.mark.parametrize(("local_steps", "batch_size", "anchored"), [(4, 4, True), (4, 2, False), (1, 4, False)])
