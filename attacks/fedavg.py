@@ -452,8 +452,8 @@ class FedAvgInversion(Attack):
             over the first ``tv_anneal`` fraction. A start below ``tv_weight`` means no annealing.
         tv_anneal: Fraction of iterations over which the weight falls from ``tv_start`` to
             ``tv_weight`` (0: ``tv_weight`` throughout, the behaviour before annealing). 0.75 measured
-            better than 0.5 on every held-out FedAvg case and 0.9 worse (docs/attacks.md, "The length of
-            the prior's fall").
+            better than or level with 0.5 on every held-out FedAvg case, and 0.9 worse on the sigmoid
+            model (docs/attacks.md, "The length of the prior's fall").
         warmup: Fraction of iterations over which the step size warms up.
         continuation: Fraction of iterations that match the anchored (unchained) replay first, when every
             local step used all the inputs and there were two or more steps (0 disables).
