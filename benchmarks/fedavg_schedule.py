@@ -28,6 +28,7 @@ from attacks_quality import PhotoCase, photo_model, photo_observation, photo_vic
 
 from privfl.attacks import FedAvgInversion
 from privfl.attacks.metrics import best_match
+from privfl.errors import ConfigError
 
 _KNOWN = "FedAvg 4 images, 4 steps of batch 2, lr 0.1, labels known"
 _ESTIMATED = "FedAvg 4 images, 4 steps of batch 2, lr 0.1, labels estimated"
@@ -64,6 +65,13 @@ def main() -> None:
     parser.add_argument("--crop-sets", type=_crop_range, default=None, metavar="FIRST-LAST")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    try:  # settings the attack refuses are refused here, before any model is built
+        for anneal in args.tv_anneal:
+            FedAvgInversion(max_iterations=args.iterations, seed=0, tv_anneal=anneal)
+    except ConfigError as error:
+        parser.error(str(error))
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be at least 1")
     torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}; {args.iterations} iterations; seed 0; tv_anneal {args.tv_anneal}",
           flush=True)
@@ -84,6 +92,8 @@ def main() -> None:
                 attack = FedAvgInversion(max_iterations=args.iterations, seed=0, tv_anneal=anneal)
                 inputs = attack.reconstruct(model, observation).inputs
                 psnr[anneal].append(float(best_match(inputs.float(), x, data_range=1.0).psnr.mean()))
+            done = ", ".join(f"{a:g}: {psnr[a][-1]:.1f}" for a in args.tv_anneal)
+            print(f"  {name} crop set {crop_set} ({time.perf_counter() - started:.0f} s): {done}", flush=True)
         seconds = time.perf_counter() - started
         print(f"{name}: crop sets {low}-{high}, {seconds:.0f} s", flush=True)
         for anneal, values in psnr.items():
