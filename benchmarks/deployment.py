@@ -38,6 +38,12 @@ def _config(sites: int, rounds: int | None) -> str:
     return text
 
 
+_NAMED = {  # process name (/proc/PID/comm) -> role: processes forked by privfl.flower.warm keep its command line
+    "privfl-warm": "warm launcher (imports once, forks nodes and workers)",
+    "privfl-node": "SuperNode",
+    "privfl-executor": "site executor (+ its forked ClientApp children)",
+    "privfl-worker": "site worker",
+}
 _ROLES = (  # (role, what its command line contains), first match wins
     ("site executor (+ its forked ClientApp children)", "privfl.flower.node --poll"),
     ("SuperNode", "privfl.flower.node"),
@@ -90,7 +96,11 @@ class _CpuByRole(threading.Thread):
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            role = next((name for name, needle in _ROLES if needle in cmd), None)
+            try:
+                role = _NAMED.get(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                continue
+            role = role or next((name for name, needle in _ROLES if needle in cmd), None)
             if role is None:
                 continue
             fields = stats[pid]

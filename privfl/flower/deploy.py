@@ -54,6 +54,7 @@ from typing import IO
 
 from privfl.errors import ConfigError, DeploymentError
 from privfl.flower.tls import NodeAuthKeys, TlsMaterial, generate_node_auth_keys, generate_tls_material
+from privfl.flower.warm import NODE_MODULES, WarmLauncher, WarmProcess
 
 __all__ = [
     "ConfigValue",
@@ -390,7 +391,8 @@ class SuperNodeProcess:
     Attributes:
         index: Its position in the node configs given to `LocalDeployment`.
         node_config: The node config it was started with (``context.node_config`` in its ClientApps).
-        process: The ``flower-supernode`` process (leader of its own process group).
+        process: The ``flower-supernode`` process (leader of its own process group); a
+            `privfl.flower.warm.WarmProcess` when the deployment forks its nodes warm.
         runtime_port: Its local Runtime API port.
         log_file: Its stdout and stderr (and those of its ClientApp processes).
         node_id: The node id the SuperLink gave it (None until registered).
@@ -399,7 +401,7 @@ class SuperNodeProcess:
 
     index: int
     node_config: dict[str, ConfigValue]
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | WarmProcess
     runtime_port: int
     log_file: Path
     node_id: int | None = None
@@ -507,6 +509,8 @@ class LocalDeployment:
         self._ports: list[int] = []
         self._superlink_deadline = math.inf
         self._control = None  # the Control API client, made on first use (False: use the flwr CLI)
+        self._warm: WarmLauncher | None = None
+        self._nodes_prepared = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -608,13 +612,63 @@ class LocalDeployment:
             raise DeploymentError("wait_nodes comes after start_nodes")
         self._wait_registered(self.supernodes, time.monotonic() + self.startup_timeout)
 
-    def _start_nodes(self) -> None:
+    def prepare_nodes(self) -> None:
+        """Wait for the SuperLink's port and register every node key (once); `start_nodes` then only
+        starts the SuperNodes. Lets a caller register the keys early and start the nodes later.
+
+        Raises:
+            DeploymentError: If the SuperLink did not come up or a registration failed (everything is
+                stopped first).
+        """
+        if self.superlink is None or self.supernodes:
+            raise DeploymentError("prepare_nodes comes after start_superlink and before start_nodes")
+        try:
+            self._prepare_nodes()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _prepare_nodes(self) -> None:
+        if self._nodes_prepared:
+            return
         self._wait_superlink()
-        indices = range(len(self.node_configs))
         if self.node_auth:  # every key registered before any node starts
-            self._register_keys([self._auth_keys(index) for index in indices])
+            self._register_keys([self._auth_keys(index) for index in range(len(self.node_configs))])
+        self._nodes_prepared = True
+
+    def _start_nodes(self) -> None:
+        self._prepare_nodes()
+        indices = range(len(self.node_configs))
         for index in indices:
             self._spawn_supernode(index, self._ports[1 + index], register_key=False)
+
+    def start_warm(self, modules: Sequence[str] = NODE_MODULES) -> WarmLauncher:
+        """Start a `privfl.flower.warm.WarmLauncher` that imports ``modules`` once; return at once.
+
+        Fast SuperNodes started after this are forked from it instead of starting a fresh interpreter
+        each (the same program and arguments: ``privfl.flower.node``). A caller may fork its own
+        processes from it too (`WarmLauncher.spawn`); `stop` stops the launcher and everything it forked.
+
+        Raises:
+            DeploymentError: If a launcher is already running.
+        """
+        if self._warm is not None:
+            raise DeploymentError("the deployment already has a warm launcher")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._warm = WarmLauncher(modules, log_file=self.directory / "warm.log", env=self._env("warm"),
+                                  start_timeout=self.startup_timeout)  # fmt: skip
+        self._leaders.append(self._warm.process)  # type: ignore[arg-type]
+        self._tracked.add(self._warm.process.pid)
+        return self._warm
+
+    @property
+    def warm(self) -> WarmLauncher | None:
+        """The warm launcher started by `start_warm`, if any."""
+        return self._warm
+
+    def track(self, pid: int) -> None:
+        """Count ``pid`` (and later its descendants) among the processes `stop` stops."""
+        self._tracked.add(pid)
 
     def _auth_keys(self, index: int) -> NodeAuthKeys:
         """Node ``index``'s key pair, made on first use."""
@@ -687,10 +741,17 @@ class LocalDeployment:
                 self._register_keys([keys])
             cmd += ["--auth-supernode-private-key", str(keys.private_key)]
         log_file = self.directory / f"supernode-{index}.log"
+        process: subprocess.Popen[bytes] | WarmProcess
+        if self.fast_nodes and self._warm is not None:
+            process = self._warm.spawn("privfl.flower.node:main", cmd[len(launcher):], log_file=log_file,
+                                       env=self._env(f"node-{index}"), cwd=self.directory, name="privfl-node")  # fmt: skip
+            self._tracked.add(process.pid)
+        else:
+            process = self._spawn(cmd, f"node-{index}", log_file)
         node = SuperNodeProcess(
             index=index,
             node_config=self.node_configs[index],
-            process=self._spawn(cmd, f"node-{index}", log_file),
+            process=process,
             runtime_port=port,
             log_file=log_file,
             auth_keys=keys,
@@ -821,6 +882,8 @@ class LocalDeployment:
             for handle in self._log_handles:
                 handle.close()
             self._log_handles.clear()
+            if self._warm is not None:
+                self._warm.close(grace=0.5)
 
     def started_pids(self) -> list[int]:
         """Every pid this deployment started or saw descend from one (for leak checks)."""
@@ -993,7 +1056,7 @@ class LocalDeployment:
             raise DeploymentError(f"flwr {' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
 
-    def _check_alive(self, proc: subprocess.Popen[bytes] | None, log_file: Path, what: str) -> None:
+    def _check_alive(self, proc: subprocess.Popen[bytes] | WarmProcess | None, log_file: Path, what: str) -> None:
         if proc is not None and proc.poll() is not None:
             raise DeploymentError(
                 f"{what} exited with code {proc.returncode}; see {log_file}:\n{_log_tail(log_file)}"

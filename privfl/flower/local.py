@@ -26,6 +26,7 @@ from privfl.results import RoundRecord, RunSummary
 
 if TYPE_CHECKING:
     from privfl.flower.deploy import LocalDeployment
+    from privfl.flower.warm import WarmLauncher
 
 __all__ = ["LocalDeploymentResult", "LocalFederation", "deploy_local", "write_site_data"]
 
@@ -230,6 +231,8 @@ class LocalFederation:
 
     def __enter__(self) -> LocalFederation:
         from privfl.flower.deploy import LocalDeployment
+        from privfl.flower.warm import NODE_MODULES, WORKER_MODULES
+        from privfl.site import TRAIN_MODULES
 
         self.started = time.perf_counter()
         try:
@@ -243,31 +246,40 @@ class LocalFederation:
                     break
                 flower = self.root / f"flower-{attempt}"  # a resumed deployment: new TLS material, new logs
             self.deployment = LocalDeployment(flower, [{} for _ in range(self._sites)], node_auth=True, stop_grace=2.0)
+            # One process imports Flower, torch and Opacus once; every SuperNode and site worker is
+            # forked from it (privfl.flower.warm) instead of importing them again in a fresh interpreter.
+            self.workers.launcher = self.deployment.start_warm((*NODE_MODULES, *WORKER_MODULES, *TRAIN_MODULES))
             self.deployment.start_superlink()
             self._write_sites()
             self.deployment.set_node_configs(self.node_configs)
-            self.workers.spawn(self._worker_args)  # they load torch and their data meanwhile
-            self.deployment.start_nodes()
+            self.deployment.prepare_nodes()  # node keys registered; workers and SuperNodes start in `_wait_ready`
         except BaseException:
             self.stop()
             raise
-        # Every process is started; `run` submits its run once the workers answer, without waiting
-        # for the SuperNodes to connect (`_wait_ready`): the ServerApp waits for them as it boots.
+        # `run` submits its run at once: the ServerApp boots while the launcher imports and the
+        # workers start, and waits for the SuperNodes, which start only once every worker answers
+        # (`_wait_ready`), so no message can reach a site before its worker does.
         return self
 
     def _wait_ready(self) -> None:
-        """Returns once every worker answers and every SuperNode has registered (raises otherwise)."""
+        """Returns once every worker answers and every SuperNode has registered (raises otherwise);
+        starts the SuperNodes, once, after the workers answer."""
         self._wait_workers()
         if not self._ready:
             assert self.deployment is not None
+            if not self.deployment.supernodes:
+                self.deployment.start_nodes()
             self.deployment.wait_nodes()
             self._ready = True
 
     def _wait_workers(self) -> None:
-        """Returns once every worker answers: no message can then find a site without its worker."""
+        """Starts the workers (once) and returns once every one answers: no message can then find a
+        site without its worker."""
         if self.deployment is None:
             raise DeploymentError("the federation is not started: enter it (with LocalFederation(...) as federation) first")
         if not self._ready:
+            if not self.workers.processes:
+                self.workers.spawn(self._worker_args)
             self.workers.wait_ready()
 
     def __exit__(self, *exc: object) -> None:
@@ -354,9 +366,8 @@ class LocalFederation:
             "record": bool(record),
         }
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
-        self._wait_workers()
         handle = self.deployment.start_run(app, run_config=run_config)
-        self._wait_ready()
+        self._wait_ready()  # on an error the caller's `with` stops the run with the deployment
         _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round, start=done)
         result = handle.wait(timeout=120)
         summary_path = run_dir / "summary.json"
@@ -427,8 +438,9 @@ class _Workers:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.processes: list = []  # (Popen, socket path, log path, arguments)
-        self._all: list = []  # every Popen ever started, for stop()
+        self.processes: list = []  # (Popen or WarmProcess, socket path, log path, arguments)
+        self._all: list = []  # every process ever started, for stop()
+        self.launcher: WarmLauncher | None = None  # when set, workers are forked from it
 
     def _spawn(self, index: int, args: list[str]):
         import os
@@ -436,6 +448,10 @@ class _Workers:
         import sys
 
         log_path = self.log_dir / f"worker-{index}.log"
+        if self.launcher is not None:
+            forked = self.launcher.spawn("privfl.flower.worker:main", args, log_file=log_path, env=os.environ, name="privfl-worker")
+            self._all.append(forked)
+            return (forked, Path(args[args.index("--socket") + 1]), log_path, args)
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "privfl.flower.worker", *args], stdout=log_file, stderr=subprocess.STDOUT,

@@ -33,12 +33,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_IDLE_POLL_SECONDS", "DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "main", "run_executor"]
+__all__ = ["DEFAULT_IDLE_POLL_SECONDS", "DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "flower_version_supported", "main", "run_executor"]
 
 DEFAULT_POLL_SECONDS = 0.05
 DEFAULT_IDLE_POLL_SECONDS = 0.25
@@ -47,11 +46,19 @@ _LOCAL_WAIT = 0.01
 SUPPORTED_FLOWER = "1.42"
 
 
-def _check_flower_version() -> None:
+def flower_version_supported() -> bool:
+    """Whether the installed Flower is the minor version whose internals this module adjusts."""
     from importlib.metadata import version
 
     installed = version("flwr")
-    if not (installed == SUPPORTED_FLOWER or installed.startswith(SUPPORTED_FLOWER + ".")):
+    return installed == SUPPORTED_FLOWER or installed.startswith(SUPPORTED_FLOWER + ".")
+
+
+def _check_flower_version() -> None:
+    from importlib.metadata import version
+
+    if not flower_version_supported():
+        installed = version("flwr")
         raise SystemExit(
             f"privfl.flower.node is written for Flower {SUPPORTED_FLOWER}.x and found flwr {installed}; "
             "use the plain flower-supernode command instead"
@@ -317,18 +324,54 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.set_blocking(wake_write, False)
     if not _announce_messages(internal, clock, wake_write):
         raise SystemExit("privfl.flower.node: Flower's SuperNode loop is not where this module expects it")
-    executor = subprocess.Popen(  # our own interpreter and module
-        [sys.executable, "-m", "privfl.flower.node", "--poll", str(ours.poll), "--idle-poll", str(ours.idle_poll),
-         "--executor", address, "--parent-pid", str(os.getpid()), "--wake-fd", str(wake_read)],
-        stdin=subprocess.DEVNULL, pass_fds=(wake_read,),
-    )  # fmt: skip
+    node_pid = os.getpid()
+    executor = os.fork()  # the executor: this process as it is now, Flower and the ClientApp imported
+    if executor == 0:
+        code = 0
+        try:
+            from privfl.flower.warm import set_process_name
+
+            set_process_name("privfl-executor")
+            os.close(wake_write)
+            os.set_blocking(wake_read, False)
+            run_executor(address, poll=ours.poll, parent_pid=node_pid, wake_fd=wake_read, idle_poll=ours.idle_poll)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     os.close(wake_read)
     sys.argv = ["flower-supernode", *rest, "--isolation", "process"]
     try:
         flower_supernode()
     finally:
-        if executor.poll() is None:
-            executor.terminate()
+        _stop_executor(executor)
+
+
+def _stop_executor(pid: int, grace: float = 2.0) -> None:
+    """SIGTERM to the node's executor, SIGKILL if it is still there after ``grace`` seconds; reaps it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 if __name__ == "__main__":
