@@ -131,3 +131,30 @@ def test_poll_argument_is_bounded():
         node.main(["--poll", "0"])
     with pytest.raises(SystemExit):
         node.main(["--poll", "nan"])
+
+
+def test_the_serverapp_end_of_run_log_flush_is_shortened_where_it_expects(monkeypatch):
+    import importlib
+    import inspect
+    import queue
+    import sys
+    import time
+
+    from privfl.flower import apps
+
+    importlib.import_module("flwr.superlink.runtime.run_serverapp")
+    run_serverapp = sys.modules["flwr.superlink.runtime.run_serverapp"]  # the package's attribute is a function
+
+    assert "flush_logs(log_queue)" in inspect.getsource(run_serverapp)  # called by name when the app returns
+    monkeypatch.setattr(run_serverapp, "flush_logs", run_serverapp.flush_logs)  # restored after the test
+    assert apps._shorten_final_log_flush()
+    assert not apps._shorten_final_log_flush()  # once
+    started = time.monotonic()
+    assert run_serverapp.flush_logs(queue.Queue())
+    assert time.monotonic() - started < 0.9  # Flower's own waits 1 s after the queue is empty
+    waiting: queue.Queue[str | None] = queue.Queue()
+    waiting.put("a log line nobody uploads")
+    assert not run_serverapp.flush_logs(waiting, timeout=0.1)  # still bounded by its timeout
+    monkeypatch.setattr(node, "flower_version_supported", lambda: False)
+    monkeypatch.setattr(run_serverapp, "flush_logs", lambda log_queue, timeout=3.0: True)
+    assert not apps._shorten_final_log_flush()  # another Flower: left as it is
