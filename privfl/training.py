@@ -119,6 +119,27 @@ class DPConversion:
     changes: tuple[LayerChange, ...]
 
 
+# The layer types Opacus' ModuleValidator has validators for (tests/test_training_convert.py keeps
+# this in step with the installed Opacus). A model in training mode without any of them validates
+# clean, so it needs no conversion, and no Opacus import: an aggregator process builds the initial
+# model this way and never trains, and importing Opacus costs it 1-2 s of CPU before its first round.
+_OPACUS_VALIDATED = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.GRU, nn.LSTM, nn.MultiheadAttention,
+)  # fmt: skip
+
+
+def _nothing_to_convert(model: nn.Module) -> bool:
+    """True when Opacus' validation is sure to pass: training mode, none of its validated layer types,
+    and Opacus not imported yet (once it is, a user may have registered validators of their own)."""
+    import sys
+
+    if "opacus.validators" in sys.modules or not model.training:
+        return False
+    return not any(isinstance(module, _OPACUS_VALIDATED) for module in model.modules())
+
+
 def convert_for_dp(model: nn.Module) -> DPConversion:
     """The model Opacus can train with DP-SGD, and the layers changed to get it (no warning).
 
@@ -130,6 +151,8 @@ def convert_for_dp(model: nn.Module) -> DPConversion:
     Raises:
         ConfigError: the model has layers that cannot be made DP-compatible.
     """
+    if _nothing_to_convert(model):
+        return DPConversion(model=model, changes=())
     from opacus.validators import ModuleValidator
 
     if not ModuleValidator.validate(model, strict=False):

@@ -217,3 +217,30 @@ def test_a_parameter_used_outside_its_layer_is_refused_in_every_mode(data, clipp
     with pytest.raises(ConfigError, match=r"fc\.weight"):
         train_dp_sgd(model, data.train, config=config, noise_multiplier=1.0, device=torch.device("cpu"), seed=0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_the_layers_checked_without_opacus_are_the_ones_opacus_validates():
+    from opacus.validators import ModuleValidator
+
+    from privfl.training import _OPACUS_VALIDATED
+
+    registered = {cls for cls in ModuleValidator.VALIDATORS if isinstance(cls, type)}
+    assert registered == set(_OPACUS_VALIDATED)
+
+
+def test_a_model_needing_no_conversion_does_not_import_opacus():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from privfl.training import convert_for_dp\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))\n"
+        "assert convert_for_dp(model).changes == ()\n"
+        "assert 'opacus' not in sys.modules, 'opacus imported'\n"
+        "bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))\n"
+        "assert convert_for_dp(bn).changes, 'BatchNorm not converted'\n"
+        "assert 'opacus' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
