@@ -376,6 +376,41 @@ class RunHandle:
             seconds=seconds,
         )
 
+    def wait_completed(self, timeout: float, *, poll: float = 0.05) -> RunResult:
+        """`wait`, except that a run the SuperLink reports ``finished:completed`` ends at once.
+
+        Flower's log stream notices a finished run only at its next look (every 0.5 s) and then the
+        ``flwr run`` command exits; here, once the run has completed, the command (by then a log
+        streamer with nothing left to do for a completed run) is stopped, and ``returncode`` is 0.
+        Any other ending (failed, stopped, no status) is waited for as `wait` does, so that the log
+        of a failed run is complete.
+
+        Raises:
+            DeploymentError: As `wait`.
+        """
+        deadline = time.monotonic() + timeout
+        while self.running():
+            run_id = self._run_id()
+            if run_id is not None and self._deployment.run_status(run_id) == "finished:completed":
+                _signal_group(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._deployment._kill_tree(self.process.pid)
+                    self.process.wait(timeout=5)
+                return RunResult(
+                    run_id=run_id,
+                    status="finished:completed",
+                    returncode=0,
+                    output=self.log_file.read_text(errors="replace"),
+                    log_file=self.log_file,
+                    seconds=time.monotonic() - self.started,
+                )
+            if time.monotonic() > deadline:
+                break
+            time.sleep(poll)
+        return self.wait(max(0.1, deadline - time.monotonic()))
+
     def _run_id(self) -> int | None:
         match = _RUN_ID_RE.search(self.log_file.read_text(errors="replace"))
         return int(match.group(1)) if match else None

@@ -368,9 +368,10 @@ class LocalFederation:
         app = write_app_dir(self.root / "app", serverapp=SERVER_APP, clientapp=CLIENT_APP, run_config=run_config)
         handle = self.deployment.start_run(app, run_config=run_config)
         self._wait_ready()  # on an error the caller's `with` stops the run with the deployment
-        _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round, start=done)
-        result = handle.wait(timeout=120)
         summary_path = run_dir / "summary.json"
+        _follow(handle, run_dir / "history.json", rounds, progress=progress, timeout=timeout, on_round=on_round, start=done,
+                done_path=summary_path)  # fmt: skip
+        result = handle.wait_completed(timeout=120)
         if not result.ok or not summary_path.exists():
             tail = "\n".join(result.output.strip().splitlines()[-15:])
             raise DeploymentError(f"the deployment's run ended with status {result.status}; see {result.log_file}\n{tail}")
@@ -541,8 +542,11 @@ class _Workers:
         return [entry[0].pid for entry in self.processes]
 
 
-def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout: float, on_round=None, start: int = 0) -> None:
-    """Shows the rounds as the ServerApp records them (after the ``start`` already recorded), until the run ends or ``timeout``."""
+def _follow(
+    handle, history_path: Path, rounds: int, *, progress: bool, timeout: float, on_round=None, start: int = 0, done_path: Path | None = None
+) -> None:
+    """Shows the rounds as the ServerApp records them (after the ``start`` already recorded), until the run
+    ends, ``done_path`` exists (the ServerApp writes it last), or ``timeout``."""
     from privfl.federation import _Progress
 
     deadline = time.monotonic() + timeout
@@ -550,7 +554,7 @@ def _follow(handle, history_path: Path, rounds: int, *, progress: bool, timeout:
     seen: tuple[int, int] | None = None  # (mtime, size) of the history last read
     with _Progress(rounds, enabled=progress, start=start) as bar:
         while True:
-            running = handle.running()
+            running = handle.running() and not (done_path is not None and done_path.exists())
             try:
                 stat = history_path.stat()
                 changed = (stat.st_mtime_ns, stat.st_size) != seen
