@@ -54,7 +54,7 @@ from typing import IO
 
 from privfl.errors import ConfigError, DeploymentError
 from privfl.flower.tls import NodeAuthKeys, TlsMaterial, generate_node_auth_keys, generate_tls_material
-from privfl.flower.warm import NODE_MODULES, WarmLauncher, WarmProcess
+from privfl.flower.warm import NODE_MODULES, SERVERAPP_MODULES, SERVERAPP_TARGET, WarmLauncher, WarmProcess
 
 __all__ = [
     "ConfigValue",
@@ -174,11 +174,16 @@ class _Tracked:
         return stat is not None and self.procs.get(pid) == stat[2] and stat[0] not in ("Z", "X")
 
     def signal(self, pid: int, sig: int) -> None:
+        """Signals ``pid``, and its whole process group when it leads one (a process forked by the warm
+        launcher starts its own session: a child it forks just before the signal is in that group)."""
         if self.same_process(pid):
             try:
+                leads_group = os.getpgid(pid) == pid
                 os.kill(pid, sig)
             except ProcessLookupError:
-                pass
+                return
+            if leads_group:
+                _signal_group(pid, sig)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -545,6 +550,8 @@ class LocalDeployment:
         self._superlink_deadline = math.inf
         self._control = None  # the Control API client, made on first use (False: use the flwr CLI)
         self._warm: WarmLauncher | None = None
+        self._warm_socket_dir: Path | None = None
+        self._shim_dir: Path | None = None
         self._nodes_prepared = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -677,21 +684,50 @@ class LocalDeployment:
         for index in indices:
             self._spawn_supernode(index, self._ports[1 + index], register_key=False)
 
-    def start_warm(self, modules: Sequence[str] = NODE_MODULES) -> WarmLauncher:
+    def start_warm(self, modules: Sequence[str] = NODE_MODULES, *, serverapp: bool = False) -> WarmLauncher:
         """Start a `privfl.flower.warm.WarmLauncher` that imports ``modules`` once; return at once.
 
         Fast SuperNodes started after this are forked from it instead of starting a fresh interpreter
         each (the same program and arguments: ``privfl.flower.node``). A caller may fork its own
         processes from it too (`WarmLauncher.spawn`); `stop` stops the launcher and everything it forked.
 
+        With ``serverapp``, the ServerApp processes the SuperLink's SuperExec starts are forked from
+        it as well: the SuperLink (started after this) finds a ``flwr-serverapp`` script first on its
+        PATH that hands its arguments, environment and standard streams to the launcher over a Unix
+        socket (owner-only, in a private temporary directory) and runs Flower's real
+        ``flwr-serverapp`` if the launcher cannot be reached (`privfl.flower.warm.forward_to_launcher`).
+        Call it before `start_superlink`.
+
         Raises:
-            DeploymentError: If a launcher is already running.
+            DeploymentError: If a launcher is already running, or ``serverapp`` after the SuperLink started.
         """
         if self._warm is not None:
             raise DeploymentError("the deployment already has a warm launcher")
+        if serverapp and self.superlink is not None:
+            raise DeploymentError("start_warm(serverapp=True) comes before start_superlink")
         self.directory.mkdir(parents=True, exist_ok=True)
+        listen = None
+        if serverapp:
+            import tempfile
+
+            # A short path (AF_UNIX paths are at most 107 bytes), in a directory only this user can enter.
+            self._warm_socket_dir = Path(tempfile.mkdtemp(prefix="privfl-warm-"))
+            listen = self._warm_socket_dir / "s"
+            shim_dir = self.directory / "shim"
+            shim_dir.mkdir(parents=True, exist_ok=True)
+            shim = shim_dir / "flwr-serverapp"
+            shim.write_text(
+                f"#!{sys.executable}\n"
+                "# privfl deploy local: Flower's ServerApp, forked from the deployment's warm launcher.\n"
+                "from privfl.flower.warm import forward_to_launcher\n\n"
+                f"forward_to_launcher({str(listen)!r}, {SERVERAPP_TARGET!r}, {str(flower_executable('flwr-serverapp'))!r})\n"
+            )
+            shim.chmod(0o755)
+            self._shim_dir = shim_dir
+            modules = (*modules, *(m for m in SERVERAPP_MODULES if m not in modules))
         self._warm = WarmLauncher(modules, log_file=self.directory / "warm.log", env=self._env("warm"),
-                                  start_timeout=self.startup_timeout)  # fmt: skip
+                                  start_timeout=self.startup_timeout, listen=listen,
+                                  allow=(SERVERAPP_TARGET,) if serverapp else ())  # fmt: skip
         self._leaders.append(self._warm.process)  # type: ignore[arg-type]
         self._tracked.add(self._warm.process.pid)
         return self._warm
@@ -919,6 +955,8 @@ class LocalDeployment:
             self._log_handles.clear()
             if self._warm is not None:
                 self._warm.close(grace=0.5)
+            if self._warm_socket_dir is not None:
+                shutil.rmtree(self._warm_socket_dir, ignore_errors=True)
 
     def started_pids(self) -> list[int]:
         """Every pid this deployment started or saw descend from one (for leak checks)."""
@@ -1031,6 +1069,8 @@ class LocalDeployment:
         env.update(self._extra_env)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+        if role == "superlink" and self._shim_dir is not None:  # its SuperExec finds the warm flwr-serverapp first
+            env["PATH"] = str(self._shim_dir) + os.pathsep + env["PATH"]
         home = self.directory / "home" / role
         home.mkdir(parents=True, exist_ok=True)
         env["FLWR_HOME"] = str(home)

@@ -246,9 +246,9 @@ class LocalFederation:
                     break
                 flower = self.root / f"flower-{attempt}"  # a resumed deployment: new TLS material, new logs
             self.deployment = LocalDeployment(flower, [{} for _ in range(self._sites)], node_auth=True, stop_grace=2.0)
-            # One process imports Flower, torch and Opacus once; every SuperNode and site worker is
-            # forked from it (privfl.flower.warm) instead of importing them again in a fresh interpreter.
-            self.workers.launcher = self.deployment.start_warm((*NODE_MODULES, *WORKER_MODULES, *TRAIN_MODULES))
+            # One process imports Flower, torch and Opacus once; every SuperNode, site worker and the
+            # ServerApp are forked from it (privfl.flower.warm) instead of importing them again.
+            self.workers.launcher = self.deployment.start_warm((*NODE_MODULES, *WORKER_MODULES, *TRAIN_MODULES), serverapp=True)
             self.deployment.start_superlink()
             self._write_sites()
             self.deployment.set_node_configs(self.node_configs)

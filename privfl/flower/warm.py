@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +41,17 @@ from pathlib import Path
 
 from privfl.errors import DeploymentError
 
-__all__ = ["NODE_MODULES", "WORKER_MODULES", "WarmLauncher", "WarmProcess", "main", "set_process_name"]
+__all__ = [
+    "NODE_MODULES",
+    "SERVERAPP_MODULES",
+    "SERVERAPP_TARGET",
+    "WORKER_MODULES",
+    "WarmLauncher",
+    "WarmProcess",
+    "forward_to_launcher",
+    "main",
+    "set_process_name",
+]
 
 # What a site worker imports (privfl.flower.worker.main and the Site it builds; what its first
 # training imports is `privfl.site.TRAIN_MODULES`, which `privfl deploy local` preloads too).
@@ -65,6 +76,11 @@ def set_process_name(name: str) -> None:
             handle.write(name[:15])
     except OSError:
         pass
+
+
+# What Flower's ServerApp process (``flwr-serverapp``) hosting privfl's Aggregator imports, and its entry point.
+SERVERAPP_MODULES = ("flwr.superlink.cli.flwr_serverapp", "privfl.aggregator", "privfl.flower.apps")
+SERVERAPP_TARGET = "flwr.superlink.cli.flwr_serverapp:flwr_serverapp"
 
 
 class WarmProcess:
@@ -122,6 +138,9 @@ class WarmLauncher:
         log_file: Where the launcher's own output goes (its children write to their own logs).
         env: The launcher's environment (each child gets its own in `spawn`).
         start_timeout: Seconds `spawn` waits for the launcher to finish its imports and answer.
+        listen: Also take requests on this Unix socket (see `forward_to_launcher`), for the
+            ``allow`` targets only.
+        allow: The targets (``"module:function"``) a request on the socket may name.
 
     The launcher is a ``subprocess.Popen`` in its own session (``process``); stop it with `close`,
     or let whoever stops the deployment signal it: its children are not in its process group.
@@ -134,6 +153,8 @@ class WarmLauncher:
         log_file: str | os.PathLike[str],
         env: Mapping[str, str] | None = None,
         start_timeout: float = 180.0,
+        listen: str | os.PathLike[str] | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
         for module in modules:
             if not all(part.isidentifier() for part in module.split(".")):
@@ -141,8 +162,11 @@ class WarmLauncher:
         self.start_timeout = start_timeout
         self.log_file = Path(log_file)
         self._log = open(self.log_file, "ab")  # closed in close()
+        command = [sys.executable, "-m", "privfl.flower.warm"]
+        if listen is not None:
+            command += ["--listen", str(listen), *(f"--allow={target}" for target in allow)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "privfl.flower.warm", *modules],
+            [*command, *modules],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -156,6 +180,13 @@ class WarmLauncher:
         self._closed = False
         self._reader = threading.Thread(target=self._read, name="privfl-warm-launcher", daemon=True)
         self._reader.start()
+        if listen is not None:  # bound before the imports, so this is a fraction of a second
+            deadline = time.monotonic() + start_timeout
+            while not os.path.exists(listen):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.close(grace=0)
+                    raise DeploymentError(f"the warm launcher did not open {listen}; see {self.log_file}")
+                time.sleep(0.01)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -246,8 +277,12 @@ class WarmLauncher:
 # --- the launcher process ---------------------------------------------------------------------------
 
 
-def _child(request: dict, ready_fd: int, keep: Sequence[int]) -> None:
-    """In the forked child: become the requested process; never returns."""
+def _child(request: dict, ready_fd: int, keep: Sequence[int], stdio: Sequence[int] = ()) -> None:
+    """In the forked child: become the requested process; never returns.
+
+    ``stdio``: the requester's stdin, stdout and stderr (a request over the socket); otherwise stdin
+    is /dev/null and stdout and stderr go to the request's log file.
+    """
     code = 1
     try:
         os.setsid()
@@ -256,15 +291,22 @@ def _child(request: dict, ready_fd: int, keep: Sequence[int]) -> None:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         for fd in keep:
-            if fd > 2:  # 0, 1 and 2 are replaced below
+            if fd > 2 and fd not in stdio:  # 0, 1 and 2 are replaced below
                 os.close(fd)
-        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        os.close(null_fd)
+        if stdio:
+            for target_fd, fd in enumerate(stdio):
+                os.dup2(fd, target_fd)
+            for fd in set(stdio):
+                if fd > 2:
+                    os.close(fd)
+        else:
+            log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            null_fd = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null_fd, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+            os.close(null_fd)
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(write_through=True)  # type: ignore[union-attr]
         os.environ.clear()
@@ -276,8 +318,11 @@ def _child(request: dict, ready_fd: int, keep: Sequence[int]) -> None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
         import importlib
+        import inspect
 
-        result = getattr(importlib.import_module(module_name), function)(list(request["argv"]))
+        func = getattr(importlib.import_module(module_name), function)
+        takes_argv = bool(inspect.signature(func).parameters)  # else it reads sys.argv, as console scripts do
+        result = func(list(request["argv"])) if takes_argv else func()
         code = result if isinstance(result, int) else 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -300,81 +345,226 @@ def _status_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The launcher: ``python -m privfl.flower.warm MODULE...`` (requests on stdin, one JSON line each)."""
-    import importlib
-    import selectors
+def _check_request(request: object) -> dict:
+    if not isinstance(request, dict):
+        raise ValueError("a request is a JSON object")
+    if not isinstance(request.get("target"), str) or ":" not in request["target"]:
+        raise ValueError("target must be 'module:function'")
+    if not isinstance(request.get("argv"), list) or not all(isinstance(a, str) for a in request["argv"]):
+        raise ValueError("argv must be a list of strings")
+    if not isinstance(request.get("env"), dict):
+        raise ValueError("env must be a mapping")
+    return request
 
-    modules = list(sys.argv[1:] if argv is None else argv)
-    set_process_name("privfl-warm")
-    for module in modules:
-        importlib.import_module(module)
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    # Nothing the launcher prints may reach the pipe its parent reads replies from.
-    os.dup2(2, 1)
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    os.set_blocking(wake_read, False)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
-    stdin_fd = sys.stdin.fileno()
-    selector = selectors.DefaultSelector()
-    selector.register(stdin_fd, selectors.EVENT_READ)
-    selector.register(wake_read, selectors.EVENT_READ)
-    pending = b""
-    children: set[int] = set()
 
-    def reap() -> None:
-        for pid in list(children):
+class _Launcher:
+    """The launcher process's loop: requests on stdin and, optionally, on a listening socket."""
+
+    def __init__(self, listener: socket.socket | None, listen: str | None, allow: Sequence[str]) -> None:
+        import selectors
+
+        self.allow = frozenset(allow)
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        # Nothing the launcher prints may reach the pipe its parent reads replies from.
+        os.dup2(2, 1)
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        os.set_blocking(self.wake_read, False)
+        signal.set_wakeup_fd(self.wake_write)
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        self.stdin_fd = sys.stdin.fileno()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.stdin_fd, selectors.EVENT_READ)
+        self.selector.register(self.wake_read, selectors.EVENT_READ)
+        self.listen = listen
+        self.listener = listener
+        if listener is not None:
+            self.selector.register(listener.fileno(), selectors.EVENT_READ)
+        self.pending = b""
+        self.children: set[int] = set()
+        self.callers: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
+
+    def fork(self, request: dict, stdio: Sequence[int] = ()) -> dict:
+        ready_read, ready_write = os.pipe()
+        keep = [self.stdin_fd, self.wake_read, self.wake_write, self.out.fileno(), *(c.fileno() for c in self.callers.values())]
+        if self.listener is not None:
+            keep.append(self.listener.fileno())
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_read)
+            _child(request, ready_write, keep, stdio)
+        os.close(ready_write)
+        started = os.read(ready_read, 1)  # the child has its session, output and environment
+        os.close(ready_read)
+        self.children.add(pid)
+        return {"pid": pid} if started else {"error": "the child exited while starting", "pid": pid}
+
+    def reap(self) -> None:
+        for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done, status = pid, 0
-            if done:
-                children.discard(pid)
-                out.write(json.dumps({"exit": pid, "code": _status_code(status)}) + "\n")
-
-    open_input = True
-    while open_input:
-        for key, _ in selector.select(timeout=1.0):
-            if key.fd == wake_read:
-                try:
-                    os.read(wake_read, 4096)
-                except BlockingIOError:
-                    pass
+            if not done:
                 continue
-            chunk = os.read(stdin_fd, 65536)
-            if not chunk:
-                open_input = False
-                break
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
+            self.children.discard(pid)
+            message = json.dumps({"exit": pid, "code": _status_code(status)}) + "\n"
+            self.out.write(message)
+            caller = self.callers.pop(pid, None)
+            if caller is not None:
                 try:
-                    request = json.loads(line)
-                    if not isinstance(request.get("target"), str) or ":" not in request["target"]:
-                        raise ValueError("target must be 'module:function'")
-                    if not isinstance(request.get("argv"), list) or not isinstance(request.get("env"), dict):
-                        raise ValueError("argv must be a list and env a mapping")
-                except ValueError as exc:
-                    out.write(json.dumps({"error": str(exc)}) + "\n")
-                    continue
-                ready_read, ready_write = os.pipe()
-                pid = os.fork()
-                if pid == 0:
-                    os.close(ready_read)
-                    _child(request, ready_write, (stdin_fd, wake_read, wake_write, out.fileno()))
-                os.close(ready_write)
-                started = os.read(ready_read, 1)  # the child has its session, log and environment
-                os.close(ready_read)
-                children.add(pid)
-                if started:
-                    out.write(json.dumps({"pid": pid}) + "\n")
-                else:
-                    out.write(json.dumps({"error": f"the child exited while starting; see {request.get('log')}"}) + "\n")
-        reap()
-    reap()
+                    caller.sendall(message.encode())
+                except OSError:
+                    pass
+                caller.close()
+
+    def serve_socket(self) -> None:
+        assert self.listener is not None
+        connection, _ = self.listener.accept()
+        fds: list[int] = []
+        try:
+            connection.settimeout(10.0)
+            data, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+            while data and not data.endswith(b"\n"):
+                more = connection.recv(1 << 16)
+                if not more:
+                    break
+                data += more
+            request = _check_request(json.loads(data))
+            if request["target"] not in self.allow:
+                raise ValueError(f"target {request['target']!r} is not allowed on the socket")
+            if len(fds) != 3:
+                raise ValueError("a request on the socket passes stdin, stdout and stderr")
+            reply = self.fork(request, fds)
+        except (OSError, ValueError) as exc:
+            reply = {"error": str(exc)}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            connection.sendall((json.dumps(reply) + "\n").encode())
+        except OSError:
+            pass
+        if reply.get("pid") in self.children:
+            self.callers[reply["pid"]] = connection
+        else:
+            connection.close()
+
+    def serve_stdin(self) -> bool:
+        """Answers the complete requests read from stdin; False once stdin has closed."""
+        chunk = os.read(self.stdin_fd, 65536)
+        if not chunk:
+            return False
+        self.pending += chunk
+        while b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            try:
+                request = _check_request(json.loads(line))
+                if not isinstance(request.get("log"), str):
+                    raise ValueError("log must be a path")
+            except ValueError as exc:
+                self.out.write(json.dumps({"error": str(exc)}) + "\n")
+                continue
+            reply = self.fork(request)
+            if "error" in reply:
+                reply["error"] += f"; see {request['log']}"
+            self.out.write(json.dumps(reply) + "\n")
+        return True
+
+    def run(self) -> None:
+        open_input = True
+        while open_input:
+            for key, _ in self.selector.select(timeout=1.0):
+                if key.fd == self.wake_read:
+                    try:
+                        os.read(self.wake_read, 4096)
+                    except BlockingIOError:
+                        pass
+                elif self.listener is not None and key.fd == self.listener.fileno():
+                    self.serve_socket()
+                elif not self.serve_stdin():
+                    open_input = False
+                    break
+            self.reap()
+        self.reap()
+        if self.listener is not None and self.listen:
+            self.listener.close()
+            try:
+                os.unlink(self.listen)
+            except OSError:
+                pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The launcher: ``python -m privfl.flower.warm [--listen SOCKET --allow TARGET...] MODULE...``.
+
+    Requests come on stdin, one JSON line each (replies and exit statuses on stdout). With
+    ``--listen``, also on that Unix socket (created owner-only), from `forward_to_launcher`: one
+    request per connection, with the requester's stdin, stdout and stderr passed along, for the
+    ``--allow`` targets only; the reply and later the exit status go back on the connection.
+    """
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="python -m privfl.flower.warm")
+    parser.add_argument("--listen", help="also take requests on this Unix socket")
+    parser.add_argument("--allow", action="append", default=[], help="a target requests on the socket may name")
+    parser.add_argument("modules", nargs="*")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    set_process_name("privfl-warm")
+    listener = None
+    if args.listen:  # listening before the imports: a request that comes meanwhile waits for them
+        old = os.umask(0o177)  # the socket: owner read/write only
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(args.listen)
+        finally:
+            os.umask(old)
+        listener.listen(8)
+    for module in args.modules:
+        importlib.import_module(module)
+    _Launcher(listener, args.listen, args.allow).run()
     return 0
+
+
+def forward_to_launcher(socket_path: str, target: str, fallback: str) -> None:
+    """Runs ``target`` in a process forked by a launcher listening on ``socket_path``, as this process.
+
+    For a command another program starts by name (Flower's SuperExec starts ``flwr-serverapp``): a
+    small script of that name, first on that program's PATH, calls this. The forked process gets
+    this process's arguments, environment, working directory, stdin, stdout and stderr; this
+    process forwards SIGTERM and SIGINT to it, waits for it and exits with its status. If the
+    launcher cannot be reached, it runs ``fallback`` (the real command) in its place instead.
+    """
+    request = {"target": target, "argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
+               "name": "privfl-" + Path(fallback).name.removeprefix("flwr-")}  # fmt: skip
+    try:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(socket_path)
+        socket.send_fds(connection, [(json.dumps(request) + "\n").encode()], [0, 1, 2])
+        reader = connection.makefile("rb")
+        reply = json.loads(reader.readline() or b"{}")
+        if "pid" not in reply:
+            raise ValueError(reply.get("error", "the launcher closed the connection"))
+        pid = int(reply["pid"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"privfl: the warm launcher at {socket_path} did not start {target} ({exc!r}); running {fallback}", file=sys.stderr)
+        os.execv(fallback, [fallback, *sys.argv[1:]])  # never returns
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+    code = 1
+    for line in reader:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if message.get("exit") == pid:
+            code = int(message["code"])
+            break
+    if code < 0:  # ended by a signal: end the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -75,13 +75,29 @@ def _files_holding(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def _all_stopped(pids: list[int], within: float = 15.0) -> bool:
+def _all_stopped(pids: list[int], within: float = 15.0, *, root: Path | None = None) -> bool:
+    """Whether every pid has ended (and, with ``root``, every process whose environment names a path
+    under it: also a grandchild forked after the deployment last looked, which ``pids`` cannot list)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if not any(pid_alive(pid) for pid in pids):
+        if not any(pid_alive(pid) for pid in pids) and not (root is not None and _running_under(root)):
             return True
         time.sleep(0.2)
     return False
+
+
+def _running_under(root: Path) -> list[int]:
+    """Live processes (not zombies) whose environment mentions ``root`` (FLWR_HOME and the like)."""
+    needle = str(root).encode()
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes() and pid_alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 @pytest.mark.timeout(1200)
@@ -273,7 +289,7 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     with pytest.raises(_Stop), first:
         first.run(step_timeout=60, on_round=stop_after_round_1)
     pids = first.started_pids()
-    assert _all_stopped(pids), "a process of the stopped deployment is still alive"
+    assert _all_stopped(pids, root=out), f"a process of the stopped deployment is still alive: {_running_under(out)}"
     recorded = json.loads((out / "run" / "history.json").read_text())
     assert len(recorded) >= 2 and not (out / "run" / "summary.json").exists()
 
@@ -288,7 +304,7 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     with second:
         summary, history, run_dir = second.run(step_timeout=60)
         pids = second.started_pids()
-    assert _all_stopped(pids)
+    assert _all_stopped(pids, root=out), f"still alive: {_running_under(out)}"
     assert run_dir == out / "run" and [h["round"] for h in history] == [0, 1, 2, 3]
     assert history[:2] == recorded[:2]  # the recorded rounds are kept as they were
     assert history[3]["aborted"] is None and len(history[3]["contributors"]) == 3
