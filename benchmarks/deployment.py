@@ -43,7 +43,7 @@ _NAMED = {  # process name (/proc/PID/comm) -> role: processes forked by privfl.
     "privfl-node": "SuperNode",
     "privfl-executor": "site executor (+ its forked ClientApp children)",
     "privfl-worker": "site worker",
-    "privfl-serverapp": "ServerApp",
+    "privfl-server": "ServerApp",
 }
 _ROLES = (  # (role, what its command line contains), first match wins
     ("site executor (+ its forked ClientApp children)", "privfl.flower.node --poll"),

@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def forward_to_launcher(socket_path: str, target: str, fallback: str) -> None:
+def forward_to_launcher(socket_path: str, target: str, fallback: str, *, name: str = "privfl-server") -> None:
     """Runs ``target`` in a process forked by a launcher listening on ``socket_path``, as this process.
 
     For a command another program starts by name (Flower's SuperExec starts ``flwr-serverapp``): a
@@ -535,9 +535,9 @@ def forward_to_launcher(socket_path: str, target: str, fallback: str) -> None:
     this process's arguments, environment, working directory, stdin, stdout and stderr; this
     process forwards SIGTERM and SIGINT to it, waits for it and exits with its status. If the
     launcher cannot be reached, it runs ``fallback`` (the real command) in its place instead.
+    ``name`` is the forked process's name (`set_process_name`).
     """
-    request = {"target": target, "argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
-               "name": "privfl-" + Path(fallback).name.removeprefix("flwr-")}  # fmt: skip
+    request = {"target": target, "argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "name": name}
     try:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.connect(socket_path)

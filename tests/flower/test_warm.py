@@ -156,6 +156,7 @@ def test_a_command_forwarded_over_the_socket_runs_forked_with_this_process_strea
     assert seen["stdin"] == "from stdin" and seen["env"] == "shim" and seen["cwd"] == str(tmp_path)
     assert seen["argv"] == ["_warm_target", str(out), "7"]
     assert seen["sid"] == seen["pid"]  # forked by the launcher into its own session
+    assert seen["comm"] == "privfl-server"
     assert oct(socket_path.stat().st_mode & 0o777) == "0o600"
 
 
