@@ -249,7 +249,7 @@ def _shorten_final_log_flush() -> bool:
     """Flower 1.42's ServerApp process, once the app has returned, waits for its log queue to empty
     (looking every 0.2 s) and then 1 s more before it reports the run finished: every run ends about
     1.2 s after its last round. This process hosts the ServerApp, so the wait is shortened here: the
-    queue is looked at every 20 ms, then 0.2 s are left for the uploader's last request (a loopback
+    queue is looked at every 20 ms, then 0.1 s is left for the uploader's last request (a loopback
     call). Returns False (and changes nothing) outside that process or with another Flower version.
     """
     from privfl.flower.node import flower_version_supported
@@ -265,7 +265,7 @@ def _shorten_final_log_flush() -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
-        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         return True
 
     flush_logs._privfl_wrapped = True  # type: ignore[attr-defined]

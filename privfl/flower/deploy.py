@@ -936,7 +936,7 @@ class LocalDeployment:
             try:
                 while time.monotonic() < deadline and self._anything_alive():
                     self._track_descendants()
-                    time.sleep(0.1)
+                    time.sleep(0.05)
             except KeyboardInterrupt:
                 pass
         finally:
@@ -1083,7 +1083,10 @@ class LocalDeployment:
         # A plain SuperNode starts a ClientApp per message through it (a privfl round is several
         # message exchanges, each waiting on that poll); the SuperLink's starts one ServerApp per run.
         # (A fast node runs no SuperExec: its own executor, privfl.flower.node, is woken, not polled.)
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25" if role == "superlink" else "0.05")
+        # A ServerApp forked from the warm launcher waits for the launcher's imports anyway, which
+        # take longer than Flower's own 1 s poll; there the SuperExec polls at its default, for less CPU.
+        superlink_poll = "1.0" if self._shim_dir is not None else "0.25"
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", superlink_poll if role == "superlink" else "0.05")
         return env
 
     def _write_cli_config(self) -> None:
