@@ -44,6 +44,7 @@ _NAMED = {  # process name (/proc/PID/comm) -> role: processes forked by privfl.
     "privfl-executor": "site executor (+ its forked ClientApp children)",
     "privfl-worker": "site worker",
     "privfl-server": "ServerApp",
+    "privfl-sexec": "SuperExec (starts the ServerApp)",
 }
 _ROLES = (  # (role, what its command line contains), first match wins
     ("site executor (+ its forked ClientApp children)", "privfl.flower.node --poll"),

@@ -54,7 +54,15 @@ from typing import IO
 
 from privfl.errors import ConfigError, DeploymentError
 from privfl.flower.tls import NodeAuthKeys, TlsMaterial, generate_node_auth_keys, generate_tls_material
-from privfl.flower.warm import NODE_MODULES, SERVERAPP_MODULES, SERVERAPP_TARGET, WarmLauncher, WarmProcess
+from privfl.flower.warm import (
+    NODE_MODULES,
+    SERVERAPP_MODULES,
+    SERVERAPP_TARGET,
+    SUPEREXEC_MODULES,
+    SUPEREXEC_TARGET,
+    WarmLauncher,
+    WarmProcess,
+)
 
 __all__ = [
     "ConfigValue",
@@ -184,6 +192,13 @@ class _Tracked:
                 return
             if leads_group:
                 _signal_group(pid, sig)
+
+
+# The commands the SuperLink starts by name that a warm deployment forks instead: (command, target, process name).
+_WARM_COMMANDS = (
+    ("flower-superexec", SUPEREXEC_TARGET, "privfl-sexec"),
+    ("flwr-serverapp", SERVERAPP_TARGET, "privfl-server"),
+)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -691,12 +706,12 @@ class LocalDeployment:
         each (the same program and arguments: ``privfl.flower.node``). A caller may fork its own
         processes from it too (`WarmLauncher.spawn`); `stop` stops the launcher and everything it forked.
 
-        With ``serverapp``, the ServerApp processes the SuperLink's SuperExec starts are forked from
-        it as well: the SuperLink (started after this) finds a ``flwr-serverapp`` script first on its
-        PATH that hands its arguments, environment and standard streams to the launcher over a Unix
-        socket (owner-only, in a private temporary directory) and runs Flower's real
-        ``flwr-serverapp`` if the launcher cannot be reached (`privfl.flower.warm.forward_to_launcher`).
-        Call it before `start_superlink`.
+        With ``serverapp``, the SuperLink's SuperExec and the ServerApp processes it starts are forked
+        from it as well: the SuperLink (started after this) finds ``flower-superexec`` and
+        ``flwr-serverapp`` scripts first on its PATH that hand their arguments, environment and
+        standard streams to the launcher over a Unix socket (owner-only, in a private temporary
+        directory) and run Flower's real commands if the launcher cannot be reached
+        (`privfl.flower.warm.forward_to_launcher`). Call it before `start_superlink`.
 
         Raises:
             DeploymentError: If a launcher is already running, or ``serverapp`` after the SuperLink started.
@@ -715,19 +730,20 @@ class LocalDeployment:
             listen = self._warm_socket_dir / "s"
             shim_dir = self.directory / "shim"
             shim_dir.mkdir(parents=True, exist_ok=True)
-            shim = shim_dir / "flwr-serverapp"
-            shim.write_text(
-                f"#!{sys.executable}\n"
-                "# privfl deploy local: Flower's ServerApp, forked from the deployment's warm launcher.\n"
-                "from privfl.flower.warm import forward_to_launcher\n\n"
-                f"forward_to_launcher({str(listen)!r}, {SERVERAPP_TARGET!r}, {str(flower_executable('flwr-serverapp'))!r})\n"
-            )
-            shim.chmod(0o755)
+            for command, target, name in _WARM_COMMANDS:
+                shim = shim_dir / command
+                shim.write_text(
+                    f"#!{sys.executable}\n"
+                    f"# privfl deploy local: Flower's {command}, forked from the deployment's warm launcher.\n"
+                    "from privfl.flower.warm import forward_to_launcher\n\n"
+                    f"forward_to_launcher({str(listen)!r}, {target!r}, {str(flower_executable(command))!r}, name={name!r})\n"
+                )
+                shim.chmod(0o755)
             self._shim_dir = shim_dir
-            modules = (*modules, *(m for m in SERVERAPP_MODULES if m not in modules))
+            modules = (*modules, *(m for m in (*SERVERAPP_MODULES, *SUPEREXEC_MODULES) if m not in modules))
         self._warm = WarmLauncher(modules, log_file=self.directory / "warm.log", env=self._env("warm"),
                                   start_timeout=self.startup_timeout, listen=listen,
-                                  allow=(SERVERAPP_TARGET,) if serverapp else ())  # fmt: skip
+                                  allow=tuple(target for _, target, _ in _WARM_COMMANDS) if serverapp else ())  # fmt: skip
         self._leaders.append(self._warm.process)  # type: ignore[arg-type]
         self._tracked.add(self._warm.process.pid)
         return self._warm

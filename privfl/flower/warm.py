@@ -45,6 +45,8 @@ __all__ = [
     "NODE_MODULES",
     "SERVERAPP_MODULES",
     "SERVERAPP_TARGET",
+    "SUPEREXEC_MODULES",
+    "SUPEREXEC_TARGET",
     "WORKER_MODULES",
     "WarmLauncher",
     "WarmProcess",
@@ -78,9 +80,12 @@ def set_process_name(name: str) -> None:
         pass
 
 
-# What Flower's ServerApp process (``flwr-serverapp``) hosting privfl's Aggregator imports, and its entry point.
+# What Flower's ServerApp process (``flwr-serverapp``) hosting privfl's Aggregator imports, and its entry point;
+# the same for the SuperLink's SuperExec (``flower-superexec``), which starts the ServerApp.
 SERVERAPP_MODULES = ("flwr.superlink.cli.flwr_serverapp", "privfl.aggregator", "privfl.flower.apps")
 SERVERAPP_TARGET = "flwr.superlink.cli.flwr_serverapp:flwr_serverapp"
+SUPEREXEC_MODULES = ("flwr.supercore.cli.flower_superexec",)
+SUPEREXEC_TARGET = "flwr.supercore.cli.flower_superexec:flower_superexec"
 
 
 class WarmProcess:
