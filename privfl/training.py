@@ -119,7 +119,7 @@ class DPConversion:
     changes: tuple[LayerChange, ...]
 
 
-# The layer types Opacus' ModuleValidator has validators for (tests/test_training_convert.py keeps
+# The layer types Opacus' ModuleValidator has validators for (tests/test_training.py keeps
 # this in step with the installed Opacus). A model in training mode without any of them validates
 # clean, so it needs no conversion, and no Opacus import: an aggregator process builds the initial
 # model this way and never trains, and importing Opacus costs it 1-2 s of CPU before its first round.

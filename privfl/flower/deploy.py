@@ -748,15 +748,6 @@ class LocalDeployment:
         self._tracked.add(self._warm.process.pid)
         return self._warm
 
-    @property
-    def warm(self) -> WarmLauncher | None:
-        """The warm launcher started by `start_warm`, if any."""
-        return self._warm
-
-    def track(self, pid: int) -> None:
-        """Count ``pid`` (and later its descendants) among the processes `stop` stops."""
-        self._tracked.add(pid)
-
     def _auth_keys(self, index: int) -> NodeAuthKeys:
         """Node ``index``'s key pair, made on first use."""
         if index not in self._node_keys:
@@ -1085,7 +1076,7 @@ class LocalDeployment:
         env.update(self._extra_env)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-        if role == "superlink" and self._shim_dir is not None:  # its SuperExec finds the warm flwr-serverapp first
+        if role == "superlink" and self._shim_dir is not None:  # it and its SuperExec find the warm commands first
             env["PATH"] = str(self._shim_dir) + os.pathsep + env["PATH"]
         home = self.directory / "home" / role
         home.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ changes that matter for privfl, whose rounds are several message exchanges each:
   milliseconds of CPU). It looks for the ClientApp's reply (in its own memory) every 10 ms.
 - **ClientApp processes.** Flower runs every message in a new ``flwr-clientapp`` process, which
   imports Flower first (1-2 s on a small machine). Here the SuperNode runs in Flower's ``process``
-  isolation mode and this module starts its own task executor next to it: a process that has
-  imported Flower and privfl's ClientApp once and forks one child per message (the SuperNode
+  isolation mode and this module starts its own task executor next to it (forked from the
+  SuperNode once Flower is imported, so it imports nothing again): a process that has imported
+  Flower and privfl's ClientApp once and forks one child per message (the SuperNode
   wakes it through a pipe when it has stored a message; it looks by itself only every
   ``--idle-poll`` seconds). Each child runs
   Flower's own ClientApp runtime (``run_clientapp``: pull the message over the local Runtime API,
