@@ -12,13 +12,20 @@ requests; each request forks one child that:
 - reads ``/dev/null`` and writes its stdout and stderr to its own log file;
 - takes the environment and working directory given in the request;
 - runs ``module:function(argv)`` (e.g. ``privfl.flower.worker:main``) as ``python -m module argv``
-  would, and exits with its status.
+  would (a function without parameters reads ``sys.argv``, as a console script does), and exits
+  with its status.
+
+Processes that another program starts by name (the SuperLink starts ``flower-superexec``, which
+starts ``flwr-serverapp``) reach the launcher through `forward_to_launcher`: a script of that name
+first on the program's PATH passes its arguments, environment and standard streams over a Unix
+socket (``--listen``; only the ``--allow`` targets), and the child uses those streams instead.
 
 What a child inherits from the launcher is imported code and nothing else: the launcher reads no
-site's data, keys or configuration. Random state: privfl draws keys and noise seeds from
-``os.urandom`` / ``secrets`` when it needs them, in the child; Python's ``random`` reseeds itself in
-a forked child; the launcher makes no numpy or torch generator. The children are separate
-processes from the fork on (copy-on-write memory), so one site cannot read another's state.
+site's data, keys or configuration and draws no random number. privfl draws keys and noise seeds
+from ``os.urandom`` / ``secrets`` when it needs them, in the child; Python's ``random`` reseeds
+itself in a forked child; numpy's global generator (seeded at import) is the same in every child,
+and privfl draws nothing secret from it. The children are separate processes from the fork on
+(copy-on-write memory), so one site cannot read another's state.
 
 The launcher reaps its children and reports each exit status to the process that started it; a
 `WarmProcess` answers ``pid``, ``poll``, ``wait``, ``returncode``, ``send_signal``, ``terminate``
