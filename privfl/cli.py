@@ -230,10 +230,21 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
             f"site{'s' * (args.sites != 1)} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)"
         )
 
-    result = deploy_local(
-        text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce, record=args.record,
-        resume=args.resume,
-    )
+    # SIGTERM (a supervisor, `timeout`, `kill`) stops the deployment as Ctrl-C does: every process it
+    # started is stopped on the way out. Python's default would end this process and leave them running.
+    import signal
+
+    def _terminated(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        result = deploy_local(
+            text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce, record=args.record,
+            resume=args.resume,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = result.summary
     accuracy = summary.get("final_accuracy")
     print(f"final accuracy: {accuracy:.4f}" if accuracy is not None else "final accuracy: - (no test set)")

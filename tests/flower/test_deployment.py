@@ -322,3 +322,31 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     assert (out / "flower-2").is_dir()  # the resumed deployment's own TLS material and logs
     with pytest.raises(ConfigError, match="has finished"):
         LocalFederation(text, sites=3, out=out, resume=True)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_deploy_local_stops_everything_it_started(tmp_path, run_toml):
+    import subprocess
+    import sys
+
+    config = tmp_path / "run.toml"
+    config.write_text(run_toml("plaintext", rounds=30))
+    out = tmp_path / "dep"
+    command = [sys.executable, "-m", "privfl.cli", "deploy", "local", str(config), "--sites", "2", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "run" / "history.json").exists():  # the run is under way
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the deployment did not start a round"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130 and "interrupted" in stderr
+        assert _all_stopped([], root=out), f"still running after SIGTERM: {_running_under(out)}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        for pid in _running_under(out):
+            os.kill(pid, signal.SIGKILL)
