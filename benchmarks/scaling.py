@@ -154,8 +154,10 @@ def run_sites(args, data) -> dict:
     stamps, restore = _round_stamps()
     try:
         model_fn = lambda: LogisticRegression(FEATURES, 2)
+        # allow_noise_seed: the same seeded noise as the other variants. budget=inf: the config sets no
+        # epsilon budget (a fixed sigma, no calibration), which a Site refuses unless told it is uncapped.
         sites = [Site(f"site-{k:05d}", ArrayDataset(x, y), os.path.join(root, f"site-{k:05d}"), model_fn=model_fn, device="cpu",
-                      allow_noise_seed=True)  # the same seeded noise as the other variants
+                      allow_noise_seed=True, budget=float("inf"))
                  for k, (x, y) in enumerate(data)]
         aggregator = Aggregator(_run_toml(args), model_fn=model_fn, progress=False)
         c0, w0 = time.process_time(), time.perf_counter()
