@@ -46,7 +46,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -600,11 +600,7 @@ class LocalDeployment:
         """
         if self.superlink is not None:
             raise DeploymentError("the deployment is already started")
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        self._or_stop(self._start)
 
     def _start(self) -> None:
         self._spawn_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
@@ -622,11 +618,7 @@ class LocalDeployment:
         """
         if self.superlink is not None:
             raise DeploymentError("the deployment is already started")
-        try:
-            self._spawn_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else [])
-        except BaseException:
-            self.stop()
-            raise
+        self._or_stop(lambda: self._spawn_superlink(1 + len(self.node_configs), ["--enable-supernode-auth"] if self.node_auth else []))
 
     def start_nodes(self) -> None:
         """Wait for the SuperLink's port, register every node key, start every SuperNode; return at once.
@@ -637,11 +629,7 @@ class LocalDeployment:
         """
         if self.superlink is None or self.supernodes:
             raise DeploymentError("start_nodes comes once, after start_superlink")
-        try:
-            self._start_nodes()
-        except BaseException:
-            self.stop()
-            raise
+        self._or_stop(self._start_nodes)
 
     def set_node_configs(self, node_configs: Sequence[Mapping[str, ConfigValue]]) -> None:
         """Replace the node configs (as many as before) until `start_nodes` starts the SuperNodes.
@@ -679,8 +667,12 @@ class LocalDeployment:
         """
         if self.superlink is None or self.supernodes:
             raise DeploymentError("prepare_nodes comes after start_superlink and before start_nodes")
+        self._or_stop(self._prepare_nodes)
+
+    def _or_stop(self, step: Callable[[], None]) -> None:
+        """Runs one start-up step; on any error (Ctrl-C too) stops everything started so far, then re-raises."""
         try:
-            self._prepare_nodes()
+            step()
         except BaseException:
             self.stop()
             raise
