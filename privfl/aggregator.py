@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
 from privfl.site import SiteRole, _plain_name, check_deployed_client_dp, quantizer_for, secagg_weight_bound
+
+if TYPE_CHECKING:
+    from privfl.protocols.base import Transport
 
 __all__ = ["AGGREGATOR_FILE", "Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
 
@@ -60,11 +63,25 @@ class LocalSites:
         sites: the sites.
         alter: optional ``f(node, step_bytes_in, reply) -> reply | None`` to lose or corrupt replies
             (tests, fault injection).
+        transport: optional :class:`~privfl.protocols.base.Transport` that carries every message, as the
+            in-process ``Federation`` takes one: each request as ``deliver("server", site, step, bytes)`` and
+            each reply as ``deliver(site, "server", step, bytes)``, where ``step`` is the request's
+            :class:`~privfl.envelope.Step` value (``"train"``, ``"secagg-relay"``, ...). ``None`` from
+            ``deliver`` loses the message: a lost request or reply drops that site at that step; altered
+            bytes reach the other side as they are (a site refuses a malformed request, the aggregator
+            drops a site whose reply is malformed). Applied before ``alter``.
     """
 
-    def __init__(self, sites, *, alter: Callable[[str, bytes, bytes], bytes | None] | None = None) -> None:
+    def __init__(
+        self,
+        sites,
+        *,
+        alter: Callable[[str, bytes, bytes], bytes | None] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self.sites = {site.name: site for site in sites}
         self.alter = alter
+        self.transport = transport
 
     def nodes(self) -> list[str]:
         return list(self.sites)
@@ -72,12 +89,35 @@ class LocalSites:
     def exchange(self, requests: Mapping[str, bytes], *, timeout: float) -> dict[str, bytes]:
         replies = {}
         for node, payload in requests.items():
-            reply = self.sites[node].handle(payload)
-            if self.alter is not None:
+            reply = self._carry(node, payload)
+            if reply is not None and self.alter is not None:
                 reply = self.alter(node, payload, reply)
             if reply is not None:
                 replies[node] = reply
         return replies
+
+    def _carry(self, node: str, payload: bytes) -> bytes | None:
+        """One request to ``node`` and its reply, each through the transport when there is one."""
+        if self.transport is None:
+            return self.sites[node].handle(payload)
+        from privfl.protocols.base import SERVER
+
+        step = _step_name(payload)
+        delivered = self.transport.deliver(SERVER, node, step, payload)
+        if delivered is None:
+            return None
+        reply = self.sites[node].handle(delivered)
+        return self.transport.deliver(node, SERVER, step, reply)
+
+
+def _step_name(payload: bytes) -> str:
+    """The step a request names, for a transport's bookkeeping (``"unknown"`` for bytes that do not parse)."""
+    from privfl.envelope import decode_request
+
+    try:
+        return decode_request(payload).step.value
+    except MessageError:
+        return "unknown"
 
 
 @dataclass(slots=True)
