@@ -603,12 +603,13 @@ class Aggregator:
             )
             protocol_part = secagg.params_bytes
         model_bytes = params.astype("<f4").tobytes()
+        index = {name: i for i, name in enumerate(names)}  # a site's index is its position in names
         requests = {}
         for n in sampled:
             parts: tuple[bytes, ...] = (model_bytes, protocol_part)
             if fed.protection is ProtectionKind.CKKS and n not in self._has_context:
                 parts += (self._ckks_public, self._ckks_run_id, self._ckks_signature)
-            requests[n] = ({**base, "index": names.index(n)}, parts)
+            requests[n] = ({**base, "index": index[n]}, parts)
         replies, dropped = self._exchange(channel, Step.TRAIN, r, requests)
         if fed.protection is ProtectionKind.CKKS:
             self._has_context.update(name for name, reply in replies.items() if reply.status is Status.OK)
