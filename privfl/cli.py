@@ -364,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``privfl`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # -v is privfl's own progress (every round, every process started); the libraries underneath stay at
+    # warnings (httpx would otherwise log every HTTP request a deployment makes).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("privfl").setLevel(logging.INFO if args.verbose else logging.NOTSET)
     try:
         return args.func(args)
     except PrivflError as exc:

@@ -149,3 +149,27 @@ def test_identity_prints_a_sites_public_key_and_keeps_it(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == key and err == ""
     assert Site("hospital-a", [(0, 0)], state).identity_public().hex() == key
+
+
+def test_verbose_is_privfl_progress_not_every_library_request(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.toml"
+    config.write_text('[data]\nnum_clients = 3\n[federation]\nrounds = 1\nprotection = "plaintext"\n')
+    # A fresh interpreter: the logging set-up of the command, not pytest's, is what is checked.
+    probe = (
+        "import logging, sys\n"
+        "from privfl.cli import main\n"
+        "main([*sys.argv[1:]])\n"
+        "print(logging.getLogger('privfl.aggregator').isEnabledFor(logging.INFO),"
+        " logging.getLogger('httpx').isEnabledFor(logging.INFO))\n"
+    )
+
+    def levels(*flags: str) -> str:
+        done = subprocess.run([sys.executable, "-c", probe, *flags, "lint", str(config)], capture_output=True, text=True, timeout=120)
+        return done.stdout.strip().splitlines()[-1]
+
+    # httpx logs each HTTP request of a deployment at INFO: not what "log every round" asks for.
+    assert levels("-v") == "True False"
+    assert levels() == "False False"

@@ -547,7 +547,7 @@ def _follow(
 ) -> None:
     """Shows the rounds as the ServerApp records them (after the ``start`` already recorded), until the run
     ends, ``done_path`` exists (the ServerApp writes it last), or ``timeout``."""
-    from privfl.federation import _Progress
+    from privfl.federation import _Progress, _round_log_line
 
     deadline = time.monotonic() + timeout
     shown = start
@@ -566,6 +566,7 @@ def _follow(
                 seen = None
             for record in history[shown:]:
                 bar.advance(_for_bar(record))
+                log.info("%s", _round_log_line(record))  # privfl -v: a line per round, as privfl run logs
                 if on_round is not None:
                     on_round(record)
             shown = max(shown, len(history))

@@ -62,3 +62,32 @@ def test_the_control_api_internals_it_uses_are_where_it_expects() -> None:
     assert callable(ControlHttpClient.from_server_address) and callable(ControlHttpClient.close)
     assert callable(CliClientHttpInterceptor().intercept)
     assert callable(RuntimeVersionHttpInterceptor(component_name="flwr CLI").intercept)
+
+
+def test_following_a_run_logs_a_line_per_round_for_verbose(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from privfl.flower.local import _follow
+
+    history = tmp_path / "history.json"
+    records = [
+        {"round": r, "sampled": ["a", "b"], "trained": ["a", "b"], "contributors": ["a", "b"], "skipped": {},
+         "dropped": {}, "aborted": None, "test_accuracy": 0.5 + r / 10, "max_epsilon": 1.0 + r}
+        for r in range(2)
+    ]
+    history.write_text(json.dumps(records))
+
+    class Finished:
+        log_file = tmp_path / "run.log"
+
+        def running(self) -> bool:
+            return False  # the run has ended: what is recorded is shown once
+
+    with caplog.at_level(logging.INFO, logger="privfl"):
+        _follow(Finished(), history, 2, progress=False, timeout=10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "privfl"]
+    assert lines == [
+        "round 0: 2 of 2 sampled sites trained, 2 aggregated, test accuracy 0.5000, max epsilon 1.000",
+        "round 1: 2 of 2 sampled sites trained, 2 aggregated, test accuracy 0.6000, max epsilon 2.000",
+    ]
