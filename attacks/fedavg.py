@@ -45,9 +45,14 @@ from .base import (
     _check_positive_number,
 )
 from .inverting import check_bounds, check_tv_weight, choose_tv_weight
-from .labels import FIT_TOLERANCE, _fit_instances, observed_mean_gradient
+from .labels import FIT_TOLERANCE, _fit_instances, noise_confidence, observed_mean_gradient
 
-__all__ = ["FedAvgInversion", "LocalTraining", "as_update", "step_indices", "update_label_counts"]
+__all__ = ["TRAINED_CONFIDENCE", "FedAvgInversion", "LocalTraining", "as_update", "step_indices", "update_label_counts"]
+
+TRAINED_CONFIDENCE = (0.1, 0.4)
+"""``noise_confidence`` of a model from which `FedAvgInversion`'s prior starts to hold (below: it falls to the
+model's weight, as on an untrained model) and at which it holds throughout. Photograph ConvNets at their
+initialization read below 0.03, the one trained for 300 steps 0.50 (docs/attacks.md)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -447,7 +452,10 @@ class FedAvgInversion(Attack):
         lr: Peak Adam step size, in input units per step.
         tv_weight: Total-variation prior weight (images only) the run ends with. None (the default): 0
             for models with an ``nn.Sigmoid`` or ``nn.Tanh`` module, 1e-2 otherwise, as for Inverting
-            Gradients (measured in docs/attacks.md, "Smooth models").
+            Gradients (measured in docs/attacks.md, "Smooth models"), except on a model that classifies
+            random inputs confidently (a trained one, :func:`~privfl.attacks.labels.noise_confidence`
+            above ``TRAINED_CONFIDENCE[0]``): there the run ends nearer ``tv_start``, at it from
+            ``TRAINED_CONFIDENCE[1]`` on (the prior then holds throughout; see :meth:`final_tv_weight`).
         tv_start: Total-variation weight at the first iteration (images only); it falls to ``tv_weight``
             over the first ``tv_anneal`` fraction. A start below ``tv_weight`` means no annealing.
         tv_anneal: Fraction of iterations over which the weight falls from ``tv_start`` to
@@ -499,7 +507,7 @@ class FedAvgInversion(Attack):
             batch_size=update.batch_size,
             lr=update.lr,
         )
-        replay = _Replay(view, training, update, tv_weight=self.tv_weight_for(model))
+        replay = _Replay(view, training, update, tv_weight=self.final_tv_weight(model, update.input_shape))
         generator = torch.Generator().manual_seed(self.seed)
         counts: torch.Tensor | None = None
         if update.labels is None:
@@ -662,6 +670,25 @@ class FedAvgInversion(Attack):
     def tv_weight_for(self, model: torch.nn.Module) -> float:
         """The total-variation weight used against ``model`` (see ``tv_weight``)."""
         return choose_tv_weight(self.tv_weight, model)
+
+    def final_tv_weight(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
+        """The TV weight the run ends with: ``tv_weight`` when set; else the model's weight, raised towards
+        ``tv_start`` on a trained model.
+
+        On a model trained for a few hundred steps the replay stalls near chance from most starts, and a prior
+        that stays strong is what lifts it (docs/attacks.md, "The prior on trained models' FedAvg updates").
+        Trained or not is read from the model alone: ``h = (c - low) / (high - low)`` clipped to [0, 1], with
+        ``c`` its :func:`~privfl.attacks.labels.noise_confidence` and ``(low, high) = TRAINED_CONFIDENCE``; the
+        weight is ``base + h * (tv_start - base)``. Untrained models (``c`` below ``low``) keep ``base``
+        exactly; smooth models keep 0 (their prior is what holds them back).
+        """
+        base = self.tv_weight_for(model)
+        if self.tv_weight is not None or base == 0 or self.tv_start <= base or len(input_shape) < 2:
+            return base
+        low, high = TRAINED_CONFIDENCE
+        confidence = noise_confidence(model, input_shape, bounds=self.bounds, seed=self.seed)
+        hold = min(1.0, max(0.0, (confidence - low) / (high - low)))
+        return base + hold * (self.tv_start - base)
 
 
 LABEL_SEARCHES = 3  # label-assignment tries per restart, unknown labels over distinct batches only

@@ -128,3 +128,68 @@ def test_tv_fit_gain_validation(value: object) -> None:
     with pytest.raises(ConfigError) as info:
         InvertingGradients(tv_fit_gain=value)  # type: ignore[arg-type]
     assert info.value.field == "tv_fit_gain"
+
+
+def image_head(bias: list[float]) -> torch.nn.Module:
+    """Conv + Linear head for 8x8 images whose logits are ``bias`` whatever the input (zero weights)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 64, len(bias)))
+    with torch.no_grad():
+        model[3].weight.zero_()
+        model[3].bias.copy_(torch.tensor(bias))
+    return model
+
+
+def test_noise_confidence_is_zero_for_uniform_outputs_and_one_for_sure_ones() -> None:
+    from privfl.attacks.labels import noise_confidence
+
+    assert noise_confidence(image_head([0.0, 0.0, 0.0]), (1, 8, 8)) == pytest.approx(0.0, abs=1e-12)
+    assert noise_confidence(image_head([60.0, 0.0, 0.0]), (1, 8, 8)) == pytest.approx(1.0, abs=1e-12)
+    # p = (1/2, 1/4, 1/4): entropy 1.5 log 2, over log 3.
+    import math
+
+    half = image_head([math.log(2.0), 0.0, 0.0])
+    assert noise_confidence(half, (1, 8, 8)) == pytest.approx(1 - 1.5 * math.log(2) / math.log(3), rel=1e-6)
+    assert noise_confidence(half, (1, 8, 8), bounds=None) == pytest.approx(1 - 1.5 * math.log(2) / math.log(3), rel=1e-6)
+
+
+def test_noise_confidence_leaves_the_global_generator_alone() -> None:
+    from privfl.attacks.labels import noise_confidence
+
+    model = image_head([1.0, 0.0, 0.0])  # built first: building a module draws from the global generator
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    noise_confidence(model, (1, 8, 8))
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_fedavg_prior_holds_on_a_model_that_is_sure_of_noise() -> None:
+    import math
+
+    from privfl.attacks import FedAvgInversion
+    from privfl.attacks.fedavg import TRAINED_CONFIDENCE
+
+    attack = FedAvgInversion()
+    shape = (1, 8, 8)
+    assert attack.final_tv_weight(image_head([0.0, 0.0, 0.0]), shape) == 1e-2  # untrained: the model's weight
+    assert attack.final_tv_weight(image_head([60.0, 0.0, 0.0]), shape) == attack.tv_start  # holds throughout
+    # Between the two thresholds the weight moves linearly from 1e-2 to tv_start.
+    low, high = TRAINED_CONFIDENCE
+    target = (low + high) / 2  # confidence 1 - H / log 3 for p = (q, (1-q)/2, (1-q)/2): solve for q
+    lo_q, hi_q = 1 / 3, 1.0
+    for _ in range(60):
+        q = (lo_q + hi_q) / 2
+        entropy = -(q * math.log(q) + (1 - q) * math.log((1 - q) / 2))
+        lo_q, hi_q = (q, hi_q) if 1 - entropy / math.log(3) < target else (lo_q, q)
+    middle = image_head([math.log(q / ((1 - q) / 2)), 0.0, 0.0])
+    assert attack.final_tv_weight(middle, shape) == pytest.approx(1e-2 + 0.5 * (attack.tv_start - 1e-2), rel=1e-4)
+    # An explicit weight, a smooth model, and tabular inputs keep their weight.
+    assert FedAvgInversion(tv_weight=0.03).final_tv_weight(image_head([60.0, 0.0, 0.0]), shape) == 0.03
+    sigmoid = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 3))
+    assert FedAvgInversion().final_tv_weight(sigmoid, shape) == 0.0
+    rows = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    with torch.no_grad():
+        rows[0].weight.zero_()
+        rows[0].bias.copy_(torch.tensor([60.0, 0.0, 0.0]))
+    assert FedAvgInversion().final_tv_weight(rows, (5,)) == 1e-2
