@@ -37,6 +37,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["DEFAULT_IDLE_POLL_SECONDS", "DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "flower_version_supported", "main", "run_executor"]
 
@@ -199,10 +200,8 @@ def run_executor(
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.retry import RetryInvoker, exponential
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
     for module in ("privfl.flower.apps", "privfl.flower.worker"):  # warm: each child finds them imported
         importlib.import_module(module)
 
@@ -228,14 +227,18 @@ def run_executor(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
+    # One try per ask: this loop retries itself, between looks at SIGTERM and at its parent. Flower's
+    # default invoker retries a refused connection forever, so an executor whose SuperNode had just gone
+    # (a stopped deployment) stayed blocked in its ask, orphaned, its stop flag never read.
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,
         root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=RetryInvoker(exponential, Exception, max_tries=1, max_time=None),
     )
     children: set[int] = set()
+    failing = False
     request = AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)])
     try:
         while not stopping and os.getppid() == parent_pid:
@@ -249,37 +252,16 @@ def run_executor(
             try:
                 reply = client.AcquireTask(request)
             except Exception as exc:  # the SuperNode may not be up yet, or be stopping
-                print(f"privfl node executor: Runtime API not answering ({type(exc).__name__})", file=sys.stderr)
-                time.sleep(max(poll, 0.5))
+                if not failing:  # once per streak: a SuperNode starting up is not answering for a while
+                    print(f"privfl node executor: Runtime API not answering ({type(exc).__name__})", file=sys.stderr)
+                failing = True
+                _wait_for_task(wake_fd, poll, idle_poll)  # woken as soon as the SuperNode holds a message
                 continue
+            failing = False
             if reply.HasField("task") and reply.token:
                 pid = os.fork()
                 if pid == 0:  # the child: one ClientApp task, then exit
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    if wake_fd is not None:
-                        os.close(wake_fd)
-                    code = 1
-                    try:
-                        run_clientapp(
-                            runtime_api_address=runtime_api_address,
-                            token=reply.token,
-                            insecure=True,
-                            certificates=None,
-                            parent_pid=None,
-                            runtime_dependency_install=False,
-                        )
-                        code = 0
-                    except SystemExit as exc:
-                        code = exc.code if isinstance(exc.code, int) else 1
-                    except BaseException:  # the child must not return into the loop
-                        import traceback
-
-                        traceback.print_exc()
-                    finally:
-                        sys.stdout.flush()
-                        sys.stderr.flush()
-                        os._exit(code)
+                    _run_task(runtime_api_address, reply.token, wake_fd)
                 children.add(pid)
                 continue  # there may be another task waiting
             _wait_for_task(wake_fd, poll, idle_poll)
@@ -290,6 +272,37 @@ def run_executor(
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def _run_task(runtime_api_address: str, token: str, wake_fd: int | None) -> NoReturn:
+    """A forked executor child: runs one ClientApp task and exits (never returns into the executor's loop)."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if wake_fd is not None:
+        os.close(wake_fd)
+    code = 1
+    try:
+        run_clientapp(
+            runtime_api_address=runtime_api_address,
+            token=token,
+            insecure=True,
+            certificates=None,
+            parent_pid=None,
+            runtime_dependency_install=False,
+        )
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # the child must not return into the loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -86,6 +86,21 @@ def _all_stopped(pids: list[int], within: float = 15.0, *, root: Path | None = N
     return False
 
 
+def _describe(pids: list[int]) -> str:
+    """Each pid's name, parent, process group and command line (for a failure message)."""
+    described = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            described.append(f"{pid} {comm} (state {fields[0]}, ppid {fields[1]}, pgid {fields[2]}): {cmdline}")
+        except OSError:
+            described.append(f"{pid} (gone)")
+    return "; ".join(described)
+
+
 def _running_under(root: Path) -> list[int]:
     """Live processes (not zombies) whose environment mentions ``root`` (FLWR_HOME and the like)."""
     needle = str(root).encode()
@@ -289,7 +304,7 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     with pytest.raises(_Stop), first:
         first.run(step_timeout=60, on_round=stop_after_round_1)
     pids = first.started_pids()
-    assert _all_stopped(pids, root=out), f"a process of the stopped deployment is still alive: {_running_under(out)}"
+    assert _all_stopped(pids, root=out), f"a process of the stopped deployment is still alive: {_describe(_running_under(out))}"
     recorded = json.loads((out / "run" / "history.json").read_text())
     assert len(recorded) >= 2 and not (out / "run" / "summary.json").exists()
 
@@ -304,7 +319,7 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     with second:
         summary, history, run_dir = second.run(step_timeout=60)
         pids = second.started_pids()
-    assert _all_stopped(pids, root=out), f"still alive: {_running_under(out)}"
+    assert _all_stopped(pids, root=out), f"still alive: {_describe(_running_under(out))}"
     assert run_dir == out / "run" and [h["round"] for h in history] == [0, 1, 2, 3]
     assert history[:2] == recorded[:2]  # the recorded rounds are kept as they were
     assert history[3]["aborted"] is None and len(history[3]["contributors"]) == 3
@@ -343,7 +358,7 @@ def test_sigterm_to_deploy_local_stops_everything_it_started(tmp_path, run_toml)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 130 and "interrupted" in stderr
-        assert _all_stopped([], root=out), f"still running after SIGTERM: {_running_under(out)}"
+        assert _all_stopped([], root=out), f"still running after SIGTERM: {_describe(_running_under(out))}"
     finally:
         if process.poll() is None:
             process.kill()

@@ -158,3 +158,36 @@ def test_the_serverapp_end_of_run_log_flush_is_shortened_where_it_expects(monkey
     monkeypatch.setattr(node, "flower_version_supported", lambda: False)
     monkeypatch.setattr(run_serverapp, "flush_logs", lambda log_queue, timeout=3.0: True)
     assert not apps._shorten_final_log_flush()  # another Flower: left as it is
+
+
+@pytest.mark.timeout(60)
+def test_an_executor_whose_supernode_is_gone_stops_on_sigterm():
+    """Its ask for a task fails fast when nothing answers (Flower's own invoker retries that forever), so
+    the stop flag and the parent check are read: a stopped deployment leaves no orphaned executor."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = (
+        "import os\n"
+        "from privfl.flower.node import run_executor\n"
+        f"run_executor('127.0.0.1:{port}', poll=0.05, parent_pid=os.getppid(), idle_poll=0.1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(4.0)  # imports, then several failed asks
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        assert proc.returncode == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert err.count("Runtime API not answering") == 1  # once per streak of failed asks, not once per ask
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
