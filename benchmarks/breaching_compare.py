@@ -14,7 +14,10 @@ Run from the repository root:
     python benchmarks/breaching_compare.py --iterations 500 --crop-sets 8 --threads 1
 
 ``--scenarios 32`` (32x32 crops) and ``--scenarios trained`` (a briefly trained ReLU ConvNet) run the further
-scenarios; ``--no-tv0`` skips the TV-0 sensitivity column.
+scenarios; ``--no-tv0`` skips the TV-0 sensitivity column. ``--seeds 0 1 2`` runs both attacks from each seed and
+scores each crop set by the mean over them, printing the spread between seeds (single runs can move by several dB
+with the seed or the machine; docs/attacks.md, "One seed on one machine"); ``--case FedAvg`` runs only the cases
+whose label contains that text.
 
 (``python benchmarks/attacks_quality.py --breaching`` runs the same.)
 """
