@@ -5,7 +5,7 @@ The attack starts its total-variation weight at ``tv_start`` (0.2) and lowers it
 own weight (1e-2 on ReLU models, 0 on sigmoid ones) over the first ``tv_anneal`` fraction of its iterations.
 This script runs `FedAvgInversion(max_iterations=..., seed=0, tv_start=s, tv_anneal=a)` for each pair ``(s, a)`` on the
 photograph scenarios of benchmarks/attacks_quality.py (`photo_model`, `photo_victims`, `photo_observation`), on
-crop sets the comparison with breaching does not score (8 and up), the fractions interleaved crop set by crop
+crop sets the comparison with breaching does not score (8 and up), the variants interleaved crop set by crop
 set. It prints PSNR per crop set (best one-to-one match, pixels in [0, 1]) and the median, mean and minimum.
 
     OMP_NUM_THREADS=1 python benchmarks/fedavg_schedule.py --tv-anneal 0.5 0.75 --iterations 500
