@@ -346,7 +346,7 @@ def attack_recording(
     rows with verdict ``"no access"``.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory (or a ``privfl deploy local`` directory: its ``run/``).
         model_fn: builds the run's model (as for :func:`privfl.load_model`); checked against the
             global model recorded with every round.
         clients: site name -> its training Dataset, the ground truth the reconstructions are scored
@@ -363,7 +363,9 @@ def attack_recording(
         ConfigError: no recording, a recording or checkpoint that does not match the model, an
             unfinished run, or a round that was not recorded.
     """
-    run = Path(run_dir)
+    from privfl.audit.deployment import server_run_dir
+
+    run = server_run_dir(run_dir)
     if not run.is_dir():
         raise ConfigError("run_dir", str(run), "is not a directory")
     for name, value in (("iterations", iterations), ("max_samples", max_samples)):

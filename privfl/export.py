@@ -186,9 +186,10 @@ def initial_run_model(model_fn: Callable[[], nn.Module], identity: dict[str, Any
 def _load(
     run_dir: str | os.PathLike[str], model_fn: Callable[[], nn.Module], round_index: int | None
 ) -> tuple[nn.Module, int, tuple[str, ...], bool, dict[str, Any]]:
+    from privfl.audit.deployment import server_run_dir
     from privfl.training import load_flat_parameters
 
-    run = Path(run_dir)
+    run = server_run_dir(run_dir)
     chosen = _resolve_round(run, round_index)
     identity = load_run_identity(run / RUN_FILE)
     model, changes = initial_run_model(model_fn, identity)
@@ -221,7 +222,8 @@ def load_model(run_dir: str | os.PathLike[str], model_fn: Callable[[], nn.Module
     ``model.json``, and loads the checkpoint. The model is returned in eval mode.
 
     Args:
-        run_dir: a run directory written by ``Federation.run`` or ``privfl run``.
+        run_dir: a run directory written by ``Federation.run`` or ``privfl run``, or a
+            ``privfl deploy local`` directory (its server run directory, ``run/``, is read).
         model_fn: the model factory the run was made with.
         round: the 0-based round whose parameters to load (default: the last checkpointed round,
             the final model of a finished run).
@@ -256,7 +258,7 @@ def export_model(
     (the ledger's last line hash in summary.json, when the run finished).
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory (or a ``privfl deploy local`` directory: its ``run/``).
         out: the file to write; it must not exist yet.
         model_fn: the model factory the run was made with.
         round: the 0-based round to export (default: the last checkpointed one).
@@ -270,8 +272,10 @@ def export_model(
     target = Path(out)
     if target.exists() or target.is_symlink():
         raise ConfigError("out", str(target), "already exists; remove it or choose another --out")
+    from privfl.audit.deployment import server_run_dir
+
     model, chosen, changes, checked, identity = _load(run_dir, model_fn, round)
-    run = Path(run_dir)
+    run = server_run_dir(run_dir)
     history = load_history(run / HISTORY_FILE)
     record = history[chosen] if chosen < len(history) else None
     ledger_head = None
@@ -323,12 +327,13 @@ def run_setup(
         ConfigError: ``run_dir`` is not a run directory, or the config is not the run's (names the
             sections that differ).
     """
+    from privfl.audit.deployment import server_run_dir
     from privfl.config import default_config, load_config
     from privfl.federation import public_config
     from privfl.models import build_model
     from privfl.runner import load_dataset, split_clients
 
-    run = Path(run_dir)
+    run = server_run_dir(run_dir)
     if not run.is_dir():
         raise ConfigError("run_dir", str(run), "is not a directory")
     config = load_config(config_path) if config_path is not None else default_config()
@@ -382,7 +387,7 @@ def export_run(
             :func:`export_model` raises.
     """
     model_fn, _ = run_setup(run_dir, config_path)
-    return export_model(Path(run_dir), out, model_fn, round=round)
+    return export_model(run_dir, out, model_fn, round=round)
 
 
 def _differs(recorded: Any, ours: Any) -> bool:

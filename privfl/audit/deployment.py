@@ -33,7 +33,7 @@ from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site, wri
 from privfl.errors import ConfigError, LedgerError
 from privfl.site import SITE_FILE, _plain_name
 
-__all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment"]
+__all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment", "server_run_dir"]
 
 DEPLOYMENT_AUDIT_FORMAT = 1
 
@@ -154,6 +154,16 @@ def find_deployment(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
     if (root / AGGREGATOR_FILE).is_file():
         return root, root.parent / "sites"
     return None
+
+
+def server_run_dir(path: str | os.PathLike[str]) -> Path:
+    """The server's run directory: ``path/run`` for a ``privfl deploy local`` directory, else ``path``.
+
+    So that ``privfl export``, ``privfl attack --run`` and :func:`privfl.load_model` take the same
+    directory ``privfl audit`` does: the one ``privfl deploy local --out`` made.
+    """
+    found = find_deployment(path)
+    return found[0] if found is not None else Path(path)
 
 
 def _state_dir(sites_root: Path, name: str) -> Path | None:

@@ -219,3 +219,17 @@ def test_a_deploy_local_layout_gives_attack_run_each_sites_own_data(tmp_path, ru
         assert torch.equal(clients[site.name].features, site.dataset.features)
     result = attack_recording(tmp_path / "run", model_fn=model_fn, clients=clients, iterations=5, max_samples=1)
     assert {r.source for r in result.rows} == {*folders, "aggregate"}
+
+    # The directory `privfl deploy local --out` made stands for its server run everywhere, as for `privfl audit`.
+    from privfl import load_model
+    from privfl.cli import main
+
+    top_fn, top_clients = run_setup(tmp_path, tmp_path / "config.toml")
+    assert sorted(top_clients) == sorted(folders)
+    top = attack_recording(tmp_path, model_fn=top_fn, clients=top_clients, iterations=5, max_samples=1)
+    assert [(r.round, r.source, r.view) for r in top.rows] == [(r.round, r.source, r.view) for r in result.rows]
+    final = load_model(tmp_path / "run", model_fn).state_dict()
+    assert all(torch.equal(value, final[key]) for key, value in load_model(tmp_path, model_fn).state_dict().items())
+    assert main(["export", str(tmp_path), "--config", str(tmp_path / "config.toml"), "--out", str(tmp_path / "model.pt")]) == 0
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert exported.keys() == final.keys() and all(torch.equal(exported[key], final[key]) for key in final)
