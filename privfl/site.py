@@ -278,7 +278,7 @@ class Site:
         self.budget = None if budget is None else float(budget)
         self.model_fn = model_fn
         self.device = device
-        self._template: tuple[tuple, Any] | None = None
+        self._template: tuple[tuple, Any] | None = None  # (run's model key, ModelPool of its initial model)
         self._ledger_cache: tuple[tuple[int, int, int] | None, Any] | None = None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         marker = self.state_dir / SITE_FILE
@@ -505,14 +505,15 @@ class Site:
             isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(classes, int) and classes > 1
         ):
             raise MessageError("train request lacks a valid input_shape / num_classes")
-        import copy
+        from privfl.model_pool import ModelPool
 
-        # The seeded initial model is the same for every round of a run: built once, copied per request
-        # (a long-lived site, in process or as a worker, then skips the seeding and the construction).
+        # The seeded initial model is the same for every round of a run: built once, then a fresh copy
+        # per request (a long-lived site, in process or as a worker, skips the seeding and the
+        # construction), reset in place when the last training changed only tensor values.
         key = (repr(config.model), config.federation.seed, None if shape is None else tuple(shape), classes)
         if self._template is None or self._template[0] != key:
-            self._template = (key, seeded_model(config, self.model_fn, None if shape is None else tuple(shape), classes))
-        return copy.deepcopy(self._template[1])
+            self._template = (key, ModelPool(seeded_model(config, self.model_fn, None if shape is None else tuple(shape), classes)))
+        return self._template[1].take()
 
     def _train(self, request: Request, config: RunConfig) -> Reply:
         from privfl.accounting import DPEvent
@@ -566,6 +567,8 @@ class Site:
                 model, dataset, config=config.training, noise_multiplier=plan.noise_multiplier,
                 device=resolve_device(self.device if self.device != "auto" else config.federation.device), seed=seed, site=self.name,
             )
+            assert self._template is not None  # set by self._model
+            self._template[1].give_back(model)  # the update is a copy; the model may serve the next request
             # Charged (one fsynced journal line) before anything derived from the data leaves the site.
             ledger.charge(r, self.name, result.event, note=_run_note(request.run))
             spent = ledger.epsilon(self.name)

@@ -37,6 +37,9 @@ def test_sites_and_aggregator_give_the_in_process_result(protection, split, clie
     result = _aggregator(text, split).run(LocalSites(sites), tmp_path / "server")
     expected = _federation(text, split, clients)
     assert all(h["aborted"] is None and len(h["contributors"]) == 3 for h in result.history)
+    # From the second round on, each site trains its last round's model reset in place (privfl.model_pool),
+    # and the result below is still the in-process one.
+    assert all(site._template[1].reused == len(result.history) - 1 for site in sites)
     difference = np.max(np.abs(result.parameters - expected))
     if protection == "plaintext":
         assert difference <= 1e-5

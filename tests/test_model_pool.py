@@ -1,0 +1,93 @@
+"""A site's model between requests: reset in place only when its training changed nothing but tensor values."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from privfl.config import ClippingMode, DPConfig, TrainingConfig
+from privfl.data import ArrayDataset
+from privfl.model_pool import ModelPool, differs_beyond_values
+from privfl.training import flatten_parameters, load_flat_parameters, make_private_compatible, train_dp_sgd
+
+
+class _Net(nn.Module):
+    """A frozen embedding-like layer, a buffer the forward pass moves, and a trained head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(6, 2)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen += 1  # buffer state a training changes; a reset must restore it
+        return self.head(torch.relu(self.frozen(x)))
+
+
+def _data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return ArrayDataset(rng.normal(size=(n, 6)).astype(np.float32), rng.integers(0, 2, n))
+
+
+def _train(model, global_params, mode, seed):
+    load_flat_parameters(model, global_params)
+    training = TrainingConfig(batch_size=8, dp=DPConfig(noise_multiplier=1.0, clipping=ClippingMode(mode)))
+    return train_dp_sgd(model, _data(), config=training, noise_multiplier=1.0, device=torch.device("cpu"), seed=seed).delta
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "per_sample"])
+def test_every_take_trains_as_a_deep_copy_of_the_template_would(mode):
+    torch.manual_seed(0)
+    template = make_private_compatible(_Net())
+    state = {k: v.clone() for k, v in template.state_dict().items()}
+    pool = ModelPool(template)
+    start = flatten_parameters(template)
+    for r in range(3):
+        params = start + np.float32(0.01 * r)
+        model = pool.take()
+        assert float(model.seen) == 0 and all(p.grad is None for p in model.parameters())
+        delta = _train(model, params, mode, seed=r)
+        pool.give_back(model)
+        np.testing.assert_array_equal(delta, _train(copy.deepcopy(template), params, mode, seed=r))
+    # The template is never trained, and never handed out.
+    assert all(torch.equal(v, state[k]) for k, v in template.state_dict().items())
+    assert pool.take() is not template
+    # Opacus' hooks leave an `activations` list on each layer: such a model is never reused.
+    assert pool.reused == (3 if mode == "bookkeeping" else 0)
+
+
+def test_anything_beyond_tensor_values_keeps_a_model_from_reuse():
+    template = _Net()
+    assert differs_beyond_values(copy.deepcopy(template), template) is None
+
+    hooked = copy.deepcopy(template)
+    hooked.head.register_forward_hook(lambda *a: None)
+    assert "_forward_hooks" in differs_beyond_values(hooked, template)
+
+    tagged = copy.deepcopy(template)
+    tagged.head.weight.grad_sample = torch.zeros(1)
+    assert "grad_sample" in differs_beyond_values(tagged, template)
+
+    stateful = copy.deepcopy(template)
+    stateful.cache = [torch.zeros(1)]  # Python state a reset would not restore
+    assert "cache" in differs_beyond_values(stateful, template)
+
+    counted = copy.deepcopy(template)
+    template.calls, counted.calls = 0, 3  # a plain attribute a training changed
+    assert "calls" in differs_beyond_values(counted, template)
+
+    unfrozen = copy.deepcopy(template)
+    unfrozen.frozen.weight.requires_grad_(True)
+    assert "trained on one model only" in differs_beyond_values(unfrozen, template)
+
+    pool = ModelPool(template)
+    for model in (hooked, tagged, stateful, counted, unfrozen):
+        pool.give_back(model)
+        taken = pool.take()
+        assert taken is not model and pool.reused == 0
