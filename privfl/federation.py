@@ -48,6 +48,7 @@ from privfl.client_dp import (
 )
 from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
+from privfl.model_pool import ModelPool
 from privfl.plan import derive_seed, plan_site, planned_rounds, round_size, sample_sites
 from privfl.protocols.base import (
     ClientUpdate,
@@ -209,8 +210,10 @@ class Federation:
     """Federated training of a user's model with DP-SGD clients and protected aggregation.
 
     Args:
-        model_fn: builds a fresh, untrained model (called once for the initial global model and
-            once per client per round). Must return the same architecture every time.
+        model_fn: builds a fresh, untrained model: the initial global model, and a copy for the
+            clients' trainings and the evaluation (called again only when a training left more
+            than new tensor values on the last copy: Opacus' hooks do). Must return the same
+            architecture every time.
         clients: client name -> that client's training ``Dataset`` (yielding (input, label)).
         test_set: held-out data the global model is evaluated on after every round (optional).
         training: local DP-SGD settings, shared by all clients.
@@ -313,7 +316,7 @@ class Federation:
         by_name = {plan.name: plan for plan in plans}
         return [by_name[name] for name in sample_sites(self.config, round_index, [plan.name for plan in plans])]
 
-    def _initial_model(self) -> tuple[nn.Module, bool]:
+    def _initial_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
         model = self.model_fn()
         if not isinstance(model, nn.Module):
@@ -321,18 +324,23 @@ class Federation:
         fixed = make_private_compatible(model)
         # Every client and evaluation model starts from this model's full state: parameters that are
         # not trained (frozen layers) and buffers are not in the flat vector the rounds exchange.
-        self._initial_state = {name: value.detach().clone() for name, value in fixed.state_dict().items()}
-        return fixed, fixed is not model
+        initial_state = {name: value.detach().clone() for name, value in fixed.state_dict().items()}
+        needs_fix = fixed is not model
 
-    def _fresh_model(self, needs_fix: bool) -> nn.Module:
-        model = self.model_fn()
-        if needs_fix:
-            with warnings.catch_warnings():
-                # The user was warned once, when the initial model was fixed.
-                warnings.simplefilter("ignore", UserWarning)
-                model = make_private_compatible(model)
-        model.load_state_dict(self._initial_state)
-        return model
+        def build() -> nn.Module:
+            fresh = self.model_fn()
+            if needs_fix:
+                with warnings.catch_warnings():
+                    # The user was warned once, when the initial model was fixed.
+                    warnings.simplefilter("ignore", UserWarning)
+                    fresh = make_private_compatible(fresh)
+            fresh.load_state_dict(initial_state)
+            return fresh
+
+        # As a Site does (privfl.model_pool): a model whose training changed only its tensors' values
+        # is reset in place for the next one; otherwise model_fn builds another.
+        self._models = ModelPool(build(), build=build)
+        return fixed
 
     def _plans(self) -> list[_ClientPlan]:
         plans = []
@@ -386,7 +394,7 @@ class Federation:
 
     def _run(self, out: Path | None, resume: bool) -> RunResult:
         started = time.perf_counter()
-        model, needs_fix = self._initial_model()
+        model = self._initial_model()
         global_params = flatten_parameters(model)
         plans = self._plans()
         protection = self._protection if self._protection is not None else build_protection(self.config)
@@ -403,7 +411,7 @@ class Federation:
                 record_architecture(out, model)
             return self._run_rounds(
                 out, ledger=ledger, history=history, start_round=start_round, plans=plans, protection=protection,
-                model=model, needs_fix=needs_fix, global_params=global_params, started=started,
+                model=model, global_params=global_params, started=started,
             )
         finally:
             ledger.close()
@@ -418,7 +426,6 @@ class Federation:
         plans: list[_ClientPlan],
         protection: Protection,
         model: nn.Module,
-        needs_fix: bool,
         global_params: np.ndarray,
         started: float,
     ) -> RunResult:
@@ -444,7 +451,7 @@ class Federation:
                     recorder.begin_round(round_index, global_params)
                 record, global_params = self._round(
                     round_index, plans, protection=protection, ledger=ledger, global_params=global_params,
-                    needs_fix=needs_fix, transport=recorder or self.transport,
+                    transport=recorder or self.transport,
                 )
                 history.append(record)
                 if out is not None:
@@ -471,7 +478,6 @@ class Federation:
         protection: Protection,
         ledger: PrivacyLedger,
         global_params: np.ndarray,
-        needs_fix: bool,
         transport: Transport,
     ) -> tuple[RoundRecord, np.ndarray]:
         t0 = time.perf_counter()
@@ -503,7 +509,7 @@ class Federation:
             log.warning("round %d: %s", round_index, doomed)
             trainable = []
         for plan in trainable:
-            local_model = self._fresh_model(needs_fix)
+            local_model = self._models.take()
             load_flat_parameters(local_model, global_params)
             seed = self._noise_seed(round_index, plan.index, 0)
             result = train_dp_sgd(
@@ -515,6 +521,7 @@ class Federation:
                 seed=seed,
                 site=plan.name,
             )
+            self._models.give_back(local_model)  # the update is a copy
             # Charged before the update leaves the client; with a run directory the charge is one
             # fsynced journal line by the time charge() returns, so a crash can never un-spend it.
             ledger.charge(round_index, plan.name, result.event)
@@ -565,9 +572,10 @@ class Federation:
 
         test_loss, test_accuracy = (math.nan, math.nan)
         if self.test_set is not None:
-            eval_model = self._fresh_model(needs_fix)
+            eval_model = self._models.take()
             load_flat_parameters(eval_model, global_params)
             test_loss, test_accuracy = evaluate(eval_model, self.test_set, device=self.device)
+            self._models.give_back(eval_model)
         epsilons = {plan.name: ledger.epsilon(plan.name) for plan in plans}
         return {
             "round": round_index,

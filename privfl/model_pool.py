@@ -1,11 +1,12 @@
 """Fresh copies of a run's initial model, one per local training, without a deep copy each time.
 
-A site trains a model that starts from the run's initial model (its full state: frozen parameters
-and buffers included) and then takes the global parameters. A deep copy of that model per request
-costs more than the training of a small model's round (0.25-0.4 ms for a logistic regression, the
-largest per-site cost of a 1,000-site round over ``LocalSites``; docs/performance.md). A trained
-model whose training changed nothing but the values of its tensors can instead be reset in place:
-every parameter and buffer copied back from the template, every ``.grad`` dropped.
+Every local training (a Site's, or a client's in ``Federation``) starts from the run's initial
+model (its full state: frozen parameters and buffers included) and then takes the global
+parameters. A deep copy of that model per request costs 0.25-0.4 ms for a logistic regression, the
+largest per-site cost of a 1,000-site round over ``LocalSites`` after the training itself
+(docs/performance.md); ``Federation`` built one with ``model_fn`` and ``load_state_dict`` instead,
+about 0.2 ms. A model whose training changed nothing but the values of its tensors can instead be
+reset in place: every parameter and buffer copied back from the template, every ``.grad`` dropped.
 
 :class:`ModelPool` keeps such a model between requests, and only such a model. It is handed back
 after training and kept only if it is, apart from tensor values, what the template is:
@@ -17,13 +18,14 @@ after training and kept only if it is, apart from tensor values, what the templa
 - no attribute set on a parameter or buffer (Opacus' ``grad_sample``, say) and no tensor hook.
 
 Anything else (hooks or attributes a training library left behind, a module that keeps a list or a
-tensor as Python state) is not kept, and the next request gets a deep copy, as before. So a reused
-model is the template's state exactly, and the updates it trains are bit-identical to a deep copy's.
+tensor as Python state) is not kept, and the next request gets a new copy, as before. So a reused
+model is the template's state exactly, and the updates it trains are bit-identical to a new copy's.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -97,18 +99,24 @@ class ModelPool:
 
     One model at a time is kept (a site trains one request at a time). The template itself is never
     handed out, and is not changed.
+
+    Args:
+        template: the model every copy starts as.
+        build: makes a new copy when none is kept (default: a deep copy of ``template``); it must
+            return the template's architecture and state.
     """
 
-    def __init__(self, template: nn.Module) -> None:
+    def __init__(self, template: nn.Module, *, build: Callable[[], nn.Module] | None = None) -> None:
         self.template = template
+        self._build = build
         self._spare: nn.Module | None = None
-        self.reused = 0  # how many takes were served by a reset instead of a deep copy (for tests)
+        self.reused = 0  # how many takes were served by a reset instead of a new copy (for tests)
 
     def take(self) -> nn.Module:
         """A model whose state (parameters, buffers) is the template's, with no ``.grad``."""
         spare, self._spare = self._spare, None
         if spare is None:
-            return copy.deepcopy(self.template)
+            return self._build() if self._build is not None else copy.deepcopy(self.template)
         with torch.no_grad():
             for parameter, initial in zip(spare.parameters(), self.template.parameters(), strict=True):
                 parameter.copy_(initial)

@@ -91,3 +91,41 @@ def test_anything_beyond_tensor_values_keeps_a_model_from_reuse():
         pool.give_back(model)
         taken = pool.take()
         assert taken is not model and pool.reused == 0
+
+
+@pytest.mark.parametrize("clipping", ["bookkeeping", "per_sample"])
+def test_federation_gives_the_same_run_as_with_model_fn_for_every_training(clipping, monkeypatch):
+    from privfl.config import FederationConfig, ProtectionKind
+    from privfl.data import iid_partition, load_breast_cancer, subsets
+    from privfl.federation import Federation
+
+    split = load_breast_cancer()
+    clients = {f"s{i}": d for i, d in enumerate(subsets(split.train, iid_partition(len(split.train), 3, seed=0)))}
+    calls = []
+
+    def model_fn():
+        calls.append(1)
+        frozen = nn.Linear(30, 30)
+        frozen.requires_grad_(False)
+        return nn.Sequential(frozen, nn.Tanh(), nn.Linear(30, 2))
+
+    def run():
+        calls.clear()
+        return Federation(
+            model_fn=model_fn, clients=clients, test_set=split.test,
+            training=TrainingConfig(batch_size=32, learning_rate=0.5, dp=DPConfig(noise_multiplier=0.5, clipping=ClippingMode(clipping))),
+            federation=FederationConfig(rounds=3, protection=ProtectionKind.PLAINTEXT, seed=1, noise_seed=0),
+            progress=False,
+        ).run()
+
+    reused = run()
+    reused_calls = len(calls)
+    monkeypatch.setattr(ModelPool, "give_back", lambda self, model: None)  # every training on a model_fn build
+    built = run()
+    # The initial model, the template of the copies, then 3 rounds x (3 trainings + 1 evaluation) = 12 copies.
+    # With book-keeping only the first copy is built. With Opacus' hooks a trained copy is never kept; an
+    # evaluated one is, and serves the next round's first training.
+    assert len(calls) == 2 + 12
+    assert reused_calls == (2 + 1 if clipping == "bookkeeping" else 2 + 12 - 2)
+    np.testing.assert_array_equal(flatten_parameters(reused.model), flatten_parameters(built.model))
+    assert [h["test_loss"] for h in reused.history] == [h["test_loss"] for h in built.history]
