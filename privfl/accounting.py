@@ -1384,6 +1384,18 @@ class PrivacyLedger:
         """Whether ``event`` keeps the client within its epsilon budget."""
         return self.epsilon_if(client, event) <= self._account(client).budget.epsilon
 
+    def refusal(self, client: str, event: DPEvent) -> str | None:
+        """Why the client must not train for ``event`` (it would pass its budget), or None if it may.
+
+        The one rule a site applies before touching its data, in ``privfl run`` and in a
+        deployed :class:`~privfl.site.Site` alike.
+        """
+        after = self.epsilon_if(client, event)
+        budget = self._account(client).budget.epsilon
+        if after > budget:
+            return f"another round would spend epsilon {after:.3f} > budget {budget:.3f}"
+        return None
+
     def charge(self, round_index: int, client: str, event: DPEvent, *, note: str = "") -> LedgerEntry:
         """Records that the client trained in this round (durably, when the ledger has a journal).
 

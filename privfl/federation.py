@@ -489,11 +489,9 @@ class Federation:
         trainable: list[_ClientPlan] = []
         for plan in sampled:
             event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
-            after = ledger.epsilon_if(plan.name, event)
-            budget = ledger.budget(plan.name).epsilon
-            if after > budget:
+            reason = ledger.refusal(plan.name, event)
+            if reason is not None:
                 # The client never touches its data this round; the round goes on without it.
-                reason = f"another round would spend epsilon {after:.3f} > budget {budget:.3f}"
                 ledger.record_skip(round_index, plan.name, reason=reason)
                 skipped[plan.name] = reason
                 continue

@@ -544,11 +544,10 @@ class Site:
             clip_norm = _client_clip_norm(request, config)
             plan = plan_site(len(self.dataset), config.training, config.federation, num_sites)
             event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
-            after = ledger.epsilon_if(self.name, event)
             budget = ledger.budget(self.name).epsilon
-            if after > budget:
+            reason = ledger.refusal(self.name, event)
+            if reason is not None:
                 # Decided here, by the site's own ledger: the server cannot talk it into training.
-                reason = f"another round would spend epsilon {after:.3f} > budget {budget:.3f}"
                 ledger.record_skip(r, self.name, reason=f"run {request.run}: {reason}")
                 return self._reply(request, Status.SKIPPED, reason=reason, epsilon=ledger.epsilon(self.name), budget=budget, exhausted=True)
             model = self._model(config, fields)
@@ -572,7 +571,7 @@ class Site:
             # Charged (one fsynced journal line) before anything derived from the data leaves the site.
             ledger.charge(r, self.name, result.event, note=_run_note(request.run))
             spent = ledger.epsilon(self.name)
-            exhausted = ledger.epsilon_if(self.name, event) > budget
+            exhausted = ledger.refusal(self.name, event) is not None
         except BudgetExceededError as exc:
             return self._reply(request, Status.SKIPPED, reason=str(exc), epsilon=ledger.epsilon(self.name), budget=ledger.budget(self.name).epsilon, exhausted=True)
         finally:

@@ -117,12 +117,15 @@ def test_ledger_is_monotone_and_enforces_the_budget():
     spent = []
     round_index = 0
     while ledger.can_afford("a", event):
+        assert ledger.refusal("a", event) is None
         ledger.charge(round_index, "a", event)
         spent.append(ledger.epsilon("a"))
         round_index += 1
     assert len(spent) >= 2
     assert spent == sorted(spent)
     assert spent[-1] <= 2.0
+    reason = ledger.refusal("a", event)
+    assert reason == f"another round would spend epsilon {ledger.epsilon_if('a', event):.3f} > budget 2.000"
     with pytest.raises(BudgetExceededError):
         ledger.charge(round_index, "a", event)
     assert ledger.epsilon("a") == spent[-1]  # a refused charge records nothing
