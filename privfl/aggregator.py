@@ -424,7 +424,14 @@ class Aggregator:
 
     def _run(self, channel: SiteChannel, out: Path | None, *, resume: bool) -> DeploymentResult:
         from privfl.federation import _Progress, _round_log_line
-        from privfl.rundir import HISTORY_FILE, SUMMARY_FILE, durable_write_json, load_checkpoint, save_checkpoint
+        from privfl.rundir import (
+            HISTORY_FILE,
+            SUMMARY_FILE,
+            HistoryWriter,
+            durable_write_json,
+            load_checkpoint,
+            save_checkpoint,
+        )
         from privfl.training import evaluate, flatten_parameters, load_flat_parameters, resolve_device
 
         self._recorded_sites = None
@@ -432,6 +439,7 @@ class Aggregator:
         if self.record and out is None:
             raise ConfigError("record", True, "a recording of the server's view needs an out_dir")
         history = self._start(out, resume)
+        history_file = None if out is None else HistoryWriter(out / HISTORY_FILE)
         if self.record:
             from privfl.recording import OBSERVED_DIR, ServerViewRecorder
 
@@ -476,7 +484,8 @@ class Aggregator:
             )
             history.append(self._close(record, time.perf_counter()))
             save_checkpoint(out, start, params)
-            durable_write_json(out / HISTORY_FILE, history)
+            assert history_file is not None  # made with out
+            history_file.write(history)
             start += 1
         if history:
             log.info("resuming run %s at round %d of %d", self.run_id, start, fed.rounds)
@@ -497,7 +506,8 @@ class Aggregator:
                 if out is not None:
                     # The checkpoint first: a recorded round always has its model (resume loads it).
                     save_checkpoint(out, r, params)
-                    durable_write_json(out / HISTORY_FILE, history)
+                    assert history_file is not None  # made with out
+                    history_file.write(history)
                 progress.advance(record)
                 log.info("%s", _round_log_line(record))
         summary = self._summary(history, len(params), time.perf_counter() - started, device)

@@ -66,6 +66,7 @@ from privfl.rundir import (
     LEDGER_KEY_FILE,
     RUN_FILE,
     SUMMARY_FILE,
+    HistoryWriter,
     RunLock,
     check_ledger_against_history,
     check_ledger_presence,
@@ -437,6 +438,7 @@ class Federation:
 
             recorder = ServerViewRecorder(out / OBSERVED_DIR, inner=self.transport)
         self._setup_client_dp(len(plans), history)
+        history_file = None if out is None else HistoryWriter(out / HISTORY_FILE, default=_json_default)
         for plan in plans:
             ledger.register(plan.name, ClientBudget(epsilon=dp.epsilon_budget, delta=dp.delta))
 
@@ -455,8 +457,9 @@ class Federation:
                 )
                 history.append(record)
                 if out is not None:
+                    assert history_file is not None  # made with out
                     # History first: a checkpoint never exists for a round whose record is missing.
-                    _atomic_write_json(out / HISTORY_FILE, history)
+                    history_file.write(history)
                     save_checkpoint(out, round_index, global_params)
                 progress.advance(record)
                 log.info("%s", _round_log_line(record))
@@ -746,7 +749,7 @@ class Federation:
             if recorded_rounds > done:
                 # The interrupted round's record goes before the marker that sets its entries apart: the
                 # directory's history and ledger then agree wherever a kill lands (audit, a later resume).
-                _atomic_write_json(out / HISTORY_FILE, history)
+                HistoryWriter(out / HISTORY_FILE, default=_json_default).write(history)
             ledger.mark_resume(done)
             for client, entry in interrupted.items():
                 if entry.status is LedgerStatus.TRAINED:

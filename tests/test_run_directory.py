@@ -111,6 +111,10 @@ def test_every_state_file_is_fsynced_then_renamed_then_its_directory_fsynced(cli
     # the ledger journal: every line is fsynced where it is written
     ledger = os.path.realpath(out / LEDGER_FILE)
     assert sum(1 for e in events if e == ("fsync", ledger)) >= 2 * 3  # a charge per client per round
+    # history.json: replaced whole in round 0, then round 1's record appended in place and fsynced there
+    history = os.path.realpath(out / HISTORY_FILE)
+    first_checkpoint = next(i for i, (_, dst) in replaced if Path(dst).name == "round-0000.pt")
+    assert ("fsync", history) in events[first_checkpoint:]
 
 
 def _interrupt_at_first_training(monkeypatch):
