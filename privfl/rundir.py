@@ -54,6 +54,7 @@ __all__ = [
     "RUN_FILE",
     "RUN_TRACES",
     "SUMMARY_FILE",
+    "HistoryFollower",
     "HistoryWriter",
     "RunLock",
     "check_ledger_against_history",
@@ -480,6 +481,60 @@ class HistoryWriter:
             fh.flush()
             os.fsync(fh.fileno())
         return True
+
+
+class HistoryFollower:
+    """The records of a ``history.json`` another process is writing, read as they arrive.
+
+    For a live progress view. Each :meth:`read` reads only what was appended since the last one
+    (the file of :class:`HistoryWriter`); a file replaced whole (a new inode: a fresh run, a resume)
+    is read again from its start. A record still being appended is left for the next read. A file in
+    another layout (a JSON list on one line) is parsed whole on every read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.records: list[Any] = []
+        self._inode: int | None = None
+        self._offset = 0  # where the next separator (",\n", or "\n" before the first record) starts
+
+    def read(self) -> list[Any]:
+        """Every complete record so far (the same list, grown), or the last ones read if the file is unreadable."""
+        try:
+            with self.path.open("rb") as fh:
+                inode = os.fstat(fh.fileno()).st_ino
+                if inode != self._inode:
+                    head = fh.read(2)
+                    if head != b"[\n":
+                        fh.seek(0)
+                        whole = json.loads(fh.read().decode("utf-8"))
+                        self.records = whole if isinstance(whole, list) else []
+                        return self.records
+                    self._inode, self._offset, self.records = inode, 1, []
+                fh.seek(self._offset)
+                data = fh.read()
+        except (OSError, ValueError, RecursionError):
+            return self.records  # not written yet, or being replaced right now: read it next time
+        pos = 0
+        while True:
+            if data.startswith(b",\n", pos):
+                start = pos + 2
+            elif data.startswith(b"\n", pos) and not self.records:
+                start = pos + 1
+            else:
+                break  # the closing bracket, or an append that has not reached this byte yet
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            line = data[start:end]
+            content = line[:-1] if line.endswith(b",") else line
+            try:
+                self.records.append(json.loads(content.decode("utf-8")))
+            except (ValueError, RecursionError):
+                break  # "]", or a record still being written
+            pos = start + len(content)  # its comma, if any, opens the next separator
+        self._offset += pos
+        return self.records
 
 
 def _read_history_lines(path: Path) -> tuple[list[Any], bool] | None:

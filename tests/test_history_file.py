@@ -18,7 +18,7 @@ import privfl.rundir as rundir
 from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError
 from privfl.federation import Federation
-from privfl.rundir import HISTORY_FILE, HistoryWriter, checkpoint_path, load_history
+from privfl.rundir import HISTORY_FILE, HistoryFollower, HistoryWriter, checkpoint_path, load_history
 from privfl.training import flatten_parameters
 
 
@@ -121,6 +121,49 @@ def test_a_history_larger_than_one_json_document_may_be_still_loads(tmp_path, mo
     path.write_text(json.dumps(history, indent=2))  # an indented one is one document: refused past the cap
     with pytest.raises(ConfigError, match="larger than"):
         load_history(path)
+
+
+def _overwrite_in_place(path, data: bytes) -> None:
+    with path.open("r+b") as fh:  # the same inode, as an append in progress leaves it
+        fh.write(data)
+        fh.truncate()
+
+
+def test_a_follower_reads_each_append_once_and_never_a_record_half_written(tmp_path):
+    path = tmp_path / HISTORY_FILE
+    writer, follower = HistoryWriter(path), HistoryFollower(path)
+    assert follower.read() == []  # not written yet
+    history = [_record(0)]
+    writer.write(history)
+    assert follower.read() == history
+    history.append(_record(1))
+    writer.write(history)
+    before = path.read_bytes()
+    assert follower.read() == history
+    offset = follower._offset
+    history.append(_record(2))
+    writer.write(history)
+    after = path.read_bytes()
+    start = len(before) - len(b"\n]\n")
+    line_end = after.rindex(b"\n]\n")
+    for cut in range(start, len(after) + 1):
+        # the append has landed up to byte `cut`; the old bytes after it are still there
+        _overwrite_in_place(path, after[:cut] + before[cut:])
+        fresh = HistoryFollower(path)  # one that starts reading mid-append: complete records only
+        got = fresh.read()
+        assert got == history[: len(got)] and len(got) >= (3 if cut > line_end else 1), cut
+        _overwrite_in_place(path, after)
+        assert fresh.read() == history, cut
+        _overwrite_in_place(path, before)
+        follower.records, follower._offset = list(history[:2]), offset  # as it stood before the append
+        _overwrite_in_place(path, after[:cut] + before[cut:])
+        assert follower.read() == history[:2] + ([history[2]] if cut > line_end else []), cut
+        _overwrite_in_place(path, after)
+        assert follower.read() == history, cut  # and the rest once it lands
+    HistoryWriter(path).write(history[:1])  # replaced whole (a new inode): read again from the start
+    assert follower.read() == history[:1]
+    path.write_text(json.dumps(history))  # another layout: parsed whole
+    assert HistoryFollower(path).read() == history
 
 
 def _federation(clients, split):

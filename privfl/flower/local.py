@@ -548,22 +548,15 @@ def _follow(
     """Shows the rounds as the ServerApp records them (after the ``start`` already recorded), until the run
     ends, ``done_path`` exists (the ServerApp writes it last), or ``timeout``."""
     from privfl.federation import _Progress, _round_log_line
+    from privfl.rundir import HistoryFollower
 
     deadline = time.monotonic() + timeout
     shown = start
-    seen: tuple[int, int] | None = None  # (mtime, size) of the history last read
+    follower = HistoryFollower(history_path)  # reads what each round appended, not the whole file again
     with _Progress(rounds, enabled=progress, start=start) as bar:
         while True:
             running = handle.running() and not (done_path is not None and done_path.exists())
-            try:
-                stat = history_path.stat()
-                changed = (stat.st_mtime_ns, stat.st_size) != seen
-                history = json.loads(history_path.read_text()) if changed else []
-                if changed:
-                    seen = (stat.st_mtime_ns, stat.st_size)
-            except (OSError, ValueError):
-                history = []  # not written yet, or being replaced right now: read it next time
-                seen = None
+            history = follower.read()
             for record in history[shown:]:
                 bar.advance(_for_bar(record))
                 log.info("%s", _round_log_line(record))  # privfl -v: a line per round, as privfl run logs
