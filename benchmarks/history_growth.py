@@ -35,14 +35,13 @@ import tempfile
 import time
 import warnings
 
+import scaling  # benchmarks/scaling.py, beside this script: its synthetic sites and child runner
+
 VARIANTS = ("append", "rewrite")
 
 
 def child(args) -> None:
     import torch
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import scaling
 
     import privfl.federation as fed_module
     from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
@@ -94,15 +93,7 @@ def spawn(args, variant: str) -> dict:
            "--fraction", str(args.fraction), "--rounds", str(args.rounds), "--seed", str(args.seed)]
     if args.tmp_dir:
         cmd += ["--tmp-dir", args.tmp_dir]
-    env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[name] = "1"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed ({shlex.join(cmd)}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return scaling.run_child(cmd, threads=1)
 
 
 def main() -> None:

@@ -270,9 +270,15 @@ def spawn(args, variant: str, num_clients: int, kind: str) -> dict:
         cmd += ["--target-epsilon", str(args.target_epsilon)]
     if args.tmp_dir:
         cmd += ["--tmp-dir", args.tmp_dir]
+    return run_child(cmd, args.threads)
+
+
+def run_child(cmd: list[str], threads: int) -> dict:
+    """Runs one benchmark child process with ``threads`` OpenMP/MKL/OpenBLAS threads and the repository
+    on its path; returns its last stdout line, parsed as JSON."""
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[name] = str(args.threads)
+        env[name] = str(threads)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
