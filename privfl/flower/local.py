@@ -164,6 +164,7 @@ class LocalFederation:
             self._check_resumable(config_text, sites)
         elif self.root.exists() and any(self.root.iterdir()):
             raise ConfigError("out", str(self.root), "must be a new or empty directory (or resume the run there with --resume)")
+        self._made_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         self._sites, self._budgets, self._worker_faults, self._key_holder = sites, budgets, worker_faults, key_holder
         self._allow_noise_seed = config.federation.noise_seed is not None if allow_noise_seed is None else bool(allow_noise_seed)
@@ -253,13 +254,29 @@ class LocalFederation:
             self._write_sites()
             self.deployment.set_node_configs(self.node_configs)
             self.deployment.prepare_nodes()  # node keys registered; workers and SuperNodes start in `_wait_ready`
-        except BaseException:
+        except BaseException as exc:
             self.stop()
+            if isinstance(exc, ConfigError) and not self._resume:
+                # A setting that cannot work (more sites than the data splits into): nothing ran and nothing
+                # was spent, so what the start wrote goes too, and the same --out can be used again.
+                self._discard_start()
             raise
         # `run` submits its run at once: the ServerApp boots while the launcher imports and the
         # workers start, and waits for the SuperNodes, which start only once every worker answers
         # (`_wait_ready`), so no message can reach a site before its worker does.
         return self
+
+    def _discard_start(self) -> None:
+        """Removes what a fresh start wrote into ``out`` (it was new or empty), and ``out`` if it made it."""
+        import shutil
+
+        for child in list(self.root.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        if self._made_root:
+            self.root.rmdir()
 
     def _wait_ready(self) -> None:
         """Returns once every worker answers and every SuperNode has registered (raises otherwise);

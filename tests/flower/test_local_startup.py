@@ -91,3 +91,28 @@ def test_following_a_run_logs_a_line_per_round_for_verbose(tmp_path: Path, caplo
         "round 0: 2 of 2 sampled sites trained, 2 aggregated, test accuracy 0.5000, max epsilon 1.000",
         "round 1: 2 of 2 sampled sites trained, 2 aggregated, test accuracy 0.6000, max epsilon 2.000",
     ]
+
+
+def test_a_setting_that_fails_at_start_leaves_out_reusable_and_no_process(tmp_path: Path) -> None:
+    pytest.importorskip("flwr")
+    import time
+
+    from privfl.config import default_config_text
+    from privfl.flower.deploy import pid_alive
+    from privfl.flower.local import LocalFederation
+
+    out = tmp_path / "deploy"
+    federation = LocalFederation(default_config_text(), sites=500, out=out)  # more sites than the data splits into
+    with pytest.raises(ConfigError, match=r"data\.min_client_size"), federation:
+        pass
+    # nothing ran and nothing was spent: what the start wrote is gone, so the same --out works next time
+    assert not out.exists()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in federation.started_pids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in federation.started_pids() if pid_alive(pid)]
+    out.mkdir()
+    (out / "kept.txt").write_text("not ours")
+    with pytest.raises(ConfigError, match="new or empty directory"):
+        LocalFederation(default_config_text(), sites=500, out=out)
+    assert (out / "kept.txt").read_text() == "not ours"
