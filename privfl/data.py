@@ -230,7 +230,11 @@ def dirichlet_partition(
     if not (isinstance(num_clients, int) and num_clients >= 1):
         raise ConfigError("num_clients", num_clients, "must be an integer >= 1")
     if num_clients * min_size > len(labels):
-        raise ConfigError("min_size", min_size, f"{num_clients} clients x {min_size} > {len(labels)} examples")
+        raise ConfigError(
+            "data.min_client_size", min_size,
+            f"{num_clients} clients x {min_size} examples each > the {len(labels)} training examples; "
+            "use fewer clients (data.num_clients; --sites for privfl deploy local) or a smaller data.min_client_size",
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(max_tries):
@@ -244,7 +248,11 @@ def dirichlet_partition(
         result = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(r) for r in result) >= min_size:
             return result
-    raise ConfigError("min_size", min_size, f"no Dirichlet({alpha}) split gave every client that many in {max_tries} tries")
+    raise ConfigError(
+        "data.min_client_size", min_size,
+        f"no Dirichlet({alpha}) split gave every one of {num_clients} clients that many examples in {max_tries} tries; "
+        "use fewer clients, a larger data.alpha or a smaller data.min_client_size",
+    )
 
 
 def group_partition(groups: np.ndarray) -> dict[str, np.ndarray]:

@@ -58,7 +58,7 @@ def test_dirichlet_partition_skew_depends_on_alpha(alpha):
 def test_dirichlet_partition_rejects_impossible_min_size():
     with pytest.raises(ConfigError) as info:
         dirichlet_partition(np.zeros(20), 5, alpha=0.5, min_size=10)
-    assert info.value.field == "min_size"
+    assert info.value.field == "data.min_client_size"  # the config key a user sets
 
 
 def test_group_partition_and_subsets():
