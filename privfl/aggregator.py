@@ -30,6 +30,7 @@ from privfl.envelope import Request, Status, Step, decode_reply, encode_request
 from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
+from privfl.rundir import AGGREGATOR_FILE
 from privfl.site import SiteRole, _plain_name, check_deployed_client_dp, quantizer_for, secagg_weight_bound
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AGGREGATOR_FILE", "Aggregator", "DeploymentResult", "LocalSites", "SiteChannel"]
 
-AGGREGATOR_FILE = "aggregator.json"
-"""In a deployment's out_dir: the run id, the config's SHA-256 and the sites (what a resume must match)."""
 
 log = logging.getLogger("privfl")
 

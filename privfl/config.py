@@ -598,7 +598,11 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     return config_from_dict(load_toml(path))
 
 
+def default_config_text() -> str:
+    """The embedded default config's TOML text."""
+    return resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
+
+
 def default_config() -> RunConfig:
     """The embedded default: breast cancer over 5 hospitals, Dirichlet(0.5), DP-SGD epsilon 3, CKKS."""
-    text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
-    return config_from_dict(tomllib.loads(text))
+    return config_from_dict(tomllib.loads(default_config_text()))

@@ -61,6 +61,7 @@ from privfl.protocols.base import (
 from privfl.results import RoundRecord, RunSummary, SiteSummary
 from privfl.rundir import (
     CHECKPOINT_DIR,
+    CONFIG_FILE,
     HISTORY_FILE,
     LEDGER_FILE,
     LEDGER_KEY_FILE,
@@ -71,6 +72,7 @@ from privfl.rundir import (
     check_ledger_against_history,
     check_ledger_presence,
     check_run_directory,
+    durable_write_bytes,
     durable_write_json,
     filesystem_error,
     interrupted_run_hint,
@@ -268,6 +270,7 @@ class Federation:
                 raise ConfigError("protection", type(protection).__name__, "must be a privfl.protocols.base.Protection")
             _check_noise_placement(protection, federation)
         self._protection = protection
+        self._config_text: str | None = None  # set by run()
         self.progress = progress
         self.record = bool(record)
         self.device = resolve_device(federation.device)
@@ -352,12 +355,16 @@ class Federation:
         return plans
 
     # -- the run -----------------------------------------------------------------------------------
-    def run(self, out_dir: str | os.PathLike[str] | None = None, *, resume: bool = False) -> RunResult:
+    def run(
+        self, out_dir: str | os.PathLike[str] | None = None, *, resume: bool = False, config_text: str | None = None
+    ) -> RunResult:
         """Runs every round (or the remaining ones, with ``resume``).
 
         Args:
             out_dir: run directory for the ledger, history, checkpoints and summary (None: keep in memory).
             resume: continue the run in ``out_dir`` from its last checkpoint, with its ledger.
+            config_text: the run config as TOML, if the run has one (``privfl run``): kept in the run
+                directory as ``config.toml``, which ``privfl run --resume`` without a config reads back.
 
         Returns:
             The final model, history, summary and ledger.
@@ -377,6 +384,7 @@ class Federation:
         read-only file system) is a ConfigError naming it.
         """
         out = Path(out_dir) if out_dir is not None else None
+        self._config_text = config_text
         if out is None:
             if self.record:
                 raise ConfigError("record", True, "a recording of the server's view needs a run directory (out_dir)")
@@ -715,6 +723,7 @@ class Federation:
             # interrupted start leaves either nothing to protect or a ledger to resume from.
             ledger = PrivacyLedger.create(ledger_path, accountant=accountant, key=key, run_identity=identity)
             _atomic_write_json(out / RUN_FILE, fingerprint)
+            self._keep_config(out)
             return ledger, [], 0, params
         ledger = PrivacyLedger.open(ledger_path, key=LedgerKey.read(out / LEDGER_KEY_FILE))
         try:
@@ -741,6 +750,14 @@ class Federation:
             if len(history) != done:
                 raise ConfigError("out_dir", str(out), f"history.json holds {len(history)} of the {done} checkpointed rounds")
             check_ledger_against_history(ledger, history, ledger_path)
+            if done >= self.config.rounds and (out / SUMMARY_FILE).exists():
+                # Nothing to run: a resume would only mark the ledger (moving its head, which an exported
+                # model records) and rewrite the summary. (Without a summary, the run stopped after its
+                # last round and before writing it: the resume writes it.)
+                raise ConfigError(
+                    "resume", str(out), f"the run there has finished: {done} rounds recorded, and federation.rounds is "
+                    f"{self.config.rounds}; to train more, resume with a config of more rounds"
+                )
             if done > 0:
                 params = load_checkpoint(out, done - 1, len(params))
             # Entries already written for round `done` or later belong to an interrupted attempt:
@@ -750,6 +767,7 @@ class Federation:
                 # The interrupted round's record goes before the marker that sets its entries apart: the
                 # directory's history and ledger then agree wherever a kill lands (audit, a later resume).
                 HistoryWriter(out / HISTORY_FILE, default=_json_default).write(history)
+            self._keep_config(out)  # a resume may change federation.rounds (the one setting it may change)
             ledger.mark_resume(done)
             for client, entry in interrupted.items():
                 if entry.status is LedgerStatus.TRAINED:
@@ -763,6 +781,10 @@ class Federation:
             raise
         log.info("resuming %s after round %d", out, done - 1)
         return ledger, history, done, params
+
+    def _keep_config(self, out: Path) -> None:
+        if self._config_text is not None:
+            durable_write_bytes(out / CONFIG_FILE, self._config_text.encode())
 
     def _summary(
         self,

@@ -151,10 +151,14 @@ def load_server_view(run_dir: str | os.PathLike[str]) -> list[RecordedRound]:
     directory = Path(run_dir) / OBSERVED_DIR
     index = directory / INDEX_FILE
     if not index.is_file():
-        raise ConfigError(
-            "run", str(run_dir), "holds no recording of what the server observed; make the run with "
-            "`privfl run --record` (or Federation(..., record=True))"
+        from privfl.rundir import AGGREGATOR_FILE
+
+        how = (
+            "`privfl deploy local --record` (or Aggregator(..., record=True))"
+            if (Path(run_dir) / AGGREGATOR_FILE).is_file()  # a deployment's server run directory
+            else "`privfl run --record` (or Federation(..., record=True))"
         )
+        raise ConfigError("run", str(run_dir), f"holds no recording of what the server observed; make the run with {how}")
     rounds: dict[int, tuple[int, str, list[tuple[int, RecordedMessage, str]]]] = {}
     with open(index, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):

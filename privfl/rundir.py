@@ -45,7 +45,9 @@ from privfl.results import RoundRecord
 log = logging.getLogger("privfl")
 
 __all__ = [
+    "AGGREGATOR_FILE",
     "CHECKPOINT_DIR",
+    "CONFIG_FILE",
     "HISTORY_FILE",
     "LEDGER_FILE",
     "LEDGER_KEY_FILE",
@@ -53,6 +55,7 @@ __all__ = [
     "LOCK_FILE",
     "RUN_FILE",
     "RUN_TRACES",
+    "SITE_FILE",
     "SUMMARY_FILE",
     "HistoryFollower",
     "HistoryWriter",
@@ -61,6 +64,7 @@ __all__ = [
     "check_ledger_presence",
     "check_run_directory",
     "checkpoint_path",
+    "directory_kind",
     "durable_write_bytes",
     "durable_write_json",
     "filesystem_error",
@@ -81,6 +85,12 @@ LEGACY_LEDGER_FILE = "ledger.json"
 """Format 1 ledgers (one JSON document, unchained); recognised only to refuse them clearly."""
 HISTORY_FILE = "history.json"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.toml"
+"""The run config as the run started it (``privfl run`` writes it; ``--resume`` without a config reads it)."""
+AGGREGATOR_FILE = "aggregator.json"
+"""In a deployment's server run directory: the run id, the config's SHA-256 and the sites (what a resume must match)."""
+SITE_FILE = "site.json"
+"""In a site's state directory: the name of the site it belongs to."""
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "run.lock"
 RUN_TRACES = (LEGACY_LEDGER_FILE, RUN_FILE, HISTORY_FILE, SUMMARY_FILE, CHECKPOINT_DIR)
@@ -307,6 +317,25 @@ def check_run_directory(run_dir: str | os.PathLike[str], *, resume: bool) -> Non
     check_ledger_presence(out, resume)
 
 
+def directory_kind(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is if it is a privfl directory of another kind than a ``privfl run`` directory, else None.
+
+    A ``privfl deploy local`` directory, a deployment's server run directory, or a site's state
+    directory; each is named with what to do with it instead.
+    """
+    root = Path(path)
+    if (root / "run" / AGGREGATOR_FILE).is_file() or ((root / "sites").is_dir() and (root / "flower").is_dir()):
+        return (
+            "a privfl deploy local directory (resume it with `privfl deploy local CONFIG --resume --out "
+            f"{root}`; audit it with `privfl audit {root}`)"
+        )
+    if (root / AGGREGATOR_FILE).is_file():
+        return f"a deployment's server run directory (audit it with `privfl audit {root}`)"
+    if (root / SITE_FILE).is_file():
+        return f"a site's state directory (audit it with `privfl audit --site {root}`)"
+    return None
+
+
 def check_ledger_presence(out: Path, resume: bool) -> bool:
     """Whether ``out`` holds a ledger to resume; refuses every state in which a run would lose spending.
 
@@ -320,6 +349,11 @@ def check_ledger_presence(out: Path, resume: bool) -> bool:
         ConfigError: a fresh run where a ledger exists, or ``resume`` with nothing to resume.
         LedgerError: traces of a run without its ledger, or an old-format ledger.
     """
+    other = directory_kind(out)
+    if other is not None:
+        # Its ledgers are elsewhere (each site's state) or it is a site's own: a privfl run here would
+        # start a second, separate record of spending beside it, which no audit of that directory reads.
+        raise ConfigError("out_dir", str(out), f"is {other}, not a privfl run directory; choose a new directory for this run")
     if (out / LEDGER_FILE).exists():
         if not resume:
             raise ConfigError(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from privfl.config import DatasetKind, PartitionKind, RunConfig
+from privfl.config import DatasetKind, PartitionKind, RunConfig, load_config
 from privfl.errors import ConfigError
-from privfl.rundir import check_run_directory
+from privfl.rundir import CONFIG_FILE, check_run_directory
 
 if TYPE_CHECKING:
     from privfl.data import DatasetSplit
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
 # where used, so that a run refused for its directory does not pay for them.
 
 __all__ = ["load_dataset", "run", "split_clients"]
+
+log = logging.getLogger("privfl")
 
 
 def load_dataset(config: RunConfig) -> DatasetSplit:
@@ -63,6 +67,7 @@ def run(
     resume: bool = False,
     progress: bool = True,
     record: bool = False,
+    config_text: str | None = None,
 ) -> RunResult:
     """Builds the dataset, clients and model a config describes, and runs the federation.
 
@@ -72,6 +77,8 @@ def run(
         resume: continue an interrupted run in ``out_dir``.
         progress: show a progress bar.
         record: record what the server observes into ``out_dir/observed`` (see :mod:`privfl.recording`).
+        config_text: ``config`` as TOML, kept in ``out_dir`` as ``config.toml`` (what ``privfl run
+            --resume`` without a config reads back).
 
     Returns:
         The federation's result.
@@ -83,6 +90,16 @@ def run(
     if out_dir is not None:
         # A refusal for the directory must not wait for data loading and noise calibration.
         check_run_directory(out_dir, resume=resume)
+        saved = Path(out_dir) / CONFIG_FILE
+        if resume and saved.is_file():
+            started = load_config(saved).federation.rounds
+            if started != config.federation.rounds:
+                # The one setting a resume may change (the run's identity leaves it out); the noise of the
+                # remaining rounds is calibrated for the new count. Said, so that it is never a surprise.
+                log.warning(
+                    "resuming with federation.rounds = %d; the run in %s was started with %d",
+                    config.federation.rounds, out_dir, started,
+                )
     from privfl.federation import Federation
     from privfl.models import build_model
 
@@ -103,4 +120,4 @@ def run(
         progress=progress,
         record=record,
     )
-    return federation.run(out_dir, resume=resume)
+    return federation.run(out_dir, resume=resume, config_text=config_text)

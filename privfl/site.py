@@ -51,6 +51,7 @@ from privfl.errors import BudgetExceededError, ConfigError, LedgerError, Message
 from privfl.rundir import (
     LEDGER_FILE,
     LEDGER_KEY_FILE,
+    SITE_FILE,
     RunLock,
     durable_write_bytes,
     durable_write_json,
@@ -71,7 +72,6 @@ __all__ = [
 
 log = logging.getLogger("privfl")
 
-SITE_FILE = "site.json"
 RUN_FILE = "run.json"
 IDENTITY_FILE = "identity.key"
 ROUND_FILE = "round.bin"

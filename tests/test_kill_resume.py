@@ -205,9 +205,15 @@ def test_kill_9_at_random_points_never_loses_spending(tmp_path, server):
                 continue
             assert code == 0, stderr.read_text()[-2000:]
             break  # finished before the kill: check it, then start another directory
-        # resume to the end and check the finished run
-        pid = server.start([*argv, "--resume"] if (out / LEDGER_FILE).exists() else argv, stderr)
-        assert server.wait(pid, 120) == 0, stderr.read_text()[-2000:]
+        # resume to the end (a finished run, its summary written last, refuses a resume) and check it
+        if (out / "summary.json").exists():
+            ledger = (out / LEDGER_FILE).read_bytes()
+            pid = server.start([*argv, "--resume"], stderr)
+            assert server.wait(pid, 120) == 2 and "has finished" in stderr.read_text()[-2000:]
+            assert (out / LEDGER_FILE).read_bytes() == ledger
+        else:
+            pid = server.start([*argv, "--resume"] if (out / LEDGER_FILE).exists() else argv, stderr)
+            assert server.wait(pid, 120) == 0, stderr.read_text()[-2000:]
         charged = _check_spending(out, charged)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == rounds and len(list((out / CHECKPOINT_DIR).glob("round-*.pt"))) == rounds

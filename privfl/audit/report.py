@@ -48,6 +48,7 @@ from privfl.rundir import (
     RUN_FILE,
     SUMMARY_FILE,
     check_ledger_against_history,
+    directory_kind,
     durable_write_bytes,
     filesystem_error,
     load_history,
@@ -251,7 +252,8 @@ class AuditReport:
         out += [
             f"- sample-level delta (one record of a client): {', '.join(f'{d:g}' for d in deltas) or '-'}",
             f"- ledger: {ledger.lines} lines verified ({'hash chain and MAC' if ledger.authenticated else 'hash chain only'}), "
-            f"consistent with history.json; head {ledger.head}"
+            + ("consistent with history.json" if self.rounds else "no round recorded in history.json yet to compare it with")
+            + f"; head {ledger.head}"
             + (f"; {ledger.interrupted_entries} entries of interrupted rounds (charged)" if ledger.interrupted_entries else ""),
         ]
         if worst is not None:
@@ -1139,6 +1141,9 @@ def audit_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError("run_dir", str(run_dir), "does not exist or is not a directory")
+    other = directory_kind(run_dir)
+    if other is not None:
+        raise ConfigError("run_dir", str(run_dir), f"is {other}, not a privfl run directory")
     ledger, recorded_accountant = _load_ledger(run_dir)
     interrupted = not (run_dir / SUMMARY_FILE).exists()
     if interrupted:
