@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from privfl.errors import PrivflError
+from privfl.errors import ConfigError, PrivflError
 
 __all__ = ["main"]
 
@@ -17,16 +19,26 @@ __all__ = ["main"]
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from privfl.config import default_config, load_config
+    from privfl.config import default_config, default_config_text, load_config
+    from privfl.rundir import CONFIG_FILE
     from privfl.runner import run
 
-    config = load_config(args.config) if args.config else default_config()
     out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    saved = out / CONFIG_FILE
+    if args.config:
+        config = load_config(args.config)  # the file's errors, typed, before it is read again for its text
+        text, source = Path(args.config).read_text(encoding="utf-8"), args.config
+    elif args.resume and saved.is_file():
+        # The config the run started with, not the embedded default: resuming a run of other settings
+        # with the default's would quietly change them (rounds, which a resume may change, included).
+        config = load_config(saved)
+        text, source = saved.read_text(encoding="utf-8"), f"{saved} (the config this run started with)"
+    else:
+        config, text, source = default_config(), default_config_text(), "embedded default"
     console = Console(stderr=True)
-    source = args.config or "embedded default"
     console.print(f"[bold]privfl run[/bold]: {source} -> {out}")
     try:
-        result = run(config, out, resume=args.resume, progress=not args.quiet, record=args.record)
+        result = run(config, out, resume=args.resume, progress=not args.quiet, record=args.record, config_text=text)
     except KeyboardInterrupt:
         from privfl.federation import interrupted_run_hint
 
@@ -96,6 +108,17 @@ def _cmd_identity(args: argparse.Namespace) -> int:
         print(f"privfl: error: {state} is not a directory: create the site's state directory (or start its worker once) first",
               file=sys.stderr)
         return 2
+    from privfl.rundir import LEDGER_FILE, SITE_FILE, directory_kind, run_traces
+
+    if not (state / SITE_FILE).is_file():
+        # A site's key belongs in its own state directory: one made in a run or deployment directory
+        # (a wrong but existing path) would be handed out for a site that never uses it.
+        kind = directory_kind(state) or (
+            "a privfl run directory" if (state / LEDGER_FILE).exists() or run_traces(state) else None
+        )
+        if kind is not None:
+            print(f"privfl: error: {state} is {kind}, not a site's state directory", file=sys.stderr)
+            return 2
     made = not (state / IDENTITY_FILE).exists()
     print(site_identity(state).hex())
     if made:
@@ -133,6 +156,22 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+# Used only with --run; without it they would be silently ignored.
+_RUN_ONLY_OPTIONS = (("rounds", "--rounds"), ("run_config", "--run-config"), ("iterations", "--iterations"))
+_DEFAULT_ITERATIONS = 300
+
+
+def _parse_rounds(text: str | None) -> list[int] | None:
+    """``--rounds 0,2`` as a list of rounds (None: every recorded round)."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    # isdigit rejects signs too, so a negative round gets the same message as any other typo.
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise ConfigError("--rounds", text, "must be comma-separated round numbers (0-based), e.g. 0,2")
+    return [int(part) for part in parts]
+
+
 def _cmd_attack_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -142,6 +181,11 @@ def _cmd_attack_run(args: argparse.Namespace) -> int:
             "attack-matrix config", file=sys.stderr,
         )
         return 2
+    # Checked before the run's data is loaded, so a typo fails at once.
+    rounds = _parse_rounds(args.rounds)
+    iterations = _DEFAULT_ITERATIONS if args.iterations is None else args.iterations
+    if iterations < 1:
+        raise ConfigError("--iterations", iterations, "must be a number of steps >= 1")
     from privfl.attacks.recorded import attack_recording, write_recorded_results
     from privfl.export import run_setup
 
@@ -154,9 +198,8 @@ def _cmd_attack_run(args: argparse.Namespace) -> int:
             detail = f" {row.best_psnr:.1f} dB (chance {row.best_chance_psnr:.1f})" if row.reconstructed else ""
             console.print(f"  round {row.round} {row.source}: {row.view}, {row.attack}: {row.verdict}{detail}", highlight=False, soft_wrap=True)
 
-    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else None
     result = attack_recording(args.run, model_fn=model_fn, clients=clients, rounds=rounds,
-                              iterations=args.iterations, on_row=show)
+                              iterations=iterations, on_row=show)
     folder = write_recorded_results(result, args.out)
     print(result.to_markdown())
     print(f"wrote {folder / 'results.json'} and {folder / 'results.md'}", file=sys.stderr)
@@ -168,6 +211,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
     if args.run:
         return _cmd_attack_run(args)
+    for dest, option in _RUN_ONLY_OPTIONS:
+        if getattr(args, dest) is not None:
+            print(f"privfl: error: {option} needs --run RUN_DIR", file=sys.stderr)
+            return 2
 
     from privfl.attacks.matrix import (
         AttackMatrixInterrupted,
@@ -208,6 +255,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy_local(args: argparse.Namespace) -> int:
+    # Before anything starts: a deployment would otherwise run until its first timeout check fails.
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        print("privfl: error: --timeout must be a number of seconds > 0", file=sys.stderr)
+        return 2
     from importlib import resources
 
     from rich.console import Console
@@ -313,13 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--run", metavar="RUN_DIR", help="attack what the server observed in a run made with `run --record`")
     attack.add_argument("--run-config", help="with --run: the TOML config the run was made with (default: the embedded demo)")
     attack.add_argument("--rounds", help="with --run: comma-separated rounds to attack (default: every recorded round)")
-    attack.add_argument("--iterations", type=int, default=300, help="with --run: FedAvg-inversion steps (default: 300)")
+    # default None, so that a --iterations given without --run is noticed (300 is applied with --run)
+    attack.add_argument("--iterations", type=int, help=f"with --run: FedAvg-inversion steps (default: {_DEFAULT_ITERATIONS})")
     attack.set_defaults(func=_cmd_attack)
 
     export = sub.add_parser(
         "export", help="write a run's model as a state_dict, with the DP-SGD architecture changes and the run's identity"
     )
-    export.add_argument("run_dir", help="a directory written by privfl run")
+    export.add_argument("run_dir", help="a directory written by privfl run, or by privfl deploy local (its run/ is read)")
     export.add_argument("--out", required=True, help="the file to write (e.g. model.pt; must not exist)")
     export.add_argument("--config", help="the TOML config the run was made with (default: the embedded demo)")
     export.add_argument("--round", type=int, help="the 0-based round to export (default: the last finished one)")
@@ -360,6 +412,16 @@ def _version() -> str:
     return __version__
 
 
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout is not a file (e.g. captured in a test)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``privfl`` console script."""
     parser = build_parser()
@@ -370,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("privfl").setLevel(logging.INFO if args.verbose else logging.NOTSET)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # stdout was closed by its reader (`privfl audit DIR | head`): end quietly. stdout now points at
+        # devnull so that the interpreter's final flush of what is still buffered does not fail again.
+        _stdout_to_devnull()
+        return 1
     except PrivflError as exc:
         print(f"privfl: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -90,4 +92,17 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
     if s["dropped_clients"]:
         console.print(f"[yellow]dropped updates[/yellow]: {s['dropped_clients']}")
     if result.out_dir is not None:
-        console.print(f"wrote {result.out_dir}/summary.json, ledger.jsonl (key: ledger.key), history.json, checkpoints/")
+        console.print(f"wrote {result.out_dir}/: {', '.join(_run_files(result.out_dir))}")
+
+
+def _run_files(out: Path) -> list[str]:
+    """What the run directory holds (docs/getting-started.md), so the user knows what to keep.
+
+    Listed as found: config.toml and observed/ are there only for some runs.
+    """
+    from privfl.recording import OBSERVED_DIR
+
+    files = ["summary.json", "ledger.jsonl", "history.json", "run.json", "config.toml", "model.json"]
+    found = [name for name in files if (out / name).is_file()]
+    found += [f"{name}/" for name in ("checkpoints", OBSERVED_DIR) if (out / name).is_dir()]
+    return [f"{name} (key: ledger.key, keep it private)" if name == "ledger.jsonl" else name for name in found]
