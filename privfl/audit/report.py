@@ -728,7 +728,9 @@ def _overspent(facts: RunFacts) -> list[Hit]:
 @register(
     audit_code("PFA004", Severity.WARNING, "a client is at its budget (info when the run was calibrated to spend it)", also=(Severity.INFO,)),
     title="a client is at its budget (INFO when the run was calibrated to spend it)",
-    fix="Nothing to fix if the run is final; to train more, plan the extra rounds into a new run's budget.",
+    fix="Nothing to fix if the run is final. Training on the same records again, in this run or a new one, spends more "
+    "(a new run directory's ledger starts from zero, but what was spent here still counts): plan the rounds you need "
+    "into one run's budget.",
 )
 def _at_budget(facts: RunFacts) -> list[Hit]:
     # At budget: within 1% of it, or already unable to afford a round.
