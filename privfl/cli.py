@@ -264,20 +264,25 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from privfl.flower.local import deploy_local
+    from privfl.rundir import CONFIG_FILE
 
-    if args.config:
-        text = Path(args.config).read_text()
-    else:
-        text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
     if args.resume and not args.out:
         print("privfl: error: --resume needs --out DIR, the deployment to resume", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("runs") / time.strftime("deploy-%Y%m%d-%H%M%S")
+    saved = out / "run" / CONFIG_FILE
+    source = args.config or "embedded default"
+    if args.config:
+        text = Path(args.config).read_text()
+    elif args.resume and saved.is_file():
+        text, source = saved.read_text(), f"{saved} (the config this run started with)"
+    else:
+        text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
     console = Console(stderr=True)
 
     def announce() -> None:
         console.print(
-            f"[bold]privfl deploy local[/bold]{' (resuming)' if args.resume else ''}: {args.config or 'embedded default'}, {args.sites} "
+            f"[bold]privfl deploy local[/bold]{' (resuming)' if args.resume else ''}: {source}, {args.sites} "
             f"site{'s' * (args.sites != 1)} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)"
         )
 
@@ -362,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--out", required=True, help="output directory (existing results there are overwritten)")
     attack.add_argument("--quiet", action="store_true", help="no progress bar")
     attack.add_argument("--run", metavar="RUN_DIR", help="attack what the server observed in a run made with `run --record`")
-    attack.add_argument("--run-config", help="with --run: the TOML config the run was made with (default: the embedded demo)")
+    attack.add_argument(
+        "--run-config", help="with --run: the TOML config the run was made with (default: the run's config.toml, else the embedded demo)"
+    )
     attack.add_argument("--rounds", help="with --run: comma-separated rounds to attack (default: every recorded round)")
     # default None, so that a --iterations given without --run is noticed (300 is applied with --run)
     attack.add_argument("--iterations", type=int, help=f"with --run: FedAvg-inversion steps (default: {_DEFAULT_ITERATIONS})")
@@ -373,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run_dir", help="a directory written by privfl run, or by privfl deploy local (its run/ is read)")
     export.add_argument("--out", required=True, help="the file to write (e.g. model.pt; must not exist)")
-    export.add_argument("--config", help="the TOML config the run was made with (default: the embedded demo)")
+    export.add_argument(
+        "--config", help="the TOML config the run was made with (default: the run's config.toml, else the embedded demo)"
+    )
     export.add_argument("--round", type=int, help="the 0-based round to export (default: the last finished one)")
     export.set_defaults(func=_cmd_export)
 

@@ -31,6 +31,7 @@ from torch import nn
 from privfl.errors import ConfigError
 from privfl.rundir import (
     CHECKPOINT_DIR,
+    CONFIG_FILE,
     HISTORY_FILE,
     RUN_FILE,
     SUMMARY_FILE,
@@ -315,8 +316,9 @@ def run_setup(
 
     run.json records the training and federation settings and each site's data fingerprint, but
     not the ``[data]`` and ``[model]`` tables; so both are rebuilt from the TOML config the run was
-    made with (default: the embedded demo, as for ``privfl run``), after checking that the config's
-    training and federation settings and site names are the run's.
+    made with (default: the run's own ``config.toml``, which ``privfl run`` and ``privfl deploy
+    local`` keep, else the embedded demo), after checking that the config's training and federation
+    settings and site names are the run's.
 
     ``option`` is the command-line option the error message tells the user to pass the config with.
 
@@ -336,6 +338,8 @@ def run_setup(
     run = server_run_dir(run_dir)
     if not run.is_dir():
         raise ConfigError("run_dir", str(run), "is not a directory")
+    if config_path is None and (run / CONFIG_FILE).is_file():
+        config_path = run / CONFIG_FILE  # the config the run was made with
     config = load_config(config_path) if config_path is not None else default_config()
     source = str(config_path) if config_path is not None else "the embedded default config"
     identity = load_run_identity(run / RUN_FILE)

@@ -119,3 +119,19 @@ def test_attack_run_on_an_unrecorded_deployment_names_the_deploy_flag(tmp_path):
         load_server_view(tmp_path)
     with pytest.raises(ConfigError, match=r"privfl run --record"):
         load_server_view(tmp_path / "missing")
+
+
+def test_export_reads_the_config_the_run_kept(tmp_path, capsys):
+    config = tmp_path / "other.toml"
+    text = _default_with_rounds(tmp_path, 1).read_text()
+    assert "\nlearning_rate = 0.5\n" in text
+    config.write_text(text.replace("\nlearning_rate = 0.5\n", "\nlearning_rate = 0.25\n"))
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    # No --config: the run's config.toml, not the embedded default (whose learning rate differs)
+    assert main(["export", str(out), "--out", str(tmp_path / "model.pt")]) == 0
+    assert (tmp_path / "model.pt").is_file()
+    (out / CONFIG_FILE).unlink()  # a run directory without one: the embedded default, refused as not the run's
+    assert main(["export", str(out), "--out", str(tmp_path / "model2.pt")]) == 2
+    assert "pass that TOML file with --config" in capsys.readouterr().err
