@@ -89,6 +89,7 @@ from privfl.training import (
     make_private_compatible,
     resolve_device,
     sampling_plan,
+    seeded_initial_model,
     train_dp_sgd,
 )
 
@@ -321,15 +322,17 @@ class Federation:
         return [by_name[name] for name in sample_sites(self.config, round_index, [plan.name for plan in plans])]
 
     def _initial_model(self) -> nn.Module:
-        torch.manual_seed(self.config.seed)
-        model = self.model_fn()
-        if not isinstance(model, nn.Module):
-            raise ConfigError("model_fn", type(model).__name__, "must return a torch.nn.Module")
-        fixed = make_private_compatible(model)
+        built: list[nn.Module] = []  # the model as model_fn returned it, to tell whether it was converted
+
+        def first() -> nn.Module:
+            built.append(self.model_fn())
+            return built[0]
+
+        fixed = seeded_initial_model(self.config.seed, first, warn=True)
         # Every client and evaluation model starts from this model's full state: parameters that are
         # not trained (frozen layers) and buffers are not in the flat vector the rounds exchange.
         initial_state = {name: value.detach().clone() for name, value in fixed.state_dict().items()}
-        needs_fix = fixed is not model
+        needs_fix = fixed is not built[0]
 
         def build() -> nn.Module:
             fresh = self.model_fn()

@@ -1097,23 +1097,14 @@ def seeded_model(config: RunConfig, model_fn, input_shape: tuple[int, ...] | Non
 
     The Aggregator and every Site call this, so all start from bit-identical parameters and buffers.
     """
-    import warnings
-
-    import torch
-
     from privfl.models import build_model
-    from privfl.training import make_private_compatible
+    from privfl.training import seeded_initial_model
 
-    torch.manual_seed(config.federation.seed)
-    if model_fn is not None:
-        model = model_fn()
-    else:
+    if model_fn is None:
         assert input_shape is not None and num_classes is not None  # callers without model_fn pass both
-        model = build_model(config.model, input_shape, num_classes)
-    with warnings.catch_warnings():
-        # The model's owner is told about DP conversions once, where the run starts.
-        warnings.simplefilter("ignore", UserWarning)
-        return make_private_compatible(model)
+        model_fn = lambda: build_model(config.model, input_shape, num_classes)
+    # The model's owner is told about DP conversions once, where the run starts: not here.
+    return seeded_initial_model(config.federation.seed, model_fn, warn=False)
 
 
 def check_deployed_client_dp(config: RunConfig) -> None:

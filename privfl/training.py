@@ -17,6 +17,7 @@ import os
 import secrets
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,6 +187,29 @@ def make_private_compatible(model: nn.Module) -> nn.Module:
     conversion = convert_for_dp(model)
     warn_conversion(name, conversion)
     return conversion.model
+
+
+def seeded_initial_model(seed: int, build: Callable[[], nn.Module], *, warn: bool) -> nn.Module:
+    """A run's initial model, as every party builds it: torch seeded with ``federation.seed``, the
+    model built, checked and made DP-compatible (:func:`make_private_compatible`).
+
+    ``privfl run``'s driver, the Aggregator and every Site call this, so all start from
+    bit-identical parameters and buffers. ``warn``: say which layers were changed (where the run
+    starts; the other parties stay quiet).
+
+    Raises:
+        ConfigError: ``build`` does not return a ``torch.nn.Module``, or the model cannot be made
+            DP-compatible.
+    """
+    torch.manual_seed(seed)
+    model = build()
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model_fn", type(model).__name__, "must return a torch.nn.Module")
+    if warn:
+        return make_private_compatible(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return make_private_compatible(model)
 
 
 def warn_conversion(model_name: str, conversion: DPConversion) -> None:
