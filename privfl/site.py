@@ -189,10 +189,7 @@ def client_level_plan(config: RunConfig, num_sites: int):
 
 def quantizer_for(config: RunConfig, num_clients: int):
     """The secure-aggregation quantizer of a round of ``num_clients`` (both sides build the same one)."""
-    from privfl.protocols.secagg import Quantizer
-
-    cfg = config.federation.secagg
-    return Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
+    return config.federation.secagg.quantizer(num_clients)
 
 
 # What a first train request imports (see Site.warm_up).

@@ -153,6 +153,14 @@ class SecAggConfig:
             return None
         return choose_graph(num_clients, dropout_rate=self.dropout_rate, corruption_rate=self.corruption_rate)
 
+    def quantizer(self, num_clients: int) -> Quantizer:
+        """The quantizer of a round of ``num_clients`` (every party of the round builds this same one).
+
+        Raises:
+            ConfigError: the range, bits and fraction bits cannot sum ``num_clients`` values without overflow.
+        """
+        return Quantizer(clip_range=self.clip_range, bits=self.bits, num_clients=num_clients, fraction_bits=self.fraction_bits)
+
     def resolve_threshold(self, num_clients: int) -> int:
         """The integer threshold for a round of ``num_clients``.
 
@@ -222,7 +230,7 @@ class SecAggProtection(DistributedNoiseProtection):
         # Every round size, not just the largest: with an odd SecAgg+ degree a smaller round can
         # have more share holders.
         cfg.check_threshold_bound(num_clients)
-        Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=num_clients, fraction_bits=cfg.fraction_bits)
+        cfg.quantizer(num_clients)
 
     def share_threshold(self, num_clients: int) -> int:
         """See `DistributedNoiseProtection.share_threshold`: the secure-aggregation threshold t."""
@@ -309,7 +317,7 @@ class SecAggProtection(DistributedNoiseProtection):
         # A threshold at or below half of this round's share holders is refused outright (ConfigError),
         # not turned into an aborted round below: it is unsafe, not merely a poor fit for this round.
         cfg.resolve_threshold(len(ids))
-        quantizer = Quantizer(clip_range=cfg.clip_range, bits=cfg.bits, num_clients=len(ids), fraction_bits=cfg.fraction_bits)
+        quantizer = cfg.quantizer(len(ids))
         try:
             run = self._setup_round(round_index, ids, dim, identities)
         except ConfigError as exc:
