@@ -853,10 +853,8 @@ class Aggregator:
     # -- summary -------------------------------------------------------------------------------------
     def _summary(self, history: list[RoundRecord], num_parameters: int, seconds: float, device) -> RunSummary:
         from privfl.federation import public_config
+        from privfl.results import run_summary
 
-        uploads = [u for info in self._sites.values() for u in info.uploads]
-        upload_mean = float(np.mean(uploads)) if uploads else None
-        final = history[-1] if history else None
         clients: dict[str, SiteSummary] = {
             info.name: {
                 "epsilon": info.epsilon,
@@ -869,36 +867,25 @@ class Aggregator:
             }
             for info in sorted(self._sites.values(), key=lambda i: i.name)
         }
-        return {
-            "final_accuracy": None if final is None else final.get("test_accuracy"),
-            "final_loss": None if final is None else final.get("test_loss"),
-            "rounds": len(history),
-            "protection": self.config.federation.protection.value,
-            "accountant": self.config.training.dp.accountant.value,
-            "clients": clients,
-            "dropped_clients": {str(h["round"]): h["dropped"] for h in history if h["dropped"]},
-            "aborted_rounds": [h["round"] for h in history if h["aborted"]],
-            "num_parameters": num_parameters,
-            "upload_bytes_per_client_round": upload_mean,
-            "plaintext_bytes_per_client_round": 4 * num_parameters,
-            "upload_expansion_over_float32": None if upload_mean is None else upload_mean / (4 * num_parameters),
-            "device": str(device),
-            "seconds": seconds,
-            "client_level": None
-            if self._client_run is None
-            else self._client_run.summary(
+        client_level = None
+        if self._client_run is not None:
+            client_level = self._client_run.summary(
                 delta=self._client_level_delta(),
                 noise="distributed (each site adds its share before masking)"
                 if self.config.federation.protection is ProtectionKind.SECAGG
                 else "central (added once to the aggregate before release: by the aggregator under plaintext, "
                 "by the key-holder site under CKKS)",
                 clip_norms=[level["clip_norm"] for h in history if (level := h.get("client_level"))],
-            ),
-            "deployment": {"run_id": self.run_id, "sites": len(self._sites), "ledgers": "kept by each site in its own state directory"},
-            "client_sampling_secret": self.config.federation.noise_seed is None,
-            "training": public_config(self.config.training),
-            "federation": public_config(self.config.federation),
-        }
+            )
+        summary = run_summary(
+            history, protection=self.config.federation.protection.value, accountant=self.config.training.dp.accountant.value,
+            clients=clients, client_level=client_level, num_parameters=num_parameters,
+            uploads=[u for info in self._sites.values() for u in info.uploads], device=str(device), seconds=seconds,
+            client_sampling_secret=self.config.federation.noise_seed is None,
+            training=public_config(self.config.training), federation=public_config(self.config.federation),
+        )
+        summary["deployment"] = {"run_id": self.run_id, "sites": len(self._sites), "ledgers": "kept by each site in its own state directory"}
+        return summary
 
 
 class _SecAggRound:

@@ -47,6 +47,7 @@ __all__ = [
     "MODEL_FILE",
     "ExportResult",
     "architecture_of",
+    "check_recorded_architecture",
     "export_model",
     "export_run",
     "load_model",
@@ -109,6 +110,28 @@ def record_architecture(run_dir: str | os.PathLike[str], model: nn.Module) -> No
         return
     record = {"format": _ARCHITECTURE_FORMAT, "model": _qualname(model), "layers": architecture_of(model)}
     durable_write_json(path, record)
+
+
+def check_recorded_architecture(run_dir: str | os.PathLike[str], model: nn.Module) -> None:
+    """Checks a model (already made DP-compatible) against the run's ``model.json``, if it has one.
+
+    A resumed run calls this before it touches anything: the rounds it adds must train the
+    architecture the earlier ones did, or the final model would load with neither ``model_fn``.
+
+    Raises:
+        ConfigError: ``model.json`` is unreadable, or names another layer than the model has.
+    """
+    run = Path(run_dir)
+    recorded = _read_architecture(run)
+    if recorded is None:
+        return
+    try:
+        _check_architecture(recorded, architecture_of(model), type(model).__name__, run)
+    except ConfigError as exc:
+        raise ConfigError(
+            exc.field, exc.value, f"{exc.reason}. If the run there never trained (`privfl audit` shows what its ledger holds), "
+            "start the corrected model in a new directory"
+        ) from None
 
 
 def _read_architecture(run_dir: Path) -> list[dict[str, Any]] | None:

@@ -58,7 +58,7 @@ from privfl.protocols.base import (
     Protection,
     Transport,
 )
-from privfl.results import RoundRecord, RunSummary, SiteSummary
+from privfl.results import RoundRecord, RunSummary, SiteSummary, run_summary
 from privfl.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -413,6 +413,12 @@ class Federation:
         dp = self.training.dp
 
         self._check_protection(protection, len(plans))
+        if out is not None and resume:
+            from privfl.export import check_recorded_architecture
+
+            # Before the ledger is marked as resumed: rounds of another architecture would leave a final
+            # model that loads with neither model_fn.
+            check_recorded_architecture(out, model)
         ledger, history, start_round, global_params = self._restore(out, resume, global_params, self._fingerprint(plans))
         try:
             if out is not None:
@@ -800,10 +806,7 @@ class Federation:
         seconds: float,
     ) -> RunSummary:
         uploads = [u for plan in plans for u in plan.uploads]
-        upload_mean = float(np.mean(uploads)) if uploads else None
-        plaintext_bytes = 4 * num_parameters
         interrupted = ledger.interrupted_trainings()
-        final = history[-1] if history else None
         clients: dict[str, SiteSummary] = {}
         for plan in plans:
             clients[plan.name] = {
@@ -833,36 +836,29 @@ class Federation:
                 else "central (added once to the aggregate before release)",
                 clip_norms=[level["clip_norm"] for h in history if (level := h.get("client_level"))],
             )
-        return {
-            "final_accuracy": None if final is None else final.get("test_accuracy"),
-            "client_level": client_level,
-            "final_loss": None if final is None else final.get("test_loss"),
-            "rounds": len(history),
-            "protection": protection.name,
-            "accountant": ledger.accountant.value,
-            "clients": clients,
-            "dropped_clients": {str(h["round"]): h["dropped"] for h in history if h["dropped"]},
-            "aborted_rounds": [h["round"] for h in history if h["aborted"]],
-            "num_parameters": num_parameters,
-            "upload_bytes_per_client_round": upload_mean,
-            "plaintext_bytes_per_client_round": plaintext_bytes,
-            "upload_expansion_over_float32": None if upload_mean is None else upload_mean / plaintext_bytes,
-            "device": str(self.device),
-            "seconds": seconds,
-            "noise": "reproducible from federation.noise_seed (simulation only)"
+        summary = run_summary(
+            history, protection=protection.name, accountant=ledger.accountant.value, clients=clients,
+            client_level=client_level, num_parameters=num_parameters, uploads=uploads, device=str(self.device),
+            seconds=seconds, client_sampling_secret=self.config.noise_seed is None,
+            training=public_config(self.training), federation=public_config(self.config),
+        )
+        summary["noise"] = (
+            "reproducible from federation.noise_seed (simulation only)"
             if self.config.noise_seed is not None
-            else "fresh OS entropy (not reproducible, not predictable from the config)",
-            "client_sampling_secret": self.config.noise_seed is None,
-            "client_sampling": "reproducible from federation.noise_seed (simulation only): anyone holding the config "
+            else "fresh OS entropy (not reproducible, not predictable from the config)"
+        )
+        summary["client_sampling"] = (
+            "reproducible from federation.noise_seed (simulation only): anyone holding the config "
             "can recompute who took part, so amplification by client sampling does not hold against them"
             if self.config.noise_seed is not None
-            else "secret (OS entropy; who takes part cannot be recomputed from the config)",
-            "ledger": None
+            else "secret (OS entropy; who takes part cannot be recomputed from the config)"
+        )
+        summary["ledger"] = (
+            None
             if ledger.head is None
-            else {"file": LEDGER_FILE, "lines": ledger.lines, "head": ledger.head, "authenticated": ledger.authenticated},
-            "training": public_config(self.training),
-            "federation": public_config(self.config),
-        }
+            else {"file": LEDGER_FILE, "lines": ledger.lines, "head": ledger.head, "authenticated": ledger.authenticated}
+        )
+        return summary
 
 
 def _round_log_line(record: RoundRecord) -> str:

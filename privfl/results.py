@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-__all__ = ["LedgerPosition", "RoundRecord", "RunSummary", "SiteSummary"]
+__all__ = ["LedgerPosition", "RoundRecord", "RunSummary", "SiteSummary", "run_summary"]
 
 
 class LedgerPosition(TypedDict):
@@ -119,3 +119,48 @@ class RunSummary(_RunSummaryRequired, total=False):
     client_sampling: str
     ledger: dict[str, Any] | None
     deployment: dict[str, Any]
+
+
+def run_summary(
+    history: list[RoundRecord],
+    *,
+    protection: str,
+    accountant: str,
+    clients: dict[str, SiteSummary],
+    client_level: dict[str, Any] | None,
+    num_parameters: int,
+    uploads: list[int],
+    device: str,
+    seconds: float,
+    client_sampling_secret: bool,
+    training: dict[str, Any],
+    federation: dict[str, Any],
+) -> RunSummary:
+    """The fields of ``summary.json`` that the in-process run and a deployment both write, computed
+    one way from the history and the run's facts (each producer then adds its own keys).
+
+    ``uploads``: every upload's size in bytes (a site's protocol messages in one round).
+    """
+    final = history[-1] if history else None
+    upload_mean = sum(uploads) / len(uploads) if uploads else None
+    plaintext_bytes = 4 * num_parameters
+    return {
+        "final_accuracy": None if final is None else final.get("test_accuracy"),
+        "final_loss": None if final is None else final.get("test_loss"),
+        "client_level": client_level,
+        "rounds": len(history),
+        "protection": protection,
+        "accountant": accountant,
+        "clients": clients,
+        "dropped_clients": {str(h["round"]): h["dropped"] for h in history if h["dropped"]},
+        "aborted_rounds": [h["round"] for h in history if h["aborted"]],
+        "num_parameters": num_parameters,
+        "upload_bytes_per_client_round": upload_mean,
+        "plaintext_bytes_per_client_round": plaintext_bytes,
+        "upload_expansion_over_float32": None if upload_mean is None else upload_mean / plaintext_bytes,
+        "device": device,
+        "seconds": seconds,
+        "client_sampling_secret": client_sampling_secret,
+        "training": training,
+        "federation": federation,
+    }

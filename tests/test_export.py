@@ -226,7 +226,9 @@ def test_cli_export_of_a_privfl_run(tmp_path, capsys):
     other.write_text(_CLI_CONFIG.replace("learning_rate = 0.5", "learning_rate = 0.1"))
     assert main(["export", str(run), "--out", str(tmp_path / "o.pt"), "--config", str(other)]) == 2
     assert "is not the config the run" in capsys.readouterr().err and not (tmp_path / "o.pt").exists()
-    assert main(["export", str(run), "--out", str(tmp_path / "d.pt")]) == 2  # the embedded demo is not this run
+    assert main(["export", str(run), "--out", str(tmp_path / "k.pt")]) == 0  # no --config: the run's config.toml
+    (run / "config.toml").unlink()
+    assert main(["export", str(run), "--out", str(tmp_path / "d.pt")]) == 2  # then the embedded demo, not this run
     assert "training, federation" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.pt")]) == 2
     assert "is not a directory" in capsys.readouterr().err

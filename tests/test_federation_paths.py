@@ -207,3 +207,24 @@ def test_a_wrong_checkpoint_to_resume_from_is_a_typed_error(clients, split, tmp_
     assert _snapshot(out) == before  # no resume marker, no model.json rewrite, no history, no checkpoint
     assert sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir()) == ["round-0000.pt", "round-0001.pt"]
     assert len(json.loads((out / HISTORY_FILE).read_text())) == 2
+
+
+def test_a_resume_with_another_architecture_is_refused_and_changes_nothing(clients, split, tmp_path):
+    # federation.py `_run`: check_recorded_architecture before `_restore` marks the ledger
+    out = tmp_path / "run"
+    _federation(clients, split, rounds=1).run(out)
+    before = _snapshot(out)
+    other = Federation(
+        model_fn=lambda: nn.Sequential(nn.Linear(30, 2)),  # the same parameter count, another module tree
+        clients=clients,
+        test_set=split.test,
+        training=TrainingConfig(batch_size=64, learning_rate=0.5, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=2, protection=ProtectionKind.PLAINTEXT, seed=0, noise_seed=0, device="cpu"),
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match=r"does not build the architecture the run in .* trained") as info:
+        other.run(out, resume=True)
+    assert "layer 0" in info.value.reason
+    assert _snapshot(out) == before
+    resumed = _federation(clients, split, rounds=2).run(out, resume=True)  # the run's own model resumes
+    assert resumed.summary["rounds"] == 2
