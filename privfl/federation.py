@@ -413,6 +413,8 @@ class Federation:
         dp = self.training.dp
 
         self._check_protection(protection, len(plans))
+        if not resume:
+            self._check_one_round_fits(plans)
         if out is not None and resume:
             from privfl.export import check_recorded_architecture
 
@@ -683,6 +685,31 @@ class Federation:
             )
         _check_noise_placement(protection, self.config)
         protection.check_fits(num_clients)
+
+    def _check_one_round_fits(self, plans: list[_ClientPlan]) -> None:
+        """Refuses a fresh run in which no site can afford a single round (it would train nothing).
+
+        Only a fixed ``noise_multiplier`` with a ``budget_epsilon`` can do that: a calibrated sigma
+        fits the whole run. Checked before the run directory is touched.
+        """
+        dp = self.training.dp
+        budget = dp.epsilon_budget
+        if not math.isfinite(budget) or dp.noise_multiplier is None:
+            return
+        cheapest: tuple[float, str] | None = None
+        for plan in plans:
+            event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+            cost = epsilon_of_events([event], delta=dp.delta, accountant=dp.accountant)
+            if cost <= budget:
+                return
+            cheapest = min(cheapest or (cost, plan.name), (cost, plan.name))
+        assert cheapest is not None  # at least one client (checked in __init__)
+        raise ConfigError(
+            "training.dp.budget_epsilon", budget,
+            f"no site can train a single round within it: the cheapest, {cheapest[1]}, would spend epsilon "
+            f"{cheapest[0]:.3f} in one round (noise_multiplier {dp.noise_multiplier}); raise the budget or the "
+            "noise multiplier, or set target_epsilon to calibrate the noise to the budget",
+        )
 
     def _fingerprint(self, plans: list[_ClientPlan]) -> dict[str, Any]:
         """What identifies a run: its settings (but the number of rounds) and each client's data.

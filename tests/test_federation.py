@@ -61,8 +61,9 @@ def test_federation_trains_with_ckks_within_budget(clients, split, tmp_path):
 
 
 def test_budget_is_enforced_and_skips_are_recorded(clients, split):
-    # A fixed sigma with a small cap: each client can afford only some rounds.
-    dp = DPConfig(noise_multiplier=1.0, budget_epsilon=1.5)
+    # A fixed sigma with a small cap: clients can afford only some rounds (the smaller the site, the
+    # larger its sample rate and the fewer; with sigma 1.0 no site could afford one).
+    dp = DPConfig(noise_multiplier=2.0, budget_epsilon=1.5)
     result = _federation(clients, split, dp=dp, rounds=6).run()
     skipped_any = False
     for info in result.summary["clients"].values():
@@ -70,6 +71,7 @@ def test_budget_is_enforced_and_skips_are_recorded(clients, split):
         assert info["rounds_trained"] + info["rounds_skipped"] == 6
         skipped_any |= info["rounds_skipped"] > 0
     assert skipped_any
+    assert any(0 < info["rounds_trained"] < 6 for info in result.summary["clients"].values())
     assert any(h["skipped"] for h in result.history)
 
 

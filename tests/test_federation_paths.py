@@ -228,3 +228,23 @@ def test_a_resume_with_another_architecture_is_refused_and_changes_nothing(clien
     assert _snapshot(out) == before
     resumed = _federation(clients, split, rounds=2).run(out, resume=True)  # the run's own model resumes
     assert resumed.summary["rounds"] == 2
+
+
+def test_a_budget_no_site_can_spend_one_round_of_is_refused_before_anything_is_written(clients, split, tmp_path):
+    # federation.py `_check_one_round_fits`: the run would otherwise "succeed" with the untrained model
+    out = tmp_path / "run"
+    federation = Federation(
+        model_fn=lambda: nn.Linear(30, 2),
+        clients=clients,
+        training=TrainingConfig(batch_size=64, dp=DPConfig(noise_multiplier=0.5, budget_epsilon=0.1)),
+        federation=FederationConfig(rounds=2, protection=ProtectionKind.PLAINTEXT, device="cpu"),
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match=r"no site can train a single round within it") as info:
+        federation.run(out)
+    assert info.value.field == "training.dp.budget_epsilon"
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # no ledger, no trace of a run: the directory stays usable
+    # a budget that one round fits runs
+    federation.training = TrainingConfig(batch_size=64, dp=DPConfig(noise_multiplier=4.0, budget_epsilon=1.0))
+    result = federation.run(tmp_path / "fits")
+    assert any(h["trained"] for h in result.history)
