@@ -159,7 +159,11 @@ def test_cli_records_a_run_and_attacks_it(tmp_path, capsys):
     assert views == {"plaintext update", "round average"}
     assert (out / "results.md").read_text().startswith("# Attacks on what the server observed")
     capsys.readouterr()
-    # The embedded config is not this run's: refused with the sections that differ, exit 2.
+    # Without --run-config: the run's own config.toml.
+    assert main(["attack", "--run", str(run), "--out", str(tmp_path / "own"), "--quiet", "--iterations", "5"]) == 0
+    assert json.loads((tmp_path / "own" / "results.json").read_text())["rows"] == result["rows"]
+    # Without it, the embedded config, which is not this run's: refused with the sections that differ, exit 2.
+    (run / "config.toml").unlink()
     assert main(["attack", "--run", str(run), "--out", str(tmp_path / "other"), "--quiet"]) == 2
     assert "pass that TOML file with --run-config" in capsys.readouterr().err
     # A matrix config with --run is ambiguous.
