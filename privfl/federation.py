@@ -251,14 +251,31 @@ class Federation:
         progress: bool = True,
         record: bool = False,
     ) -> None:
+        if isinstance(model_fn, nn.Module):
+            # A model is callable too (its forward): calling it without inputs would fail deep in torch.
+            raise ConfigError(
+                "model_fn", type(model_fn).__name__, "must build a model, not be one: pass e.g. lambda: MyNet()"
+            )
         if not callable(model_fn):
             raise ConfigError("model_fn", model_fn, "must be a callable returning a torch.nn.Module")
+        if not isinstance(training, TrainingConfig):
+            raise ConfigError("training", type(training).__name__, "must be a privfl.TrainingConfig")
+        if not isinstance(federation, FederationConfig):
+            raise ConfigError("federation", type(federation).__name__, "must be a privfl.FederationConfig")
+        if not isinstance(clients, Mapping):
+            raise ConfigError("clients", type(clients).__name__, "must map each client's name to its Dataset, e.g. {'site-a': ds_a}")
         if not clients:
             raise ConfigError("clients", clients, "at least one client is needed")
         for name, dataset in clients.items():
             if not isinstance(name, str) or not name:
                 raise ConfigError("clients", name, "client names must be non-empty strings")
-            if len(dataset) == 0:  # type: ignore[arg-type]  # map-style Datasets have __len__
+            if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+                raise ConfigError(
+                    f"clients[{name}]", type(dataset).__name__,
+                    "must be a map-style Dataset (with __len__ and __getitem__): DP-SGD samples each example "
+                    "with a known probability, which a stream (IterableDataset) cannot give",
+                )
+            if len(dataset) == 0:
                 raise ConfigError(f"clients[{name}]", 0, "a client needs at least one training example")
         self.model_fn = model_fn
         self.clients = dict(clients)

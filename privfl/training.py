@@ -12,12 +12,13 @@ accounting spans every round the client takes part in.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -440,6 +441,11 @@ def _class_label(label: object, site: str, index: int) -> torch.Tensor:
         return torch.tensor(int(value), dtype=torch.int64)
     if tensor.is_complex():
         raise ConfigError(f"dataset[{site}]", f"label of example {index}", "a class label must be an integer")
+    if int(tensor) < 0:
+        raise ConfigError(
+            f"dataset[{site}]", f"label {int(tensor)} of example {index}",
+            "a class label must be a whole number >= 0 (cross-entropy classification); map your classes to 0..C-1",
+        )
     return tensor.to(torch.int64)
 
 
@@ -563,7 +569,8 @@ def train_dp_sgd(
     # Before choosing a clipping mode: a parameter whose gradient partly bypasses its own layer
     # (weight tying, a direct use in forward) cannot be clipped per example by any mode; ghost
     # clipping would even release that part unclipped.
-    _check_coverage(model, dataset, device)
+    with _model_data_errors(site, dataset):
+        _check_coverage(model, dataset, device)
     clipping = choose_clipping(model, config.dp.clipping)
     # Checked before any step: a layer book-keeping cannot clip is a ConfigError naming it.
     keeper = None
@@ -585,8 +592,72 @@ def train_dp_sgd(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum)
     expected_batch_size = _expected_batch_size(num_examples, len(loader))
+    with _model_data_errors(site, dataset):
+        losses = _train_local(
+            model, loader, optimizer, keeper=keeper, clipping=clipping, config=config, steps=steps, sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator, device=device,
+        )
+    delta = flatten_parameters(model) - start
+    return LocalResult(
+        delta=delta.astype(np.float32),
+        num_examples=num_examples,
+        event=DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        clipping=clipping,
+    )
+
+
+@contextlib.contextmanager
+def _model_data_errors(site: str, dataset: Dataset) -> Iterator[None]:
+    """Turns torch's errors for a model that does not fit a site's data into ConfigErrors naming both.
+
+    A label past the model's outputs (or negative) is an IndexError deep in the loss; inputs of
+    another width than the model's first layer, a RuntimeError in a matrix product. Anything
+    else passes through as it is.
+    """
+    try:
+        yield
+    except IndexError as exc:
+        text = str(exc).strip()
+        if not (text.startswith("Target") and "out of bounds" in text):
+            raise
+        raise ConfigError(
+            f"dataset[{site}]", text,
+            "a class label is outside the model's outputs: labels must be 0..C-1 for a model with C outputs "
+            "(map the classes to 0..C-1, or widen the model's last layer)",
+        ) from exc
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "shapes cannot be multiplied" not in text and "size of tensor a" not in text:
+            raise
+        shape = None
+        with contextlib.suppress(Exception):
+            shape = tuple(_split_example(dataset[0], site, 0)[0].shape)
+        raise ConfigError(
+            "model_fn", text,
+            f"the model does not take site {site}'s inputs (one example has shape {shape}): its first layer must "
+            "match the data's features",
+        ) from exc
+
+
+def _train_local(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    keeper: BookKeeping | None,
+    clipping: ClippingMode,
+    config: TrainingConfig,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
+    """One round of local DP-SGD steps: book-keeping clipping, or Opacus' hooks or ghost clipping."""
     if keeper is not None:
-        losses = _train_bookkeeping(
+        return _train_bookkeeping(
             model,
             loader,
             optimizer,
@@ -598,28 +669,19 @@ def train_dp_sgd(
             generator=generator,
             device=device,
         )
-    else:
-        losses = _train_opacus(
-            model,
-            loader,
-            optimizer,
-            mode="ghost" if clipping is ClippingMode.GHOST else "hooks",
-            epochs=config.local_epochs,
-            steps=steps,
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=config.dp.max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            generator=generator,
-            device=device,
-        )
-    delta = flatten_parameters(model) - start
-    return LocalResult(
-        delta=delta.astype(np.float32),
-        num_examples=num_examples,
-        event=DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
-        clipping=clipping,
+    return _train_opacus(
+        model,
+        loader,
+        optimizer,
+        mode="ghost" if clipping is ClippingMode.GHOST else "hooks",
+        epochs=config.local_epochs,
+        steps=steps,
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=config.dp.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+        device=device,
     )
 
 
