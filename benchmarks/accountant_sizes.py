@@ -1,4 +1,4 @@
-"""The accountant's cost against the number of distinct client sizes (issue 10, item 2).
+"""The accountant's cost against the number of distinct client sizes.
 
 Usage: ``python benchmarks/accountant_sizes.py [--repeats 3] [--distinct 1 5 20 100]``
 (about three minutes on two cores; five before this change). ``--repo PATH`` imports privfl from another checkout (for

@@ -79,7 +79,7 @@ def _comparable(activation: str, *, size: int = 16, train_steps: int = 0) -> tup
     )
 
 
-# Further scenarios of issue 11, fixed before their runs: 32x32 crops (zoom 4, so 128x128 pixels of the photograph
+# Further scenarios, fixed before their runs: 32x32 crops (zoom 4, so 128x128 pixels of the photograph
 # each) through the untrained ReLU and sigmoid photo_convnet(size=32), and 16x16 crops through the ReLU
 # photo_convnet after 300 SGD steps on other crops (trained_photo_convnet: which photograph, which quadrant;
 # the victims keep their true classes). Only the cases breaching can express.

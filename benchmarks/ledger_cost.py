@@ -2,14 +2,14 @@
 
 Usage: ``python benchmarks/ledger_cost.py [--clients 20] [--rounds 10] [--accountant prv] [--module FILE]``
 
-``--module`` times another revision of privfl/accounting.py, e.g. the one before issue 10's fix:
+``--module`` times another revision of privfl/accounting.py, e.g. the one before the accountant's results were shared between clients of one size:
 ``git show 3853b09:privfl/accounting.py > /tmp/accounting_before.py`` then ``--module /tmp/accounting_before.py``.
 
 Simulates what the round driver asks the ledger (privfl/federation.py): at plan time one noise
 calibration per distinct (sample rate, steps) over the whole run, then every round, for every
 client, ``epsilon_if`` (the budget check), ``charge`` and ``epsilon`` (the round record). Every
 client has a different dataset size, so a different sample rate, step count and noise multiplier:
-the case where the accountant had to be evaluated once per client per round (issue 10 item 2).
+the case where the accountant had to be evaluated once per client per round.
 Prints process (CPU) time and wall time per phase; one thread for numpy's FFTs is not forced, so
 run it with ``OMP_NUM_THREADS=1`` for CPU figures that compare across machines.
 

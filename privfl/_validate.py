@@ -41,7 +41,10 @@ def _is_finite_real(value: object, allow_numpy: bool) -> bool:
     return False
 
 
-def _reason(rule: str, hint: str) -> str:
+def _reason(rule: str, hint: str, value: object = None, allow_numpy: bool = True) -> str:
+    if not allow_numpy and _numpy_kind(value) is not None:
+        # The value may well satisfy the rule: what is wrong is its type, which the rule alone would hide.
+        rule += f"; this is a NumPy {type(value).__name__}, and configs take Python numbers: pass int(x) or float(x)"
     return f"{rule} ({hint})" if hint else rule
 
 
@@ -63,7 +66,7 @@ def positive(name: str, value: object, *, allow_zero: bool = False, allow_numpy:
     """
     ok = _is_finite_real(value, allow_numpy) and (value >= 0 if allow_zero else value > 0)  # type: ignore[operator]
     if not ok:
-        raise ConfigError(name, value, _reason("must be a finite number " + (">= 0" if allow_zero else "> 0"), hint))
+        raise ConfigError(name, value, _reason("must be a finite number " + (">= 0" if allow_zero else "> 0"), hint, value, allow_numpy))
     return value
 
 
@@ -74,7 +77,7 @@ def positive_int(name: str, value: object, minimum: int = 1, *, allow_numpy: boo
         ConfigError: ``"must be an integer >= {minimum}"`` otherwise.
     """
     if not (_is_int(value, allow_numpy) and value >= minimum):  # type: ignore[operator]
-        raise ConfigError(name, value, _reason(f"must be an integer >= {minimum}", hint))
+        raise ConfigError(name, value, _reason(f"must be an integer >= {minimum}", hint, value, allow_numpy))
     return value
 
 
@@ -86,7 +89,7 @@ def unit_interval(name: str, value: object, *, closed_low: bool = False, allow_n
     """
     ok = _is_finite_real(value, allow_numpy) and ((0 <= value <= 1) if closed_low else (0 < value <= 1))  # type: ignore[operator]
     if not ok:
-        raise ConfigError(name, value, _reason("must be in " + ("[0, 1]" if closed_low else "(0, 1]"), hint))
+        raise ConfigError(name, value, _reason("must be in " + ("[0, 1]" if closed_low else "(0, 1]"), hint, value, allow_numpy))
     return value
 
 
@@ -97,5 +100,5 @@ def open_unit_interval(name: str, value: object, *, allow_numpy: bool = False, h
         ConfigError: ``"must be in (0, 1)"`` otherwise.
     """
     if not (_is_finite_real(value, allow_numpy) and 0 < value < 1):  # type: ignore[operator]
-        raise ConfigError(name, value, _reason("must be in (0, 1)", hint))
+        raise ConfigError(name, value, _reason("must be in (0, 1)", hint, value, allow_numpy))
     return value

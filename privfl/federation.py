@@ -809,7 +809,8 @@ class Federation:
                 # last round and before writing it: the resume writes it.)
                 raise ConfigError(
                     "resume", str(out), f"the run there has finished: {done} rounds recorded, and federation.rounds is "
-                    f"{self.config.rounds}; to train more, resume with a config of more rounds"
+                    f"{self.config.rounds}; a config of more rounds resumes it, but its sites train only while their "
+                    "budgets last (privfl audit shows what is left)"
                 )
             if done > 0:
                 params = load_checkpoint(out, done - 1, len(params))

@@ -198,7 +198,7 @@ def test_answers_do_not_depend_on_what_is_cached():
 
 
 def test_a_client_growing_round_by_round_reuses_its_discretised_step():
-    # Issue 10: one evaluation per client per round must not rediscretise the PRV every round.
+    # One evaluation per client per round must not rediscretise the PRV every round.
     accounting.clear_caches()
     ledger = PrivacyLedger()
     ledger.register("a", ClientBudget(epsilon=math.inf, delta=DELTA))

@@ -1,4 +1,4 @@
-"""Issue 10, item 2: the accountant's cost with many distinct client sizes (sample rates).
+"""The accountant's cost with many distinct client sizes (sample rates).
 
 The PRV path's per-(sigma, q) pieces are computed more cheaply than before: the mesh's Renyi tail
 bound in closed form at integer orders (dp-accounting's fractional-order series only where it could

@@ -220,7 +220,7 @@ def test_local_training_batches_wrap_around_in_order() -> None:
         LocalTraining(num_samples=2, local_steps=1, batch_size=3, lr=0.1)
 
 
-# --- analytic recovery of batches (issue 11, item 2) --------------------------------------------------------
+# --- analytic recovery of batches ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("start", [0, 8, 16])
