@@ -707,7 +707,7 @@ class Federation:
         """Refuses a fresh run in which no site can afford a single round (it would train nothing).
 
         Only a fixed ``noise_multiplier`` with a ``budget_epsilon`` can do that: a calibrated sigma
-        fits the whole run. Checked before the run directory is touched.
+        fits the whole run. Checked before the ledger is created (nothing of a run is written).
         """
         dp = self.training.dp
         budget = dp.epsilon_budget
