@@ -16,6 +16,20 @@ from privfl.errors import ConfigError, PrivflError
 __all__ = ["main"]
 
 
+def _run_config_source(config: str | None, resume: bool, saved: Path) -> tuple[Path | None, str]:
+    """Which TOML config a run uses: (its file, or None for the embedded default; how to name it).
+
+    A given file; on a resume without one, the copy the run kept (``saved``), not the embedded
+    default: resuming a run of other settings with the default's would quietly change them
+    (``federation.rounds``, which a resume may change, included).
+    """
+    if config:
+        return Path(config), config
+    if resume and saved.is_file():
+        return saved, f"{saved} (the config this run started with)"
+    return None, "embedded default"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -24,17 +38,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from privfl.runner import run
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-    saved = out / CONFIG_FILE
-    if args.config:
-        config = load_config(args.config)  # the file's errors, typed, before it is read again for its text
-        text, source = Path(args.config).read_text(encoding="utf-8"), args.config
-    elif args.resume and saved.is_file():
-        # The config the run started with, not the embedded default: resuming a run of other settings
-        # with the default's would quietly change them (rounds, which a resume may change, included).
-        config = load_config(saved)
-        text, source = saved.read_text(encoding="utf-8"), f"{saved} (the config this run started with)"
-    else:
-        config, text, source = default_config(), default_config_text(), "embedded default"
+    path, source = _run_config_source(args.config, args.resume, out / CONFIG_FILE)
+    # load_config first: the file's errors, typed, before it is read again for its text
+    config = load_config(path) if path is not None else default_config()
+    text = path.read_text(encoding="utf-8") if path is not None else default_config_text()
     console = Console(stderr=True)
     console.print(f"[bold]privfl run[/bold]: {source} -> {out}")
     try:
@@ -259,10 +266,9 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         print("privfl: error: --timeout must be a number of seconds > 0", file=sys.stderr)
         return 2
-    from importlib import resources
-
     from rich.console import Console
 
+    from privfl.config import default_config_text
     from privfl.flower.local import deploy_local
     from privfl.rundir import CONFIG_FILE
 
@@ -270,14 +276,8 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
         print("privfl: error: --resume needs --out DIR, the deployment to resume", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("runs") / time.strftime("deploy-%Y%m%d-%H%M%S")
-    saved = out / "run" / CONFIG_FILE
-    source = args.config or "embedded default"
-    if args.config:
-        text = Path(args.config).read_text()
-    elif args.resume and saved.is_file():
-        text, source = saved.read_text(), f"{saved} (the config this run started with)"
-    else:
-        text = resources.files("privfl").joinpath("defaults/healthcare.toml").read_text()
+    path, source = _run_config_source(args.config, args.resume, out / "run" / CONFIG_FILE)
+    text = path.read_text() if path is not None else default_config_text()
     console = Console(stderr=True)
 
     def announce() -> None:
