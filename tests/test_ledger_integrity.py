@@ -238,21 +238,25 @@ def test_arbitrary_bytes_are_ledger_errors(tmp_path_factory, data):
         PrivacyLedger.load(path)
 
 
-def _history_bytes() -> bytes:
+def _history_bytes(layout: str = "indented") -> bytes:
+    """Two round records as history.json: indented (older runs), or one record per line (HistoryWriter)."""
     record = {
         "round": 0, "sampled": ["a", "b"], "trained": ["a"], "contributors": ["a"], "skipped": {"b": "budget"},
         "dropped": {}, "aborted": None, "test_loss": 0.5, "epsilon": {"a": 1.0, "b": 0.0}, "max_epsilon": 1.0,
         "client_level": {"accounted_noise_multiplier": 1.0, "sample_rate": 0.5, "clip_norm": 1.0, "next_clip_norm": 0.9},
         "ledger": {"lines": 4, "head": "ab"},
     }
-    return json.dumps([record, {**record, "round": 1, "client_level": None}], indent=2).encode()
+    records = [record, {**record, "round": 1, "client_level": None}]
+    if layout == "lines":
+        return b"[\n" + b",\n".join(json.dumps(r).encode() for r in records) + b"\n]\n"
+    return json.dumps(records, indent=2).encode()
 
 
 @FUZZ
-@given(seed=st.integers(0, 2**32 - 1))
-def test_fuzzed_history_is_loaded_or_a_config_error(tmp_path_factory, seed):
+@given(seed=st.integers(0, 2**32 - 1), layout=st.sampled_from(["indented", "lines"]))
+def test_fuzzed_history_is_loaded_or_a_config_error(tmp_path_factory, seed, layout):
     path = tmp_path_factory.mktemp("history") / "history.json"
-    path.write_bytes(ledger_fuzz.mutate(_history_bytes(), random.Random(seed)))
+    path.write_bytes(ledger_fuzz.mutate(_history_bytes(layout), random.Random(seed)))
     try:
         history = load_history(path)
     except ConfigError as exc:
