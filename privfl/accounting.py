@@ -873,8 +873,12 @@ def noise_multiplier(
     steps: int,
     delta: float,
     accountant: Accountant | str = Accountant.PRV,
+    spent: Sequence[DPEvent] = (),
 ) -> float:
     """The smallest noise multiplier whose ``steps`` steps stay within ``target_epsilon``.
+
+    With ``spent`` (what a client already used, e.g. its ledger's events), the ``steps`` steps
+    are the rest of a run: epsilon is that of ``spent`` composed with them.
 
     A safeguarded root search on log sigma against log epsilon (epsilon falls monotonically as
     sigma grows): bracket around a guess from the central limit theorem (mu-GDP), then Illinois
@@ -897,7 +901,7 @@ def noise_multiplier(
     DPEvent(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)  # validates sample_rate
     token = _CACHE_STEPS.set(False)  # the probes' per-step pieces would only crowd out the run's
     try:
-        return _calibrate(target_epsilon, sample_rate, steps, delta, kind)
+        return _calibrate(target_epsilon, sample_rate, steps, delta, kind, spent=tuple(spent))
     finally:
         _CACHE_STEPS.reset(token)
 
@@ -934,9 +938,13 @@ def _gdp_guess(target: float, q: float, steps: int, delta: float) -> float:
         return 1.0
 
 
-def _calibrate(target: float, q: float, steps: int, delta: float, kind: Accountant) -> float:
+def _calibrate(target: float, q: float, steps: int, delta: float, kind: Accountant, *, spent: tuple[DPEvent, ...] = ()) -> float:
     def eps_at(sigma: float) -> float:
-        return _composed_epsilon(((sigma, q, steps),), delta, kind)
+        merged: dict[tuple[float, float], int] = {(sigma, q): steps}
+        for event in spent:
+            key = (event.noise_multiplier, event.sample_rate)
+            merged[key] = merged.get(key, 0) + event.steps
+        return _composed_epsilon(tuple(sorted((s, r, t) for (s, r), t in merged.items())), delta, kind)
 
     def unreachable(eps: float) -> ConfigError:
         return ConfigError(

@@ -440,6 +440,8 @@ class Federation:
             check_recorded_architecture(out, model)
         ledger, history, start_round, global_params = self._restore(out, resume, global_params, self._fingerprint(plans))
         try:
+            if resume:
+                self._replan_remaining(plans, ledger, start_round)
             if out is not None:
                 from privfl.export import record_architecture
 
@@ -702,6 +704,52 @@ class Federation:
             )
         _check_noise_placement(protection, self.config)
         protection.check_fits(num_clients)
+
+    _REPLAN_MAX_NOISE_RATIO = 2.0
+    """A resume recalibrates a site's noise only up to this multiple of its plan from zero (see below)."""
+
+    def _replan_remaining(self, plans: list[_ClientPlan], ledger: PrivacyLedger, start_round: int) -> None:
+        """On a resume with another ``federation.rounds``, spends what each site has left over the rounds left.
+
+        A site's plan calibrates sigma for the whole run from zero. A resume with the rounds of the
+        start plans exactly that sigma again (the resumed run matches an uninterrupted one). A resume
+        with other rounds would plan the new count from zero while the first rounds were charged at
+        the old plan: the budget would run out before the last round (more rounds) or be left unspent
+        (fewer). So where the ledger shows trainings at another sigma than the plan's, the sigma is
+        calibrated for the site's remaining planned rounds composed with what it already spent. A site
+        whose budget left would need more than ``_REPLAN_MAX_NOISE_RATIO`` times the plan's noise (a
+        finished run extended: almost nothing left) keeps its plan and trains only while its ledger
+        allows: rounds of almost pure noise would spoil the model, not improve it.
+        """
+        dp = self.training.dp
+        if dp.target_epsilon is None or start_round >= self.config.rounds:
+            return
+        fixed_size = self.config.client_dp is None or self.config.client_dp.sampling is ClientSampling.FIXED
+        remaining = planned_rounds(
+            self.config.rounds - start_round, self.config.client_fraction, dp.planned_participation_quantile,
+            num_clients=len(plans) if fixed_size else None,
+        )
+        for plan in plans:
+            spent = ledger.events(plan.name)
+            if not spent or all(e.noise_multiplier == plan.noise_multiplier for e in spent):
+                continue
+            try:
+                sigma = noise_multiplier(
+                    target_epsilon=dp.target_epsilon, sample_rate=plan.sample_rate, steps=plan.steps_per_round * remaining,
+                    delta=dp.delta, accountant=dp.accountant, spent=spent,
+                )
+            except ConfigError:
+                sigma = math.inf  # no budget left for another step
+            if sigma > self._REPLAN_MAX_NOISE_RATIO * plan.noise_multiplier:
+                # So little budget left that the rounds would mostly add noise to the model: the site
+                # keeps the plan and trains only while its ledger allows (a finished run trains no more).
+                log.info("resume: %s has too little budget left to recalibrate; it keeps its plan", plan.name)
+                continue
+            log.info(
+                "resume: %s's sigma for the %d rounds left, with what it spent: %.4f (the plan from zero: %.4f)",
+                plan.name, remaining, sigma, plan.noise_multiplier,
+            )
+            plan.noise_multiplier = sigma
 
     def _check_one_round_fits(self, plans: list[_ClientPlan]) -> None:
         """Refuses a fresh run in which no site can afford a single round (it would train nothing).

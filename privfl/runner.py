@@ -95,12 +95,11 @@ def run(
             started = load_config(saved).federation.rounds
             if started != config.federation.rounds:
                 # The one setting a resume may change (the run's identity leaves it out); the noise of the
-                # remaining rounds is calibrated for the new count. Said, so that it is never a surprise.
+                # rounds left is recalibrated (Federation._replan_remaining). Said, so that it is never a surprise.
                 log.warning(
-                    "resuming with federation.rounds = %d; the run in %s was started with %d. The remaining rounds "
-                    "use the noise planned for %d rounds from the start, which does not count what was spent at the "
-                    "old plan: sites may reach their budget before the last round, and then skip",
-                    config.federation.rounds, out_dir, started, config.federation.rounds,
+                    "resuming with federation.rounds = %d; the run in %s was started with %d: each site's noise for "
+                    "the rounds left is calibrated to what its budget has left",
+                    config.federation.rounds, out_dir, started,
                 )
     from privfl.federation import Federation
     from privfl.models import build_model

@@ -159,3 +159,20 @@ def test_ledger_load_rejects_garbage(tmp_path):
     path.write_text('{"format_version": 1, "entries": 3}\n')
     with pytest.raises(LedgerError, match=r"ledger\.jsonl"):
         PrivacyLedger.load(path)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_noise_multiplier_for_the_rest_of_a_run_counts_what_was_spent(accountant):
+    spent = [DPEvent(noise_multiplier=1.5, sample_rate=0.1, steps=20)] * 2  # two rounds at an older plan
+    already = epsilon_of_events(spent, delta=1e-5, accountant=accountant)
+    assert already < 3.0
+    sigma = noise_multiplier(target_epsilon=3.0, sample_rate=0.1, steps=60, delta=1e-5, accountant=accountant, spent=spent)
+    rest = [DPEvent(noise_multiplier=sigma, sample_rate=0.1, steps=60)]
+    total = epsilon_of_events([*spent, *rest], delta=1e-5, accountant=accountant)
+    assert 2.95 <= total <= 3.0  # the whole budget, and no more
+    # a little less noise would pass the target: the search found (nearly) the smallest sigma
+    assert epsilon_of_events([*spent, DPEvent(noise_multiplier=sigma * 0.99, sample_rate=0.1, steps=60)], delta=1e-5, accountant=accountant) > 3.0
+    # more noise than from zero, since part of the budget is gone
+    assert sigma > noise_multiplier(target_epsilon=3.0, sample_rate=0.1, steps=60, delta=1e-5, accountant=accountant)
+    with pytest.raises(ConfigError, match="unreachable"):  # nothing left: no sigma fits another step
+        noise_multiplier(target_epsilon=already, sample_rate=0.1, steps=60, delta=1e-5, accountant=accountant, spent=[*spent, *spent])

@@ -17,6 +17,7 @@ from privfl.errors import ConfigError
 from privfl.federation import CHECKPOINT_DIR, HISTORY_FILE, LEDGER_FILE, Federation
 from privfl.protocols.base import DirectTransport
 from privfl.rundir import checkpoint_path, load_checkpoint
+from privfl.training import flatten_parameters
 
 NUM_PARAMETERS = 30 * 2 + 2  # nn.Linear(30, 2)
 
@@ -248,3 +249,51 @@ def test_a_budget_no_site_can_spend_one_round_of_is_refused_before_anything_is_w
     federation.training = TrainingConfig(batch_size=64, dp=DPConfig(noise_multiplier=4.0, budget_epsilon=1.0))
     result = federation.run(tmp_path / "fits")
     assert any(h["trained"] for h in result.history)
+
+
+def _calibrated(clients, split, rounds):
+    return Federation(
+        model_fn=lambda: nn.Linear(30, 2),
+        clients=clients,
+        training=TrainingConfig(batch_size=64, learning_rate=0.5, dp=DPConfig(target_epsilon=3.0)),
+        federation=FederationConfig(rounds=rounds, protection=ProtectionKind.PLAINTEXT, seed=0, noise_seed=0, device="cpu"),
+        progress=False,
+    )
+
+
+def _interrupted_after(clients, split, tmp_path, monkeypatch, *, rounds, trained_rounds):
+    """A run of ``rounds`` stopped (Ctrl-C) when its round ``trained_rounds`` starts training."""
+    import privfl.federation as federation_module
+
+    real = federation_module.train_dp_sgd
+    calls = []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > trained_rounds * len(clients):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / f"run-{rounds}"
+    with monkeypatch.context() as patch:
+        patch.setattr(federation_module, "train_dp_sgd", train)
+        with pytest.raises(KeyboardInterrupt):
+            _calibrated(clients, split, rounds).run(out)
+    return out
+
+
+@pytest.mark.parametrize(("first", "then"), [(4, 8), (8, 4)])
+def test_a_resume_with_other_rounds_spends_the_budget_left_over_the_rounds_left(clients, split, tmp_path, monkeypatch, first, then):
+    # federation.py `_replan_remaining`: with sigma planned for `then` rounds from zero, 4 -> 8 ran out of
+    # budget before the last rounds (they were skipped) and 8 -> 4 left budget unspent.
+    out = _interrupted_after(clients, split, tmp_path, monkeypatch, rounds=first, trained_rounds=2)
+    result = _calibrated(clients, split, then).run(out, resume=True)
+    for name, info in result.summary["clients"].items():
+        assert info["rounds_trained"] == then and info["rounds_skipped"] == 0, name
+        assert 2.9 <= info["epsilon"] <= 3.0, (name, info["epsilon"])
+        assert len(info["noise_multipliers_used"]) == 2  # the first plan's, then the one for what was left
+    # a resume with the rounds it started with trains at its plan's sigma, as an uninterrupted run does
+    same = _interrupted_after(clients, split, tmp_path / "same", monkeypatch, rounds=4, trained_rounds=2)
+    resumed = _calibrated(clients, split, 4).run(same, resume=True)
+    whole = _calibrated(clients, split, 4).run(tmp_path / "whole")
+    np.testing.assert_array_equal(flatten_parameters(resumed.model), flatten_parameters(whole.model))
