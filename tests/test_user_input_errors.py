@@ -34,8 +34,9 @@ def _run(**overrides):
 
 @pytest.mark.parametrize("label", [2, 5])
 def test_a_label_past_the_models_outputs_names_the_site(label):
-    labels = torch.zeros(40, dtype=torch.int64)
-    labels[3] = label  # the model has 2 outputs: classes 0 and 1
+    # The model has 2 outputs (classes 0 and 1). Every label is out of range: a round samples its batches at
+    # random, and the check on a site's first examples runs once per kind of model and process.
+    labels = torch.full((40,), label, dtype=torch.int64)
     with pytest.raises(ConfigError, match=r"a class label is outside the model's outputs") as info:
         _run(clients={"site-a": _data(labels=labels)})
     assert info.value.field == "dataset[site-a]"
