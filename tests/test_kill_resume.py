@@ -193,6 +193,8 @@ def test_kill_9_at_random_points_never_loses_spending(tmp_path, server):
         argv = ["run", str(config), "--out", str(out), "--quiet"]
         charged: dict[str, int] = {}
         while kills < KILLS:
+            if (out / "summary.json").exists():
+                break  # killed after it finished (its summary is written last): nothing left to resume
             pid = server.start([*argv, "--resume"] if (out / LEDGER_FILE).exists() else argv, stderr)
             # A run takes about 0.3 s to reach its first round and a fraction of a second per
             # round: kills land before the ledger exists, between charges, mid-write and
