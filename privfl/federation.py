@@ -729,17 +729,21 @@ class Federation:
             self.config.rounds - start_round, self.config.client_fraction, dp.planned_participation_quantile,
             num_clients=len(plans) if fixed_size else None,
         )
+        solved: dict[tuple[float, int, tuple[DPEvent, ...]], float] = {}  # sites of one size spent alike: one search
         for plan in plans:
-            spent = ledger.events(plan.name)
+            spent = tuple(ledger.events(plan.name))
             if not spent or all(e.noise_multiplier == plan.noise_multiplier for e in spent):
                 continue
-            try:
-                sigma = noise_multiplier(
-                    target_epsilon=dp.target_epsilon, sample_rate=plan.sample_rate, steps=plan.steps_per_round * remaining,
-                    delta=dp.delta, accountant=dp.accountant, spent=spent,
-                )
-            except ConfigError:
-                sigma = math.inf  # no budget left for another step
+            key = (plan.sample_rate, plan.steps_per_round, spent)
+            if key not in solved:
+                try:
+                    solved[key] = noise_multiplier(
+                        target_epsilon=dp.target_epsilon, sample_rate=plan.sample_rate, steps=plan.steps_per_round * remaining,
+                        delta=dp.delta, accountant=dp.accountant, spent=spent,
+                    )
+                except ConfigError:
+                    solved[key] = math.inf  # no budget left for another step
+            sigma = solved[key]
             if sigma > self._REPLAN_MAX_NOISE_RATIO * plan.noise_multiplier:
                 # So little budget left that the rounds would mostly add noise to the model: the site
                 # keeps the plan and trains only while its ledger allows (a finished run trains no more).
