@@ -46,7 +46,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -107,15 +107,31 @@ def flower_executable(name: str) -> Path:
 # --- process bookkeeping ---------------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time in clock ticks) of a process from /proc, or None if it is gone."""
+def _proc_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None if it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[19])
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time in clock ticks) of a process from /proc, or None if it is gone."""
+    fields = _proc_fields(pid)
+    return None if fields is None else (fields[0], int(fields[1]), int(fields[19]))
+
+
+def _group_members(pgids: Collection[int]) -> list[int]:
+    """The live processes (not zombies) whose process group is one of ``pgids``, found through /proc."""
+    found = []
+    for entry in os.listdir("/proc") if pgids and os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            fields = _proc_fields(int(entry))
+            if fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) in pgids:
+                found.append(int(entry))
+    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -171,27 +187,50 @@ class _Tracked:
     """
 
     procs: dict[int, int] = field(default_factory=dict)
+    # The tracked processes that led their own process group when first seen (pid -> start time).
+    leaders: dict[int, int] = field(default_factory=dict)
 
     def add(self, pid: int) -> None:
-        stat = _proc_stat(pid)
-        if stat is not None:
-            self.procs.setdefault(pid, stat[2])
+        fields = _proc_fields(pid)
+        if fields is not None and pid not in self.procs:
+            self.procs[pid] = int(fields[19])
+            if int(fields[2]) == pid:
+                self.leaders[pid] = int(fields[19])
 
     def same_process(self, pid: int) -> bool:
         stat = _proc_stat(pid)
         return stat is not None and self.procs.get(pid) == stat[2] and stat[0] not in ("Z", "X")
 
+    def _group_is_ours(self, pgid: int) -> bool:
+        """Whether process group ``pgid`` is still the one a tracked leader started.
+
+        A pid stays taken while it names a live process group, so a group whose leader has ended
+        (a forked helper left behind, orphaned) keeps its number; the number can only name another
+        group once it is empty and the pid was reused by a new process, which then exists with
+        another start time.
+        """
+        if pgid not in self.leaders:
+            return False
+        stat = _proc_stat(pgid)
+        return stat is None or stat[2] == self.leaders[pgid]
+
+    def orphans(self) -> list[int]:
+        """Live processes in a tracked leader's group, also those whose parent has ended (and which
+        therefore no longer descend from anything tracked)."""
+        return _group_members([pgid for pgid in self.leaders if self._group_is_ours(pgid)])
+
     def signal(self, pid: int, sig: int) -> None:
         """Signals ``pid``, and its whole process group when it leads one (a process forked by the warm
-        launcher starts its own session: a child it forks just before the signal is in that group)."""
+        launcher starts its own session: a child it forks just before the signal is in that group).
+        The group is signalled also after its leader has ended: what the leader left behind in it
+        (e.g. a task its executor forked as the executor was stopped) is in that group, not under it."""
         if self.same_process(pid):
             try:
-                leads_group = os.getpgid(pid) == pid
                 os.kill(pid, sig)
             except ProcessLookupError:
-                return
-            if leads_group:
-                _signal_group(pid, sig)
+                pass
+        if self._group_is_ours(pid):
+            _signal_group(pid, sig)
 
 
 # The commands the SuperLink starts by name that a warm deployment forks instead: (command, target, process name).
@@ -1142,7 +1181,7 @@ class LocalDeployment:
     def _track_descendants(self) -> None:
         roots = [p.pid for p in self._leaders if p.poll() is None]
         roots += [pid for pid in self._tracked.procs if self._tracked.same_process(pid)]
-        for pid in _descendants(roots):
+        for pid in _descendants(roots) + self._tracked.orphans():
             self._tracked.add(pid)
 
     def _anything_alive(self) -> bool:

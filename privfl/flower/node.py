@@ -36,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NoReturn
 
 __all__ = ["DEFAULT_IDLE_POLL_SECONDS", "DEFAULT_POLL_SECONDS", "SUPPORTED_FLOWER", "flower_version_supported", "main", "run_executor"]
@@ -46,6 +46,7 @@ DEFAULT_IDLE_POLL_SECONDS = 0.25
 _BACKOFF = 1.25
 _LOCAL_WAIT = 0.01
 SUPPORTED_FLOWER = "1.42"
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def flower_version_supported() -> bool:
@@ -259,9 +260,14 @@ def run_executor(
                 continue
             failing = False
             if reply.HasField("task") and reply.token:
+                # SIGTERM and SIGINT wait until the child has its own handling (and is bound to this
+                # process's life); one that comes meanwhile reaches it then, not this loop's handler.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                executor_pid = os.getpid()
                 pid = os.fork()
                 if pid == 0:  # the child: one ClientApp task, then exit
-                    _run_task(runtime_api_address, reply.token, wake_fd)
+                    _run_task(runtime_api_address, reply.token, wake_fd, parent_pid=executor_pid, mask=mask)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 children.add(pid)
                 continue  # there may be another task waiting
             _wait_for_task(wake_fd, poll, idle_poll)
@@ -274,12 +280,21 @@ def run_executor(
                 pass
 
 
-def _run_task(runtime_api_address: str, token: str, wake_fd: int | None) -> NoReturn:
-    """A forked executor child: runs one ClientApp task and exits (never returns into the executor's loop)."""
+def _run_task(runtime_api_address: str, token: str, wake_fd: int | None, *, parent_pid: int, mask: Collection[int]) -> NoReturn:
+    """A forked executor child: runs one ClientApp task and exits (never returns into the executor's loop).
+
+    It is killed when the executor ends (`die_with_parent`): a task forked just as the deployment
+    stopped its executor would otherwise run on, orphaned, retrying a SuperNode that is gone.
+    ``mask`` is the signal mask to restore (the executor blocks SIGTERM and SIGINT across the fork).
+    """
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from privfl.flower.warm import die_with_parent
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    die_with_parent(parent_pid)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if wake_fd is not None:
         os.close(wake_fd)
     code = 1
@@ -343,9 +358,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if executor == 0:
         code = 0
         try:
-            from privfl.flower.warm import set_process_name
+            from privfl.flower.warm import die_with_parent, set_process_name
 
             set_process_name("privfl-executor")
+            die_with_parent(node_pid, signal.SIGTERM)  # a SuperNode killed outright takes its executor along
             os.close(wake_write)
             os.set_blocking(wake_read, False)
             run_executor(address, poll=ours.poll, parent_pid=node_pid, wake_fd=wake_read, idle_poll=ours.idle_poll)

@@ -57,6 +57,7 @@ __all__ = [
     "WORKER_MODULES",
     "WarmLauncher",
     "WarmProcess",
+    "die_with_parent",
     "forward_to_launcher",
     "main",
     "set_process_name",
@@ -85,6 +86,30 @@ def set_process_name(name: str) -> None:
             handle.write(name[:15])
     except OSError:
         pass
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> bool:
+    """Has the kernel send ``sig`` to this process when its parent ends (Linux: ``PR_SET_PDEATHSIG``).
+
+    For a process forked as a helper: if whoever forked it is killed, it must not run on as an
+    orphan that nothing tracks. ``parent_pid`` is the parent this process was forked from; if
+    that parent has already ended (the process was reparented before the call), ``sig`` is sent
+    at once, as the kernel would have. Returns False, and changes nothing, where the call is not
+    available (not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+    return True
 
 
 # What Flower's ServerApp process (``flwr-serverapp``) hosting privfl's Aggregator imports, and its entry point;
