@@ -1010,7 +1010,10 @@ GENESIS = hashlib.sha256(b"privfl ledger journal, format 2").hexdigest()
 """The ``prev`` of a journal's first line."""
 
 _MAX_LINE_BYTES = 1 << 16
-"""No ledger line comes near this (a long drop note is ~200 bytes); a longer one is corrupt."""
+"""No ledger line but the header comes near this (a long drop note is ~200 bytes); a longer one is corrupt."""
+_MAX_HEADER_BYTES = 1 << 28
+"""The header holds the run's identity, one data fingerprint per site (about 80 bytes each): 1,000 sites
+make an 81 KB header. This bound (256 MiB, the history's) is far above any real federation's."""
 
 log = logging.getLogger("privfl")
 
@@ -1733,7 +1736,7 @@ class PrivacyLedger:
         def bad(problem: str) -> LedgerError:
             return LedgerError(str(path), f"{where}: {problem}")
 
-        if len(raw) > _MAX_LINE_BYTES:
+        if len(raw) > (_MAX_HEADER_BYTES if number == 1 else _MAX_LINE_BYTES):
             raise bad(f"{len(raw)} bytes long; not a ledger line (the ledger is corrupt)")
         try:
             record = json.loads(raw.decode("ascii"))

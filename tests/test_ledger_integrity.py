@@ -78,6 +78,26 @@ def test_round_trip_keeps_entries_notes_resumes_and_identity(tmp_path, key):
     assert copy.entries == loaded.entries and copy.superseded() == {1} and not copy.authenticated
 
 
+def test_the_header_of_a_federation_of_many_sites_loads_and_other_lines_stay_bounded(tmp_path, key):
+    # The header names every site's data fingerprint: 1,000 sites made an 81 KB first line, which the
+    # 64 KiB line bound refused as corrupt, so such a run could be neither resumed nor audited.
+    sites = {f"site-{k:05d}": "f" * 64 for k in range(3000)}
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger.create(path, key=key, run_identity={"clients": sites})
+    ledger.register("site-00000", ClientBudget(epsilon=50.0, delta=1e-5))
+    ledger.charge(0, "site-00000", EVENT)
+    ledger.close()
+    assert len(path.read_bytes().split(b"\n", 1)[0]) > 1 << 17
+    loaded = PrivacyLedger.load(path, key=key)
+    assert loaded.run_identity == {"clients": sites} and loaded.epsilon("site-00000") == pytest.approx(ledger.epsilon("site-00000"))
+    # Any other line that long is still refused before it is parsed.
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b"{" + b" " * (1 << 17) + b"}"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(LedgerError, match="bytes long; not a ledger line"):
+        PrivacyLedger.load(path, key=key)
+
+
 def test_key_is_never_shown_and_is_private(tmp_path, key):
     assert "hidden" in repr(key) and key._secret.hex() not in repr(key)
     key.write(tmp_path / "ledger.key")
