@@ -16,9 +16,11 @@ client-level epsilon bounds what they reveal about whether a whole client took p
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import statistics
 import warnings as _warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +57,17 @@ from privfl.rundir import (
     load_run_identity,
 )
 
-__all__ = ["AUDIT_CODES", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "RunFacts", "audit_run"]
+__all__ = [
+    "AUDIT_CODES", "SHOWN_ONE_BY_ONE", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "RunFacts",
+    "audit_run",
+]  # fmt: skip
+
+SHOWN_ONE_BY_ONE = 12
+"""Up to this many clients, audit.md's per-round table and audit.png give each client its own column and
+line, and every finding of one code is listed; past it (a federation of many sites) they show the spread
+over clients and the first findings of each code. audit.json always has every client and finding."""
+_SHOWN_OF_MANY = 3  # findings of one code given in full past SHOWN_ONE_BY_ONE
+_FIELDS_NAMED = 10  # fields named of the others
 
 FORMAT_VERSION = 3
 """3: ``findings`` (was ``warnings``) with ``counts``; per-client ``rounds_interrupted``; ``interrupted``;
@@ -318,17 +330,28 @@ class AuditReport:
                 "accountant the ledger enforced budgets with: like with like.",
             ]
         out += ["", "### Epsilon after each round", ""]
-        header = ["round", *(c.client for c in clients)]
-        rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(self.rounds)]
-        out.append(_table(header, rows, [True] * len(header)))
+        if len(clients) <= SHOWN_ONE_BY_ONE:
+            header = ["round", *(c.client for c in clients)]
+            rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(self.rounds)]
+        else:  # a column per client stops being readable: the spread over clients, and who is ahead
+            out += [
+                f"The spread over the {len(clients)} clients (each client's own figures: `sample_level.<client>.epsilon_by_round` "
+                "in audit.json).",
+                "",
+            ]
+            header = ["round", "min", "median", "max", "client at max"]
+            rows = []
+            for r in range(self.rounds):
+                values = sorted(c.epsilon_by_round[r] for c in clients)
+                top = max(clients, key=lambda c: c.epsilon_by_round[r])
+                rows.append([str(r), _num(values[0]), _num(statistics.median(values)), _num(values[-1]), top.client])
+        out.append(_table(header, rows, [True] * (len(header) - (len(clients) > SHOWN_ONE_BY_ONE)) + [False] * (len(clients) > SHOWN_ONE_BY_ONE)))
         out += ["", "## Client-level DP (a whole client's participation)", "", client_level.explanation, ""]
         out += ["## What this audit checks, and what it cannot", "", *_SCOPE, ""]
         out += ["## Findings", ""]
         if not findings:
             out.append("No findings.")
-        for f in findings:
-            out.append(f"- **{f.severity.value.upper()} {f.code}** `{f.field}`: {f.message}")
-            out.append(f"  - fix: {f.fix}")
+        out += _findings_markdown(findings)
         out += ["", "## Files", "", f"- {paths.markdown.name}, {paths.json.name}, {paths.plot.name} in {paths.markdown.parent}", ""]
         return "\n".join(out)
 
@@ -475,33 +498,44 @@ def _client_audits(
     ledger's accountant), so the comparison is like with like whatever ``accountant`` was asked for.
     """
     entries = ledger.entries
-    superseded = ledger.superseded()
+    interrupted = ledger.interrupted_trainings()
     round_ids = {int(h["round"]) for h in history if "round" in h} | {e.round for e in entries}
     rounds = max(round_ids) + 1 if round_ids else 0
     summary_clients = _config_section(summary, "clients")
     recorded: dict[tuple[str, int], tuple[float, float]] = {}
     audits = []
+    # Each client's entries by round, in one pass over the ledger (not one pass per client: a
+    # federation of many sites has as many clients as a round has entries, or more).
+    dropped_in: dict[str, int] = {}  # rounds each client was dropped from, for a summary that does not say
+    for h in history:
+        for name in h.get("dropped") or {}:
+            dropped_in[name] = dropped_in.get(name, 0) + 1
+    by_client: dict[str, dict[int, list[Any]]] = {}
+    for e in entries:
+        by_client.setdefault(e.client, {}).setdefault(e.round, []).append(e)
     for client in ledger.clients:
         budget = ledger.budget(client)
-        mine = [e for e in entries if e.client == client]
+        mine = by_client.get(client, {})
         by_round: list[float] = []
         events: list[DPEvent] = []
+        value = _epsilon(events, budget.delta, accountant)
         for r in range(rounds):
-            for entry in (e for e in mine if e.round == r):
-                if entry.status is LedgerStatus.TRAINED:
-                    events.append(DPEvent(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, steps=entry.steps))
-            value = _epsilon(events, budget.delta, accountant)
+            at_r = mine.get(r, ())
+            trained = [e for e in at_r if e.status is LedgerStatus.TRAINED]
+            events += [DPEvent(noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps) for e in trained]
+            if trained:  # epsilon moves only when the client trained (most rounds of a sampled federation it did not)
+                value = _epsilon(events, budget.delta, accountant)
             by_round.append(value)
-            if any(e.round == r for e in mine):
+            if at_r:
                 same = value if enforced is accountant else _epsilon(events, budget.delta, enforced)
-                for entry in (e for e in mine if e.round == r):
+                for entry in at_r:
                     recorded[(client, r)] = (entry.epsilon, same)
         final = by_round[-1] if by_round else 0.0
         cross_value = _epsilon(events, budget.delta, cross)
         info = summary_clients.get(client, {}) if isinstance(summary_clients.get(client), Mapping) else {}
         dropped = info.get("rounds_dropped")
         if dropped is None:
-            dropped = sum(1 for h in history if client in (h.get("dropped") or {}))
+            dropped = dropped_in.get(client, 0)
         n = info.get("num_examples")
         audits.append(
             ClientAudit(
@@ -517,9 +551,7 @@ def _client_audits(
                 sample_rates=tuple(sorted({e.sample_rate for e in events})),
                 steps=sum(e.steps for e in events),
                 rounds_trained=ledger.rounds(client, LedgerStatus.TRAINED),
-                rounds_interrupted=sum(
-                    1 for i in superseded if entries[i].client == client and entries[i].status is LedgerStatus.TRAINED
-                ),
+                rounds_interrupted=interrupted.get(client, 0),
                 rounds_skipped=ledger.rounds(client, LedgerStatus.SKIPPED_BUDGET),
                 rounds_dropped=int(dropped),
             )
@@ -1044,6 +1076,24 @@ def _adjacency(facts: RunFacts) -> list[Hit]:
 
 
 # -- rendering ---------------------------------------------------------------------------------------
+def _findings_markdown(findings: Sequence[Finding]) -> list[str]:
+    """The findings as Markdown items; past `SHOWN_ONE_BY_ONE` findings of one code (one per client of a
+    large federation), the first few in full and the others by field (every one stays in audit.json)."""
+    out: list[str] = []
+    for code, group in itertools.groupby(findings, key=lambda f: (f.severity, f.code)):
+        group_list = list(group)
+        shown = group_list if len(group_list) <= SHOWN_ONE_BY_ONE else group_list[:_SHOWN_OF_MANY]
+        for f in shown:
+            out.append(f"- **{f.severity.value.upper()} {f.code}** `{f.field}`: {f.message}")
+            out.append(f"  - fix: {f.fix}")
+        rest = group_list[len(shown):]
+        if rest:
+            fields = ", ".join(f"`{f.field}`" for f in rest[:_FIELDS_NAMED])
+            more = f", and {len(rest) - _FIELDS_NAMED} more" if len(rest) > _FIELDS_NAMED else ""
+            out.append(f"- **{code[0].value.upper()} {code[1]}**, {len(rest)} more of this code (every one is in audit.json): {fields}{more}")
+    return out
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -1085,20 +1135,38 @@ def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
-    for c in clients:
-        rounds = list(range(len(c.epsilon_by_round)))
-        (line,) = left.plot(rounds, c.epsilon_by_round, marker="o", markersize=3, label=c.client)
-        if math.isfinite(c.epsilon_budget):
-            left.axhline(c.epsilon_budget, color=line.get_color(), linestyle=":", linewidth=1)
+    rounds = max((len(c.epsilon_by_round) for c in clients), default=0)
+    marker = {"marker": "o", "markersize": 3} if rounds <= 60 else {}
+    if len(clients) <= SHOWN_ONE_BY_ONE:
+        for c in clients:
+            (line,) = left.plot(range(len(c.epsilon_by_round)), c.epsilon_by_round, label=c.client, **marker)
+            if math.isfinite(c.epsilon_budget):
+                left.axhline(c.epsilon_budget, color=line.get_color(), linestyle=":", linewidth=1)
+        left.set_title("sample-level epsilon per client (dotted: budget)")
+    else:  # a line per client is unreadable: the spread over clients, and the clients that spent most
+        import numpy as np
+
+        values = np.array([c.epsilon_by_round for c in clients], dtype=float)
+        x = np.arange(values.shape[1])
+        low, median, high = np.quantile(values, [0.1, 0.5, 0.9], axis=0)
+        left.fill_between(x, values.min(axis=0), values.max(axis=0), color="tab:blue", alpha=0.15, linewidth=0, label="min to max")
+        left.fill_between(x, low, high, color="tab:blue", alpha=0.3, linewidth=0, label="10th to 90th percentile")
+        left.plot(x, median, color="tab:blue", label="median")
+        for c in sorted(clients, key=lambda c: -c.epsilon)[:3]:
+            left.plot(x, c.epsilon_by_round, linewidth=1, label=f"{c.client} (epsilon {c.epsilon:.3g})")
+        for budget in sorted({c.epsilon_budget for c in clients if math.isfinite(c.epsilon_budget)})[:5]:
+            left.axhline(budget, color="gray", linestyle=":", linewidth=1)
+        left.set_title(f"sample-level epsilon over {len(clients)} clients (dotted: budgets)")
     left.set_xlabel("round (as numbered in the ledger)")
     left.set_ylabel(f"epsilon ({accountant.value.upper()})")
-    left.set_title("sample-level epsilon per client (dotted: budget)")
     left.set_ylim(bottom=0)
     if clients:
         left.legend(fontsize="small")
     accuracy = [(int(h["round"]), h.get("test_accuracy")) for h in history if h.get("test_accuracy") is not None]
     if accuracy:
-        right.plot([r for r, _ in accuracy], [a for _, a in accuracy], marker="o", markersize=3, color="black")
+        right.plot([r for r, _ in accuracy], [a for _, a in accuracy], color="black", **marker)
+    else:
+        right.text(0.5, 0.5, "no test set was evaluated", ha="center", va="center", transform=right.transAxes, color="gray")
     right.set_xlabel("round")
     right.set_ylabel("test accuracy")
     right.set_title("global model")
@@ -1191,7 +1259,8 @@ def audit_run(
         recorded=recorded,
         interrupted=interrupted,
     )
-    findings = tuple(sorted(apply_rules(Tool.AUDIT, facts), key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.field)))
+    # In apply_rules' order: by severity and code, a per-client rule's findings worst first.
+    findings = tuple(apply_rules(Tool.AUDIT, facts))
     out = Path(out_dir) if out_dir is not None else run_dir
     paths = AuditPaths(markdown=out / "audit.md", json=out / "audit.json", plot=out / "audit.png")
     integrity = LedgerIntegrity(

@@ -128,7 +128,8 @@ class Hit:
         message: what was found and why it matters.
         fix: a fix worded for this hit (default: the rule's).
         severity: a severity other than the code's default (one of its ``also``).
-        rank: for a per-client rule checked on a config, the hit with the highest rank is reported.
+        rank: for a per-client rule checked on a config, the hit with the highest rank is reported;
+            checked on a run, its hits are listed highest rank first.
         supersedes: codes whose finding on the same field this hit makes redundant (it states the same
             fact more strongly, e.g. "private in name only" over "noise multiplier below 0.5").
     """
@@ -274,8 +275,8 @@ def apply_rules(tool: Tool, facts: Facts) -> list[Finding]:
 
     Returns:
         The findings, errors first, then warnings, then infos (in code order within each, and in
-        the order each check found them within a code), less those another finding on the same
-        field supersedes.
+        the order each check found them within a code, a per-client rule's by rank), less those
+        another finding on the same field supersedes.
 
     Raises:
         ValueError: a check gave a severity its code does not list (a bug in the rule, not in the input).
@@ -290,6 +291,9 @@ def apply_rules(tool: Tool, facts: Facts) -> list[Finding]:
         if rule.per_client and tool is Tool.LINT and hits:
             # One setting for every client: the finding names the client that binds it.
             hits = [max(hits, key=lambda h: h.rank)]
+        elif rule.per_client:
+            # One finding per client of a run: the worst first (a report of many sites shows the first few).
+            hits = sorted(hits, key=lambda h: -h.rank)
         for h in hits:
             if h.severity is not None and h.severity not in (code.severity, *code.also):
                 # The docs table lists every severity a code can take; a check may not add one silently.

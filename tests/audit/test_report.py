@@ -387,3 +387,9 @@ def test_the_threshold_advice_keeps_it_above_half_the_share_holders(run_dir: Pat
     _edit(copy / "history.json", lambda h: h[0].__setitem__("aborted", "2 survivors < threshold 3"))
     (finding,) = [f for f in audit_run(copy).findings if f.code == "PFA008" and f.field == "rounds.aborted"]
     assert "above half the share holders" in finding.fix and "PFL020" in finding.fix
+
+
+def test_few_clients_get_a_column_and_a_line_each(report: AuditReport) -> None:
+    table = report.markdown.split("### Epsilon after each round", 1)[1].split("\n## ", 1)[0]
+    header = next(line for line in table.splitlines() if line.startswith("| round"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["round", *(c.client for c in report.clients)]
