@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from rich import box
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from privfl.federation import RunResult
+from privfl.results import SHOWN_ONE_BY_ONE
 
 __all__ = ["interrupted_trainings", "print_run_report"]
 
@@ -24,7 +26,7 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
     acc = s["final_accuracy"]
     console.print(
         f"\n[bold]final test accuracy[/bold] {acc:.4f}" if acc is not None else "\n[bold]final test accuracy[/bold] -",
-        f" after {s['rounds']} rounds, protection [bold]{s['protection']}[/bold], accountant {s['accountant']}",
+        f"after {s['rounds']} rounds, protection [bold]{s['protection']}[/bold], accountant {s['accountant']}",
     )
     # No vertical rules, so the table fits an 80-column terminal or log without truncation.
     table = Table(
@@ -39,7 +41,11 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
     table.add_column("client", no_wrap=True, min_width=max([6, *map(len, names)]))
     for col in columns:
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
-    for name, c in s["clients"].items():
+    shown = list(s["clients"].items())
+    if len(shown) > SHOWN_ONE_BY_ONE:  # a federation of many sites: those that spent most, then the spread
+        shown = sorted(shown, key=lambda item: -item[1]["epsilon"])[:SHOWN_ONE_BY_ONE]
+        table.title = f"privacy ledger (sample-level DP): the {SHOWN_ONE_BY_ONE} of {len(names)} clients that spent most"
+    for name, c in shown:
         budget = "-" if c["epsilon_budget"] is None else f"{c['epsilon_budget']:.2f}"
         cells = [
             str(c["num_examples"]),
@@ -55,6 +61,14 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
             cells.insert(6, str(interrupted.get(name, 0)))
         table.add_row(name, *cells)
     console.print(table)
+    if len(names) > SHOWN_ONE_BY_ONE:
+        spent = sorted(c["epsilon"] for c in s["clients"].values())
+        trained = sum(c["rounds_trained"] for c in s["clients"].values())
+        console.print(
+            f"all {len(names)} clients: epsilon min {spent[0]:.3f}, median {statistics.median(spent):.3f}, max {spent[-1]:.3f}; "
+            f"{trained} trainings, {sum(1 for c in s['clients'].values() if c['rounds_trained'] == 0)} clients never trained "
+            "(every client: summary.json, or privfl audit)"
+        )
     if any(interrupted.values()):
         console.print(
             "trained counts every charged training, including interrupted attempts at a round (the run was stopped "
@@ -90,7 +104,12 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
                 "whole polynomial; the expansion falls to about 2x (two primes) or 1x (one) for models of 100k+ parameters)"
             )
     if s["dropped_clients"]:
-        console.print(f"[yellow]dropped updates[/yellow]: {s['dropped_clients']}")
+        dropped = s["dropped_clients"]
+        count = sum(len(sites) for sites in dropped.values())
+        if count <= SHOWN_ONE_BY_ONE:
+            console.print(f"[yellow]dropped updates[/yellow]: {dropped}")
+        else:
+            console.print(f"[yellow]dropped updates[/yellow]: {count} in {len(dropped)} rounds (each with its reason: summary.json, dropped_clients)")
     if result.out_dir is not None:
         console.print(f"wrote {result.out_dir}/: {', '.join(_run_files(result.out_dir))}")
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-__all__ = ["LedgerPosition", "RoundRecord", "RunSummary", "SiteSummary", "run_summary"]
+__all__ = ["SHOWN_ONE_BY_ONE", "LedgerPosition", "RoundRecord", "RunSummary", "SiteSummary", "run_summary"]
+
+SHOWN_ONE_BY_ONE = 12
+"""Up to this many sites, a report for people (the end-of-run table, audit.md, audit.png) gives each
+site its own row, column or line and lists every finding; past it (a federation of many sites) it
+shows the sites that spent most and the spread over all of them. The files (summary.json,
+audit.json) always hold every site."""
 
 
 class LedgerPosition(TypedDict):

@@ -42,6 +42,7 @@ from privfl.audit.rules import (
     register,
 )
 from privfl.errors import ConfigError, LedgerError
+from privfl.results import SHOWN_ONE_BY_ONE
 from privfl.rundir import (
     HISTORY_FILE,
     LEDGER_FILE,
@@ -58,14 +59,10 @@ from privfl.rundir import (
 )
 
 __all__ = [
-    "AUDIT_CODES", "SHOWN_ONE_BY_ONE", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "RunFacts",
+    "AUDIT_CODES", "AuditPaths", "AuditReport", "ClientAudit", "ClientLevelAudit", "LedgerIntegrity", "RunFacts",
     "audit_run",
 ]  # fmt: skip
 
-SHOWN_ONE_BY_ONE = 12
-"""Up to this many clients, audit.md's per-round table and audit.png give each client its own column and
-line, and every finding of one code is listed; past it (a federation of many sites) they show the spread
-over clients and the first findings of each code. audit.json always has every client and finding."""
 _SHOWN_OF_MANY = 3  # findings of one code given in full past SHOWN_ONE_BY_ONE
 _FIELDS_NAMED = 10  # fields named of the others
 
@@ -345,7 +342,7 @@ class AuditReport:
                 values = sorted(c.epsilon_by_round[r] for c in clients)
                 top = max(clients, key=lambda c: c.epsilon_by_round[r])
                 rows.append([str(r), _num(values[0]), _num(statistics.median(values)), _num(values[-1]), top.client])
-        out.append(_table(header, rows, [True] * (len(header) - (len(clients) > SHOWN_ONE_BY_ONE)) + [False] * (len(clients) > SHOWN_ONE_BY_ONE)))
+        out.append(_table(header, rows, [True] * len(header) if len(clients) <= SHOWN_ONE_BY_ONE else [True] * 4 + [False]))
         out += ["", "## Client-level DP (a whole client's participation)", "", client_level.explanation, ""]
         out += ["## What this audit checks, and what it cannot", "", *_SCOPE, ""]
         out += ["## Findings", ""]

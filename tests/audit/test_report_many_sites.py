@@ -13,32 +13,55 @@ import numpy as np
 import pytest
 
 import privfl.audit.report as report_module
-from privfl.audit.report import SHOWN_ONE_BY_ONE, audit_run
+from privfl.audit.report import audit_run
 from privfl.config import DPConfig, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.data import ArrayDataset
 from privfl.federation import Federation
 from privfl.models import LogisticRegression
+from privfl.results import SHOWN_ONE_BY_ONE
 
 CLIENTS = 30
 ROUNDS = 8
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 sites, a third sampled per round, sigma 0.8 and no epsilon cap: PFA009 for every site, PFA001 for many."""
+def run(tmp_path_factory: pytest.TempPathFactory):
+    """30 sites, a third sampled per round, sigma 0.8 and no epsilon cap: PFA009 for every site, PFA001 for many
+    (the run's result; its directory is ``run_dir``)."""
     rng = np.random.default_rng(0)
     clients = {}
     for k in range(CLIENTS):
         x = rng.normal(size=(20, 5)).astype(np.float32)
         clients[f"site-{k:02d}"] = ArrayDataset(x, (x[:, 0] > 0).astype(np.int64))
     out = tmp_path_factory.mktemp("many") / "run"
-    Federation(
+    return Federation(
         model_fn=lambda: LogisticRegression(5, 2), clients=clients,
         training=TrainingConfig(local_epochs=1, batch_size=20, learning_rate=0.1, dp=DPConfig(noise_multiplier=0.8)),
         federation=FederationConfig(rounds=ROUNDS, client_fraction=0.34, protection=ProtectionKind.PLAINTEXT, seed=0, noise_seed=0, device="cpu"),
         progress=False,
     ).run(out)  # fmt: skip
-    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(run) -> Path:
+    return run.out_dir
+
+
+def test_the_end_of_run_table_shows_the_sites_that_spent_most_and_the_spread(run) -> None:
+    from rich.console import Console
+
+    from privfl.report import print_run_report
+
+    console = Console(record=True, width=200)
+    print_run_report(run, console=console)
+    text = console.export_text()
+    clients = run.summary["clients"]
+    rows = [line.split()[0] for line in text.splitlines() if re.match(r"^\s*site-\d\d ", line)]
+    assert len(rows) == SHOWN_ONE_BY_ONE
+    spent = sorted((c["epsilon"] for c in clients.values()), reverse=True)
+    assert [clients[name]["epsilon"] for name in rows] == spent[:SHOWN_ONE_BY_ONE]
+    assert f"the {SHOWN_ONE_BY_ONE} of {CLIENTS} clients that spent most" in text
+    assert f"all {CLIENTS} clients: epsilon min {spent[-1]:.3f}, median {float(np.median(spent)):.3f}, max {spent[0]:.3f}" in text
 
 
 def test_many_sites_are_summarized_in_the_report_and_kept_whole_in_the_json(run_dir: Path) -> None:
