@@ -899,13 +899,13 @@ def _prv_above_rdp(facts: RunFacts) -> list[Hit]:
 )
 def _recorded_mismatch(facts: RunFacts) -> list[Hit]:
     summary_clients = _config_section(facts.summary, "clients")
+    mismatched: dict[str, list[tuple[int | None, float, float]]] = {}  # one pass over the records, not one per client
+    for (name, r), (rec, new) in sorted(facts.recorded.items()):
+        if _relative_gap(rec, new) > RECORDED_TOLERANCE and not (rec == 0 and new == 0):
+            mismatched.setdefault(name, []).append((r, rec, new))
     out = []
     for c in facts.audits:
-        bad: list[tuple[int | None, float, float]] = [
-            (r, rec, new)
-            for (name, r), (rec, new) in sorted(facts.recorded.items())
-            if name == c.client and _relative_gap(rec, new) > RECORDED_TOLERANCE and not (rec == 0 and new == 0)
-        ]
+        bad = mismatched.get(c.client, [])
         entry = summary_clients.get(c.client)
         summary_eps = entry.get("epsilon") if isinstance(entry, Mapping) else None
         if summary_eps is not None and _relative_gap(float(summary_eps), c.epsilon_enforced) > RECORDED_TOLERANCE:
