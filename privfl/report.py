@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from privfl.federation import RunResult
-from privfl.results import SHOWN_ONE_BY_ONE
+from privfl.results import SHOWN_ONE_BY_ONE, SiteSummary
 
 __all__ = ["interrupted_trainings", "print_run_report"]
 
@@ -43,14 +44,14 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     shown = list(s["clients"].items())
     if len(shown) > SHOWN_ONE_BY_ONE:  # a federation of many sites: those that spent most, then the spread
-        shown = sorted(shown, key=lambda item: -item[1]["epsilon"])[:SHOWN_ONE_BY_ONE]
+        shown = sorted(shown, key=lambda item: -_spent(item[1]))[:SHOWN_ONE_BY_ONE]
         table.title = f"privacy ledger (sample-level DP): the {SHOWN_ONE_BY_ONE} of {len(names)} clients that spent most"
     for name, c in shown:
         budget = "-" if c["epsilon_budget"] is None else f"{c['epsilon_budget']:.2f}"
         cells = [
             str(c["num_examples"]),
             f"{c['noise_multiplier']:.3f}" if c["noise_multiplier"] is not None else "-",
-            f"{c['epsilon']:.3f}",
+            f"{_spent(c):.3f}",
             budget,
             f"{c['delta']:.0e}",
             str(c["rounds_trained"]),
@@ -62,7 +63,7 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
         table.add_row(name, *cells)
     console.print(table)
     if len(names) > SHOWN_ONE_BY_ONE:
-        spent = sorted(c["epsilon"] for c in s["clients"].values())
+        spent = sorted(_spent(c) for c in s["clients"].values())
         trained = sum(c["rounds_trained"] for c in s["clients"].values())
         console.print(
             f"all {len(names)} clients: epsilon min {spent[0]:.3f}, median {statistics.median(spent):.3f}, max {spent[-1]:.3f}; "
@@ -112,6 +113,11 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
             console.print(f"[yellow]dropped updates[/yellow]: {count} in {len(dropped)} rounds (each with its reason: summary.json, dropped_clients)")
     if result.out_dir is not None:
         console.print(f"wrote {result.out_dir}/: {', '.join(_run_files(result.out_dir))}")
+
+
+def _spent(site: SiteSummary) -> float:
+    """A site's epsilon (summary.json writes an infinite one as null)."""
+    return math.inf if site["epsilon"] is None else site["epsilon"]
 
 
 def _run_files(out: Path) -> list[str]:

@@ -900,9 +900,9 @@ def _prv_above_rdp(facts: RunFacts) -> list[Hit]:
 def _recorded_mismatch(facts: RunFacts) -> list[Hit]:
     summary_clients = _config_section(facts.summary, "clients")
     mismatched: dict[str, list[tuple[int | None, float, float]]] = {}  # one pass over the records, not one per client
-    for (name, r), (rec, new) in sorted(facts.recorded.items()):
+    for (name, round_index), (rec, new) in sorted(facts.recorded.items()):
         if _relative_gap(rec, new) > RECORDED_TOLERANCE and not (rec == 0 and new == 0):
-            mismatched.setdefault(name, []).append((r, rec, new))
+            mismatched.setdefault(name, []).append((round_index, rec, new))
     out = []
     for c in facts.audits:
         bad = mismatched.get(c.client, [])

@@ -187,49 +187,71 @@ class _Tracked:
     """
 
     procs: dict[int, int] = field(default_factory=dict)
-    # The tracked processes that led their own process group when first seen (pid -> start time).
+    # Each tracked process's process group when it was last seen alive.
+    groups: dict[int, int] = field(default_factory=dict)
+    # The tracked processes seen leading their own process group (pid -> start time).
     leaders: dict[int, int] = field(default_factory=dict)
 
     def add(self, pid: int) -> None:
         fields = _proc_fields(pid)
-        if fields is not None and pid not in self.procs:
-            self.procs[pid] = int(fields[19])
-            if int(fields[2]) == pid:
-                self.leaders[pid] = int(fields[19])
+        if fields is None:
+            return
+        start = int(fields[19])
+        if self.procs.setdefault(pid, start) != start:
+            return  # the pid now names another process than the one tracked
+        if fields[0] not in ("Z", "X"):
+            self.groups[pid] = int(fields[2])
+            if int(fields[2]) == pid:  # (a warm child calls setsid just after its fork: seen again, it leads)
+                self.leaders[pid] = start
 
     def same_process(self, pid: int) -> bool:
         stat = _proc_stat(pid)
         return stat is not None and self.procs.get(pid) == stat[2] and stat[0] not in ("Z", "X")
 
     def _group_is_ours(self, pgid: int) -> bool:
-        """Whether process group ``pgid`` is still the one a tracked leader started.
+        """Whether process group ``pgid`` is provably still the one a tracked leader started.
 
-        A pid stays taken while it names a live process group, so a group whose leader has ended
-        (a forked helper left behind, orphaned) keeps its number; the number can only name another
-        group once it is empty and the pid was reused by a new process, which then exists with
-        another start time.
+        It is while its leader runs, and after the leader has ended while a tracked process that was
+        in it still runs: the group has not been empty since, so its number cannot have been reused
+        (a pid stays taken while it names a live process group). A group seen with neither is
+        forgotten: once empty, its number may name a stranger's group (a new process given that pid
+        that starts its own session).
         """
         if pgid not in self.leaders:
             return False
-        stat = _proc_stat(pgid)
-        return stat is None or stat[2] == self.leaders[pgid]
+        if self.same_process(pgid) or any(
+            group == pgid and self.same_process(pid) for pid, group in self.groups.items() if pid != pgid
+        ):
+            return True
+        del self.leaders[pgid]
+        return False
+
+    def refresh(self) -> None:
+        """Looks at every tracked process again: its group now, and whether it has come to lead one."""
+        for pid in list(self.procs):
+            if self.same_process(pid):
+                self.add(pid)
 
     def orphans(self) -> list[int]:
         """Live processes in a tracked leader's group, also those whose parent has ended (and which
         therefore no longer descend from anything tracked)."""
-        return _group_members([pgid for pgid in self.leaders if self._group_is_ours(pgid)])
+        return _group_members([pgid for pgid in list(self.leaders) if self._group_is_ours(pgid)])
 
     def signal(self, pid: int, sig: int) -> None:
         """Signals ``pid``, and its whole process group when it leads one (a process forked by the warm
         launcher starts its own session: a child it forks just before the signal is in that group).
-        The group is signalled also after its leader has ended: what the leader left behind in it
-        (e.g. a task its executor forked as the executor was stopped) is in that group, not under it."""
+        The group is signalled also after its leader has ended, while it provably is the same group
+        (`_group_is_ours`): what the leader left behind in it (e.g. a task its executor forked as the
+        executor was stopped) is in that group, not under it."""
+        if self.same_process(pid):
+            self.add(pid)  # it may have started its own group since it was first seen
+        group = self._group_is_ours(pid)  # decided before the signal can end the leader
         if self.same_process(pid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        if self._group_is_ours(pid):
+        if group:
             _signal_group(pid, sig)
 
 
@@ -1179,6 +1201,7 @@ class LocalDeployment:
             )
 
     def _track_descendants(self) -> None:
+        self._tracked.refresh()
         roots = [p.pid for p in self._leaders if p.poll() is None]
         roots += [pid for pid in self._tracked.procs if self._tracked.same_process(pid)]
         for pid in _descendants(roots) + self._tracked.orphans():

@@ -47,6 +47,7 @@ _BACKOFF = 1.25
 _LOCAL_WAIT = 0.01
 SUPPORTED_FLOWER = "1.42"
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_TASK_STOP_GRACE = 1.0  # seconds a stopping executor waits for its tasks (the SuperNode gives it 2 s)
 
 
 def flower_version_supported() -> bool:
@@ -206,6 +207,9 @@ def run_executor(
     for module in ("privfl.flower.apps", "privfl.flower.worker"):  # warm: each child finds them imported
         importlib.import_module(module)
 
+    from privfl.flower.warm import die_with_parent
+
+    die_with_parent(None)  # loads the C library's prctl once, for every task child to find loaded
     shorten_object_pulls(_rc, "pull_and_inflate_object_from_tree", poll)
     # Flower builds a telemetry payload at every task start and end, even with telemetry off, and
     # platform.architecture() runs `file -b` on the interpreter each time (uname is cached): two
@@ -264,10 +268,12 @@ def run_executor(
                 # process's life); one that comes meanwhile reaches it then, not this loop's handler.
                 mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
                 executor_pid = os.getpid()
-                pid = os.fork()
-                if pid == 0:  # the child: one ClientApp task, then exit
-                    _run_task(runtime_api_address, reply.token, wake_fd, parent_pid=executor_pid, mask=mask)
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                try:
+                    pid = os.fork()
+                    if pid == 0:  # the child: one ClientApp task, then exit
+                        _run_task(runtime_api_address, reply.token, wake_fd, parent_pid=executor_pid, mask=mask)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 children.add(pid)
                 continue  # there may be another task waiting
             _wait_for_task(wake_fd, poll, idle_poll)
@@ -278,6 +284,18 @@ def run_executor(
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        # A task ends on SIGTERM by reporting its status to the SuperNode: a short wait for that, since a
+        # task still running when this process exits is killed outright (`die_with_parent`).
+        deadline = time.monotonic() + _TASK_STOP_GRACE
+        while children and time.monotonic() < deadline:
+            for pid in list(children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    children.discard(pid)
+            time.sleep(0.02)
 
 
 def _run_task(runtime_api_address: str, token: str, wake_fd: int | None, *, parent_pid: int, mask: Collection[int]) -> NoReturn:
@@ -287,18 +305,18 @@ def _run_task(runtime_api_address: str, token: str, wake_fd: int | None, *, pare
     stopped its executor would otherwise run on, orphaned, retrying a SuperNode that is gone.
     ``mask`` is the signal mask to restore (the executor blocks SIGTERM and SIGINT across the fork).
     """
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-    from privfl.flower.warm import die_with_parent
-
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    die_with_parent(parent_pid)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    if wake_fd is not None:
-        os.close(wake_fd)
     code = 1
     try:
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        from privfl.flower.warm import die_with_parent
+
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        die_with_parent(parent_pid)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if wake_fd is not None:
+            os.close(wake_fd)
         run_clientapp(
             runtime_api_address=runtime_api_address,
             token=token,

@@ -35,6 +35,7 @@ exits; its children run on until stopped, as separately started processes would.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -88,28 +89,40 @@ def set_process_name(name: str) -> None:
         pass
 
 
-def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> bool:
+def die_with_parent(parent_pid: int | None, sig: int = signal.SIGKILL) -> bool:
     """Has the kernel send ``sig`` to this process when its parent ends (Linux: ``PR_SET_PDEATHSIG``).
 
     For a process forked as a helper: if whoever forked it is killed, it must not run on as an
     orphan that nothing tracks. ``parent_pid`` is the parent this process was forked from; if
     that parent has already ended (the process was reparented before the call), ``sig`` is sent
     at once, as the kernel would have. Returns False, and changes nothing, where the call is not
-    available (not Linux).
+    available (not Linux). A process that forks such helpers calls it once beforehand (with
+    ``parent_pid=None``: nothing is set) so that its children find the C library already loaded.
     """
-    if not sys.platform.startswith("linux"):
+    prctl = _prctl()
+    if prctl is None or parent_pid is None:
         return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
-            return False
-    except (OSError, AttributeError):
+    if prctl(1, int(sig), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
         return False
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
     return True
+
+
+@functools.cache
+def _prctl():
+    """The C library's ``prctl`` (its five arguments as unsigned longs), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    return prctl
 
 
 # What Flower's ServerApp process (``flwr-serverapp``) hosting privfl's Aggregator imports, and its entry point;

@@ -78,31 +78,91 @@ def test_die_with_parent_is_a_no_op_off_linux(monkeypatch):
     assert die_with_parent(os.getppid()) is False
 
 
+def _group_with_two_helpers():
+    """A session leader that starts two helpers in its group, prints their pids and exits."""
+    code = (
+        "import subprocess\n"
+        f"a = subprocess.Popen({_SLEEPER!r}); b = subprocess.Popen({_SLEEPER!r})\n"
+        "print(a.pid, b.pid, flush=True)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return leader
+
+
+def _stop_group(leader: subprocess.Popen, helpers: list[int]) -> None:
+    try:
+        os.killpg(leader.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if leader.poll() is None:
+        leader.kill()
+    leader.wait()
+    if leader.stdout is not None:
+        leader.stdout.close()
+    _kill(helpers)
+
+
 @pytest.mark.timeout(60)
 def test_a_process_left_in_a_tracked_group_after_its_leader_ended_is_found_and_stopped():
-    # The leader starts a helper in its own process group and exits: the helper is orphaned (it no
-    # longer descends from anything tracked) but is still in the group the leader started.
-    code = f"import subprocess; p = subprocess.Popen({_SLEEPER!r}); print(p.pid, flush=True)"
-    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    tracked = _Tracked()
-    tracked.add(leader.pid)
-    orphan = None
+    # Helper a was seen in the group (tracked); helper b never was (forked after the deployment last
+    # looked). The leader exits: both are orphaned and descend from nothing tracked, but the group
+    # has not been empty since a was seen in it, so it is still the leader's group.
+    leader = _group_with_two_helpers()
+    helpers: list[int] = []
     try:
+        tracked = _Tracked()
+        tracked.add(leader.pid)
         assert leader.pid in tracked.leaders
         assert leader.stdout is not None
-        orphan = int(leader.stdout.readline())
+        helpers = [int(pid) for pid in leader.stdout.readline().split()]
+        a, b = helpers
+        tracked.add(a)
         leader.wait(timeout=30)
-        assert pid_alive(orphan) and not tracked.same_process(leader.pid)
-        assert tracked.orphans() == [orphan]
-
-
+        assert pid_alive(a) and pid_alive(b) and not tracked.same_process(leader.pid)
+        assert sorted(tracked.orphans()) == sorted([a, b])
         tracked.signal(leader.pid, signal.SIGKILL)
-        assert _gone(orphan), "the orphan in the stopped leader's group is still running"
+        assert _gone(a) and _gone(b), "a process left in the stopped leader's group is still running"
     finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait()
-        _kill([orphan] if orphan else [])
+        _stop_group(leader, helpers)
+
+
+@pytest.mark.timeout(60)
+def test_a_group_left_without_a_tracked_process_is_not_signalled():
+    # Nothing tracked is left in the group once its leader has ended: that the group is still the
+    # leader's cannot be proved (had it emptied, its number could name a stranger's group now), so
+    # it is left alone and forgotten.
+    leader = _group_with_two_helpers()
+    helpers: list[int] = []
+    try:
+        tracked = _Tracked()
+        tracked.add(leader.pid)
+        assert leader.stdout is not None
+        helpers = [int(pid) for pid in leader.stdout.readline().split()]
+        leader.wait(timeout=30)
+        assert tracked.orphans() == [] and leader.pid not in tracked.leaders
+        tracked.signal(leader.pid, signal.SIGKILL)
+        time.sleep(0.3)
+        assert all(pid_alive(pid) for pid in helpers)
+    finally:
+        _stop_group(leader, helpers)
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_starts_its_own_group_after_it_was_first_seen_is_signalled_as_a_group():
+    # A warm child is forked first and calls setsid just after: seen in between, it did not lead a group yet.
+    code = f"import os, subprocess, sys, time\ntime.sleep(1.0)\nos.setsid()\np = subprocess.Popen({_SLEEPER!r})\nprint(p.pid, flush=True)\ntime.sleep(120)\n"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    helpers: list[int] = []
+    try:
+        tracked = _Tracked()
+        tracked.add(process.pid)
+        assert process.pid not in tracked.leaders
+        assert process.stdout is not None
+        helpers = [int(process.stdout.readline())]
+        tracked.signal(process.pid, signal.SIGKILL)
+        assert _gone(helpers[0]), "the group the process started after it was first seen was not signalled"
+    finally:
+        _stop_group(process, helpers)
 
 
 @pytest.mark.timeout(60)
