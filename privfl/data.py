@@ -18,6 +18,7 @@ __all__ = [
     "dirichlet_partition",
     "group_partition",
     "iid_partition",
+    "known_labels",
     "labels_of",
     "load_breast_cancer",
     "load_digits",
@@ -197,13 +198,40 @@ def make_credit(*, num_rows: int = 6000, test_fraction: float = 0.2, seed: int =
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
-    """Integer labels of a classification dataset (``.targets`` if present, else by iterating)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return np.asarray(targets)
-    if isinstance(dataset, Subset):
-        return labels_of(dataset.dataset)[np.asarray(dataset.indices)]
+    """Integer labels of a classification dataset (held in memory, see `known_labels`; else by iterating)."""
+    known = known_labels(dataset)
+    if known is not None:
+        return known
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style datasets have one
+
+
+def known_labels(dataset: Dataset) -> np.ndarray | None:
+    """A dataset's labels when it holds them in memory, without loading any example; else None.
+
+    Read from ``.targets`` (`ArrayDataset`, torchvision's datasets), the second tensor of a
+    ``TensorDataset``, through ``Subset`` and ``ConcatDataset``. None where a dataset has none of
+    these, or where what it holds does not have one label per example.
+    """
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    if isinstance(dataset, Subset):
+        parent = known_labels(dataset.dataset)
+        return None if parent is None else parent[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ConcatDataset):
+        parts = [known_labels(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else np.concatenate([p for p in parts if p is not None])
+    if isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1] if len(dataset.tensors) > 1 else None
+    else:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        return None
+    try:
+        array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        size = len(dataset)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return array if array.ndim >= 1 and len(array) == size else None
 
 
 def iid_partition(num_examples: int, num_clients: int, *, seed: int = 0) -> list[np.ndarray]:

@@ -83,6 +83,7 @@ from privfl.rundir import (
     save_checkpoint,
 )
 from privfl.training import (
+    check_labels,
     evaluate,
     flatten_parameters,
     load_flat_parameters,
@@ -430,6 +431,11 @@ class Federation:
         dp = self.training.dp
 
         self._check_protection(protection, len(plans))
+        # Before anything is charged: a site whose labels the model has no output for would fail only
+        # when first sampled, possibly many rounds (and other sites' charges) in.
+        check_labels(model, {plan.name: plan.dataset for plan in plans})
+        if self.test_set is not None and len(self.test_set):  # type: ignore[arg-type]  # map-style Datasets have __len__
+            check_labels(model, {"test_set": self.test_set})
         if not resume:
             self._check_one_round_fits(plans)
         if out is not None and resume:

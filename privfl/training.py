@@ -18,7 +18,7 @@ import os
 import secrets
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,7 @@ __all__ = [
     "DPConversion",
     "LayerChange",
     "LocalResult",
+    "check_labels",
     "choose_clipping",
     "convert_for_dp",
     "evaluate",
@@ -607,6 +608,62 @@ def train_dp_sgd(
     )
 
 
+_LABEL_OUTSIDE_OUTPUTS = (
+    "a class label is outside the model's outputs: labels must be 0..C-1 for a model with C outputs "
+    "(map the classes to 0..C-1, or widen the model's last layer)"
+)
+
+
+def check_labels(model: nn.Module, datasets: Mapping[str, Dataset]) -> None:
+    """Before anything trains: every label the datasets hold in memory is one of the model's classes.
+
+    A site whose labels fall outside the model's outputs fails in its first training, which in a
+    federation that samples sites can come many rounds (and many other sites' charges) in. The
+    labels are read without loading examples (`privfl.data.known_labels`: ``.targets``, a
+    ``TensorDataset``'s labels, through ``Subset``/``ConcatDataset``); a dataset that holds none is
+    checked when it first trains, as before. The model's class count comes from one forward pass
+    on one example (no gradient, its train/eval mode restored).
+
+    Raises:
+        ConfigError: a label below 0 or at or above the number of outputs (names the dataset, the
+            label and the count), or the model does not take the first example (as training would).
+    """
+    from privfl.data import known_labels
+
+    outputs: int | None = None
+    for name, dataset in datasets.items():
+        labels = known_labels(dataset)
+        if labels is None or labels.size == 0 or not np.issubdtype(labels.dtype, np.number):
+            continue
+        if outputs is None:
+            outputs = _output_count(model, dataset, name)
+            if outputs is None:
+                return
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= outputs:
+            bad = low if low < 0 else high
+            raise ConfigError(
+                f"dataset[{name}]", f"label {bad:g} for a model with {outputs} outputs", _LABEL_OUTSIDE_OUTPUTS
+            )
+
+
+def _output_count(model: nn.Module, dataset: Dataset, site: str) -> int | None:
+    """The model's number of outputs per example (its class count), from one example of ``dataset``."""
+    prepared = prepare_dataset(dataset, model, site=site)
+    inputs, _ = _split_example(prepared[0], site, 0)
+    if not isinstance(inputs, torch.Tensor):
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _model_data_errors(site, prepared):
+            logits = model(inputs.unsqueeze(0).to(device))
+    finally:
+        model.train(was_training)
+    return int(logits.shape[-1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
+
+
 @contextlib.contextmanager
 def _model_data_errors(site: str, dataset: Dataset) -> Iterator[None]:
     """Turns torch's errors for a model that does not fit a site's data into ConfigErrors naming both.
@@ -621,11 +678,7 @@ def _model_data_errors(site: str, dataset: Dataset) -> Iterator[None]:
         text = str(exc).strip()
         if not (text.startswith("Target") and "out of bounds" in text):
             raise
-        raise ConfigError(
-            f"dataset[{site}]", text,
-            "a class label is outside the model's outputs: labels must be 0..C-1 for a model with C outputs "
-            "(map the classes to 0..C-1, or widen the model's last layer)",
-        ) from exc
+        raise ConfigError(f"dataset[{site}]", text, _LABEL_OUTSIDE_OUTPUTS) from exc
     except RuntimeError as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "shapes cannot be multiplied" not in text:

@@ -42,6 +42,62 @@ def test_a_label_past_the_models_outputs_names_the_site(label):
     assert info.value.field == "dataset[site-a]"
 
 
+def test_a_site_with_labels_past_the_models_outputs_is_refused_before_any_site_is_charged(tmp_path):
+    # 30 sites, 3 sampled a round: the bad one (last) might be sampled only many rounds in, after the
+    # others had spent budget on rounds that then never finish. Its labels are in memory: checked first.
+    clients = {f"site-{k:02d}": _data() for k in range(29)}
+    clients["site-29"] = _data(labels=torch.tensor([0, 1] * 19 + [0, 3]))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"label 3 for a model with 2 outputs.*outside the model's outputs") as info:
+        Federation(
+            model_fn=lambda: nn.Linear(30, 2), clients=clients, progress=False,
+            training=TrainingConfig(batch_size=8, dp=DPConfig(noise_multiplier=1.0)),
+            federation=FederationConfig(rounds=20, client_fraction=0.1, protection=ProtectionKind.PLAINTEXT, device="cpu"),
+        ).run(out)  # fmt: skip
+    assert info.value.field == "dataset[site-29]"
+    assert not (out / "ledger.jsonl").exists()  # nothing was charged
+
+
+def test_a_test_set_with_labels_past_the_models_outputs_is_named():
+    with pytest.raises(ConfigError, match=r"label 9 for a model with 2 outputs") as info:
+        _run(test_set=_data(labels=torch.full((40,), 9, dtype=torch.int64)))
+    assert info.value.field == "dataset[test_set]"
+
+
+class _Loaded(torch.utils.data.Dataset):
+    """Labels only by loading examples (no .targets): checked when the site first trains."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.data = _data(labels=labels)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index]
+
+
+def test_labels_held_in_memory_are_read_without_loading_examples():
+    from torch.utils.data import ConcatDataset, Subset
+
+    from privfl.data import ArrayDataset, known_labels
+
+    y = torch.arange(40) % 3
+    assert known_labels(_data(labels=y)).tolist() == y.tolist()
+    assert known_labels(Subset(_data(labels=y), [5, 1])).tolist() == [2, 1]
+    assert known_labels(ConcatDataset([_data(labels=y), Subset(_data(labels=y), [2])])).tolist() == [*y.tolist(), 2]
+    assert known_labels(ArrayDataset(torch.zeros(3, 2).numpy(), [0, 1, 1])).tolist() == [0, 1, 1]
+    assert known_labels(_Loaded(y)) is None
+    assert known_labels(ConcatDataset([_data(labels=y), _Loaded(y)])) is None
+    assert known_labels(TensorDataset(torch.zeros(4, 2))) is None  # no label tensor
+
+
+def test_labels_the_dataset_does_not_hold_in_memory_are_still_refused_when_the_site_trains():
+    with pytest.raises(ConfigError, match=r"a class label is outside the model's outputs") as info:
+        _run(clients={"site-a": _Loaded(torch.full((40,), 4, dtype=torch.int64))})
+    assert info.value.field == "dataset[site-a]"
+
+
 def test_a_negative_integer_label_is_refused_like_a_negative_float_one():
     with pytest.raises(ConfigError, match=r"label -1 of example 0.*whole number >= 0"):
         _run(clients={"site-a": _data(labels=torch.full((40,), -1, dtype=torch.int64))})
