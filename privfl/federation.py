@@ -791,7 +791,9 @@ class Federation:
 
         A resumed run must be the same run: with other settings, a different seed or other data
         behind the same client names, the ledger's per-record epsilon would no longer describe
-        the records actually used.
+        the records actually used. A client's data is identified by its number of examples and,
+        for a ``Subset``, the indices it takes; the examples themselves are not read, so records
+        replaced by as many others go unnoticed (docs/getting-started.md says so).
         """
         federation = public_config(self.config)
         federation.pop("rounds", None)
