@@ -49,7 +49,15 @@ from privfl.client_dp import (
 from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
 from privfl.errors import ConfigError, LedgerError, ProtocolAbort
 from privfl.model_pool import ModelPool
-from privfl.plan import derive_seed, plan_site, planned_rounds, round_size, sample_sites
+from privfl.plan import (
+    derive_seed,
+    no_site_affords_a_round,
+    one_round_refusal,
+    plan_site,
+    planned_rounds,
+    round_size,
+    sample_sites,
+)
 from privfl.protocols.base import (
     ClientUpdate,
     DirectTransport,
@@ -767,24 +775,9 @@ class Federation:
         Only a fixed ``noise_multiplier`` with a ``budget_epsilon`` can do that: a calibrated sigma
         fits the whole run. Checked before the ledger is created (nothing of a run is written).
         """
-        dp = self.training.dp
-        budget = dp.epsilon_budget
-        if not math.isfinite(budget) or dp.noise_multiplier is None:
-            return
-        cheapest: tuple[float, str] | None = None
-        for plan in plans:
-            event = DPEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
-            cost = epsilon_of_events([event], delta=dp.delta, accountant=dp.accountant)
-            if cost <= budget:
-                return
-            cheapest = min(cheapest or (cost, plan.name), (cost, plan.name))
-        assert cheapest is not None  # at least one client (checked in __init__)
-        raise ConfigError(
-            "training.dp.budget_epsilon", budget,
-            f"no site can train a single round within it: the cheapest, {cheapest[1]}, would spend epsilon "
-            f"{cheapest[0]:.3f} in one round (noise_multiplier {dp.noise_multiplier}); raise the budget or the "
-            "noise multiplier, or set target_epsilon to calibrate the noise to the budget",
-        )
+        cheapest = no_site_affords_a_round(self.training, ((p.name, p.sample_rate, p.steps_per_round) for p in plans))
+        if cheapest is not None:
+            raise ConfigError("training.dp.budget_epsilon", self.training.dp.epsilon_budget, one_round_refusal(*cheapest, self.training))
 
     def _fingerprint(self, plans: list[_ClientPlan]) -> dict[str, Any]:
         """What identifies a run: its settings (but the number of rounds) and each client's data.

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from privfl.config import ClientSampling, FederationConfig, TrainingConfig
 
-__all__ = ["SAMPLING_PURPOSE", "SitePlan", "derive_seed", "plan_site", "planned_rounds", "round_size", "sample_sites"]
+__all__ = [
+    "SAMPLING_PURPOSE", "SitePlan", "derive_seed", "no_site_affords_a_round", "one_round_refusal", "plan_site", "planned_rounds", "round_size",
+    "sample_sites",
+]  # fmt: skip
 
 SAMPLING_PURPOSE = 3
 """Stream index of client sampling under ``noise_seed`` (0: DP-SGD, 1: noise shares, 2: central noise)."""
@@ -134,3 +137,39 @@ def sample_sites(config: FederationConfig, round_index: int, names: Sequence[str
         # Poisson client sampling: the amplification the client-level accountant relies on.
         return [name for name, keep in zip(names, rng.random(len(names)) < fraction, strict=True) if keep]
     return [names[i] for i in sorted(rng.choice(len(names), size=count, replace=False))]
+
+
+def no_site_affords_a_round(training: TrainingConfig, sites: Iterable[tuple[str, float, int]]) -> tuple[float, str] | None:
+    """(epsilon, site) of the cheapest first round when no site can train one round within its budget, else None.
+
+    ``sites``: each site's (name, sample rate, steps per round). Only a fixed ``noise_multiplier``
+    with a finite ``budget_epsilon`` can be refused so: a calibrated sigma fits the whole run, and
+    without a cap nothing is. ``privfl run`` refuses such a run before anything is written, and
+    ``privfl lint`` reports it (PFL025). Returns at the first site that fits.
+    """
+    from privfl.accounting import DPEvent, epsilon_of_events
+
+    dp = training.dp
+    budget = dp.epsilon_budget
+    if not np.isfinite(budget) or dp.noise_multiplier is None:
+        return None
+    cheapest: tuple[float, str] | None = None
+    seen: dict[tuple[float, int], float] = {}
+    for name, sample_rate, steps in sites:
+        key = (sample_rate, steps)
+        if key not in seen:
+            event = DPEvent(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
+            seen[key] = epsilon_of_events([event], delta=dp.delta, accountant=dp.accountant)
+        if seen[key] <= budget:
+            return None
+        cheapest = min(cheapest or (seen[key], name), (seen[key], name))
+    return cheapest
+
+
+def one_round_refusal(epsilon: float, site: str, training: TrainingConfig, *, advice: bool = True) -> str:
+    """Why a run where no site affords a round is refused (`no_site_affords_a_round`), and (``advice``) what to change."""
+    text = (
+        f"no site can train a single round within it: the cheapest, {site}, would spend epsilon {epsilon:.3f} in one "
+        f"round (noise_multiplier {training.dp.noise_multiplier})"
+    )
+    return text + "; raise the budget or the noise multiplier, or set target_epsilon to calibrate the noise to the budget" if advice else text

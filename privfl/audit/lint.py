@@ -603,6 +603,28 @@ def _sizes_unknown(facts: ConfigFacts) -> list[Hit]:
 
 @register(
     lint_code(
+        "PFL025",
+        Severity.ERROR,
+        "no site can train a single round within `budget_epsilon` at the fixed `noise_multiplier`: the run would train "
+        "nothing, and `privfl run` refuses it before writing anything",
+    ),
+    title="no site can afford one round",
+    fix="Raise training.dp.budget_epsilon or training.dp.noise_multiplier, or set target_epsilon to calibrate the noise to the budget.",
+)
+def _no_round_affordable(facts: ConfigFacts) -> list[Hit]:
+    if not facts.plans:
+        return []
+    from privfl.plan import no_site_affords_a_round, one_round_refusal
+
+    training = facts.config.training
+    cheapest = no_site_affords_a_round(training, ((p.client, p.sample_rate, p.steps_per_round) for p in facts.plans))
+    if cheapest is None:
+        return []
+    return [Hit(field="training.dp.budget_epsilon", message=f"budget_epsilon {training.dp.epsilon_budget:g}: {one_round_refusal(*cheapest, training, advice=False)}.")]
+
+
+@register(
+    lint_code(
         "PFL020",
         Severity.ERROR,
         "secure aggregation: `threshold` not above half the share holders (neighbours + 1, or the round's clients for the "

@@ -134,6 +134,32 @@ def test_uncapped_fixed_noise() -> None:
     assert "PFL006" not in codes(lint_config(capped))
 
 
+def test_a_budget_no_site_can_spend_one_round_of_is_an_error_lint_and_run_agree_on() -> None:
+    from privfl.federation import Federation
+    from privfl.runner import load_dataset, split_clients
+
+    tiny = make(**{"training.dp.target_epsilon": None, "training.dp.noise_multiplier": 1.0, "training.dp.budget_epsilon": 0.1})
+    split = load_dataset(tiny)
+    clients = split_clients(tiny, split)
+    sizes = {name: len(ds) for name, ds in clients.items()}
+    f = fired(lint_config(tiny, client_sizes=sizes), "PFL025")
+    assert f.field == "training.dp.budget_epsilon" and "no site can train a single round" in f.message
+    # The run refuses the same config, naming the same cheapest site and figure.
+    from privfl.models import build_model
+
+    federation = Federation(
+        model_fn=lambda: build_model(tiny.model, split.train.input_shape, split.train.num_classes),
+        clients=clients, training=tiny.training, federation=tiny.federation, progress=False,
+    )
+    with pytest.raises(ConfigError) as info:
+        federation.run()
+    assert f.message.split(": ", 1)[1].rstrip(".") in str(info.value)
+    # A budget one round fits in (4.0 here): no finding; a calibrated target never gets one.
+    enough = make(**{"training.dp.target_epsilon": None, "training.dp.noise_multiplier": 1.0, "training.dp.budget_epsilon": 4.0})
+    assert "PFL025" not in codes(lint_config(enough, client_sizes=sizes))
+    assert "PFL025" not in codes(lint_config(make(), client_sizes=sizes))
+
+
 def test_client_smaller_than_batch_gets_no_amplification() -> None:
     findings = lint_config(make(), client_sizes={"big": 100, "tiny": 16})  # batch_size 16 -> q = 1
     f = fired(findings, "PFL007")
