@@ -276,8 +276,9 @@ class Federation:
         if not clients:
             raise ConfigError("clients", clients, "at least one client is needed")
         for name, dataset in clients.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigError("clients", name, "client names must be non-empty strings")
+            if not isinstance(name, str) or not name or not name.isprintable():
+                # (A newline or other control character would also split a line of the ledger's reports and logs.)
+                raise ConfigError("clients", name, "client names must be non-empty strings of printable characters")
             if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
                 raise ConfigError(
                     f"clients[{name}]", type(dataset).__name__,

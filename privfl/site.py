@@ -258,7 +258,8 @@ class Site:
     ) -> None:
         if not _plain_name(name):
             raise ConfigError(
-                "site", name, "must be a non-empty name of at most 256 bytes, without / \\ or NUL, not . .., 'server' or 'aggregator'"
+                "site", name,
+                "must be a non-empty name of printable characters, at most 256 bytes, without / or \\, not . .., 'server' or 'aggregator'",
             )
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
             raise ConfigError("budget", budget, "must be a number > 0")
@@ -1293,9 +1294,10 @@ def _identity_raw(state_dir: Path) -> bytes:
 
 
 def _plain_name(name: object) -> bool:
-    """Whether ``name`` can name a site: a non-empty string of at most 256 bytes that is no path but itself."""
+    """Whether ``name`` can name a site: a non-empty string of printable characters, at most 256 bytes, that is
+    no path but itself."""
     return (
-        isinstance(name, str) and bool(name) and len(name.encode("utf-8", errors="replace")) <= 256
+        isinstance(name, str) and bool(name) and name.isprintable() and len(name.encode("utf-8", errors="replace")) <= 256
         and name not in (".", "..", "server", "aggregator") and not any(c in name for c in "/\\\0")
     )
 

@@ -98,6 +98,27 @@ def test_labels_the_dataset_does_not_hold_in_memory_are_still_refused_when_the_s
     assert info.value.field == "dataset[site-a]"
 
 
+@pytest.mark.parametrize("name", ["clinic\nb", "clinic\tb", "a\x1b[31mred"])
+def test_a_client_name_with_a_control_character_is_refused(name):
+    with pytest.raises(ConfigError, match="printable characters") as info:
+        _run(clients={name: _data()})
+    assert info.value.field == "clients"
+
+
+def test_a_pipe_in_a_client_name_does_not_open_a_column_of_the_audit(tmp_path):
+    from privfl.audit.report import audit_run
+
+    Federation(
+        model_fn=lambda: nn.Linear(30, 2), clients={"clinic|b": _data(), "clinic-c": _data()}, progress=False,
+        training=TrainingConfig(batch_size=8, dp=DPConfig(noise_multiplier=1.0)),
+        federation=FederationConfig(rounds=1, protection=ProtectionKind.PLAINTEXT, device="cpu"),
+    ).run(tmp_path / "run")  # fmt: skip
+    markdown = audit_run(tmp_path / "run").markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| round"))
+    assert header.count(" | ") == 2 and "clinic\\|b" in header  # round, clinic|b, clinic-c
+    assert any(line.startswith("| clinic\\|b ") for line in markdown.splitlines())
+
+
 def test_a_negative_integer_label_is_refused_like_a_negative_float_one():
     with pytest.raises(ConfigError, match=r"label -1 of example 0.*whole number >= 0"):
         _run(clients={"site-a": _data(labels=torch.full((40,), -1, dtype=torch.int64))})

@@ -1100,7 +1100,10 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    """A pipe table padded so it reads as aligned columns in a terminal too."""
+    """A pipe table padded so it reads as aligned columns in a terminal too (a ``|`` in a cell, as a
+    site's name may hold, is escaped so it does not open a column)."""
+    header = [h.replace("|", "\\|") for h in header]
+    rows = [[c.replace("|", "\\|") for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
