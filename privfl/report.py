@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from privfl.federation import RunResult
-from privfl.results import SHOWN_ONE_BY_ONE, SiteSummary
+from privfl.results import RESUMED_ROUND, SHOWN_ONE_BY_ONE, SiteSummary
 
 __all__ = ["interrupted_trainings", "print_run_report"]
 
@@ -37,7 +37,7 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
     interrupted = interrupted_trainings(result)
     columns = ["n", "sigma", "epsilon", "budget", "delta", "trained", "skipped", "dropped"]
     if any(interrupted.values()):
-        # A round killed after charging and trained again on resume counts twice in "trained".
+        # A round killed after charging and run again on resume: its first charges stay in "trained".
         columns.insert(6, "of which interrupted")
     table.add_column("client", no_wrap=True, min_width=max([6, *map(len, names)]))
     for col in columns:
@@ -73,7 +73,7 @@ def print_run_report(result: RunResult, *, console: Console) -> None:
     if any(interrupted.values()):
         console.print(
             "trained counts every charged training, including interrupted attempts at a round (the run was stopped "
-            "after charging them and the resume trained that round again): their charges stay in the ledger."
+            f"after charging them; {RESUMED_ROUND}): their charges stay in the ledger."
         )
     level = s.get("client_level")
     if level:

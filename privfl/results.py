@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-__all__ = ["SHOWN_ONE_BY_ONE", "LedgerPosition", "RoundRecord", "RunSummary", "SiteSummary", "run_summary"]
+__all__ = ["RESUMED_ROUND", "SHOWN_ONE_BY_ONE", "LedgerPosition", "RoundRecord", "RunSummary", "SiteSummary", "run_summary"]
+
+RESUMED_ROUND = "the resume ran that round again, with a new sample of sites unless noise_seed is set"
+"""What became of a round interrupted after its charges (the reports' wording: who trained the rerun is drawn again)."""
 
 SHOWN_ONE_BY_ONE = 12
 """Up to this many sites, a report for people (the end-of-run table, audit.md, audit.png) gives each

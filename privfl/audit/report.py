@@ -42,7 +42,7 @@ from privfl.audit.rules import (
     register,
 )
 from privfl.errors import ConfigError, LedgerError
-from privfl.results import SHOWN_ONE_BY_ONE
+from privfl.results import RESUMED_ROUND, SHOWN_ONE_BY_ONE
 from privfl.rundir import (
     HISTORY_FILE,
     LEDGER_FILE,
@@ -95,7 +95,8 @@ class ClientAudit:
         steps: DP-SGD steps taken in all.
         rounds_trained: trainings it was charged for, interrupted attempts included.
         rounds_interrupted: of those, trainings in an interrupted attempt at a round (the run was
-            stopped after charging them and the resume trained that round again).
+            stopped after charging them; the resume ran that round again, with a new sample of sites
+            unless ``noise_seed`` is set).
         rounds_skipped: rounds it was sampled in but skipped because of its budget.
         rounds_dropped: rounds its update was charged but not aggregated.
     """
@@ -318,7 +319,8 @@ class AuditReport:
             out += [
                 "",
                 "`trained` counts every charged training; `interrupted` of them were attempts at a round that was stopped "
-                "after the charge and trained again on resume (the ledger's `resume` lines mark them). Their charges stay.",
+                f"after the charge ({RESUMED_ROUND}: the same site need not have trained it again; the ledger's `resume` lines mark "
+                "them). Their charges stay.",
             ]
         if enforced is not accountant:
             out += [
@@ -824,8 +826,8 @@ def _skipped_for_budget(facts: RunFacts) -> list[Hit]:
                     field=f"clients.{c.client}.rounds_skipped",
                     message=f"client {c.client!r} was sampled but skipped in {c.rounds_skipped} round(s) because another "
                     f"round would have exceeded its budget. {c.rounds_interrupted} of its {c.rounds_trained} charged "
-                    "trainings were interrupted attempts at a round: the run was stopped after charging them, and the "
-                    "resume trained that round again. Those charges are real (the update may have left the site) and used "
+                    "trainings were interrupted attempts at a round: the run was stopped after charging them, and "
+                    f"{RESUMED_ROUND}. Those charges are real (the update may have left the site) and used "
                     "budget the calibration had planned for later rounds; its data stopped contributing after that.",
                     fix="Nothing to change in the calibration. To finish every round after an interruption, plan headroom "
                     "(a fixed noise_multiplier with a budget_epsilon above its planned epsilon), or accept the skipped rounds.",
