@@ -18,6 +18,7 @@ __all__ = [
     "LedgerError",
     "MessageError",
     "ModelTamperError",
+    "PrivacyWarning",
     "PrivflError",
     "ProtocolAbort",
     "ProtocolError",
@@ -27,6 +28,14 @@ __all__ = [
 
 class PrivflError(Exception):
     """Root of all errors raised by privfl."""
+
+
+class PrivacyWarning(UserWarning):
+    """A run's settings void or weaken its privacy claim (a ``privfl lint`` ERROR), though it can run.
+
+    Warned once per run start; ``warnings.simplefilter("error", PrivacyWarning)`` turns it into an
+    exception for pipelines that must refuse such runs.
+    """
 
 
 class ConfigError(PrivflError, ValueError):

@@ -47,7 +47,7 @@ from privfl.client_dp import (
     split_release,
 )
 from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, ProtectionKind, TrainingConfig
-from privfl.errors import ConfigError, LedgerError, ProtocolAbort
+from privfl.errors import ConfigError, LedgerError, PrivacyWarning, ProtocolAbort
 from privfl.model_pool import ModelPool
 from privfl.plan import (
     derive_seed,
@@ -443,6 +443,7 @@ class Federation:
         # Before anything is charged: a site whose labels the model has no output for would fail only
         # when first sampled, possibly many rounds (and other sites' charges) in.
         check_labels(model, {plan.name: plan.dataset for plan in plans})
+        self._warn_void_settings(plans)
         if self.test_set is not None and len(self.test_set):  # type: ignore[arg-type]  # map-style Datasets have __len__
             check_labels(model, {"test_set": self.test_set})
         if not resume:
@@ -769,6 +770,13 @@ class Federation:
                 plan.name, remaining, sigma, plan.noise_multiplier,
             )
             plan.noise_multiplier = sigma
+
+    def _warn_void_settings(self, plans: list[_ClientPlan]) -> None:
+        """A PrivacyWarning for each lint error the settings and client sizes raise (`run_start_findings`)."""
+        from privfl.audit.lint import run_start_findings
+
+        for f in run_start_findings(self.training, self.config, {plan.name: plan.num_examples for plan in plans}):
+            warnings.warn(f"{f.code} {f.field}: {f.message} Fix: {f.fix} (privfl lint lists every check)", PrivacyWarning, stacklevel=4)
 
     def _check_one_round_fits(self, plans: list[_ClientPlan]) -> None:
         """Refuses a fresh run in which no site can afford a single round (it would train nothing).

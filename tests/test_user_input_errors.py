@@ -119,6 +119,19 @@ def test_a_pipe_in_a_client_name_does_not_open_a_column_of_the_audit(tmp_path):
     assert any(line.startswith("| clinic\\|b ") for line in markdown.splitlines())
 
 
+def test_a_delta_that_voids_the_guarantee_is_warned_about_when_a_library_run_starts():
+    # A library user who never runs privfl lint: delta 0.5 for a 5-record site runs, but says so.
+    from privfl.errors import PrivacyWarning
+
+    with pytest.warns(PrivacyWarning, match=r"PFL002 training.dp.delta: client 'small': delta 0.5 >= 1/n = 0.2 \(n=5\)"):
+        _run(clients={"small": _data(n=5), "site-a": _data()}, training=TrainingConfig(batch_size=4, dp=DPConfig(target_epsilon=3.0, delta=0.5)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrivacyWarning)  # a sound delta: nothing to say
+        _run(clients={"small": _data(n=5), "site-a": _data()}, training=TrainingConfig(batch_size=4, dp=DPConfig(target_epsilon=3.0, delta=1e-3)))
+
+
 def test_a_negative_integer_label_is_refused_like_a_negative_float_one():
     with pytest.raises(ConfigError, match=r"label -1 of example 0.*whole number >= 0"):
         _run(clients={"site-a": _data(labels=torch.full((40,), -1, dtype=torch.int64))})

@@ -40,14 +40,14 @@ from privfl.audit.rules import (
     lint_code,
     register,
 )
-from privfl.config import ProtectionKind, RunConfig, load_config
+from privfl.config import DataConfig, FederationConfig, ProtectionKind, RunConfig, TrainingConfig, load_config
 from privfl.errors import ConfigError
 from privfl.protocols.ckks_params import HE_STANDARD_MAX_LOGQ_128
 
 if TYPE_CHECKING:
     from privfl.protocols.secagg.quantize import Quantizer
 
-__all__ = ["RULES", "ConfigFacts", "Finding", "Severity", "lint_config", "lint_file"]
+__all__ = ["RULES", "ConfigFacts", "Finding", "Severity", "lint_config", "lint_file", "run_start_findings"]
 
 NOMINAL_EPSILON = 100.0
 """At or above this epsilon a DP claim is nominal: it rules out nothing an attacker could do."""
@@ -168,6 +168,40 @@ def lint_config(config: RunConfig, *, client_sizes: Mapping[str, int] | None = N
     """
     plans = _plans(config, client_sizes) if client_sizes else None
     return apply_rules(Tool.LINT, _facts(config, plans))
+
+
+# The lint ERRORs a run start checks (cheap: settings and client sizes, no accountant).
+_AT_RUN_START = ("PFL002",)
+
+
+def run_start_findings(training: TrainingConfig, federation: FederationConfig, client_sizes: Mapping[str, int]) -> list[Finding]:
+    """The lint errors a library run's own settings and client sizes raise, checked as the run starts.
+
+    A library user who never runs ``privfl lint`` still hears of a setting that voids the claim
+    (`privfl.Federation` warns with :class:`privfl.errors.PrivacyWarning`): delta >= 1/n for a
+    client (PFL002). Only rules that need no accountant run here, so the check costs nothing
+    next to a round even for thousands of sites.
+    """
+    from privfl.audit.rules import _REGISTRY
+
+    config = RunConfig(data=DataConfig(num_clients=max(2, len(client_sizes))), training=training, federation=federation)
+    dp = training.dp
+    cap = math.inf if dp.epsilon_budget is None else dp.epsilon_budget
+    clients = [
+        ClientFacts(
+            client=name, num_examples=n, delta=dp.delta, noise_multiplier=dp.noise_multiplier, epsilon=None, epsilon_basis="", epsilon_budget=cap
+        )
+        for name, n in client_sizes.items()
+    ]
+    facts = ConfigFacts(clients=tuple(clients), client_dp=federation.client_dp is not None, config=config, plans=None)
+    findings = []
+    for code in _AT_RUN_START:
+        rule = _REGISTRY[code]
+        hits = rule.check(facts)
+        if hits:
+            h = max(hits, key=lambda h: h.rank)  # one setting for every client: the client that binds it
+            findings.append(Finding(severity=h.severity or Severity.ERROR, code=code, field=h.field, message=h.message, fix=h.fix or rule.fix))
+    return findings
 
 
 def lint_file(path: str | os.PathLike[str]) -> list[Finding]:
