@@ -54,7 +54,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130
     from privfl.report import print_run_report  # torch-heavy: not imported on the path of a refusal
 
-    print_run_report(result, console=Console())
+    # Written to a file or a pipe (a log), the report keeps every column: rich would otherwise fit it
+    # to 80 columns and cut the widest table's cells to "…".
+    print_run_report(result, console=Console() if sys.stdout.isatty() else Console(width=160))
     if result.history and all(record.get("aborted") for record in result.history):
         # The run did no useful work: a script must not read it as a success.
         print(f"privfl: error: all {len(result.history)} rounds aborted; the model was never updated", file=sys.stderr)
