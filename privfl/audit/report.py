@@ -772,12 +772,14 @@ def _at_budget(facts: RunFacts) -> list[Hit]:
     if not exhausted:
         return []
     calibrated = _config_section(_config_section(facts.summary, "training"), "dp").get("target_epsilon") is not None
-    spent = ", ".join(f"{c.client!r} {c.epsilon_enforced:.3f}/{c.epsilon_budget:g}" for c in exhausted)
+    spent = ", ".join(f"{c.client!r} {c.epsilon_enforced:.3f}/{c.epsilon_budget:g}" for c in exhausted[:SHOWN_ONE_BY_ONE])
+    if len(exhausted) > SHOWN_ONE_BY_ONE:
+        spent += f", and {len(exhausted) - SHOWN_ONE_BY_ONE} more (audit.json's sample_level has each)"
     return [
         Hit(
             field="clients.epsilon_budget",
-            message=f"at budget (spent/budget): {spent}. Any further round for these clients (a resumed or "
-            "extended run, fine-tuning on their data) will skip them."
+            message=f"at budget, or too near it to afford another round (spent/budget): {spent}. Any further round for "
+            "these clients (a resumed or extended run, fine-tuning on their data) will skip them."
             + (" The run was calibrated to spend exactly this budget, so this is expected." if calibrated else ""),
             severity=Severity.INFO if calibrated else Severity.WARNING,
         )
