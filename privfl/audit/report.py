@@ -1141,9 +1141,10 @@ def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[
     left, right = figure.subplots(1, 2)
     rounds = max((len(c.epsilon_by_round) for c in clients), default=0)
     marker = {"marker": "o", "markersize": 3} if rounds <= 60 else {}
+    # Epsilon moves only in the rounds a client trains in: steps, not slopes between rounds.
     if len(clients) <= SHOWN_ONE_BY_ONE:
         for c in clients:
-            (line,) = left.plot(range(len(c.epsilon_by_round)), c.epsilon_by_round, label=c.client, **marker)
+            (line,) = left.plot(range(len(c.epsilon_by_round)), c.epsilon_by_round, label=c.client, drawstyle="steps-post", **marker)
             if math.isfinite(c.epsilon_budget):
                 left.axhline(c.epsilon_budget, color=line.get_color(), linestyle=":", linewidth=1)
         left.set_title("sample-level epsilon per client (dotted: budget)")
@@ -1153,19 +1154,24 @@ def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[
         values = np.array([c.epsilon_by_round for c in clients], dtype=float)
         x = np.arange(values.shape[1])
         low, median, high = np.quantile(values, [0.1, 0.5, 0.9], axis=0)
-        left.fill_between(x, values.min(axis=0), values.max(axis=0), color="tab:blue", alpha=0.15, linewidth=0, label="min to max")
-        left.fill_between(x, low, high, color="tab:blue", alpha=0.3, linewidth=0, label="10th to 90th percentile")
-        left.plot(x, median, color="tab:blue", label="median")
-        for c in sorted(clients, key=lambda c: -c.epsilon)[:3]:
-            left.plot(x, c.epsilon_by_round, linewidth=1, label=f"{c.client} (epsilon {c.epsilon:.3g})")
+        band = {"step": "post", "linewidth": 0, "color": "tab:blue"}
+        left.fill_between(x, values.min(axis=0), values.max(axis=0), alpha=0.15, label="min to max", **band)
+        left.fill_between(x, low, high, alpha=0.3, label="10th to 90th percentile", **band)
+        left.plot(x, median, color="tab:blue", drawstyle="steps-post", label="median")
+        for c, color in zip(sorted(clients, key=lambda c: -c.epsilon)[:3], ("tab:red", "tab:orange", "tab:purple"), strict=False):
+            left.plot(x, c.epsilon_by_round, linewidth=1, color=color, drawstyle="steps-post", label=f"{c.client} (epsilon {c.epsilon:.3g})")
         for budget in sorted({c.epsilon_budget for c in clients if math.isfinite(c.epsilon_budget)})[:5]:
             left.axhline(budget, color="gray", linestyle=":", linewidth=1)
         left.set_title(f"sample-level epsilon over {len(clients)} clients (dotted: budgets)")
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in (left, right):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     left.set_xlabel("round (as numbered in the ledger)")
     left.set_ylabel(f"epsilon ({accountant.value.upper()})")
     left.set_ylim(bottom=0)
     if clients:
-        left.legend(fontsize="small")
+        left.legend(fontsize="small", loc="upper left")  # epsilon starts low at the left and grows to the right
     accuracy = [(int(h["round"]), h.get("test_accuracy")) for h in history if h.get("test_accuracy") is not None]
     if accuracy:
         right.plot([r for r, _ in accuracy], [a for _, a in accuracy], color="black", **marker)
