@@ -378,6 +378,8 @@ def run_setup(
         raise ConfigError(
             "config", source, f"is not the config the run in {run} was made with ({', '.join(differ)} differ); "
             f"pass that TOML file with {option}"
+            + (" (a run made in Python with your own model_fn has none: use privfl.export_model(run_dir, out, model_fn))"
+               if option == "--config" else "")
         )
 
     def model_fn() -> nn.Module:
