@@ -247,13 +247,7 @@ def run_executor(
     request = AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)])
     try:
         while not stopping and os.getppid() == parent_pid:
-            for pid in list(children):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    children.discard(pid)
+            _reap(children)
             try:
                 reply = client.AcquireTask(request)
             except Exception as exc:  # the SuperNode may not be up yet, or be stopping
@@ -288,14 +282,19 @@ def run_executor(
         # task still running when this process exits is killed outright (`die_with_parent`).
         deadline = time.monotonic() + _TASK_STOP_GRACE
         while children and time.monotonic() < deadline:
-            for pid in list(children):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    children.discard(pid)
+            _reap(children)
             time.sleep(0.02)
+
+
+def _reap(children: set[int]) -> None:
+    """Waits for (without blocking) and forgets the ended ones among ``children``."""
+    for pid in list(children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            children.discard(pid)
 
 
 def _run_task(runtime_api_address: str, token: str, wake_fd: int | None, *, parent_pid: int, mask: Collection[int]) -> NoReturn:
