@@ -307,6 +307,9 @@ def test_an_interrupted_run_is_audited_as_it_stands(interrupted):
     assert by_name["site-0"].epsilon > by_name["site-0"].epsilon_by_round[0]
     assert report.errors == ()
     assert "UNFINISHED" in report.markdown
+    # The round in progress counts in `rounds` (it charged the ledger), and the header says it was not recorded.
+    assert report.rounds == 2 and report.recorded_rounds == 1
+    assert "- rounds: 2; 1 recorded in history.json, the next one interrupted after its charges" in report.markdown
 
 
 def test_a_charge_of_an_interrupted_attempt_is_explained(interrupted):

@@ -192,7 +192,8 @@ class AuditReport:
         accountant: the accountant every figure is computed with (the ledger's, unless another was requested).
         cross_check_accountant: the other accountant.
         protection: how updates were protected (plaintext, ckks, secagg).
-        rounds: rounds the run completed.
+        rounds: rounds the run completed (of an unfinished run: also a round in progress that charged
+            the ledger; :attr:`recorded_rounds` is what history.json holds).
         aborted_rounds: rounds whose aggregation aborted.
         clients: one entry per client, in ledger order.
         client_level: the client-level guarantee.
@@ -204,6 +205,7 @@ class AuditReport:
             and the charges of the round in progress were audited, without resuming it.
         enforced_accountant: the accountant the ledger enforced budgets with (budgets and recorded
             figures are compared under it; default: ``accountant``).
+        recorded_rounds: rounds recorded in history.json (None: as many as :attr:`rounds`).
     """
 
     run_dir: Path
@@ -219,6 +221,7 @@ class AuditReport:
     ledger: LedgerIntegrity
     interrupted: bool = False
     enforced_accountant: Accountant | None = None
+    recorded_rounds: int | None = None
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -255,7 +258,11 @@ class AuditReport:
             "",
             f"- protection: {self.protection}",
             f"- accountant: {accountant.value}" + (requested or f" (cross-check: {cross.value})"),
-            f"- rounds: {self.rounds}" + (f" ({len(aborted)} aborted: {list(aborted)})" if aborted else ""),
+            f"- rounds: {self.rounds}" + (f" ({len(aborted)} aborted: {list(aborted)})" if aborted else "")
+            + (
+                f"; {self.recorded_rounds} recorded in history.json, the next one interrupted after its charges"
+                if self.recorded_rounds is not None and self.recorded_rounds < self.rounds else ""
+            ),
         ]
         if self.interrupted:
             out.append("- status: UNFINISHED (no summary.json): audited as it stands, without resuming")
@@ -1290,6 +1297,7 @@ def audit_run(
         ledger=integrity,
         interrupted=interrupted,
         enforced_accountant=enforced,
+        recorded_rounds=len(history),
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
