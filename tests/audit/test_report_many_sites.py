@@ -109,3 +109,24 @@ def test_the_accountant_runs_when_a_client_spent_not_once_per_client_and_round(r
     # A client's series: once for no event, once per round it trained, the cross-check and the final
     # comparison with the ledger's record (PRV requested and enforced: no second composition per round).
     assert len(calls) <= 2 * CLIENTS + trained + 10, (len(calls), CLIENTS * ROUNDS)
+
+
+def test_pfa004_names_at_most_twelve_clients_at_their_budget(tmp_path: Path) -> None:
+    # A cap of about one round: every site that trained once cannot afford another (PFA004 for each).
+    rng = np.random.default_rng(1)
+    clients = {}
+    for k in range(CLIENTS):
+        x = rng.normal(size=(20, 5)).astype(np.float32)
+        clients[f"site-{k:02d}"] = ArrayDataset(x, (x[:, 0] > 0).astype(np.int64))
+    Federation(
+        model_fn=lambda: LogisticRegression(5, 2), clients=clients,
+        training=TrainingConfig(local_epochs=1, batch_size=20, learning_rate=0.1, dp=DPConfig(noise_multiplier=2.0, budget_epsilon=3.0)),
+        federation=FederationConfig(rounds=ROUNDS, client_fraction=0.5, protection=ProtectionKind.PLAINTEXT, seed=0, noise_seed=0, device="cpu"),
+        progress=False,
+    ).run(tmp_path / "run")  # fmt: skip
+    report = audit_run(tmp_path / "run")
+    (at_budget,) = [f for f in report.findings if f.code == "PFA004"]
+    exhausted = [c for c in report.clients if c.rounds_skipped]
+    assert len(exhausted) > SHOWN_ONE_BY_ONE
+    assert at_budget.message.count("'site-") == SHOWN_ONE_BY_ONE
+    assert f"and {len(exhausted) - SHOWN_ONE_BY_ONE} more (audit.json's sample_level has each)" in at_budget.message
