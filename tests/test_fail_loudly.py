@@ -308,7 +308,7 @@ def test_an_interrupted_run_is_audited_as_it_stands(interrupted):
     assert report.errors == ()
     assert "UNFINISHED" in report.markdown
     # The round in progress counts in `rounds` (it charged the ledger), and the header says it was not recorded.
-    assert report.rounds == 2 and report.recorded_rounds == 1
+    assert report.rounds == 2 and report.recorded_rounds == 1 and report.to_json()["recorded_rounds"] == 1
     assert "- rounds: 2; 1 recorded in history.json, the next one interrupted after its charges" in report.markdown
 
 

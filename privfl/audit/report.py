@@ -375,6 +375,7 @@ class AuditReport:
             "accountant": self.accountant.value,
             "cross_check_accountant": self.cross_check_accountant.value,
             "rounds": self.rounds,
+            "recorded_rounds": self.rounds if self.recorded_rounds is None else self.recorded_rounds,
             "aborted_rounds": list(self.aborted_rounds),
             "interrupted": self.interrupted,
             "sample_level": {
