@@ -648,7 +648,11 @@ def check_labels(model: nn.Module, datasets: Mapping[str, Dataset]) -> None:
 
 
 def _output_count(model: nn.Module, dataset: Dataset, site: str) -> int | None:
-    """The model's number of outputs per example (its class count), from one example of ``dataset``."""
+    """The model's number of outputs per example (its class count), from one example of ``dataset``.
+
+    None when that cannot be told this way (inputs that are not one tensor, an output that is not
+    (1, C), a model that does not run in eval mode on one example): the first training checks then.
+    """
     prepared = prepare_dataset(dataset, model, site=site)
     inputs, _ = _split_example(prepared[0], site, 0)
     if not isinstance(inputs, torch.Tensor):
@@ -659,6 +663,10 @@ def _output_count(model: nn.Module, dataset: Dataset, site: str) -> int | None:
     try:
         with torch.no_grad(), _model_data_errors(site, prepared):
             logits = model(inputs.unsqueeze(0).to(device))
+    except ConfigError:
+        raise  # the model does not take the site's inputs: as training would say
+    except Exception:  # a model of its own kind: the first training checks the labels
+        return None
     finally:
         model.train(was_training)
     return int(logits.shape[-1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None

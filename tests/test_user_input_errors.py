@@ -77,6 +77,27 @@ class _Loaded(torch.utils.data.Dataset):
         return self.data[index]
 
 
+class _NoSingles(nn.Module):
+    """A model of its own kind: it refuses a batch of one (the label pre-check's probe), as some do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(30, 2)
+
+    def forward(self, x):
+        if len(x) == 1:
+            raise RuntimeError("this model needs batches of two or more")
+        return self.linear(x)
+
+
+def test_a_model_the_label_check_cannot_probe_trains_and_its_labels_are_checked_when_it_does():
+    seeded = FederationConfig(rounds=1, protection=ProtectionKind.PLAINTEXT, device="cpu", noise_seed=0)  # no batch of one
+    result = _run(model_fn=_NoSingles, federation=seeded)
+    assert len(result.history) == 1
+    with pytest.raises(ConfigError, match=r"a class label is outside the model's outputs"):
+        _run(model_fn=_NoSingles, federation=seeded, clients={"site-a": _data(labels=torch.full((40,), 7, dtype=torch.int64))})
+
+
 def test_labels_held_in_memory_are_read_without_loading_examples():
     from torch.utils.data import ConcatDataset, Subset
 
