@@ -31,7 +31,14 @@ from privfl.errors import ConfigError, MessageError, ProtocolAbort
 from privfl.plan import sample_sites
 from privfl.results import RoundRecord, RunSummary, SiteSummary
 from privfl.rundir import AGGREGATOR_FILE
-from privfl.site import SiteRole, _plain_name, check_deployed_client_dp, quantizer_for, secagg_weight_bound
+from privfl.site import (
+    SiteRole,
+    _plain_name,
+    check_deployed_client_dp,
+    check_weight_bounds,
+    quantizer_for,
+    secagg_weight_bound,
+)
 
 if TYPE_CHECKING:
     from privfl.protocols.base import Transport
@@ -190,11 +197,7 @@ class Aggregator:
         except MessageError as exc:
             raise ConfigError("config", "<toml>", exc.reason) from exc
         check_deployed_client_dp(self.config)
-        if self.config.federation.protection is ProtectionKind.SHARED_KEY and self.config.federation.shared_key.weight_bound is None:
-            raise ConfigError(
-                "federation.shared_key.weight_bound", None,
-                "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
-            )
+        check_weight_bounds(self.config)
         if model_fn is None and (input_shape is None or num_classes is None):
             raise ConfigError("input_shape", input_shape, "give model_fn, or input_shape and num_classes for the bundled model")
         if not (isinstance(step_timeout, (int, float)) and step_timeout > 0):

@@ -62,6 +62,7 @@ __all__ = [
     "Site",
     "SiteRole",
     "check_deployed_client_dp",
+    "check_weight_bounds",
     "client_level_plan",
     "load_site_dataset",
     "provision_shared_key",
@@ -159,6 +160,23 @@ def load_site_dataset(source: str, *, label_column: str = "label"):
     return ArrayDataset(features, labels.astype(np.int64))
 
 
+_NEEDS_WEIGHT_BOUND = "deployments need a public upper bound on any site's example count (a site's own count stays hidden)"
+
+
+def check_weight_bounds(config: RunConfig) -> None:
+    """Refuses, before a deployment starts anything, a config whose protection needs a public bound on
+    a site's example count (secure aggregation without client-level DP, the shared-key mode) and has none.
+
+    Raises:
+        ConfigError: names the missing ``weight_bound``.
+    """
+    fed = config.federation
+    if fed.protection is ProtectionKind.SECAGG:
+        secagg_weight_bound(config)
+    elif fed.protection is ProtectionKind.SHARED_KEY and fed.shared_key.weight_bound is None:
+        raise ConfigError("federation.shared_key.weight_bound", None, _NEEDS_WEIGHT_BOUND)
+
+
 def secagg_weight_bound(config: RunConfig) -> float | None:
     """W, the public bound on a site's example count that a deployment's secure aggregation scales by.
 
@@ -171,10 +189,7 @@ def secagg_weight_bound(config: RunConfig) -> float | None:
     if config.federation.client_dp is not None:
         return None
     if bound is None:
-        raise ConfigError(
-            "federation.secagg.weight_bound", None,
-            "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
-        )
+        raise ConfigError("federation.secagg.weight_bound", None, _NEEDS_WEIGHT_BOUND)
     return bound
 
 
@@ -601,10 +616,7 @@ class Site:
                 raise MessageError("train request lacks the participant count")
             bound = config.federation.shared_key.weight_bound
             if bound is None:
-                raise ConfigError(
-                    "federation.shared_key.weight_bound", None,
-                    "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
-                )
+                raise ConfigError("federation.shared_key.weight_bound", None, _NEEDS_WEIGHT_BOUND)
             if len(self.dataset) > bound:
                 raise ConfigError("federation.shared_key.weight_bound", bound, f"this site has {len(self.dataset)} examples, above it")
         elif kind is ProtectionKind.SECAGG:

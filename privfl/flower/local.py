@@ -149,11 +149,9 @@ class LocalFederation:
                     "sites", sites,
                     f"the shared-key mode needs the decrypting site and shared_key.min_contributors = {shared.min_contributors} others",
                 )
-            if shared.weight_bound is None:
-                raise ConfigError(
-                    "federation.shared_key.weight_bound", None,
-                    "deployments need a public upper bound on any site's example count (a site's own count stays hidden)",
-                )
+        from privfl.site import check_weight_bounds
+
+        check_weight_bounds(config)  # the Aggregator would refuse it, once the SuperLink and the sites are up
         from privfl.flower.deploy import flower_executable
 
         for name in ("flower-superlink", "flower-supernode", "flwr"):

@@ -116,3 +116,18 @@ def test_a_setting_that_fails_at_start_leaves_out_reusable_and_no_process(tmp_pa
     with pytest.raises(ConfigError, match="new or empty directory"):
         LocalFederation(default_config_text(), sites=500, out=out)
     assert (out / "kept.txt").read_text() == "not ours"
+
+
+@pytest.mark.parametrize("protection", ["secagg", "shared_key"])
+def test_a_protection_without_its_weight_bound_is_refused_before_anything_starts(tmp_path: Path, run_toml, protection) -> None:
+    # The Aggregator refuses it too; here nothing is written and no process starts (it used to fail only
+    # once the SuperLink and every site were up, leaving a directory that could not be reused).
+    pytest.importorskip("flwr")
+    from privfl.flower.local import LocalFederation
+
+    text = run_toml(protection, rounds=1).replace(f"[federation.{protection}]\nweight_bound = 1000", "")
+    assert f"[federation.{protection}]" not in text
+    out = tmp_path / "deploy"
+    with pytest.raises(ConfigError, match=rf"federation\.{protection}\.weight_bound=None: deployments need a public upper bound"):
+        LocalFederation(text, sites=3, out=out)
+    assert not out.exists()
