@@ -301,6 +301,14 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
             text, sites=args.sites, out=out, progress=not args.quiet, timeout=args.timeout, on_start=announce, record=args.record,
             resume=args.resume,
         )
+    except KeyboardInterrupt:
+        # Every process is stopped by now. A start that wrote nothing left nothing behind (deploy_local removes it).
+        hint = (
+            f"resume with: privfl deploy local --resume --out {out} (each site's ledger keeps what it spent)"
+            if out.is_dir() and any(out.iterdir()) else f"nothing was started; run again with --out {out}"
+        )
+        print(f"privfl: interrupted; {hint}", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = result.summary

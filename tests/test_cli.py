@@ -173,3 +173,24 @@ def test_verbose_is_privfl_progress_not_every_library_request(tmp_path):
     # httpx logs each HTTP request of a deployment at INFO: not what "log every round" asks for.
     assert levels("-v") == "True False"
     assert levels() == "False False"
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_deploy_local_interrupted_says_how_to_resume_or_that_nothing_started(tmp_path, monkeypatch, capsys, started):
+    pytest.importorskip("flwr")
+    import privfl.flower.local as local
+
+    out = tmp_path / "deploy"
+
+    def interrupted(text, *, out, **kwargs):
+        if started:  # the sites' ledgers and the server's run directory are there
+            (out / "run").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "deploy_local", interrupted)
+    assert main(["deploy", "local", "--sites", "3", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    if started:
+        assert f"privfl: interrupted; resume with: privfl deploy local --resume --out {out}" in err
+    else:
+        assert f"privfl: interrupted; nothing was started; run again with --out {out}" in err
