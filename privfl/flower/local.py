@@ -80,6 +80,16 @@ def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict
     from privfl.runner import load_dataset, split_clients
 
     names = tuple(config.data.client_names) if config.data.client_names and len(config.data.client_names) == num_sites else None
+    if config.data.client_names and names is None:
+        import warnings
+
+        # Each site's ledger and state directory carry its name: say so rather than rename them silently.
+        warnings.warn(
+            f"data.client_names names {len(config.data.client_names)} sites but the deployment starts {num_sites} "
+            f"(--sites): the sites are named client-0..client-{num_sites - 1}; give --sites {len(config.data.client_names)} "
+            "to use the config's names",
+            UserWarning, stacklevel=2,
+        )
     data = replace(config.data, num_clients=num_sites, client_names=names)
     split = load_dataset(config)
     clients = split_clients(replace(config, data=data), split)

@@ -131,3 +131,19 @@ def test_a_protection_without_its_weight_bound_is_refused_before_anything_starts
     with pytest.raises(ConfigError, match=rf"federation\.{protection}\.weight_bound=None: deployments need a public upper bound"):
         LocalFederation(text, sites=3, out=out)
     assert not out.exists()
+
+
+def test_site_names_the_deployment_cannot_use_are_warned_about(tmp_path: Path) -> None:
+    from privfl.flower.local import write_site_data
+    from privfl.site import _parse_config
+
+    text = "[data]\nnum_clients = 4\nclient_names = ['st-mary', 'st-john', 'st-paul', 'st-luke']\n"
+    with pytest.warns(UserWarning, match=r"names 4 sites but the deployment starts 3 \(--sites\).*give --sites 4"):
+        folders, *_ = write_site_data(_parse_config(text), 3, tmp_path / "a")
+    assert sorted(folders) == ["client-0", "client-1", "client-2"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folders, *_ = write_site_data(_parse_config(text), 4, tmp_path / "b")
+    assert sorted(folders) == ["st-john", "st-luke", "st-mary", "st-paul"]
