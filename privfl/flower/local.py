@@ -69,6 +69,27 @@ def _arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
     return base.features.numpy()[indices], base.targets.numpy()[indices]
 
 
+def _changed_settings(before: str, after: str) -> list[str]:
+    """The dotted settings two TOML run configs give different values (or only one of them gives)."""
+    from privfl.config import tomllib
+
+    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    try:
+        a, b = flat(tomllib.loads(before)), flat(tomllib.loads(after))
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return []
+    missing = object()
+    return sorted(key for key in a.keys() | b.keys() if a.get(key, missing) != b.get(key, missing))
+
+
 def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict[str, Path], Path, tuple[int, ...], int]:
     """Partitions the config's bundled dataset over ``num_sites`` sites as CSV files under ``root``.
 
@@ -80,16 +101,6 @@ def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict
     from privfl.runner import load_dataset, split_clients
 
     names = tuple(config.data.client_names) if config.data.client_names and len(config.data.client_names) == num_sites else None
-    if config.data.client_names and names is None:
-        import warnings
-
-        # Each site's ledger and state directory carry its name: say so rather than rename them silently.
-        warnings.warn(
-            f"data.client_names names {len(config.data.client_names)} sites but the deployment starts {num_sites} "
-            f"(--sites): the sites are named client-0..client-{num_sites - 1}; give --sites {len(config.data.client_names)} "
-            "to use the config's names",
-            UserWarning, stacklevel=2,
-        )
     data = replace(config.data, num_clients=num_sites, client_names=names)
     split = load_dataset(config)
     clients = split_clients(replace(config, data=data), split)
@@ -198,8 +209,15 @@ class LocalFederation:
             raise ConfigError("out", str(self.root), "holds no deployed run to resume (run/aggregator.json is missing)")
         if (run / "summary.json").exists():
             raise ConfigError("out", str(self.root), "the run there has finished (run/summary.json exists); nothing to resume")
-        if (run / "config.toml").read_text() != config_text:
-            raise ConfigError("config", str(run / "config.toml"), "is not this config: resume with the config the run was started with")
+        started = (run / "config.toml").read_text()
+        if started != config_text:
+            changed = _changed_settings(started, config_text)
+            raise ConfigError(
+                "config", str(run / "config.toml"),
+                "is the config the run was started with, and this one differs "
+                + (f"in {', '.join(changed)}" if changed else "only in how it is written (the sites compare the text)")
+                + f": resume with that file, or without a config (it is read from {run / 'config.toml'})",
+            )
         existing = sorted(p.name for p in (self.root / "sites").iterdir()) if (self.root / "sites").is_dir() else []
         if len(existing) != sites:
             raise ConfigError("sites", sites, f"the run there has {len(existing)} sites ({', '.join(existing)}); resume with --sites {len(existing)}")

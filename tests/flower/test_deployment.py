@@ -308,7 +308,7 @@ def test_a_stopped_local_deployment_resumes_its_run(tmp_path, run_toml):
     recorded = json.loads((out / "run" / "history.json").read_text())
     assert len(recorded) >= 2 and not (out / "run" / "summary.json").exists()
 
-    with pytest.raises(ConfigError, match="not this config"):
+    with pytest.raises(ConfigError, match=r"this one differs in federation\.rounds: resume with that file, or without a config"):
         LocalFederation(run_toml("plaintext", rounds=5), sites=3, out=out, resume=True)
     with pytest.raises(ConfigError, match="--sites 3"):
         LocalFederation(text, sites=4, out=out, resume=True)

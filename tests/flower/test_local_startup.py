@@ -133,17 +133,11 @@ def test_a_protection_without_its_weight_bound_is_refused_before_anything_starts
     assert not out.exists()
 
 
-def test_site_names_the_deployment_cannot_use_are_warned_about(tmp_path: Path) -> None:
-    from privfl.flower.local import write_site_data
-    from privfl.site import _parse_config
+def test_a_resume_with_another_config_names_the_settings_that_differ() -> None:
+    from privfl.flower.local import _changed_settings
 
-    text = "[data]\nnum_clients = 4\nclient_names = ['st-mary', 'st-john', 'st-paul', 'st-luke']\n"
-    with pytest.warns(UserWarning, match=r"names 4 sites but the deployment starts 3 \(--sites\).*give --sites 4"):
-        folders, *_ = write_site_data(_parse_config(text), 3, tmp_path / "a")
-    assert sorted(folders) == ["client-0", "client-1", "client-2"]
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        folders, *_ = write_site_data(_parse_config(text), 4, tmp_path / "b")
-    assert sorted(folders) == ["st-john", "st-luke", "st-mary", "st-paul"]
+    before = "[training]\nlearning_rate = 0.1\n[federation]\nrounds = 4\n"
+    assert _changed_settings(before, "[training]\nlearning_rate = 0.2\n[federation]\nrounds = 4\nseed = 3\n") == [
+        "federation.seed", "training.learning_rate",
+    ]
+    assert _changed_settings(before, "# a comment\n" + before) == []  # the same settings, written differently
