@@ -782,7 +782,7 @@ class Federation:
         """Refuses a fresh run in which no site can afford a single round (it would train nothing).
 
         Only a fixed ``noise_multiplier`` with a ``budget_epsilon`` can do that: a calibrated sigma
-        fits the whole run. Checked before the ledger is created (nothing of a run is written).
+        fits the whole run. Checked before the ledger is created (only the lock file is written).
         """
         cheapest = no_site_affords_a_round(self.training, ((p.name, p.sample_rate, p.steps_per_round) for p in plans))
         if cheapest is not None:

@@ -144,7 +144,7 @@ def no_site_affords_a_round(training: TrainingConfig, sites: Iterable[tuple[str,
 
     ``sites``: each site's (name, sample rate, steps per round). Only a fixed ``noise_multiplier``
     with a finite ``budget_epsilon`` can be refused so: a calibrated sigma fits the whole run, and
-    without a cap nothing is. ``privfl run`` refuses such a run before anything is written, and
+    without a cap nothing is. ``privfl run`` refuses such a run before its ledger is created, and
     ``privfl lint`` reports it (PFL025). Returns at the first site that fits.
     """
     from privfl.accounting import DPEvent, epsilon_of_events

@@ -640,7 +640,7 @@ def _sizes_unknown(facts: ConfigFacts) -> list[Hit]:
         "PFL025",
         Severity.ERROR,
         "no site can train a single round within `budget_epsilon` at the fixed `noise_multiplier`: the run would train "
-        "nothing, and `privfl run` refuses it before writing anything",
+        "nothing, and `privfl run` refuses it before its ledger is created",
     ),
     title="no site can afford one round",
     fix="Raise training.dp.budget_epsilon or training.dp.noise_multiplier, or set target_epsilon to calibrate the noise to the budget.",
