@@ -18,7 +18,10 @@ after training and kept only if it is, apart from tensor values, what the templa
 - no attribute set on a parameter or buffer (Opacus' ``grad_sample``, say) and no tensor hook.
 
 Anything else (hooks or attributes a training library left behind, a module that keeps a list or a
-tensor as Python state) is not kept, and the next request gets a new copy, as before. So a reused
+tensor as Python state) is not kept, and the next request gets a new copy, as before. What Opacus
+leaves (activation lists, per-example gradients, torch's backward-hook mark) is removed by
+``privfl.training.train_dp_sgd`` when a training ends, so models trained in every clipping mode are
+kept. So a reused
 model is the template's state exactly, and the updates it trains are bit-identical to a new copy's.
 """
 

@@ -812,6 +812,7 @@ def _train_opacus(
     """DP-SGD steps through Opacus (``mode`` "hooks" or "ghost"); returns each non-empty batch's mean loss."""
     from opacus import PrivacyEngine
 
+    before = _opacus_attributes(model)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # Opacus' secure_mode needs torchcsprng, which is unmaintained; the noise generator is
@@ -863,7 +864,46 @@ def _train_opacus(
         # must not silently under-charge.
         raise ProtocolError(f"DP-SGD took {taken} steps at {engine.accountant.history}, planned {steps} at q={sample_rate}")
     private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
+    _drop_opacus_leftovers(model, before)
     return losses
+
+
+# What Opacus' hooks and optimizer leave on the trained model after ``remove_hooks``: each layer's
+# (emptied) activation list, and on each parameter the last batch's per-example gradients, their
+# norms, the clipped sum and a forward counter.
+_OPACUS_LEFTOVERS = frozenset({
+    "activations", "max_batch_len", "grad_sample", "_forward_counter", "summed_grad", "_norm_sample",
+    "_current_grad_sample", "_processed",
+})
+
+
+def _opacus_attributes(model: nn.Module) -> tuple[set[tuple[int, str]], set[int]]:
+    """The Opacus-named attributes ``model``'s modules and parameters already hold (a user's own
+    stay), and the modules that had no full backward hook yet."""
+    held: set[tuple[int, str]] = set()
+    for owner in (*model.modules(), *model.parameters()):
+        held.update((id(owner), name) for name in _OPACUS_LEFTOVERS.intersection(owner.__dict__))
+    unhooked = {id(module) for module in model.modules() if getattr(module, "_is_full_backward_hook", None) is None}
+    return held, unhooked
+
+
+def _drop_opacus_leftovers(model: nn.Module, before: tuple[set[tuple[int, str]], set[int]]) -> None:
+    """Removes what the DP-SGD pass left on ``model`` (see ``_OPACUS_LEFTOVERS``), and only that.
+
+    The last batch's unclipped per-example gradients do not outlive the training on the caller's
+    model, their memory is freed, and the model is again the architecture it was, so
+    ``privfl.model_pool.ModelPool`` can reset it for the next training instead of copying one.
+    A layer whose backward hooks are all gone again is also marked as having none (torch marks a
+    module on its first full backward hook and never unmarks it).
+    """
+    held, unhooked = before
+    for owner in (*model.modules(), *model.parameters()):
+        for name in _OPACUS_LEFTOVERS.intersection(owner.__dict__):
+            if (id(owner), name) not in held:
+                delattr(owner, name)
+    for module in model.modules():
+        if id(module) in unhooked and not module._backward_hooks and "_is_full_backward_hook" in module.__dict__:
+            module._is_full_backward_hook = None
 
 
 @torch.no_grad()
