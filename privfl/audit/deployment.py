@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from privfl.aggregator import AGGREGATOR_FILE
-from privfl.audit.rules import SEVERITY_ORDER, Severity
+from privfl.audit.rules import NO_CLIENT_DP, NO_CLIENT_DP_FIX, SEVERITY_ORDER, Severity
 from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site, write_report
 from privfl.errors import ConfigError, LedgerError
+from privfl.results import SHOWN_ONE_BY_ONE
 from privfl.site import SITE_FILE, _plain_name
 
 __all__ = ["DeploymentAudit", "DeploymentSiteAudit", "audit_deployment", "find_deployment", "server_run_dir"]
 
 DEPLOYMENT_AUDIT_FORMAT = 1
+_SHOWN_OF_MANY = 3  # findings of one kind given in full past SHOWN_ONE_BY_ONE sites
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,7 +112,9 @@ class DeploymentAudit:
                 for s in self.sites
             ],
             "missing": list(self.missing),
-            "findings": [{"severity": f.severity.value, "message": f.message} for f in self.findings],
+            "findings": [
+                {"severity": f.severity.value, "kind": f.kind, "site": f.site or None, "message": f.message} for f in self.findings
+            ],
         }
 
     def to_markdown(self) -> str:
@@ -133,9 +137,27 @@ class DeploymentAudit:
                 f"| {_num(s.audit.epsilon)} |"
             )
         out += ["", "## Findings", ""]
-        out += [f"- **{f.severity.value}**: {f.message}" for f in self.findings] or ["- none"]
+        out += _findings_markdown(self.findings) or ["- none"]
         out += ["", "Each site's own report: `sites/NAME/site-audit.md` next to this file."]
         return "\n".join(out) + "\n"
+
+
+def _findings_markdown(findings: tuple[SiteFinding, ...]) -> list[str]:
+    """The findings as Markdown items; past ``SHOWN_ONE_BY_ONE`` sites with one kind of finding, the
+    first few in full and the other sites by name (every one stays in deployment-audit.json)."""
+    groups: dict[tuple[Severity, str], list[SiteFinding]] = {}
+    for f in findings:
+        groups.setdefault((f.severity, f.kind or f.message), []).append(f)
+    out = []
+    for (severity, _), group in groups.items():
+        shown = group if len(group) <= SHOWN_ONE_BY_ONE else group[:_SHOWN_OF_MANY]
+        out += [f"- **{f.severity.value}**: {f.message}" for f in shown]
+        rest = group[len(shown):]
+        if rest:
+            names = ", ".join(f.site for f in rest[:SHOWN_ONE_BY_ONE])
+            more = f", and {len(rest) - SHOWN_ONE_BY_ONE} more" if len(rest) > SHOWN_ONE_BY_ONE else ""
+            out.append(f"- **{severity.value}**: the same at {len(rest)} more sites (deployment-audit.json has each): {names}{more}")
+    return out
 
 
 def _num(value: float) -> str:
@@ -210,7 +232,9 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
         if _plain_name(name):
             names.append(name)
         else:
-            findings.append(SiteFinding(severity=Severity.ERROR, message=f"the run names a site {name!r} that is not a plain name; not audited"))
+            findings.append(SiteFinding(
+                severity=Severity.ERROR, kind="bad-name", message=f"the run names a site {name!r} that is not a plain name; not audited",
+            ))
     states = {name: _state_dir(sites_root, name) for name in names}
     if not any(states.values()):
         raise ConfigError(
@@ -226,6 +250,10 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
     )):
         raise ConfigError("history.json", str(run_dir / "history.json"), "is not a list of round records with their trained sites")
     summary = _read_json(run_dir / "summary.json", "summary.json") or {}
+    identity = _read_json(run_dir / "run.json", "run.json") or {}
+    federation = identity.get("federation") if isinstance(identity, dict) else None
+    if isinstance(federation, dict) and "client_dp" in federation and not federation["client_dp"]:
+        findings.append(SiteFinding(severity=Severity.WARNING, kind="no-client-dp", message=f"{NO_CLIENT_DP} {NO_CLIENT_DP_FIX}"))
     reported_by_summary = summary.get("clients", {}) if isinstance(summary, dict) else {}
     out = Path(out_dir) if out_dir is not None else run_dir
     sites: list[DeploymentSiteAudit] = []
@@ -233,19 +261,19 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
         state = states[name]
         if state is None:
             findings.append(SiteFinding(
-                severity=Severity.WARNING,
+                severity=Severity.WARNING, kind="not-found", site=name,
                 message=f"site {name}: its state directory is not under {sites_root}; not audited (run `privfl audit --site` there)",
             ))
             continue
         owner = _read_json(state / SITE_FILE, SITE_FILE)
         if not isinstance(owner, dict) or owner.get("site") != name:
-            findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its state directory belongs to another site"))
+            findings.append(SiteFinding(severity=Severity.ERROR, kind="other-owner", site=name, message=f"site {name}: its state directory belongs to another site"))
             continue
         try:
             own = audit_site(state, out_dir=out / "sites" / name)
         except (LedgerError, ConfigError) as exc:
             # One site's broken ledger is that site's finding, not the end of everyone's audit.
-            findings.append(SiteFinding(severity=Severity.ERROR, message=f"site {name}: its ledger cannot be audited: {exc}"))
+            findings.append(SiteFinding(severity=Severity.ERROR, kind="unreadable-ledger", site=name, message=f"site {name}: its ledger cannot be audited: {exc}"))
             continue
         this_run = next((r for r in own.runs if r.run == run_id), None)
         recorded = sum(1 for h in history if name in h.get("trained", []))
@@ -258,7 +286,7 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
             rounds_recorded=recorded, reported_epsilon=reported,
         )
         sites.append(site)
-        findings += [SiteFinding(severity=f.severity, message=f"site {name}: {f.message}") for f in own.findings]
+        findings += [SiteFinding(severity=f.severity, kind=f.kind, site=name, message=f"site {name}: {f.message}") for f in own.findings]
         findings += _compare(site)
     findings.sort(key=lambda f: SEVERITY_ORDER[f.severity])
     report = DeploymentAudit(
@@ -287,14 +315,14 @@ def _compare(site: DeploymentSiteAudit) -> list[SiteFinding]:
     name = site.site
     if site.rounds_recorded > site.rounds_charged:
         findings.append(SiteFinding(
-            severity=Severity.ERROR,
+            severity=Severity.ERROR, kind="charges-missing", site=name,
             message=f"site {name}: the server recorded it as trained in {site.rounds_recorded} rounds of the run, its ledger "
             f"charges {site.rounds_charged}: charges are missing (the ledger was rolled back or replaced), so its epsilon "
             "is understated; compare its head with the copy kept off-site",
         ))
     elif site.rounds_charged > site.rounds_recorded:
         findings.append(SiteFinding(
-            severity=Severity.INFO,
+            severity=Severity.INFO, kind="charges-unrecorded", site=name,
             message=f"site {name}: its ledger charges {site.rounds_charged} trainings for the run, the server recorded "
             f"{site.rounds_recorded}: the other {site.rounds_charged - site.rounds_recorded} trained and were charged, but "
             "their update did not count (a lost reply, a refused or interrupted round); they count against its budget",
@@ -305,7 +333,7 @@ def _compare(site: DeploymentSiteAudit) -> list[SiteFinding]:
         or (math.isinf(reported) and math.isinf(site.epsilon_after_run))
     ):
         findings.append(SiteFinding(
-            severity=Severity.WARNING,
+            severity=Severity.WARNING, kind="report-differs", site=name,
             message=f"site {name}: the server recorded epsilon {_num(reported)} as its report, its ledger gives "
             f"{_num(site.epsilon_after_run)} after the run's last charge: the record of the run does not describe the "
             "site's spending (a report from another point of the run, or an edited record); the site's ledger is the one that counts",

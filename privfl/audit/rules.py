@@ -420,21 +420,23 @@ def _uncapped(facts: Facts) -> list[Hit]:
     ]
 
 
+NO_CLIENT_DP = (
+    "no client-level DP: DP-SGD protects each record inside a site, but whether a whole site took part "
+    "(and its data distribution) is not protected: client-level epsilon is infinite."
+)
+"""What lint (PFL017), the audit of a run (PFA012) and the audit of a deployment say of a run without client-level DP."""
+NO_CLIENT_DP_FIX = "Add a [federation.client_dp] section (DP-FedAvg) if a site's participation itself is sensitive."
+
+
 @register(
     lint_code("PFL017", Severity.INFO, "no client-level DP: a site's participation is not protected"),
     audit_code("PFA012", Severity.WARNING, "no client-level DP"),
     title="no client-level DP: a site's participation is not protected",
-    fix="Add a [federation.client_dp] section (DP-FedAvg) if a site's participation itself is sensitive.",
+    fix=NO_CLIENT_DP_FIX,
 )
 def _no_client_dp(facts: Facts) -> list[Hit]:
     # A design choice when linting (INFO); in the audit of a run to be released, a WARNING.
     if facts.client_dp:
         return []
-    return [
-        Hit(
-            field="federation.client_dp",
-            message="no client-level DP: DP-SGD protects each record inside a site, but whether a whole site took part "
-            "(and its data distribution) is not protected: client-level epsilon is infinite.",
-        )
-    ]
+    return [Hit(field="federation.client_dp", message=NO_CLIENT_DP)]
 

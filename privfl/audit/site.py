@@ -64,10 +64,21 @@ class SiteRunAudit:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SiteFinding:
-    """One thing the audit found, with its severity and what to do."""
+    """One thing the audit found, with its severity and what to do.
+
+    Attributes:
+        severity: how much it matters.
+        message: what was found and what to do.
+        kind: a short name of what was found (the same for every site it is found at, e.g.
+            ``"uncapped"``): a deployment's audit groups the findings of many sites by it.
+        site: the site it is about, in a deployment's audit ("" for the run as a whole, and in a
+            site's own audit).
+    """
 
     severity: Severity
     message: str
+    kind: str = ""
+    site: str = ""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,7 +149,7 @@ class SiteAudit:
                 for r in self.runs
             ],
             "ledger": {"lines": self.lines, "head": self.head, "authenticated": self.authenticated},
-            "findings": [{"severity": f.severity.value, "message": f.message} for f in self.findings],
+            "findings": [{"severity": f.severity.value, "kind": f.kind, "message": f.message} for f in self.findings],
         }
 
     def to_markdown(self) -> str:
@@ -236,7 +247,7 @@ def audit_site(state_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[
         run["after"] = total
         if not _close(entry.epsilon, total):
             findings.append(SiteFinding(
-                severity=Severity.WARNING,
+                severity=Severity.WARNING, kind="recorded-epsilon",
                 message=f"entry {line} (round {entry.round}) records epsilon {_num(entry.epsilon)}, the events up to it give "
                 f"{_num(total)}: the ledger was written by another accountant or edited by someone holding its key",
             ))
@@ -253,25 +264,25 @@ def audit_site(state_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[
     )
     if epsilon > budget.epsilon * (1 + 1e-9):
         findings.append(SiteFinding(
-            severity=Severity.ERROR,
+            severity=Severity.ERROR, kind="over-budget",
             message=f"epsilon spent {_num(epsilon)} is above the budget {budget.epsilon:g}: the site's guarantee is void; "
             "stop training here and find out which run charged past the budget",
         ))
     if epsilon > HIGH_EPSILON:
         findings.append(SiteFinding(
-            severity=Severity.WARNING,
+            severity=Severity.WARNING, kind="high-epsilon",
             message=f"epsilon spent {_num(epsilon)} is above {HIGH_EPSILON:g}: the e^epsilon factor no longer bounds what an attacker learns",
         ))
     if accountant is Accountant.PRV and cross_value < epsilon * (1 - TOLERANCE):
         findings.append(SiteFinding(
-            severity=Severity.WARNING,
+            severity=Severity.WARNING, kind="prv-above-rdp",
             message=f"PRV gives {_num(epsilon)}, above RDP's {_num(cross_value)} by more than {TOLERANCE:.0%}: PRV's "
             "numerical error; RDP is a valid upper bound to quote instead",
         ))
     if math.isinf(budget.epsilon):
-        findings.append(SiteFinding(severity=Severity.WARNING, message="the site's budget is uncapped: nothing stops it from spending more"))
+        findings.append(SiteFinding(severity=Severity.WARNING, kind="uncapped", message="the site's budget is uncapped: nothing stops it from spending more"))
     if not ledger.authenticated:
-        findings.append(SiteFinding(severity=Severity.WARNING, message="the ledger's lines carry no MAC: anyone who can write the file can rewrite it consistently"))
+        findings.append(SiteFinding(severity=Severity.WARNING, kind="no-mac", message="the ledger's lines carry no MAC: anyone who can write the file can rewrite it consistently"))
     findings.sort(key=lambda f: SEVERITY_ORDER[f.severity])
     report = SiteAudit(
         site=site, state_dir=state, accountant=accountant, cross_check_accountant=cross, delta=budget.delta,

@@ -10,7 +10,8 @@ from roles_helpers import make_aggregator, make_sites
 
 from privfl.aggregator import LocalSites
 from privfl.audit.deployment import audit_deployment, find_deployment
-from privfl.audit.rules import Severity
+from privfl.audit.rules import NO_CLIENT_DP, Severity
+from privfl.audit.site import SiteFinding
 from privfl.cli import main
 from privfl.envelope import Step, decode_request
 from privfl.errors import ConfigError
@@ -34,7 +35,10 @@ def test_a_deployment_is_audited_from_each_sites_ledger(split, clients, tmp_path
     for site in report.sites:
         assert site.rounds_charged == site.rounds_recorded == 2
         assert site.reported_epsilon == pytest.approx(site.epsilon_after_run, rel=1e-6) and 0 < site.epsilon_after_run <= 20.0
-    assert not report.errors and not [f for f in report.findings if f.severity is Severity.WARNING]
+    assert not report.errors
+    # The one warning is the run's: no client-level DP (PFA012 in a simulation's audit), in the same words.
+    assert [(f.kind, f.site) for f in report.findings if f.severity is Severity.WARNING] == [("no-client-dp", "")]
+    assert NO_CLIENT_DP in (tmp_path / "run" / "deployment-audit.md").read_text()
     # The reports sit with the server's run; the sites' state directories get nothing written.
     assert (tmp_path / "run" / "deployment-audit.md").is_file() and (tmp_path / "run" / "sites" / "site-1" / "site-audit.json").is_file()
     assert not list((tmp_path / "sites").rglob("site-audit.*"))
@@ -122,3 +126,33 @@ def test_a_site_that_spent_in_earlier_runs_but_not_this_one_is_no_warning(split,
     idle = next(s for s in report.sites if s.site == "site-2")
     assert idle.epsilon_after_run is None and idle.rounds_charged == 0 and idle.audit.epsilon > 0
     assert not [f for f in report.findings if "site-2" in f.message and f.severity is not Severity.INFO]
+
+
+def test_a_run_with_client_level_dp_gets_no_client_dp_warning(split, clients, tmp_path, run_toml):
+    extra = "[federation.client_dp]\nnoise_multiplier = 0.6\nclip_norm = 0.4\ndelta = 1e-3\n"
+    _deploy(run_toml("plaintext", rounds=1, extra=extra), split, clients, tmp_path)
+    report = audit_deployment(tmp_path)
+    assert not report.errors and len(report.sites) == 3
+    assert "no-client-dp" not in {f.kind for f in report.findings}
+
+
+def test_the_same_finding_at_many_sites_is_shown_for_the_first_few_then_by_site(split, clients, tmp_path, run_toml):
+    _deploy(run_toml("plaintext", rounds=1), split, clients, tmp_path)
+    report = audit_deployment(tmp_path)
+    many = tuple(
+        SiteFinding(severity=Severity.WARNING, kind="uncapped", site=f"clinic-{k:03d}", message=f"site clinic-{k:03d}: uncapped")
+        for k in range(40)
+    )
+    text = type(report)(
+        run_dir=report.run_dir, run=report.run, rounds=report.rounds, sites=report.sites, missing=(),
+        findings=(SiteFinding(severity=Severity.ERROR, kind="over-budget", site="clinic-007", message="site clinic-007: over"), *many),
+    ).to_markdown()
+    findings = text.split("## Findings")[1]
+    assert findings.count("uncapped") == 3 and "site clinic-007: over" in findings
+    assert "the same at 37 more sites (deployment-audit.json has each): clinic-003, clinic-004" in findings
+    assert "clinic-014, and 25 more" in findings and "clinic-015" not in findings
+    # 12 of one kind are still listed one by one.
+    twelve = type(report)(
+        run_dir=report.run_dir, run=report.run, rounds=report.rounds, sites=report.sites, missing=(), findings=many[:12],
+    ).to_markdown()
+    assert twelve.split("## Findings")[1].count("uncapped") == 12
