@@ -1,4 +1,4 @@
-"""Checks of numeric settings shared by the whole toolkit (internal).
+"""Checks of numeric and enumerated settings shared by the whole toolkit (internal).
 
 Each check raises :class:`~privfl.errors.ConfigError` naming the field, the bad value and the rule, and
 returns the value unchanged when it passes. Booleans are never numbers here (``True`` is not 1), nor are
@@ -12,10 +12,14 @@ This module imports nothing heavy (``math`` and :mod:`privfl.errors` only): conf
 from __future__ import annotations
 
 import math
+from enum import Enum
+from typing import TypeVar
 
 from privfl.errors import ConfigError
 
-__all__ = ["open_unit_interval", "positive", "positive_int", "unit_interval"]
+E = TypeVar("E", bound=Enum)
+
+__all__ = ["member", "open_unit_interval", "positive", "positive_int", "unit_interval"]
 
 
 def _numpy_kind(value: object) -> str | None:
@@ -102,3 +106,19 @@ def open_unit_interval(name: str, value: object, *, allow_numpy: bool = False, h
     if not (_is_finite_real(value, allow_numpy) and 0 < value < 1):  # type: ignore[operator]
         raise ConfigError(name, value, _reason("must be in (0, 1)", hint, value, allow_numpy))
     return value
+
+
+def member(name: str, value: object, enum: type[E]) -> E:
+    """``value`` as a member of ``enum`` (a member, or its value).
+
+    Raises:
+        ConfigError: naming the values; a string that is one of them in another case (``"CKKS"``) is
+            refused too (a config's text is what resumes and sites compare), with the value meant.
+    """
+    try:
+        return enum(value)
+    except ValueError:
+        values = [m.value for m in enum]
+        near = next((v for v in values if isinstance(value, str) and isinstance(v, str) and v == value.strip().lower()), None)
+        hint = f" (did you mean {near!r}? the values are lower-case)" if near is not None else ""
+        raise ConfigError(name, value, f"must be one of {values}{hint}") from None

@@ -193,10 +193,7 @@ def _check_delta(delta: float) -> None:
 
 
 def _accountant(kind: Accountant | str) -> Accountant:
-    try:
-        return Accountant(kind)
-    except ValueError:
-        raise ConfigError("accountant", kind, f"must be one of {[a.value for a in Accountant]}") from None
+    return _validate.member("accountant", kind, Accountant)
 
 
 class PrivacyAccountant(abc.ABC):

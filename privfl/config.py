@@ -115,10 +115,7 @@ def _coerce_enum(config: object, name: str, enum: type[Enum]) -> None:
     value = getattr(config, name)
     if isinstance(value, enum):
         return
-    try:
-        object.__setattr__(config, name, enum(value))
-    except ValueError:
-        raise ConfigError(name, value, f"must be one of {[m.value for m in enum]}") from None
+    object.__setattr__(config, name, _validate.member(name, value, enum))
 
 
 # The shared numeric checks, under the names this module (and the attack matrix's config) has always used.
@@ -470,10 +467,7 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         (item_type, _ellipsis) = typing.get_args(annotation)
         return tuple(_convert(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
     if isinstance(annotation, type) and issubclass(annotation, Enum):
-        try:
-            return annotation(value)
-        except ValueError:
-            raise ConfigError(path, value, f"must be one of {[m.value for m in annotation]}") from None
+        return _validate.member(path, value, annotation)
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(path, value, "must be a table")

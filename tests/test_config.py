@@ -66,6 +66,10 @@ def test_toml_unknown_key_and_bad_enum(tmp_path):
     with pytest.raises(ConfigError) as info:
         config_from_dict({"federation": {"protection": "rot13"}})
     assert info.value.field == "federation.protection" and info.value.value == "rot13"
+    assert "did you mean" not in str(info.value)
+    # Another case is refused (the config's text is what a resume and the sites compare), with the fix.
+    with pytest.raises(ConfigError, match=r"did you mean 'ckks'\? the values are lower-case"):
+        config_from_dict({"federation": {"protection": "CKKS"}})
     with pytest.raises(ConfigError) as info:
         config_from_dict({"training": {"dp": {"target_epsilon": "three"}}})
     assert info.value.field == "training.dp.target_epsilon"
