@@ -147,18 +147,27 @@ def _cmd_audit_site(args: argparse.Namespace) -> int:
 def _cmd_lint(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
+    from rich.padding import Padding
+    from rich.text import Text
 
     from privfl.audit.lint import Severity, lint_file
 
     findings = lint_file(args.config)
     console = Console()
+    console.soft_wrap = not console.is_terminal  # a pipe or file: one line per paragraph, for grep
     colours = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+    def indented(text: Text) -> None:
+        # A terminal wraps each paragraph under its indent; a pipe or file is not cut at 80 columns.
+        console.print(Padding(text, (0, 0, 0, 2), expand=False) if console.is_terminal else Text("  ") + text)
+
     for f in findings:
-        # Findings quote config syntax such as [federation.client_dp]: print it, don't parse it as markup.
+        # Findings quote config syntax such as [federation.client_dp]: print it as text, never as markup.
         colour = colours.get(f.severity, "white")
         console.print(f"[bold {colour}]{f.severity.value.upper():7}[/] {f.code}  [bold]{escape(f.field)}[/]")
-        console.print(f"  {escape(f.message)}", highlight=False)
-        console.print(f"  [dim]fix:[/] {escape(f.fix)}\n", highlight=False)
+        indented(Text(f.message))
+        indented(Text.assemble(("fix: ", "dim"), f.fix))
+        console.print()
     errors = sum(1 for f in findings if f.severity is Severity.ERROR)
     warnings = sum(1 for f in findings if f.severity is Severity.WARNING)
     console.print(f"{args.config}: {len(findings)} findings ({errors} errors, {warnings} warnings)")

@@ -75,6 +75,13 @@ def test_audit_and_lint_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PFL002" in out and "training.dp.delta" in out and "PFL004" in out
     assert "[federation.client_dp]" in " ".join(out.split())  # config syntax is printed, not swallowed as markup
+    # Piped, every message and fix is one line (for grep), none cut at 80 columns or padded with spaces.
+    from privfl.audit.lint import lint_file
+
+    lines = out.splitlines()
+    for finding in lint_file(config):
+        assert f"  {finding.message}" in lines and f"  fix: {finding.fix}" in lines
+    assert not [line for line in lines if line != line.rstrip()]
 
     run_dir = tmp_path / "run"
     assert main(["run", str(config), "--out", str(run_dir), "--quiet"]) == 0
