@@ -6,7 +6,7 @@ Usage: ``python benchmarks/scaling.py [--clients 10 100 1000] [--repeats 3] [--t
 Every client holds a small synthetic tabular dataset (30 features, 2 classes, seeded numpy RNG).
 Two size kinds: ``homogeneous`` (every client 20 examples) and ``heterogeneous`` (sizes from a
 seeded lognormal, clipped to 5..200, so there are many distinct sizes, the case where the
-accountant cannot share work between clients). Three variants, each over the same clients:
+accountant cannot share work between clients). The variants, each over the same clients:
 
 - ``bare``: a minimal DP-SGD round without privfl: for each client a fresh
   ``LogisticRegression(30, 2)`` holding the global parameters, ``PrivacyEngine().make_private``
@@ -19,6 +19,8 @@ accountant cannot share work between clients). Three variants, each over the sam
 - ``sites``: the deployment's roles in one process: one ``privfl.site.Site`` per client, each with
   its own state directory (its own fsynced ledger, ``run.json``), and one ``Aggregator`` reaching
   them over ``LocalSites`` (every request and reply as bytes), no run directory.
+- ``sites-copy``: ``sites`` with a new copy of the model for every request (``ModelPool`` keeps
+  none), to measure what resetting the model in place saves.
 
 What "a round" is: every variant runs two rounds and only the second is timed (the first warms up
 imports, allocator and caches). For privfl the clock is read each time the driver finishes a round
@@ -55,7 +57,7 @@ import tempfile
 import time
 import warnings
 
-VARIANTS = ("bare", "privfl", "privfl-dir", "sites")
+VARIANTS = ("bare", "privfl", "privfl-dir", "sites", "sites-copy")
 SIZE_KINDS = ("homogeneous", "heterogeneous")
 FEATURES = 30
 
@@ -144,11 +146,15 @@ def _timings(stamps, c0: float, w0: float) -> dict:
     }
 
 
-def run_sites(args, data) -> dict:
+def run_sites(args, data, *, keep_models: bool = True) -> dict:
     from privfl.aggregator import Aggregator, LocalSites
     from privfl.data import ArrayDataset
+    from privfl.model_pool import ModelPool
     from privfl.models import LogisticRegression
     from privfl.site import Site
+
+    if not keep_models:
+        ModelPool.give_back = lambda self, model: None  # type: ignore[method-assign]  # every take builds a new copy
 
     root = tempfile.mkdtemp(prefix="privfl-scaling-sites-", dir=args.tmp_dir)
     stamps, restore = _round_stamps()
@@ -253,8 +259,8 @@ def child(args) -> None:
     data = client_data(sizes, args.seed)
     if args.one == "bare":
         result = run_bare(args, data)
-    elif args.one == "sites":
-        result = run_sites(args, data)
+    elif args.one in ("sites", "sites-copy"):
+        result = run_sites(args, data, keep_models=args.one == "sites")
     else:
         result = run_privfl(args, data, with_dir=args.one == "privfl-dir")
     result.update(variant=args.one, clients=args.num_clients, sizes=args.sizes, distinct=len(set(sizes)),
@@ -369,6 +375,17 @@ def main() -> None:
                 f"| {med(r_cpu):.2f} ({min(r_cpu):.2f}) | {med(r_wall):.2f} ({min(r_wall):.2f}) "
                 f"| {med([t['setup_cpu'] for t in sites]):.2f} "
                 f"| {med([b['peak_rss_mib'] for b in bare]):.0f}, {med([t['peak_rss_mib'] for t in sites]):.0f} |"
+            )
+    if {"sites", "sites-copy"} <= set(args.variants):
+        print("\nA new model copy per request (sites-copy) against the model reset in place (sites):")
+        print("| clients | sizes | sites CPU s | sites-copy CPU s | sites-copy/sites CPU per repeat | med (min) |")
+        print("|---:|---|---:|---:|---|---:|")
+        for num_clients, kind, samples in rows:
+            sites, copies = samples["sites"], samples["sites-copy"]
+            r_cpu = ratios(copies, sites, "round_cpu")
+            print(
+                f"| {num_clients:,} | {kind} | {med([t['round_cpu'] for t in sites]):.3f} | {med([t['round_cpu'] for t in copies]):.3f} "
+                f"| {', '.join(f'{r:.2f}' for r in r_cpu)} | {med(r_cpu):.2f} ({min(r_cpu):.2f}) |"
             )
 
 if __name__ == "__main__":
