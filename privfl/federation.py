@@ -50,8 +50,10 @@ from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, Prot
 from privfl.errors import ConfigError, LedgerError, PrivacyWarning, ProtocolAbort
 from privfl.model_pool import ModelPool
 from privfl.plan import (
+    NOISE_DROWNS_FIX,
     derive_seed,
     no_site_affords_a_round,
+    noise_drowns_training,
     one_round_refusal,
     plan_site,
     planned_rounds,
@@ -217,6 +219,7 @@ class _ClientPlan:
     noise_multiplier: float
     index: int = 0
     uploads: list[int] = field(default_factory=list)
+    planned_rounds: int = 1
 
 
 class Federation:
@@ -381,7 +384,9 @@ class Federation:
         for index, (name, dataset) in enumerate(self.clients.items()):
             n = len(dataset)  # type: ignore[arg-type]  # map-style Datasets have __len__
             plan = plan_site(n, self.training, self.config, len(self.clients))
-            plans.append(_ClientPlan(name, dataset, n, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier, index))
+            plans.append(_ClientPlan(
+                name, dataset, n, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier, index, planned_rounds=plan.planned_rounds,
+            ))
         return plans
 
     # -- the run -----------------------------------------------------------------------------------
@@ -777,6 +782,12 @@ class Federation:
 
         for f in run_start_findings(self.training, self.config, {plan.name: plan.num_examples for plan in plans}):
             warnings.warn(f"{f.code} {f.field}: {f.message} Fix: {f.fix} (privfl lint lists every check)", PrivacyWarning, stacklevel=4)
+        drowned = noise_drowns_training(
+            ((p.name, p.num_examples, p.sample_rate, p.steps_per_round * p.planned_rounds, p.noise_multiplier) for p in plans), len(plans)
+        )
+        if drowned is not None:
+            # Not a privacy matter (the claim holds), so a plain UserWarning: the run would spend its budget for nothing.
+            warnings.warn(f"PFL026: {drowned} Fix: {NOISE_DROWNS_FIX}", UserWarning, stacklevel=4)
 
     def _check_one_round_fits(self, plans: list[_ClientPlan]) -> None:
         """Refuses a fresh run in which no site can afford a single round (it would train nothing).

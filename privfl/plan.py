@@ -166,6 +166,43 @@ def no_site_affords_a_round(training: TrainingConfig, sites: Iterable[tuple[str,
     return cheapest
 
 
+NOISE_DROWNS_FIX = (
+    "Raise target_epsilon (or lower noise_multiplier), or give each site more examples, larger batches or more rounds."
+)
+
+
+def noise_drowns_training(sites: Iterable[tuple[str, int, float, int, float]], num_sites: int) -> str | None:
+    """Why no site can learn anything through its DP noise, or None when some site can.
+
+    ``sites``: each site's (name, examples, sample rate, planned DP-SGD steps over the run, noise
+    multiplier). Over a site's T planned steps, DP-SGD adds noise of standard deviation
+    ``sigma C sqrt(T) / B`` to each coordinate of the sum of its noised mean gradients (B = q n, its
+    expected batch; C the clipping norm), while the sum of the clipped mean gradients has a norm of at
+    most ``T C``. FedAvg over K sites divides the noise by at most sqrt(K). When
+    ``sigma / (B sqrt(T K)) >= 1`` for every site, even gradients that all point the same way at full
+    norm move the averaged model by less than one noise standard deviation on each coordinate: the
+    model cannot learn (a utility matter; the privacy claim holds). A deliberately loose bound: it
+    flags only settings such as ``target_epsilon = 0.01``, never a run that could learn.
+    """
+    best: tuple[float, str, float, float, int] | None = None
+    for name, examples, sample_rate, steps, sigma in sites:
+        batch = sample_rate * examples
+        ratio = sigma / (batch * np.sqrt(max(steps, 1) * max(num_sites, 1)))
+        if ratio < 1.0:
+            return None
+        best = min(best or (ratio, name, sigma, batch, steps), (ratio, name, sigma, batch, steps))
+    if best is None:
+        return None
+    ratio, name, sigma, batch, steps = best
+    return (
+        f"the DP noise drowns every site's training: even {name}, the least noisy (noise multiplier {sigma:.4g}, expected "
+        f"batch {batch:.3g}, {steps} planned steps), would move the model averaged over {num_sites} sites by less than one "
+        "standard deviation of its noise on each coordinate, had every step's clipped gradient pointed the same way at "
+        f"full norm (sigma / (batch x sqrt(steps x sites)) = {ratio:.3g} >= 1): the model will not learn. A matter of "
+        "utility, not privacy."
+    )
+
+
 def one_round_refusal(epsilon: float, site: str, training: TrainingConfig, *, advice: bool = True) -> str:
     """Why a run where no site affords a round is refused (`no_site_affords_a_round`), and (``advice``) what to change."""
     text = (

@@ -42,6 +42,7 @@ from privfl.audit.rules import (
 )
 from privfl.config import DataConfig, FederationConfig, ProtectionKind, RunConfig, TrainingConfig, load_config
 from privfl.errors import ConfigError
+from privfl.plan import NOISE_DROWNS_FIX, noise_drowns_training
 from privfl.protocols.ckks_params import HE_STANDARD_MAX_LOGQ_128
 
 if TYPE_CHECKING:
@@ -633,6 +634,26 @@ def _sizes_unknown(facts: ConfigFacts) -> list[Hit]:
             "(PFL007) and the calibrated noise multiplier (PFL004/005) were not checked.",
         )
     ]
+
+
+@register(
+    lint_code(
+        "PFL026",
+        Severity.WARNING,
+        "the DP noise drowns every site's training: sigma / (expected batch x sqrt(planned steps x sites)) >= 1 for "
+        "every site, so the model cannot learn (utility, not privacy; `privfl run` warns too)",
+    ),
+    title="the DP noise drowns every site's training",
+    fix=NOISE_DROWNS_FIX,
+)
+def _noise_drowns_training(facts: ConfigFacts) -> list[Hit]:
+    if not facts.plans or any(p.noise_multiplier is None for p in facts.plans):
+        return []
+    message = noise_drowns_training(
+        ((p.client, p.num_examples, p.sample_rate, p.total_steps, p.noise_multiplier or 0.0) for p in facts.plans), len(facts.plans)
+    )
+    field = "training.dp.noise_multiplier" if facts.config.training.dp.noise_multiplier is not None else "training.dp.target_epsilon"
+    return [] if message is None else [Hit(field=field, message=message)]
 
 
 @register(

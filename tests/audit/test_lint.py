@@ -160,6 +160,40 @@ def test_a_budget_no_site_can_spend_one_round_of_is_an_error_lint_and_run_agree_
     assert "PFL025" not in codes(lint_config(make(), client_sizes=sizes))
 
 
+def test_noise_that_drowns_every_sites_training_is_a_warning_lint_and_run_agree_on() -> None:
+    import warnings
+
+    from privfl.errors import PrivacyWarning
+    from privfl.federation import Federation
+    from privfl.models import build_model
+    from privfl.runner import load_dataset, split_clients
+
+    hopeless = make(**{"training.dp.target_epsilon": 0.01, "federation.rounds": 3, "federation.protection": "plaintext"})
+    split = load_dataset(hopeless)
+    clients = split_clients(hopeless, split)
+    sizes = {name: len(ds) for name, ds in clients.items()}
+    f = fired(lint_config(hopeless, client_sizes=sizes), "PFL026")
+    assert f.severity is Severity.WARNING and f.field == "training.dp.target_epsilon"
+    assert "the model will not learn" in f.message and "not privacy" in f.message
+    # A calibrated epsilon a model can learn at is not flagged, nor 0.1 (the bound is deliberately loose),
+    # nor a config whose client sizes are not known.
+    for epsilon in (3.0, 0.1):
+        assert "PFL026" not in codes(lint_config(make(**{"training.dp.target_epsilon": epsilon}), client_sizes=sizes))
+    assert "PFL026" not in codes(lint_config(hopeless))
+
+    # The run warns with the same words (a UserWarning: the privacy claim holds) before it trains.
+    federation = Federation(
+        model_fn=lambda: build_model(hopeless.model, split.train.input_shape, split.train.num_classes),
+        clients=clients, test_set=split.test, training=hopeless.training, federation=hopeless.federation, progress=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        federation.run()
+    drowned = [w for w in caught if "PFL026" in str(w.message)]
+    assert len(drowned) == 1 and drowned[0].category is UserWarning and f.message in str(drowned[0].message)
+    assert not [w for w in caught if issubclass(w.category, PrivacyWarning)]
+
+
 def test_client_smaller_than_batch_gets_no_amplification() -> None:
     findings = lint_config(make(), client_sizes={"big": 100, "tiny": 16})  # batch_size 16 -> q = 1
     f = fired(findings, "PFL007")
