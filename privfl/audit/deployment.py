@@ -23,13 +23,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from privfl.accounting import Accountant
 from privfl.aggregator import AGGREGATOR_FILE
+from privfl.audit.report import epsilon_by_round_table, plot_epsilon
 from privfl.audit.rules import NO_CLIENT_DP, NO_CLIENT_DP_FIX, SEVERITY_ORDER, Severity
-from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, audit_site, write_report
+from privfl.audit.site import TOLERANCE, SiteAudit, SiteFinding, SiteRunAudit, audit_site, write_report
 from privfl.errors import ConfigError, LedgerError
 from privfl.results import SHOWN_ONE_BY_ONE
 from privfl.site import SITE_FILE, _plain_name
@@ -54,6 +57,9 @@ class DeploymentSiteAudit:
         rounds_charged: trainings the site's ledger charged for this run.
         rounds_recorded: rounds the server's history lists the site as trained in.
         reported_epsilon: the epsilon the server recorded as the site's last report (None if none).
+        epsilon_by_round: the site's total epsilon (its ledger) after each round the server recorded,
+            carried over the rounds it was not charged in (before its first charge of the run: its
+            total from earlier runs).
     """
 
     site: str
@@ -64,6 +70,20 @@ class DeploymentSiteAudit:
     rounds_charged: int
     rounds_recorded: int
     reported_epsilon: float | None
+    epsilon_by_round: tuple[float, ...] = ()
+
+    @property
+    def client(self) -> str:
+        """The site's name (what the per-round table and plot of :mod:`privfl.audit.report` read)."""
+        return self.site
+
+    @property
+    def epsilon(self) -> float:
+        return self.audit.epsilon
+
+    @property
+    def epsilon_budget(self) -> float:
+        return self.audit.epsilon_budget
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -107,6 +127,7 @@ class DeploymentAudit:
                     "epsilon_budget": finite(s.audit.epsilon_budget), "epsilon_after_run": finite(s.epsilon_after_run),
                     "epsilon_run": finite(s.epsilon_run), "reported_epsilon": finite(s.reported_epsilon),
                     "rounds_charged": s.rounds_charged, "rounds_recorded": s.rounds_recorded,
+                    "epsilon_by_round": [finite(e) for e in s.epsilon_by_round],
                     "ledger": {"lines": s.audit.lines, "head": s.audit.head, "authenticated": s.audit.authenticated},
                 }
                 for s in self.sites
@@ -136,9 +157,16 @@ class DeploymentAudit:
                 f"| {s.site} | {after} | {reported} | {budget} | {s.rounds_charged} | {s.rounds_recorded} "
                 f"| {_num(s.audit.epsilon)} |"
             )
+        charted = _charted(self.sites)
+        if charted and self.rounds:
+            out += ["", "## Epsilon after each round (each site's ledger)", ""]
+            left_out = len(self.sites) - len(charted)
+            if left_out:
+                out += [f"{left_out} site(s) whose ledger holds no entry of this run are left out.", ""]
+            out += epsilon_by_round_table(charted, self.rounds, who="site", where="`sites[].epsilon_by_round` in deployment-audit.json")
         out += ["", "## Findings", ""]
         out += _findings_markdown(self.findings) or ["- none"]
-        out += ["", "Each site's own report: `sites/NAME/site-audit.md` next to this file."]
+        out += ["", "Each site's own report: `sites/NAME/site-audit.md` next to this file; the plot: `deployment-audit.png`."]
         return "\n".join(out) + "\n"
 
 
@@ -284,6 +312,7 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
             epsilon_run=this_run.epsilon_run if this_run else 0.0,
             rounds_charged=this_run.rounds_trained if this_run else 0,
             rounds_recorded=recorded, reported_epsilon=reported,
+            epsilon_by_round=_by_round(this_run, len(history)),
         )
         sites.append(site)
         findings += [SiteFinding(severity=f.severity, kind=f.kind, site=name, message=f"site {name}: {f.message}") for f in own.findings]
@@ -293,7 +322,31 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
         run_dir=run_dir, run=run_id, rounds=len(history), sites=tuple(sites),
         missing=tuple(n for n in names if states[n] is None), findings=tuple(findings),
     )
-    return replace(report, paths=write_report(out, "deployment-audit", report))
+    paths = write_report(out, "deployment-audit", report)
+    plot = out / "deployment-audit.png"
+    accountants = {s.audit.accountant for s in sites}
+    try:
+        plot_epsilon(plot, _charted(sites), history, accountants.pop() if len(accountants) == 1 else Accountant.PRV, who="site")
+    except OSError as exc:
+        raise ConfigError("out", str(out), f"cannot be written: {exc.strerror or exc}") from None
+    return replace(report, paths=(*paths, plot))
+
+
+def _charted(sites: Sequence[DeploymentSiteAudit]) -> list[DeploymentSiteAudit]:
+    """The sites with an epsilon series for the run (a site whose ledger has no entry of it has none)."""
+    return [s for s in sites if s.epsilon_by_round]
+
+
+def _by_round(run: SiteRunAudit | None, rounds: int) -> tuple[float, ...]:
+    """The site's total after each of the run's ``rounds`` (see ``DeploymentSiteAudit.epsilon_by_round``)."""
+    if run is None:
+        return ()
+    charged = dict(run.epsilon_by_round)  # a round charged twice (an interrupted attempt): its last entry
+    value, series = run.epsilon_before, []
+    for r in range(rounds):
+        value = charged.get(r, value)
+        series.append(value)
+    return tuple(series)
 
 
 def _reported(name: str, history: list, summary_clients: dict) -> float | None:

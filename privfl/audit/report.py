@@ -25,7 +25,7 @@ import warnings as _warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from privfl.accounting import Accountant, DPEvent, LedgerKey, LedgerStatus, PrivacyLedger, epsilon_of_events
 from privfl.audit.rules import (
@@ -336,22 +336,7 @@ class AuditReport:
                 "accountant the ledger enforced budgets with: like with like.",
             ]
         out += ["", "### Epsilon after each round", ""]
-        if len(clients) <= SHOWN_ONE_BY_ONE:
-            header = ["round", *(c.client for c in clients)]
-            rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(self.rounds)]
-        else:  # a column per client stops being readable: the spread over clients, and who is ahead
-            out += [
-                f"The spread over the {len(clients)} clients (each client's own figures: `sample_level.<client>.epsilon_by_round` "
-                "in audit.json).",
-                "",
-            ]
-            header = ["round", "min", "median", "max", "client at max"]
-            rows = []
-            for r in range(self.rounds):
-                values = sorted(c.epsilon_by_round[r] for c in clients)
-                top = max(clients, key=lambda c: c.epsilon_by_round[r])
-                rows.append([str(r), _num(values[0]), _num(statistics.median(values)), _num(values[-1]), top.client])
-        out.append(_table(header, rows, [True] * len(header) if len(clients) <= SHOWN_ONE_BY_ONE else [True] * 4 + [False]))
+        out += epsilon_by_round_table(clients, self.rounds, who="client", where="`sample_level.<client>.epsilon_by_round` in audit.json")
         out += ["", "## Client-level DP (a whole client's participation)", "", client_level.explanation, ""]
         out += ["## What this audit checks, and what it cannot", "", *_SCOPE, ""]
         out += ["## Findings", ""]
@@ -1139,7 +1124,44 @@ _SCOPE = (
 
 
 
-def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[str, Any]], accountant: Accountant) -> None:
+class EpsilonSeries(Protocol):
+    """One client's (or site's) epsilon over a run, as the per-round table and the plot read it."""
+
+    @property
+    def client(self) -> str: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def epsilon_budget(self) -> float: ...
+    @property
+    def epsilon_by_round(self) -> Sequence[float]: ...
+
+
+def epsilon_by_round_table(clients: Sequence[EpsilonSeries], rounds: int, *, who: str, where: str) -> list[str]:
+    """The Markdown lines of the "epsilon after each round" table: a column per client up to
+    ``SHOWN_ONE_BY_ONE`` clients, past that the spread over them and who is ahead (``where`` says
+    where each one's own figures are)."""
+    out = []
+    if len(clients) <= SHOWN_ONE_BY_ONE:
+        header = ["round", *(c.client for c in clients)]
+        rows = [[str(r), *(_num(c.epsilon_by_round[r]) for c in clients)] for r in range(rounds)]
+    else:  # a column per client stops being readable: the spread over clients, and who is ahead
+        out += [f"The spread over the {len(clients)} {who}s (each {who}'s own figures: {where}).", ""]
+        header = ["round", "min", "median", "max", f"{who} at max"]
+        rows = []
+        for r in range(rounds):
+            values = sorted(c.epsilon_by_round[r] for c in clients)
+            top = max(clients, key=lambda c: c.epsilon_by_round[r])
+            rows.append([str(r), _num(values[0]), _num(statistics.median(values)), _num(values[-1]), top.client])
+    out.append(_table(header, rows, [True] * len(header) if len(clients) <= SHOWN_ONE_BY_ONE else [True] * 4 + [False]))
+    return out
+
+
+def plot_epsilon(
+    path: Path, clients: Sequence[EpsilonSeries], history: Sequence[Mapping[str, Any]], accountant: Accountant, *, who: str = "client"
+) -> None:
+    """Draws each client's epsilon by round (past ``SHOWN_ONE_BY_ONE``: bands, the median and the
+    top three) and the global model's test accuracy, into ``path`` (PNG)."""
     # The object API with the Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1155,7 +1177,7 @@ def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[
             (line,) = left.plot(range(len(c.epsilon_by_round)), c.epsilon_by_round, label=c.client, drawstyle="steps-post", **marker)
             if math.isfinite(c.epsilon_budget):
                 left.axhline(c.epsilon_budget, color=line.get_color(), linestyle=":", linewidth=1)
-        left.set_title("sample-level epsilon per client (dotted: budget)")
+        left.set_title(f"sample-level epsilon per {who} (dotted: budget)")
     else:  # a line per client is unreadable: the spread over clients, and the clients that spent most
         import numpy as np
 
@@ -1170,7 +1192,7 @@ def _plot(path: Path, clients: Sequence[ClientAudit], history: Sequence[Mapping[
             left.plot(x, c.epsilon_by_round, linewidth=1, color=color, drawstyle="steps-post", label=f"{c.client} (epsilon {c.epsilon:.3g})")
         for budget in sorted({c.epsilon_budget for c in clients if math.isfinite(c.epsilon_budget)})[:5]:
             left.axhline(budget, color="gray", linestyle=":", linewidth=1)
-        left.set_title(f"sample-level epsilon over {len(clients)} clients (dotted: budgets)")
+        left.set_title(f"sample-level epsilon over {len(clients)} {who}s (dotted: budgets)")
     from matplotlib.ticker import MaxNLocator
 
     for axes in (left, right):
@@ -1304,7 +1326,7 @@ def audit_run(
         out.mkdir(parents=True, exist_ok=True)
         _write(paths.markdown, report.to_markdown())
         _write(paths.json, report.to_json_text())
-        _plot(paths.plot, clients, history, primary)
+        plot_epsilon(paths.plot, clients, history, primary)
     except OSError as exc:
         raise filesystem_error(exc, "out_dir", out, "write the audit report") from None
     return report

@@ -51,6 +51,9 @@ class SiteRunAudit:
         noise_multipliers: the distinct noise multipliers it trained with.
         epsilon_run: epsilon of this run's trainings alone.
         epsilon_after: the site's total epsilon once this run's last charge was made.
+        epsilon_before: the site's total epsilon when this run's first entry was written.
+        epsilon_by_round: (round, the site's total epsilon after its entry for that round), for
+            each round of the run the ledger has an entry for, in ledger order.
     """
 
     run: str
@@ -60,6 +63,8 @@ class SiteRunAudit:
     noise_multipliers: tuple[float, ...]
     epsilon_run: float
     epsilon_after: float
+    epsilon_before: float = 0.0
+    epsilon_by_round: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -235,7 +240,9 @@ def audit_site(state_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[
         if entry.client != site:
             continue
         match = _RUN_NOTE.match(entry.note)
-        run = runs.setdefault(match.group(1) if match else "-", {"trained": 0, "skipped": 0, "events": [], "after": 0.0})
+        run = runs.setdefault(
+            match.group(1) if match else "-", {"trained": 0, "skipped": 0, "events": [], "after": 0.0, "before": total, "by_round": []}
+        )
         if entry.status is LedgerStatus.TRAINED:
             event = DPEvent(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, steps=entry.steps)
             events.append(event)
@@ -245,6 +252,7 @@ def audit_site(state_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[
         elif entry.status is LedgerStatus.SKIPPED_BUDGET:
             run["skipped"] += 1
         run["after"] = total
+        run["by_round"].append((entry.round, total))
         if not _close(entry.epsilon, total):
             findings.append(SiteFinding(
                 severity=Severity.WARNING, kind="recorded-epsilon",
@@ -259,6 +267,7 @@ def audit_site(state_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[
             steps=sum(e.steps for e in run["events"]),
             noise_multipliers=tuple(sorted({e.noise_multiplier for e in run["events"]})),
             epsilon_run=_epsilon(run["events"], budget.delta, accountant), epsilon_after=run["after"],
+            epsilon_before=run["before"], epsilon_by_round=tuple(run["by_round"]),
         )
         for run_id, run in runs.items()
     )

@@ -36,6 +36,15 @@ def test_a_deployment_is_audited_from_each_sites_ledger(split, clients, tmp_path
         assert site.rounds_charged == site.rounds_recorded == 2
         assert site.reported_epsilon == pytest.approx(site.epsilon_after_run, rel=1e-6) and 0 < site.epsilon_after_run <= 20.0
     assert not report.errors
+    # Each site's spending by round, from its own ledger: two rounds, growing, ending at what it reported.
+    for site in report.sites:
+        assert len(site.epsilon_by_round) == 2 and 0 < site.epsilon_by_round[0] < site.epsilon_by_round[1]
+        assert site.epsilon_by_round[-1] == site.epsilon_after_run
+    text = (tmp_path / "run" / "deployment-audit.md").read_text()
+    table = text.split("## Epsilon after each round (each site's ledger)")[1].split("## Findings")[0]
+    assert table.split("|")[1:5] == [" round ", " site-0 ", " site-1 ", " site-2 "]  # a column per site
+    assert f"{report.sites[1].epsilon_by_round[1]:.3f}" in table
+    assert (tmp_path / "run" / "deployment-audit.png").stat().st_size > 10_000 and report.paths[-1].name == "deployment-audit.png"
     # The one warning is the run's: no client-level DP (PFA012 in a simulation's audit), in the same words.
     assert [(f.kind, f.site) for f in report.findings if f.severity is Severity.WARNING] == [("no-client-dp", "")]
     assert NO_CLIENT_DP in (tmp_path / "run" / "deployment-audit.md").read_text()
