@@ -615,30 +615,38 @@ _LABEL_OUTSIDE_OUTPUTS = (
 
 
 def check_labels(model: nn.Module, datasets: Mapping[str, Dataset]) -> None:
-    """Before anything trains: every label the datasets hold in memory is one of the model's classes.
+    """Before anything trains: every site's inputs fit the model, and every label it holds in memory
+    is one of the model's classes.
 
-    A site whose labels fall outside the model's outputs fails in its first training, which in a
-    federation that samples sites can come many rounds (and many other sites' charges) in. The
-    labels are read without loading examples (`privfl.data.known_labels`: ``.targets``, a
-    ``TensorDataset``'s labels, through ``Subset``/``ConcatDataset``); a dataset that holds none is
-    checked when it first trains, as before. The model's class count comes from one forward pass
-    on one example (no gradient, its train/eval mode restored).
+    A site whose data does not fit the model fails in its first training, which in a federation that
+    samples sites can come many rounds (and many other sites' charges) in. Each site's first example
+    is run through the model (no gradient, its train/eval mode restored), once per distinct input
+    shape and dtype; that also gives the class count. The labels are read without loading examples
+    (`privfl.data.known_labels`: ``.targets``, a ``TensorDataset``'s labels, through
+    ``Subset``/``ConcatDataset``); a dataset that holds none has its labels checked when it first
+    trains, as before, and so does every site when the model cannot be probed this way (inputs that
+    are not one tensor, a model that does not run in eval mode on one example).
 
     Raises:
-        ConfigError: a label below 0 or at or above the number of outputs (names the dataset, the
-            label and the count), or the model does not take the first example (as training would).
+        ConfigError: a site's inputs the model does not take (names the site and the input shape), a
+            label below 0 or at or above the number of outputs (names the dataset, the label and the
+            count), or an empty dataset or an unusable first example (as training would say).
     """
     from privfl.data import known_labels
 
-    outputs: int | None = None
+    probed: dict[tuple, int | None] = {}  # (input shape, dtype) -> the model's class count (None: not told)
     for name, dataset in datasets.items():
-        labels = known_labels(dataset)
-        if labels is None or labels.size == 0 or not np.issubdtype(labels.dtype, np.number):
+        prepared = prepare_dataset(dataset, model, site=name)
+        inputs, _ = _split_example(prepared[0], name, 0)
+        if not isinstance(inputs, torch.Tensor):
             continue
-        if outputs is None:
-            outputs = _output_count(model, dataset, name)
-            if outputs is None:
-                return
+        key = (tuple(inputs.shape), inputs.dtype)
+        if key not in probed:
+            probed[key] = _output_count(model, inputs, name, prepared)
+        outputs = probed[key]
+        labels = known_labels(dataset)
+        if outputs is None or labels is None or labels.size == 0 or not np.issubdtype(labels.dtype, np.number):
+            continue
         low, high = labels.min(), labels.max()
         if low < 0 or high >= outputs:
             bad = low if low < 0 else high
@@ -647,16 +655,15 @@ def check_labels(model: nn.Module, datasets: Mapping[str, Dataset]) -> None:
             )
 
 
-def _output_count(model: nn.Module, dataset: Dataset, site: str) -> int | None:
-    """The model's number of outputs per example (its class count), from one example of ``dataset``.
+def _output_count(model: nn.Module, inputs: torch.Tensor, site: str, prepared: Dataset) -> int | None:
+    """The model's number of outputs per example (its class count), from one example's ``inputs``.
 
-    None when that cannot be told this way (inputs that are not one tensor, an output that is not
-    (1, C), a model that does not run in eval mode on one example): the first training checks then.
+    None when that cannot be told this way (an output that is not (1, C), a model that does not run
+    in eval mode on one example): the first training checks then.
+
+    Raises:
+        ConfigError: the model does not take the site's inputs (a matrix product of the wrong width).
     """
-    prepared = prepare_dataset(dataset, model, site=site)
-    inputs, _ = _split_example(prepared[0], site, 0)
-    if not isinstance(inputs, torch.Tensor):
-        return None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()

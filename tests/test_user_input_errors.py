@@ -67,8 +67,8 @@ def test_a_test_set_with_labels_past_the_models_outputs_is_named():
 class _Loaded(torch.utils.data.Dataset):
     """Labels only by loading examples (no .targets): checked when the site first trains."""
 
-    def __init__(self, labels: torch.Tensor) -> None:
-        self.data = _data(labels=labels)
+    def __init__(self, labels: torch.Tensor, features: int = 30) -> None:
+        self.data = _data(labels=labels, features=features)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -183,3 +183,19 @@ def test_arguments_of_the_wrong_kind_are_refused_when_the_federation_is_made(ove
     with pytest.raises(ConfigError, match=message) as info:
         _run(**overrides)
     assert info.value.field == field
+
+
+def test_a_site_whose_inputs_the_model_does_not_take_is_refused_before_any_site_is_charged(tmp_path):
+    # The last of 30 sites holds one feature too many. Found only when that site was first sampled, the
+    # others would already have spent budget on rounds that never finish; and the run directory could not
+    # be reused for the corrected data. Every distinct input shape is run through the model first.
+    clients = {f"site-{k:02d}": _data() for k in range(29)}
+    clients["site-29"] = _Loaded(torch.zeros(40, dtype=torch.int64), features=31)  # labels only from __getitem__
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"does not take site site-29's inputs \(one example has shape \(31,\)\)"):
+        Federation(
+            model_fn=lambda: nn.Linear(30, 2), clients=clients, progress=False,
+            training=TrainingConfig(batch_size=8, dp=DPConfig(noise_multiplier=1.0)),
+            federation=FederationConfig(rounds=20, client_fraction=0.1, protection=ProtectionKind.PLAINTEXT, device="cpu"),
+        ).run(out)  # fmt: skip
+    assert not (out / "ledger.jsonl").exists()  # nothing was charged
