@@ -143,19 +143,28 @@ def load_site_dataset(source: str, *, label_column: str = "label"):
             for number, row in enumerate(reader, start=2):
                 if len(row) != len(columns):
                     raise ConfigError("data", f"{source}:{number}", f"has {len(row)} fields, the header {len(columns)}")
-                try:
-                    rows.append([float(v) for v in row])
-                except ValueError:
-                    raise ConfigError("data", f"{source}:{number}", "holds a value that is not a number") from None
+                values = []
+                for column, text in zip(columns, row, strict=True):
+                    if not text.strip():
+                        raise ConfigError("data", f"{source}:{number}", f"column {column!r} is empty (a missing value): fill or drop the row")
+                    try:
+                        values.append(float(text))
+                    except ValueError:
+                        raise ConfigError(
+                            "data", f"{source}:{number}",
+                            f"column {column!r} holds {text[:40]!r}, not a number: encode it as numbers (labels as 0, 1, ...) or drop the column",
+                        ) from None
+                rows.append(values)
         table = np.asarray(rows, dtype=np.float64).reshape(-1, len(columns))
+    # The setting is the worker's --label-column, the node config's label-column, or this function's label_column.
     if label_column not in columns:
-        raise ConfigError("data.label_column", label_column, f"not a column of {source} (columns: {', '.join(map(str, columns))})")
+        raise ConfigError("label_column", label_column, f"not a column of {source} (columns: {', '.join(map(str, columns))})")
     if not np.all(np.isfinite(table)):
         raise ConfigError("data", source, "holds missing or non-finite values")
     label_index = columns.index(label_column)
     labels = table[:, label_index]
     if np.any(labels != np.round(labels)) or np.any(labels < 0):
-        raise ConfigError("data.label_column", label_column, "labels must be non-negative integers")
+        raise ConfigError("label_column", label_column, f"labels in {source} must be non-negative integers (class ids 0, 1, ...)")
     features = np.delete(table, label_index, axis=1).astype(np.float32)
     return ArrayDataset(features, labels.astype(np.int64))
 

@@ -199,3 +199,38 @@ def test_a_site_whose_inputs_the_model_does_not_take_is_refused_before_any_site_
             federation=FederationConfig(rounds=20, client_fraction=0.1, protection=ProtectionKind.PLAINTEXT, device="cpu"),
         ).run(out)  # fmt: skip
     assert not (out / "ledger.jsonl").exists()  # nothing was charged
+
+
+def test_a_sites_csv_file_that_cannot_be_used_names_the_column_the_value_and_the_setting(tmp_path):
+    from privfl.site import load_site_dataset
+
+    good = tmp_path / "good.csv"
+    good.write_text("age,bmi,label\n50,22.5,1\n61,30.1,0\n")
+    data = load_site_dataset(str(good))
+    assert len(data) == 2 and data[0][0].tolist() == [50.0, 22.5] and int(data[1][1]) == 0
+
+    cases = {
+        "age,site_name,label\n50,north,1\n": ("data", "column 'site_name' holds 'north', not a number"),
+        "age,bmi,label\n50,,1\n": ("data", r"column 'bmi' is empty \(a missing value\)"),
+        "age,bmi,outcome\n50,22.5,1\n": ("label_column", "not a column of"),
+        "age,bmi,label\n50,22.5,yes\n": ("data", "column 'label' holds 'yes', not a number"),
+        "age,bmi,label\n50,22.5,0.5\n": ("label_column", "must be non-negative integers"),
+    }
+    for number, (text, (field, message)) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{number}.csv"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message) as info:
+            load_site_dataset(str(bad))
+        assert info.value.field == field
+    with pytest.raises(ConfigError, match="no such file") as info:
+        load_site_dataset(str(tmp_path / "missing.csv"))
+    assert info.value.field == "data"
+
+
+def test_the_site_worker_reports_bad_input_in_one_line_not_a_traceback(tmp_path, capsys):
+    from privfl.flower.worker import main
+
+    assert main(["--site", "a", "--data", str(tmp_path / "missing.csv"), "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m privfl.flower.worker: error: data=") and "no such file" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -161,20 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
+    from privfl.errors import PrivflError
     from privfl.site import Site, load_peer_keys, load_site_dataset
 
     torch.set_num_threads(args.threads)
-    site = Site(
-        args.site,
-        load_site_dataset(args.data, label_column=args.label_column),
-        args.state_dir,
-        budget=args.budget,
-        role=args.role,
-        device=args.device,
-        key_holder_key=args.key_holder_key,
-        allow_noise_seed=args.allow_noise_seed,
-        peer_keys=None if args.peers is None else load_peer_keys(args.peers),
-    )
+    try:
+        site = Site(
+            args.site,
+            load_site_dataset(args.data, label_column=args.label_column),
+            args.state_dir,
+            budget=args.budget,
+            role=args.role,
+            device=args.device,
+            key_holder_key=args.key_holder_key,
+            allow_noise_seed=args.allow_noise_seed,
+            peer_keys=None if args.peers is None else load_peer_keys(args.peers),
+        )
+    except PrivflError as exc:
+        # Bad input before serving (a missing file, a column that is not there): one line, as privfl's
+        # commands say it (the flags are --data, --label-column, ...), not a traceback.
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     site.warm_up()
     serve(site, args.socket or Path(args.state_dir) / "site.sock", faults=frozenset(args.fault))
     return 0
