@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from privfl.errors import ConfigError, PrivflError
@@ -458,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     # warnings (httpx would otherwise log every HTTP request a deployment makes).
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("privfl").setLevel(logging.INFO if args.verbose else logging.NOTSET)
+    previous = warnings.showwarning
+    warnings.showwarning = _privfl_warnings(previous)
     try:
         return args.func(args)
     except BrokenPipeError:
@@ -481,6 +484,22 @@ def main(argv: list[str] | None = None) -> int:
         # `privfl run` prints its own hint (it knows the run directory); nothing else can resume.
         print("privfl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
+
+
+def _privfl_warnings(show):
+    """A ``warnings.showwarning`` that prints privfl's own warnings as one ``privfl: warning:`` line,
+    like its errors (not a source path and a line of code), and hands anything else to ``show``."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: PLR0917  # warnings.showwarning's signature
+        if str(filename).startswith(package):
+            print(f"privfl: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

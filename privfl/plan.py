@@ -198,8 +198,8 @@ def noise_drowns_training(sites: Iterable[tuple[str, int, float, int, float]], n
         f"the DP noise drowns every site's training: even {name}, the least noisy (noise multiplier {sigma:.4g}, expected "
         f"batch {batch:.3g}, {steps} planned steps), would move the model averaged over {num_sites} sites by less than one "
         "standard deviation of its noise on each coordinate, had every step's clipped gradient pointed the same way at "
-        f"full norm (sigma / (batch x sqrt(steps x sites)) = {ratio:.3g} >= 1): the model will not learn. A matter of "
-        "utility, not privacy."
+        f"full norm (sigma / (batch x sqrt(steps x sites)) = {ratio:.3g} >= 1): the model cannot learn from the data, and "
+        "whatever accuracy it shows is the noise's. A matter of utility, not privacy."
     )
 
 

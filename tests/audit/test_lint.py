@@ -174,7 +174,7 @@ def test_noise_that_drowns_every_sites_training_is_a_warning_lint_and_run_agree_
     sizes = {name: len(ds) for name, ds in clients.items()}
     f = fired(lint_config(hopeless, client_sizes=sizes), "PFL026")
     assert f.severity is Severity.WARNING and f.field == "training.dp.target_epsilon"
-    assert "the model will not learn" in f.message and "not privacy" in f.message
+    assert "the model cannot learn from the data" in f.message and "not privacy" in f.message
     # A calibrated epsilon a model can learn at is not flagged, nor 0.1 (the bound is deliberately loose),
     # nor a config whose client sizes are not known.
     for epsilon in (3.0, 0.1):
