@@ -416,7 +416,19 @@ def export_run(
             :func:`export_model` raises.
     """
     model_fn, _ = run_setup(run_dir, config_path)
-    return export_model(run_dir, out, model_fn, round=round)
+    try:
+        return export_model(run_dir, out, model_fn, round=round)
+    except ConfigError as exc:
+        if exc.field != "model_fn":
+            raise
+        # The config's bundled model for its bundled dataset is not what trained: a run on the user's
+        # own data or model (a Federation script, or sites serving their own files).
+        raise ConfigError(
+            exc.field, exc.value,
+            f"{exc.reason}. `privfl export` rebuilds the config's bundled model for its bundled dataset; a run on your own "
+            "model or data is exported from Python with the model_fn it trained: "
+            "privfl.export_model(RUN_DIR, OUT, model_fn)",
+        ) from None
 
 
 def _differs(recorded: Any, ours: Any) -> bool:

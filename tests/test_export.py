@@ -260,3 +260,23 @@ def test_batchnorm_warning_is_one_line_naming_the_model_and_pointing_at_the_call
     for warning in caught:
         assert str(warning.message) == "model BatchNormNet changed for DP-SGD: layers.1 BatchNorm1d(16) -> GroupNorm(1, 16)"
         assert warning.filename == __file__  # not a line of privfl
+
+
+def test_cli_export_of_a_run_on_other_data_points_to_export_model(tmp_path, capsys, monkeypatch):
+    # A run on a user's own data or model (a Federation script; a deployment whose sites serve their own
+    # files) does not fit the config's bundled model: the refusal says how such a run is exported.
+    import privfl.export
+
+    config = tmp_path / "run.toml"
+    config.write_text(_CLI_CONFIG)
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+
+    def trained_another(*args, **kwargs):
+        raise ConfigError("model_fn", "LogisticRegression", "has 62 trainable parameters; the run in x trained another model")
+
+    monkeypatch.setattr(privfl.export, "export_model", trained_another)
+    assert main(["export", str(run), "--out", str(tmp_path / "m.pt"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "trained another model" in err and "privfl.export_model(RUN_DIR, OUT, model_fn)" in err

@@ -269,7 +269,8 @@ def audit_deployment(path: str | os.PathLike[str], *, out_dir: str | os.PathLike
             "run_dir", str(path),
             "is a deployment's server directory: the server keeps no ledger, each site keeps its own. Audit each site "
             "where it runs (`privfl audit --site STATE_DIR`), or gather copies of the sites' state directories into "
-            f"{sites_root}/NAME/state and audit here again",
+            f"{sites_root.resolve()}/NAME/state (a sites/ folder next to the server's run directory, not inside it) and "
+            "run this audit again",
         )
     history = _read_json(run_dir / "history.json", "history.json") or []
     if not (isinstance(history, list) and all(
