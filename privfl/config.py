@@ -526,7 +526,11 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(table) - names)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(where, table[unknown[0]], f"unknown setting; known ones are {sorted(names)}")
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], sorted(names), n=1, cutoff=0.75)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(where, table[unknown[0]], f"unknown setting; {hint}known ones are {sorted(names)}")
     missing = [
         f.name
         for f in dataclasses.fields(cls)

@@ -63,6 +63,12 @@ def test_ckks_defaults_meet_128_bit_security():
 def test_toml_unknown_key_and_bad_enum(tmp_path):
     with pytest.raises(ConfigError, match=r"federation\.rounds_total"):
         config_from_dict({"federation": {"rounds_total": 3}})
+    # A typo gets the setting meant; a name like none of them gets the list only.
+    with pytest.raises(ConfigError, match=r"training\.dp\.target_epsilom=0\.5: unknown setting; did you mean 'target_epsilon'\?"):
+        config_from_dict({"training": {"dp": {"target_epsilom": 0.5}}})
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"training": {"dp": {"colour": "blue"}}})
+    assert "did you mean" not in str(info.value) and "known ones are" in str(info.value)
     with pytest.raises(ConfigError) as info:
         config_from_dict({"federation": {"protection": "rot13"}})
     assert info.value.field == "federation.protection" and info.value.value == "rot13"
