@@ -82,6 +82,7 @@ def test_audit_and_lint_commands(tmp_path, capsys):
     for finding in lint_file(config):
         assert f"  {finding.message}" in lines and f"  fix: {finding.fix}" in lines
     assert not [line for line in lines if line != line.rstrip()]
+    assert "  client sizes: the bundled breast_cancer dataset split into 3 clients as [data] says" in out
 
     run_dir = tmp_path / "run"
     assert main(["run", str(config), "--out", str(run_dir), "--quiet"]) == 0
