@@ -273,6 +273,21 @@ def _shorten_final_log_flush() -> bool:
     return True
 
 
+def _log_rounds_to_the_stream() -> None:
+    """privfl's INFO lines (one per round: accuracy, epsilon, who dropped) on this process's stderr,
+    which Flower mirrors into the run's log: ``flwr run --stream`` (and ``privfl deploy local``'s
+    ``run-N.log``) then shows the run's progress, not only that it started and ended."""
+    privfl_log = logging.getLogger("privfl")
+    if any(getattr(h, "_privfl_stream", False) for h in privfl_log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("privfl: %(message)s"))
+    handler._privfl_stream = True  # type: ignore[attr-defined]
+    privfl_log.addHandler(handler)
+    privfl_log.setLevel(logging.INFO)
+    privfl_log.propagate = False
+
+
 def _flag(value, key: str) -> bool:
     """A boolean run-config value (Flower passes true / false, or a string from the command line)."""
     if isinstance(value, bool):
@@ -292,6 +307,7 @@ def _aggregator_main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(1)
     _shorten_reply_pulls(grid)
     _shorten_final_log_flush()
+    _log_rounds_to_the_stream()
     rc = context.run_config
     config_path = Path(str(_node_value(rc, "config")))
     if not config_path.is_file():
