@@ -299,11 +299,23 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
     text = path.read_text() if path is not None else default_config_text()
     console = Console(stderr=True)
 
+    from privfl.config import config_from_dict, tomllib
+    from privfl.flower.local import site_names
+
+    try:
+        names, note = site_names(config_from_dict(tomllib.loads(text)), max(args.sites, 0))
+    except (PrivflError, tomllib.TOMLDecodeError):
+        names, note = (), None  # deploy_local refuses the config with its own message, before starting anything
+    shown = ", ".join(names if len(names) <= 5 else (*names[:3], "...", names[-1]))
+
     def announce() -> None:
         console.print(
             f"[bold]privfl deploy local[/bold]{' (resuming)' if args.resume else ''}: {source}, {args.sites} "
-            f"site{'s' * (args.sites != 1)} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)"
+            f"site{'s' * (args.sites != 1)}{f' ({shown})' if shown else ''} -> {out} (TLS SuperLink and one SuperNode per site on 127.0.0.1)",
+            highlight=False,
         )
+        if note:
+            console.print(f"  ({note})", highlight=False)
 
     # SIGTERM (a supervisor, `timeout`, `kill`) stops the deployment as Ctrl-C does: every process it
     # started is stopped on the way out. Python's default would end this process and leave them running.

@@ -204,3 +204,26 @@ def test_deploy_local_interrupted_says_how_to_resume_or_that_nothing_started(tmp
         assert f"privfl: interrupted; resume with: privfl deploy local --resume --out {out}" in err
     else:
         assert f"privfl: interrupted; nothing was started; run again with --out {out}" in err
+
+
+@pytest.mark.parametrize(("sites", "shown", "note"), [
+    (3, "(client-0, client-1, client-2)", "the config's 5 client_names name sites only with --sites 5"),
+    (5, "(hospital-a, hospital-b, hospital-c, hospital-d, hospital-e)", None),
+])
+def test_deploy_local_names_its_sites_and_says_when_the_configs_names_are_not_used(tmp_path, monkeypatch, capsys, sites, shown, note):
+    pytest.importorskip("flwr")
+    import privfl.flower.local as local
+    from privfl.config import default_config
+
+    assert default_config().data.client_names == ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
+
+    def started(text, *, on_start, **kwargs):
+        on_start()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "deploy_local", started)
+    assert main(["deploy", "local", "--sites", str(sites), "--out", str(tmp_path / "d")]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{sites} sites {shown}" in err
+    assert (note in err) if note else "client_names" not in err
+    assert local.site_names(default_config(), sites)[0] == tuple(shown.strip("()").split(", "))

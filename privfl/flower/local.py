@@ -90,6 +90,19 @@ def _changed_settings(before: str, after: str) -> list[str]:
     return sorted(key for key in a.keys() | b.keys() if a.get(key, missing) != b.get(key, missing))
 
 
+def site_names(config: RunConfig, num_sites: int) -> tuple[tuple[str, ...], str | None]:
+    """The names ``privfl deploy local`` gives ``num_sites`` sites, and a note when the config's own are not used.
+
+    The config's ``client_names`` when it has exactly ``num_sites`` of them; otherwise ``client-0``,
+    ``client-1``, ... (``--sites`` replaces the config's ``num_clients``).
+    """
+    names = config.data.client_names
+    if names and len(names) == num_sites:
+        return tuple(names), None
+    note = None if not names else f"the config's {len(names)} client_names name sites only with --sites {len(names)}"
+    return tuple(f"client-{i}" for i in range(num_sites)), note
+
+
 def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict[str, Path], Path, tuple[int, ...], int]:
     """Partitions the config's bundled dataset over ``num_sites`` sites as CSV files under ``root``.
 
@@ -100,8 +113,7 @@ def write_site_data(config: RunConfig, num_sites: int, root: Path) -> tuple[dict
 
     from privfl.runner import load_dataset, split_clients
 
-    names = tuple(config.data.client_names) if config.data.client_names and len(config.data.client_names) == num_sites else None
-    data = replace(config.data, num_clients=num_sites, client_names=names)
+    data = replace(config.data, num_clients=num_sites, client_names=site_names(config, num_sites)[0])
     split = load_dataset(config)
     clients = split_clients(replace(config, data=data), split)
     folders = {}
