@@ -1122,8 +1122,6 @@ _SCOPE = (
 )
 
 
-
-
 class EpsilonSeries(Protocol):
     """One client's (or site's) epsilon over a run, as the per-round table and the plot read it."""
 
