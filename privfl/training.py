@@ -820,95 +820,103 @@ def _train_opacus(
     from opacus import PrivacyEngine
 
     before = _opacus_attributes(model)
-    criterion = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        # Opacus' secure_mode needs torchcsprng, which is unmaintained; the noise generator is
-        # seeded from the OS instead (or from the simulation's noise_seed). The warning says so
-        # on every round.
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-        engine = PrivacyEngine(accountant="prv")
-        # The loader already samples with probability q for exactly the planned number of steps
-        # (poisson_sampling=False keeps Opacus from re-wrapping it); Opacus reads q = 1/len(loader).
-        made = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=False,
-            noise_generator=generator,
-            grad_sample_mode=mode,
-        )
-        if mode == "ghost":
-            private_model, private_optimizer, private_criterion, private_loader = made
-        else:
-            private_model, private_optimizer, private_loader = made
-            private_criterion = criterion
-        private_optimizer.expected_batch_size = expected_batch_size  # the same divisor in every mode
+    private_model = None
+    try:
+        criterion = nn.CrossEntropyLoss()
+        with warnings.catch_warnings():
+            # Opacus' secure_mode needs torchcsprng, which is unmaintained; the noise generator is
+            # seeded from the OS instead (or from the simulation's noise_seed). The warning says so
+            # on every round.
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+            engine = PrivacyEngine(accountant="prv")
+            # The loader already samples with probability q for exactly the planned number of steps
+            # (poisson_sampling=False keeps Opacus from re-wrapping it); Opacus reads q = 1/len(loader).
+            made = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=False,
+                noise_generator=generator,
+                grad_sample_mode=mode,
+            )
+            if mode == "ghost":
+                private_model, private_optimizer, private_criterion, private_loader = made
+            else:
+                private_model, private_optimizer, private_loader = made
+                private_criterion = criterion
+            private_optimizer.expected_batch_size = expected_batch_size  # the same divisor in every mode
 
-        losses: list[float] = []
-        for _ in range(epochs):
-            for inputs, labels in private_loader:
-                inputs, labels = inputs.to(device), labels.to(device)
-                private_optimizer.zero_grad(set_to_none=True)
-                outputs = private_model(inputs)
-                if len(labels) == 0 and mode == "hooks":
-                    # An empty Poisson batch still takes a step: zero clipped gradients plus noise,
-                    # as the analysis assumes. A zero loss on the empty output creates the
-                    # (empty) per-example gradients Opacus needs.
-                    (outputs.sum() * 0.0).backward()
-                else:
-                    loss = private_criterion(outputs, labels)
-                    loss.backward()
-                    if len(labels):
-                        losses.append(float(loss.detach()))
-                private_optimizer.step()
-    taken = sum(n for _, _, n in engine.accountant.history)
-    if taken != steps or any(abs(q - sample_rate) > 1e-12 for _, q, _ in engine.accountant.history):
-        # Cannot happen with the loader above; if Opacus ever changes how it counts, the ledger
-        # must not silently under-charge.
-        raise ProtocolError(f"DP-SGD took {taken} steps at {engine.accountant.history}, planned {steps} at q={sample_rate}")
-    private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
-    _drop_opacus_leftovers(model, before)
-    return losses
+            losses: list[float] = []
+            for _ in range(epochs):
+                for inputs, labels in private_loader:
+                    inputs, labels = inputs.to(device), labels.to(device)
+                    private_optimizer.zero_grad(set_to_none=True)
+                    outputs = private_model(inputs)
+                    if len(labels) == 0 and mode == "hooks":
+                        # An empty Poisson batch still takes a step: zero clipped gradients plus noise,
+                        # as the analysis assumes. A zero loss on the empty output creates the
+                        # (empty) per-example gradients Opacus needs.
+                        (outputs.sum() * 0.0).backward()
+                    else:
+                        loss = private_criterion(outputs, labels)
+                        loss.backward()
+                        if len(labels):
+                            losses.append(float(loss.detach()))
+                    private_optimizer.step()
+        taken = sum(n for _, _, n in engine.accountant.history)
+        if taken != steps or any(abs(q - sample_rate) > 1e-12 for _, q, _ in engine.accountant.history):
+            # Cannot happen with the loader above; if Opacus ever changes how it counts, the ledger
+            # must not silently under-charge.
+            raise ProtocolError(f"DP-SGD took {taken} steps at {engine.accountant.history}, planned {steps} at q={sample_rate}")
+        return losses
+    finally:
+        # Also when the training fails: no hooks, per-example gradients or clipped sums stay on the caller's model.
+        if private_model is not None and hasattr(private_model, "remove_hooks"):
+            private_model.remove_hooks()
+        _drop_opacus_leftovers(model, before)
 
 
-# What Opacus' hooks and optimizer leave on the trained model after ``remove_hooks``: each layer's
-# (emptied) activation list, and on each parameter the last batch's per-example gradients, their
-# norms, the clipped sum and a forward counter.
-_OPACUS_LEFTOVERS = frozenset({
-    "activations", "max_batch_len", "grad_sample", "_forward_counter", "summed_grad", "_norm_sample",
-    "_current_grad_sample", "_processed",
-})
+# What Opacus' hooks and optimizer leave on the trained model after ``remove_hooks``: on each layer
+# it hooked, an (emptied) activation list and a batch length; on each parameter the last batch's
+# per-example gradients, their norms, the clipped sum and a forward counter.
+_OPACUS_MODULE_LEFTOVERS = frozenset({"activations", "max_batch_len"})
+_OPACUS_PARAMETER_LEFTOVERS = frozenset({"grad_sample", "_forward_counter", "summed_grad", "_norm_sample", "_current_grad_sample", "_processed"})
 
 
 def _opacus_attributes(model: nn.Module) -> tuple[set[tuple[int, str]], set[int]]:
-    """The Opacus-named attributes ``model``'s modules and parameters already hold (a user's own
-    stay), and the modules that had no full backward hook yet."""
-    held: set[tuple[int, str]] = set()
-    for owner in (*model.modules(), *model.parameters()):
-        held.update((id(owner), name) for name in _OPACUS_LEFTOVERS.intersection(owner.__dict__))
+    """Before a training: the layers that already hold an attribute of an Opacus layer name (a user's
+    own, which stays), and the layers that had no full backward hook yet."""
+    held = {(id(m), name) for m in model.modules() for name in _OPACUS_MODULE_LEFTOVERS.intersection(m.__dict__)}
     unhooked = {id(module) for module in model.modules() if getattr(module, "_is_full_backward_hook", None) is None}
     return held, unhooked
 
 
 def _drop_opacus_leftovers(model: nn.Module, before: tuple[set[tuple[int, str]], set[int]]) -> None:
-    """Removes what the DP-SGD pass left on ``model`` (see ``_OPACUS_LEFTOVERS``), and only that.
+    """Removes what a DP-SGD pass left on ``model``, and only that.
 
-    The last batch's unclipped per-example gradients do not outlive the training on the caller's
-    model, their memory is freed, and the model is again the architecture it was, so
-    ``privfl.model_pool.ModelPool`` can reset it for the next training instead of copying one.
-    A layer whose backward hooks are all gone again is also marked as having none (torch marks a
-    module on its first full backward hook and never unmarks it).
+    The per-parameter names are Opacus' own (it writes and accumulates into them), so they are always
+    removed, a previous failed pass's included. A layer's ``activations``/``max_batch_len`` go only
+    on the layers Opacus hooks (those holding trainable parameters themselves) and only where the
+    layer did not hold one before. So the last batch's unclipped per-example gradients do not outlive the training
+    on the caller's model, their memory is freed, and the model is again the architecture it was:
+    ``privfl.model_pool.ModelPool`` can reset it for the next training instead of copying one. A
+    layer whose backward hooks are all gone again is marked as having none (torch marks a module on
+    its first full backward hook and never unmarks it).
     """
     held, unhooked = before
-    for owner in (*model.modules(), *model.parameters()):
-        for name in _OPACUS_LEFTOVERS.intersection(owner.__dict__):
-            if (id(owner), name) not in held:
-                delattr(owner, name)
+    for parameter in model.parameters():
+        for name in _OPACUS_PARAMETER_LEFTOVERS.intersection(parameter.__dict__):
+            delattr(parameter, name)
     for module in model.modules():
+        # Opacus hooks the layers that hold trainable parameters themselves (not containers).
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for name in _OPACUS_MODULE_LEFTOVERS.intersection(module.__dict__):
+                if (id(module), name) not in held:
+                    delattr(module, name)
         if id(module) in unhooked and not module._backward_hooks and "_is_full_backward_hook" in module.__dict__:
             module._is_full_backward_hook = None
 

@@ -74,17 +74,50 @@ def test_opacus_leaves_nothing_on_the_trained_model_but_a_users_own_attributes_s
     assert differs_beyond_values(model, template) is None
     assert all(not p.__dict__ for p in model.parameters())
 
-    # A user's own attribute of an Opacus name (on a layer Opacus does not train), and a full backward
-    # hook the user registered, stay.
+    # A user's own layer attribute of an Opacus name (on a layer Opacus does not hook, and on a container
+    # whose forward sets it during training), and a full backward hook the user registered, stay.
     mine = copy.deepcopy(template)
     mine.frozen.activations = ["kept"]
-    mine.frozen.weight.summed_grad = "kept"
     seen = []
     mine.head.register_full_backward_hook(lambda *a: seen.append(1))
     _train(mine, flatten_parameters(template), mode, seed=0)
-    assert mine.frozen.activations == ["kept"] and mine.frozen.weight.summed_grad == "kept"
+    assert mine.frozen.activations == ["kept"]
     assert mine.head._is_full_backward_hook is True and len(mine.head._backward_hooks) == 1 and seen
     assert not mine.head.weight.__dict__ and "activations" not in mine.head.__dict__
+
+
+class _Recording(nn.Module):
+    """A container whose forward keeps its own `activations` (not an Opacus leftover)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        self.activations = [x.shape[0]]
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "ghost"])
+def test_a_containers_own_activations_stay_and_a_failed_training_leaves_no_per_example_gradients(mode):
+    model = _Recording()
+    _train(model, flatten_parameters(model), mode, seed=0)
+    assert model.activations and not model.head.weight.__dict__ and "activations" not in model.head.__dict__
+
+    # A training that fails after its steps still removes the hooks and the per-example gradients: a
+    # wrong step plan makes the step-count check raise once every step has run.
+    import privfl.training as training
+    from privfl.errors import ProtocolError
+
+    model = make_private_compatible(_Net())
+    with pytest.raises(ProtocolError, match="planned -1"):
+        training._train_opacus(
+            model, torch.utils.data.DataLoader(_data(), batch_size=8), torch.optim.SGD(model.parameters(), lr=0.1),
+            mode="hooks" if mode == "per_sample" else "ghost", epochs=1, steps=-1, sample_rate=8 / 24, noise_multiplier=1.0,
+            max_grad_norm=1.0, expected_batch_size=8, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+        )
+    assert all(not p.__dict__ for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
 
 
 def test_anything_beyond_tensor_values_keeps_a_model_from_reuse():
