@@ -129,6 +129,9 @@ def load_site_dataset(source: str, *, label_column: str = "label"):
             raise ImportError("reading Parquet needs pandas and pyarrow: pip install pandas pyarrow") from exc
         frame = pd.read_parquet(path)
         columns = list(frame.columns)
+        non_numeric = [str(c) for c in columns if not (pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))]
+        if non_numeric:
+            raise ConfigError("data", source, f"columns {non_numeric} hold values that are not numbers: encode them as numbers or drop them")
         table = frame.to_numpy(dtype=np.float64, na_value=np.nan)
     else:
         import csv
@@ -150,9 +153,12 @@ def load_site_dataset(source: str, *, label_column: str = "label"):
                     try:
                         values.append(float(text))
                     except ValueError:
+                        # The value itself is not quoted: a text column is where names and record numbers
+                        # live, and this message can travel (a SuperNode reports a ClientApp's error to the server).
                         raise ConfigError(
                             "data", f"{source}:{number}",
-                            f"column {column!r} holds {text[:40]!r}, not a number: encode it as numbers (labels as 0, 1, ...) or drop the column",
+                            f"column {column!r} holds a value that is not a number: encode it as numbers (labels as 0, 1, ...) "
+                            "or drop the column",
                         ) from None
                 rows.append(values)
         table = np.asarray(rows, dtype=np.float64).reshape(-1, len(columns))

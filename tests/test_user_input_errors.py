@@ -201,7 +201,7 @@ def test_a_site_whose_inputs_the_model_does_not_take_is_refused_before_any_site_
     assert not (out / "ledger.jsonl").exists()  # nothing was charged
 
 
-def test_a_sites_csv_file_that_cannot_be_used_names_the_column_the_value_and_the_setting(tmp_path):
+def test_a_sites_csv_file_that_cannot_be_used_names_the_row_the_column_and_the_setting(tmp_path):
     from privfl.site import load_site_dataset
 
     good = tmp_path / "good.csv"
@@ -210,10 +210,10 @@ def test_a_sites_csv_file_that_cannot_be_used_names_the_column_the_value_and_the
     assert len(data) == 2 and data[0][0].tolist() == [50.0, 22.5] and int(data[1][1]) == 0
 
     cases = {
-        "age,site_name,label\n50,north,1\n": ("data", "column 'site_name' holds 'north', not a number"),
+        "age,site_name,label\n50,north,1\n": ("data", "column 'site_name' holds a value that is not a number"),
         "age,bmi,label\n50,,1\n": ("data", r"column 'bmi' is empty \(a missing value\)"),
         "age,bmi,outcome\n50,22.5,1\n": ("label_column", "not a column of"),
-        "age,bmi,label\n50,22.5,yes\n": ("data", "column 'label' holds 'yes', not a number"),
+        "age,bmi,label\n50,22.5,yes\n": ("data", "column 'label' holds a value that is not a number"),
         "age,bmi,label\n50,22.5,0.5\n": ("label_column", "must be non-negative integers"),
     }
     for number, (text, (field, message)) in enumerate(cases.items()):
@@ -222,6 +222,7 @@ def test_a_sites_csv_file_that_cannot_be_used_names_the_column_the_value_and_the
         with pytest.raises(ConfigError, match=message) as info:
             load_site_dataset(str(bad))
         assert info.value.field == field
+        assert "north" not in str(info.value) and "yes" not in str(info.value)  # a cell's value is never quoted
     with pytest.raises(ConfigError, match="no such file") as info:
         load_site_dataset(str(tmp_path / "missing.csv"))
     assert info.value.field == "data"
@@ -234,3 +235,14 @@ def test_the_site_worker_reports_bad_input_in_one_line_not_a_traceback(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("python -m privfl.flower.worker: error: data=") and "no such file" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_parquet_file_with_a_text_column_names_the_column(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    from privfl.site import load_site_dataset
+
+    path = tmp_path / "site.parquet"
+    pd.DataFrame({"age": [50, 61], "name": ["a", "b"], "label": [1, 0]}).to_parquet(path)
+    with pytest.raises(ConfigError, match=r"columns \['name'\] hold values that are not numbers"):
+        load_site_dataset(str(path))
