@@ -624,13 +624,17 @@ def check_labels(model: nn.Module, datasets: Mapping[str, Dataset]) -> None:
     shape and dtype; that also gives the class count. The labels are read without loading examples
     (`privfl.data.known_labels`: ``.targets``, a ``TensorDataset``'s labels, through
     ``Subset``/``ConcatDataset``); a dataset that holds none has its labels checked when it first
-    trains, as before, and so does every site when the model cannot be probed this way (inputs that
-    are not one tensor, a model that does not run in eval mode on one example).
+    trains, as before, and so does every site when the model cannot be probed this way (a model
+    that does not run in eval mode on one example, or whose output is not one row of class scores).
+    Of the ways a model can fail to take a site's inputs, the one recognised here is a first
+    linear layer of another width than the site's features (torch's "shapes cannot be
+    multiplied"); any other error of the probe leaves the site to its first training.
 
     Raises:
-        ConfigError: a site's inputs the model does not take (names the site and the input shape), a
-            label below 0 or at or above the number of outputs (names the dataset, the label and the
-            count), or an empty dataset or an unusable first example (as training would say).
+        ConfigError: a site's inputs of another width than the model's first linear layer (names
+            the site and the input shape), a label below 0 or at or above the number of outputs
+            (names the dataset, the label and the count), or an empty dataset or a first example that
+            is not an (input, label) pair of numbers (as training would say).
     """
     from privfl.data import known_labels
 
@@ -638,8 +642,6 @@ def check_labels(model: nn.Module, datasets: Mapping[str, Dataset]) -> None:
     for name, dataset in datasets.items():
         prepared = prepare_dataset(dataset, model, site=name)
         inputs, _ = _split_example(prepared[0], name, 0)
-        if not isinstance(inputs, torch.Tensor):
-            continue
         key = (tuple(inputs.shape), inputs.dtype)
         if key not in probed:
             probed[key] = _output_count(model, inputs, name, prepared)
