@@ -306,7 +306,10 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
         names, note = site_names(config_from_dict(tomllib.loads(text)), max(args.sites, 0))
     except (PrivflError, tomllib.TOMLDecodeError):
         names, note = (), None  # deploy_local refuses the config with its own message, before starting anything
-    shown = ", ".join(names if len(names) <= 5 else (*names[:3], "...", names[-1]))
+    if names is None:
+        shown = "named after the dataset's groups"
+    else:
+        shown = ", ".join(names if len(names) <= 5 else (*names[:3], "...", names[-1]))
 
     def announce() -> None:
         console.print(

@@ -227,3 +227,18 @@ def test_deploy_local_names_its_sites_and_says_when_the_configs_names_are_not_us
     assert f"{sites} sites {shown}" in err
     assert (note in err) if note else "client_names" not in err
     assert local.site_names(default_config(), sites)[0] == tuple(shown.strip("()").split(", "))
+
+
+def test_deploy_local_names_group_partitioned_sites_after_their_groups_as_privfl_run_does(tmp_path):
+    pytest.importorskip("flwr")
+    from privfl.config import config_from_dict
+    from privfl.flower.local import site_names, write_site_data
+    from privfl.runner import load_dataset, split_clients
+
+    config = config_from_dict({
+        "data": {"dataset": "credit", "partition": "group", "group_column": "region", "num_clients": 5},
+        "training": {"dp": {"target_epsilon": 3.0}},
+    })
+    assert site_names(config, 5) == (None, None)
+    folders, *_ = write_site_data(config, 5, tmp_path)
+    assert sorted(folders) == sorted(split_clients(config, load_dataset(config))) == ["central", "east", "north", "south", "west"]

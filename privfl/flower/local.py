@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from privfl.config import ProtectionKind, RunConfig
+from privfl.config import PartitionKind, ProtectionKind, RunConfig
 from privfl.errors import ConfigError, DeploymentError
 from privfl.results import RoundRecord, RunSummary
 
@@ -90,16 +90,20 @@ def _changed_settings(before: str, after: str) -> list[str]:
     return sorted(key for key in a.keys() | b.keys() if a.get(key, missing) != b.get(key, missing))
 
 
-def site_names(config: RunConfig, num_sites: int) -> tuple[tuple[str, ...], str | None]:
+def site_names(config: RunConfig, num_sites: int) -> tuple[tuple[str, ...] | None, str | None]:
     """The names ``privfl deploy local`` gives ``num_sites`` sites, and a note when the config's own are not used.
 
-    The config's ``client_names`` when it has exactly ``num_sites`` of them; otherwise ``client-0``,
-    ``client-1``, ... (``--sites`` replaces the config's ``num_clients``).
+    The config's ``client_names`` when it has exactly ``num_sites`` of them; under ``partition =
+    "group"`` otherwise None: the sites are named after the groups, as ``privfl run`` names them
+    (``privfl.runner.split_clients``); otherwise ``client-0``, ``client-1``, ... (``--sites``
+    replaces the config's ``num_clients``).
     """
     names = config.data.client_names
     if names and len(names) == num_sites:
         return tuple(names), None
     note = None if not names else f"the config's {len(names)} client_names name sites only with --sites {len(names)}"
+    if config.data.partition is PartitionKind.GROUP:
+        return None, note
     return tuple(f"client-{i}" for i in range(num_sites)), note
 
 
