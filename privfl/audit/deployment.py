@@ -171,20 +171,25 @@ class DeploymentAudit:
 
 
 def _findings_markdown(findings: tuple[SiteFinding, ...]) -> list[str]:
-    """The findings as Markdown items; past ``SHOWN_ONE_BY_ONE`` sites with one kind of finding, the
-    first few in full and the other sites by name (every one stays in deployment-audit.json)."""
+    """The findings as Markdown items. When more than ``SHOWN_ONE_BY_ONE`` sites share a kind of
+    finding, the findings of the first few of those sites are given in full and the other sites are
+    named (every finding stays in deployment-audit.json). Findings about no one site (the run's) are
+    always given in full."""
     groups: dict[tuple[Severity, str], list[SiteFinding]] = {}
     for f in findings:
-        groups.setdefault((f.severity, f.kind or f.message), []).append(f)
+        groups.setdefault((f.severity, f.kind if f.kind and f.site else f.message), []).append(f)
     out = []
     for (severity, _), group in groups.items():
-        shown = group if len(group) <= SHOWN_ONE_BY_ONE else group[:_SHOWN_OF_MANY]
-        out += [f"- **{f.severity.value}**: {f.message}" for f in shown]
-        rest = group[len(shown):]
-        if rest:
-            names = ", ".join(f.site for f in rest[:SHOWN_ONE_BY_ONE])
-            more = f", and {len(rest) - SHOWN_ONE_BY_ONE} more" if len(rest) > SHOWN_ONE_BY_ONE else ""
-            out.append(f"- **{severity.value}**: the same at {len(rest)} more sites (deployment-audit.json has each): {names}{more}")
+        sites = list(dict.fromkeys(f.site for f in group))
+        if len(sites) <= SHOWN_ONE_BY_ONE:
+            out += [f"- **{f.severity.value}**: {f.message}" for f in group]
+            continue
+        first = set(sites[:_SHOWN_OF_MANY])
+        out += [f"- **{f.severity.value}**: {f.message}" for f in group if f.site in first]
+        rest = sites[_SHOWN_OF_MANY:]
+        names = ", ".join(rest[:SHOWN_ONE_BY_ONE])
+        more = f", and {len(rest) - SHOWN_ONE_BY_ONE} more" if len(rest) > SHOWN_ONE_BY_ONE else ""
+        out.append(f"- **{severity.value}**: the same at {len(rest)} more sites (deployment-audit.json has each): {names}{more}")
     return out
 
 

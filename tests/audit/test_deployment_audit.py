@@ -160,6 +160,16 @@ def test_the_same_finding_at_many_sites_is_shown_for_the_first_few_then_by_site(
     assert findings.count("uncapped") == 3 and "site clinic-007: over" in findings
     assert "the same at 37 more sites (deployment-audit.json has each): clinic-003, clinic-004" in findings
     assert "clinic-014, and 25 more" in findings and "clinic-015" not in findings
+    # Sites, not findings, are counted: one site with 20 findings of a kind is listed in full, and findings
+    # about no one site are never folded.
+    repeated = tuple(
+        SiteFinding(severity=Severity.WARNING, kind="recorded-epsilon", site="alpha", message=f"site alpha: entry {k}") for k in range(20)
+    )
+    unnamed = tuple(SiteFinding(severity=Severity.ERROR, kind="bad-name", message=f"the run names a site {k}") for k in range(15))
+    folded = type(report)(
+        run_dir=report.run_dir, run=report.run, rounds=report.rounds, sites=report.sites, missing=(), findings=(*unnamed, *repeated),
+    ).to_markdown().split("## Findings")[1]
+    assert folded.count("site alpha: entry") == 20 and folded.count("the run names a site") == 15 and "the same at" not in folded
     # 12 of one kind are still listed one by one.
     twelve = type(report)(
         run_dir=report.run_dir, run=report.run, rounds=report.rounds, sites=report.sites, missing=(), findings=many[:12],
