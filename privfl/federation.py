@@ -50,9 +50,9 @@ from privfl.config import ClientDPConfig, ClientSampling, FederationConfig, Prot
 from privfl.errors import ConfigError, LedgerError, PrivacyWarning, ProtocolAbort
 from privfl.model_pool import ModelPool
 from privfl.plan import (
-    NOISE_DROWNS_FIX,
     derive_seed,
     no_site_affords_a_round,
+    noise_drowns_fix,
     noise_drowns_training,
     one_round_refusal,
     plan_site,
@@ -787,7 +787,7 @@ class Federation:
         )
         if drowned is not None:
             # Not a privacy matter (the claim holds), so a plain UserWarning: the run would spend its budget for nothing.
-            warnings.warn(f"PFL026: {drowned} Fix: {NOISE_DROWNS_FIX}", UserWarning, stacklevel=4)
+            warnings.warn(f"PFL026: {drowned} Fix: {noise_drowns_fix(self.training)}", UserWarning, stacklevel=4)
 
     def _check_one_round_fits(self, plans: list[_ClientPlan]) -> None:
         """Refuses a fresh run in which no site can afford a single round (it would train nothing).

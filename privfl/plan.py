@@ -166,40 +166,55 @@ def no_site_affords_a_round(training: TrainingConfig, sites: Iterable[tuple[str,
     return cheapest
 
 
-NOISE_DROWNS_FIX = (
-    "Raise target_epsilon (or lower noise_multiplier), or give each site more examples, larger batches or more rounds."
-)
+NOISE_DROWNS_RATIO = 3.0
+"""PFL026 fires when every site's sigma / (B sqrt(T K)) is at least this (see `noise_drowns_training`)."""
+
+NOISE_DROWNS_FIX = "Raise the epsilon (or lower a fixed noise_multiplier), or give each site more examples."
+
+
+def noise_drowns_fix(training: TrainingConfig) -> str:
+    """What to change when `noise_drowns_training` fires, for the way the config sets the noise."""
+    if training.dp.target_epsilon is not None:
+        # sigma calibrated to epsilon grows like q sqrt(T): the ratio is about sqrt(2 ln(1/delta)) / (epsilon n sqrt(K)).
+        return (
+            "Raise target_epsilon, or give each site more examples, or add sites: with the noise calibrated to "
+            "an epsilon, the batch size and the number of rounds cancel out of this ratio."
+        )
+    return "Lower noise_multiplier, or use larger batches, more examples per site or more rounds."
 
 
 def noise_drowns_training(sites: Iterable[tuple[str, int, float, int, float]], num_sites: int) -> str | None:
-    """Why no site can learn anything through its DP noise, or None when some site can.
+    """Why the DP noise drowns every site's training, or None when it does not for some site.
 
     ``sites``: each site's (name, examples, sample rate, planned DP-SGD steps over the run, noise
     multiplier). Over a site's T planned steps, DP-SGD adds noise of standard deviation
     ``sigma C sqrt(T) / B`` to each coordinate of the sum of its noised mean gradients (B = q n, its
     expected batch; C the clipping norm), while the sum of the clipped mean gradients has a norm of at
-    most ``T C``. FedAvg over K sites divides the noise by at most sqrt(K). When
-    ``sigma / (B sqrt(T K)) >= 1`` for every site, even gradients that all point the same way at full
-    norm move the averaged model by less than one noise standard deviation on each coordinate: the
-    model cannot learn (a utility matter; the privacy claim holds). A deliberately loose bound: it
-    flags only settings such as ``target_epsilon = 0.01``, never a run that could learn.
+    most ``T C``. FedAvg over K sites divides the noise by at most sqrt(K). The ratio
+    ``sigma / (B sqrt(T K))`` is therefore at least the noise's standard deviation on each
+    coordinate over the most the data can move the model, in the best case (every step's clipped
+    gradient at full norm in one direction, every site agreeing). At ``NOISE_DROWNS_RATIO`` or more
+    for every site, the data moves the model by at most a third of one noise standard deviation on
+    any coordinate: what the model shows is mostly the noise (a utility matter; the privacy claim
+    holds). A loose bound: a run it does not flag can still learn poorly.
     """
     best: tuple[float, str, float, float, int] | None = None
     for name, examples, sample_rate, steps, sigma in sites:
         batch = sample_rate * examples
         ratio = sigma / (batch * np.sqrt(max(steps, 1) * max(num_sites, 1)))
-        if ratio < 1.0:
+        if ratio < NOISE_DROWNS_RATIO:
             return None
         best = min(best or (ratio, name, sigma, batch, steps), (ratio, name, sigma, batch, steps))
     if best is None:
         return None
     ratio, name, sigma, batch, steps = best
     return (
-        f"the DP noise drowns every site's training: even {name}, the least noisy (noise multiplier {sigma:.4g}, expected "
-        f"batch {batch:.3g}, {steps} planned steps), would move the model averaged over {num_sites} sites by less than one "
-        "standard deviation of its noise on each coordinate, had every step's clipped gradient pointed the same way at "
-        f"full norm (sigma / (batch x sqrt(steps x sites)) = {ratio:.3g} >= 1): the model cannot learn from the data, and "
-        "whatever accuracy it shows is the noise's. A matter of utility, not privacy."
+        f"the DP noise drowns every site's training: even for {name}, the least noisy (noise multiplier {sigma:.4g}, "
+        f"expected batch {batch:.3g}, {steps} planned steps), the data can move the model averaged over {num_sites} sites "
+        f"by at most 1/{ratio:.3g} of one standard deviation of the noise on each coordinate, had every step's clipped "
+        f"gradient pointed the same way at full norm (sigma / (batch x sqrt(steps x sites)) = {ratio:.3g} >= "
+        f"{NOISE_DROWNS_RATIO:g}): what the model shows is mostly the noise, whatever its accuracy. A matter of utility, "
+        "not privacy."
     )
 
 

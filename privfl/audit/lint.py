@@ -42,7 +42,7 @@ from privfl.audit.rules import (
 )
 from privfl.config import DataConfig, FederationConfig, ProtectionKind, RunConfig, TrainingConfig, load_config
 from privfl.errors import ConfigError
-from privfl.plan import NOISE_DROWNS_FIX, noise_drowns_training
+from privfl.plan import NOISE_DROWNS_FIX, NOISE_DROWNS_RATIO, noise_drowns_fix, noise_drowns_training
 from privfl.protocols.ckks_params import HE_STANDARD_MAX_LOGQ_128
 
 if TYPE_CHECKING:
@@ -640,8 +640,9 @@ def _sizes_unknown(facts: ConfigFacts) -> list[Hit]:
     lint_code(
         "PFL026",
         Severity.WARNING,
-        "the DP noise drowns every site's training: sigma / (expected batch x sqrt(planned steps x sites)) >= 1 for "
-        "every site, so the model cannot learn (utility, not privacy; `privfl run` warns too)",
+        f"the DP noise drowns every site's training: sigma / (expected batch x sqrt(planned steps x sites)) >= "
+        f"{NOISE_DROWNS_RATIO:g} for every site, so the data moves the model by at most a third of the noise's standard "
+        "deviation on any coordinate (utility, not privacy; `privfl run` warns too)",
     ),
     title="the DP noise drowns every site's training",
     fix=NOISE_DROWNS_FIX,
@@ -653,7 +654,7 @@ def _noise_drowns_training(facts: ConfigFacts) -> list[Hit]:
         ((p.client, p.num_examples, p.sample_rate, p.total_steps, p.noise_multiplier or 0.0) for p in facts.plans), len(facts.plans)
     )
     field = "training.dp.noise_multiplier" if facts.config.training.dp.noise_multiplier is not None else "training.dp.target_epsilon"
-    return [] if message is None else [Hit(field=field, message=message)]
+    return [] if message is None else [Hit(field=field, message=message, fix=noise_drowns_fix(facts.config.training))]
 
 
 @register(

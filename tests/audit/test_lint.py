@@ -174,7 +174,11 @@ def test_noise_that_drowns_every_sites_training_is_a_warning_lint_and_run_agree_
     sizes = {name: len(ds) for name, ds in clients.items()}
     f = fired(lint_config(hopeless, client_sizes=sizes), "PFL026")
     assert f.severity is Severity.WARNING and f.field == "training.dp.target_epsilon"
-    assert "the model cannot learn from the data" in f.message and "not privacy" in f.message
+    assert "what the model shows is mostly the noise" in f.message and "not privacy" in f.message
+    # With a calibrated epsilon, batches and rounds cancel out: the fix says what does help.
+    assert f.fix.startswith("Raise target_epsilon") and "cancel out" in f.fix
+    fixed = make(**{"training.dp.target_epsilon": None, "training.dp.noise_multiplier": 3000.0, "federation.rounds": 3})
+    assert fired(lint_config(fixed, client_sizes=sizes), "PFL026").fix.startswith("Lower noise_multiplier")
     # A calibrated epsilon a model can learn at is not flagged, nor 0.1 (the bound is deliberately loose),
     # nor a config whose client sizes are not known.
     for epsilon in (3.0, 0.1):
