@@ -171,14 +171,14 @@ def _cmd_lint(args: argparse.Namespace) -> int:
         indented(Text.assemble(("fix: ", "dim"), f.fix))
         console.print()
     errors = sum(1 for f in findings if f.severity is Severity.ERROR)
-    warnings = sum(1 for f in findings if f.severity is Severity.WARNING)
+    warning_count = sum(1 for f in findings if f.severity is Severity.WARNING)
     data = load_config(args.config).data
     # The sizes behind every per-client figure: a deployment's sites serving their own files hold others.
     indented(Text(
         f"client sizes: the bundled {data.dataset.value} dataset split into {data.num_clients} clients as [data] says "
         "(a deployment's sites that serve their own files have their own sizes)"
     ))
-    console.print(f"{args.config}: {len(findings)} findings ({errors} errors, {warnings} warnings)")
+    console.print(f"{args.config}: {len(findings)} findings ({errors} errors, {warning_count} warnings)")
     return 1 if errors else 0
 
 
