@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,12 +75,20 @@ class ArrayDataset(Dataset):
 
 @dataclass(frozen=True, slots=True)
 class DatasetSplit:
-    """A train/test split of one dataset."""
+    """A train/test split of one dataset.
+
+    Attributes:
+        preprocessing: how the raw inputs were turned into the ones the model sees (JSON-ready):
+            ``{"standardize": {"features", "mean", "std"}}`` (the training part's statistics) or
+            ``{"scale": {"divide_by"}}``; ``privfl export`` writes it into the exported file, so new
+            inputs can be prepared the same way.
+    """
 
     train: ArrayDataset
     test: ArrayDataset
     name: str
     description: str
+    preprocessing: dict[str, Any] | None = None
 
 
 def _split_indices(n: int, test_fraction: float, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -94,12 +103,13 @@ def _split_indices(n: int, test_fraction: float, labels: np.ndarray, rng: np.ran
     return train, test
 
 
-def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _standardize(train: np.ndarray, test: np.ndarray, names) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     # Statistics from the training part only, so nothing about the test rows leaks into training.
     mean = train.mean(axis=0)
     std = train.std(axis=0)
     std[std == 0] = 1.0
-    return (train - mean) / std, (test - mean) / std
+    recipe = {"standardize": {"features": [str(n) for n in names], "mean": mean.tolist(), "std": std.tolist()}}
+    return (train - mean) / std, (test - mean) / std, recipe
 
 
 def load_breast_cancer(*, test_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
@@ -113,13 +123,14 @@ def load_breast_cancer(*, test_fraction: float = 0.2, seed: int = 0) -> DatasetS
     raw = _load()
     rng = np.random.default_rng(seed)
     train, test = _split_indices(len(raw.target), test_fraction, raw.target, rng)
-    x_train, x_test = _standardize(raw.data[train], raw.data[test])
     names = list(raw.feature_names)
+    x_train, x_test, recipe = _standardize(raw.data[train], raw.data[test], names)
     return DatasetSplit(
         train=ArrayDataset(x_train, raw.target[train], feature_names=names),
         test=ArrayDataset(x_test, raw.target[test], feature_names=names),
         name="breast_cancer",
         description="Wisconsin Diagnostic Breast Cancer (scikit-learn), 30 standardized features, 2 classes",
+        preprocessing=recipe,
     )
 
 
@@ -136,6 +147,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
         test=ArrayDataset(images[test], raw.target[test]),
         name="digits",
         description="UCI handwritten digits (scikit-learn), 8x8 grey images in [0, 1], 10 classes",
+        preprocessing={"scale": {"divide_by": 16.0}},
     )
 
 
@@ -187,13 +199,14 @@ def make_credit(*, num_rows: int = 6000, test_fraction: float = 0.2, seed: int =
     default = (rng.random(num_rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     features = np.column_stack([income, debt_to_income, age, late, utilization, employment, accounts, loan])
     train, test = _split_indices(num_rows, test_fraction, default, rng)
-    x_train, x_test = _standardize(features[train], features[test])
+    x_train, x_test, recipe = _standardize(features[train], features[test], CREDIT_FEATURES)
     regions = np.array(CREDIT_REGIONS)[region]
     return DatasetSplit(
         train=ArrayDataset(x_train, default[train], groups=regions[train], group_name="region", feature_names=CREDIT_FEATURES),
         test=ArrayDataset(x_test, default[test], groups=regions[test], group_name="region", feature_names=CREDIT_FEATURES),
         name="credit",
         description="GENERATED credit-scoring data (synthetic applicants, 8 features, default label, region groups)",
+        preprocessing=recipe,
     )
 
 

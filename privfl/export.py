@@ -20,7 +20,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,7 @@ def export_model(
     model_fn: Callable[[], nn.Module],
     *,
     round: int | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Writes a run's model as a state_dict with the architecture changes and the run's identity.
 
@@ -279,13 +280,17 @@ def export_model(
     the same way, e.g. with :func:`load_model`), ``architecture`` (see :func:`architecture_of`),
     ``round``, ``rounds_finished``, ``test_accuracy`` of that round, ``run_identity`` (run.json:
     the training and federation settings and each site's data fingerprint) and ``ledger_head``
-    (the ledger's last line hash in summary.json, when the run finished).
+    (the ledger's last line hash in summary.json, when the run finished) and ``input_preprocessing``
+    (JSON: how raw inputs become the model's, e.g. the bundled data's standardisation with the
+    training part's mean and std; None when not given).
 
     Args:
         run_dir: the run directory (or a ``privfl deploy local`` directory: its ``run/``).
         out: the file to write; it must not exist yet.
         model_fn: the model factory the run was made with.
         round: the 0-based round to export (default: the last checkpointed one).
+        preprocessing: how raw inputs were prepared for training (JSON-ready; ``privfl export``
+            gives the bundled dataset's, ``privfl.data.DatasetSplit.preprocessing``).
 
     Returns:
         What was written.
@@ -321,6 +326,7 @@ def export_model(
         "test_accuracy": None if record is None else record.get("test_accuracy"),
         "run_identity": json.dumps(identity, sort_keys=True),
         "ledger_head": ledger_head,
+        "input_preprocessing": None if preprocessing is None else json.dumps(preprocessing, sort_keys=True),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -330,6 +336,17 @@ def export_model(
         raise ConfigError("out", str(target), f"cannot be written: {exc.strerror or exc}") from None
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ExportResult(path=target, round=chosen, num_parameters=num_parameters, dp_changes=changes, checked_architecture=checked)
+
+
+def _run_config(run: Path, config_path: str | os.PathLike[str] | None):
+    """The config a run was made with, and where it came from: ``config_path``, else the run's own
+    ``config.toml``, else the embedded demo."""
+    from privfl.config import default_config, load_config
+
+    if config_path is None and (run / CONFIG_FILE).is_file():
+        config_path = run / CONFIG_FILE  # the config the run was made with
+    config = load_config(config_path) if config_path is not None else default_config()
+    return config, (str(config_path) if config_path is not None else "the embedded default config")
 
 
 def run_setup(
@@ -353,7 +370,6 @@ def run_setup(
             sections that differ).
     """
     from privfl.audit.deployment import server_run_dir
-    from privfl.config import default_config, load_config
     from privfl.federation import public_config
     from privfl.models import build_model
     from privfl.runner import load_dataset, split_clients
@@ -361,10 +377,7 @@ def run_setup(
     run = server_run_dir(run_dir)
     if not run.is_dir():
         raise ConfigError("run_dir", str(run), "is not a directory")
-    if config_path is None and (run / CONFIG_FILE).is_file():
-        config_path = run / CONFIG_FILE  # the config the run was made with
-    config = load_config(config_path) if config_path is not None else default_config()
-    source = str(config_path) if config_path is not None else "the embedded default config"
+    config, source = _run_config(run, config_path)
     identity = load_run_identity(run / RUN_FILE)
     federation = json.loads(json.dumps(public_config(config.federation)))
     federation.pop("rounds", None)
@@ -415,9 +428,13 @@ def export_run(
         ConfigError: the config is not the run's (names the sections that differ), or anything
             :func:`export_model` raises.
     """
+    from privfl.audit.deployment import server_run_dir
+    from privfl.runner import load_dataset
+
     model_fn, _ = run_setup(run_dir, config_path)
+    config, _ = _run_config(server_run_dir(run_dir), config_path)
     try:
-        return export_model(run_dir, out, model_fn, round=round)
+        return export_model(run_dir, out, model_fn, round=round, preprocessing=load_dataset(config).preprocessing)
     except ConfigError as exc:
         if exc.field != "model_fn":
             raise

@@ -216,6 +216,18 @@ def test_cli_export_of_a_privfl_run(tmp_path, capsys):
     flat = torch.cat([payload["state_dict"]["linear.weight"].reshape(-1), payload["state_dict"]["linear.bias"]]).numpy()
     np.testing.assert_array_equal(flat, load_checkpoint(run, 1, 62))
     assert payload["dp_changes"] == []
+    # How raw inputs become the model's: the bundled data's standardisation. A raw test row prepared with it
+    # is exactly what the model was evaluated on.
+    from sklearn.datasets import load_breast_cancer as raw_breast_cancer
+
+    from privfl.config import load_config
+    from privfl.runner import load_dataset
+
+    recipe = json.loads(payload["input_preprocessing"])["standardize"]
+    assert len(recipe["mean"]) == len(recipe["std"]) == len(recipe["features"]) == 30
+    prepared = (raw_breast_cancer().data - np.array(recipe["mean"])) / np.array(recipe["std"])
+    first_test_row = load_dataset(load_config(config)).test.features[0].numpy()
+    assert np.abs(prepared - first_test_row).max(axis=1).min() < 1e-5
 
     # exit 2, one line naming what is wrong: the file exists, no such round, another config, no run
     assert main(["export", str(run), "--out", str(out), "--config", str(config)]) == 2
