@@ -390,7 +390,15 @@ class Aggregator:
         """Checks ``out`` and records the run there (fresh), or loads the history to continue (resume)."""
         import hashlib
 
-        from privfl.rundir import HISTORY_FILE, RUN_FILE, SUMMARY_FILE, durable_write_json, load_history
+        from privfl.rundir import (
+            CONFIG_FILE,
+            HISTORY_FILE,
+            RUN_FILE,
+            SUMMARY_FILE,
+            durable_write_bytes,
+            durable_write_json,
+            load_history,
+        )
 
         if out is None:
             return []
@@ -404,6 +412,9 @@ class Aggregator:
             # privfl attack --run read the learning rates and the seed from it. The sites' data stays
             # with them: "clients" only names them.
             durable_write_json(out / RUN_FILE, self._identity())
+            if not (out / CONFIG_FILE).exists():
+                # As privfl run keeps it: `privfl export` and `privfl attack --run` rebuild the model from it.
+                durable_write_bytes(out / CONFIG_FILE, self.config_text.encode())
             return []
         if (out / SUMMARY_FILE).exists():
             raise ConfigError("resume", str(out), "the run there has finished (summary.json exists); nothing to resume")

@@ -27,6 +27,8 @@ def _deploy(text, split, clients, root, *, alter=None, budget=20.0):
 
 def test_a_deployment_is_audited_from_each_sites_ledger(split, clients, tmp_path, run_toml):
     result, _ = _deploy(run_toml("plaintext", rounds=2), split, clients, tmp_path)
+    # The server keeps the run config it sent, as privfl run does (export and the recorded-view attack read it).
+    assert (tmp_path / "run" / "config.toml").read_text() == run_toml("plaintext", rounds=2)
     assert find_deployment(tmp_path) == (tmp_path / "run", tmp_path / "sites")
     assert find_deployment(tmp_path / "run") == (tmp_path / "run", tmp_path / "sites")
     report = audit_deployment(tmp_path)
